@@ -1,0 +1,165 @@
+//! The `Broker`: everything in switchboard that crosses nodes (room publish and fan-out, directed
+//! sends through the session registry, broadcast, presence, history and offsets, node liveness).
+//!
+//! A node talks to exactly one broker. [`MemoryBroker`] is the embedded default: one process, no
+//! Redis. Several `MemoryBroker`s attached to one [`MemoryBus`] behave like nodes of one cluster,
+//! which lets the node's cross-node logic be tested in-process. [`FaultyBroker`] wraps any broker and
+//! fails on command, for tests of failure paths.
+
+mod faulty;
+mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use switchboard_protocol::api::NodeInfo;
+use switchboard_protocol::{Member, PresenceNotice, RoomMessage, Sender, StreamPosition};
+
+pub use faulty::FaultyBroker;
+pub use memory::{MemoryBroker, MemoryBus, MemoryConfig};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BrokerError {
+    /// The broker, or the shard this request needs, cannot be reached. Nothing was done.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker answered, but not as expected.
+    #[error("broker error: {0}")]
+    Internal(String),
+}
+
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
+/// Where one session lives, as the session registry records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub session: String,
+    pub user: String,
+    pub node: String,
+    /// Milliseconds since the Unix epoch.
+    pub connected_at: u64,
+}
+
+/// What `history` and `subscribe … since` ask for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Messages after this position; `None`: the newest `limit` messages.
+    pub since: Option<StreamPosition>,
+    /// At most this many messages (the oldest first when `since` is set, else the newest).
+    pub limit: Option<usize>,
+}
+
+/// The answer to a [`HistoryQuery`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// In offset order.
+    pub messages: Vec<Arc<RoomMessage>>,
+    /// The room's latest position when the history was read.
+    pub position: StreamPosition,
+    /// With `since`: whether every message after `since` up to `position` is in `messages` (ignoring
+    /// `limit`); false when the epoch changed or part of the gap is no longer held.
+    pub recovered: bool,
+}
+
+/// A message for every session of one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectMessage {
+    pub user: String,
+    pub data: Value,
+    pub from: Option<Sender>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    Join,
+    Leave,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    pub change: PresenceChange,
+    pub notice: PresenceNotice,
+}
+
+/// What a broker delivers to its node. Calls are synchronous and must not block: the node only
+/// hands each event to in-memory session queues.
+pub trait BrokerHandler: Send + Sync + 'static {
+    /// A message published to a room this node subscribed to.
+    fn room_message(&self, message: Arc<RoomMessage>);
+    /// A join or leave in a room this node subscribed to.
+    fn presence(&self, event: PresenceEvent);
+    /// A directed message for a user with at least one session on this node.
+    fn direct(&self, message: Arc<DirectMessage>);
+    /// A message for every session on this node.
+    fn broadcast(&self, data: Arc<Value>);
+    /// Close every local session of `user`.
+    fn disconnect(&self, user: &str, code: u16, reason: &str);
+}
+
+/// Everything that crosses nodes. Every method that fails returns an error and has done nothing
+/// (or, for publish, nothing a client can observe as a gap: the offset is not reused).
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Starts delivering this node's events to `handler`. Called once, before anything else.
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> BrokerResult<()>;
+
+    /// Assigns the next offset of `room`, appends to its history and delivers it to every node
+    /// subscribed to the room. Returns the message as delivered.
+    async fn publish(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+    ) -> BrokerResult<Arc<RoomMessage>>;
+
+    /// Starts receiving `room`'s messages and presence events. Once this returns, every later
+    /// publish reaches this node.
+    async fn subscribe_room(&self, room: &str) -> BrokerResult<()>;
+
+    /// Stops receiving `room`.
+    async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()>;
+
+    /// Reads a room's history and latest position.
+    async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History>;
+
+    /// The room's latest position (offset 0 and a fresh epoch for a room never published to).
+    async fn position(&self, room: &str) -> BrokerResult<StreamPosition>;
+
+    /// Delivers to every session of `message.user` on every node. Returns how many sessions the
+    /// registry lists for the user.
+    async fn send(&self, message: DirectMessage) -> BrokerResult<u64>;
+
+    /// Delivers to every node. Returns how many nodes it reached.
+    async fn broadcast(&self, data: Value) -> BrokerResult<u64>;
+
+    /// Closes every session of `user` on every node. Returns how many sessions it closed.
+    async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64>;
+
+    /// Records a session in the registry.
+    async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()>;
+
+    /// Removes a session from the registry.
+    async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()>;
+
+    /// Adds a member to a room's presence and tells the room's subscribers.
+    async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()>;
+
+    /// Removes a member from a room's presence and tells the room's subscribers.
+    async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()>;
+
+    /// The room's members.
+    async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>>;
+
+    /// Records this node as alive, with its current figures.
+    async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()>;
+
+    /// Every live node.
+    async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>>;
+
+    /// Removes this node (its registry entries, presence and liveness) on a clean shutdown.
+    async fn deregister_node(&self, node: &str) -> BrokerResult<()>;
+
+    /// Whether the broker can serve requests now (drives `/readyz`).
+    fn is_healthy(&self) -> bool;
+}

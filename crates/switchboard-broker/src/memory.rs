@@ -1,0 +1,510 @@
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use serde_json::Value;
+use switchboard_protocol::api::NodeInfo;
+use switchboard_protocol::{Member, PresenceNotice, RoomMessage, Sender, StreamPosition};
+use tokio::time::Instant;
+
+use crate::{
+    Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, PresenceChange,
+    PresenceEvent, SessionRecord,
+};
+
+/// Limits of the embedded broker's room history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Messages kept per room for `history` and `since` recovery.
+    pub history_size: usize,
+    /// How long a message stays in history.
+    pub history_ttl: Duration,
+    /// How long a room's offset and epoch outlive its last publish once no node subscribes to it;
+    /// after that the room starts over at offset 0 with a new epoch.
+    pub stream_ttl: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            stream_ttl: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// The shared state of one in-memory "cluster". A single node uses one bus through one
+/// [`MemoryBroker`]; tests attach several brokers to one bus to play several nodes.
+#[derive(Clone)]
+pub struct MemoryBus {
+    state: Arc<BusState>,
+}
+
+struct BusState {
+    config: MemoryConfig,
+    /// Per-room stream, each behind its own lock so rooms publish in parallel; the lock is held
+    /// through delivery so that delivery order is offset order.
+    streams: DashMap<String, Arc<Mutex<Stream>>>,
+    /// Which nodes receive each room.
+    subscriptions: DashMap<String, Vec<Arc<NodeSlot>>>,
+    nodes: RwLock<Vec<Arc<NodeSlot>>>,
+    /// user → session → node id.
+    registry: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// room → session → member; a BTreeMap keeps listings stable.
+    presence: Mutex<HashMap<String, BTreeMap<String, Member>>>,
+    sweeper_started: AtomicBool,
+}
+
+struct NodeSlot {
+    id: String,
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+    status: Mutex<Option<NodeInfo>>,
+}
+
+struct Stream {
+    epoch: String,
+    offset: u64,
+    history: VecDeque<(Arc<RoomMessage>, Instant)>,
+    last_activity: Instant,
+}
+
+impl Stream {
+    fn new() -> Self {
+        Stream {
+            epoch: new_epoch(),
+            offset: 0,
+            history: VecDeque::new(),
+            last_activity: Instant::now(),
+        }
+    }
+
+    fn position(&self) -> StreamPosition {
+        StreamPosition {
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    fn evict(&mut self, config: &MemoryConfig, now: Instant) {
+        while self.history.len() > config.history_size {
+            self.history.pop_front();
+        }
+        while let Some((_, at)) = self.history.front() {
+            if now.duration_since(*at) < config.history_ttl {
+                break;
+            }
+            self.history.pop_front();
+        }
+    }
+}
+
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl MemoryBus {
+    pub fn new(config: MemoryConfig) -> Self {
+        MemoryBus {
+            state: Arc::new(BusState {
+                config,
+                streams: DashMap::new(),
+                subscriptions: DashMap::new(),
+                nodes: RwLock::new(Vec::new()),
+                registry: Mutex::new(HashMap::new()),
+                presence: Mutex::new(HashMap::new()),
+                sweeper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// A broker for one node on this bus.
+    pub fn broker(&self, node_id: &str) -> MemoryBroker {
+        let slot = Arc::new(NodeSlot {
+            id: node_id.to_owned(),
+            handler: OnceLock::new(),
+            status: Mutex::new(None),
+        });
+        self.state.nodes.write().push(slot.clone());
+        MemoryBroker {
+            bus: self.clone(),
+            slot,
+        }
+    }
+
+    /// Forgets every room's offsets and history, as a wiped history store would: every room gets
+    /// a new epoch on its next use.
+    pub fn wipe_history(&self) {
+        self.state.streams.clear();
+    }
+}
+
+impl BusState {
+    fn stream(&self, room: &str) -> Arc<Mutex<Stream>> {
+        if let Some(stream) = self.streams.get(room) {
+            return stream.clone();
+        }
+        self.streams
+            .entry(room.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new())))
+            .clone()
+    }
+
+    fn room_nodes(&self, room: &str) -> Vec<Arc<dyn BrokerHandler>> {
+        self.subscriptions
+            .get(room)
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter_map(|node| node.handler.get().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn handler_of(&self, node_id: &str) -> Option<Arc<dyn BrokerHandler>> {
+        self.nodes
+            .read()
+            .iter()
+            .find(|node| node.id == node_id)
+            .and_then(|node| node.handler.get().cloned())
+    }
+
+    /// Node ids hosting `user`, with how many of the user's sessions each hosts.
+    fn user_nodes(&self, user: &str) -> Vec<(String, u64)> {
+        let registry = self.registry.lock();
+        let mut per_node: HashMap<&str, u64> = HashMap::new();
+        if let Some(sessions) = registry.get(user) {
+            for node in sessions.values() {
+                *per_node.entry(node.as_str()).or_default() += 1;
+            }
+        }
+        per_node
+            .into_iter()
+            .map(|(node, count)| (node.to_owned(), count))
+            .collect()
+    }
+
+    fn announce(&self, room: &str, change: PresenceChange, member: &Member) {
+        let event = PresenceEvent {
+            change,
+            notice: PresenceNotice {
+                room: room.to_owned(),
+                user: member.user.clone(),
+                session: member.session.clone(),
+            },
+        };
+        for handler in self.room_nodes(room) {
+            handler.presence(event.clone());
+        }
+    }
+
+    /// Drops expired history and forgets rooms idle past `stream_ttl` that no node receives.
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.streams.retain(|room, stream| {
+            let mut stream = stream.lock();
+            stream.evict(&self.config, now);
+            let idle = now.duration_since(stream.last_activity) >= self.config.stream_ttl;
+            !(idle && stream.history.is_empty() && !self.subscriptions.contains_key(room))
+        });
+    }
+}
+
+/// The embedded broker: one node's handle on a [`MemoryBus`].
+pub struct MemoryBroker {
+    bus: MemoryBus,
+    slot: Arc<NodeSlot>,
+}
+
+impl MemoryBroker {
+    /// A single-node broker on a bus of its own.
+    pub fn new(node_id: &str, config: MemoryConfig) -> Self {
+        MemoryBus::new(config).broker(node_id)
+    }
+
+    fn state(&self) -> &BusState {
+        &self.bus.state
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> BrokerResult<()> {
+        let _ = self.slot.handler.set(handler);
+        if !self.state().sweeper_started.swap(true, Ordering::SeqCst) {
+            let weak: Weak<BusState> = Arc::downgrade(&self.bus.state);
+            let period = self
+                .state()
+                .config
+                .history_ttl
+                .min(Duration::from_secs(60))
+                .max(Duration::from_millis(100));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(state) = weak.upgrade() else { break };
+                    state.sweep();
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+    ) -> BrokerResult<Arc<RoomMessage>> {
+        let state = self.state();
+        let stream = state.stream(room);
+        let mut stream = stream.lock();
+        let now = Instant::now();
+        stream.offset += 1;
+        stream.last_activity = now;
+        let message = Arc::new(RoomMessage {
+            room: room.to_owned(),
+            data,
+            offset: stream.offset,
+            epoch: stream.epoch.clone(),
+            from,
+        });
+        if state.config.history_size > 0 {
+            stream.history.push_back((message.clone(), now));
+        }
+        stream.evict(&state.config, now);
+        for handler in state.room_nodes(room) {
+            handler.room_message(message.clone());
+        }
+        Ok(message)
+    }
+
+    async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
+        let mut nodes = self
+            .state()
+            .subscriptions
+            .entry(room.to_owned())
+            .or_default();
+        if !nodes.iter().any(|node| Arc::ptr_eq(node, &self.slot)) {
+            nodes.push(self.slot.clone());
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
+        let subscriptions = &self.state().subscriptions;
+        if let Some(mut nodes) = subscriptions.get_mut(room) {
+            nodes.retain(|node| !Arc::ptr_eq(node, &self.slot));
+        }
+        subscriptions.remove_if(room, |_, nodes| nodes.is_empty());
+        Ok(())
+    }
+
+    async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
+        let state = self.state();
+        let stream = state.stream(room);
+        let mut stream = stream.lock();
+        stream.evict(&state.config, Instant::now());
+        let position = stream.position();
+        let limit = query.limit.unwrap_or(usize::MAX);
+        let (messages, recovered) = match &query.since {
+            None => {
+                let skip = stream.history.len().saturating_sub(limit);
+                let messages = stream
+                    .history
+                    .iter()
+                    .skip(skip)
+                    .map(|(message, _)| message.clone())
+                    .collect();
+                (messages, false)
+            }
+            Some(since) if since.epoch != stream.epoch || since.offset > stream.offset => {
+                (Vec::new(), false)
+            }
+            Some(since) => {
+                let oldest_held = stream
+                    .history
+                    .front()
+                    .map_or(stream.offset + 1, |(message, _)| message.offset);
+                let recovered = oldest_held <= since.offset + 1;
+                let messages = stream
+                    .history
+                    .iter()
+                    .filter(|(message, _)| message.offset > since.offset)
+                    .take(limit)
+                    .map(|(message, _)| message.clone())
+                    .collect();
+                (messages, recovered)
+            }
+        };
+        Ok(History {
+            messages,
+            position,
+            recovered,
+        })
+    }
+
+    async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
+        Ok(self.state().stream(room).lock().position())
+    }
+
+    async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
+        let state = self.state();
+        let message = Arc::new(message);
+        let mut sessions = 0;
+        for (node, count) in state.user_nodes(&message.user) {
+            if let Some(handler) = state.handler_of(&node) {
+                handler.direct(message.clone());
+                sessions += count;
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
+        let data = Arc::new(data);
+        let handlers: Vec<_> = self
+            .state()
+            .nodes
+            .read()
+            .iter()
+            .filter_map(|node| node.handler.get().cloned())
+            .collect();
+        for handler in &handlers {
+            handler.broadcast(data.clone());
+        }
+        Ok(handlers.len() as u64)
+    }
+
+    async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64> {
+        let state = self.state();
+        let mut sessions = 0;
+        for (node, count) in state.user_nodes(user) {
+            if let Some(handler) = state.handler_of(&node) {
+                handler.disconnect(user, code, reason);
+                sessions += count;
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        self.state()
+            .registry
+            .lock()
+            .entry(record.user.clone())
+            .or_default()
+            .insert(record.session.clone(), record.node.clone());
+        Ok(())
+    }
+
+    async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        let mut registry = self.state().registry.lock();
+        if let Some(sessions) = registry.get_mut(&record.user) {
+            sessions.remove(&record.session);
+            if sessions.is_empty() {
+                registry.remove(&record.user);
+            }
+        }
+        Ok(())
+    }
+
+    async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let state = self.state();
+        state
+            .presence
+            .lock()
+            .entry(room.to_owned())
+            .or_default()
+            .insert(member.session.clone(), member.clone());
+        state.announce(room, PresenceChange::Join, member);
+        Ok(())
+    }
+
+    async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let state = self.state();
+        let removed = {
+            let mut presence = state.presence.lock();
+            let removed = presence
+                .get_mut(room)
+                .and_then(|members| members.remove(&member.session))
+                .is_some();
+            if presence.get(room).is_some_and(BTreeMap::is_empty) {
+                presence.remove(room);
+            }
+            removed
+        };
+        if removed {
+            state.announce(room, PresenceChange::Leave, member);
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
+        Ok(self
+            .state()
+            .presence
+            .lock()
+            .get(room)
+            .map(|members| members.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
+        *self.slot.status.lock() = Some(node.clone());
+        Ok(())
+    }
+
+    async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
+        Ok(self
+            .state()
+            .nodes
+            .read()
+            .iter()
+            .filter_map(|node| node.status.lock().clone())
+            .collect())
+    }
+
+    async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
+        let state = self.state();
+        let sessions: Vec<String> = {
+            let mut registry = state.registry.lock();
+            let mut gone = Vec::new();
+            registry.retain(|_, sessions| {
+                sessions.retain(|session, host| {
+                    let keep = host != node;
+                    if !keep {
+                        gone.push(session.clone());
+                    }
+                    keep
+                });
+                !sessions.is_empty()
+            });
+            gone
+        };
+        state.presence.lock().retain(|_, members| {
+            members.retain(|session, _| !sessions.contains(session));
+            !members.is_empty()
+        });
+        state.nodes.write().retain(|slot| slot.id != node);
+        for mut nodes in state.subscriptions.iter_mut() {
+            nodes.retain(|slot| slot.id != node);
+        }
+        state.subscriptions.retain(|_, nodes| !nodes.is_empty());
+        Ok(())
+    }
+
+    fn is_healthy(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,426 @@
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{CLIENT_FRAME_TYPES, ClientFrame, ErrorCode, JSON_PROTOCOL, MSGPACK_PROTOCOL};
+
+/// How frames are written on one connection, chosen by the subprotocol at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// `switchboard.v1.json`: text frames, one JSON object each.
+    Json,
+    /// `switchboard.v1.msgpack`: binary frames, one MessagePack map (string keys) each.
+    MsgPack,
+}
+
+/// One encoded frame: text for JSON, binary for MessagePack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encoded {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        match self {
+            Encoded::Text(text) => text.len(),
+            Encoded::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a client frame was refused, with the request id when it could still be read, so the
+/// `error` frame can carry it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct DecodeError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The two fields every frame should have; read only when a frame fails to decode, to tell an
+/// unknown type from a malformed frame and to echo the request id.
+#[derive(serde::Deserialize)]
+struct FrameProbe {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    id: Option<u64>,
+}
+
+impl Codec {
+    /// Every codec, in the server's order of preference.
+    pub const ALL: [Codec; 2] = [Codec::Json, Codec::MsgPack];
+
+    /// The codec for a `Sec-WebSocket-Protocol` value, if it is one of ours.
+    pub fn from_protocol(name: &str) -> Option<Codec> {
+        match name.trim() {
+            JSON_PROTOCOL => Some(Codec::Json),
+            MSGPACK_PROTOCOL => Some(Codec::MsgPack),
+            _ => None,
+        }
+    }
+
+    pub fn protocol(self) -> &'static str {
+        match self {
+            Codec::Json => JSON_PROTOCOL,
+            Codec::MsgPack => MSGPACK_PROTOCOL,
+        }
+    }
+
+    /// Small dense index, for per-codec caches.
+    pub fn index(self) -> usize {
+        match self {
+            Codec::Json => 0,
+            Codec::MsgPack => 1,
+        }
+    }
+
+    /// Whether frames of this codec travel as text (else binary).
+    pub fn is_text(self) -> bool {
+        self == Codec::Json
+    }
+
+    pub fn encode<T: Serialize + ?Sized>(self, frame: &T) -> Result<Encoded, String> {
+        match self {
+            Codec::Json => serde_json::to_string(frame)
+                .map(Encoded::Text)
+                .map_err(|error| error.to_string()),
+            Codec::MsgPack => rmp_serde::to_vec_named(frame)
+                .map(Encoded::Binary)
+                .map_err(|error| error.to_string()),
+        }
+    }
+
+    pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, String> {
+        match self {
+            Codec::Json => serde_json::from_slice(payload).map_err(|error| error.to_string()),
+            Codec::MsgPack => rmp_serde::from_slice(payload).map_err(|error| error.to_string()),
+        }
+    }
+
+    /// Decodes a client frame, classifying failures as `unknown_type` or `bad_frame`.
+    pub fn decode_client(self, payload: &[u8]) -> Result<ClientFrame, DecodeError> {
+        let message = match self.decode::<ClientFrame>(payload) {
+            Ok(frame) => return Ok(frame),
+            Err(message) => message,
+        };
+        match self.decode::<FrameProbe>(payload) {
+            Ok(FrameProbe {
+                kind: Some(kind),
+                id,
+            }) if !CLIENT_FRAME_TYPES.contains(&kind.as_str()) => Err(DecodeError {
+                id,
+                code: ErrorCode::UnknownType,
+                message: format!("unknown frame type {kind:?}"),
+            }),
+            Ok(FrameProbe { kind: None, id }) => Err(DecodeError {
+                id,
+                code: ErrorCode::BadFrame,
+                message: "frame has no \"type\" field".to_owned(),
+            }),
+            Ok(FrameProbe { id, .. }) => Err(DecodeError {
+                id,
+                code: ErrorCode::BadFrame,
+                message,
+            }),
+            Err(_) => Err(DecodeError {
+                id: None,
+                code: ErrorCode::BadFrame,
+                message,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::*;
+
+    fn position(offset: u64) -> StreamPosition {
+        StreamPosition {
+            offset,
+            epoch: "e1".into(),
+        }
+    }
+
+    fn every_client_frame() -> Vec<ClientFrame> {
+        vec![
+            ClientFrame::Subscribe {
+                room: "chat".into(),
+                id: Some(1),
+                since: Some(position(4)),
+                presence_events: true,
+            },
+            ClientFrame::Subscribe {
+                room: "chat".into(),
+                id: None,
+                since: None,
+                presence_events: false,
+            },
+            ClientFrame::Unsubscribe {
+                room: "chat".into(),
+                id: Some(2),
+            },
+            ClientFrame::Publish {
+                room: "chat".into(),
+                data: json!({"text": "hi", "n": [1, 2.5, null, true]}),
+                id: Some(3),
+            },
+            ClientFrame::Send {
+                to: "bob".into(),
+                data: json!("hello"),
+                id: None,
+            },
+            ClientFrame::Presence {
+                room: "chat".into(),
+                id: 5,
+            },
+            ClientFrame::History {
+                room: "chat".into(),
+                id: 6,
+                since: Some(position(1)),
+                limit: Some(10),
+            },
+            ClientFrame::Ping { id: Some(u64::MAX) },
+            ClientFrame::Ping { id: None },
+        ]
+    }
+
+    fn every_server_frame() -> Vec<ServerFrame> {
+        let sender = Sender {
+            user: "alice".into(),
+            session: "s1".into(),
+        };
+        let message = Arc::new(RoomMessage {
+            room: "chat".into(),
+            data: json!({"text": "hi"}),
+            offset: 7,
+            epoch: "e1".into(),
+            from: Some(sender.clone()),
+        });
+        let notice = PresenceNotice {
+            room: "chat".into(),
+            user: "alice".into(),
+            session: "s1".into(),
+        };
+        vec![
+            ServerFrame::Welcome {
+                session: "s1".into(),
+                user: "alice".into(),
+                node: "n1".into(),
+                protocol: JSON_PROTOCOL.into(),
+                heartbeat_ms: 25_000,
+            },
+            ServerFrame::Message(message.clone()),
+            ServerFrame::Message(Arc::new(RoomMessage {
+                from: None,
+                ..(*message).clone()
+            })),
+            ServerFrame::Direct {
+                data: json!([1, 2]),
+                from: Some(sender),
+            },
+            ServerFrame::Direct {
+                data: json!(null),
+                from: None,
+            },
+            ServerFrame::Broadcast {
+                data: json!({"maintenance": true}),
+            },
+            ServerFrame::Join(notice.clone()),
+            ServerFrame::Leave(notice),
+            ServerFrame::Reply(Reply {
+                id: 1,
+                room: Some("chat".into()),
+                offset: Some(7),
+                epoch: Some("e1".into()),
+                recovered: Some(true),
+                ..Reply::default()
+            }),
+            ServerFrame::Reply(Reply {
+                id: 2,
+                sessions: Some(2),
+                ..Reply::default()
+            }),
+            ServerFrame::Reply(Reply {
+                id: 3,
+                members: Some(vec![Member {
+                    user: "alice".into(),
+                    session: "s1".into(),
+                    info: Some(json!({"name": "Alice"})),
+                }]),
+                ..Reply::default()
+            }),
+            ServerFrame::Reply(Reply {
+                id: 4,
+                messages: Some(vec![message]),
+                offset: Some(7),
+                epoch: Some("e1".into()),
+                ..Reply::default()
+            }),
+            ServerFrame::error(Some(9), ErrorCode::Forbidden, "no"),
+            ServerFrame::error(None, ErrorCode::BadFrame, "bad"),
+            ServerFrame::Pong { id: Some(3) },
+            ServerFrame::Pong { id: None },
+        ]
+    }
+
+    #[test]
+    fn every_client_frame_round_trips_in_both_codecs() {
+        for codec in Codec::ALL {
+            for frame in every_client_frame() {
+                let encoded = codec.encode(&frame).unwrap();
+                let bytes = match &encoded {
+                    Encoded::Text(text) => {
+                        assert!(codec.is_text());
+                        text.as_bytes().to_vec()
+                    }
+                    Encoded::Binary(bytes) => {
+                        assert!(!codec.is_text());
+                        bytes.clone()
+                    }
+                };
+                assert_eq!(codec.decode_client(&bytes).unwrap(), frame, "{codec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_server_frame_round_trips_in_both_codecs() {
+        for codec in Codec::ALL {
+            for frame in every_server_frame() {
+                let bytes = match codec.encode(&frame).unwrap() {
+                    Encoded::Text(text) => text.into_bytes(),
+                    Encoded::Binary(bytes) => bytes,
+                };
+                let decoded: ServerFrame = codec.decode(&bytes).unwrap();
+                assert_eq!(decoded, frame, "{codec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_wire_shape_matches_the_protocol() {
+        let frame = ServerFrame::Message(Arc::new(RoomMessage {
+            room: "chat".into(),
+            data: json!({"x": 1}),
+            offset: 1,
+            epoch: "e".into(),
+            from: None,
+        }));
+        let Encoded::Text(text) = Codec::Json.encode(&frame).unwrap() else {
+            panic!("json is text")
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            json!({"type": "message", "room": "chat", "data": {"x": 1}, "offset": 1, "epoch": "e"})
+        );
+        let subscribe = Codec::Json
+            .decode_client(br#"{"type":"subscribe","room":"r","since":{"offset":3,"epoch":"e"}}"#)
+            .unwrap();
+        assert_eq!(
+            subscribe,
+            ClientFrame::Subscribe {
+                room: "r".into(),
+                id: None,
+                since: Some(StreamPosition {
+                    offset: 3,
+                    epoch: "e".into()
+                }),
+                presence_events: false
+            }
+        );
+    }
+
+    #[test]
+    fn msgpack_frames_are_maps_with_string_keys() {
+        let Encoded::Binary(bytes) = Codec::MsgPack
+            .encode(&ServerFrame::Pong { id: Some(1) })
+            .unwrap()
+        else {
+            panic!("msgpack is binary")
+        };
+        // fixmap with 2 entries, then the fixstr "type".
+        assert_eq!(bytes[0], 0x82);
+        assert_eq!(&bytes[1..6], b"\xa4type");
+    }
+
+    #[test]
+    fn unknown_type_is_told_apart_from_a_malformed_frame() {
+        let error = Codec::Json
+            .decode_client(br#"{"type":"dance","id":4}"#)
+            .unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::UnknownType, Some(4)));
+
+        let error = Codec::Json.decode_client(b"{not json").unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::BadFrame, None));
+
+        let error = Codec::Json
+            .decode_client(br#"{"type":"publish","id":8,"room":"r"}"#)
+            .unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::BadFrame, Some(8)));
+        assert!(error.message.contains("data"), "{}", error.message);
+
+        let error = Codec::Json.decode_client(br#"{"id":2}"#).unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::BadFrame, Some(2)));
+
+        let error = Codec::MsgPack
+            .decode_client(&[0xc1, 0xff, 0x00])
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::BadFrame);
+
+        let unknown = rmp_serde::to_vec_named(&json!({"type": "dance", "id": 1})).unwrap();
+        let error = Codec::MsgPack.decode_client(&unknown).unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::UnknownType, Some(1)));
+    }
+
+    #[test]
+    fn presence_and_history_need_an_id() {
+        let error = Codec::Json
+            .decode_client(br#"{"type":"presence","room":"r"}"#)
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_forward_compatibility() {
+        let frame = Codec::Json
+            .decode_client(br#"{"type":"ping","id":1,"future":"field"}"#)
+            .unwrap();
+        assert_eq!(frame, ClientFrame::Ping { id: Some(1) });
+        let error: ServerFrame = Codec::Json
+            .decode(br#"{"type":"error","code":"some_new_code","message":"m"}"#)
+            .unwrap();
+        assert_eq!(
+            error,
+            ServerFrame::error(None, ErrorCode::Unknown, "m".to_owned())
+        );
+    }
+
+    #[test]
+    fn subprotocol_names_map_to_codecs() {
+        assert_eq!(
+            Codec::from_protocol("switchboard.v1.json"),
+            Some(Codec::Json)
+        );
+        assert_eq!(
+            Codec::from_protocol(" switchboard.v1.msgpack"),
+            Some(Codec::MsgPack)
+        );
+        assert_eq!(Codec::from_protocol("mqtt"), None);
+        for codec in Codec::ALL {
+            assert_eq!(Codec::from_protocol(codec.protocol()), Some(codec));
+        }
+    }
+}
