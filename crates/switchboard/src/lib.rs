@@ -1,1 +1,207 @@
+//! A switchboard node: holds WebSocket sessions, joins them to rooms and users, and reaches the
+//! rest of the cluster through a [`Broker`](switchboard_broker::Broker).
+//!
+//! [`Server::bind`] binds both ports (port 0 works, for tests) and [`Server::run`] serves until
+//! the shutdown future resolves, then drains.
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod queue;
+pub mod server;
+pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_broker::{Broker, MemoryBroker, MemoryConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::node::Node;
+
+/// How often the node reports its liveness and figures to the broker.
+const NODE_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Sessions get this long past the drain grace period to finish closing.
+const DRAIN_SLACK: Duration = Duration::from_secs(5);
+/// Interval between drain batches.
+const DRAIN_STEP: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot work (exit 64).
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+pub struct Server {
+    node: Arc<Node>,
+    public: TcpListener,
+    internal: TcpListener,
+}
+
+impl Server {
+    /// Binds both ports and builds the node with the broker the configuration names.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        if config.redis.is_some() {
+            return Err(StartError::Config(
+                "SWITCHBOARD_REDIS is set, but this build has only the embedded broker".into(),
+            ));
+        }
+        let broker = Arc::new(MemoryBroker::new(
+            &config.node_id,
+            MemoryConfig {
+                history_size: config.history_size,
+                history_ttl: config.history_ttl,
+                stream_ttl: config.stream_ttl,
+            },
+        ));
+        Server::bind_with_broker(config, broker).await
+    }
+
+    /// Binds both ports and builds the node on the given broker.
+    pub async fn bind_with_broker(
+        config: Config,
+        broker: Arc<dyn Broker>,
+    ) -> Result<Server, StartError> {
+        let auth = Authenticator::new(config.jwt.as_ref()).map_err(StartError::Config)?;
+        let metrics =
+            Arc::new(Metrics::new().map_err(|error| StartError::Config(error.to_string()))?);
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let public = bind(config.listen).await?;
+        let internal = bind(config.internal_listen).await?;
+        let public_addr = public.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let node = Arc::new(Node::new(config, broker, metrics, auth, public_addr));
+        node.broker
+            .start(node.hub.clone())
+            .await
+            .map_err(|error| StartError::Broker(error.to_string()))?;
+        Ok(Server {
+            node,
+            public,
+            internal,
+        })
+    }
+
+    pub fn node(&self) -> Arc<Node> {
+        self.node.clone()
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.node.public_addr
+    }
+
+    pub fn internal_addr(&self) -> std::io::Result<SocketAddr> {
+        self.internal.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: `/readyz` fails at once, the listener
+    /// closes, sessions are closed with 1001 in batches over the grace period, and the node
+    /// leaves the cluster.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server {
+            node,
+            public,
+            internal,
+        } = self;
+        node.is_ready();
+        let stop_accepting = CancellationToken::new();
+        let stop_internal = CancellationToken::new();
+        let public_task = tokio::spawn(server::serve_public(
+            node.clone(),
+            public,
+            stop_accepting.clone(),
+        ));
+        let internal_task = {
+            let stop = stop_internal.clone();
+            let app = api::router(node.clone());
+            tokio::spawn(async move {
+                axum::serve(internal, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+        let heartbeat_task = tokio::spawn(report_liveness(node.clone()));
+
+        shutdown.await;
+        tracing::info!(
+            sessions = node.hub.session_count(),
+            grace_ms = node.config.drain_grace.as_millis() as u64,
+            "draining"
+        );
+        node.start_draining();
+        stop_accepting.cancel();
+        let _ = public_task.await;
+        drain_sessions(&node).await;
+        heartbeat_task.abort();
+        if let Err(error) = node.broker.deregister_node(node.id()).await {
+            node.broker_error("deregister_node", error);
+        }
+        stop_internal.cancel();
+        internal_task.await??;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn report_liveness(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+    loop {
+        tick.tick().await;
+        if let Err(error) = node.broker.heartbeat(&node.info()).await {
+            node.broker_error("heartbeat", error);
+        }
+        node.is_ready();
+    }
+}
+
+/// Closes every session with 1001, spread over the grace period so that clients do not all
+/// reconnect to the other nodes at the same instant, then waits for them to finish.
+async fn drain_sessions(node: &Node) {
+    let sessions = node.hub.sessions();
+    let steps = (node.config.drain_grace.as_millis() / DRAIN_STEP.as_millis()).max(1) as usize;
+    let per_step = sessions.len().div_ceil(steps).max(1);
+    for (index, batch) in sessions.chunks(per_step).enumerate() {
+        if index > 0 {
+            tokio::time::sleep(DRAIN_STEP).await;
+        }
+        for session in batch {
+            session.queue.close(
+                switchboard_protocol::close::GOING_AWAY,
+                "node draining: reconnect",
+            );
+        }
+    }
+    let deadline = tokio::time::Instant::now() + DRAIN_SLACK;
+    while node.hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if node.hub.session_count() > 0 {
+        tracing::warn!(
+            sessions = node.hub.session_count(),
+            "sessions still open after the drain"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! The internal port: Prometheus metrics, health and readiness probes, and the server API.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use switchboard_broker::{BrokerError, DirectMessage};
+use switchboard_protocol::api::{
+    ApiError, BroadcastRequest, BroadcastResponse, DisconnectRequest, DisconnectResponse,
+    NodesResponse, PresenceResponse, PublishRequest, PublishResponse, SendRequest, SendResponse,
+};
+use switchboard_protocol::close;
+
+use crate::auth::MAX_USER_LEN;
+use crate::node::{Node, valid_room};
+
+/// An API failure: a status and the `{code, message}` body.
+pub struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Failure::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<BrokerError> for Failure {
+    fn from(error: BrokerError) -> Self {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            error.to_string(),
+        )
+    }
+}
+
+impl From<JsonRejection> for Failure {
+    fn from(rejection: JsonRejection) -> Self {
+        Failure::bad_request(rejection.body_text())
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            code: self.code.to_owned(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, Failure>;
+
+pub fn router(node: Arc<Node>) -> Router {
+    let api = Router::new()
+        .route("/publish", post(publish))
+        .route("/send", post(send))
+        .route("/broadcast", post(broadcast))
+        .route("/disconnect", post(disconnect))
+        .route("/presence/{room}", get(presence))
+        .route("/nodes", get(nodes))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .nest("/api", api)
+        .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(node)
+}
+
+/// Compares without an early exit, so response time says nothing about the key.
+fn same_key(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
+async fn require_api_key(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &node.config.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|given| same_key(given.as_bytes(), expected.as_bytes())) {
+            return Failure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API key (Authorization: Bearer <key>)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.is_ready();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if node.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n").into_response()
+    }
+}
+
+fn check_room(room: &str) -> Result<(), Failure> {
+    if valid_room(room) {
+        Ok(())
+    } else {
+        Err(Failure::bad_request(
+            "room names are 1 to 256 bytes without control characters",
+        ))
+    }
+}
+
+fn check_user(user: &str) -> Result<(), Failure> {
+    if user.is_empty() || user.len() > MAX_USER_LEN {
+        Err(Failure::bad_request(format!(
+            "user ids are 1 to {MAX_USER_LEN} bytes"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+async fn publish(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<PublishRequest>, JsonRejection>,
+) -> ApiResult<PublishResponse> {
+    let Json(request) = body?;
+    check_room(&request.room)?;
+    let message = node.publish(&request.room, request.data, None).await?;
+    Ok(Json(PublishResponse {
+        offset: message.offset,
+        epoch: message.epoch.clone(),
+    }))
+}
+
+async fn send(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<SendRequest>, JsonRejection>,
+) -> ApiResult<SendResponse> {
+    let Json(request) = body?;
+    check_user(&request.user)?;
+    let message = DirectMessage {
+        user: request.user,
+        data: request.data,
+        from: None,
+    };
+    let sessions = node
+        .broker
+        .send(message)
+        .await
+        .map_err(|error| node.broker_error("send", error))?;
+    Ok(Json(SendResponse { sessions }))
+}
+
+async fn broadcast(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<BroadcastRequest>, JsonRejection>,
+) -> ApiResult<BroadcastResponse> {
+    let Json(request) = body?;
+    let nodes = node
+        .broker
+        .broadcast(request.data)
+        .await
+        .map_err(|error| node.broker_error("broadcast", error))?;
+    Ok(Json(BroadcastResponse { nodes }))
+}
+
+async fn disconnect(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<DisconnectRequest>, JsonRejection>,
+) -> ApiResult<DisconnectResponse> {
+    let Json(request) = body?;
+    check_user(&request.user)?;
+    let code = request.code.unwrap_or(close::NORMAL);
+    if !(code == close::NORMAL || code == close::POLICY || (3000..=4999).contains(&code)) {
+        return Err(Failure::bad_request(
+            "code must be 1000, 1008 or an application code 3000-4999",
+        ));
+    }
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "disconnected by the server".to_owned());
+    let sessions = node
+        .broker
+        .disconnect(&request.user, code, &reason)
+        .await
+        .map_err(|error| node.broker_error("disconnect", error))?;
+    Ok(Json(DisconnectResponse { sessions }))
+}
+
+async fn presence(
+    State(node): State<Arc<Node>>,
+    Path(room): Path<String>,
+) -> ApiResult<PresenceResponse> {
+    check_room(&room)?;
+    let members = node
+        .broker
+        .presence(&room)
+        .await
+        .map_err(|error| node.broker_error("presence", error))?;
+    Ok(Json(PresenceResponse { members }))
+}
+
+async fn nodes(State(node): State<Arc<Node>>) -> ApiResult<NodesResponse> {
+    let nodes = node
+        .broker
+        .nodes()
+        .await
+        .map_err(|error| node.broker_error("nodes", error))?;
+    Ok(Json(NodesResponse { nodes }))
+}

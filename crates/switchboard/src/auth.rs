@@ -1,0 +1,289 @@
+//! Who a connection is: a JWT when authentication is on, `?user=` (or a generated id) when off.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{JwtAlgorithm, JwtConfig, JwtKey};
+
+/// Longest user id accepted (a `sub` claim or `?user=`), to keep registry keys bounded.
+pub const MAX_USER_LEN: usize = 128;
+
+/// Which rooms an identity may use for one purpose (subscribe, or publish).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    All,
+    /// Exact names, or prefixes ending in `*` (`chat.*` allows `chat.lobby`; `*` allows all).
+    Patterns(Vec<String>),
+}
+
+impl Access {
+    pub fn allows(&self, room: &str) -> bool {
+        match self {
+            Access::All => true,
+            Access::Patterns(patterns) => {
+                patterns
+                    .iter()
+                    .any(|pattern| match pattern.strip_suffix('*') {
+                        Some(prefix) => room.starts_with(prefix),
+                        None => pattern == room,
+                    })
+            }
+        }
+    }
+}
+
+/// An admitted connection's identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: String,
+    pub rooms: Access,
+    pub publish: Access,
+    /// Shown in presence.
+    pub info: Option<Value>,
+    /// The token's `exp`, in seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required (?token= or Authorization: Bearer)")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("invalid user id: must be 1 to {MAX_USER_LEN} bytes")]
+    BadUser,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+    #[serde(default)]
+    info: Option<Value>,
+}
+
+pub struct Authenticator {
+    jwt: Option<(DecodingKey, Validation)>,
+}
+
+impl Authenticator {
+    /// Fails when the configured key cannot be parsed.
+    pub fn new(config: Option<&JwtConfig>) -> Result<Self, String> {
+        let Some(config) = config else {
+            return Ok(Authenticator { jwt: None });
+        };
+        let (key, algorithm) = match (&config.key, config.algorithm) {
+            (JwtKey::Secret(secret), _) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ),
+            (JwtKey::PublicKeyPem(pem), JwtAlgorithm::Es256) => (
+                DecodingKey::from_ec_pem(pem).map_err(|error| format!("EC public key: {error}"))?,
+                Algorithm::ES256,
+            ),
+            (JwtKey::PublicKeyPem(pem), _) => (
+                DecodingKey::from_rsa_pem(pem)
+                    .map_err(|error| format!("RSA public key: {error}"))?,
+                Algorithm::RS256,
+            ),
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Authenticator {
+            jwt: Some((key, validation)),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.jwt.is_some()
+    }
+
+    /// The leeway granted past `exp`, in seconds.
+    pub fn leeway_secs(&self) -> u64 {
+        self.jwt
+            .as_ref()
+            .map_or(0, |(_, validation)| validation.leeway)
+    }
+
+    pub fn authenticate(
+        &self,
+        token: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        let Some((key, validation)) = &self.jwt else {
+            let user = match user {
+                Some(user) if user.is_empty() || user.len() > MAX_USER_LEN => {
+                    return Err(AuthError::BadUser);
+                }
+                Some(user) => user.to_owned(),
+                None => format!("anon-{:012x}", rand::random::<u64>() >> 16),
+            };
+            return Ok(Identity {
+                user,
+                rooms: Access::All,
+                publish: Access::All,
+                info: None,
+                expires_at: None,
+            });
+        };
+        let token = token
+            .filter(|token| !token.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map_err(|error| match error.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(error.to_string()),
+            })?
+            .claims;
+        if claims.sub.is_empty() || claims.sub.len() > MAX_USER_LEN {
+            return Err(AuthError::BadUser);
+        }
+        Ok(Identity {
+            user: claims.sub,
+            rooms: Access::Patterns(claims.rooms.unwrap_or_default()),
+            publish: Access::Patterns(claims.publish.unwrap_or_default()),
+            info: claims.info,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef-test-secret";
+
+    fn authenticator() -> Authenticator {
+        Authenticator::new(Some(&JwtConfig {
+            key: JwtKey::Secret(SECRET.into()),
+            algorithm: JwtAlgorithm::Hs256,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+        }))
+        .unwrap()
+    }
+
+    fn token(claims: Value) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn patterns_match_exactly_or_by_prefix() {
+        let access = Access::Patterns(vec!["lobby".into(), "chat.*".into()]);
+        assert!(access.allows("lobby"));
+        assert!(access.allows("chat.x"));
+        assert!(!access.allows("lobby2"));
+        assert!(!access.allows("chat"));
+        assert!(Access::Patterns(vec!["*".into()]).allows("anything"));
+        assert!(!Access::Patterns(vec![]).allows("anything"));
+    }
+
+    #[test]
+    fn a_valid_token_gives_its_claims() {
+        let exp = unix_now_secs() + 60;
+        let identity = authenticator()
+            .authenticate(
+                Some(&token(
+                    json!({"sub": "alice", "exp": exp, "rooms": ["chat.*"],
+                    "publish": ["chat.lobby"], "info": {"name": "Alice"}}),
+                )),
+                None,
+            )
+            .unwrap();
+        assert_eq!(identity.user, "alice");
+        assert!(identity.rooms.allows("chat.x"));
+        assert!(!identity.publish.allows("chat.x"));
+        assert_eq!(identity.info, Some(json!({"name": "Alice"})));
+        assert_eq!(identity.expires_at, Some(exp));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let auth = authenticator();
+        assert_eq!(auth.authenticate(None, Some("x")), Err(AuthError::Missing));
+        let expired = token(json!({"sub": "a", "exp": unix_now_secs() - 60}));
+        assert_eq!(
+            auth.authenticate(Some(&expired), None),
+            Err(AuthError::Expired)
+        );
+        let within_leeway = token(json!({"sub": "a", "exp": unix_now_secs() - 2}));
+        assert!(auth.authenticate(Some(&within_leeway), None).is_ok());
+        let no_exp = token(json!({"sub": "a"}));
+        assert!(matches!(
+            auth.authenticate(Some(&no_exp), None),
+            Err(AuthError::Invalid(_))
+        ));
+        let forged = encode(
+            &Header::default(),
+            &json!({"sub": "a", "exp": unix_now_secs() + 60}),
+            &EncodingKey::from_secret(b"another-secret-of-16-bytes"),
+        )
+        .unwrap();
+        assert!(matches!(
+            auth.authenticate(Some(&forged), None),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            auth.authenticate(Some("not.a.jwt"), None),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn with_auth_off_the_user_comes_from_the_query_or_is_generated() {
+        let auth = Authenticator::new(None).unwrap();
+        assert_eq!(auth.authenticate(None, Some("bob")).unwrap().user, "bob");
+        let anonymous = auth.authenticate(None, None).unwrap();
+        assert!(anonymous.user.starts_with("anon-"));
+        assert_eq!(anonymous.rooms, Access::All);
+        assert_eq!(
+            auth.authenticate(None, Some(&"x".repeat(MAX_USER_LEN + 1)))
+                .unwrap_err(),
+            AuthError::BadUser
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! Configuration: command-line flags, each with a `SWITCHBOARD_*` environment variable, and an
+//! optional TOML file whose keys are the flags' long names. A flag or variable wins over the file,
+//! the file over the default. docs/configuration.md lists every option.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// Exit status for a configuration error (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+}
+
+/// Every option as given; `None` where neither the command line, the environment nor the file set it.
+#[derive(Parser, Deserialize, Debug, Clone, Default)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A horizontally scaled WebSocket gateway",
+    long_about = "A horizontally scaled WebSocket gateway.\n\nEvery option can also be set by its \
+                  environment variable or by its long name as a key in the TOML file given by \
+                  --config. Flags and variables win over the file."
+)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// TOML file with options (keys are the long flag names, e.g. `max-connections = 5000`).
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Public address: WebSocket clients connect to ws://ADDR/ws [default: 127.0.0.1:8080].
+    #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Internal address: /metrics, /healthz, /readyz and /api/* [default: 127.0.0.1:9090].
+    #[arg(long, env = "SWITCHBOARD_INTERNAL_LISTEN", value_name = "ADDR")]
+    pub internal_listen: Option<SocketAddr>,
+
+    /// This node's id, unique in the cluster [default: generated, node-<random>].
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Redis shards for a cluster (comma-separated redis:// URLs). Unset: the embedded broker.
+    #[arg(long, env = "SWITCHBOARD_REDIS", value_name = "URLS")]
+    pub redis: Option<String>,
+
+    /// HS256 secret; setting it (or --jwt-public-key) turns authentication on.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the RSA or EC public key that verifies RS256 / ES256 tokens.
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Token algorithm [default: hs256 with a secret, rs256 or es256 by the public key's type].
+    #[arg(long, env = "SWITCHBOARD_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<JwtAlgorithm>,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock-skew leeway for `exp` and `nbf`, in seconds (0..=60) [default: 30].
+    #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY_SECS", value_name = "SECS")]
+    pub jwt_leeway_secs: Option<u64>,
+
+    /// Bearer key the server API (/api/*) requires. Unset: the API is open (keep the internal port private).
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Origins allowed to open WebSockets (comma-separated, e.g. https://app.example.com). Unset: any.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Most connections (handshaking or open) at once; more wait in the kernel's accept backlog
+    /// [default: the open-files limit less 512].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// A client must finish the HTTP upgrade within this many milliseconds [default: 10000].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+
+    /// Largest frame or message a client may send, in bytes; larger closes with 1009 [default: 1048576].
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+
+    /// Most bytes waiting to be written to one client; a reader that falls further behind is
+    /// closed with 1013 [default: 1048576].
+    #[arg(long, env = "SWITCHBOARD_MAX_QUEUE_BYTES", value_name = "BYTES")]
+    pub max_queue_bytes: Option<usize>,
+
+    /// Frames per second one connection may send; 0 turns the limit off [default: 100].
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", value_name = "PER_SEC")]
+    pub rate_limit: Option<u32>,
+
+    /// Frames a connection may send in a burst above the rate [default: 200].
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Rate-limited frames tolerated within 10 seconds before the connection is closed with 1008 [default: 50].
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_STRIKES", value_name = "N")]
+    pub rate_limit_strikes: Option<u32>,
+
+    /// Undecodable frames tolerated within a minute before the connection is closed with 1008 [default: 10].
+    #[arg(long, env = "SWITCHBOARD_MAX_BAD_FRAMES", value_name = "N")]
+    pub max_bad_frames: Option<u32>,
+
+    /// Interval of the server's WebSocket pings, also sent to clients in `welcome` [default: 25000].
+    #[arg(long, env = "SWITCHBOARD_HEARTBEAT_MS", value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+
+    /// A client that sends nothing (not even a pong) for this long is closed [default: 60000].
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
+
+    /// On SIGTERM/SIGINT, sessions are closed with 1001 in batches spread over this many
+    /// milliseconds [default: 10000].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_GRACE_MS", value_name = "MS")]
+    pub drain_grace_ms: Option<u64>,
+
+    /// Messages of history kept per room, for `history` and `since` recovery [default: 100].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_SIZE", value_name = "N")]
+    pub history_size: Option<usize>,
+
+    /// Seconds a message stays in history [default: 300].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_TTL_SECS", value_name = "SECS")]
+    pub history_ttl_secs: Option<u64>,
+
+    /// Seconds a room's offset and epoch outlive its last publish once nobody subscribes [default: 86400].
+    #[arg(long, env = "SWITCHBOARD_STREAM_TTL_SECS", value_name = "SECS")]
+    pub stream_ttl_secs: Option<u64>,
+
+    /// After the last local subscriber leaves, keep receiving the room this long in case another joins [default: 2000].
+    #[arg(long, env = "SWITCHBOARD_ROOM_LINGER_MS", value_name = "MS")]
+    pub room_linger_ms: Option<u64>,
+
+    /// Bytes of the per-connection read buffer; small keeps idle connections cheap [default: 4096].
+    #[arg(long, env = "SWITCHBOARD_READ_BUFFER_SIZE", value_name = "BYTES")]
+    pub read_buffer_size: Option<usize>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `switchboard=debug`) [default: info].
+    #[arg(long, env = "SWITCHBOARD_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// Authentication settings, when on.
+#[derive(Debug, Clone)]
+pub enum JwtKey {
+    Secret(String),
+    PublicKeyPem(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub key: JwtKey,
+    pub algorithm: JwtAlgorithm,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+}
+
+/// The resolved, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub internal_listen: SocketAddr,
+    pub node_id: String,
+    pub redis: Option<Vec<String>>,
+    pub jwt: Option<JwtConfig>,
+    pub api_key: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_message_size: usize,
+    pub max_queue_bytes: usize,
+    pub rate_limit: u32,
+    pub rate_limit_burst: u32,
+    pub rate_limit_strikes: u32,
+    pub max_bad_frames: u32,
+    pub heartbeat: Duration,
+    pub idle_timeout: Duration,
+    pub drain_grace: Duration,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub stream_ttl: Duration,
+    pub room_linger: Duration,
+    pub read_buffer_size: usize,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("invalid option {option}: {message}")]
+    Invalid {
+        option: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(option: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        message: message.into(),
+    }
+}
+
+/// Files a node keeps open besides its connections (listeners, Redis, logs, /proc reads).
+const RESERVED_FILES: u64 = 512;
+
+impl Options {
+    /// Fills every option the command line and environment left unset from `file`.
+    pub fn or(self, file: Options) -> Options {
+        Options {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            internal_listen: self.internal_listen.or(file.internal_listen),
+            node_id: self.node_id.or(file.node_id),
+            redis: self.redis.or(file.redis),
+            jwt_secret: self.jwt_secret.or(file.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
+            jwt_algorithm: self.jwt_algorithm.or(file.jwt_algorithm),
+            jwt_issuer: self.jwt_issuer.or(file.jwt_issuer),
+            jwt_audience: self.jwt_audience.or(file.jwt_audience),
+            jwt_leeway_secs: self.jwt_leeway_secs.or(file.jwt_leeway_secs),
+            api_key: self.api_key.or(file.api_key),
+            allowed_origins: self.allowed_origins.or(file.allowed_origins),
+            max_connections: self.max_connections.or(file.max_connections),
+            handshake_timeout_ms: self.handshake_timeout_ms.or(file.handshake_timeout_ms),
+            max_message_size: self.max_message_size.or(file.max_message_size),
+            max_queue_bytes: self.max_queue_bytes.or(file.max_queue_bytes),
+            rate_limit: self.rate_limit.or(file.rate_limit),
+            rate_limit_burst: self.rate_limit_burst.or(file.rate_limit_burst),
+            rate_limit_strikes: self.rate_limit_strikes.or(file.rate_limit_strikes),
+            max_bad_frames: self.max_bad_frames.or(file.max_bad_frames),
+            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(file.idle_timeout_ms),
+            drain_grace_ms: self.drain_grace_ms.or(file.drain_grace_ms),
+            history_size: self.history_size.or(file.history_size),
+            history_ttl_secs: self.history_ttl_secs.or(file.history_ttl_secs),
+            stream_ttl_secs: self.stream_ttl_secs.or(file.stream_ttl_secs),
+            room_linger_ms: self.room_linger_ms.or(file.room_linger_ms),
+            read_buffer_size: self.read_buffer_size.or(file.read_buffer_size),
+            log_format: self.log_format.or(file.log_format),
+            log: self.log.or(file.log),
+        }
+    }
+
+    fn read_file(path: &Path) -> Result<Options, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::ParseFile {
+            path: path.to_owned(),
+            message: error.message().to_owned(),
+        })
+    }
+
+    /// Merges the config file (if any) under these options and validates the result.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let options = match self.config.clone() {
+            Some(path) => {
+                let file = Options::read_file(&path)?;
+                self.or(file)
+            }
+            None => self,
+        };
+        options.validate()
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        let node_id = match self.node_id {
+            Some(id) if id.is_empty() || id.len() > 64 || id.chars().any(char::is_whitespace) => {
+                return Err(invalid(
+                    "node-id",
+                    "must be 1 to 64 characters without spaces",
+                ));
+            }
+            Some(id) => id,
+            None => format!("node-{:08x}", rand::random::<u32>()),
+        };
+        let redis = match self.redis {
+            Some(urls) => {
+                let shards: Vec<String> = urls
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|url| !url.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if shards.is_empty() {
+                    return Err(invalid("redis", "lists no URL"));
+                }
+                for shard in &shards {
+                    if !(shard.starts_with("redis://") || shard.starts_with("rediss://")) {
+                        return Err(invalid("redis", format!("{shard:?} is not a redis:// URL")));
+                    }
+                }
+                Some(shards)
+            }
+            None => None,
+        };
+        let leeway = self.jwt_leeway_secs.unwrap_or(30);
+        if leeway > 60 {
+            return Err(invalid("jwt-leeway-secs", "must be at most 60"));
+        }
+        let jwt_key = match (self.jwt_secret, self.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "jwt-secret",
+                    "set either --jwt-secret or --jwt-public-key, not both",
+                ));
+            }
+            (Some(secret), None) if secret.len() < 16 => {
+                return Err(invalid("jwt-secret", "must be at least 16 bytes"));
+            }
+            (Some(secret), None) => Some(JwtKey::Secret(secret)),
+            (None, Some(path)) => {
+                let pem = std::fs::read(&path).map_err(|error| {
+                    invalid("jwt-public-key", format!("{}: {error}", path.display()))
+                })?;
+                Some(JwtKey::PublicKeyPem(pem))
+            }
+            (None, None) => None,
+        };
+        let jwt = match jwt_key {
+            None => {
+                if self.jwt_algorithm.is_some()
+                    || self.jwt_issuer.is_some()
+                    || self.jwt_audience.is_some()
+                {
+                    return Err(invalid(
+                        "jwt-algorithm",
+                        "JWT options need --jwt-secret or --jwt-public-key",
+                    ));
+                }
+                None
+            }
+            Some(key) => {
+                let algorithm = match (&key, self.jwt_algorithm) {
+                    (JwtKey::Secret(_), None | Some(JwtAlgorithm::Hs256)) => JwtAlgorithm::Hs256,
+                    (JwtKey::Secret(_), Some(_)) => {
+                        return Err(invalid(
+                            "jwt-algorithm",
+                            "a secret only verifies hs256; use --jwt-public-key for rs256/es256",
+                        ));
+                    }
+                    (JwtKey::PublicKeyPem(_), Some(JwtAlgorithm::Hs256)) => {
+                        return Err(invalid(
+                            "jwt-algorithm",
+                            "hs256 needs --jwt-secret, not a public key",
+                        ));
+                    }
+                    (JwtKey::PublicKeyPem(_), Some(algorithm)) => algorithm,
+                    (JwtKey::PublicKeyPem(pem), None) => {
+                        if jsonwebtoken::DecodingKey::from_ec_pem(pem).is_ok() {
+                            JwtAlgorithm::Es256
+                        } else {
+                            JwtAlgorithm::Rs256
+                        }
+                    }
+                };
+                Some(JwtConfig {
+                    key,
+                    algorithm,
+                    issuer: self.jwt_issuer,
+                    audience: self.jwt_audience,
+                    leeway: Duration::from_secs(leeway),
+                })
+            }
+        };
+        if self.api_key.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid("api-key", "must not be empty"));
+        }
+        let allowed_origins = match self.allowed_origins {
+            Some(origins) => {
+                let origins: Vec<String> = origins
+                    .into_iter()
+                    .map(|origin| origin.trim().trim_end_matches('/').to_owned())
+                    .filter(|origin| !origin.is_empty())
+                    .collect();
+                if origins.is_empty() {
+                    return Err(invalid("allowed-origins", "lists no origin"));
+                }
+                Some(origins)
+            }
+            None => None,
+        };
+        let max_connections = match self.max_connections {
+            Some(0) => return Err(invalid("max-connections", "must be at least 1")),
+            Some(n) => n,
+            None => {
+                let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+                soft.saturating_sub(RESERVED_FILES).max(64) as usize
+            }
+        };
+        let positive = |option: &'static str, value: Option<u64>, default: u64| match value {
+            Some(0) => Err(invalid(option, "must be greater than 0")),
+            Some(value) => Ok(value),
+            None => Ok(default),
+        };
+        let heartbeat_ms = positive("heartbeat-ms", self.heartbeat_ms, 25_000)?;
+        let idle_timeout_ms = positive("idle-timeout-ms", self.idle_timeout_ms, 60_000)?;
+        if idle_timeout_ms <= heartbeat_ms {
+            return Err(invalid(
+                "idle-timeout-ms",
+                "must be longer than heartbeat-ms, or live clients are closed between pings",
+            ));
+        }
+        let max_message_size = self.max_message_size.unwrap_or(1 << 20);
+        if max_message_size < 256 {
+            return Err(invalid("max-message-size", "must be at least 256 bytes"));
+        }
+        let max_queue_bytes = self.max_queue_bytes.unwrap_or(1 << 20);
+        if max_queue_bytes < 1024 {
+            return Err(invalid("max-queue-bytes", "must be at least 1024 bytes"));
+        }
+        let read_buffer_size = self.read_buffer_size.unwrap_or(4096);
+        if !(256..=1 << 20).contains(&read_buffer_size) {
+            return Err(invalid(
+                "read-buffer-size",
+                "must be between 256 and 1048576",
+            ));
+        }
+        let rate_limit_burst = self.rate_limit_burst.unwrap_or(200);
+        let rate_limit_strikes = self.rate_limit_strikes.unwrap_or(50);
+        let max_bad_frames = self.max_bad_frames.unwrap_or(10);
+        if rate_limit_burst == 0 || rate_limit_strikes == 0 || max_bad_frames == 0 {
+            return Err(invalid(
+                "rate-limit-burst",
+                "rate-limit-burst, rate-limit-strikes and max-bad-frames must be at least 1",
+            ));
+        }
+        let history_ttl_secs = positive("history-ttl-secs", self.history_ttl_secs, 300)?;
+        let stream_ttl_secs = positive("stream-ttl-secs", self.stream_ttl_secs, 86_400)?;
+        if stream_ttl_secs < history_ttl_secs {
+            return Err(invalid(
+                "stream-ttl-secs",
+                "must be at least history-ttl-secs, or offsets would be forgotten before their messages",
+            ));
+        }
+        let log = self.log.unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
+            return Err(invalid("log", format!("{log:?} is not a log filter")));
+        }
+        Ok(Config {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            internal_listen: self
+                .internal_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            node_id,
+            redis,
+            jwt,
+            api_key: self.api_key,
+            allowed_origins,
+            max_connections,
+            handshake_timeout: Duration::from_millis(positive(
+                "handshake-timeout-ms",
+                self.handshake_timeout_ms,
+                10_000,
+            )?),
+            max_message_size,
+            max_queue_bytes,
+            rate_limit: self.rate_limit.unwrap_or(100),
+            rate_limit_burst,
+            rate_limit_strikes,
+            max_bad_frames,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            idle_timeout: Duration::from_millis(idle_timeout_ms),
+            drain_grace: Duration::from_millis(self.drain_grace_ms.unwrap_or(10_000)),
+            history_size: self.history_size.unwrap_or(100),
+            history_ttl: Duration::from_secs(history_ttl_secs),
+            stream_ttl: Duration::from_secs(stream_ttl_secs),
+            room_linger: Duration::from_millis(self.room_linger_ms.unwrap_or(2_000)),
+            read_buffer_size,
+            log_format: self.log_format.unwrap_or_default(),
+            log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

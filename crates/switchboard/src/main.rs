@@ -1,0 +1,118 @@
+//! The `switchboard` binary: configuration, logging, signals; everything else is in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchboard::config::{Config, EXIT_CONFIG, LogFormat, Options};
+use switchboard::{Server, StartError};
+
+fn main() -> ExitCode {
+    let options = match Options::try_parse() {
+        Ok(options) => options,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match options.resolve() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("switchboard: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    init_logging(&config);
+    raise_open_files_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("switchboard: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let server = match Server::bind(config).await {
+        Ok(server) => server,
+        Err(error @ StartError::Config(_)) => {
+            eprintln!("switchboard: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+        Err(error) => {
+            eprintln!("switchboard: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let node = server.node();
+    let internal = server
+        .internal_addr()
+        .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
+    tracing::info!(
+        node = node.id(),
+        public = %server.public_addr(),
+        %internal,
+        auth = node.auth.enabled(),
+        max_connections = node.config.max_connections,
+        "switchboard listening: WebSocket ws://{}/ws, metrics and API http://{}",
+        server.public_addr(),
+        internal,
+    );
+    match server.run(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Connections are files: use the hard limit, not the (often 1024) soft one.
+fn raise_open_files_limit() {
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%error, "cannot raise the open-files limit");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,166 @@
+//! Prometheus metrics of one node. Every metric is listed in docs/metrics.md. Label values come
+//! from small fixed sets (frame types, close codes, results), never from user input.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use switchboard_protocol::close;
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub handshakes: IntCounterVec,
+    pub frames_in: IntCounterVec,
+    pub frames_out: IntCounterVec,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub deliveries: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub slow_closes: IntCounter,
+    pub closes: IntCounterVec,
+    pub errors_sent: IntCounterVec,
+    pub publish_seconds: Histogram,
+    pub queue_bytes: IntGauge,
+    pub rooms: IntGauge,
+    pub broker_errors: IntCounterVec,
+    pub ready: IntGauge,
+    /// Pre-resolved children for the hot path, so a delivery costs one atomic add.
+    pub room_deliveries: IntCounter,
+    pub message_frames_out: IntCounter,
+}
+
+/// Close codes get their own label value; anything else is "other".
+pub fn close_label(code: u16) -> &'static str {
+    match code {
+        close::NORMAL => "1000",
+        close::GOING_AWAY => "1001",
+        close::INVALID_PAYLOAD => "1007",
+        close::POLICY => "1008",
+        close::TOO_BIG => "1009",
+        close::INTERNAL => "1011",
+        close::TRY_AGAIN_LATER => "1013",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok::<_, prometheus::Error>(metric)
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok::<_, prometheus::Error>(metric)
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok::<_, prometheus::Error>(metric)
+        };
+        let frames_out = counter_vec(
+            "switchboard_frames_out_total",
+            "Frames written to clients, by frame type.",
+            &["type"],
+        )?;
+        let deliveries = counter_vec(
+            "switchboard_deliveries_total",
+            "Messages queued to local sessions, by kind (room, direct, broadcast, presence).",
+            &["kind"],
+        )?;
+        let publish_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchboard_publish_duration_seconds",
+                "Time for the broker to accept a publish (offset assigned, history appended, fanned out).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )?;
+        registry.register(Box::new(publish_seconds.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            connections: gauge(
+                "switchboard_connections",
+                "WebSocket sessions open on this node.",
+            )?,
+            handshakes: counter_vec(
+                "switchboard_handshakes_total",
+                "WebSocket handshakes on the public port, by result.",
+                &["result"],
+            )?,
+            frames_in: counter_vec(
+                "switchboard_frames_in_total",
+                "Frames received from clients, by frame type (invalid: could not be decoded).",
+                &["type"],
+            )?,
+            bytes_in: counter(
+                "switchboard_bytes_in_total",
+                "Payload bytes of data frames received from clients.",
+            )?,
+            bytes_out: counter(
+                "switchboard_bytes_out_total",
+                "Payload bytes of data frames written to clients.",
+            )?,
+            dropped: counter_vec(
+                "switchboard_dropped_total",
+                "Messages not delivered to a session, by reason (slow: its queue was full; closed: it was closing).",
+                &["reason"],
+            )?,
+            slow_closes: counter(
+                "switchboard_slow_consumer_closes_total",
+                "Sessions closed with 1013 because their outbound queue overflowed.",
+            )?,
+            closes: counter_vec(
+                "switchboard_closes_total",
+                "Close frames sent by the server, by close code.",
+                &["code"],
+            )?,
+            errors_sent: counter_vec(
+                "switchboard_errors_sent_total",
+                "Error frames sent to clients, by error code.",
+                &["code"],
+            )?,
+            queue_bytes: gauge(
+                "switchboard_queue_bytes",
+                "Bytes waiting in all sessions' outbound queues (including the batch being written).",
+            )?,
+            rooms: gauge(
+                "switchboard_rooms",
+                "Rooms with at least one local subscriber.",
+            )?,
+            broker_errors: counter_vec(
+                "switchboard_broker_errors_total",
+                "Broker calls that failed, by operation.",
+                &["op"],
+            )?,
+            ready: gauge(
+                "switchboard_ready",
+                "1 when /readyz answers 200 (broker healthy and not draining), else 0.",
+            )?,
+            room_deliveries: deliveries.with_label_values(&["room"]),
+            message_frames_out: frames_out.with_label_values(&["message"]),
+            frames_out,
+            deliveries,
+            publish_seconds,
+            registry,
+        })
+    }
+
+    pub fn close_sent(&self, code: u16) {
+        self.closes.with_label_values(&[close_label(code)]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|error| format!("# metrics encoding failed: {error}\n"))
+    }
+}

@@ -1,0 +1,196 @@
+//! The Node wires the Hub (local sessions) to the Broker (everything across nodes). It receives a
+//! room from the broker only while a local session is subscribed to it, plus a short linger.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use serde_json::Value;
+use switchboard_broker::{Broker, BrokerError, BrokerResult};
+use switchboard_protocol::RoomMessage;
+use switchboard_protocol::Sender;
+use switchboard_protocol::api::NodeInfo;
+
+use crate::auth::{Authenticator, unix_now_millis};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+pub struct Node {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub auth: Authenticator,
+    /// Rooms this node receives from the broker, with how many local subscriptions hold each.
+    upstream: DashMap<Arc<str>, Arc<Upstream>>,
+    /// Set on SIGTERM: `/readyz` fails and new handshakes are refused.
+    draining: AtomicBool,
+    /// The public address clients reach this node at, as `GET /api/nodes` reports it.
+    pub public_addr: SocketAddr,
+    pub started_at: u64,
+}
+
+struct Upstream {
+    /// Async so that concurrent first joins wait for the one broker subscription.
+    state: tokio::sync::Mutex<UpstreamState>,
+}
+
+#[derive(Default)]
+struct UpstreamState {
+    local: usize,
+    subscribed: bool,
+    /// Taken out of the map: a joiner holding a stale `Arc` must look again.
+    removed: bool,
+}
+
+impl Node {
+    pub fn new(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+        auth: Authenticator,
+        public_addr: SocketAddr,
+    ) -> Self {
+        Node {
+            hub: Arc::new(Hub::new(metrics.clone())),
+            config,
+            broker,
+            metrics,
+            auth,
+            upstream: DashMap::new(),
+            draining: AtomicBool::new(false),
+            public_addr,
+            started_at: unix_now_millis(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(0);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let ready = !self.is_draining() && self.broker.is_healthy();
+        self.metrics.ready.set(i64::from(ready));
+        ready
+    }
+
+    /// Counts a failed broker call by operation and passes the error on.
+    pub fn broker_error(&self, op: &'static str, error: BrokerError) -> BrokerError {
+        self.metrics.broker_errors.with_label_values(&[op]).inc();
+        tracing::warn!(%error, op, "broker call failed");
+        error
+    }
+
+    /// Makes sure the broker delivers `room` to this node, for one more local subscription.
+    pub async fn acquire_room(&self, room: &str) -> BrokerResult<()> {
+        loop {
+            let upstream = self
+                .upstream
+                .entry(Arc::from(room))
+                .or_insert_with(|| {
+                    Arc::new(Upstream {
+                        state: tokio::sync::Mutex::new(UpstreamState::default()),
+                    })
+                })
+                .clone();
+            let mut state = upstream.state.lock().await;
+            if state.removed {
+                continue;
+            }
+            if !state.subscribed {
+                if let Err(error) = self.broker.subscribe_room(room).await {
+                    if state.local == 0 {
+                        state.removed = true;
+                        self.upstream
+                            .remove_if(room, |_, entry| Arc::ptr_eq(entry, &upstream));
+                    }
+                    return Err(self.broker_error("subscribe", error));
+                }
+                state.subscribed = true;
+            }
+            state.local += 1;
+            return Ok(());
+        }
+    }
+
+    /// One local subscription of `room` ended; after the linger, stop receiving it if none is left.
+    pub async fn release_room(self: &Arc<Self>, room: &str) {
+        let Some(upstream) = self.upstream.get(room).map(|entry| entry.clone()) else {
+            return;
+        };
+        let mut state = upstream.state.lock().await;
+        state.local = state.local.saturating_sub(1);
+        if state.local > 0 {
+            return;
+        }
+        drop(state);
+        let node = self.clone();
+        let room: Arc<str> = Arc::from(room);
+        tokio::spawn(async move {
+            tokio::time::sleep(node.config.room_linger).await;
+            let mut state = upstream.state.lock().await;
+            if state.local > 0 || state.removed {
+                return;
+            }
+            state.removed = true;
+            node.upstream
+                .remove_if(&room, |_, entry| Arc::ptr_eq(entry, &upstream));
+            if state.subscribed
+                && let Err(error) = node.broker.unsubscribe_room(&room).await
+            {
+                node.broker_error("unsubscribe", error);
+            }
+        });
+    }
+
+    /// Rooms this node currently receives from the broker.
+    pub fn upstream_rooms(&self) -> usize {
+        self.upstream.len()
+    }
+
+    /// Publishes through the broker, timing it for the publish latency histogram.
+    pub async fn publish(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+    ) -> BrokerResult<Arc<RoomMessage>> {
+        let started = Instant::now();
+        let result = self.broker.publish(room, data, from).await;
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result.map_err(|error| self.broker_error("publish", error))
+    }
+
+    /// This node's figures, for the broker's node list.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.config.node_id.clone(),
+            address: self.public_addr.to_string(),
+            connections: self.hub.session_count() as u64,
+            started_at: self.started_at,
+            last_seen: unix_now_millis(),
+        }
+    }
+}
+
+/// Longest room name accepted, to keep keys and frames bounded.
+pub const MAX_ROOM_LEN: usize = 256;
+
+/// Room names are 1 to 256 bytes without control characters.
+pub fn valid_room(room: &str) -> bool {
+    !room.is_empty() && room.len() <= MAX_ROOM_LEN && !room.chars().any(char::is_control)
+}

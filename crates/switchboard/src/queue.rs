@@ -1,0 +1,269 @@
+//! A session's outbound queue: bounded in bytes, drained by the session's writer in batches.
+//!
+//! Delivery never waits on a client: a push that would take the queue past its byte limit fails,
+//! the queue closes itself with 1013 and drops what it held, and every other session keeps
+//! receiving. A `VecDeque` behind a mutex (rather than a channel) costs nothing while idle.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use prometheus::IntGauge;
+use switchboard_protocol::{RoomMessage, close};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+/// One frame waiting to be written.
+pub enum Outbound {
+    /// A room message; the writer checks its offset against the session's subscription so a
+    /// message is never written twice (at the seam of `since` recovery) or after `unsubscribe`.
+    Room {
+        message: Arc<RoomMessage>,
+        frame: Message,
+    },
+    /// Any other frame (direct, broadcast, join, leave), with its type for metrics.
+    Frame { kind: &'static str, frame: Message },
+}
+
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Room { frame, .. } | Outbound::Frame { frame, .. } => frame.len(),
+        }
+    }
+}
+
+/// Why and how a session is to be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// What became of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full: it is now closing with 1013.
+    Overflow,
+    /// The session is already closing; the item was dropped.
+    Closed,
+}
+
+/// Most bytes the writer takes per batch, so one flush writes a bounded amount.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+pub struct OutboundQueue {
+    state: Mutex<QueueState>,
+    /// Wakes the writer when items arrive or a close is requested.
+    ready: Notify,
+    /// Wakes a writer blocked on a slow socket when a close is requested.
+    closing: Notify,
+    max_bytes: usize,
+    /// Node-wide total of queued bytes (`switchboard_queue_bytes`).
+    total_bytes: IntGauge,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Outbound>,
+    /// Bytes queued plus bytes taken by the writer and not yet written.
+    bytes: usize,
+    close: Option<CloseRequest>,
+}
+
+impl OutboundQueue {
+    pub fn new(max_bytes: usize, total_bytes: IntGauge) -> Self {
+        OutboundQueue {
+            state: Mutex::new(QueueState::default()),
+            ready: Notify::new(),
+            closing: Notify::new(),
+            max_bytes,
+            total_bytes,
+        }
+    }
+
+    pub fn push(&self, item: Outbound) -> Push {
+        let len = item.len();
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return Push::Closed;
+        }
+        if state.bytes + len > self.max_bytes {
+            let dropped: usize = state.items.drain(..).map(|item| item.len()).sum();
+            state.bytes -= dropped;
+            self.total_bytes.sub(dropped as i64);
+            state.close = Some(CloseRequest {
+                code: close::TRY_AGAIN_LATER,
+                reason: "too slow to read: outbound queue full".to_owned(),
+            });
+            drop(state);
+            self.wake_for_close();
+            return Push::Overflow;
+        }
+        state.bytes += len;
+        state.items.push_back(item);
+        drop(state);
+        self.total_bytes.add(len as i64);
+        self.ready.notify_one();
+        Push::Queued
+    }
+
+    /// Asks the writer to close the session. The first request wins; returns whether this one did.
+    pub fn close(&self, code: u16, reason: &str) -> bool {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return false;
+        }
+        let dropped: usize = state.items.drain(..).map(|item| item.len()).sum();
+        state.bytes -= dropped;
+        self.total_bytes.sub(dropped as i64);
+        state.close = Some(CloseRequest {
+            code,
+            reason: truncate_reason(reason),
+        });
+        drop(state);
+        self.wake_for_close();
+        true
+    }
+
+    fn wake_for_close(&self) {
+        self.ready.notify_one();
+        self.closing.notify_one();
+    }
+
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        self.state.lock().close.clone()
+    }
+
+    /// Resolves when there may be something to take.
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Resolves when a close has been requested (possibly before this was called).
+    pub async fn closing(&self) {
+        self.closing.notified().await;
+    }
+
+    /// Moves up to one batch into `batch` and returns its bytes, which stay counted until
+    /// [`release`](Self::release); or the close request, if any.
+    pub fn take(&self, batch: &mut Vec<Outbound>) -> Result<usize, CloseRequest> {
+        let mut state = self.state.lock();
+        if let Some(close) = &state.close {
+            return Err(close.clone());
+        }
+        let mut taken = 0;
+        while let Some(item) = state.items.front() {
+            let len = item.len();
+            if taken > 0 && taken + len > MAX_BATCH_BYTES {
+                break;
+            }
+            taken += len;
+            batch.extend(state.items.pop_front());
+        }
+        let more = !state.items.is_empty();
+        drop(state);
+        if more {
+            self.ready.notify_one();
+        }
+        Ok(taken)
+    }
+
+    /// The writer wrote (or dropped) `bytes` it took.
+    pub fn release(&self, bytes: usize) {
+        self.state.lock().bytes -= bytes;
+        self.total_bytes.sub(bytes as i64);
+    }
+}
+
+impl Drop for OutboundQueue {
+    fn drop(&mut self) {
+        self.total_bytes.sub(self.state.get_mut().bytes as i64);
+    }
+}
+
+/// A close frame's reason is limited to 123 bytes; cut on a character boundary.
+fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Outbound {
+        Outbound::Frame {
+            kind: "direct",
+            frame: Message::Binary(vec![0; len].into()),
+        }
+    }
+
+    fn queue(max: usize) -> (OutboundQueue, IntGauge) {
+        let gauge = IntGauge::new("q", "q").unwrap();
+        (OutboundQueue::new(max, gauge.clone()), gauge)
+    }
+
+    #[test]
+    fn overflow_closes_with_1013_and_frees_what_was_queued() {
+        let (queue, gauge) = queue(100);
+        assert_eq!(queue.push(frame(60)), Push::Queued);
+        assert_eq!(gauge.get(), 60);
+        assert_eq!(queue.push(frame(60)), Push::Overflow);
+        assert_eq!(gauge.get(), 0);
+        assert_eq!(queue.push(frame(1)), Push::Closed);
+        let close = queue.take(&mut Vec::new()).unwrap_err();
+        assert_eq!(close.code, close::TRY_AGAIN_LATER);
+    }
+
+    #[test]
+    fn bytes_taken_stay_counted_until_released() {
+        let (queue, gauge) = queue(100);
+        queue.push(frame(40));
+        queue.push(frame(40));
+        let mut batch = Vec::new();
+        assert_eq!(queue.take(&mut batch).unwrap(), 80);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            queue.push(frame(40)),
+            Push::Overflow,
+            "taken bytes still count"
+        );
+        queue.release(80);
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes() {
+        let (queue, _) = queue(4 * MAX_BATCH_BYTES);
+        for _ in 0..4 {
+            queue.push(frame(MAX_BATCH_BYTES / 2 + 1));
+        }
+        let mut batch = Vec::new();
+        queue.take(&mut batch).unwrap();
+        assert_eq!(batch.len(), 1);
+    }
+
+    #[test]
+    fn the_first_close_wins_and_reasons_are_cut_to_123_bytes() {
+        let (queue, _) = queue(100);
+        assert!(queue.close(1001, &"é".repeat(100)));
+        assert!(!queue.close(1000, "later"));
+        let close = queue.close_request().unwrap();
+        assert_eq!(close.code, 1001);
+        assert!(close.reason.len() <= 123);
+    }
+
+    #[tokio::test]
+    async fn a_close_wakes_a_waiting_writer() {
+        let (queue, _) = queue(100);
+        queue.close(1000, "bye");
+        tokio::time::timeout(std::time::Duration::from_secs(5), queue.closing())
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,338 @@
+//! The public port: an accept loop that takes a connection permit before `accept()`, an HTTP/1.1
+//! handshake (hyper) bounded by a timeout, and the upgrade to a WebSocket session.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use switchboard_protocol::Codec;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::AuthError;
+use crate::node::Node;
+use crate::session::{self, Admission};
+
+/// The path WebSocket clients connect to.
+pub const WS_PATH: &str = "/ws";
+
+/// Accepts connections until `shutdown` is cancelled. A connection holds its permit from before
+/// `accept()` until its session ends, so at most `max_connections` are open; the rest wait in the
+/// kernel's backlog.
+pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(node.config.max_connections));
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                backoff = Duration::from_millis(1);
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle_connection(node.clone(), stream, remote, permit));
+            }
+            Err(error) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    node: Arc<Node>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let timeout = node.config.handshake_timeout;
+    // Taken by the upgrade; otherwise released when the connection ends.
+    let permit = Arc::new(Mutex::new(Some(permit)));
+    let service_node = node.clone();
+    let service = service_fn(move |request| {
+        let response = handle_request(&service_node, request, remote, &permit);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(false)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    match tokio::time::timeout(timeout, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            if error.is_timeout() {
+                node.metrics
+                    .handshakes
+                    .with_label_values(&["timeout"])
+                    .inc();
+            }
+            tracing::debug!(%error, %remote, "handshake connection failed");
+        }
+        Err(_) => {
+            node.metrics
+                .handshakes
+                .with_label_values(&["timeout"])
+                .inc();
+            tracing::debug!(%remote, "handshake timed out");
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut response = Response::new(Body::from(format!("{text}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Refuses a handshake, counting it under `result`.
+fn refuse(node: &Node, result: &'static str, status: StatusCode, text: &str) -> Response<Body> {
+    node.metrics.handshakes.with_label_values(&[result]).inc();
+    tracing::debug!(result, %status, text, "handshake refused");
+    plain(status, text)
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+/// The codec for the offered subprotocols: none offered → JSON; else the first we support, in
+/// the client's order; `Err` when only unknown ones are offered.
+fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    offered
+        .iter()
+        .find_map(|name| Codec::from_protocol(name))
+        .map(Some)
+        .ok_or(())
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn handle_request(
+    node: &Arc<Node>,
+    mut request: Request<hyper::body::Incoming>,
+    remote: SocketAddr,
+    permit: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+) -> Response<Body> {
+    if request.uri().path() != WS_PATH {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: WebSocket clients connect to /ws",
+        );
+    }
+    if request.method() != http::Method::GET {
+        return refuse(
+            node,
+            "bad_request",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the WebSocket handshake is a GET",
+        );
+    }
+    let headers = request.headers();
+    let is_upgrade = header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket");
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return refuse(
+            node,
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            "not a WebSocket upgrade request (Sec-WebSocket-Key missing)",
+        );
+    };
+    if !is_upgrade {
+        return refuse(
+            node,
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            "not a WebSocket upgrade request (Connection: Upgrade and Upgrade: websocket expected)",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|version| version != "13")
+    {
+        let mut response = refuse(
+            node,
+            "bad_request",
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version: 13 expected",
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    if node.is_draining() {
+        return refuse(
+            node,
+            "draining",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining: connect to another",
+        );
+    }
+    if let Some(allowed) = &node.config.allowed_origins {
+        let origin = headers
+            .get(header::ORIGIN)
+            .and_then(|origin| origin.to_str().ok())
+            .map(|origin| origin.trim_end_matches('/'));
+        if !origin.is_some_and(|origin| allowed.iter().any(|allowed| allowed == origin)) {
+            return refuse(
+                node,
+                "forbidden_origin",
+                StatusCode::FORBIDDEN,
+                "origin not allowed",
+            );
+        }
+    }
+    let offered = match choose_codec(headers) {
+        Ok(offered) => offered,
+        Err(()) => {
+            return refuse(
+                node,
+                "unsupported_protocol",
+                StatusCode::BAD_REQUEST,
+                "unsupported subprotocol: offer switchboard.v1.json or switchboard.v1.msgpack",
+            );
+        }
+    };
+    let query = request.uri().query();
+    let token = query_param(query, "token").or_else(|| bearer(headers).map(str::to_owned));
+    let user = query_param(query, "user");
+    let identity = match node.auth.authenticate(token.as_deref(), user.as_deref()) {
+        Ok(identity) => identity,
+        Err(error @ AuthError::BadUser) => {
+            return refuse(
+                node,
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                &error.to_string(),
+            );
+        }
+        Err(error) => {
+            return refuse(
+                node,
+                "unauthorized",
+                StatusCode::UNAUTHORIZED,
+                &error.to_string(),
+            );
+        }
+    };
+    let Some(permit) = permit.lock().take() else {
+        return refuse(
+            node,
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            "one upgrade per connection",
+        );
+    };
+
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(codec) = offered {
+        response_headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(codec.protocol()),
+        );
+    }
+    let admission = Admission {
+        identity,
+        codec: offered.unwrap_or(Codec::Json),
+        remote,
+    };
+    let node = node.clone();
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, %remote, "upgrade failed");
+                return;
+            }
+        };
+        node.metrics.handshakes.with_label_values(&["ok"]).inc();
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(websocket_config(&node)),
+        )
+        .await;
+        session::run(node, ws, admission).await;
+    });
+    response
+}
+
+/// Buffers set deliberately: a small read buffer and no write buffering keep idle connections
+/// small; the size limits make tungstenite refuse oversize frames before reading them.
+fn websocket_config(node: &Node) -> WebSocketConfig {
+    let config = &node.config;
+    WebSocketConfig::default()
+        .read_buffer_size(config.read_buffer_size)
+        .write_buffer_size(0)
+        .max_write_buffer_size(config.max_queue_bytes.max(1 << 20) * 2)
+        .max_message_size(Some(config.max_message_size))
+        .max_frame_size(Some(config.max_message_size))
+}
