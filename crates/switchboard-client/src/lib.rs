@@ -1,1 +1,53 @@
+//! Rust client for switchboard, a WebSocket gateway.
+//!
+//! [`Client::connect`] opens a connection and waits for the server's `welcome`. Requests
+//! ([`subscribe`](Client::subscribe), [`publish`](Client::publish), [`send`](Client::send),
+//! [`presence`](Client::presence), [`history`](Client::history), [`ping`](Client::ping)) are
+//! matched to their answers by id; everything else the server sends arrives as an [`Event`]
+//! from [`Client::next_event`].
+//!
+//! When the connection drops the client reconnects with jittered exponential back-off
+//! ([`ReconnectPolicy`]) and resubscribes every room from the last position it saw, so no
+//! message is missed or delivered twice while history holds them. It stops for good after
+//! [`Client::close`], a policy close (1008), a handshake refused for bad credentials or origin,
+//! or `max_attempts` failed attempts; [`Event::Closed`] says so.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchboard_client::ClientError> {
+//! use switchboard_client::{Client, ConnectOptions, Event};
+//!
+//! let options = ConnectOptions { user: Some("alice".into()), ..ConnectOptions::default() };
+//! let client = Client::connect("ws://127.0.0.1:8080/ws", options).await?;
+//! client.subscribe("chat").await?;
+//! client.publish("chat", serde_json::json!({"text": "hi"})).await?;
+//! while let Some(event) = client.next_event().await {
+//!     if let Event::Message(message) = event {
+//!         println!("{}: {}", message.offset, message.data);
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
+mod backoff;
+mod client;
+mod driver;
+mod error;
+mod event;
+mod options;
+mod rooms;
+#[cfg(test)]
+mod tests;
+
+pub use backoff::ReconnectPolicy;
+pub use client::{Client, HistoryReply, SubscribeOptions, Subscription};
+pub use error::ClientError;
+pub use event::Event;
+pub use options::ConnectOptions;
+pub use switchboard_protocol::{
+    Codec, ErrorCode, ErrorFrame, Member, PresenceNotice, RoomMessage, Sender, StreamPosition,
+    close,
+};
+/// The WebSocket library, for building [`Message`](tungstenite::Message)s for
+/// [`Client::send_raw`].
+pub use tokio_tungstenite::tungstenite;

@@ -1,0 +1,370 @@
+//! Harness for end-to-end tests: starts the real `switchboard` binary on ports the OS picks,
+//! talks to it over real sockets, and kills it (by pid) when the test ends, pass or fail.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use switchboard_protocol::{ClientFrame, Codec, Encoded, ServerFrame};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The `switchboard` binary, built once per test process if it is not there yet.
+pub fn binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("SWITCHBOARD_BIN") {
+                return PathBuf::from(path);
+            }
+            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "switchboard",
+                    "--bin",
+                    "switchboard",
+                ])
+                .current_dir(&workspace)
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building switchboard failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"));
+            target.join("debug").join("switchboard")
+        })
+        .clone()
+}
+
+/// A running `switchboard` process.
+pub struct NodeProcess {
+    child: Child,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub node_id: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl NodeProcess {
+    /// Starts a node with the embedded broker and `args`, on free loopback ports.
+    pub async fn start(args: &[&str]) -> Result<NodeProcess> {
+        Self::start_with_env(args, &[]).await
+    }
+
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<NodeProcess> {
+        let mut command = Command::new(binary());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SWITCHBOARD_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log",
+                "info",
+            ])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("spawning switchboard")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(value) = serde_json::from_str::<Value>(&line)
+                        && let Some(fields) = value.get("fields")
+                        && let (Some(public), Some(internal), Some(node)) = (
+                            fields.get("public").and_then(Value::as_str),
+                            fields.get("internal").and_then(Value::as_str),
+                            fields.get("node").and_then(Value::as_str),
+                        )
+                    {
+                        let _ = started_tx.send((
+                            public.to_owned(),
+                            internal.to_owned(),
+                            node.to_owned(),
+                        ));
+                    }
+                    logs.lock().expect("logs lock").push(line);
+                }
+            });
+        }
+        let mut node = NodeProcess {
+            child,
+            public: SocketAddr::from(([127, 0, 0, 1], 0)),
+            internal: SocketAddr::from(([127, 0, 0, 1], 0)),
+            node_id: String::new(),
+            logs,
+        };
+        let started = tokio::task::spawn_blocking(move || started_rx.recv_timeout(DEADLINE))
+            .await?
+            .map_err(|_| anyhow!("switchboard did not start: {}", node.logs().join("\n")));
+        let (public, internal, node_id) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                if let Some(status) = node.child.try_wait()? {
+                    bail!("switchboard exited with {status}: {error}");
+                }
+                return Err(error);
+            }
+        };
+        node.public = public.parse()?;
+        node.internal = internal.parse()?;
+        node.node_id = node_id;
+        Ok(node)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.public)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("logs lock").clone()
+    }
+
+    /// Sends SIGTERM (a drain).
+    pub fn terminate(&self) {
+        signal(self.pid(), libc::SIGTERM);
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("switchboard {} still running after {within:?}", self.pid());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The value of one metric sample, e.g. `switchboard_closes_total{code="1013"}`; 0 if absent.
+    pub async fn metric(&self, sample: &str) -> Result<f64> {
+        let text = reqwest::get(self.http_url("/metrics"))
+            .await?
+            .text()
+            .await?;
+        Ok(parse_metric(&text, sample))
+    }
+
+    /// Waits until the metric reaches at least `value`.
+    pub async fn wait_metric(&self, sample: &str, value: f64) -> Result<f64> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let current = self.metric(sample).await?;
+            if current >= value {
+                return Ok(current);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{sample} is {current}, expected at least {value}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(
+        status.is_ok_and(|status| status.success()),
+        "kill -{signal} {pid}"
+    );
+}
+
+/// Finds `sample` (name with labels, exactly as exposed) in Prometheus text.
+pub fn parse_metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits for `condition` to hold, polling, failing after [`DEADLINE`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition().await {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A raw WebSocket client for tests that need to send what the SDK never would.
+pub struct RawClient {
+    pub socket: Socket,
+    pub codec: Codec,
+}
+
+/// How a raw handshake went: the socket, or the HTTP refusal.
+pub enum Handshake {
+    Open(RawClient, tungstenite::http::Response<Option<Vec<u8>>>),
+    Refused { status: u16, body: String },
+}
+
+/// Opens a WebSocket with the given subprotocol header (`None`: no header) and extra headers.
+pub async fn raw_handshake(
+    url: &str,
+    protocol: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<Handshake> {
+    let mut request = url.into_client_request()?;
+    if let Some(protocol) = protocol {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(protocol)?);
+    }
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(name.as_bytes())?,
+            HeaderValue::from_str(value)?,
+        );
+    }
+    let codec = protocol
+        .and_then(|protocol| protocol.split(',').find_map(Codec::from_protocol))
+        .unwrap_or(Codec::Json);
+    match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request)).await? {
+        Ok((socket, response)) => Ok(Handshake::Open(RawClient { socket, codec }, response)),
+        Err(tungstenite::Error::Http(response)) => Ok(Handshake::Refused {
+            status: response.status().as_u16(),
+            body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                .into_owned(),
+        }),
+        Err(error) => Err(error.into()),
+    }
+}
+
+impl RawClient {
+    /// Connects with the codec's subprotocol and reads the `welcome`.
+    pub async fn connect(url: &str, codec: Codec) -> Result<(RawClient, ServerFrame)> {
+        match raw_handshake(url, Some(codec.protocol()), &[]).await? {
+            Handshake::Open(mut client, _) => {
+                let welcome = client.next_frame().await?;
+                if !matches!(welcome, ServerFrame::Welcome { .. }) {
+                    bail!("first frame is not welcome: {welcome:?}");
+                }
+                Ok((client, welcome))
+            }
+            Handshake::Refused { status, body } => bail!("refused: {status} {body}"),
+        }
+    }
+
+    pub async fn send_message(&mut self, message: Message) -> Result<()> {
+        self.socket.send(message).await?;
+        Ok(())
+    }
+
+    pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<()> {
+        let message = match self.codec.encode(frame).map_err(|error| anyhow!(error))? {
+            Encoded::Text(text) => Message::Text(text.into()),
+            Encoded::Binary(bytes) => Message::Binary(bytes.into()),
+        };
+        self.send_message(message).await
+    }
+
+    /// The next data frame, decoded; fails on close, error or after [`DEADLINE`].
+    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.socket.next())
+                .await
+                .context("no frame in time")?
+                .context("connection ended")??;
+            match message {
+                Message::Text(text) => {
+                    return Ok(Codec::Json
+                        .decode(text.as_bytes())
+                        .map_err(|e| anyhow!(e))?);
+                }
+                Message::Binary(bytes) => {
+                    return Ok(Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e))?);
+                }
+                Message::Close(frame) => bail!("closed: {frame:?}"),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close frame, skipping data frames.
+    pub async fn expect_close(&mut self) -> Result<Option<CloseFrame>> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .context("no close in time")?;
+            match next {
+                Some(Ok(Message::Close(frame))) => return Ok(frame),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => bail!("connection failed before a close frame: {error}"),
+                None => bail!("connection ended without a close frame"),
+            }
+        }
+    }
+}
