@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests of every crate, and the end-to-end tests that start the real
+# switchboard binary on loopback ports chosen at run time. Installs what the tests need when it is
+# missing, so it runs as is on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "tests/run.sh: cargo is required (https://rustup.rs)" >&2
+  exit 1
+fi
+
+# The end-to-end tests run the binary this builds (tests/harness finds it in target/debug).
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast "$@"
