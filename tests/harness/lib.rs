@@ -266,7 +266,7 @@ pub struct RawClient {
 
 /// How a raw handshake went: the socket, or the HTTP refusal.
 pub enum Handshake {
-    Open(RawClient, tungstenite::http::Response<Option<Vec<u8>>>),
+    Open(Box<RawClient>, tungstenite::http::Response<Option<Vec<u8>>>),
     Refused { status: u16, body: String },
 }
 
@@ -292,7 +292,10 @@ pub async fn raw_handshake(
         .and_then(|protocol| protocol.split(',').find_map(Codec::from_protocol))
         .unwrap_or(Codec::Json);
     match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request)).await? {
-        Ok((socket, response)) => Ok(Handshake::Open(RawClient { socket, codec }, response)),
+        Ok((socket, response)) => Ok(Handshake::Open(
+            Box::new(RawClient { socket, codec }),
+            response,
+        )),
         Err(tungstenite::Error::Http(response)) => Ok(Handshake::Refused {
             status: response.status().as_u16(),
             body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
@@ -306,7 +309,8 @@ impl RawClient {
     /// Connects with the codec's subprotocol and reads the `welcome`.
     pub async fn connect(url: &str, codec: Codec) -> Result<(RawClient, ServerFrame)> {
         match raw_handshake(url, Some(codec.protocol()), &[]).await? {
-            Handshake::Open(mut client, _) => {
+            Handshake::Open(client, _) => {
+                let mut client = *client;
                 let welcome = client.next_frame().await?;
                 if !matches!(welcome, ServerFrame::Welcome { .. }) {
                     bail!("first frame is not welcome: {welcome:?}");

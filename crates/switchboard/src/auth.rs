@@ -244,7 +244,10 @@ mod tests {
     #[test]
     fn bad_tokens_are_refused() {
         let auth = authenticator();
-        assert_eq!(auth.authenticate(None, Some("x")).unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            auth.authenticate(None, Some("x")).unwrap_err(),
+            AuthError::Missing
+        );
         let expired = token(json!({"sub": "a", "exp": unix_now_secs() - 60}));
         assert_eq!(
             auth.authenticate(Some(&expired), None).unwrap_err(),

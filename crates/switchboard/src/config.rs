@@ -365,12 +365,14 @@ impl Options {
         };
         let jwt = match jwt_key {
             None => {
-                if self.jwt_algorithm.is_some()
-                    || self.jwt_issuer.is_some()
-                    || self.jwt_audience.is_some()
-                {
+                let given = [
+                    ("jwt-algorithm", self.jwt_algorithm.is_some()),
+                    ("jwt-issuer", self.jwt_issuer.is_some()),
+                    ("jwt-audience", self.jwt_audience.is_some()),
+                ];
+                if let Some((option, _)) = given.into_iter().find(|(_, set)| *set) {
                     return Err(invalid(
-                        "jwt-algorithm",
+                        option,
                         "JWT options need --jwt-secret or --jwt-public-key",
                     ));
                 }
