@@ -23,6 +23,8 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The node is shutting down or draining: reconnect, to another node, and resume with `since`.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (e.g. an unmasked frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text frame that is not valid UTF-8 (RFC 6455 requires closing the connection).
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy: forbidden, token expired, too many bad frames, sustained rate-limit abuse. Do not retry

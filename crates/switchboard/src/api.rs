@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -69,6 +69,8 @@ impl IntoResponse for Failure {
 type ApiResult<T> = Result<Json<T>, Failure>;
 
 pub fn router(node: Arc<Node>) -> Router {
+    // A published payload may be as large as a client's; the JSON around it needs a little more.
+    let body_limit = node.config.max_message_size + 64 * 1024;
     let api = Router::new()
         .route("/publish", post(publish))
         .route("/send", post(send))
@@ -79,12 +81,20 @@ pub fn router(node: Arc<Node>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             require_api_key,
-        ));
+        ))
+        .method_not_allowed_fallback(|| async {
+            Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "wrong HTTP method for this endpoint",
+            )
+        });
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .nest("/api", api)
+        .layer(DefaultBodyLimit::max(body_limit))
         .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(node)
 }

@@ -99,14 +99,20 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = config.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
         match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Ok(Authenticator {
             jwt: Some((key, validation)),
         })
@@ -154,7 +160,9 @@ impl Authenticator {
             })?
             .claims;
         if claims.sub.is_empty() || claims.sub.len() > MAX_USER_LEN {
-            return Err(AuthError::BadUser);
+            return Err(AuthError::Invalid(format!(
+                "sub must be 1 to {MAX_USER_LEN} bytes"
+            )));
         }
         Ok(Identity {
             user: claims.sub,

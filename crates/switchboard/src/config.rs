@@ -467,11 +467,14 @@ impl Options {
         let rate_limit_burst = self.rate_limit_burst.unwrap_or(200);
         let rate_limit_strikes = self.rate_limit_strikes.unwrap_or(50);
         let max_bad_frames = self.max_bad_frames.unwrap_or(10);
-        if rate_limit_burst == 0 || rate_limit_strikes == 0 || max_bad_frames == 0 {
-            return Err(invalid(
-                "rate-limit-burst",
-                "rate-limit-burst, rate-limit-strikes and max-bad-frames must be at least 1",
-            ));
+        for (option, value) in [
+            ("rate-limit-burst", rate_limit_burst),
+            ("rate-limit-strikes", rate_limit_strikes),
+            ("max-bad-frames", max_bad_frames),
+        ] {
+            if value == 0 {
+                return Err(invalid(option, "must be at least 1"));
+            }
         }
         let history_ttl_secs = positive("history-ttl-secs", self.history_ttl_secs, 300)?;
         let stream_ttl_secs = positive("stream-ttl-secs", self.stream_ttl_secs, 86_400)?;

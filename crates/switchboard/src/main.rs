@@ -18,6 +18,8 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before resolving: the default --max-connections derives from the raised limit.
+    raise_open_files_limit();
     let config = match options.resolve() {
         Ok(config) => config,
         Err(error) => {
@@ -26,7 +28,6 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -95,10 +96,11 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Connections are files: use the hard limit, not the (often 1024) soft one.
+/// Connections are files: use the hard limit, not the (often 1024) soft one. Runs before logging
+/// is set up, so a failure is reported on stderr directly.
 fn raise_open_files_limit() {
     if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!(%error, "cannot raise the open-files limit");
+        eprintln!("switchboard: cannot raise the open-files limit: {error}");
     }
 }
 

@@ -34,6 +34,7 @@ pub fn close_label(code: u16) -> &'static str {
     match code {
         close::NORMAL => "1000",
         close::GOING_AWAY => "1001",
+        close::PROTOCOL_ERROR => "1002",
         close::INVALID_PAYLOAD => "1007",
         close::POLICY => "1008",
         close::TOO_BIG => "1009",
@@ -68,7 +69,7 @@ impl Metrics {
         )?;
         let deliveries = counter_vec(
             "switchboard_deliveries_total",
-            "Messages queued to local sessions, by kind (room, direct, broadcast, presence).",
+            "Messages queued to local sessions, by kind (room, direct, broadcast, join, leave).",
             &["kind"],
         )?;
         let publish_seconds = Histogram::with_opts(

@@ -89,7 +89,9 @@ impl OutboundQueue {
         if state.close.is_some() {
             return Push::Closed;
         }
-        if state.bytes + len > self.max_bytes {
+        // An empty queue takes one item of any size: a single large message must not close
+        // every reader; a reader that stays behind overflows on the next push.
+        if state.bytes > 0 && state.bytes + len > self.max_bytes {
             let dropped: usize = state.items.drain(..).map(|item| item.len()).sum();
             state.bytes -= dropped;
             self.total_bytes.sub(dropped as i64);
@@ -218,6 +220,13 @@ mod tests {
         assert_eq!(queue.push(frame(1)), Push::Closed);
         let close = queue.take(&mut Vec::new()).unwrap_err();
         assert_eq!(close.code, close::TRY_AGAIN_LATER);
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_item_larger_than_its_bound() {
+        let (queue, _) = queue(100);
+        assert_eq!(queue.push(frame(500)), Push::Queued);
+        assert_eq!(queue.push(frame(1)), Push::Overflow);
     }
 
     #[test]

@@ -104,10 +104,13 @@ async fn handle_connection(
 fn plain(status: StatusCode, text: &str) -> Response<Body> {
     let mut response = Response::new(Body::from(format!("{text}\n")));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // The public port serves one request per connection unless it upgrades.
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

@@ -17,9 +17,10 @@ use switchboard_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs};
@@ -351,9 +352,15 @@ where
                     "text frame is not valid UTF-8",
                 ));
             }
+            Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                return Err(Exit::Gone);
+            }
             Some(Err(WsError::Protocol(error))) => {
                 tracing::info!(%error, "closing: WebSocket protocol error");
-                return Err(close_with(1002, "WebSocket protocol error"));
+                return Err(close_with(
+                    close::PROTOCOL_ERROR,
+                    "WebSocket protocol error",
+                ));
             }
             Some(Err(error)) => {
                 tracing::debug!(%error, "read failed");
@@ -541,7 +548,12 @@ where
         let (position, recovered, missed) = match recovery {
             Ok(recovery) => recovery,
             Err(broker_error) => {
-                let broker_error = node.broker_error("history", broker_error);
+                let op = if since.is_some() {
+                    "history"
+                } else {
+                    "position"
+                };
+                let broker_error = node.broker_error(op, broker_error);
                 node.hub.leave(&room, &self.handle);
                 node.release_room(&room).await;
                 return error(ErrorCode::Unavailable, broker_error.to_string());
