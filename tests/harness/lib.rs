@@ -343,12 +343,10 @@ impl RawClient {
                 .context("connection ended")??;
             match message {
                 Message::Text(text) => {
-                    return Ok(Codec::Json
-                        .decode(text.as_bytes())
-                        .map_err(|e| anyhow!(e))?);
+                    return Codec::Json.decode(text.as_bytes()).map_err(|e| anyhow!(e));
                 }
                 Message::Binary(bytes) => {
-                    return Ok(Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e))?);
+                    return Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e));
                 }
                 Message::Close(frame) => bail!("closed: {frame:?}"),
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}

@@ -254,8 +254,8 @@ where
         result
     }
 
-    /// Writes and flushes, giving up if the session is closed meanwhile (a slow reader's socket
-    /// may never drain).
+    /// Writes and flushes, giving up if the session is closed meanwhile or the peer takes no
+    /// bytes for the idle timeout (a reader that stopped reading may never drain its socket).
     async fn write_messages(&mut self, messages: Vec<Message>) -> Result<(), Exit> {
         let bytes: usize = messages.iter().map(Message::len).sum();
         let ws = &mut self.ws;
@@ -273,6 +273,11 @@ where
                     reason: String::new(),
                 });
                 return Err(Exit::Close(close));
+            }
+            () = tokio::time::sleep(self.node.config.idle_timeout) => {
+                self.node.metrics.slow_closes.inc();
+                tracing::info!("closing a peer that stopped reading");
+                return Err(close_with(close::TRY_AGAIN_LATER, "too slow to read: write timed out"));
             }
         };
         match result {
