@@ -328,13 +328,13 @@ fn handle_request(
 }
 
 /// Buffers set deliberately: a small read buffer and no write buffering keep idle connections
-/// small; the size limits make tungstenite refuse oversize frames before reading them.
+/// small; the size limits make tungstenite refuse oversize frames before reading them. What is
+/// handed to the socket is bounded by the session's batches, not by tungstenite.
 fn websocket_config(node: &Node) -> WebSocketConfig {
     let config = &node.config;
     WebSocketConfig::default()
         .read_buffer_size(config.read_buffer_size)
         .write_buffer_size(0)
-        .max_write_buffer_size(config.max_queue_bytes.max(1 << 20) * 2)
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size))
 }
