@@ -10,6 +10,14 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The cluster tests start real redis-server processes (and use redis-cli).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "tests/run.sh: installing redis-server" >&2
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+fi
+
 # The end-to-end tests run the binary this builds (tests/harness finds it in target/debug).
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

@@ -370,3 +370,99 @@ impl RawClient {
         }
     }
 }
+
+/// A `redis-server` on a free loopback port, without persistence; killed (by pid) on drop.
+pub struct RedisProcess {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisProcess {
+    pub async fn start() -> Result<RedisProcess> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let mut redis = RedisProcess { child: None, port };
+            match redis.spawn().await {
+                Ok(()) => return Ok(redis),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("redis-server did not start")))
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning redis-server (install the redis-server package)")?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if self.cli(&["PING"]).await.is_ok_and(|reply| reply == "PONG") {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("redis-server exited with {status}");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("redis-server on port {} did not answer", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `redis-cli` against this server and returns its trimmed output.
+    pub async fn cli(&self, args: &[&str]) -> Result<String> {
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .context("running redis-cli")?;
+        if !output.status.success() {
+            bail!("redis-cli failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,1 +1,1148 @@
+//! `RedisBroker`: N switchboard nodes become one gateway over S independent Redis servers.
+//!
+//! A consistent-hash ring (virtual nodes, keyed by shard URL) maps every room and user to one
+//! shard. A room's offset, epoch, history, presence and channel live on its shard; a user's
+//! session index on the user's shard. Each shard has a command pool and one pub/sub connection,
+//! kept by a task that reconnects with back-off, subscribes again to everything the node needs,
+//! writes this node's registry and presence entries again, and replays from history what the
+//! node's rooms published while the connection was down. docs/architecture.md has the schema.
 
+mod envelope;
+mod keys;
+mod scripts;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
+use hashring::HashRing;
+use parking_lot::Mutex;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use redis::{RedisError, Value};
+use serde_json::Value as Json;
+use switchboard_broker::{
+    Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
+    PresenceChange, PresenceEvent, SessionRecord,
+};
+use switchboard_protocol::api::NodeInfo;
+use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::envelope::Envelope;
+
+/// Longest a single Redis call may take before it counts as unavailable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Virtual nodes per shard on the ring: enough for an even spread over a few shards.
+const VIRTUAL_NODES: u32 = 160;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the Redis broker needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://` URLs of the shards; order does not matter (the ring hashes the URLs).
+    pub shards: Vec<String>,
+    pub node_id: String,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub stream_ttl: Duration,
+    /// A node that has not heartbeated for this long is dead: its sessions and presence go.
+    pub node_ttl: Duration,
+}
+
+#[derive(Hash, Clone, Debug, PartialEq)]
+struct VirtualNode {
+    url: String,
+    replica: u32,
+}
+
+struct Metrics {
+    up: IntGaugeVec,
+    reconnects: IntCounterVec,
+    errors: IntCounterVec,
+    messages: IntCounterVec,
+}
+
+impl Metrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), &["shard"])?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok::<_, prometheus::Error>(metric)
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounterVec::new(Opts::new(name, help), &["shard"])?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok::<_, prometheus::Error>(metric)
+        };
+        Ok(Metrics {
+            up: gauge(
+                "switchboard_redis_shard_up",
+                "1 while the shard's pub/sub connection is up and subscribed, else 0.",
+            )?,
+            reconnects: counter(
+                "switchboard_redis_reconnects_total",
+                "Times the shard's pub/sub connection was re-established after a loss.",
+            )?,
+            errors: counter(
+                "switchboard_redis_errors_total",
+                "Redis calls that failed or timed out, and lost pub/sub connections.",
+            )?,
+            messages: counter(
+                "switchboard_redis_messages_total",
+                "Pub/sub messages received from the shard.",
+            )?,
+        })
+    }
+}
+
+enum Control {
+    Subscribe {
+        room: String,
+        done: oneshot::Sender<BrokerResult<()>>,
+    },
+    Unsubscribe {
+        room: String,
+    },
+    Stop,
+}
+
+struct Shard {
+    label: String,
+    client: redis::Client,
+    pool: Pool,
+    control: mpsc::UnboundedSender<Control>,
+    /// Taken by `start`, which spawns the shard's task.
+    control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
+    up: AtomicBool,
+}
+
+struct Inner {
+    config: RedisConfig,
+    shards: Vec<Shard>,
+    ring: HashRing<VirtualNode>,
+    shard_of_url: HashMap<String, usize>,
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+    metrics: Metrics,
+    /// This node's registry entries, written again when a shard comes back without them.
+    sessions: Mutex<HashMap<String, SessionRecord>>,
+    /// This node's presence entries by (room, session), likewise.
+    members: Mutex<HashMap<(String, String), Member>>,
+    /// The figures this node last reported, likewise.
+    liveness: Mutex<Option<NodeInfo>>,
+}
+
+/// The cluster broker. Cheap to share; every node has one.
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn fresh_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis().max(1) as u64
+}
+
+fn redis_error(error: RedisError) -> BrokerError {
+    if error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+    {
+        BrokerError::Unavailable(error.to_string())
+    } else {
+        BrokerError::Internal(error.to_string())
+    }
+}
+
+impl RedisBroker {
+    /// Builds the broker; connects lazily, so a node starts (not ready) while Redis is down.
+    pub fn new(config: RedisConfig, registry: &Registry) -> Result<Self, String> {
+        if config.shards.is_empty() {
+            return Err("no Redis shard configured".into());
+        }
+        let metrics = Metrics::new(registry).map_err(|error| error.to_string())?;
+        let mut ring = HashRing::new();
+        let mut shards = Vec::new();
+        let mut shard_of_url = HashMap::new();
+        for (index, url) in config.shards.iter().enumerate() {
+            if shard_of_url.insert(url.clone(), index).is_some() {
+                return Err(format!("shard {url} is listed twice"));
+            }
+            for replica in 0..VIRTUAL_NODES {
+                ring.add(VirtualNode {
+                    url: url.clone(),
+                    replica,
+                });
+            }
+            let client =
+                redis::Client::open(url.as_str()).map_err(|error| format!("{url}: {error}"))?;
+            let mut settings = PoolSettings::from_url(url.clone());
+            settings.pool = Some(PoolConfig {
+                max_size: 16,
+                timeouts: Timeouts {
+                    wait: Some(COMMAND_TIMEOUT),
+                    create: Some(COMMAND_TIMEOUT),
+                    recycle: Some(COMMAND_TIMEOUT),
+                },
+                ..PoolConfig::default()
+            });
+            let pool = settings
+                .create_pool(Some(Runtime::Tokio1))
+                .map_err(|error| format!("{url}: {error}"))?;
+            let (control, control_rx) = mpsc::unbounded_channel();
+            let label = index.to_string();
+            metrics.up.with_label_values(&[&label]).set(0);
+            shards.push(Shard {
+                label,
+                client,
+                pool,
+                control,
+                control_rx: Mutex::new(Some(control_rx)),
+                up: AtomicBool::new(false),
+            });
+        }
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                config,
+                shards,
+                ring,
+                shard_of_url,
+                handler: OnceLock::new(),
+                metrics,
+                sessions: Mutex::new(HashMap::new()),
+                members: Mutex::new(HashMap::new()),
+                liveness: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The index of the shard that holds `key` (a room name or a user id).
+    pub fn shard_index(&self, key: &str) -> usize {
+        self.inner.shard_index(key)
+    }
+}
+
+impl Inner {
+    fn shard_index(&self, key: &str) -> usize {
+        self.ring
+            .get(&key)
+            .and_then(|node| self.shard_of_url.get(&node.url).copied())
+            .unwrap_or(0)
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[self.shard_index(key)]
+    }
+
+    fn node(&self) -> &str {
+        &self.config.node_id
+    }
+
+    fn error(&self, shard: &Shard, op: &str, error: BrokerError) -> BrokerError {
+        self.metrics.errors.with_label_values(&[&shard.label]).inc();
+        tracing::debug!(shard = %shard.label, op, %error, "redis call failed");
+        error
+    }
+
+    /// Runs one call on the shard's pool, bounded by the command timeout.
+    async fn call<T, F>(&self, shard: &Shard, op: &str, call: F) -> BrokerResult<T>
+    where
+        F: AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+    {
+        let attempt = async {
+            let mut connection = shard
+                .pool
+                .get()
+                .await
+                .map_err(|error| BrokerError::Unavailable(error.to_string()))?;
+            call(&mut connection).await.map_err(redis_error)
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(self.error(shard, op, error)),
+            Err(_) => Err(self.error(
+                shard,
+                op,
+                BrokerError::Unavailable(format!("redis {op} timed out")),
+            )),
+        }
+    }
+
+    /// The stored presence value: `node \n user \n packed member`.
+    fn presence_value(&self, member: &Member) -> BrokerResult<Vec<u8>> {
+        let packed = envelope::pack(member).map_err(BrokerError::Internal)?;
+        Ok([
+            self.node().as_bytes(),
+            b"\n",
+            member.user.as_bytes(),
+            b"\n",
+            &packed,
+        ]
+        .concat())
+    }
+
+    /// Writes again what this node keeps on `shard`: liveness, registry entries and presence.
+    async fn restore(&self, index: usize, node_info: Option<NodeInfo>) -> BrokerResult<()> {
+        let shard = &self.shards[index];
+        let sessions: Vec<SessionRecord> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|record| self.shard_index(&record.user) == index)
+            .cloned()
+            .collect();
+        let members: Vec<(String, Member)> = self
+            .members
+            .lock()
+            .iter()
+            .filter(|((room, _), _)| self.shard_index(room) == index)
+            .map(|((room, _), member)| (room.clone(), member.clone()))
+            .collect();
+        let mut pipe = redis::pipe();
+        if let Some(info) = node_info {
+            let packed = envelope::pack(&info).map_err(BrokerError::Internal)?;
+            pipe.cmd("SET")
+                .arg(keys::node_alive(self.node()))
+                .arg(packed)
+                .arg("PX")
+                .arg(millis(self.config.node_ttl))
+                .ignore();
+            pipe.cmd("SADD").arg(keys::NODES).arg(self.node()).ignore();
+        }
+        for record in &sessions {
+            pipe.cmd("HSET")
+                .arg(keys::user_sessions(&record.user))
+                .arg(&record.session)
+                .arg(self.node())
+                .ignore();
+            pipe.cmd("SADD")
+                .arg(keys::node_users(self.node()))
+                .arg(&record.user)
+                .ignore();
+        }
+        for (room, member) in &members {
+            pipe.cmd("HSET")
+                .arg(keys::room_presence(room))
+                .arg(&member.session)
+                .arg(self.presence_value(member)?)
+                .ignore();
+            pipe.cmd("SADD")
+                .arg(keys::node_rooms(self.node()))
+                .arg(room)
+                .ignore();
+        }
+        self.call(shard, "restore", async |connection| {
+            pipe.query_async::<()>(connection).await
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        count: i64,
+    ) -> BrokerResult<(StreamPosition, Vec<Arc<RoomMessage>>, bool)> {
+        let shard = self.shard(room);
+        let mode = if since.is_some() { "since" } else { "newest" };
+        let value: Value = self
+            .call(shard, "read", async |connection| {
+                scripts::READ
+                    .key(keys::room_meta(room))
+                    .key(keys::room_log(room))
+                    .arg(fresh_epoch())
+                    .arg(millis(self.config.stream_ttl))
+                    .arg(mode)
+                    .arg(since.unwrap_or(0))
+                    .arg(count)
+                    .invoke_async(connection)
+                    .await
+            })
+            .await?;
+        let (position, entries) = parse_read(value).map_err(BrokerError::Internal)?;
+        let oldest_fresh = now_millis().saturating_sub(millis(self.config.history_ttl));
+        let mut messages = Vec::with_capacity(entries.len());
+        let mut expired_first = false;
+        for (index, (offset, time, payload)) in entries.into_iter().enumerate() {
+            if time < oldest_fresh {
+                expired_first |= index == 0;
+                continue;
+            }
+            let stored: envelope::Stored = rmp_serde::from_slice(&payload)
+                .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            messages.push(Arc::new(RoomMessage {
+                room: room.to_owned(),
+                data: stored.data,
+                offset,
+                epoch: position.epoch.clone(),
+                from: stored.from,
+            }));
+        }
+        if since.is_none() {
+            messages.reverse();
+        }
+        Ok((position, messages, expired_first))
+    }
+
+    fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
+        self.handler.get()
+    }
+
+    /// Hands one pub/sub payload to the node; remembers each room's newest offset for replay.
+    fn dispatch(
+        &self,
+        rooms: &mut HashMap<String, Option<StreamPosition>>,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let Some(handler) = self.handler() else {
+            return Ok(());
+        };
+        let room = keys::room_of_channel(channel);
+        match envelope::decode(room, payload)? {
+            Envelope::Room(message) => {
+                if let Some(position) = rooms.get_mut(&message.room) {
+                    *position = Some(StreamPosition {
+                        offset: message.offset,
+                        epoch: message.epoch.clone(),
+                    });
+                }
+                handler.room_message(Arc::new(message));
+            }
+            Envelope::Join(notice) => handler.presence(PresenceEvent {
+                change: PresenceChange::Join,
+                notice,
+            }),
+            Envelope::Leave(notice) => handler.presence(PresenceEvent {
+                change: PresenceChange::Leave,
+                notice,
+            }),
+            Envelope::Direct(direct) => handler.direct(Arc::new(DirectMessage {
+                user: direct.user,
+                data: direct.data,
+                from: direct.from,
+            })),
+            Envelope::Disconnect(disconnect) => {
+                handler.disconnect(&disconnect.user, disconnect.code, &disconnect.reason)
+            }
+            Envelope::Broadcast(data) => handler.broadcast(Arc::new(data)),
+        }
+        Ok(())
+    }
+
+    /// After a reconnect: delivers what each room published while the connection was down.
+    /// Sessions drop what they already have by offset.
+    async fn replay(&self, rooms: &mut HashMap<String, Option<StreamPosition>>) {
+        let Some(handler) = self.handler().cloned() else {
+            return;
+        };
+        for (room, position) in rooms.iter_mut() {
+            let since = position.as_ref().map_or(0, |position| position.offset);
+            match self.read(room, Some(since), -1).await {
+                Ok((current, messages, _)) => {
+                    let same_epoch = position
+                        .as_ref()
+                        .is_none_or(|position| position.epoch == current.epoch);
+                    if same_epoch {
+                        for message in messages {
+                            *position = Some(StreamPosition {
+                                offset: message.offset,
+                                epoch: message.epoch.clone(),
+                            });
+                            handler.room_message(message);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%room, %error, "cannot replay a room after a reconnect")
+                }
+            }
+        }
+    }
+}
+
+/// Parses the READ script's `{offset, epoch, entries}`; entries as (offset, time ms, payload).
+#[allow(clippy::type_complexity)]
+fn parse_read(value: Value) -> Result<(StreamPosition, Vec<(u64, u64, Vec<u8>)>), String> {
+    let Value::Array(mut parts) = value else {
+        return Err("READ: not an array".into());
+    };
+    if parts.len() != 3 {
+        return Err("READ: expected 3 parts".into());
+    }
+    let entries = parts.pop().unwrap_or(Value::Nil);
+    let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
+    let offset: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
+    let Value::Array(entries) = entries else {
+        return Err("READ: entries not an array".into());
+    };
+    let mut parsed = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut entry) = entry else {
+            return Err("READ: entry not an array".into());
+        };
+        let fields = entry.pop().unwrap_or(Value::Nil);
+        let id: String = redis::from_redis_value(entry.pop().unwrap_or(Value::Nil))
+            .map_err(|error| error.to_string())?;
+        let offset = id
+            .split_once('-')
+            .and_then(|(offset, _)| offset.parse().ok())
+            .ok_or("READ: bad entry id")?;
+        let fields: Vec<Vec<u8>> =
+            redis::from_redis_value(fields).map_err(|error| error.to_string())?;
+        let mut payload = None;
+        let mut time = 0;
+        for pair in fields.chunks(2) {
+            match pair {
+                [name, value] if name == b"p" => payload = Some(value.clone()),
+                [name, value] if name == b"t" => {
+                    time = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|time| time.parse().ok())
+                        .unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+        parsed.push((offset, time, payload.ok_or("READ: entry without payload")?));
+    }
+    Ok((StreamPosition { offset, epoch }, parsed))
+}
+
+/// Keeps one shard's pub/sub connection: (re)connects with back-off, subscribes the node's inbox,
+/// the broadcast channel and every room it needs, restores and replays after a loss, and hands
+/// every message to the node.
+async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::UnboundedReceiver<Control>) {
+    let mut rooms: HashMap<String, Option<StreamPosition>> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut connected_before = false;
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let shard = &inner.shards[index];
+        let connect = async {
+            let pubsub = shard.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            let mut channels = vec![keys::inbox(inner.node()), keys::BROADCAST.to_owned()];
+            channels.extend(rooms.keys().map(|room| keys::room_channel(room)));
+            sink.subscribe(channels).await?;
+            Ok::<_, RedisError>((sink, stream))
+        };
+        let (mut sink, mut stream) = match tokio::time::timeout(COMMAND_TIMEOUT, connect).await {
+            Ok(Ok(connection)) => connection,
+            failed => {
+                if let Ok(Err(error)) = failed {
+                    tracing::debug!(shard = %shard.label, %error, "redis pub/sub connect failed");
+                }
+                inner
+                    .metrics
+                    .errors
+                    .with_label_values(&[&shard.label])
+                    .inc();
+                drop(inner);
+                if !wait_refusing(&mut control, &mut rooms, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        if connected_before {
+            inner
+                .metrics
+                .reconnects
+                .with_label_values(&[&shard.label])
+                .inc();
+            let info = inner.liveness.lock().clone();
+            if let Err(error) = inner.restore(index, info).await {
+                tracing::warn!(shard = %shard.label, %error, "cannot restore this node's entries");
+            }
+            inner.replay(&mut rooms).await;
+            tracing::info!(shard = %shard.label, rooms = rooms.len(), "redis shard reconnected");
+        }
+        connected_before = true;
+        backoff = Duration::from_millis(100);
+        shard.up.store(true, Ordering::SeqCst);
+        inner.metrics.up.with_label_values(&[&shard.label]).set(1);
+        let mut ping = tokio::time::interval(inner.config.node_ttl / 3);
+        ping.tick().await;
+        let stop = loop {
+            tokio::select! {
+                biased;
+                command = control.recv() => match command {
+                    None | Some(Control::Stop) => break true,
+                    Some(Control::Subscribe { room, done }) => {
+                        let subscribed = tokio::time::timeout(
+                            COMMAND_TIMEOUT,
+                            sink.subscribe(keys::room_channel(&room)),
+                        )
+                        .await;
+                        if matches!(subscribed, Ok(Ok(()))) {
+                            rooms.entry(room).or_insert(None);
+                            let _ = done.send(Ok(()));
+                        } else {
+                            let _ = done.send(Err(BrokerError::Unavailable(
+                                "redis shard connection lost".into(),
+                            )));
+                            break false;
+                        }
+                    }
+                    Some(Control::Unsubscribe { room }) => {
+                        rooms.remove(&room);
+                        let unsubscribed = tokio::time::timeout(
+                            COMMAND_TIMEOUT,
+                            sink.unsubscribe(keys::room_channel(&room)),
+                        )
+                        .await;
+                        if !matches!(unsubscribed, Ok(Ok(()))) {
+                            break false;
+                        }
+                    }
+                },
+                message = stream.next() => {
+                    let Some(message) = message else { break false };
+                    inner.metrics.messages.with_label_values(&[&shard.label]).inc();
+                    if let Err(error) =
+                        inner.dispatch(&mut rooms, message.get_channel_name(), message.get_payload_bytes())
+                    {
+                        tracing::warn!(shard = %shard.label, %error, "undecodable pub/sub message");
+                    }
+                }
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<String>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        break false;
+                    }
+                }
+            }
+        };
+        shard.up.store(false, Ordering::SeqCst);
+        inner.metrics.up.with_label_values(&[&shard.label]).set(0);
+        if stop {
+            return;
+        }
+        inner
+            .metrics
+            .errors
+            .with_label_values(&[&shard.label])
+            .inc();
+        tracing::warn!(shard = %shard.label, "redis pub/sub connection lost; reconnecting");
+    }
+}
+
+/// Waits out a back-off while the shard is down, answering subscribes with `Unavailable`.
+/// Returns false when the broker is stopping.
+async fn wait_refusing(
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    rooms: &mut HashMap<String, Option<StreamPosition>>,
+    backoff: Duration,
+) -> bool {
+    let deadline = tokio::time::sleep(backoff);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => return true,
+            command = control.recv() => match command {
+                None | Some(Control::Stop) => return false,
+                Some(Control::Subscribe { done, .. }) => {
+                    let _ = done.send(Err(BrokerError::Unavailable("redis shard is down".into())));
+                }
+                Some(Control::Unsubscribe { room }) => {
+                    rooms.remove(&room);
+                }
+            },
+        }
+    }
+}
+
+/// Removes the sessions and presence of nodes whose liveness key expired, on every shard.
+async fn reap_dead_nodes(weak: Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let period = inner.config.node_ttl;
+        for shard in &inner.shards {
+            if !shard.up.load(Ordering::SeqCst) {
+                continue;
+            }
+            let nodes: BrokerResult<Vec<String>> = inner
+                .call(shard, "reap", async |connection| {
+                    redis::cmd("SMEMBERS")
+                        .arg(keys::NODES)
+                        .query_async(connection)
+                        .await
+                })
+                .await;
+            for node in nodes.unwrap_or_default() {
+                let alive: BrokerResult<bool> = inner
+                    .call(shard, "reap", async |connection| {
+                        redis::cmd("EXISTS")
+                            .arg(keys::node_alive(&node))
+                            .query_async(connection)
+                            .await
+                    })
+                    .await;
+                if matches!(alive, Ok(false)) {
+                    tracing::info!(shard = %shard.label, %node, "reaping a dead node's sessions and presence");
+                    let _ = inner.reap(shard, &node).await;
+                }
+            }
+        }
+        drop(inner);
+        tokio::time::sleep(period).await;
+    }
+}
+
+impl Inner {
+    async fn reap(&self, shard: &Shard, node: &str) -> BrokerResult<()> {
+        self.call(shard, "reap", async |connection| {
+            scripts::REAP
+                .arg(keys::PREFIX)
+                .arg(node)
+                .invoke_async::<()>(connection)
+                .await
+        })
+        .await
+    }
+
+    fn up_shard(&self) -> BrokerResult<&Shard> {
+        self.shards
+            .iter()
+            .find(|shard| shard.up.load(Ordering::SeqCst))
+            .ok_or_else(|| BrokerError::Unavailable("no Redis shard is up".into()))
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> BrokerResult<()> {
+        let inner = &self.inner;
+        let _ = inner.handler.set(handler);
+        for (index, shard) in inner.shards.iter().enumerate() {
+            if let Some(control) = shard.control_rx.lock().take() {
+                tokio::spawn(run_shard(Arc::downgrade(inner), index, control));
+            }
+        }
+        tokio::spawn(reap_dead_nodes(Arc::downgrade(inner)));
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        room: &str,
+        data: Json,
+        from: Option<Sender>,
+    ) -> BrokerResult<Arc<RoomMessage>> {
+        let inner = &self.inner;
+        let stored = envelope::Stored { data, from };
+        let payload = envelope::pack(&stored).map_err(BrokerError::Internal)?;
+        let shard = inner.shard(room);
+        let (offset, epoch): (u64, String) = inner
+            .call(shard, "publish", async |connection| {
+                scripts::PUBLISH
+                    .key(keys::room_meta(room))
+                    .key(keys::room_log(room))
+                    .key(keys::room_channel(room))
+                    .arg(payload)
+                    .arg(inner.config.history_size)
+                    .arg(millis(inner.config.history_ttl))
+                    .arg(millis(inner.config.stream_ttl))
+                    .arg(fresh_epoch())
+                    .arg(now_millis())
+                    .invoke_async(connection)
+                    .await
+            })
+            .await?;
+        Ok(Arc::new(RoomMessage {
+            room: room.to_owned(),
+            data: stored.data,
+            offset,
+            epoch,
+            from: stored.from,
+        }))
+    }
+
+    async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
+        let shard = self.inner.shard(room);
+        let (done, answer) = oneshot::channel();
+        shard
+            .control
+            .send(Control::Subscribe {
+                room: room.to_owned(),
+                done,
+            })
+            .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+        match tokio::time::timeout(COMMAND_TIMEOUT * 2, answer).await {
+            Ok(Ok(result)) => result,
+            _ => Err(BrokerError::Unavailable("redis subscribe timed out".into())),
+        }
+    }
+
+    async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
+        self.inner
+            .shard(room)
+            .control
+            .send(Control::Unsubscribe {
+                room: room.to_owned(),
+            })
+            .map_err(|_| BrokerError::Unavailable("broker stopped".into()))
+    }
+
+    async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
+        let count = query.limit.map_or(-1, |limit| limit as i64);
+        match &query.since {
+            None => {
+                let count = query.limit.unwrap_or(self.inner.config.history_size) as i64;
+                let (position, messages, _) = self.inner.read(room, None, count).await?;
+                Ok(History {
+                    messages,
+                    position,
+                    recovered: false,
+                })
+            }
+            Some(since) => {
+                let (position, messages, expired_first) =
+                    self.inner.read(room, Some(since.offset), count).await?;
+                if since.epoch != position.epoch || since.offset > position.offset {
+                    return Ok(History {
+                        messages: Vec::new(),
+                        position,
+                        recovered: false,
+                    });
+                }
+                let recovered = since.offset == position.offset
+                    || (!expired_first
+                        && messages
+                            .first()
+                            .is_some_and(|message| message.offset == since.offset + 1));
+                Ok(History {
+                    messages,
+                    position,
+                    recovered,
+                })
+            }
+        }
+    }
+
+    async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
+        Ok(self.inner.read(room, None, 0).await?.0)
+    }
+
+    async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
+        let envelope = envelope::direct(&envelope::Direct {
+            user: message.user.clone(),
+            data: message.data,
+            from: message.from,
+        })
+        .map_err(BrokerError::Internal)?;
+        self.inner
+            .send_to_user(&message.user, envelope, "send")
+            .await
+    }
+
+    async fn broadcast(&self, data: Json) -> BrokerResult<u64> {
+        let payload = envelope::broadcast(&data).map_err(BrokerError::Internal)?;
+        let shard = self.inner.up_shard()?;
+        self.inner
+            .call(shard, "broadcast", async |connection| {
+                redis::cmd("PUBLISH")
+                    .arg(keys::BROADCAST)
+                    .arg(payload)
+                    .query_async(connection)
+                    .await
+            })
+            .await
+    }
+
+    async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64> {
+        let envelope = envelope::disconnect(&envelope::Disconnect {
+            user: user.to_owned(),
+            code,
+            reason: reason.to_owned(),
+        })
+        .map_err(BrokerError::Internal)?;
+        self.inner.send_to_user(user, envelope, "disconnect").await
+    }
+
+    async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        let inner = &self.inner;
+        inner
+            .sessions
+            .lock()
+            .insert(record.session.clone(), record.clone());
+        let shard = inner.shard(&record.user);
+        let result = inner
+            .call(shard, "register_session", async |connection| {
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(keys::user_sessions(&record.user))
+                    .arg(&record.session)
+                    .arg(inner.node())
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(keys::node_users(inner.node()))
+                    .arg(&record.user)
+                    .ignore()
+                    .query_async::<()>(connection)
+                    .await
+            })
+            .await;
+        if result.is_err() {
+            inner.sessions.lock().remove(&record.session);
+        }
+        result
+    }
+
+    async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        let inner = &self.inner;
+        inner.sessions.lock().remove(&record.session);
+        let shard = inner.shard(&record.user);
+        inner
+            .call(shard, "unregister_session", async |connection| {
+                redis::cmd("HDEL")
+                    .arg(keys::user_sessions(&record.user))
+                    .arg(&record.session)
+                    .query_async::<()>(connection)
+                    .await
+            })
+            .await
+    }
+
+    async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let inner = &self.inner;
+        let value = inner.presence_value(member)?;
+        inner
+            .members
+            .lock()
+            .insert((room.to_owned(), member.session.clone()), member.clone());
+        let shard = inner.shard(room);
+        inner
+            .call(shard, "join_presence", async |connection| {
+                scripts::JOIN
+                    .key(keys::room_presence(room))
+                    .key(keys::room_channel(room))
+                    .key(keys::node_rooms(inner.node()))
+                    .arg(&member.session)
+                    .arg(value)
+                    .arg(envelope::presence_event(
+                        true,
+                        &member.session,
+                        &member.user,
+                    ))
+                    .arg(room)
+                    .invoke_async::<()>(connection)
+                    .await
+            })
+            .await
+    }
+
+    async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let inner = &self.inner;
+        inner
+            .members
+            .lock()
+            .remove(&(room.to_owned(), member.session.clone()));
+        let shard = inner.shard(room);
+        inner
+            .call(shard, "leave_presence", async |connection| {
+                scripts::LEAVE
+                    .key(keys::room_presence(room))
+                    .key(keys::room_channel(room))
+                    .arg(&member.session)
+                    .arg(envelope::presence_event(
+                        false,
+                        &member.session,
+                        &member.user,
+                    ))
+                    .invoke_async::<()>(connection)
+                    .await
+            })
+            .await
+    }
+
+    async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
+        let inner = &self.inner;
+        let shard = inner.shard(room);
+        let values: Vec<Vec<u8>> = inner
+            .call(shard, "presence", async |connection| {
+                scripts::PRESENCE
+                    .key(keys::room_presence(room))
+                    .key(keys::room_channel(room))
+                    .arg(keys::NODE_ALIVE_PREFIX)
+                    .invoke_async(connection)
+                    .await
+            })
+            .await?;
+        let mut members = Vec::with_capacity(values.len());
+        for value in values {
+            let packed = value
+                .splitn(3, |byte| *byte == b'\n')
+                .nth(2)
+                .ok_or_else(|| BrokerError::Internal("bad presence entry".into()))?;
+            let member: Member = rmp_serde::from_slice(packed)
+                .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            members.push(member);
+        }
+        members.sort_by(|a, b| a.session.cmp(&b.session));
+        Ok(members)
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
+        let inner = &self.inner;
+        *inner.liveness.lock() = Some(node.clone());
+        let packed = envelope::pack(node).map_err(BrokerError::Internal)?;
+        let mut result = Ok(());
+        for shard in &inner.shards {
+            let written = inner
+                .call(shard, "heartbeat", async |connection| {
+                    redis::pipe()
+                        .cmd("SET")
+                        .arg(keys::node_alive(inner.node()))
+                        .arg(&packed)
+                        .arg("PX")
+                        .arg(millis(inner.config.node_ttl))
+                        .ignore()
+                        .cmd("SADD")
+                        .arg(keys::NODES)
+                        .arg(inner.node())
+                        .ignore()
+                        .query_async::<()>(connection)
+                        .await
+                })
+                .await;
+            if let Err(error) = written {
+                result = Err(error);
+            }
+        }
+        result
+    }
+
+    async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
+        let inner = &self.inner;
+        let shard = inner.up_shard()?;
+        let ids: Vec<String> = inner
+            .call(shard, "nodes", async |connection| {
+                redis::cmd("SMEMBERS")
+                    .arg(keys::NODES)
+                    .query_async(connection)
+                    .await
+            })
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<Vec<u8>>> = inner
+            .call(shard, "nodes", async |connection| {
+                redis::cmd("MGET")
+                    .arg(
+                        ids.iter()
+                            .map(|id| keys::node_alive(id))
+                            .collect::<Vec<_>>(),
+                    )
+                    .query_async(connection)
+                    .await
+            })
+            .await?;
+        let mut nodes: Vec<NodeInfo> = values
+            .into_iter()
+            .flatten()
+            .filter_map(|value| rmp_serde::from_slice(&value).ok())
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
+        let inner = &self.inner;
+        let mut result = Ok(());
+        for shard in &inner.shards {
+            if let Err(error) = inner.reap(shard, node).await {
+                result = Err(error);
+            }
+            let _ = shard.control.send(Control::Stop);
+        }
+        result
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.inner
+            .shards
+            .iter()
+            .all(|shard| shard.up.load(Ordering::SeqCst))
+    }
+}
+
+impl Inner {
+    async fn send_to_user(&self, user: &str, envelope: Vec<u8>, op: &str) -> BrokerResult<u64> {
+        let shard = self.shard(user);
+        self.call(shard, op, async |connection| {
+            scripts::SEND
+                .key(keys::user_sessions(user))
+                .arg(envelope)
+                .arg(keys::NODE_ALIVE_PREFIX)
+                .arg(keys::INBOX_PREFIX)
+                .invoke_async(connection)
+                .await
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_spreads_keys_and_ignores_shard_order() {
+        let registry = Registry::new();
+        let config = |shards: Vec<&str>| RedisConfig {
+            shards: shards.into_iter().map(str::to_owned).collect(),
+            node_id: "n".into(),
+            history_size: 10,
+            history_ttl: Duration::from_secs(60),
+            stream_ttl: Duration::from_secs(600),
+            node_ttl: Duration::from_secs(3),
+        };
+        let a = "redis://127.0.0.1:1";
+        let b = "redis://127.0.0.1:2";
+        let forward = RedisBroker::new(config(vec![a, b]), &registry).unwrap();
+        let backward = RedisBroker::new(config(vec![b, a]), &Registry::new()).unwrap();
+        let mut counts = [0usize; 2];
+        for index in 0..1000 {
+            let key = format!("room-{index}");
+            let shard = forward.shard_index(&key);
+            counts[shard] += 1;
+            assert_eq!(
+                forward.inner.config.shards[shard],
+                backward.inner.config.shards[backward.shard_index(&key)],
+                "the same key maps to the same URL whatever the order"
+            );
+        }
+        assert!(counts.iter().all(|count| *count > 350), "{counts:?}");
+    }
+
+    #[test]
+    fn a_shard_listed_twice_is_refused() {
+        let config = RedisConfig {
+            shards: vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:1".into()],
+            node_id: "n".into(),
+            history_size: 10,
+            history_ttl: Duration::from_secs(60),
+            stream_ttl: Duration::from_secs(600),
+            node_ttl: Duration::from_secs(3),
+        };
+        assert!(RedisBroker::new(config, &Registry::new()).is_err());
+    }
+}

@@ -16,7 +16,7 @@ use switchboard_protocol::api::{
 };
 use switchboard_protocol::close;
 
-use crate::auth::MAX_USER_LEN;
+use crate::auth::{MAX_USER_LEN, valid_user};
 use crate::node::{Node, valid_room};
 
 /// An API failure: a status and the `{code, message}` body.
@@ -159,9 +159,9 @@ fn check_room(room: &str) -> Result<(), Failure> {
 }
 
 fn check_user(user: &str) -> Result<(), Failure> {
-    if user.is_empty() || user.len() > MAX_USER_LEN {
+    if !valid_user(user) {
         Err(Failure::bad_request(format!(
-            "user ids are 1 to {MAX_USER_LEN} bytes"
+            "user ids are 1 to {MAX_USER_LEN} bytes without control characters"
         )))
     } else {
         Ok(())

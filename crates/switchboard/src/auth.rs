@@ -55,7 +55,7 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
-    #[error("invalid user id: must be 1 to {MAX_USER_LEN} bytes")]
+    #[error("invalid user id: must be 1 to {MAX_USER_LEN} bytes without control characters")]
     BadUser,
 }
 
@@ -136,7 +136,7 @@ impl Authenticator {
     ) -> Result<Identity, AuthError> {
         let Some((key, validation)) = &self.jwt else {
             let user = match user {
-                Some(user) if user.is_empty() || user.len() > MAX_USER_LEN => {
+                Some(user) if !valid_user(user) => {
                     return Err(AuthError::BadUser);
                 }
                 Some(user) => user.to_owned(),
@@ -159,9 +159,9 @@ impl Authenticator {
                 _ => AuthError::Invalid(error.to_string()),
             })?
             .claims;
-        if claims.sub.is_empty() || claims.sub.len() > MAX_USER_LEN {
+        if !valid_user(&claims.sub) {
             return Err(AuthError::Invalid(format!(
-                "sub must be 1 to {MAX_USER_LEN} bytes"
+                "sub must be 1 to {MAX_USER_LEN} bytes without control characters"
             )));
         }
         Ok(Identity {
@@ -172,6 +172,12 @@ impl Authenticator {
             expires_at: claims.exp,
         })
     }
+}
+
+/// User ids are 1 to 128 bytes without control characters (they are keys and line-separated
+/// fields in the cluster's records).
+pub fn valid_user(user: &str) -> bool {
+    !user.is_empty() && user.len() <= MAX_USER_LEN && !user.chars().any(char::is_control)
 }
 
 /// Seconds since the Unix epoch.

@@ -63,6 +63,11 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_REDIS", value_name = "URLS")]
     pub redis: Option<String>,
 
+    /// A node that has not reported for this long is dead: the cluster drops its sessions and
+    /// presence. It reports every third of this [default: 15000].
+    #[arg(long, env = "SWITCHBOARD_NODE_TTL_MS", value_name = "MS")]
+    pub node_ttl_ms: Option<u64>,
+
     /// HS256 secret; setting it (or --jwt-public-key) turns authentication on.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -199,6 +204,7 @@ pub struct Config {
     pub internal_listen: SocketAddr,
     pub node_id: String,
     pub redis: Option<Vec<String>>,
+    pub node_ttl: Duration,
     pub jwt: Option<JwtConfig>,
     pub api_key: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
@@ -257,6 +263,7 @@ impl Options {
             internal_listen: self.internal_listen.or(file.internal_listen),
             node_id: self.node_id.or(file.node_id),
             redis: self.redis.or(file.redis),
+            node_ttl_ms: self.node_ttl_ms.or(file.node_ttl_ms),
             jwt_secret: self.jwt_secret.or(file.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
             jwt_algorithm: self.jwt_algorithm.or(file.jwt_algorithm),
@@ -476,6 +483,10 @@ impl Options {
                 return Err(invalid(option, "must be at least 1"));
             }
         }
+        let node_ttl_ms = self.node_ttl_ms.unwrap_or(15_000);
+        if node_ttl_ms < 300 {
+            return Err(invalid("node-ttl-ms", "must be at least 300"));
+        }
         let history_ttl_secs = positive("history-ttl-secs", self.history_ttl_secs, 300)?;
         let stream_ttl_secs = positive("stream-ttl-secs", self.stream_ttl_secs, 86_400)?;
         if stream_ttl_secs < history_ttl_secs {
@@ -497,6 +508,7 @@ impl Options {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
             node_id,
             redis,
+            node_ttl: Duration::from_millis(node_ttl_ms),
             jwt,
             api_key: self.api_key,
             allowed_origins,

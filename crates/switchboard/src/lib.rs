@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_broker::{Broker, MemoryBroker, MemoryConfig};
+use switchboard_redis::{RedisBroker, RedisConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +29,6 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::Node;
 
-/// How often the node reports its liveness and figures to the broker.
-const NODE_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Sessions get this long past the drain grace period to finish closing.
 const DRAIN_SLACK: Duration = Duration::from_secs(5);
 /// Interval between drain batches.
@@ -58,20 +57,33 @@ pub struct Server {
 impl Server {
     /// Binds both ports and builds the node with the broker the configuration names.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        if config.redis.is_some() {
-            return Err(StartError::Config(
-                "SWITCHBOARD_REDIS is set, but this build has only the embedded broker".into(),
-            ));
-        }
-        let broker = Arc::new(MemoryBroker::new(
-            &config.node_id,
-            MemoryConfig {
-                history_size: config.history_size,
-                history_ttl: config.history_ttl,
-                stream_ttl: config.stream_ttl,
-            },
-        ));
-        Server::bind_with_broker(config, broker).await
+        let metrics =
+            Arc::new(Metrics::new().map_err(|error| StartError::Config(error.to_string()))?);
+        let broker: Arc<dyn Broker> = match &config.redis {
+            Some(shards) => Arc::new(
+                RedisBroker::new(
+                    RedisConfig {
+                        shards: shards.clone(),
+                        node_id: config.node_id.clone(),
+                        history_size: config.history_size,
+                        history_ttl: config.history_ttl,
+                        stream_ttl: config.stream_ttl,
+                        node_ttl: config.node_ttl,
+                    },
+                    metrics.registry(),
+                )
+                .map_err(StartError::Config)?,
+            ),
+            None => Arc::new(MemoryBroker::new(
+                &config.node_id,
+                MemoryConfig {
+                    history_size: config.history_size,
+                    history_ttl: config.history_ttl,
+                    stream_ttl: config.stream_ttl,
+                },
+            )),
+        };
+        Server::start(config, broker, metrics).await
     }
 
     /// Binds both ports and builds the node on the given broker.
@@ -79,9 +91,17 @@ impl Server {
         config: Config,
         broker: Arc<dyn Broker>,
     ) -> Result<Server, StartError> {
-        let auth = Authenticator::new(config.jwt.as_ref()).map_err(StartError::Config)?;
         let metrics =
             Arc::new(Metrics::new().map_err(|error| StartError::Config(error.to_string()))?);
+        Server::start(config, broker, metrics).await
+    }
+
+    async fn start(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Server, StartError> {
+        let auth = Authenticator::new(config.jwt.as_ref()).map_err(StartError::Config)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -166,8 +186,9 @@ impl Server {
     }
 }
 
+/// Reports this node's liveness and figures to the broker every third of the node TTL.
 async fn report_liveness(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+    let mut tick = tokio::time::interval(node.config.node_ttl / 3);
     loop {
         tick.tick().await;
         if let Err(error) = node.broker.heartbeat(&node.info()).await {

@@ -154,6 +154,11 @@ impl Metrics {
         })
     }
 
+    /// The registry, for the broker's own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn close_sent(&self, code: u16) {
         self.closes.with_label_values(&[close_label(code)]).inc();
     }

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs};
+use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::{SessionHandle, encode};
 use crate::node::{Node, valid_room};
 use crate::queue::{CloseRequest, Outbound, OutboundQueue};
@@ -636,10 +636,10 @@ where
     }
 
     async fn send(&mut self, to: String, data: Value) -> Result<Reply, (ErrorCode, String)> {
-        if to.is_empty() || to.len() > MAX_USER_LEN {
+        if !valid_user(&to) {
             return Err((
                 ErrorCode::BadFrame,
-                format!("user ids are 1 to {MAX_USER_LEN} bytes"),
+                format!("user ids are 1 to {MAX_USER_LEN} bytes without control characters"),
             ));
         }
         let message = DirectMessage {

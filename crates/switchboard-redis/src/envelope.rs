@@ -1,0 +1,181 @@
+//! What travels on the pub/sub channels, version 1. Every payload starts with `1` and a kind
+//! letter; room messages are built by the publish script, so their header is plain text.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchboard_protocol::{PresenceNotice, RoomMessage, Sender};
+
+/// A room message's data and sender, as stored in history and published (MessagePack).
+#[derive(Serialize, Deserialize)]
+pub struct Stored {
+    pub data: Value,
+    #[serde(default)]
+    pub from: Option<Sender>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Direct {
+    pub user: String,
+    pub data: Value,
+    #[serde(default)]
+    pub from: Option<Sender>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Disconnect {
+    pub user: String,
+    pub code: u16,
+    pub reason: String,
+}
+
+/// A decoded channel payload.
+pub enum Envelope {
+    Room(RoomMessage),
+    Join(PresenceNotice),
+    Leave(PresenceNotice),
+    Direct(Direct),
+    Disconnect(Disconnect),
+    Broadcast(Value),
+}
+
+pub fn pack<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec_named(value).map_err(|error| error.to_string())
+}
+
+fn unpack<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(bytes).map_err(|error| error.to_string())
+}
+
+/// `1j<session>\n<user>` or `1l…`: built by the presence scripts too.
+pub fn presence_event(join: bool, session: &str, user: &str) -> Vec<u8> {
+    format!("1{}{session}\n{user}", if join { 'j' } else { 'l' }).into_bytes()
+}
+
+pub fn direct(message: &Direct) -> Result<Vec<u8>, String> {
+    Ok([b"1d".as_slice(), &pack(message)?].concat())
+}
+
+pub fn disconnect(message: &Disconnect) -> Result<Vec<u8>, String> {
+    Ok([b"1x".as_slice(), &pack(message)?].concat())
+}
+
+pub fn broadcast(data: &Value) -> Result<Vec<u8>, String> {
+    Ok([b"1b".as_slice(), &pack(data)?].concat())
+}
+
+/// Decodes a payload received on `room`'s channel (`room` is `None` on other channels).
+pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, String> {
+    let [b'1', kind, rest @ ..] = payload else {
+        return Err("unknown envelope version".into());
+    };
+    match (kind, room) {
+        (b'm', Some(room)) => {
+            let (offset, rest) = split_once(rest, b':')?;
+            let (epoch, stored) = split_once(rest, b':')?;
+            let offset = std::str::from_utf8(offset)
+                .ok()
+                .and_then(|offset| offset.parse().ok())
+                .ok_or("bad offset")?;
+            let epoch = String::from_utf8(epoch.to_vec()).map_err(|error| error.to_string())?;
+            let stored: Stored = unpack(stored)?;
+            Ok(Envelope::Room(RoomMessage {
+                room: room.to_owned(),
+                data: stored.data,
+                offset,
+                epoch,
+                from: stored.from,
+            }))
+        }
+        (b'j' | b'l', Some(room)) => {
+            let text = std::str::from_utf8(rest).map_err(|error| error.to_string())?;
+            let (session, user) = text.split_once('\n').ok_or("bad presence event")?;
+            let notice = PresenceNotice {
+                room: room.to_owned(),
+                user: user.to_owned(),
+                session: session.to_owned(),
+            };
+            Ok(if *kind == b'j' {
+                Envelope::Join(notice)
+            } else {
+                Envelope::Leave(notice)
+            })
+        }
+        (b'd', None) => Ok(Envelope::Direct(unpack(rest)?)),
+        (b'x', None) => Ok(Envelope::Disconnect(unpack(rest)?)),
+        (b'b', None) => Ok(Envelope::Broadcast(unpack(rest)?)),
+        _ => Err(format!("unexpected envelope kind {:?}", *kind as char)),
+    }
+}
+
+fn split_once(bytes: &[u8], separator: u8) -> Result<(&[u8], &[u8]), String> {
+    let index = bytes
+        .iter()
+        .position(|byte| *byte == separator)
+        .ok_or("truncated envelope")?;
+    Ok((&bytes[..index], &bytes[index + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn room_messages_decode_from_the_script_format() {
+        let stored = pack(&Stored {
+            data: json!({"a": [1, "b"]}),
+            from: Some(Sender {
+                user: "u".into(),
+                session: "s".into(),
+            }),
+        })
+        .unwrap();
+        let payload = [b"1m42:ep0ch:".as_slice(), &stored].concat();
+        let Envelope::Room(message) = decode(Some("room"), &payload).unwrap() else {
+            panic!("a room message")
+        };
+        assert_eq!((message.offset, message.epoch.as_str()), (42, "ep0ch"));
+        assert_eq!(message.data, json!({"a": [1, "b"]}));
+        assert_eq!(message.from.unwrap().user, "u");
+    }
+
+    #[test]
+    fn presence_and_inbox_envelopes_round_trip() {
+        let Envelope::Leave(notice) =
+            decode(Some("r"), &presence_event(false, "s1", "alice")).unwrap()
+        else {
+            panic!("a leave")
+        };
+        assert_eq!(
+            (notice.session.as_str(), notice.user.as_str()),
+            ("s1", "alice")
+        );
+        let payload = direct(&Direct {
+            user: "bob".into(),
+            data: json!(1),
+            from: None,
+        })
+        .unwrap();
+        assert!(matches!(decode(None, &payload).unwrap(), Envelope::Direct(d) if d.user == "bob"));
+        let payload = broadcast(&json!("all")).unwrap();
+        assert!(
+            matches!(decode(None, &payload).unwrap(), Envelope::Broadcast(v) if v == json!("all"))
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for payload in [
+            &b""[..],
+            b"2m1:e:",
+            b"1m",
+            b"1mx:e:",
+            b"1m1",
+            b"1z",
+            b"1d\xff",
+        ] {
+            assert!(decode(Some("r"), payload).is_err() || decode(None, payload).is_err());
+        }
+    }
+}

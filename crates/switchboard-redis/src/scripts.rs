@@ -1,0 +1,182 @@
+//! Lua scripts: each runs atomically on one shard, in one round trip. Their contracts are in
+//! docs/architecture.md.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// KEYS: meta, log, channel. ARGV: payload, history size, history TTL ms, stream TTL ms,
+/// fresh epoch, now ms. Assigns the next offset (making the epoch if the stream is new), appends
+/// to history, publishes `1m<offset>:<epoch>:<payload>`. Returns `{offset, epoch}`.
+pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'p', ARGV[1], 't', ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('PUBLISH', KEYS[3], '1m' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
+return {offset, epoch}
+",
+    )
+});
+
+/// KEYS: meta, log. ARGV: fresh epoch, stream TTL ms, mode (`since` or `newest`), since offset,
+/// count (negative: no limit). Returns `{offset, epoch, entries}` read atomically: entries after
+/// the offset in order, or the newest `count` newest first.
+pub static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local offset = tonumber(redis.call('HGET', KEYS[1], 'o'))
+local count = tonumber(ARGV[5])
+local entries
+if ARGV[3] == 'since' then
+  if count < 0 then
+    entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4] .. '-0', '+')
+  else
+    entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4] .. '-0', '+', 'COUNT', count)
+  end
+else
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', math.max(count, 0))
+end
+return {offset, epoch, entries}
+",
+    )
+});
+
+/// KEYS: presence, channel, the node's room set. ARGV: session, stored member, event, room.
+pub static JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 1
+",
+    )
+});
+
+/// KEYS: presence, channel. ARGV: session, event. Publishes the event only if the member was there.
+pub static LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// KEYS: presence, channel. ARGV: node liveness key prefix. Returns the stored members of live
+/// nodes; members of dead nodes are removed and a leave is published for each.
+pub static PRESENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local all = redis.call('HGETALL', KEYS[1])
+local members = {}
+local alive = {}
+for i = 1, #all, 2 do
+  local value = all[i + 1]
+  local first = string.find(value, '\n', 1, true)
+  local node = string.sub(value, 1, first - 1)
+  if alive[node] == nil then
+    alive[node] = redis.call('EXISTS', ARGV[1] .. node) == 1
+  end
+  if alive[node] then
+    members[#members + 1] = value
+  else
+    local second = string.find(value, '\n', first + 1, true)
+    local user = string.sub(value, first + 1, second - 1)
+    redis.call('HDEL', KEYS[1], all[i])
+    redis.call('PUBLISH', KEYS[2], '1l' .. all[i] .. '\n' .. user)
+  end
+end
+return members
+",
+    )
+});
+
+/// KEYS: the user's session hash. ARGV: envelope, node liveness prefix, inbox prefix. Publishes
+/// the envelope once to the inbox of every live node hosting the user; drops sessions of dead
+/// nodes. Returns how many live sessions the user has.
+pub static SEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local all = redis.call('HGETALL', KEYS[1])
+local sessions = 0
+local alive = {}
+local sent = {}
+for i = 1, #all, 2 do
+  local node = all[i + 1]
+  if alive[node] == nil then
+    alive[node] = redis.call('EXISTS', ARGV[2] .. node) == 1
+  end
+  if alive[node] then
+    sessions = sessions + 1
+    if not sent[node] then
+      sent[node] = true
+      redis.call('PUBLISH', ARGV[3] .. node, ARGV[1])
+    end
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return sessions
+",
+    )
+});
+
+/// ARGV: key prefix, node id. Removes a node's sessions from the registry and its members from
+/// presence on this shard (publishing a leave for each), then forgets the node.
+pub static REAP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local prefix = ARGV[1]
+local node = ARGV[2]
+local rooms_key = prefix .. 'n:' .. node .. ':rooms'
+for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+  local key = prefix .. 'r:' .. room .. ':presence'
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local value = all[i + 1]
+    local first = string.find(value, '\n', 1, true)
+    if string.sub(value, 1, first - 1) == node then
+      local second = string.find(value, '\n', first + 1, true)
+      redis.call('HDEL', key, all[i])
+      redis.call('PUBLISH', prefix .. 'r:' .. room, '1l' .. all[i] .. '\n' .. string.sub(value, first + 1, second - 1))
+    end
+  end
+end
+local users_key = prefix .. 'n:' .. node .. ':users'
+for _, user in ipairs(redis.call('SMEMBERS', users_key)) do
+  local key = prefix .. 'u:' .. user
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if all[i + 1] == node then
+      redis.call('HDEL', key, all[i])
+    end
+  end
+end
+redis.call('DEL', rooms_key, users_key, prefix .. 'n:' .. node)
+redis.call('SREM', prefix .. 'nodes', node)
+return 1
+",
+    )
+});
