@@ -195,6 +195,20 @@ impl NodeProcess {
         Ok(parse_metric(&text, sample))
     }
 
+    /// Waits until `/readyz` answers 200 (with Redis: every shard connected).
+    pub async fn wait_ready(&self) -> Result<()> {
+        let url = self.http_url("/readyz");
+        wait_until("the node to be ready", || {
+            let url = url.clone();
+            async move {
+                reqwest::get(url)
+                    .await
+                    .is_ok_and(|response| response.status().is_success())
+            }
+        })
+        .await
+    }
+
     /// Waits until the metric reaches at least `value`.
     pub async fn wait_metric(&self, sample: &str, value: f64) -> Result<f64> {
         let deadline = tokio::time::Instant::now() + DEADLINE;
