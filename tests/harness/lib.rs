@@ -395,7 +395,9 @@ impl RedisProcess {
     pub async fn start() -> Result<RedisProcess> {
         let mut last_error = None;
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
             let mut redis = RedisProcess { child: None, port };
             match redis.spawn().await {
                 Ok(()) => return Ok(redis),
@@ -455,7 +457,10 @@ impl RedisProcess {
             .await
             .context("running redis-cli")?;
         if !output.status.success() {
-            bail!("redis-cli failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "redis-cli failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }

@@ -62,6 +62,16 @@ pub fn node_users(node: &str) -> String {
     format!("{PREFIX}n:{node}:users")
 }
 
+/// Set while a node's entries on this shard were removed because it looked dead (its leaves
+/// were published): if it was only paused, it announces its members again when it writes them
+/// back. Expires after [`REAPED_MARK_TTL_MS`].
+pub fn node_reaped(node: &str) -> String {
+    format!("{PREFIX}n:{node}:reaped")
+}
+
+/// How long a reaped mark is kept: far longer than any pause a node survives.
+pub const REAPED_MARK_TTL_MS: u64 = 3_600_000;
+
 /// Set of the rooms with presence members of a node, on each room's shard (for reaping).
 pub fn node_rooms(node: &str) -> String {
     format!("{PREFIX}n:{node}:rooms")

@@ -9,9 +9,11 @@
 
 mod envelope;
 mod keys;
+#[cfg(test)]
+mod live_tests;
 mod scripts;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -133,6 +135,21 @@ struct Inner {
     members: Mutex<HashMap<(String, String), Member>>,
     /// The figures this node last reported, likewise.
     liveness: Mutex<Option<NodeInfo>>,
+    /// Set after the first heartbeat: a liveness key missing after that had expired.
+    heartbeated: AtomicBool,
+    /// Registry and presence writes that failed, retried on every heartbeat.
+    pending: Mutex<Pending>,
+}
+
+/// Writes of this node's entries that failed, to be done when Redis answers again.
+#[derive(Default)]
+struct Pending {
+    /// Closed sessions still in the registry, by session id.
+    sessions: HashMap<String, SessionRecord>,
+    /// (room, session) of members that joined but are not in the room's presence.
+    joins: HashSet<(String, String)>,
+    /// Members that left but may still be in the room's presence.
+    leaves: HashMap<(String, String), Member>,
 }
 
 /// The cluster broker. Cheap to share; every node has one.
@@ -224,6 +241,8 @@ impl RedisBroker {
                 sessions: Mutex::new(HashMap::new()),
                 members: Mutex::new(HashMap::new()),
                 liveness: Mutex::new(None),
+                heartbeated: AtomicBool::new(false),
+                pending: Mutex::new(Pending::default()),
             }),
         })
     }
@@ -294,6 +313,8 @@ impl Inner {
     }
 
     /// Writes again what this node keeps on `shard`: liveness, registry entries and presence.
+    /// Members missing from presence are announced with a join if the node had been reaped
+    /// (its leaves were published); after Redis merely lost them, nobody saw them go.
     async fn restore(&self, index: usize, node_info: Option<NodeInfo>) -> BrokerResult<()> {
         let shard = &self.shards[index];
         let sessions: Vec<SessionRecord> = self
@@ -332,17 +353,28 @@ impl Inner {
                 .arg(&record.user)
                 .ignore();
         }
+        if !members.is_empty() {
+            // EVALSHA needs the script loaded, and a restarted Redis has none.
+            pipe.load_script(&scripts::RESTORE_MEMBER).ignore();
+        }
         for (room, member) in &members {
-            pipe.cmd("HSET")
-                .arg(keys::room_presence(room))
+            let mut invocation = scripts::RESTORE_MEMBER.prepare_invoke();
+            invocation
+                .key(keys::room_presence(room))
+                .key(keys::room_channel(room))
+                .key(keys::node_rooms(self.node()))
+                .key(keys::node_reaped(self.node()))
                 .arg(&member.session)
                 .arg(self.presence_value(member)?)
-                .ignore();
-            pipe.cmd("SADD")
-                .arg(keys::node_rooms(self.node()))
-                .arg(room)
-                .ignore();
+                .arg(envelope::presence_event(
+                    true,
+                    &member.session,
+                    &member.user,
+                ))
+                .arg(room);
+            pipe.invoke_script(&invocation).ignore();
         }
+        pipe.cmd("DEL").arg(keys::node_reaped(self.node())).ignore();
         self.call(shard, "restore", async |connection| {
             pipe.query_async::<()>(connection).await
         })
@@ -450,19 +482,24 @@ impl Inner {
         };
         for (room, position) in rooms.iter_mut() {
             let since = position.as_ref().map_or(0, |position| position.offset);
-            match self.read(room, Some(since), -1).await {
-                Ok((current, messages, _)) => {
-                    let same_epoch = position
-                        .as_ref()
-                        .is_none_or(|position| position.epoch == current.epoch);
-                    if same_epoch {
-                        for message in messages {
-                            *position = Some(StreamPosition {
-                                offset: message.offset,
-                                epoch: message.epoch.clone(),
-                            });
-                            handler.room_message(message);
-                        }
+            let mut read = self.read(room, Some(since), -1).await;
+            if let (Ok((current, _, _)), Some(seen)) = (&read, position.as_ref())
+                && current.epoch != seen.epoch
+                && since > 0
+            {
+                // History was lost (Redis restarted empty) and the room started again: every
+                // message of the new epoch, even those published before this connection was
+                // back, is new to this node.
+                read = self.read(room, Some(0), -1).await;
+            }
+            match read {
+                Ok((_, messages, _)) => {
+                    for message in messages {
+                        *position = Some(StreamPosition {
+                            offset: message.offset,
+                            epoch: message.epoch.clone(),
+                        });
+                        handler.room_message(message);
                     }
                 }
                 Err(error) => {
@@ -487,8 +524,11 @@ fn parse_read(value: Value) -> Result<(StreamPosition, Vec<(u64, u64, Vec<u8>)>)
         .map_err(|error| error.to_string())?;
     let offset: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
         .map_err(|error| error.to_string())?;
-    let Value::Array(entries) = entries else {
-        return Err("READ: entries not an array".into());
+    let entries = match entries {
+        Value::Array(entries) => entries,
+        // What a range with COUNT 0 answers; the script avoids it, but it means "none".
+        Value::Nil => Vec::new(),
+        _ => return Err("READ: entries not an array".into()),
     };
     let mut parsed = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -622,7 +662,9 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
                     }
                 }
                 _ = ping.tick() => {
-                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<String>()).await;
+                    // On a subscribed RESP2 connection the answer is `["pong", ""]`, not `PONG`:
+                    // any answer will do.
+                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await;
                     if !matches!(pong, Ok(Ok(_))) {
                         break false;
                     }
@@ -686,6 +728,10 @@ async fn reap_dead_nodes(weak: Weak<Inner>) {
                 })
                 .await;
             for node in nodes.unwrap_or_default() {
+                if node == inner.node() {
+                    // Alive by definition; if its key expired, its next heartbeat fixes that.
+                    continue;
+                }
                 let alive: BrokerResult<bool> = inner
                     .call(shard, "reap", async |connection| {
                         redis::cmd("EXISTS")
@@ -696,7 +742,7 @@ async fn reap_dead_nodes(weak: Weak<Inner>) {
                     .await;
                 if matches!(alive, Ok(false)) {
                     tracing::info!(shard = %shard.label, %node, "reaping a dead node's sessions and presence");
-                    let _ = inner.reap(shard, &node).await;
+                    let _ = inner.reap(shard, &node, false).await;
                 }
             }
         }
@@ -706,11 +752,14 @@ async fn reap_dead_nodes(weak: Weak<Inner>) {
 }
 
 impl Inner {
-    async fn reap(&self, shard: &Shard, node: &str) -> BrokerResult<()> {
+    /// Removes `node`'s entries on `shard`; unless `forced`, only if it is not alive.
+    async fn reap(&self, shard: &Shard, node: &str, forced: bool) -> BrokerResult<()> {
         self.call(shard, "reap", async |connection| {
             scripts::REAP
                 .arg(keys::PREFIX)
                 .arg(node)
+                .arg(if forced { "1" } else { "" })
+                .arg(keys::REAPED_MARK_TTL_MS)
                 .invoke_async::<()>(connection)
                 .await
         })
@@ -908,68 +957,39 @@ impl Broker for RedisBroker {
     async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
         let inner = &self.inner;
         inner.sessions.lock().remove(&record.session);
-        let shard = inner.shard(&record.user);
-        inner
-            .call(shard, "unregister_session", async |connection| {
-                redis::cmd("HDEL")
-                    .arg(keys::user_sessions(&record.user))
-                    .arg(&record.session)
-                    .query_async::<()>(connection)
-                    .await
-            })
-            .await
+        let result = inner.unregister(record).await;
+        if result.is_err() {
+            inner
+                .pending
+                .lock()
+                .sessions
+                .insert(record.session.clone(), record.clone());
+        }
+        result
     }
 
     async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
         let inner = &self.inner;
-        let value = inner.presence_value(member)?;
-        inner
-            .members
-            .lock()
-            .insert((room.to_owned(), member.session.clone()), member.clone());
-        let shard = inner.shard(room);
-        inner
-            .call(shard, "join_presence", async |connection| {
-                scripts::JOIN
-                    .key(keys::room_presence(room))
-                    .key(keys::room_channel(room))
-                    .key(keys::node_rooms(inner.node()))
-                    .arg(&member.session)
-                    .arg(value)
-                    .arg(envelope::presence_event(
-                        true,
-                        &member.session,
-                        &member.user,
-                    ))
-                    .arg(room)
-                    .invoke_async::<()>(connection)
-                    .await
-            })
-            .await
+        let key = (room.to_owned(), member.session.clone());
+        inner.members.lock().insert(key.clone(), member.clone());
+        inner.pending.lock().leaves.remove(&key);
+        let result = inner.join(room, member).await;
+        if result.is_err() {
+            inner.pending.lock().joins.insert(key);
+        }
+        result
     }
 
     async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
         let inner = &self.inner;
-        inner
-            .members
-            .lock()
-            .remove(&(room.to_owned(), member.session.clone()));
-        let shard = inner.shard(room);
-        inner
-            .call(shard, "leave_presence", async |connection| {
-                scripts::LEAVE
-                    .key(keys::room_presence(room))
-                    .key(keys::room_channel(room))
-                    .arg(&member.session)
-                    .arg(envelope::presence_event(
-                        false,
-                        &member.session,
-                        &member.user,
-                    ))
-                    .invoke_async::<()>(connection)
-                    .await
-            })
-            .await
+        let key = (room.to_owned(), member.session.clone());
+        inner.members.lock().remove(&key);
+        inner.pending.lock().joins.remove(&key);
+        let result = inner.leave(room, member).await;
+        if result.is_err() {
+            inner.pending.lock().leaves.insert(key, member.clone());
+        }
+        result
     }
 
     async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
@@ -981,6 +1001,7 @@ impl Broker for RedisBroker {
                     .key(keys::room_presence(room))
                     .key(keys::room_channel(room))
                     .arg(keys::NODE_ALIVE_PREFIX)
+                    .arg(keys::REAPED_MARK_TTL_MS)
                     .invoke_async(connection)
                     .await
             })
@@ -1004,7 +1025,7 @@ impl Broker for RedisBroker {
         *inner.liveness.lock() = Some(node.clone());
         let packed = envelope::pack(node).map_err(BrokerError::Internal)?;
         let mut result = Ok(());
-        for shard in &inner.shards {
+        for (index, shard) in inner.shards.iter().enumerate() {
             let written = inner
                 .call(shard, "heartbeat", async |connection| {
                     redis::pipe()
@@ -1013,19 +1034,35 @@ impl Broker for RedisBroker {
                         .arg(&packed)
                         .arg("PX")
                         .arg(millis(inner.config.node_ttl))
-                        .ignore()
+                        .arg("GET")
                         .cmd("SADD")
                         .arg(keys::NODES)
                         .arg(inner.node())
                         .ignore()
-                        .query_async::<()>(connection)
+                        .query_async::<(Option<Vec<u8>>,)>(connection)
                         .await
                 })
                 .await;
-            if let Err(error) = written {
-                result = Err(error);
+            match written {
+                // The key had expired: this node was silent past its TTL (paused, starved, cut
+                // off) and the others may have reaped its sessions and presence, which nothing
+                // else would ever write back. (After a lost connection, the pub/sub task
+                // restores instead, once it is back.)
+                Ok((None,))
+                    if inner.heartbeated.load(Ordering::SeqCst)
+                        && shard.up.load(Ordering::SeqCst) =>
+                {
+                    tracing::warn!(shard = %shard.label, "this node's liveness had expired; writing its entries back");
+                    if let Err(error) = inner.restore(index, Some(node.clone())).await {
+                        result = Err(error);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => result = Err(error),
             }
         }
+        inner.heartbeated.store(true, Ordering::SeqCst);
+        inner.retry_pending().await;
         result
     }
 
@@ -1068,7 +1105,7 @@ impl Broker for RedisBroker {
         let inner = &self.inner;
         let mut result = Ok(());
         for shard in &inner.shards {
-            if let Err(error) = inner.reap(shard, node).await {
+            if let Err(error) = inner.reap(shard, node, true).await {
                 result = Err(error);
             }
             let _ = shard.control.send(Control::Stop);
@@ -1085,6 +1122,115 @@ impl Broker for RedisBroker {
 }
 
 impl Inner {
+    async fn unregister(&self, record: &SessionRecord) -> BrokerResult<()> {
+        let shard = self.shard(&record.user);
+        self.call(shard, "unregister_session", async |connection| {
+            redis::cmd("HDEL")
+                .arg(keys::user_sessions(&record.user))
+                .arg(&record.session)
+                .query_async::<()>(connection)
+                .await
+        })
+        .await
+    }
+
+    async fn join(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let value = self.presence_value(member)?;
+        let shard = self.shard(room);
+        self.call(shard, "join_presence", async |connection| {
+            scripts::JOIN
+                .key(keys::room_presence(room))
+                .key(keys::room_channel(room))
+                .key(keys::node_rooms(self.node()))
+                .arg(&member.session)
+                .arg(value)
+                .arg(envelope::presence_event(
+                    true,
+                    &member.session,
+                    &member.user,
+                ))
+                .arg(room)
+                .invoke_async::<()>(connection)
+                .await
+        })
+        .await
+    }
+
+    async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let shard = self.shard(room);
+        self.call(shard, "leave_presence", async |connection| {
+            scripts::LEAVE
+                .key(keys::room_presence(room))
+                .key(keys::room_channel(room))
+                .arg(&member.session)
+                .arg(envelope::presence_event(
+                    false,
+                    &member.session,
+                    &member.user,
+                ))
+                .invoke_async::<()>(connection)
+                .await
+        })
+        .await
+    }
+
+    /// Retries the registry and presence writes that failed (Redis unreachable or too slow):
+    /// without this, a session that closed during an outage would stay listed in the registry
+    /// and presence for as long as this node lives, if Redis kept its data. Stops at the first
+    /// failure, so an unreachable Redis costs one call per heartbeat, not one per entry.
+    async fn retry_pending(&self) {
+        let Pending {
+            sessions,
+            joins,
+            leaves,
+        } = std::mem::take(&mut *self.pending.lock());
+        let mut failed = false;
+        let mut retry = Pending::default();
+        for (id, record) in sessions {
+            if failed || !self.shard(&record.user).up.load(Ordering::SeqCst) {
+                retry.sessions.insert(id, record);
+            } else if self.unregister(&record).await.is_err() {
+                failed = true;
+                retry.sessions.insert(id, record);
+            }
+        }
+        for (key, member) in leaves {
+            if self.members.lock().contains_key(&key) {
+                continue; // joined the room again since
+            }
+            if failed || !self.shard(&key.0).up.load(Ordering::SeqCst) {
+                retry.leaves.insert(key, member);
+            } else if self.leave(&key.0, &member).await.is_err() {
+                failed = true;
+                retry.leaves.insert(key, member);
+            }
+        }
+        for key in joins {
+            let Some(member) = self.members.lock().get(&key).cloned() else {
+                continue; // left the room since
+            };
+            if failed || !self.shard(&key.0).up.load(Ordering::SeqCst) {
+                retry.joins.insert(key);
+            } else if self.join(&key.0, &member).await.is_err() {
+                failed = true;
+                retry.joins.insert(key);
+            }
+        }
+        // Merge back, keeping what was recorded meanwhile.
+        let mut pending = self.pending.lock();
+        pending.sessions.extend(retry.sessions);
+        for (key, member) in retry.leaves {
+            if !pending.joins.contains(&key) && !self.members.lock().contains_key(&key) {
+                pending.leaves.entry(key).or_insert(member);
+            }
+        }
+        for key in retry.joins {
+            if !pending.leaves.contains_key(&key) && self.members.lock().contains_key(&key) {
+                pending.joins.insert(key);
+            }
+        }
+    }
+
     async fn send_to_user(&self, user: &str, envelope: Vec<u8>, op: &str) -> BrokerResult<u64> {
         let shard = self.shard(user);
         self.call(shard, op, async |connection| {

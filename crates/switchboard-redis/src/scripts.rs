@@ -45,14 +45,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local offset = tonumber(redis.call('HGET', KEYS[1], 'o'))
 local count = tonumber(ARGV[5])
 local entries
-if ARGV[3] == 'since' then
+if count == 0 then
+  -- XRANGE and XREVRANGE with COUNT 0 answer a null, not an empty array.
+  entries = {}
+elseif ARGV[3] == 'since' then
   if count < 0 then
     entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4] .. '-0', '+')
   else
     entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4] .. '-0', '+', 'COUNT', count)
   end
+elseif count > 0 then
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
 else
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', math.max(count, 0))
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-')
 end
 return {offset, epoch, entries}
 ",
@@ -84,8 +89,10 @@ return 0
     )
 });
 
-/// KEYS: presence, channel. ARGV: node liveness key prefix. Returns the stored members of live
-/// nodes; members of dead nodes are removed and a leave is published for each.
+/// KEYS: presence, channel. ARGV: node liveness key prefix, reaped mark TTL ms. Returns the
+/// stored members of live nodes; members of dead nodes are removed, a leave is published for
+/// each, and the dead node is marked reaped (`<prefix><node>:reaped`), so that if it was only
+/// paused it announces its members again when it writes them back.
 pub static PRESENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -98,6 +105,9 @@ for i = 1, #all, 2 do
   local node = string.sub(value, 1, first - 1)
   if alive[node] == nil then
     alive[node] = redis.call('EXISTS', ARGV[1] .. node) == 1
+    if not alive[node] then
+      redis.call('SET', ARGV[1] .. node .. ':reaped', '1', 'PX', ARGV[2])
+    end
   end
   if alive[node] then
     members[#members + 1] = value
@@ -143,13 +153,20 @@ return sessions
     )
 });
 
-/// ARGV: key prefix, node id. Removes a node's sessions from the registry and its members from
-/// presence on this shard (publishing a leave for each), then forgets the node.
+/// ARGV: key prefix, node id, `1` to force (a node leaving on purpose) or empty, reaped mark
+/// TTL ms. Removes a node's sessions from the registry and its members from presence on this
+/// shard (publishing a leave for each), then forgets the node. Unless forced, a node whose
+/// liveness key exists is left alone (it heartbeated since the caller looked), and a reaped
+/// node is marked so, in case it was only paused and comes back.
 pub static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local prefix = ARGV[1]
 local node = ARGV[2]
+local forced = ARGV[3] == '1'
+if not forced and redis.call('EXISTS', prefix .. 'n:' .. node) == 1 then
+  return 0
+end
 local rooms_key = prefix .. 'n:' .. node .. ':rooms'
 for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
   local key = prefix .. 'r:' .. room .. ':presence'
@@ -176,7 +193,30 @@ for _, user in ipairs(redis.call('SMEMBERS', users_key)) do
 end
 redis.call('DEL', rooms_key, users_key, prefix .. 'n:' .. node)
 redis.call('SREM', prefix .. 'nodes', node)
+if forced then
+  redis.call('DEL', prefix .. 'n:' .. node .. ':reaped')
+else
+  redis.call('SET', prefix .. 'n:' .. node .. ':reaped', '1', 'PX', ARGV[4])
+end
 return 1
+",
+    )
+});
+
+/// KEYS: presence, channel, the node's room set, the node's reaped mark. ARGV: session, stored
+/// member, join event, room. Writes one of this node's members back (after Redis lost it, or
+/// after the node was reaped while alive). Publishes the join only when the member was missing
+/// and the node had been reaped, i.e. when its leave had been published.
+pub static RESTORE_MEMBER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+if added == 1 and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('PUBLISH', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
 ",
     )
 });

@@ -318,10 +318,16 @@ impl Options {
 
     fn validate(self) -> Result<Config, ConfigError> {
         let node_id = match self.node_id {
-            Some(id) if id.is_empty() || id.len() > 64 || id.chars().any(char::is_whitespace) => {
+            Some(id)
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) =>
+            {
                 return Err(invalid(
                     "node-id",
-                    "must be 1 to 64 characters without spaces",
+                    "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
                 ));
             }
             Some(id) => id,

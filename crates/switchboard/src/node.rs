@@ -144,14 +144,16 @@ impl Node {
             if state.local > 0 || state.removed {
                 return;
             }
-            state.removed = true;
-            node.upstream
-                .remove_if(&room, |_, entry| Arc::ptr_eq(entry, &upstream));
+            // Unsubscribe before leaving the map: a joiner still finds this entry, waits for the
+            // lock, sees `removed` and subscribes anew after this unsubscribe.
             if state.subscribed
                 && let Err(error) = node.broker.unsubscribe_room(&room).await
             {
                 node.broker_error("unsubscribe", error);
             }
+            state.removed = true;
+            node.upstream
+                .remove_if(&room, |_, entry| Arc::ptr_eq(entry, &upstream));
         });
     }
 

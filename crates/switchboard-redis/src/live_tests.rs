@@ -1,0 +1,441 @@
+//! Checks of the broker's scripts and recovery logic against a real `redis-server` (started on a
+//! free loopback port per test, killed on drop; tests/run.sh installs it). The end-to-end
+//! cluster tests (tests/e2e/cluster.rs) cover the same paths through real nodes.
+
+use std::process::{Child, Command, Stdio};
+
+use serde_json::json;
+use switchboard_protocol::PresenceNotice;
+
+use super::*;
+
+/// A throwaway `redis-server` without persistence.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Server { child: None, port };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (tests/run.sh installs it)");
+        self.child = Some(child);
+        for _ in 0..500 {
+            if let Ok(mut connection) = self.connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server on port {} did not answer", self.port);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> T {
+        let mut connection = self.connection().await.expect("connected");
+        command.query_async(&mut connection).await.expect("query")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn broker(server: &Server, node: &str, node_ttl: Duration) -> (RedisBroker, Registry) {
+    let registry = Registry::new();
+    let config = RedisConfig {
+        shards: vec![server.url()],
+        node_id: node.to_owned(),
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        stream_ttl: Duration::from_secs(600),
+        node_ttl,
+    };
+    (
+        RedisBroker::new(config, &registry).expect("a broker"),
+        registry,
+    )
+}
+
+/// A handler that records what the broker hands to the node.
+#[derive(Default)]
+struct Recorder {
+    messages: Mutex<Vec<Arc<RoomMessage>>>,
+}
+
+impl BrokerHandler for Recorder {
+    fn room_message(&self, message: Arc<RoomMessage>) {
+        self.messages.lock().push(message);
+    }
+    fn presence(&self, _event: PresenceEvent) {}
+    fn direct(&self, _message: Arc<DirectMessage>) {}
+    fn broadcast(&self, _data: Arc<Json>) {}
+    fn disconnect(&self, _user: &str, _code: u16, _reason: &str) {}
+}
+
+fn offsets(messages: &[Arc<RoomMessage>]) -> Vec<u64> {
+    messages.iter().map(|message| message.offset).collect()
+}
+
+fn member(user: &str, session: &str) -> Member {
+    Member {
+        user: user.to_owned(),
+        session: session.to_owned(),
+        info: None,
+    }
+}
+
+fn record(user: &str, session: &str, node: &str) -> SessionRecord {
+    SessionRecord {
+        session: session.to_owned(),
+        user: user.to_owned(),
+        node: node.to_owned(),
+        connected_at: 0,
+    }
+}
+
+fn info(node: &str) -> NodeInfo {
+    NodeInfo {
+        id: node.to_owned(),
+        address: "127.0.0.1:1".into(),
+        connections: 1,
+        started_at: 0,
+        last_seen: 0,
+    }
+}
+
+fn cmd(args: &[&str]) -> redis::Cmd {
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command
+}
+
+#[tokio::test]
+async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    let fresh = broker
+        .position("room")
+        .await
+        .expect("position of a new room");
+    assert_eq!(fresh.offset, 0);
+    for n in 1..=3 {
+        broker
+            .publish("room", json!(n), None)
+            .await
+            .expect("publish");
+    }
+    // XREVRANGE … COUNT 0 answers a null: the position of a room with history used to fail.
+    let position = broker.position("room").await.expect("position");
+    assert_eq!((position.offset, &position.epoch), (3, &fresh.epoch));
+    let none = broker
+        .history(
+            "room",
+            HistoryQuery {
+                since: None,
+                limit: Some(0),
+            },
+        )
+        .await
+        .expect("history limit 0");
+    assert!(none.messages.is_empty());
+    assert_eq!(none.position, position);
+    let none = broker
+        .history(
+            "room",
+            HistoryQuery {
+                since: Some(StreamPosition {
+                    offset: 1,
+                    epoch: fresh.epoch.clone(),
+                }),
+                limit: Some(0),
+            },
+        )
+        .await
+        .expect("history since, limit 0");
+    assert!(none.messages.is_empty());
+    let newest = broker
+        .history(
+            "room",
+            HistoryQuery {
+                since: None,
+                limit: Some(2),
+            },
+        )
+        .await
+        .expect("newest two");
+    assert_eq!(offsets(&newest.messages), [2, 3]);
+    let since = broker
+        .history(
+            "room",
+            HistoryQuery {
+                since: Some(StreamPosition {
+                    offset: 1,
+                    epoch: fresh.epoch.clone(),
+                }),
+                limit: None,
+            },
+        )
+        .await
+        .expect("since 1");
+    assert_eq!(offsets(&since.messages), [2, 3]);
+    assert!(since.recovered);
+}
+
+#[tokio::test]
+async fn replay_after_lost_history_delivers_the_whole_new_epoch() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    let recorder = Arc::new(Recorder::default());
+    let _ = broker.inner.handler.set(recorder.clone());
+    let first = broker
+        .publish("room", json!(1), None)
+        .await
+        .expect("publish");
+    broker
+        .publish("room", json!(2), None)
+        .await
+        .expect("publish");
+
+    // The node had seen offset 7 of an epoch Redis no longer has: both messages are new to it.
+    let mut rooms = HashMap::from([(
+        "room".to_owned(),
+        Some(StreamPosition {
+            offset: 7,
+            epoch: "lost".into(),
+        }),
+    )]);
+    broker.inner.replay(&mut rooms).await;
+    assert_eq!(offsets(&recorder.messages.lock()), [1, 2]);
+    assert_eq!(
+        rooms["room"],
+        Some(StreamPosition {
+            offset: 2,
+            epoch: first.epoch.clone()
+        })
+    );
+
+    // Same epoch: only what came after.
+    recorder.messages.lock().clear();
+    broker
+        .publish("room", json!(3), None)
+        .await
+        .expect("publish");
+    broker.inner.replay(&mut rooms).await;
+    assert_eq!(offsets(&recorder.messages.lock()), [3]);
+}
+
+#[tokio::test]
+async fn reaping_spares_live_nodes_and_a_reaped_node_writes_itself_back() {
+    let server = Server::start().await;
+    let ttl = Duration::from_secs(5);
+    let (x, _) = broker(&server, "x", ttl);
+    let (y, _) = broker(&server, "y", ttl);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    x.register_session(&record("ann", "s1", "x"))
+        .await
+        .expect("register");
+    x.join_presence("room", &member("ann", "s1"))
+        .await
+        .expect("join");
+    let registered = || server.query::<Option<String>>(cmd(&["HGET", "sb:u:ann", "s1"]));
+
+    // x is alive: y's reaper leaves it alone, even if it decided to reap a moment earlier.
+    y.inner
+        .reap(&y.inner.shards[0], "x", false)
+        .await
+        .expect("reap");
+    assert_eq!(registered().await.as_deref(), Some("x"));
+    assert_eq!(x.presence("room").await.expect("presence").len(), 1);
+
+    // x goes silent past its TTL and is reaped: its entries go, and it is marked reaped.
+    let _: () = server.query(cmd(&["DEL", "sb:n:x"])).await;
+    y.inner
+        .reap(&y.inner.shards[0], "x", false)
+        .await
+        .expect("reap");
+    assert_eq!(registered().await, None);
+    assert!(y.presence("room").await.expect("presence").is_empty());
+    assert!(
+        server
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x:reaped"]))
+            .await
+    );
+
+    // x wakes up: its next heartbeat finds its key gone, writes everything back and announces
+    // the member again (its leave was published).
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("sb:r:room").await.expect("subscribe");
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert_eq!(registered().await.as_deref(), Some("x"));
+    assert_eq!(
+        y.presence("room").await.expect("presence"),
+        [member("ann", "s1")]
+    );
+    assert!(
+        !server
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x:reaped"]))
+            .await
+    );
+    let mut messages = pubsub.on_message();
+    let announced = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("a join in time")
+        .expect("a message");
+    match envelope::decode(Some("room"), announced.get_payload_bytes()).expect("decodes") {
+        Envelope::Join(notice) => assert_eq!(
+            notice,
+            PresenceNotice {
+                room: "room".into(),
+                user: "ann".into(),
+                session: "s1".into()
+            }
+        ),
+        _ => panic!("expected a join"),
+    }
+
+    // A forced reap (the node leaving on purpose) removes a live node and leaves no mark.
+    x.inner
+        .reap(&x.inner.shards[0], "x", true)
+        .await
+        .expect("reap");
+    assert_eq!(registered().await, None);
+    assert!(
+        !server
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x:reaped"]))
+            .await
+    );
+}
+
+#[tokio::test]
+async fn removals_that_failed_are_done_by_a_later_heartbeat() {
+    let mut server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    x.register_session(&record("ann", "s1", "x"))
+        .await
+        .expect("register");
+    x.join_presence("room", &member("ann", "s1"))
+        .await
+        .expect("join");
+
+    server.stop();
+    x.leave_presence("room", &member("ann", "s1"))
+        .await
+        .expect_err("Redis is down");
+    x.unregister_session(&record("ann", "s1", "x"))
+        .await
+        .expect_err("Redis is down");
+    {
+        let pending = x.inner.pending.lock();
+        assert_eq!(pending.sessions.len(), 1);
+        assert_eq!(pending.leaves.len(), 1);
+    }
+
+    // Redis comes back with the entries (as a server that kept its data would).
+    server.spawn().await;
+    let value = x.inner.presence_value(&member("ann", "s1")).expect("value");
+    let _: () = server.query(cmd(&["HSET", "sb:u:ann", "s1", "x"])).await;
+    let mut hset = cmd(&["HSET", "sb:r:room:presence", "s1"]);
+    hset.arg(value);
+    let _: () = server.query(hset).await;
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert!(
+        !server
+            .query::<bool>(cmd(&["HEXISTS", "sb:u:ann", "s1"]))
+            .await
+    );
+    assert!(x.presence("room").await.expect("presence").is_empty());
+    let pending = x.inner.pending.lock();
+    assert!(pending.sessions.is_empty() && pending.leaves.is_empty());
+}
+
+#[tokio::test]
+async fn a_pending_leave_is_dropped_when_the_member_joins_again() {
+    let mut server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    x.join_presence("room", &member("ann", "s1"))
+        .await
+        .expect("join");
+    server.stop();
+    x.leave_presence("room", &member("ann", "s1"))
+        .await
+        .expect_err("Redis is down");
+    server.spawn().await;
+    x.join_presence("room", &member("ann", "s1"))
+        .await
+        .expect("join again");
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert_eq!(
+        x.presence("room").await.expect("presence"),
+        [member("ann", "s1")]
+    );
+}
+
+#[tokio::test]
+async fn the_pubsub_connection_survives_its_pings() {
+    let server = Server::start().await;
+    // Pings every 100 ms.
+    let (x, _) = broker(&server, "x", Duration::from_millis(300));
+    x.start(Arc::new(Recorder::default())).await.expect("start");
+    for _ in 0..500 {
+        if x.is_healthy() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(x.is_healthy());
+    // Ten ping periods: on a subscribed connection the answer is `["pong", ""]`, which once
+    // counted as a failure and dropped the connection at every ping.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(x.is_healthy());
+    let metrics = &x.inner.metrics;
+    assert_eq!(metrics.reconnects.with_label_values(&["0"]).get(), 0);
+    assert_eq!(metrics.errors.with_label_values(&["0"]).get(), 0);
+    x.deregister_node("x").await.expect("deregister");
+}
