@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use hashring::HashRing;
 use parking_lot::Mutex;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 use serde_json::Value as Json;
 use switchboard_broker::{
@@ -112,7 +113,28 @@ enum Control {
     Stop,
 }
 
+impl Shard {
+    /// A multiplexed connection shared by every call to this shard. It comes from the pool once
+    /// and is reused until a call finds it broken: taking one from the pool per call would cost
+    /// the pool's health check (a round trip) every time.
+    async fn connection(&self) -> BrokerResult<MultiplexedConnection> {
+        if let Some(connection) = self.shared.lock().clone() {
+            return Ok(connection);
+        }
+        let pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| BrokerError::Unavailable(error.to_string()))?;
+        let connection = MultiplexedConnection::clone(&pooled);
+        *self.shared.lock() = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
 struct Shard {
+    /// See [`Shard::connection`].
+    shared: Mutex<Option<MultiplexedConnection>>,
     label: String,
     client: redis::Client,
     pool: Pool,
@@ -222,6 +244,7 @@ impl RedisBroker {
             let label = index.to_string();
             metrics.up.with_label_values(&[&label]).set(0);
             shards.push(Shard {
+                shared: Mutex::new(None),
                 label,
                 client,
                 pool,
@@ -278,25 +301,22 @@ impl Inner {
     /// Runs one call on the shard's pool, bounded by the command timeout.
     async fn call<T, F>(&self, shard: &Shard, op: &str, call: F) -> BrokerResult<T>
     where
-        F: AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+        F: AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
     {
         let attempt = async {
-            let mut connection = shard
-                .pool
-                .get()
-                .await
-                .map_err(|error| BrokerError::Unavailable(error.to_string()))?;
+            let mut connection = shard.connection().await?;
             call(&mut connection).await.map_err(redis_error)
         };
-        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(self.error(shard, op, error)),
-            Err(_) => Err(self.error(
-                shard,
-                op,
-                BrokerError::Unavailable(format!("redis {op} timed out")),
-            )),
-        }
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::Unavailable(format!("redis {op} timed out"))),
+        };
+        result.map_err(|error| {
+            if matches!(error, BrokerError::Unavailable(_)) {
+                shard.shared.lock().take();
+            }
+            self.error(shard, op, error)
+        })
     }
 
     /// The stored presence value: `node \n user \n packed member`.
