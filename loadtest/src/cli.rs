@@ -1,0 +1,165 @@
+//! Command-line flags of both scenarios, and the bounds the `latency` flags are checked against.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Most subscriber connections one run opens.
+const MAX_SUBSCRIBERS: u64 = 50_000;
+/// Highest total publish rate, messages per second.
+const MAX_RATE: u64 = 100_000;
+const MAX_PUBLISHERS: u64 = 64;
+/// Longest warm-up or measured window, seconds.
+const MAX_WINDOW_SECS: u64 = 600;
+const MAX_DRAIN_SECS: u64 = 60;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard-loadtest",
+    version,
+    about = "Load-test harness for switchboard"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+pub enum Scenario {
+    /// Open N connections at a held rate, hold them idle, report handshake latency and the
+    /// server's RSS per connection.
+    Connect(ConnectArgs),
+    /// Publish at a held rate on one node, subscribe on others, report end-to-end delivery
+    /// latency, loss, duplicates and (with --redis-url) Redis commands per published message.
+    Latency(LatencyArgs),
+}
+
+#[derive(Parser)]
+pub struct ConnectArgs {
+    /// WebSocket URL of the node (e.g. ws://127.0.0.1:8080/ws).
+    #[arg(long)]
+    pub url: String,
+    /// Connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: u64,
+    /// New connections per second (held by a scheduler).
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u64,
+    /// Seconds to hold the connections once all are open.
+    #[arg(long, default_value_t = 5)]
+    pub hold_secs: u64,
+    /// Pid of the node, to read its RSS from /proc.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Source addresses 127.0.0.1 .. 127.0.0.N, so N × ~28k connections fit in ephemeral ports.
+    #[arg(long, default_value_t = 8)]
+    pub source_addresses: u8,
+    /// Give up on the run after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+pub struct LatencyArgs {
+    /// WebSocket URL of the node the publishers connect to (e.g. ws://127.0.0.1:8081/ws).
+    #[arg(long)]
+    pub publish_url: String,
+    /// WebSocket URL of a node the subscribers connect to; repeat for several nodes (each room's
+    /// subscribers are spread over them).
+    #[arg(long = "subscribe-url", required = true)]
+    pub subscribe_urls: Vec<String>,
+    /// Rooms; publishes go to them round-robin.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: u64,
+    /// Subscriber connections per room (each connection subscribes to one room).
+    #[arg(long, default_value_t = 5)]
+    pub subscribers_per_room: u64,
+    /// Published messages per second, in total over all publishers (held by a scheduler).
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Publisher connections; a node handles one connection's frames one after another, so a
+    /// few connections keep a Redis round trip from capping the rate.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: u64,
+    /// Seconds of the measured window.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Seconds of publishing before the measured window, left out of the figures.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// After the last publish, wait at most this long for outstanding deliveries before counting
+    /// what is missing as lost.
+    #[arg(long, default_value_t = 5)]
+    pub drain_secs: u64,
+    /// New subscriber connections per second while setting up.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_rate: u64,
+    /// Give up unless every subscriber is subscribed within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub setup_timeout_secs: u64,
+    /// The cluster's Redis (redis://127.0.0.1:PORT, no password): its INFO commandstats is read
+    /// before and after the measured window to report Redis commands per published message.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// With --redis-url: seconds of an idle window (everyone connected and subscribed, nothing
+    /// published) before publishing starts, whose Redis commands per second are subtracted to
+    /// give the commands publishing itself costs. 0 skips it [default: --duration-secs].
+    #[arg(long)]
+    pub baseline_secs: Option<u64>,
+    /// NAME=PID of a process (a node, redis-server) whose CPU use over the measured window to
+    /// report, from /proc; repeatable. The harness's own is always reported.
+    #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
+    pub cpu_pids: Vec<(String, u32)>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_cpu_pid(value: &str) -> Result<(String, u32), String> {
+    let (name, pid) = value
+        .split_once('=')
+        .ok_or_else(|| "expected NAME=PID".to_owned())?;
+    let pid = pid.parse().map_err(|_| format!("not a pid: {pid}"))?;
+    Ok((name.to_owned(), pid))
+}
+
+impl LatencyArgs {
+    /// Refuses flags outside the bounds one run is meant to hold.
+    pub fn check(&self) -> Result<()> {
+        let subscribers = self.rooms.saturating_mul(self.subscribers_per_room);
+        if self.rooms == 0 || self.subscribers_per_room == 0 || subscribers > MAX_SUBSCRIBERS {
+            bail!("--rooms × --subscribers-per-room must be 1 to {MAX_SUBSCRIBERS}");
+        }
+        if self.rate == 0 || self.rate > MAX_RATE {
+            bail!("--rate must be 1 to {MAX_RATE}");
+        }
+        if self.publishers == 0 || self.publishers > MAX_PUBLISHERS {
+            bail!("--publishers must be 1 to {MAX_PUBLISHERS}");
+        }
+        if self.duration_secs == 0
+            || self.duration_secs > MAX_WINDOW_SECS
+            || self.warmup_secs > MAX_WINDOW_SECS
+        {
+            bail!("--duration-secs must be 1 to {MAX_WINDOW_SECS}, --warmup-secs at most that");
+        }
+        if self
+            .baseline_secs
+            .is_some_and(|secs| secs > MAX_WINDOW_SECS)
+        {
+            bail!("--baseline-secs must be at most {MAX_WINDOW_SECS}");
+        }
+        if self.drain_secs > MAX_DRAIN_SECS || self.setup_timeout_secs > 600 {
+            bail!(
+                "--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600"
+            );
+        }
+        if self.connect_rate == 0 {
+            bail!("--connect-rate must be at least 1");
+        }
+        Ok(())
+    }
+}

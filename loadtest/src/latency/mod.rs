@@ -1,0 +1,253 @@
+//! Scenario `latency`: publishes at a held rate on one node, subscribes on others, and reports
+//! end-to-end delivery latency, loss, duplicates, CPU use and (with --redis-url) Redis commands
+//! per published message.
+
+mod publisher;
+mod shared;
+mod subscriber;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use self::shared::{Shared, SubscriberStats, latency_histogram};
+use self::subscriber::SETUP_STEP_TIMEOUT;
+use crate::cli::LatencyArgs;
+use crate::procfs::{CpuSample, cpu_use};
+use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
+use crate::report::{LatencyResult, emit, ms, round3};
+use crate::ws::{open, url_addr};
+
+pub async fn run(args: LatencyArgs) -> Result<()> {
+    args.check()?;
+    let publish_target = url_addr(&args.publish_url)?;
+    let subscribe_targets = args
+        .subscribe_urls
+        .iter()
+        .map(|url| Ok((url.clone(), url_addr(url)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let redis = args.redis_url.as_deref().map(redis_addr).transpose()?;
+    let publishers = args.publishers.min(args.rate);
+    let subscribers = args.rooms * args.subscribers_per_room;
+
+    // Fresh room names per run, so earlier runs against the same Redis do not matter.
+    let run = format!(
+        "lt{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
+    let rooms = (0..args.rooms)
+        .map(|room| serde_json::to_string(&format!("{run}-{room}")))
+        .collect::<Result<_, _>>()?;
+    let shared = Arc::new(Shared::new(rooms, args.duration_secs));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let subscriber_tasks = subscriber::start(
+        &shared,
+        &subscribe_targets,
+        args.subscribers_per_room,
+        args.connect_rate,
+        Duration::from_secs(args.setup_timeout_secs),
+        &stop_tx,
+    )
+    .await?;
+    eprintln!(
+        "{subscribers} subscribers in {} rooms on {} node(s) after {:.1}s",
+        args.rooms,
+        subscribe_targets.len(),
+        shared.base.elapsed().as_secs_f64()
+    );
+
+    // Publishers, each with its own scheduler, phases spread over one period.
+    let mut publisher_sockets = Vec::with_capacity(publishers as usize);
+    for _ in 0..publishers {
+        let socket = tokio::time::timeout(
+            SETUP_STEP_TIMEOUT,
+            open(&args.publish_url, publish_target, None),
+        )
+        .await
+        .context("publisher connection timed out")??;
+        publisher_sockets.push(socket);
+    }
+    // Idle baseline of the nodes' own Redis traffic.
+    let baseline_secs = args.baseline_secs.unwrap_or(args.duration_secs);
+    let mut baseline = None;
+    if let (Some(addr), true) = (redis, baseline_secs > 0) {
+        eprintln!("measuring the idle Redis baseline for {baseline_secs}s");
+        let before = redis_snapshot(addr).await?;
+        tokio::time::sleep(Duration::from_secs(baseline_secs)).await;
+        let after = redis_snapshot(addr).await?;
+        baseline = Some((before, after, baseline_secs));
+    }
+
+    let period = Duration::from_secs_f64(publishers as f64 / args.rate as f64);
+    let start_at = tokio::time::Instant::now() + Duration::from_millis(200);
+    let measure_at = start_at + Duration::from_secs(args.warmup_secs);
+    let end_at = measure_at + Duration::from_secs(args.duration_secs);
+    let drain_deadline = end_at + Duration::from_secs(args.drain_secs);
+    shared.set_window(measure_at, end_at);
+    let mut reader_tasks = Vec::with_capacity(publishers as usize);
+    let mut writer_tasks = Vec::with_capacity(publishers as usize);
+    for (index, socket) in publisher_sockets.into_iter().enumerate() {
+        let (sink, stream) = socket.split();
+        reader_tasks.push(tokio::spawn(publisher::read_replies(
+            stream,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+        let first = start_at + period.mul_f64(index as f64 / publishers as f64);
+        writer_tasks.push(tokio::spawn(publisher::publish(
+            sink,
+            shared.clone(),
+            period,
+            first,
+            end_at,
+            drain_deadline,
+        )));
+    }
+    eprintln!(
+        "publishing {} msgs/s from {publishers} connection(s): {}s warm-up, {}s measured",
+        args.rate, args.warmup_secs, args.duration_secs
+    );
+
+    // CPU and Redis counters around the measured window.
+    let mut watched = vec![("loadtest".to_owned(), std::process::id())];
+    watched.extend(args.cpu_pids.iter().cloned());
+    tokio::time::sleep_until(measure_at).await;
+    let cpu_before = CpuSample::take(&watched);
+    let redis_before = match redis {
+        Some(addr) => Some(redis_snapshot(addr).await),
+        None => None,
+    };
+    tokio::time::sleep_until(end_at).await;
+    let cpu_after = CpuSample::take(&watched);
+    let redis_after = match redis {
+        Some(addr) => Some(redis_snapshot(addr).await),
+        None => None,
+    };
+    let cpu = cpu_use(&watched, &cpu_before, &cpu_after, args.duration_secs);
+
+    let mut lag = latency_histogram();
+    let (mut sent, mut sent_in_window) = (0u64, 0u64);
+    for task in writer_tasks {
+        let stats = task.await.context("publisher task")??;
+        sent += stats.sent;
+        sent_in_window += stats.sent_in_window;
+        lag.add(&stats.lag).ok();
+    }
+
+    // Drain: every publish answered, every acknowledged message delivered, or the deadline.
+    let expected_total = || {
+        (0..args.rooms)
+            .map(|room| shared.room_last[room as usize].load(Ordering::SeqCst))
+            .sum::<u64>()
+    };
+    loop {
+        let answered = shared.answered.load(Ordering::SeqCst) >= sent;
+        // Rooms are fresh, so every subscriber starts at offset 0 (checked per subscriber below).
+        let delivered =
+            shared.received.load(Ordering::SeqCst) >= expected_total() * args.subscribers_per_room;
+        if (answered && delivered) || tokio::time::Instant::now() >= drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    for task in reader_tasks {
+        let _ = task.await;
+    }
+
+    let mut totals = SubscriberStats::default();
+    let mut expected_deliveries = 0u64;
+    let mut closed_early = 0u64;
+    let mut undelivered_at_end = 0u64;
+    for task in subscriber_tasks {
+        let Some(stats) = task.await.context("subscriber task")? else {
+            continue;
+        };
+        let last = shared.room_last[stats.room].load(Ordering::SeqCst);
+        expected_deliveries += last.saturating_sub(stats.start_offset);
+        undelivered_at_end += last.saturating_sub(stats.last_offset);
+        totals.gaps += stats.gaps;
+        totals.unique += stats.unique;
+        totals.duplicates += stats.duplicates;
+        totals.epoch_mismatches += stats.epoch_mismatches;
+        totals.unexpected += stats.unexpected;
+        totals.in_window += stats.in_window;
+        totals.received_in_window += stats.received_in_window;
+        closed_early += u64::from(stats.closed_early);
+    }
+    let mut histogram = latency_histogram();
+    for shard in &shared.histograms {
+        histogram.add(&*shard.lock().expect("histogram lock")).ok();
+    }
+
+    let redis_cost = match (redis_before, redis_after) {
+        (Some(Ok(before)), Some(Ok(after))) => Some(redis_cost(
+            &before,
+            &after,
+            sent_in_window,
+            args.duration_secs,
+            baseline.as_ref(),
+        )),
+        (Some(Err(error)), _) | (_, Some(Err(error))) => {
+            eprintln!("reading Redis INFO failed: {error:#}");
+            None
+        }
+        _ => None,
+    };
+    let window = args.duration_secs as f64;
+    let answered = shared.answered.load(Ordering::SeqCst);
+    let result = LatencyResult {
+        publish_url: args.publish_url.clone(),
+        subscribe_urls: args.subscribe_urls.clone(),
+        rooms: args.rooms,
+        subscribers_per_room: args.subscribers_per_room,
+        subscribers,
+        publishers,
+        rate_target: args.rate,
+        warmup_secs: args.warmup_secs,
+        duration_secs: args.duration_secs,
+        published: sent_in_window,
+        published_per_sec: round3(sent_in_window as f64 / window),
+        published_total: sent,
+        publish_errors: shared.publish_errors.load(Ordering::SeqCst),
+        publish_unanswered: sent.saturating_sub(answered),
+        schedule_lag_ms_p99: ms(lag.value_at_quantile(0.99)),
+        schedule_lag_ms_max: ms(lag.max()),
+        latency_ms_p50: ms(histogram.value_at_quantile(0.5)),
+        latency_ms_p90: ms(histogram.value_at_quantile(0.9)),
+        latency_ms_p99: ms(histogram.value_at_quantile(0.99)),
+        latency_ms_p999: ms(histogram.value_at_quantile(0.999)),
+        latency_ms_max: ms(histogram.max()),
+        latency_ms_mean: round3(histogram.mean() / 1000.0),
+        delivered: totals.in_window,
+        delivered_per_sec: round3(totals.received_in_window as f64 / window),
+        latency_ms_max_by_second: shared
+            .max_by_second
+            .iter()
+            .map(|max| ms(max.load(Ordering::SeqCst)))
+            .collect(),
+        expected_deliveries_total: expected_deliveries,
+        received_total: totals.unique,
+        lost: expected_deliveries.saturating_sub(totals.unique),
+        lost_in_gaps: totals.gaps,
+        undelivered_at_end,
+        duplicates: totals.duplicates,
+        epoch_mismatches: totals.epoch_mismatches,
+        subscribers_closed_early: closed_early,
+        unexpected_frames: totals.unexpected,
+        cpu_percent: cpu.by_name,
+        machine_cpu_percent: cpu.machine,
+        other_processes_cpu_percent: cpu.others,
+        redis: redis_cost,
+    };
+    emit(&result, args.json.as_deref())
+}

@@ -1,0 +1,165 @@
+//! The subscribers of scenario `latency`: opened at a held rate and subscribed, then each reads
+//! its messages, timing them and checking their offsets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::shared::{HISTOGRAM_SHARDS, Shared, SubscriberStats};
+use crate::ws::{Incoming, Socket, subscribe_one};
+
+/// Bound on each connection's handshake plus subscribe.
+pub const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens `subscribers_per_room` subscribers for every room at `connect_rate` per second and waits
+/// until all are subscribed; subscriber j of room k connects to target j mod N, so every room
+/// spans the nodes. Each task then reads until `stop` and returns what its subscriber saw.
+pub async fn start(
+    shared: &Arc<Shared>,
+    targets: &[(String, SocketAddr)],
+    subscribers_per_room: u64,
+    connect_rate: u64,
+    setup_timeout: Duration,
+    stop_tx: &watch::Sender<bool>,
+) -> Result<Vec<JoinHandle<Option<SubscriberStats>>>> {
+    let rooms = shared.rooms.len() as u64;
+    let subscribers = rooms * subscribers_per_room;
+    let setup_deadline = tokio::time::Instant::now() + setup_timeout;
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(usize, u64)>>();
+    let mut schedule = tokio::time::interval(Duration::from_secs_f64(1.0 / connect_rate as f64));
+    schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(subscribers as usize);
+    for index in 0..subscribers {
+        schedule.tick().await;
+        if tokio::time::Instant::now() > setup_deadline {
+            bail!("timed out while opening subscriber connections");
+        }
+        let room = (index % rooms) as usize;
+        let (url, target) = targets[((index / rooms) % targets.len() as u64) as usize].clone();
+        let shared = shared.clone();
+        let ready_tx = ready_tx.clone();
+        let stop = stop_tx.subscribe();
+        let shard = (index % HISTOGRAM_SHARDS) as usize;
+        tasks.push(tokio::spawn(async move {
+            let setup = tokio::time::timeout(
+                SETUP_STEP_TIMEOUT,
+                subscribe_one(&url, target, &shared.rooms[room]),
+            )
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no subscribe reply in 30s")));
+            match setup {
+                Ok((socket, start_offset, epoch)) => {
+                    let _ = ready_tx.send(Ok((room, start_offset)));
+                    let stats = SubscriberStats {
+                        room,
+                        start_offset,
+                        last_offset: start_offset,
+                        ..SubscriberStats::default()
+                    };
+                    Some(receive(socket, stats, epoch, shard, shared, stop).await)
+                }
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                    None
+                }
+            }
+        }));
+    }
+    drop(ready_tx);
+    let mut subscribe_failures = 0u64;
+    for _ in 0..subscribers {
+        match tokio::time::timeout_at(setup_deadline, ready_rx.recv()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(error))) => {
+                subscribe_failures += 1;
+                if subscribe_failures <= 5 {
+                    eprintln!("subscribe failed: {error:#}");
+                }
+            }
+            Ok(None) => break,
+            Err(_) => bail!("timed out waiting for subscribe replies"),
+        }
+    }
+    if subscribe_failures > 0 {
+        let _ = stop_tx.send(true);
+        bail!("{subscribe_failures} of {subscribers} subscribers failed");
+    }
+    Ok(tasks)
+}
+
+/// Reads a subscriber's messages until told to stop: latency of each, and its offsets checked
+/// against the last one seen.
+async fn receive(
+    mut socket: Socket,
+    mut stats: SubscriberStats,
+    epoch: String,
+    shard: usize,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> SubscriberStats {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            next = socket.next() => next,
+        };
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                stats.closed_early = true;
+                break;
+            }
+            Some(Ok(_)) => continue,
+        };
+        let received_us = shared.now_us();
+        let parsed = serde_json::from_str::<Incoming<'_>>(text.as_str());
+        let (offset, stamp, message_epoch) = match parsed {
+            Ok(Incoming {
+                kind: "message",
+                offset: Some(offset),
+                data: Some(stamp),
+                epoch,
+                ..
+            }) => (offset, stamp, epoch),
+            _ => {
+                stats.unexpected += 1;
+                continue;
+            }
+        };
+        if message_epoch != Some(epoch.as_str()) {
+            stats.epoch_mismatches += 1;
+        }
+        if offset <= stats.last_offset {
+            stats.duplicates += 1;
+            continue;
+        }
+        stats.gaps += offset - stats.last_offset - 1;
+        stats.last_offset = offset;
+        stats.unique += 1;
+        shared.received.fetch_add(1, Ordering::Relaxed);
+        if shared.in_window(received_us) {
+            stats.received_in_window += 1;
+        }
+        if shared.in_window(stamp.t) {
+            stats.in_window += 1;
+            let micros = received_us.saturating_sub(stamp.t).max(1);
+            shared.histograms[shard]
+                .lock()
+                .expect("histogram lock")
+                .saturating_record(micros);
+            let second = (stamp.t - shared.window_start_us.load(Ordering::Relaxed)) / 1_000_000;
+            if let Some(max) = shared.max_by_second.get(second as usize) {
+                max.fetch_max(micros, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = socket.close(None).await;
+    stats
+}

@@ -1,0 +1,124 @@
+//! What the scenarios report: their results, printed as JSON and optionally written to a file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+/// Prints `result` as pretty JSON and, given a path, writes the same text there.
+pub fn emit(result: &impl Serialize, json: Option<&Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(result)?;
+    println!("{text}");
+    if let Some(path) = json {
+        std::fs::write(path, &text)?;
+    }
+    Ok(())
+}
+
+/// Microseconds as milliseconds.
+pub fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+/// Rounded to three decimals.
+pub fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+#[derive(Serialize)]
+pub struct ConnectResult {
+    pub connections_requested: u64,
+    pub connections_open: u64,
+    pub failures: u64,
+    pub handshake_ms_p50: f64,
+    pub handshake_ms_p99: f64,
+    pub handshake_ms_max: f64,
+    pub server_rss_before_bytes: Option<u64>,
+    pub server_rss_after_bytes: Option<u64>,
+    pub server_rss_per_connection_bytes: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct LatencyResult {
+    pub publish_url: String,
+    pub subscribe_urls: Vec<String>,
+    pub rooms: u64,
+    pub subscribers_per_room: u64,
+    pub subscribers: u64,
+    pub publishers: u64,
+    pub rate_target: u64,
+    pub warmup_secs: u64,
+    pub duration_secs: u64,
+    /// Publishes sent in the measured window.
+    pub published: u64,
+    pub published_per_sec: f64,
+    /// Publishes sent over the whole run (warm-up included).
+    pub published_total: u64,
+    pub publish_errors: u64,
+    /// Publishes the node never answered (neither reply nor error) by the end of the drain.
+    pub publish_unanswered: u64,
+    /// How late the publishers wrote against their schedule (a generator that cannot keep up
+    /// shows here, not in the latency figures).
+    pub schedule_lag_ms_p99: f64,
+    pub schedule_lag_ms_max: f64,
+    /// Send (publisher's write) to receipt (subscriber's read), messages sent in the window.
+    pub latency_ms_p50: f64,
+    pub latency_ms_p90: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_p999: f64,
+    pub latency_ms_max: f64,
+    pub latency_ms_mean: f64,
+    /// Deliveries of messages sent in the window (the latency figures' population).
+    pub delivered: u64,
+    /// Deliveries received during the window, per second: what the subscribers actually got.
+    /// Below published_per_sec × subscribers_per_room, the cluster (or generator) fell behind.
+    pub delivered_per_sec: f64,
+    /// The slowest delivery of the messages sent in each second of the window: flat when the
+    /// cluster keeps up, rising when a backlog builds, one-second spikes for stalls.
+    pub latency_ms_max_by_second: Vec<f64>,
+    /// Over the whole run: deliveries the acknowledged offsets call for, unique deliveries seen,
+    /// and the difference at the end of the drain, split into offsets a subscriber skipped (a
+    /// later one arrived: lost for good) and offsets after a subscriber's last one (not arrived
+    /// by the end of the drain: late or lost); and messages at or below an offset already seen.
+    pub expected_deliveries_total: u64,
+    pub received_total: u64,
+    pub lost: u64,
+    pub lost_in_gaps: u64,
+    pub undelivered_at_end: u64,
+    pub duplicates: u64,
+    pub epoch_mismatches: u64,
+    pub subscribers_closed_early: u64,
+    pub unexpected_frames: u64,
+    /// CPU used over the measured window, percent of one core, per watched process and for
+    /// this harness (`loadtest`).
+    pub cpu_percent: BTreeMap<String, f64>,
+    /// The whole machine's busy CPU over the window (/proc/stat, including interrupt and softirq
+    /// time no process is charged for), percent of one core: the ceiling is 100 × cores.
+    pub machine_cpu_percent: Option<f64>,
+    /// CPU of every other process alive at the end of the window: anything else running on the
+    /// machine (a build, another test) competes with the measurement.
+    pub other_processes_cpu_percent: f64,
+    pub redis: Option<RedisCost>,
+}
+
+#[derive(Serialize)]
+pub struct RedisCost {
+    /// Every command Redis executed in the measured window (INFO commandstats: the commands
+    /// nodes sent plus those their Lua scripts ran; this harness's INFO left out) per publish.
+    pub commands_per_publish: f64,
+    /// Script invocations (EVAL, EVALSHA, FCALL and their _ro forms) per publish.
+    pub script_calls_per_publish: f64,
+    /// Delta of INFO stats total_commands_processed per publish (also counts script-internal
+    /// commands, and this harness's own INFO calls).
+    pub total_commands_processed_per_publish: f64,
+    /// Commands executed in the window, by name, per publish.
+    pub by_command_per_publish: BTreeMap<String, f64>,
+    pub commands: u64,
+    /// Commands per second while nothing was published (the nodes' periodic work: liveness,
+    /// re-registration of sessions and presence, room position checks), if a baseline was taken.
+    pub background_commands_per_sec: Option<f64>,
+    /// commands_per_publish less the background: what publishing itself costs.
+    pub net_commands_per_publish: Option<f64>,
+    pub net_by_command_per_publish: Option<BTreeMap<String, f64>>,
+}
