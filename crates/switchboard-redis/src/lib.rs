@@ -530,9 +530,11 @@ impl Inner {
     }
 }
 
-/// Parses the READ script's `{offset, epoch, entries}`; entries as (offset, time ms, payload).
-#[allow(clippy::type_complexity)]
-fn parse_read(value: Value) -> Result<(StreamPosition, Vec<(u64, u64, Vec<u8>)>), String> {
+/// One history entry as read: offset, publish time (ms), stored payload.
+type LogEntry = (u64, u64, Vec<u8>);
+
+/// Parses the READ script's `{offset, epoch, entries}`.
+fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>), String> {
     let Value::Array(mut parts) = value else {
         return Err("READ: not an array".into());
     };
