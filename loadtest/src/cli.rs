@@ -1,4 +1,5 @@
-//! Command-line flags of both scenarios, and the bounds the `latency` flags are checked against.
+//! Command-line flags of the scenarios, and the bounds the `latency` and `fanout` flags are
+//! checked against.
 
 use std::path::PathBuf;
 
@@ -33,6 +34,10 @@ pub enum Scenario {
     /// Publish at a held rate on one node, subscribe on others, report end-to-end delivery
     /// latency, loss, duplicates and (with --redis-url) Redis commands per published message.
     Latency(LatencyArgs),
+    /// Spread subscribers over rooms and over every target (each node, or a load balancer),
+    /// publish from connections spread the same way, and report end-to-end latency, delivered
+    /// messages per second, loss, duplicates and order by offset per room.
+    Fanout(FanoutArgs),
 }
 
 #[derive(Parser)]
@@ -119,6 +124,97 @@ pub struct LatencyArgs {
     pub json: Option<PathBuf>,
 }
 
+#[derive(Parser)]
+pub struct FanoutArgs {
+    /// WebSocket URL of a target (a node, or a load balancer in front of them); repeat for
+    /// several. Subscribers and publishers are spread round-robin over them.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// Rooms; publishes go to them round-robin.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: u64,
+    /// Subscriber connections in total, a multiple of --rooms: each room gets the same number,
+    /// spread over the targets.
+    #[arg(long, default_value_t = 500)]
+    pub subscribers: u64,
+    /// Publisher connections, spread over the targets.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: u64,
+    /// Published messages per second, in total over all publishers (held by a scheduler).
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Seconds of the measured window.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Seconds of publishing before the measured window, left out of the figures.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// After the last publish, wait at most this long for outstanding deliveries before counting
+    /// what is missing as lost.
+    #[arg(long, default_value_t = 5)]
+    pub drain_secs: u64,
+    /// New subscriber connections per second while setting up.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_rate: u64,
+    /// Give up unless every subscriber is subscribed within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub setup_timeout_secs: u64,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl FanoutArgs {
+    /// Refuses flags outside the bounds one run is meant to hold.
+    pub fn check(&self) -> Result<()> {
+        if self.rooms == 0 || self.subscribers == 0 || self.subscribers > MAX_SUBSCRIBERS {
+            bail!(
+                "--rooms and --subscribers must be at least 1, --subscribers at most {MAX_SUBSCRIBERS}"
+            );
+        }
+        if !self.subscribers.is_multiple_of(self.rooms) {
+            bail!("--subscribers must be a multiple of --rooms");
+        }
+        check_run(
+            self.rate,
+            self.publishers,
+            self.duration_secs,
+            self.warmup_secs,
+            self.drain_secs,
+            self.setup_timeout_secs,
+            self.connect_rate,
+        )
+    }
+}
+
+/// The bounds `latency` and `fanout` share.
+fn check_run(
+    rate: u64,
+    publishers: u64,
+    duration_secs: u64,
+    warmup_secs: u64,
+    drain_secs: u64,
+    setup_timeout_secs: u64,
+    connect_rate: u64,
+) -> Result<()> {
+    if rate == 0 || rate > MAX_RATE {
+        bail!("--rate must be 1 to {MAX_RATE}");
+    }
+    if publishers == 0 || publishers > MAX_PUBLISHERS {
+        bail!("--publishers must be 1 to {MAX_PUBLISHERS}");
+    }
+    if duration_secs == 0 || duration_secs > MAX_WINDOW_SECS || warmup_secs > MAX_WINDOW_SECS {
+        bail!("--duration-secs must be 1 to {MAX_WINDOW_SECS}, --warmup-secs at most that");
+    }
+    if drain_secs > MAX_DRAIN_SECS || setup_timeout_secs > 600 {
+        bail!("--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600");
+    }
+    if connect_rate == 0 {
+        bail!("--connect-rate must be at least 1");
+    }
+    Ok(())
+}
+
 fn parse_cpu_pid(value: &str) -> Result<(String, u32), String> {
     let (name, pid) = value
         .split_once('=')
@@ -134,32 +230,20 @@ impl LatencyArgs {
         if self.rooms == 0 || self.subscribers_per_room == 0 || subscribers > MAX_SUBSCRIBERS {
             bail!("--rooms × --subscribers-per-room must be 1 to {MAX_SUBSCRIBERS}");
         }
-        if self.rate == 0 || self.rate > MAX_RATE {
-            bail!("--rate must be 1 to {MAX_RATE}");
-        }
-        if self.publishers == 0 || self.publishers > MAX_PUBLISHERS {
-            bail!("--publishers must be 1 to {MAX_PUBLISHERS}");
-        }
-        if self.duration_secs == 0
-            || self.duration_secs > MAX_WINDOW_SECS
-            || self.warmup_secs > MAX_WINDOW_SECS
-        {
-            bail!("--duration-secs must be 1 to {MAX_WINDOW_SECS}, --warmup-secs at most that");
-        }
         if self
             .baseline_secs
             .is_some_and(|secs| secs > MAX_WINDOW_SECS)
         {
             bail!("--baseline-secs must be at most {MAX_WINDOW_SECS}");
         }
-        if self.drain_secs > MAX_DRAIN_SECS || self.setup_timeout_secs > 600 {
-            bail!(
-                "--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600"
-            );
-        }
-        if self.connect_rate == 0 {
-            bail!("--connect-rate must be at least 1");
-        }
-        Ok(())
+        check_run(
+            self.rate,
+            self.publishers,
+            self.duration_secs,
+            self.warmup_secs,
+            self.drain_secs,
+            self.setup_timeout_secs,
+            self.connect_rate,
+        )
     }
 }

@@ -2,10 +2,12 @@
 //! held. Scenario `connect` opens N idle connections at a held rate and reports handshake latency
 //! and the server's resident memory per connection. Scenario `latency` publishes on one node at a
 //! held rate, receives on others and reports end-to-end delivery latency, loss, duplicates and the
-//! Redis commands each published message cost.
+//! Redis commands each published message cost. Scenario `fanout` spreads subscribers and publishers
+//! over every target and reports the same delivery figures.
 
 mod cli;
 mod connect;
+mod fanout;
 mod latency;
 mod procfs;
 mod redis_info;
@@ -22,5 +24,6 @@ async fn main() -> Result<()> {
     match Cli::parse().scenario {
         Scenario::Connect(args) => connect::run(args).await,
         Scenario::Latency(args) => latency::run(args).await,
+        Scenario::Fanout(args) => fanout::run(args).await,
     }
 }

@@ -50,6 +50,30 @@ pub struct LatencyResult {
     pub rate_target: u64,
     pub warmup_secs: u64,
     pub duration_secs: u64,
+    #[serde(flatten)]
+    pub figures: DeliveryFigures,
+}
+
+/// Scenario `fanout`: every target takes subscribers (and publishers), the figures as `latency`.
+#[derive(Serialize)]
+pub struct FanoutResult {
+    pub urls: Vec<String>,
+    pub rooms: u64,
+    pub subscribers: u64,
+    pub subscribers_per_room: u64,
+    /// Subscribers connected to each target, in the order of `urls`.
+    pub subscribers_per_url: Vec<u64>,
+    pub publishers: u64,
+    pub rate_target: u64,
+    pub warmup_secs: u64,
+    pub duration_secs: u64,
+    #[serde(flatten)]
+    pub figures: DeliveryFigures,
+}
+
+/// What a publish/subscribe run measured: the figures `latency` and `fanout` share.
+#[derive(Serialize)]
+pub struct DeliveryFigures {
     /// Publishes sent in the measured window.
     pub published: u64,
     pub published_per_sec: f64,

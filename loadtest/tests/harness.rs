@@ -284,26 +284,61 @@ impl Cluster {
 /// Runs the load-test binary with `args` plus `--json FILE`, bounded by `within`, and returns
 /// the JSON it wrote.
 fn run_loadtest(name: &str, args: &[String], within: Duration) -> Value {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let json = dir.join(format!("{name}-{}.json", std::process::id()));
-    let log = dir.join(format!("{name}-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&json);
-    let mut process = Process::spawn(
-        name,
-        Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
-            .args(args)
-            .arg("--json")
-            .arg(&json)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("creating the log file")),
-    );
-    process.wait_success(within, &log);
-    let text = std::fs::read_to_string(&json).expect("the --json file");
-    let result = serde_json::from_str(&text).expect("the --json file holds JSON");
-    let _ = std::fs::remove_file(&json);
-    let _ = std::fs::remove_file(&log);
-    result
+    Loadtest::spawn(name, args).finish(within)
+}
+
+/// A running load-test binary, writing its JSON and its log (stderr) to files.
+struct Loadtest {
+    process: Process,
+    json: PathBuf,
+    log: PathBuf,
+}
+
+impl Loadtest {
+    fn spawn(name: &str, args: &[String]) -> Loadtest {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let json = dir.join(format!("{name}-{}.json", std::process::id()));
+        let log = dir.join(format!("{name}-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&json);
+        let process = Process::spawn(
+            name,
+            Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
+                .args(args)
+                .arg("--json")
+                .arg(&json)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("creating the log file")),
+        );
+        Loadtest { process, json, log }
+    }
+
+    /// Waits until the log holds `text`, at most `within`.
+    fn wait_for_log(&mut self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains(text) {
+                return;
+            }
+            self.process.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log after {within:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for a successful exit, at most `within`, and returns the JSON written.
+    fn finish(mut self, within: Duration) -> Value {
+        self.process.wait_success(within, &self.log);
+        let text = std::fs::read_to_string(&self.json).expect("the --json file");
+        let result = serde_json::from_str(&text).expect("the --json file holds JSON");
+        let _ = std::fs::remove_file(&self.json);
+        let _ = std::fs::remove_file(&self.log);
+        result
+    }
 }
 
 fn field(result: &Value, name: &str) -> u64 {
@@ -417,4 +452,119 @@ fn latency_across_nodes_loses_nothing() {
             "no CPU of {process}: {result:#}"
         );
     }
+}
+
+/// The flags of a short `fanout` run over both nodes of `cluster`.
+fn fanout_args(
+    cluster: &Cluster,
+    rooms: u64,
+    subscribers: u64,
+    publishers: u64,
+    rate: u64,
+    duration_secs: u64,
+    drain_secs: u64,
+) -> Vec<String> {
+    vec![
+        "fanout".to_owned(),
+        "--url".to_owned(),
+        cluster.a.ws_url(),
+        "--url".to_owned(),
+        cluster.b.ws_url(),
+        format!("--rooms={rooms}"),
+        format!("--subscribers={subscribers}"),
+        format!("--publishers={publishers}"),
+        format!("--rate={rate}"),
+        format!("--duration-secs={duration_secs}"),
+        "--warmup-secs=1".to_owned(),
+        format!("--drain-secs={drain_secs}"),
+        "--setup-timeout-secs=30".to_owned(),
+    ]
+}
+
+#[test]
+fn fanout_over_both_nodes_loses_nothing() {
+    let cluster = Cluster::start();
+    let (rooms, subscribers, publishers, rate, duration_secs) = (4, 16, 2, 100, 2);
+    let args = fanout_args(
+        &cluster,
+        rooms,
+        subscribers,
+        publishers,
+        rate,
+        duration_secs,
+        5,
+    );
+    let result = run_loadtest("fanout", &args, Duration::from_secs(90));
+    let subscribers_per_room = subscribers / rooms;
+    assert_eq!(field(&result, "subscribers"), subscribers, "{result:#}");
+    assert_eq!(
+        field(&result, "subscribers_per_room"),
+        subscribers_per_room,
+        "{result:#}"
+    );
+    assert_eq!(field(&result, "publishers"), publishers, "{result:#}");
+    // Every node holds subscribers.
+    assert_eq!(
+        result["subscribers_per_url"],
+        serde_json::json!([subscribers / 2, subscribers / 2]),
+        "{result:#}"
+    );
+    for zero in [
+        "lost",
+        "lost_in_gaps",
+        "undelivered_at_end",
+        "duplicates",
+        "epoch_mismatches",
+        "publish_errors",
+        "publish_unanswered",
+        "subscribers_closed_early",
+        "unexpected_frames",
+    ] {
+        assert_eq!(field(&result, zero), 0, "{zero}: {result:#}");
+    }
+    let published = field(&result, "published");
+    let scheduled = rate * duration_secs;
+    assert!(
+        published >= scheduled * 8 / 10 && published <= scheduled * 12 / 10,
+        "published {published} in the window, scheduled {scheduled}: {result:#}"
+    );
+    assert_eq!(
+        field(&result, "delivered"),
+        published * subscribers_per_room,
+        "{result:#}"
+    );
+    assert_eq!(
+        field(&result, "received_total"),
+        field(&result, "published_total") * subscribers_per_room,
+        "{result:#}"
+    );
+    assert!(
+        result["delivered_per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+        "{result:#}"
+    );
+    assert!(result["latency_ms_p99"].is_f64(), "{result:#}");
+}
+
+#[test]
+fn fanout_reports_loss_when_a_node_dies() {
+    let mut cluster = Cluster::start();
+    // One publisher: it connects to the first target (node a), so the run outlives node b,
+    // whose subscribers lose the rest of the run.
+    let args = fanout_args(&cluster, 4, 16, 1, 100, 3, 2);
+    let mut loadtest = Loadtest::spawn("fanout-loss", &args);
+    loadtest.wait_for_log("publishing ", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
+    // SIGKILL: node b's connections drop without a close frame.
+    cluster.b.process.child.kill().expect("killing node b");
+    let _ = cluster.b.process.child.wait();
+    let result = loadtest.finish(Duration::from_secs(90));
+    let lost = field(&result, "lost");
+    let closed_early = field(&result, "subscribers_closed_early");
+    assert!(lost > 0, "no loss reported: {result:#}");
+    assert_eq!(closed_early, 8, "node b's subscribers: {result:#}");
+    assert_eq!(
+        field(&result, "received_total") + lost,
+        field(&result, "expected_deliveries_total"),
+        "{result:#}"
+    );
 }

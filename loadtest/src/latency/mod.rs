@@ -6,6 +6,7 @@ mod publisher;
 mod shared;
 mod subscriber;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,20 +20,93 @@ use self::subscriber::SETUP_STEP_TIMEOUT;
 use crate::cli::LatencyArgs;
 use crate::procfs::{CpuSample, cpu_use};
 use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
-use crate::report::{LatencyResult, emit, ms, round3};
+use crate::report::{DeliveryFigures, LatencyResult, emit, ms, round3};
 use crate::ws::{open, url_addr};
 
 pub async fn run(args: LatencyArgs) -> Result<()> {
     args.check()?;
-    let publish_target = url_addr(&args.publish_url)?;
-    let subscribe_targets = args
-        .subscribe_urls
-        .iter()
-        .map(|url| Ok((url.clone(), url_addr(url)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let redis = args.redis_url.as_deref().map(redis_addr).transpose()?;
-    let publishers = args.publishers.min(args.rate);
-    let subscribers = args.rooms * args.subscribers_per_room;
+    let plan = Plan {
+        publish_targets: vec![(args.publish_url.clone(), url_addr(&args.publish_url)?)],
+        subscribe_targets: args
+            .subscribe_urls
+            .iter()
+            .map(|url| Ok((url.clone(), url_addr(url)?)))
+            .collect::<Result<Vec<_>>>()?,
+        rooms: args.rooms,
+        subscribers_per_room: args.subscribers_per_room,
+        publishers: args.publishers.min(args.rate),
+        rate: args.rate,
+        duration_secs: args.duration_secs,
+        warmup_secs: args.warmup_secs,
+        drain_secs: args.drain_secs,
+        connect_rate: args.connect_rate,
+        setup_timeout_secs: args.setup_timeout_secs,
+        redis: args.redis_url.as_deref().map(redis_addr).transpose()?,
+        baseline_secs: args.baseline_secs.unwrap_or(args.duration_secs),
+        cpu_pids: args.cpu_pids.clone(),
+    };
+    let figures = measure(&plan).await?;
+    let result = LatencyResult {
+        publish_url: args.publish_url.clone(),
+        subscribe_urls: args.subscribe_urls.clone(),
+        rooms: args.rooms,
+        subscribers_per_room: args.subscribers_per_room,
+        subscribers: plan.subscribers(),
+        publishers: plan.publishers,
+        rate_target: args.rate,
+        warmup_secs: args.warmup_secs,
+        duration_secs: args.duration_secs,
+        figures,
+    };
+    emit(&result, args.json.as_deref())
+}
+
+/// One publish/subscribe run, already checked: what `latency` and `fanout` both drive.
+pub struct Plan {
+    /// Publisher i connects to target i mod N.
+    pub publish_targets: Vec<(String, SocketAddr)>,
+    /// Subscribers spread over these by [`subscriber::target_of`].
+    pub subscribe_targets: Vec<(String, SocketAddr)>,
+    pub rooms: u64,
+    pub subscribers_per_room: u64,
+    /// Publisher connections, at most `rate`.
+    pub publishers: u64,
+    /// Published messages per second, in total.
+    pub rate: u64,
+    pub duration_secs: u64,
+    pub warmup_secs: u64,
+    pub drain_secs: u64,
+    pub connect_rate: u64,
+    pub setup_timeout_secs: u64,
+    pub redis: Option<SocketAddr>,
+    /// With `redis`: seconds of the idle baseline, 0 for none.
+    pub baseline_secs: u64,
+    pub cpu_pids: Vec<(String, u32)>,
+}
+
+impl Plan {
+    pub fn subscribers(&self) -> u64 {
+        self.rooms * self.subscribers_per_room
+    }
+
+    /// Subscribers connected to each subscribe target, in order.
+    pub fn subscribers_per_target(&self) -> Vec<u64> {
+        let targets = self.subscribe_targets.len() as u64;
+        let mut counts = vec![0; targets as usize];
+        for index in 0..self.subscribers() {
+            counts[subscriber::target_of(index, self.rooms, targets)] += 1;
+        }
+        counts
+    }
+}
+
+/// Sets up the subscribers and publishers of `plan`, publishes through the warm-up and the
+/// measured window, drains, and returns what was measured.
+pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
+    let redis = plan.redis;
+    let publishers = plan.publishers;
+    let subscribers = plan.subscribers();
+    let subscribe_targets = &plan.subscribe_targets;
 
     // Fresh room names per run, so earlier runs against the same Redis do not matter.
     let run = format!(
@@ -43,41 +117,39 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
             .unwrap_or_default()
             .as_millis()
     );
-    let rooms = (0..args.rooms)
+    let rooms = (0..plan.rooms)
         .map(|room| serde_json::to_string(&format!("{run}-{room}")))
         .collect::<Result<_, _>>()?;
-    let shared = Arc::new(Shared::new(rooms, args.duration_secs));
+    let shared = Arc::new(Shared::new(rooms, plan.duration_secs));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let subscriber_tasks = subscriber::start(
         &shared,
-        &subscribe_targets,
-        args.subscribers_per_room,
-        args.connect_rate,
-        Duration::from_secs(args.setup_timeout_secs),
+        subscribe_targets,
+        plan.subscribers_per_room,
+        plan.connect_rate,
+        Duration::from_secs(plan.setup_timeout_secs),
         &stop_tx,
     )
     .await?;
     eprintln!(
         "{subscribers} subscribers in {} rooms on {} node(s) after {:.1}s",
-        args.rooms,
+        plan.rooms,
         subscribe_targets.len(),
         shared.base.elapsed().as_secs_f64()
     );
 
     // Publishers, each with its own scheduler, phases spread over one period.
     let mut publisher_sockets = Vec::with_capacity(publishers as usize);
-    for _ in 0..publishers {
-        let socket = tokio::time::timeout(
-            SETUP_STEP_TIMEOUT,
-            open(&args.publish_url, publish_target, None),
-        )
-        .await
-        .context("publisher connection timed out")??;
+    for index in 0..publishers {
+        let (url, target) = &plan.publish_targets[index as usize % plan.publish_targets.len()];
+        let socket = tokio::time::timeout(SETUP_STEP_TIMEOUT, open(url, *target, None))
+            .await
+            .context("publisher connection timed out")??;
         publisher_sockets.push(socket);
     }
     // Idle baseline of the nodes' own Redis traffic.
-    let baseline_secs = args.baseline_secs.unwrap_or(args.duration_secs);
+    let baseline_secs = plan.baseline_secs;
     let mut baseline = None;
     if let (Some(addr), true) = (redis, baseline_secs > 0) {
         eprintln!("measuring the idle Redis baseline for {baseline_secs}s");
@@ -87,11 +159,11 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         baseline = Some((before, after, baseline_secs));
     }
 
-    let period = Duration::from_secs_f64(publishers as f64 / args.rate as f64);
+    let period = Duration::from_secs_f64(publishers as f64 / plan.rate as f64);
     let start_at = tokio::time::Instant::now() + Duration::from_millis(200);
-    let measure_at = start_at + Duration::from_secs(args.warmup_secs);
-    let end_at = measure_at + Duration::from_secs(args.duration_secs);
-    let drain_deadline = end_at + Duration::from_secs(args.drain_secs);
+    let measure_at = start_at + Duration::from_secs(plan.warmup_secs);
+    let end_at = measure_at + Duration::from_secs(plan.duration_secs);
+    let drain_deadline = end_at + Duration::from_secs(plan.drain_secs);
     shared.set_window(measure_at, end_at);
     let mut reader_tasks = Vec::with_capacity(publishers as usize);
     let mut writer_tasks = Vec::with_capacity(publishers as usize);
@@ -114,12 +186,12 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
     }
     eprintln!(
         "publishing {} msgs/s from {publishers} connection(s): {}s warm-up, {}s measured",
-        args.rate, args.warmup_secs, args.duration_secs
+        plan.rate, plan.warmup_secs, plan.duration_secs
     );
 
     // CPU and Redis counters around the measured window.
     let mut watched = vec![("loadtest".to_owned(), std::process::id())];
-    watched.extend(args.cpu_pids.iter().cloned());
+    watched.extend(plan.cpu_pids.iter().cloned());
     tokio::time::sleep_until(measure_at).await;
     let cpu_before = CpuSample::take(&watched);
     let redis_before = match redis {
@@ -132,7 +204,7 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         Some(addr) => Some(redis_snapshot(addr).await),
         None => None,
     };
-    let cpu = cpu_use(&watched, &cpu_before, &cpu_after, args.duration_secs);
+    let cpu = cpu_use(&watched, &cpu_before, &cpu_after, plan.duration_secs);
 
     let mut lag = latency_histogram();
     let (mut sent, mut sent_in_window) = (0u64, 0u64);
@@ -145,7 +217,7 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
 
     // Drain: every publish answered, every acknowledged message delivered, or the deadline.
     let expected_total = || {
-        (0..args.rooms)
+        (0..plan.rooms)
             .map(|room| shared.room_last[room as usize].load(Ordering::SeqCst))
             .sum::<u64>()
     };
@@ -153,7 +225,7 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         let answered = shared.answered.load(Ordering::SeqCst) >= sent;
         // Rooms are fresh, so every subscriber starts at offset 0 (checked per subscriber below).
         let delivered =
-            shared.received.load(Ordering::SeqCst) >= expected_total() * args.subscribers_per_room;
+            shared.received.load(Ordering::SeqCst) >= expected_total() * plan.subscribers_per_room;
         if (answered && delivered) || tokio::time::Instant::now() >= drain_deadline {
             break;
         }
@@ -194,7 +266,7 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
             &before,
             &after,
             sent_in_window,
-            args.duration_secs,
+            plan.duration_secs,
             baseline.as_ref(),
         )),
         (Some(Err(error)), _) | (_, Some(Err(error))) => {
@@ -203,18 +275,9 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         }
         _ => None,
     };
-    let window = args.duration_secs as f64;
+    let window = plan.duration_secs as f64;
     let answered = shared.answered.load(Ordering::SeqCst);
-    let result = LatencyResult {
-        publish_url: args.publish_url.clone(),
-        subscribe_urls: args.subscribe_urls.clone(),
-        rooms: args.rooms,
-        subscribers_per_room: args.subscribers_per_room,
-        subscribers,
-        publishers,
-        rate_target: args.rate,
-        warmup_secs: args.warmup_secs,
-        duration_secs: args.duration_secs,
+    Ok(DeliveryFigures {
         published: sent_in_window,
         published_per_sec: round3(sent_in_window as f64 / window),
         published_total: sent,
@@ -248,6 +311,5 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         machine_cpu_percent: cpu.machine,
         other_processes_cpu_percent: cpu.others,
         redis: redis_cost,
-    };
-    emit(&result, args.json.as_deref())
+    })
 }

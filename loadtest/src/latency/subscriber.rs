@@ -18,9 +18,16 @@ use crate::ws::{Incoming, Socket, subscribe_one};
 /// Bound on each connection's handshake plus subscribe.
 pub const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The target subscriber `index` connects to: subscriber j of room k (index j × rooms + k) goes
+/// to target (j + k) mod N, so every room spans the targets and, even with one subscriber per
+/// room, the rooms spread over them.
+pub fn target_of(index: u64, rooms: u64, targets: u64) -> usize {
+    ((index / rooms + index % rooms) % targets) as usize
+}
+
 /// Opens `subscribers_per_room` subscribers for every room at `connect_rate` per second and waits
-/// until all are subscribed; subscriber j of room k connects to target j mod N, so every room
-/// spans the nodes. Each task then reads until `stop` and returns what its subscriber saw.
+/// until all are subscribed, spread over the targets by [`target_of`]. Each task then reads
+/// until `stop` and returns what its subscriber saw.
 pub async fn start(
     shared: &Arc<Shared>,
     targets: &[(String, SocketAddr)],
@@ -42,7 +49,7 @@ pub async fn start(
             bail!("timed out while opening subscriber connections");
         }
         let room = (index % rooms) as usize;
-        let (url, target) = targets[((index / rooms) % targets.len() as u64) as usize].clone();
+        let (url, target) = targets[target_of(index, rooms, targets.len() as u64)].clone();
         let shared = shared.clone();
         let ready_tx = ready_tx.clone();
         let stop = stop_tx.subscribe();

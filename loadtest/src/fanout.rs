@@ -1,0 +1,50 @@
+//! Scenario `fanout`: S subscribers spread over K rooms and over every target, P publishers
+//! (spread the same way) at a total rate R for D seconds. The run itself is the `latency`
+//! scenario's ([`crate::latency::measure`]): end-to-end latency from the timestamp in each
+//! payload, delivered messages per second, and loss, duplicates and order by offset per room.
+
+use anyhow::Result;
+
+use crate::cli::FanoutArgs;
+use crate::latency::{Plan, measure};
+use crate::report::{FanoutResult, emit};
+use crate::ws::url_addr;
+
+pub async fn run(args: FanoutArgs) -> Result<()> {
+    args.check()?;
+    let targets = args
+        .urls
+        .iter()
+        .map(|url| Ok((url.clone(), url_addr(url)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let plan = Plan {
+        publish_targets: targets.clone(),
+        subscribe_targets: targets,
+        rooms: args.rooms,
+        subscribers_per_room: args.subscribers / args.rooms,
+        publishers: args.publishers.min(args.rate),
+        rate: args.rate,
+        duration_secs: args.duration_secs,
+        warmup_secs: args.warmup_secs,
+        drain_secs: args.drain_secs,
+        connect_rate: args.connect_rate,
+        setup_timeout_secs: args.setup_timeout_secs,
+        redis: None,
+        baseline_secs: 0,
+        cpu_pids: Vec::new(),
+    };
+    let figures = measure(&plan).await?;
+    let result = FanoutResult {
+        urls: args.urls.clone(),
+        rooms: plan.rooms,
+        subscribers: plan.subscribers(),
+        subscribers_per_room: plan.subscribers_per_room,
+        subscribers_per_url: plan.subscribers_per_target(),
+        publishers: plan.publishers,
+        rate_target: plan.rate,
+        warmup_secs: plan.warmup_secs,
+        duration_secs: plan.duration_secs,
+        figures,
+    };
+    emit(&result, args.json.as_deref())
+}
