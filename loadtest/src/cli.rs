@@ -38,6 +38,14 @@ pub enum Scenario {
     /// publish from connections spread the same way, and report end-to-end latency, delivered
     /// messages per second, loss, duplicates and order by offset per room.
     Fanout(FanoutArgs),
+    /// Users on different targets messaging each other with `send`: each user sends to a partner
+    /// on another target at its share of a held rate; reports delivery latency, loss and
+    /// duplicates by per-sender sequence.
+    Direct(DirectArgs),
+    /// Subscribers over rooms and targets while a publisher runs; every subscriber connection is
+    /// dropped at once (after --drop-after-secs, or on SIGUSR1), then each reconnects to the next
+    /// target and resubscribes with `since`; reports reconnect times and any message lost.
+    Reconnect(ReconnectArgs),
 }
 
 #[derive(Parser)]
@@ -122,6 +130,9 @@ pub struct LatencyArgs {
     /// Write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a self-contained HTML report (inline CSS and SVG charts) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -162,6 +173,9 @@ pub struct FanoutArgs {
     /// Write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a self-contained HTML report (inline CSS and SVG charts) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 impl FanoutArgs {
@@ -246,4 +260,75 @@ impl LatencyArgs {
             self.connect_rate,
         )
     }
+}
+
+#[derive(Parser)]
+pub struct DirectArgs {
+    /// WebSocket URL of a target (a node); repeat for several. Users are spread round-robin over
+    /// them, and each sends to a user on another target.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// Users, one session each (named with `?user=`, so the nodes must run with auth off).
+    #[arg(long, default_value_t = 100)]
+    pub users: u64,
+    /// Prefix of the user ids; each run adds its own id and the user's index.
+    #[arg(long, default_value = "lt-user")]
+    pub user_prefix: String,
+    /// `send` frames per second, in total over all users (held by a scheduler).
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// After the last send, wait at most this long for outstanding deliveries.
+    #[arg(long, default_value_t = 5)]
+    pub drain_secs: u64,
+    /// New connections per second while setting up.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_rate: u64,
+    /// Give up unless every user is connected within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub setup_timeout_secs: u64,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+pub struct ReconnectArgs {
+    /// WebSocket URL of a target (a node); repeat for several. Subscribers are spread
+    /// round-robin over them and reconnect to the next one.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// Rooms; publishes go to them round-robin.
+    #[arg(long, default_value_t = 10)]
+    pub rooms: u64,
+    /// Subscriber connections in total, spread over the rooms.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: u64,
+    /// Published messages per second (one publisher on the first target).
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// Seconds of publishing before every subscriber is dropped; without it, the drop waits
+    /// for SIGUSR1.
+    #[arg(long)]
+    pub drop_after_secs: Option<u64>,
+    /// Seconds of publishing after every subscriber is back.
+    #[arg(long, default_value_t = 2)]
+    pub after_secs: u64,
+    /// Give up on subscribers not back within this many seconds of the drop.
+    #[arg(long, default_value_t = 30)]
+    pub reconnect_timeout_secs: u64,
+    /// After the last publish, wait at most this long for outstanding deliveries.
+    #[arg(long, default_value_t = 5)]
+    pub drain_secs: u64,
+    /// New subscriber connections per second while setting up.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_rate: u64,
+    /// Give up unless every subscriber is subscribed within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub setup_timeout_secs: u64,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }

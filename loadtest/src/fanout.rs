@@ -46,5 +46,9 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         duration_secs: plan.duration_secs,
         figures,
     };
-    emit(&result, args.json.as_deref())
+    emit(&result, args.json.as_deref())?;
+    if let Some(path) = &args.html {
+        crate::html::write(path, "fanout", &result, &result.figures)?;
+    }
+    Ok(())
 }

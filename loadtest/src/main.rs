@@ -3,13 +3,19 @@
 //! and the server's resident memory per connection. Scenario `latency` publishes on one node at a
 //! held rate, receives on others and reports end-to-end delivery latency, loss, duplicates and the
 //! Redis commands each published message cost. Scenario `fanout` spreads subscribers and publishers
-//! over every target and reports the same delivery figures.
+//! over every target and reports the same delivery figures. Scenario `direct` has users on
+//! different nodes message each other; `reconnect` drops every subscriber at once and measures how
+//! fast they are back and whether `since` recovery lost anything.
 
 mod cli;
 mod connect;
+mod direct;
 mod fanout;
+mod html;
 mod latency;
 mod procfs;
+mod progress;
+mod reconnect;
 mod redis_info;
 mod report;
 mod ws;
@@ -25,5 +31,7 @@ async fn main() -> Result<()> {
         Scenario::Connect(args) => connect::run(args).await,
         Scenario::Latency(args) => latency::run(args).await,
         Scenario::Fanout(args) => fanout::run(args).await,
+        Scenario::Direct(args) => direct::run(args).await,
+        Scenario::Reconnect(args) => reconnect::run(args).await,
     }
 }

@@ -101,6 +101,16 @@ pub struct DeliveryFigures {
     /// The slowest delivery of the messages sent in each second of the window: flat when the
     /// cluster keeps up, rising when a backlog builds, one-second spikes for stalls.
     pub latency_ms_max_by_second: Vec<f64>,
+    /// The median and 99th percentile latency of the messages sent in each second of the window.
+    pub latency_ms_p50_by_second: Vec<f64>,
+    pub latency_ms_p99_by_second: Vec<f64>,
+    /// Unique deliveries received in each second of the window.
+    pub delivered_by_second: Vec<u64>,
+    /// Subscriber connections open at the start of each second of the window.
+    pub connections_by_second: Vec<u64>,
+    /// The latency distribution as (percentile, milliseconds) points, for the HTML report.
+    #[serde(skip)]
+    pub latency_percentiles: Vec<(f64, f64)>,
     /// Over the whole run: deliveries the acknowledged offsets call for, unique deliveries seen,
     /// and the difference at the end of the drain, split into offsets a subscriber skipped (a
     /// later one arrived: lost for good) and offsets after a subscriber's last one (not arrived

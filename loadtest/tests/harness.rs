@@ -485,7 +485,7 @@ fn fanout_args(
 fn fanout_over_both_nodes_loses_nothing() {
     let cluster = Cluster::start();
     let (rooms, subscribers, publishers, rate, duration_secs) = (4, 16, 2, 100, 2);
-    let args = fanout_args(
+    let mut args = fanout_args(
         &cluster,
         rooms,
         subscribers,
@@ -494,7 +494,25 @@ fn fanout_over_both_nodes_loses_nothing() {
         duration_secs,
         5,
     );
+    let html = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fanout-{}.html", std::process::id()));
+    let _ = std::fs::remove_file(&html);
+    args.push("--html".to_owned());
+    args.push(html.display().to_string());
     let result = run_loadtest("fanout", &args, Duration::from_secs(90));
+    let report = std::fs::read_to_string(&html).expect("the --html file");
+    let _ = std::fs::remove_file(&html);
+    assert!(report.starts_with("<!DOCTYPE html>"), "{report}");
+    assert!(report.contains("<svg"), "{report}");
+    assert!(
+        !report.contains("http://") && !report.contains("https://"),
+        "external reference in the report: {report}"
+    );
+    assert_eq!(
+        result["delivered_by_second"].as_array().map(Vec::len),
+        Some(duration_secs as usize),
+        "{result:#}"
+    );
     let subscribers_per_room = subscribers / rooms;
     assert_eq!(field(&result, "subscribers"), subscribers, "{result:#}");
     assert_eq!(
@@ -567,4 +585,93 @@ fn fanout_reports_loss_when_a_node_dies() {
         field(&result, "expected_deliveries_total"),
         "{result:#}"
     );
+}
+
+#[test]
+fn direct_between_nodes_loses_nothing() {
+    let cluster = Cluster::start();
+    let args = [
+        "direct".to_owned(),
+        "--url".to_owned(),
+        cluster.a.ws_url(),
+        "--url".to_owned(),
+        cluster.b.ws_url(),
+        "--users=10".to_owned(),
+        "--rate=100".to_owned(),
+        "--duration-secs=2".to_owned(),
+        "--drain-secs=5".to_owned(),
+        "--setup-timeout-secs=30".to_owned(),
+    ];
+    let result = run_loadtest("direct", &args, Duration::from_secs(60));
+    assert_eq!(field(&result, "users"), 10, "{result:#}");
+    assert_eq!(
+        field(&result, "cross_target_pairs"),
+        10,
+        "every pair spans the nodes: {result:#}"
+    );
+    let sent = field(&result, "sent");
+    assert!(
+        (160..=240).contains(&sent),
+        "sent {sent}, scheduled 200: {result:#}"
+    );
+    for zero in [
+        "lost",
+        "lost_in_gaps",
+        "duplicates",
+        "sent_to_no_session",
+        "send_errors",
+        "send_unanswered",
+        "unexpected_frames",
+        "users_closed_early",
+    ] {
+        assert_eq!(field(&result, zero), 0, "{zero}: {result:#}");
+    }
+    assert_eq!(field(&result, "delivered"), sent, "{result:#}");
+    assert!(result["latency_ms_p99"].is_f64(), "{result:#}");
+}
+
+#[test]
+fn reconnect_resumes_every_subscriber_without_loss() {
+    let cluster = Cluster::start();
+    let subscribers = 16;
+    let args = [
+        "reconnect".to_owned(),
+        "--url".to_owned(),
+        cluster.a.ws_url(),
+        "--url".to_owned(),
+        cluster.b.ws_url(),
+        "--rooms=4".to_owned(),
+        format!("--subscribers={subscribers}"),
+        "--rate=100".to_owned(),
+        "--drop-after-secs=1".to_owned(),
+        "--after-secs=1".to_owned(),
+        "--drain-secs=5".to_owned(),
+        "--setup-timeout-secs=30".to_owned(),
+    ];
+    let result = run_loadtest("reconnect", &args, Duration::from_secs(90));
+    assert_eq!(field(&result, "reconnected"), subscribers, "{result:#}");
+    assert_eq!(field(&result, "recovered"), subscribers, "{result:#}");
+    for zero in [
+        "reconnect_failures",
+        "not_recovered",
+        "epoch_changes",
+        "lost",
+        "lost_in_gaps",
+        "undelivered_at_end",
+        "duplicates",
+        "epoch_mismatches",
+        "publish_errors",
+        "publish_unanswered",
+        "subscribers_closed_early",
+        "unexpected_frames",
+    ] {
+        assert_eq!(field(&result, zero), 0, "{zero}: {result:#}");
+    }
+    assert!(field(&result, "published") > 0, "{result:#}");
+    assert_eq!(
+        field(&result, "received_total"),
+        field(&result, "expected_deliveries_total"),
+        "{result:#}"
+    );
+    assert!(result["reconnect_ms_max"].is_f64(), "{result:#}");
 }

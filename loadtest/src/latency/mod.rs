@@ -19,6 +19,7 @@ use self::shared::{Shared, SubscriberStats, latency_histogram};
 use self::subscriber::SETUP_STEP_TIMEOUT;
 use crate::cli::LatencyArgs;
 use crate::procfs::{CpuSample, cpu_use};
+use crate::progress;
 use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
 use crate::report::{DeliveryFigures, LatencyResult, emit, ms, round3};
 use crate::ws::{open, url_addr};
@@ -58,7 +59,11 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         duration_secs: args.duration_secs,
         figures,
     };
-    emit(&result, args.json.as_deref())
+    emit(&result, args.json.as_deref())?;
+    if let Some(path) = &args.html {
+        crate::html::write(path, "latency", &result, &result.figures)?;
+    }
+    Ok(())
 }
 
 /// One publish/subscribe run, already checked: what `latency` and `fanout` both drive.
@@ -123,6 +128,16 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let shared = Arc::new(Shared::new(rooms, plan.duration_secs));
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let setup_bar = progress::counter(subscribers, "subscribers");
+    let setup_ticker = tokio::spawn({
+        let (shared, bar) = (shared.clone(), setup_bar.clone());
+        async move {
+            loop {
+                bar.set_position(shared.connected.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
     let subscriber_tasks = subscriber::start(
         &shared,
         subscribe_targets,
@@ -131,7 +146,10 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         Duration::from_secs(plan.setup_timeout_secs),
         &stop_tx,
     )
-    .await?;
+    .await;
+    setup_ticker.abort();
+    setup_bar.finish_and_clear();
+    let subscriber_tasks = subscriber_tasks?;
     eprintln!(
         "{subscribers} subscribers in {} rooms on {} node(s) after {:.1}s",
         plan.rooms,
@@ -198,6 +216,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         Some(addr) => Some(redis_snapshot(addr).await),
         None => None,
     };
+    let connections_by_second = watch_window(&shared, measure_at, plan.duration_secs).await;
     tokio::time::sleep_until(end_at).await;
     let cpu_after = CpuSample::take(&watched);
     let redis_after = match redis {
@@ -298,6 +317,15 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
             .iter()
             .map(|max| ms(max.load(Ordering::SeqCst)))
             .collect(),
+        latency_ms_p50_by_second: by_second_quantile(&shared, 0.5),
+        latency_ms_p99_by_second: by_second_quantile(&shared, 0.99),
+        delivered_by_second: shared
+            .delivered_by_second
+            .iter()
+            .map(|count| count.load(Ordering::SeqCst))
+            .collect(),
+        connections_by_second,
+        latency_percentiles: percentile_curve(&histogram),
         expected_deliveries_total: expected_deliveries,
         received_total: totals.unique,
         lost: expected_deliveries.saturating_sub(totals.unique),
@@ -312,4 +340,57 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         other_processes_cpu_percent: cpu.others,
         redis: redis_cost,
     })
+}
+
+/// Through the measured window from `start`: samples the open subscriber connections at the start
+/// of each second, and shows elapsed seconds and delivered/s on a progress line.
+async fn watch_window(shared: &Shared, start: tokio::time::Instant, secs: u64) -> Vec<u64> {
+    let bar = progress::window(secs, "measuring");
+    let mut samples = Vec::with_capacity(secs as usize);
+    let mut received = shared.received.load(Ordering::Relaxed);
+    for second in 0..secs {
+        tokio::time::sleep_until(start + Duration::from_secs(second)).await;
+        samples.push(shared.connected.load(Ordering::Relaxed));
+        let now = shared.received.load(Ordering::Relaxed);
+        bar.set_position(second);
+        if second > 0 {
+            bar.set_message(format!("{} delivered/s", now - received));
+        }
+        received = now;
+    }
+    tokio::time::sleep_until(start + Duration::from_secs(secs)).await;
+    bar.finish_and_clear();
+    samples
+}
+
+/// Latency (ms) at `quantile` of the messages sent in each second of the window.
+fn by_second_quantile(shared: &Shared, quantile: f64) -> Vec<f64> {
+    shared
+        .histograms_by_second
+        .iter()
+        .map(|histogram| {
+            let histogram = histogram.lock().expect("histogram lock");
+            if histogram.is_empty() {
+                0.0
+            } else {
+                ms(histogram.value_at_quantile(quantile))
+            }
+        })
+        .collect()
+}
+
+/// (percentile, ms) points of `histogram`, denser towards the tail.
+fn percentile_curve(histogram: &hdrhistogram::Histogram<u64>) -> Vec<(f64, f64)> {
+    if histogram.is_empty() {
+        return Vec::new();
+    }
+    histogram
+        .iter_quantiles(2)
+        .map(|step| {
+            (
+                round3(step.quantile_iterated_to() * 100.0),
+                ms(step.value_iterated_to()),
+            )
+        })
+        .collect()
 }

@@ -24,6 +24,12 @@ pub struct Shared {
     pub histograms: Vec<Mutex<Histogram<u64>>>,
     /// Highest latency (µs) per second of the window, by send time.
     pub max_by_second: Vec<AtomicU64>,
+    /// Latencies (µs) per second of the window, by send time, for per-second percentiles.
+    pub histograms_by_second: Vec<Mutex<Histogram<u32>>>,
+    /// Unique deliveries received in each second of the window, by receipt time.
+    pub delivered_by_second: Vec<AtomicU64>,
+    /// Subscriber connections subscribed and still reading.
+    pub connected: AtomicU64,
     /// Unique deliveries over the whole run.
     pub received: AtomicU64,
     pub seq: AtomicU64,
@@ -45,6 +51,16 @@ impl Shared {
                 .map(|_| Mutex::new(latency_histogram()))
                 .collect(),
             max_by_second: (0..window_secs).map(|_| AtomicU64::new(0)).collect(),
+            histograms_by_second: (0..window_secs)
+                .map(|_| {
+                    Mutex::new(
+                        Histogram::new_with_bounds(1, LATENCY_CEILING_US, 2)
+                            .expect("valid histogram bounds"),
+                    )
+                })
+                .collect(),
+            delivered_by_second: (0..window_secs).map(|_| AtomicU64::new(0)).collect(),
+            connected: AtomicU64::new(0),
             received: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             answered: AtomicU64::new(0),

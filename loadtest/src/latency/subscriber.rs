@@ -63,6 +63,7 @@ pub async fn start(
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no subscribe reply in 30s")));
             match setup {
                 Ok((socket, start_offset, epoch)) => {
+                    shared.connected.fetch_add(1, Ordering::Relaxed);
                     let _ = ready_tx.send(Ok((room, start_offset)));
                     let stats = SubscriberStats {
                         room,
@@ -70,7 +71,10 @@ pub async fn start(
                         last_offset: start_offset,
                         ..SubscriberStats::default()
                     };
-                    Some(receive(socket, stats, epoch, shard, shared, stop).await)
+                    let connected = shared.clone();
+                    let stats = receive(socket, stats, epoch, shard, shared, stop).await;
+                    connected.connected.fetch_sub(1, Ordering::Relaxed);
+                    Some(stats)
                 }
                 Err(error) => {
                     let _ = ready_tx.send(Err(error));
@@ -153,6 +157,10 @@ async fn receive(
         shared.received.fetch_add(1, Ordering::Relaxed);
         if shared.in_window(received_us) {
             stats.received_in_window += 1;
+            let second = (received_us - shared.window_start_us.load(Ordering::Relaxed)) / 1_000_000;
+            if let Some(count) = shared.delivered_by_second.get(second as usize) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if shared.in_window(stamp.t) {
             stats.in_window += 1;
@@ -164,6 +172,12 @@ async fn receive(
             let second = (stamp.t - shared.window_start_us.load(Ordering::Relaxed)) / 1_000_000;
             if let Some(max) = shared.max_by_second.get(second as usize) {
                 max.fetch_max(micros, Ordering::Relaxed);
+            }
+            if let Some(histogram) = shared.histograms_by_second.get(second as usize) {
+                histogram
+                    .lock()
+                    .expect("histogram lock")
+                    .saturating_record(micros);
             }
         }
     }

@@ -1,0 +1,397 @@
+//! Scenario `direct`: users on different nodes messaging each other with `send`. Each user holds
+//! one session (on the targets round-robin, named with `?user=`), sends to a partner on another
+//! target at its share of a held total rate, and the receivers time each `direct` frame and check
+//! the per-sender sequence for loss and duplicates.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::DirectArgs;
+use crate::report::{emit, ms, round3};
+use crate::ws::{Socket, open, url_addr};
+
+type Sink = futures_util::stream::SplitSink<Socket, Message>;
+type Stream = futures_util::stream::SplitStream<Socket>;
+
+/// Bound on each connection's handshake.
+const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Latencies are recorded in microseconds up to this; longer ones count as this.
+const LATENCY_CEILING_US: u64 = 60_000_000;
+
+#[derive(Serialize)]
+pub struct DirectResult {
+    pub urls: Vec<String>,
+    pub users: u64,
+    pub users_per_url: Vec<u64>,
+    /// Pairs whose sender and receiver are on different targets.
+    pub cross_target_pairs: u64,
+    pub rate_target: u64,
+    pub duration_secs: u64,
+    pub sent: u64,
+    pub sent_per_sec: f64,
+    /// Unique `direct` frames received.
+    pub delivered: u64,
+    pub delivered_per_sec: f64,
+    pub lost: u64,
+    pub lost_in_gaps: u64,
+    pub duplicates: u64,
+    /// `send` replies that listed no session of the receiver.
+    pub sent_to_no_session: u64,
+    pub send_errors: u64,
+    pub send_unanswered: u64,
+    pub unexpected_frames: u64,
+    pub users_closed_early: u64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p90: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_p999: f64,
+    pub latency_ms_max: f64,
+    pub latency_ms_mean: f64,
+}
+
+/// Shared by every user of one run.
+struct Shared {
+    base: Instant,
+    histogram: Mutex<Histogram<u64>>,
+    received: AtomicU64,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+}
+
+/// What one user's reading half saw.
+#[derive(Default)]
+struct ReaderStats {
+    unique: u64,
+    duplicates: u64,
+    gaps: u64,
+    answered: u64,
+    no_session: u64,
+    errors: u64,
+    unexpected: u64,
+    closed_early: bool,
+}
+
+/// The fields of a server frame this scenario reads.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default)]
+    sessions: Option<u64>,
+    #[serde(default)]
+    data: Option<Payload>,
+}
+
+/// What a `send` carries: send time (µs on the common clock), sender index, per-pair sequence
+/// (from 1).
+#[derive(Deserialize)]
+struct Payload {
+    t: u64,
+    f: u64,
+    s: u64,
+}
+
+/// The partner of user `index`: the next user (wrapping) on another target, or the next user when
+/// there is one target.
+fn partner_of(index: u64, users: u64, targets: u64) -> u64 {
+    let own = index % targets;
+    (1..users)
+        .map(|step| (index + step) % users)
+        .find(|other| targets == 1 || other % targets != own)
+        .unwrap_or((index + 1) % users)
+}
+
+/// `url` with `?user=` (or `&user=`) appended.
+fn with_user(url: &str, user: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}user={user}")
+}
+
+pub async fn run(args: DirectArgs) -> Result<()> {
+    args.check()?;
+    let targets = args
+        .urls
+        .iter()
+        .map(|url| Ok((url.clone(), url_addr(url)?)))
+        .collect::<Result<Vec<(String, SocketAddr)>>>()?;
+    let target_count = targets.len() as u64;
+    let users = args.users;
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
+    let names: Vec<String> = (0..users)
+        .map(|index| format!("{}-{run_id}-{index}", args.user_prefix))
+        .collect();
+    let partners: Vec<u64> = (0..users)
+        .map(|index| partner_of(index, users, target_count))
+        .collect();
+    let cross_target_pairs = (0..users)
+        .filter(|&index| index % target_count != partners[index as usize] % target_count)
+        .count() as u64;
+    let mut users_per_url = vec![0u64; targets.len()];
+    for index in 0..users {
+        users_per_url[(index % target_count) as usize] += 1;
+    }
+
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        histogram: Mutex::new(
+            Histogram::new_with_bounds(1, LATENCY_CEILING_US, 3).expect("valid histogram bounds"),
+        ),
+        received: AtomicU64::new(0),
+    });
+
+    // Every user connected before anyone sends.
+    let setup_deadline = tokio::time::Instant::now() + Duration::from_secs(args.setup_timeout_secs);
+    let mut schedule =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / args.connect_rate as f64));
+    schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut opening = Vec::with_capacity(users as usize);
+    for index in 0..users {
+        schedule.tick().await;
+        let (url, addr) = targets[(index % target_count) as usize].clone();
+        let url = with_user(&url, &names[index as usize]);
+        opening.push(tokio::spawn(async move {
+            tokio::time::timeout(SETUP_STEP_TIMEOUT, open(&url, addr, None))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no welcome in 30s")))
+        }));
+    }
+    let mut sockets = Vec::with_capacity(users as usize);
+    for task in opening {
+        let socket = tokio::time::timeout_at(setup_deadline, task)
+            .await
+            .context("timed out opening user connections")?
+            .context("connect task")??;
+        sockets.push(socket);
+    }
+    eprintln!(
+        "{users} users on {} target(s) after {:.1}s",
+        targets.len(),
+        shared.base.elapsed().as_secs_f64()
+    );
+    // Let the session registry settle before the first send.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let period = Duration::from_secs_f64(users as f64 / args.rate as f64);
+    let start_at = tokio::time::Instant::now() + Duration::from_millis(100);
+    let end_at = start_at + Duration::from_secs(args.duration_secs);
+    let drain_deadline = end_at + Duration::from_secs(args.drain_secs);
+    let mut readers = Vec::with_capacity(users as usize);
+    let mut writers = Vec::with_capacity(users as usize);
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let (sink, stream) = socket.split();
+        readers.push(tokio::spawn(read(stream, shared.clone(), stop_rx.clone())));
+        let first = start_at + period.mul_f64(index as f64 / users as f64);
+        let to = serde_json::to_string(&names[partners[index] as usize])?;
+        writers.push(tokio::spawn(write(
+            sink,
+            shared.clone(),
+            index as u64,
+            to,
+            period,
+            first,
+            end_at,
+            drain_deadline,
+        )));
+    }
+    eprintln!(
+        "sending {} msgs/s from {users} users for {}s",
+        args.rate, args.duration_secs
+    );
+
+    let mut sent = 0u64;
+    let mut sinks = Vec::with_capacity(users as usize);
+    for task in writers {
+        let (sink, count) = task.await.context("sender task")??;
+        sent += count;
+        sinks.push(sink);
+    }
+    while shared.received.load(Ordering::SeqCst) < sent
+        && tokio::time::Instant::now() < drain_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Replies trail deliveries a little; give them a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop_tx.send(true);
+    let mut totals = ReaderStats::default();
+    let mut closed_early = 0u64;
+    for task in readers {
+        let stats = task.await.context("reader task")?;
+        totals.unique += stats.unique;
+        totals.duplicates += stats.duplicates;
+        totals.gaps += stats.gaps;
+        totals.answered += stats.answered;
+        totals.no_session += stats.no_session;
+        totals.errors += stats.errors;
+        totals.unexpected += stats.unexpected;
+        closed_early += u64::from(stats.closed_early);
+    }
+    for mut sink in sinks {
+        let _ = sink.close().await;
+    }
+
+    let histogram = shared.histogram.lock().expect("histogram lock").clone();
+    let window = args.duration_secs as f64;
+    let result = DirectResult {
+        urls: args.urls.clone(),
+        users,
+        users_per_url,
+        cross_target_pairs,
+        rate_target: args.rate,
+        duration_secs: args.duration_secs,
+        sent,
+        sent_per_sec: round3(sent as f64 / window),
+        delivered: totals.unique,
+        delivered_per_sec: round3(totals.unique as f64 / window),
+        lost: sent.saturating_sub(totals.unique),
+        lost_in_gaps: totals.gaps,
+        duplicates: totals.duplicates,
+        sent_to_no_session: totals.no_session,
+        send_errors: totals.errors,
+        send_unanswered: sent.saturating_sub(totals.answered + totals.errors),
+        unexpected_frames: totals.unexpected,
+        users_closed_early: closed_early,
+        latency_ms_p50: ms(histogram.value_at_quantile(0.5)),
+        latency_ms_p90: ms(histogram.value_at_quantile(0.9)),
+        latency_ms_p99: ms(histogram.value_at_quantile(0.99)),
+        latency_ms_p999: ms(histogram.value_at_quantile(0.999)),
+        latency_ms_max: ms(histogram.max()),
+        latency_ms_mean: round3(histogram.mean() / 1000.0),
+    };
+    emit(&result, args.json.as_deref())
+}
+
+/// Writes `send` frames to `to` (JSON-encoded) on a fixed schedule from `first` until `end`;
+/// returns the sink and how many were sent.
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    mut sink: Sink,
+    shared: Arc<Shared>,
+    from: u64,
+    to: String,
+    period: Duration,
+    first: tokio::time::Instant,
+    end: tokio::time::Instant,
+    give_up: tokio::time::Instant,
+) -> Result<(Sink, u64)> {
+    let mut schedule = tokio::time::interval_at(first, period);
+    schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut seq = 0u64;
+    loop {
+        if schedule.tick().await >= end {
+            break;
+        }
+        seq += 1;
+        let t = shared.now_us();
+        let frame = format!(
+            r#"{{"type":"send","to":{to},"data":{{"t":{t},"f":{from},"s":{seq}}},"id":{seq}}}"#
+        );
+        tokio::time::timeout_at(give_up, sink.send(Message::text(frame)))
+            .await
+            .context("sender stalled: the node stopped reading")??;
+    }
+    Ok((sink, seq))
+}
+
+/// Reads one user's frames until told to stop: replies to its sends, and the `direct` frames
+/// addressed to it, timed and checked per sender.
+async fn read(
+    mut stream: Stream,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> ReaderStats {
+    let mut stats = ReaderStats::default();
+    let mut last_by_sender: HashMap<u64, u64> = HashMap::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            next = stream.next() => next,
+        };
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                stats.closed_early = true;
+                break;
+            }
+            Some(Ok(_)) => continue,
+        };
+        let received_us = shared.now_us();
+        let Ok(frame) = serde_json::from_str::<Frame<'_>>(text.as_str()) else {
+            stats.unexpected += 1;
+            continue;
+        };
+        match (frame.kind, frame.data) {
+            ("direct", Some(payload)) => {
+                let last = last_by_sender.entry(payload.f).or_insert(0);
+                if payload.s <= *last {
+                    stats.duplicates += 1;
+                    continue;
+                }
+                stats.gaps += payload.s - *last - 1;
+                *last = payload.s;
+                stats.unique += 1;
+                shared.received.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .histogram
+                    .lock()
+                    .expect("histogram lock")
+                    .saturating_record(received_us.saturating_sub(payload.t).max(1));
+            }
+            ("reply", _) => {
+                stats.answered += 1;
+                if frame.sessions == Some(0) {
+                    stats.no_session += 1;
+                }
+            }
+            ("error", _) => stats.errors += 1,
+            ("pong", _) => {}
+            _ => stats.unexpected += 1,
+        }
+    }
+    stats
+}
+
+impl DirectArgs {
+    /// Refuses flags outside the bounds one run is meant to hold.
+    pub fn check(&self) -> Result<()> {
+        if self.users < 2 || self.users > 50_000 {
+            bail!("--users must be 2 to 50000");
+        }
+        if self.rate == 0 || self.rate > 100_000 {
+            bail!("--rate must be 1 to 100000");
+        }
+        if self.duration_secs == 0 || self.duration_secs > 600 || self.drain_secs > 60 {
+            bail!("--duration-secs must be 1 to 600, --drain-secs at most 60");
+        }
+        if self.connect_rate == 0 || self.setup_timeout_secs > 600 {
+            bail!("--connect-rate must be at least 1, --setup-timeout-secs at most 600");
+        }
+        if self.user_prefix.is_empty() || self.user_prefix.len() > 64 {
+            bail!("--user-prefix must be 1 to 64 bytes");
+        }
+        Ok(())
+    }
+}

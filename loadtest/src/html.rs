@@ -1,0 +1,462 @@
+//! A self-contained HTML report of a publish/subscribe run: the parameters and summary from the
+//! same result the JSON holds, and inline SVG charts drawn here (no scripts, nothing fetched).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::report::DeliveryFigures;
+
+const WIDTH: f64 = 720.0;
+const HEIGHT: f64 = 280.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 34.0;
+const BOTTOM: f64 = 44.0;
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1000px}\
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}\
+table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;\
+text-align:left;vertical-align:top}th{background:#f3f3f3;font-weight:600}\
+td.num{text-align:right;font-variant-numeric:tabular-nums}\
+svg{background:#fff;border:1px solid #ddd;margin:0.5em 0;display:block}\
+.charts{display:flex;flex-wrap:wrap;gap:1em}";
+
+/// One line of a chart: its name, colour and (x, y) points.
+struct Series<'a> {
+    name: &'a str,
+    color: &'a str,
+    points: Vec<(f64, f64)>,
+}
+
+/// Writes the report of `result` (a scenario's result, serialised as for the JSON) whose
+/// delivery figures are `figures`, titled after `scenario`, to `path`.
+pub fn write(
+    path: &Path,
+    scenario: &str,
+    result: &impl Serialize,
+    figures: &DeliveryFigures,
+) -> Result<()> {
+    std::fs::write(path, render(scenario, result, figures)?)?;
+    Ok(())
+}
+
+fn render(scenario: &str, result: &impl Serialize, figures: &DeliveryFigures) -> Result<String> {
+    let result = serde_json::to_value(result)?;
+    let figure_values = serde_json::to_value(figures)?;
+    let empty = serde_json::Map::new();
+    let all = result.as_object().unwrap_or(&empty);
+    let figure_keys = figure_values.as_object().unwrap_or(&empty);
+    let parameters: Vec<(&String, &Value)> = all
+        .iter()
+        .filter(|(key, _)| !figure_keys.contains_key(*key))
+        .collect();
+    let summary: Vec<(&String, &Value)> = all
+        .iter()
+        .filter(|(key, _)| figure_keys.contains_key(*key) && !key.ends_with("_by_second"))
+        .collect();
+
+    let title = format!("switchboard-loadtest {scenario}");
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{}</h1>\n",
+        escape(&title),
+        escape(&title)
+    );
+    html.push_str("<h2>Parameters</h2>\n");
+    html.push_str(&table(&parameters));
+    html.push_str("<h2>Summary</h2>\n");
+    html.push_str(&table(&summary));
+
+    html.push_str("<h2>Latency distribution</h2>\n<div class=\"charts\">\n");
+    html.push_str(&bar_chart(
+        "End-to-end latency (ms)",
+        &[
+            ("p50", figures.latency_ms_p50),
+            ("p90", figures.latency_ms_p90),
+            ("p99", figures.latency_ms_p99),
+            ("p99.9", figures.latency_ms_p999),
+            ("max", figures.latency_ms_max),
+        ],
+    ));
+    // Percentile curve: x is -log10(1 - q), so 90% is 1, 99% is 2, 99.9% is 3.
+    let curve: Vec<(f64, f64)> = figures
+        .latency_percentiles
+        .iter()
+        .filter(|(percentile, _)| *percentile < 100.0)
+        .map(|&(percentile, ms)| (-(1.0 - percentile / 100.0).log10(), ms))
+        .collect();
+    let curve_ticks = [
+        (0.0, "0%"),
+        (0.301, "50%"),
+        (1.0, "90%"),
+        (2.0, "99%"),
+        (3.0, "99.9%"),
+        (4.0, "99.99%"),
+        (5.0, "99.999%"),
+    ];
+    let curve_max = curve.iter().map(|point| point.0).fold(1.0, f64::max).ceil();
+    let ticks: Vec<(f64, String)> = curve_ticks
+        .iter()
+        .filter(|(x, _)| *x <= curve_max)
+        .map(|(x, label)| (*x, (*label).to_owned()))
+        .collect();
+    html.push_str(&line_chart(
+        "Latency by percentile (ms)",
+        "percentile",
+        &[Series {
+            name: "latency",
+            color: "#1f77b4",
+            points: curve,
+        }],
+        Some(ticks),
+    ));
+    html.push_str("</div>\n");
+
+    let per_second = |values: &[f64]| -> Vec<(f64, f64)> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(second, value)| (second as f64, *value))
+            .collect()
+    };
+    let counts = |values: &[u64]| -> Vec<(f64, f64)> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(second, value)| (second as f64, *value as f64))
+            .collect()
+    };
+    html.push_str("<h2>Over the measured window</h2>\n<div class=\"charts\">\n");
+    html.push_str(&line_chart(
+        "Latency per second, by send time (ms)",
+        "second of the window",
+        &[
+            Series {
+                name: "p50",
+                color: "#2ca02c",
+                points: per_second(&figures.latency_ms_p50_by_second),
+            },
+            Series {
+                name: "p99",
+                color: "#ff7f0e",
+                points: per_second(&figures.latency_ms_p99_by_second),
+            },
+            Series {
+                name: "max",
+                color: "#d62728",
+                points: per_second(&figures.latency_ms_max_by_second),
+            },
+        ],
+        None,
+    ));
+    html.push_str(&line_chart(
+        "Delivered messages per second",
+        "second of the window",
+        &[Series {
+            name: "delivered",
+            color: "#1f77b4",
+            points: counts(&figures.delivered_by_second),
+        }],
+        None,
+    ));
+    html.push_str(&line_chart(
+        "Open subscriber connections",
+        "second of the window",
+        &[Series {
+            name: "connections",
+            color: "#9467bd",
+            points: counts(&figures.connections_by_second),
+        }],
+        None,
+    ));
+    html.push_str("</div>\n</body>\n</html>\n");
+    Ok(html)
+}
+
+/// Escapes text for HTML content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn table(rows: &[(&String, &Value)]) -> String {
+    let mut html = String::from("<table>\n");
+    for (key, value) in rows {
+        let class = if value.is_number() {
+            " class=\"num\""
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            html,
+            "<tr><th>{}</th><td{class}>{}</td></tr>",
+            escape(key),
+            escape(&value_text(value))
+        );
+    }
+    html.push_str("</table>\n");
+    html
+}
+
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::Null => "–".to_owned(),
+        Value::String(text) => text.clone(),
+        Value::Array(items) => items.iter().map(value_text).collect::<Vec<_>>().join(", "),
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, value)| match value {
+                Value::Object(_) => format!("{key}: {{{}}}", value_text(value)),
+                _ => format!("{key}: {}", value_text(value)),
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// A number to show on an axis or a bar.
+fn label(value: f64) -> String {
+    if value == 0.0 {
+        "0".to_owned()
+    } else if value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else if value.abs() >= 1.0 {
+        format!("{}", (value * 100.0).round() / 100.0)
+    } else {
+        format!("{}", (value * 1000.0).round() / 1000.0)
+    }
+}
+
+/// A round upper bound of an axis at or above `max`.
+fn nice_ceiling(max: f64) -> f64 {
+    if !max.is_finite() || max <= 0.0 {
+        return 1.0;
+    }
+    let magnitude = 10f64.powf(max.log10().floor());
+    for step in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if max <= step * magnitude {
+            return step * magnitude;
+        }
+    }
+    10.0 * magnitude
+}
+
+fn svg_open(title: &str) -> String {
+    format!(
+        "<svg width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" role=\"img\" \
+         aria-label=\"{0}\" font-size=\"11\" font-family=\"system-ui,sans-serif\">\n\
+         <text x=\"{LEFT}\" y=\"18\" font-size=\"13\" font-weight=\"600\">{0}</text>\n",
+        escape(title)
+    )
+}
+
+/// The y axis from 0 to `top`, with grid lines.
+fn y_axis(top: f64) -> String {
+    let mut svg = String::new();
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    for tick in 0..=4 {
+        let value = top * tick as f64 / 4.0;
+        let y = HEIGHT - BOTTOM - plot_height * tick as f64 / 4.0;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#e5e5e5\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            WIDTH - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+            escape(&label(value))
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{:.1}\" stroke=\"#888\"/>\
+         <line x1=\"{LEFT}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#888\"/>",
+        HEIGHT - BOTTOM,
+        WIDTH - RIGHT
+    );
+    svg
+}
+
+fn bar_chart(title: &str, bars: &[(&str, f64)]) -> String {
+    let mut svg = svg_open(title);
+    let top = nice_ceiling(bars.iter().map(|bar| bar.1).fold(0.0, f64::max));
+    svg.push_str(&y_axis(top));
+    let plot_width = WIDTH - LEFT - RIGHT;
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    let slot = plot_width / bars.len().max(1) as f64;
+    for (index, (name, value)) in bars.iter().enumerate() {
+        let height = plot_height * (value / top).clamp(0.0, 1.0);
+        let x = LEFT + slot * index as f64 + slot * 0.2;
+        let y = HEIGHT - BOTTOM - height;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{height:.1}\" fill=\"#1f77b4\">\
+             <title>{1}: {2} ms</title></rect>\
+             <text x=\"{3:.1}\" y=\"{4:.1}\" text-anchor=\"middle\">{2}</text>\
+             <text x=\"{3:.1}\" y=\"{5:.1}\" text-anchor=\"middle\">{1}</text>",
+            slot * 0.6,
+            escape(name),
+            escape(&label(*value)),
+            x + slot * 0.3,
+            y - 4.0,
+            HEIGHT - BOTTOM + 16.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Lines over a shared x axis from the smallest to the largest x; `x_ticks` labels it, or
+/// (without) about ten evenly spaced values do.
+fn line_chart(
+    title: &str,
+    x_title: &str,
+    series: &[Series<'_>],
+    x_ticks: Option<Vec<(f64, String)>>,
+) -> String {
+    let mut svg = svg_open(title);
+    let points = || series.iter().flat_map(|line| line.points.iter());
+    let y_top = nice_ceiling(points().map(|point| point.1).fold(0.0, f64::max));
+    let x_min = points().map(|point| point.0).fold(f64::INFINITY, f64::min);
+    let x_min = if x_min.is_finite() {
+        x_min.min(0.0)
+    } else {
+        0.0
+    };
+    let x_max = points()
+        .map(|point| point.0)
+        .fold(f64::NEG_INFINITY, f64::max)
+        .max(x_min + 1.0);
+    let x_max = match &x_ticks {
+        Some(ticks) => ticks.iter().map(|tick| tick.0).fold(x_max, f64::max),
+        None => x_max,
+    };
+    svg.push_str(&y_axis(y_top));
+    let plot_width = WIDTH - LEFT - RIGHT;
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    let x_of = |x: f64| LEFT + plot_width * (x - x_min) / (x_max - x_min);
+    let y_of = |y: f64| HEIGHT - BOTTOM - plot_height * (y / y_top).clamp(0.0, 1.0);
+
+    let ticks = x_ticks.unwrap_or_else(|| {
+        let step = nice_ceiling((x_max - x_min) / 10.0).max(1.0);
+        let mut ticks = Vec::new();
+        let mut x = x_min;
+        while x <= x_max + 1e-9 {
+            ticks.push((x, label(x)));
+            x += step;
+        }
+        ticks
+    });
+    for (x, text) in &ticks {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            x_of(*x),
+            HEIGHT - BOTTOM + 14.0,
+            escape(text)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+        LEFT + plot_width / 2.0,
+        HEIGHT - 8.0,
+        escape(x_title)
+    );
+    if series.iter().all(|line| line.points.is_empty()) {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#888\">no data</text>",
+            LEFT + plot_width / 2.0,
+            TOP + plot_height / 2.0
+        );
+    }
+    for (index, line) in series.iter().enumerate() {
+        let path: Vec<String> = line
+            .points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", x_of(x), y_of(y)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{0}\" stroke-width=\"2\" points=\"{1}\">\
+             <title>{2}</title></polyline>",
+            escape(line.color),
+            path.join(" "),
+            escape(line.name)
+        );
+        if line.points.len() <= 120 {
+            for &(x, y) in &line.points {
+                let _ = writeln!(
+                    svg,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{}\">\
+                     <title>{}: {} at {}</title></circle>",
+                    x_of(x),
+                    y_of(y),
+                    escape(line.color),
+                    escape(line.name),
+                    escape(&label(y)),
+                    escape(&label(x))
+                );
+            }
+        }
+        // Legend, top right.
+        let legend_x = WIDTH - RIGHT - 90.0 * (series.len() - index) as f64;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{legend_x:.1}\" y=\"10\" width=\"12\" height=\"3\" fill=\"{}\"/>\
+             <text x=\"{:.1}\" y=\"15\">{}</text>",
+            escape(line.color),
+            legend_x + 16.0,
+            escape(line.name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            escape("<a href=\"x\">&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn nice_ceilings() {
+        assert_eq!(nice_ceiling(0.0), 1.0);
+        assert_eq!(nice_ceiling(3.2), 5.0);
+        assert_eq!(nice_ceiling(10.0), 10.0);
+        assert_eq!(nice_ceiling(11.0), 20.0);
+    }
+
+    #[test]
+    fn line_chart_without_points_still_draws() {
+        let svg = line_chart("t<", "x", &[], None);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("t&lt;"));
+        assert!(svg.contains("no data"));
+    }
+}
