@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::DirectArgs;
 use crate::report::{emit, ms, round3};
-use crate::ws::{Socket, open, url_addr};
+use crate::ws::{Next, Socket, next_text, open, run_tag, url_addr};
 
 type Sink = futures_util::stream::SplitSink<Socket, Message>;
 type Stream = futures_util::stream::SplitStream<Socket>;
@@ -130,14 +130,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         .collect::<Result<Vec<(String, SocketAddr)>>>()?;
     let target_count = targets.len() as u64;
     let users = args.users;
-    let run_id = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-    );
+    let run_id = run_tag("");
     let names: Vec<String> = (0..users)
         .map(|index| format!("{}-{run_id}-{index}", args.user_prefix))
         .collect();
@@ -325,18 +318,13 @@ async fn read(
     let mut stats = ReaderStats::default();
     let mut last_by_sender: HashMap<u64, u64> = HashMap::new();
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            next = stream.next() => next,
-        };
-        let text = match next {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+        let text = match next_text(&mut stream, &mut stop).await {
+            Next::Text(text) => text,
+            Next::Stop => break,
+            Next::Closed => {
                 stats.closed_early = true;
                 break;
             }
-            Some(Ok(_)) => continue,
         };
         let received_us = shared.now_us();
         let Ok(frame) = serde_json::from_str::<Frame<'_>>(text.as_str()) else {

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ReconnectArgs;
 use crate::report::{emit, ms};
-use crate::ws::{Incoming, Socket, open, subscribe_one, url_addr};
+use crate::ws::{Incoming, Socket, await_setup, open, run_tag, subscribe_one, url_addr};
 
 /// Bound on each connection's handshake plus subscribe.
 const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,14 +149,7 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
         .map(|url| Ok((url.clone(), url_addr(url)?)))
         .collect::<Result<Vec<(String, SocketAddr)>>>()?;
     let target_count = targets.len() as u64;
-    let run_id = format!(
-        "rc{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-    );
+    let run_id = run_tag("rc");
     let rooms = (0..args.rooms)
         .map(|room| serde_json::to_string(&format!("{run_id}-{room}")))
         .collect::<Result<Vec<_>, _>>()?;
@@ -197,23 +190,9 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
     }
     drop(ready_tx);
     drop(back_tx);
-    let mut failures = 0u64;
-    for _ in 0..args.subscribers {
-        match tokio::time::timeout_at(setup_deadline, ready_rx.recv()).await {
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(error))) => {
-                failures += 1;
-                if failures <= 5 {
-                    eprintln!("subscribe failed: {error:#}");
-                }
-            }
-            Ok(None) => break,
-            Err(_) => bail!("timed out waiting for subscribe replies"),
-        }
-    }
-    if failures > 0 {
+    if let Err(error) = await_setup(&mut ready_rx, args.subscribers, setup_deadline).await {
         let _ = stop_tx.send(true);
-        bail!("{failures} of {} subscribers failed", args.subscribers);
+        return Err(error);
     }
     eprintln!(
         "{} subscribers in {} rooms on {} target(s)",

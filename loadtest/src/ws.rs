@@ -14,6 +14,74 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// A tag unique to this run (process id and start time), so rooms and users of earlier runs
+/// against the same Redis do not matter.
+pub fn run_tag(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    )
+}
+
+/// What a reader gets next.
+pub enum Next {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    /// The run told the reader to stop.
+    Stop,
+    /// The server closed the connection, or it broke.
+    Closed,
+}
+
+/// The next text frame of `stream` (other frames are skipped), unless the run says stop first.
+pub async fn next_text<S>(stream: &mut S, stop: &mut tokio::sync::watch::Receiver<bool>) -> Next
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => return Next::Stop,
+            next = stream.next() => next,
+        };
+        match next {
+            Some(Ok(Message::Text(text))) => return Next::Text(text),
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Next::Closed,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Waits for `expected` setup answers (one per connection), failing on the first deadline miss
+/// or, once all answered, if any of them failed (the first five failures are printed).
+pub async fn await_setup<T>(
+    ready: &mut tokio::sync::mpsc::UnboundedReceiver<Result<T>>,
+    expected: u64,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
+    let mut failures = 0u64;
+    for _ in 0..expected {
+        match tokio::time::timeout_at(deadline, ready.recv()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(error))) => {
+                failures += 1;
+                if failures <= 5 {
+                    eprintln!("subscribe failed: {error:#}");
+                }
+            }
+            Ok(None) => break,
+            Err(_) => bail!("timed out waiting for subscribe replies"),
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {expected} subscribers failed");
+    }
+    Ok(())
+}
+
 /// The socket address of a WebSocket URL; loopback IP addresses only.
 pub fn url_addr(url: &str) -> Result<SocketAddr> {
     let request = url.into_client_request()?;

@@ -22,7 +22,7 @@ use crate::procfs::{CpuSample, cpu_use};
 use crate::progress;
 use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
 use crate::report::{DeliveryFigures, LatencyResult, emit, ms, round3};
-use crate::ws::{open, url_addr};
+use crate::ws::{open, run_tag, url_addr};
 
 pub async fn run(args: LatencyArgs) -> Result<()> {
     args.check()?;
@@ -114,14 +114,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let subscribe_targets = &plan.subscribe_targets;
 
     // Fresh room names per run, so earlier runs against the same Redis do not matter.
-    let run = format!(
-        "lt{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-    );
+    let run = run_tag("lt");
     let rooms = (0..plan.rooms)
         .map(|room| serde_json::to_string(&format!("{run}-{room}")))
         .collect::<Result<_, _>>()?;

@@ -7,13 +7,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::shared::{HISTOGRAM_SHARDS, Shared, SubscriberStats};
-use crate::ws::{Incoming, Socket, subscribe_one};
+use crate::ws::{Incoming, Next, Socket, await_setup, next_text, subscribe_one};
 
 /// Bound on each connection's handshake plus subscribe.
 pub const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,23 +82,9 @@ pub async fn start(
         }));
     }
     drop(ready_tx);
-    let mut subscribe_failures = 0u64;
-    for _ in 0..subscribers {
-        match tokio::time::timeout_at(setup_deadline, ready_rx.recv()).await {
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(error))) => {
-                subscribe_failures += 1;
-                if subscribe_failures <= 5 {
-                    eprintln!("subscribe failed: {error:#}");
-                }
-            }
-            Ok(None) => break,
-            Err(_) => bail!("timed out waiting for subscribe replies"),
-        }
-    }
-    if subscribe_failures > 0 {
+    if let Err(error) = await_setup(&mut ready_rx, subscribers, setup_deadline).await {
         let _ = stop_tx.send(true);
-        bail!("{subscribe_failures} of {subscribers} subscribers failed");
+        return Err(error);
     }
     Ok(tasks)
 }
@@ -116,18 +100,13 @@ async fn receive(
     mut stop: watch::Receiver<bool>,
 ) -> SubscriberStats {
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            next = socket.next() => next,
-        };
-        let text = match next {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+        let text = match next_text(&mut socket, &mut stop).await {
+            Next::Text(text) => text,
+            Next::Stop => break,
+            Next::Closed => {
                 stats.closed_early = true;
                 break;
             }
-            Some(Ok(_)) => continue,
         };
         let received_us = shared.now_us();
         let parsed = serde_json::from_str::<Incoming<'_>>(text.as_str());
