@@ -91,29 +91,6 @@ pub struct LatencyArgs {
     /// Subscriber connections per room (each connection subscribes to one room).
     #[arg(long, default_value_t = 5)]
     pub subscribers_per_room: u64,
-    /// Published messages per second, in total over all publishers (held by a scheduler).
-    #[arg(long, default_value_t = 1_000)]
-    pub rate: u64,
-    /// Publisher connections; a node handles one connection's frames one after another, so a
-    /// few connections keep a Redis round trip from capping the rate.
-    #[arg(long, default_value_t = 4)]
-    pub publishers: u64,
-    /// Seconds of the measured window.
-    #[arg(long, default_value_t = 10)]
-    pub duration_secs: u64,
-    /// Seconds of publishing before the measured window, left out of the figures.
-    #[arg(long, default_value_t = 2)]
-    pub warmup_secs: u64,
-    /// After the last publish, wait at most this long for outstanding deliveries before counting
-    /// what is missing as lost.
-    #[arg(long, default_value_t = 5)]
-    pub drain_secs: u64,
-    /// New subscriber connections per second while setting up.
-    #[arg(long, default_value_t = 2_000)]
-    pub connect_rate: u64,
-    /// Give up unless every subscriber is subscribed within this many seconds.
-    #[arg(long, default_value_t = 60)]
-    pub setup_timeout_secs: u64,
     /// The cluster's Redis (redis://127.0.0.1:PORT, no password): its INFO commandstats is read
     /// before and after the measured window to report Redis commands per published message.
     #[arg(long)]
@@ -127,12 +104,8 @@ pub struct LatencyArgs {
     /// report, from /proc; repeatable. The harness's own is always reported.
     #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
     pub cpu_pids: Vec<(String, u32)>,
-    /// Write the result as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write a self-contained HTML report (inline CSS and SVG charts) to this file.
-    #[arg(long)]
-    pub html: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Parser)]
@@ -148,12 +121,35 @@ pub struct FanoutArgs {
     /// spread over the targets.
     #[arg(long, default_value_t = 500)]
     pub subscribers: u64,
-    /// Publisher connections, spread over the targets.
-    #[arg(long, default_value_t = 4)]
-    pub publishers: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl FanoutArgs {
+    /// Refuses flags outside the bounds one run is meant to hold.
+    pub fn check(&self) -> Result<()> {
+        if self.rooms == 0 || self.subscribers == 0 || self.subscribers > MAX_SUBSCRIBERS {
+            bail!(
+                "--rooms and --subscribers must be at least 1, --subscribers at most {MAX_SUBSCRIBERS}"
+            );
+        }
+        if !self.subscribers.is_multiple_of(self.rooms) {
+            bail!("--subscribers must be a multiple of --rooms");
+        }
+        self.run.check()
+    }
+}
+
+/// The publishing, timing and output flags `latency` and `fanout` share.
+#[derive(clap::Args)]
+pub struct RunArgs {
     /// Published messages per second, in total over all publishers (held by a scheduler).
     #[arg(long, default_value_t = 1_000)]
     pub rate: u64,
+    /// Publisher connections (spread over the targets); a node handles one connection's frames
+    /// one after another, so a few connections keep a Redis round trip from capping the rate.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: u64,
     /// Seconds of the measured window.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
@@ -178,55 +174,31 @@ pub struct FanoutArgs {
     pub html: Option<PathBuf>,
 }
 
-impl FanoutArgs {
+impl RunArgs {
     /// Refuses flags outside the bounds one run is meant to hold.
-    pub fn check(&self) -> Result<()> {
-        if self.rooms == 0 || self.subscribers == 0 || self.subscribers > MAX_SUBSCRIBERS {
+    fn check(&self) -> Result<()> {
+        if self.rate == 0 || self.rate > MAX_RATE {
+            bail!("--rate must be 1 to {MAX_RATE}");
+        }
+        if self.publishers == 0 || self.publishers > MAX_PUBLISHERS {
+            bail!("--publishers must be 1 to {MAX_PUBLISHERS}");
+        }
+        if self.duration_secs == 0
+            || self.duration_secs > MAX_WINDOW_SECS
+            || self.warmup_secs > MAX_WINDOW_SECS
+        {
+            bail!("--duration-secs must be 1 to {MAX_WINDOW_SECS}, --warmup-secs at most that");
+        }
+        if self.drain_secs > MAX_DRAIN_SECS || self.setup_timeout_secs > 600 {
             bail!(
-                "--rooms and --subscribers must be at least 1, --subscribers at most {MAX_SUBSCRIBERS}"
+                "--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600"
             );
         }
-        if !self.subscribers.is_multiple_of(self.rooms) {
-            bail!("--subscribers must be a multiple of --rooms");
+        if self.connect_rate == 0 {
+            bail!("--connect-rate must be at least 1");
         }
-        check_run(
-            self.rate,
-            self.publishers,
-            self.duration_secs,
-            self.warmup_secs,
-            self.drain_secs,
-            self.setup_timeout_secs,
-            self.connect_rate,
-        )
+        Ok(())
     }
-}
-
-/// The bounds `latency` and `fanout` share.
-fn check_run(
-    rate: u64,
-    publishers: u64,
-    duration_secs: u64,
-    warmup_secs: u64,
-    drain_secs: u64,
-    setup_timeout_secs: u64,
-    connect_rate: u64,
-) -> Result<()> {
-    if rate == 0 || rate > MAX_RATE {
-        bail!("--rate must be 1 to {MAX_RATE}");
-    }
-    if publishers == 0 || publishers > MAX_PUBLISHERS {
-        bail!("--publishers must be 1 to {MAX_PUBLISHERS}");
-    }
-    if duration_secs == 0 || duration_secs > MAX_WINDOW_SECS || warmup_secs > MAX_WINDOW_SECS {
-        bail!("--duration-secs must be 1 to {MAX_WINDOW_SECS}, --warmup-secs at most that");
-    }
-    if drain_secs > MAX_DRAIN_SECS || setup_timeout_secs > 600 {
-        bail!("--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600");
-    }
-    if connect_rate == 0 {
-        bail!("--connect-rate must be at least 1");
-    }
-    Ok(())
 }
 
 fn parse_cpu_pid(value: &str) -> Result<(String, u32), String> {
@@ -250,15 +222,7 @@ impl LatencyArgs {
         {
             bail!("--baseline-secs must be at most {MAX_WINDOW_SECS}");
         }
-        check_run(
-            self.rate,
-            self.publishers,
-            self.duration_secs,
-            self.warmup_secs,
-            self.drain_secs,
-            self.setup_timeout_secs,
-            self.connect_rate,
-        )
+        self.run.check()
     }
 }
 

@@ -22,13 +22,13 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         subscribe_targets: targets,
         rooms: args.rooms,
         subscribers_per_room: args.subscribers / args.rooms,
-        publishers: args.publishers.min(args.rate),
-        rate: args.rate,
-        duration_secs: args.duration_secs,
-        warmup_secs: args.warmup_secs,
-        drain_secs: args.drain_secs,
-        connect_rate: args.connect_rate,
-        setup_timeout_secs: args.setup_timeout_secs,
+        publishers: args.run.publishers.min(args.run.rate),
+        rate: args.run.rate,
+        duration_secs: args.run.duration_secs,
+        warmup_secs: args.run.warmup_secs,
+        drain_secs: args.run.drain_secs,
+        connect_rate: args.run.connect_rate,
+        setup_timeout_secs: args.run.setup_timeout_secs,
         redis: None,
         baseline_secs: 0,
         cpu_pids: Vec::new(),
@@ -46,8 +46,8 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         duration_secs: plan.duration_secs,
         figures,
     };
-    emit(&result, args.json.as_deref())?;
-    if let Some(path) = &args.html {
+    emit(&result, args.run.json.as_deref())?;
+    if let Some(path) = &args.run.html {
         crate::html::write(path, "fanout", &result, &result.figures)?;
     }
     Ok(())

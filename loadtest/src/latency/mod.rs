@@ -35,15 +35,15 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?,
         rooms: args.rooms,
         subscribers_per_room: args.subscribers_per_room,
-        publishers: args.publishers.min(args.rate),
-        rate: args.rate,
-        duration_secs: args.duration_secs,
-        warmup_secs: args.warmup_secs,
-        drain_secs: args.drain_secs,
-        connect_rate: args.connect_rate,
-        setup_timeout_secs: args.setup_timeout_secs,
+        publishers: args.run.publishers.min(args.run.rate),
+        rate: args.run.rate,
+        duration_secs: args.run.duration_secs,
+        warmup_secs: args.run.warmup_secs,
+        drain_secs: args.run.drain_secs,
+        connect_rate: args.run.connect_rate,
+        setup_timeout_secs: args.run.setup_timeout_secs,
         redis: args.redis_url.as_deref().map(redis_addr).transpose()?,
-        baseline_secs: args.baseline_secs.unwrap_or(args.duration_secs),
+        baseline_secs: args.baseline_secs.unwrap_or(args.run.duration_secs),
         cpu_pids: args.cpu_pids.clone(),
     };
     let figures = measure(&plan).await?;
@@ -54,13 +54,13 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         subscribers_per_room: args.subscribers_per_room,
         subscribers: plan.subscribers(),
         publishers: plan.publishers,
-        rate_target: args.rate,
-        warmup_secs: args.warmup_secs,
-        duration_secs: args.duration_secs,
+        rate_target: args.run.rate,
+        warmup_secs: args.run.warmup_secs,
+        duration_secs: args.run.duration_secs,
         figures,
     };
-    emit(&result, args.json.as_deref())?;
-    if let Some(path) = &args.html {
+    emit(&result, args.run.json.as_deref())?;
+    if let Some(path) = &args.run.html {
         crate::html::write(path, "latency", &result, &result.figures)?;
     }
     Ok(())
