@@ -15,6 +15,7 @@ mod html;
 mod latency;
 mod procfs;
 mod progress;
+mod protocol;
 mod reconnect;
 mod redis_info;
 mod report;

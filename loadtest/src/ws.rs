@@ -2,15 +2,14 @@
 //! `welcome`), subscribing one, and the server-frame fields the scenarios read.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::protocol::Protocol;
 
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -94,28 +93,9 @@ pub fn url_addr(url: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
-/// Opens one connection (from `source`, if given) and reads the `welcome`.
+/// Opens one switchboard connection (from `source`, if given) and reads the `welcome`.
 pub async fn open(url: &str, target: SocketAddr, source: Option<IpAddr>) -> Result<Socket> {
-    let socket = if target.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(source) = source {
-        socket.bind(SocketAddr::new(source, 0))?;
-    }
-    let stream = socket.connect(target).await?;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0);
-    let (mut socket, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
-    match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
-        Ok(Some(Ok(_welcome))) => Ok(socket),
-        Ok(Some(Err(error))) => Err(error.into()),
-        Ok(None) => bail!("closed before welcome"),
-        Err(_) => bail!("no welcome in 30s"),
-    }
+    Protocol::Switchboard.open(url, target, source).await
 }
 
 /// Opens a subscriber connection and subscribes it to `room` (JSON-encoded); returns the socket
