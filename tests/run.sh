@@ -18,6 +18,14 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
+# The load-test harness's peer tests run the Socket.IO peer (loadtest/peers/socketio) on node.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "tests/run.sh: installing nodejs and npm" >&2
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+fi
+
 # The end-to-end tests run the binary this builds (tests/harness finds it in target/debug).
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

@@ -1,0 +1,249 @@
+//! The two peer servers of the side-by-side benchmark, run for real and checked against the wire
+//! contract in `loadtest/src/protocol.rs`: the raw ceiling server (`switchboard-raw-ceiling`) and
+//! the Socket.IO 4 server (`loadtest/peers/socketio`, two processes sharing a real redis-server).
+//! Every process started here is killed by pid when its guard is dropped, pass or fail.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use switchboard_e2e::{RedisProcess, Socket, wait_until};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a server may take to start, or a frame to arrive.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A server process, killed by pid when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `command` and reads the `listening on IP:PORT` line it prints once bound.
+    async fn start(mut command: Command) -> Result<Server> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {command:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        tokio::time::timeout(DEADLINE, BufReader::new(stdout).read_line(&mut line))
+            .await
+            .with_context(|| format!("{command:?} printed no line"))??;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected first line {line:?}"))?
+            .parse()?;
+        Ok(Server { child, addr })
+    }
+
+    fn assert_running(&mut self) {
+        let status = self.child.try_wait().expect("try_wait");
+        assert!(status.is_none(), "the server exited: {status:?}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn connect(url: &str) -> Socket {
+    tokio_tungstenite::connect_async(url)
+        .await
+        .unwrap_or_else(|error| panic!("connecting to {url}: {error}"))
+        .0
+}
+
+async fn send(socket: &mut Socket, text: &str) {
+    socket.send(Message::text(text)).await.expect("send");
+}
+
+/// The next text frame, answering Engine.IO pings (`2`) on the way.
+async fn next_text(socket: &mut Socket) -> String {
+    let read = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) if text.as_str() == "2" => {
+                    socket.send(Message::text("3")).await?;
+                }
+                Some(Ok(Message::Text(text))) => return Ok(text.as_str().to_owned()),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error.into()),
+                None => bail!("closed"),
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("no frame in time")
+        .expect("reading a frame")
+}
+
+async fn start_raw() -> Server {
+    Server::start(Command::new(env!("CARGO_BIN_EXE_switchboard-raw-ceiling")))
+        .await
+        .expect("starting switchboard-raw-ceiling")
+}
+
+#[tokio::test]
+async fn raw_server_routes_each_publish_to_its_room_once() {
+    let server = start_raw().await;
+    let url = format!("ws://{}/", server.addr);
+    let mut first = connect(&url).await;
+    let mut second = connect(&url).await;
+    let mut other = connect(&url).await;
+    let mut publisher = connect(&url).await;
+    for (socket, room) in [(&mut first, "r"), (&mut second, "r"), (&mut other, "q")] {
+        send(socket, &format!("sub {room}")).await;
+        assert_eq!(next_text(socket).await, format!("ok {room}"));
+    }
+
+    send(&mut publisher, r#"pub r {"x":1} with spaces"#).await;
+    send(&mut publisher, "pub q for-q").await;
+    send(&mut publisher, "pub r end").await;
+    // One publisher's frames arrive in order: whatever follows the first delivery shows there was
+    // no second copy of it, and the other room's first frame shows it never saw room r's.
+    for socket in [&mut first, &mut second] {
+        assert_eq!(next_text(socket).await, r#"{"x":1} with spaces"#);
+        assert_eq!(next_text(socket).await, "end");
+    }
+    assert_eq!(next_text(&mut other).await, "for-q");
+}
+
+#[tokio::test]
+async fn raw_server_survives_a_client_that_vanishes() {
+    let mut server = start_raw().await;
+    let url = format!("ws://{}/", server.addr);
+    let mut subscriber = connect(&url).await;
+    let mut publisher = connect(&url).await;
+    send(&mut subscriber, "sub r").await;
+    assert_eq!(next_text(&mut subscriber).await, "ok r");
+
+    // Subscribed, then gone without a close frame while messages are on their way to it.
+    let mut vanishing = connect(&url).await;
+    send(&mut vanishing, "sub r").await;
+    assert_eq!(next_text(&mut vanishing).await, "ok r");
+    send(&mut publisher, "pub r one").await;
+    drop(vanishing);
+    send(&mut publisher, "pub r two").await;
+
+    assert_eq!(next_text(&mut subscriber).await, "one");
+    assert_eq!(next_text(&mut subscriber).await, "two");
+    let mut late = connect(&url).await;
+    send(&mut late, "sub r").await;
+    assert_eq!(next_text(&mut late).await, "ok r");
+    send(&mut publisher, "pub r three").await;
+    assert_eq!(next_text(&mut late).await, "three");
+    assert_eq!(next_text(&mut subscriber).await, "three");
+    server.assert_running();
+}
+
+fn socketio_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio")
+}
+
+/// Installs the peer's npm dependencies (from package-lock.json) unless they are there.
+fn npm_ci(dir: &Path) {
+    for tool in ["node", "npm"] {
+        let found = std::process::Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(
+            found,
+            "`{tool}` is not installed: the Socket.IO peer needs node and npm (tests/run.sh installs them)"
+        );
+    }
+    if dir.join("node_modules").is_dir() {
+        return;
+    }
+    let status = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("running npm ci");
+    assert!(status.success(), "npm ci in {} failed", dir.display());
+}
+
+async fn start_socketio(redis: &RedisProcess) -> Server {
+    let dir = socketio_dir();
+    let mut command = Command::new("node");
+    command
+        .arg(dir.join("server.js"))
+        .env("PORT", "0")
+        .env("REDIS_URL", redis.url());
+    Server::start(command)
+        .await
+        .expect("starting the Socket.IO peer")
+}
+
+/// Opens an Engine.IO 4 WebSocket and joins the default namespace.
+async fn socketio_connect(server: &Server) -> Socket {
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", server.addr);
+    let mut socket = connect(&url).await;
+    let open = next_text(&mut socket).await;
+    assert!(open.starts_with("0{"), "Engine.IO open: {open}");
+    send(&mut socket, "40").await;
+    let connected = next_text(&mut socket).await;
+    assert!(
+        connected.starts_with("40{"),
+        "namespace connect: {connected}"
+    );
+    socket
+}
+
+async fn socketio_subscribe(socket: &mut Socket, room: &str) {
+    send(socket, &format!(r#"421["subscribe","{room}"]"#)).await;
+    assert_eq!(next_text(socket).await, r#"431["ok"]"#);
+}
+
+#[tokio::test]
+async fn socketio_peer_delivers_across_nodes_through_redis() {
+    npm_ci(&socketio_dir());
+    let redis = RedisProcess::start().await.expect("starting redis-server");
+    let mut one = start_socketio(&redis).await;
+    let mut two = start_socketio(&redis).await;
+    // Each node's adapter subscribes to its broadcast pattern, then (on the same Redis connection,
+    // so after it) to the request channel: once both nodes have the latter, neither misses a publish.
+    wait_until("both nodes subscribed in Redis", || async {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", "socket.io-request#/#"])
+            .await
+            .is_ok_and(|reply| reply.lines().nth(1) == Some("2"))
+    })
+    .await
+    .expect("the adapters never subscribed");
+
+    let mut remote = socketio_connect(&two).await;
+    let mut local = socketio_connect(&one).await;
+    let mut other = socketio_connect(&two).await;
+    let mut publisher = socketio_connect(&one).await;
+    socketio_subscribe(&mut remote, "r").await;
+    socketio_subscribe(&mut local, "r").await;
+    socketio_subscribe(&mut other, "q").await;
+
+    send(&mut publisher, r#"42["publish","r",{"x":1}]"#).await;
+    send(&mut publisher, r#"42["publish","q","for-q"]"#).await;
+    send(&mut publisher, r#"42["publish","r","end"]"#).await;
+    // In order from one publisher: the frame after the first delivery shows there was no second
+    // copy, and the other room's first frame shows it never saw room r's.
+    for socket in [&mut remote, &mut local] {
+        assert_eq!(next_text(socket).await, r#"42["message",{"x":1}]"#);
+        assert_eq!(next_text(socket).await, r#"42["message","end"]"#);
+    }
+    assert_eq!(next_text(&mut other).await, r#"42["message","for-q"]"#);
+    one.assert_running();
+    two.assert_running();
+}
