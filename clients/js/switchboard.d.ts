@@ -1,0 +1,271 @@
+// Type declarations for @switchboard/client: the JavaScript client of the switchboard WebSocket
+// gateway (wire protocol v1, JSON codec). Hand-written; switchboard.js is the implementation.
+
+/** Any JSON value: what `data` carries in rooms, direct messages and broadcasts. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A position in a room's stream. Offsets of different epochs are unrelated. */
+export interface StreamPosition {
+  offset: number;
+  epoch: string;
+}
+
+/** Who published or sent something; absent when it came from the server API. */
+export interface Sender {
+  user: string;
+  session: string;
+}
+
+/** A message in a subscribed room. */
+export interface RoomMessage<T = Json> {
+  room: string;
+  data: T;
+  offset: number;
+  epoch: string;
+  from?: Sender;
+}
+
+/** Another session joined or left a room subscribed with `presenceEvents: true`. */
+export interface PresenceEvent {
+  type: "join" | "leave";
+  room: string;
+  user: string;
+  session: string;
+}
+
+/** One subscribed session, as listed by `presence`. */
+export interface PresenceMember {
+  user: string;
+  session: string;
+  info?: Json;
+}
+
+/**
+ * The error every rejected promise carries. `code` is the server's stable error code
+ * (`forbidden`, `bad_frame`, `not_subscribed`, `already_subscribed`, `rate_limited`,
+ * `unavailable`, ...) or one of the client's own:
+ * - `timeout`: no answer within `requestTimeoutMs` (the request may still have been carried out);
+ * - `disconnected`: the client was not connected when the request was made, or the connection
+ *   dropped before the answer came (then the outcome is unknown).
+ */
+export declare class SwitchboardError extends Error {
+  constructor(code: string, message: string);
+  readonly name: "SwitchboardError";
+  readonly code: string;
+}
+
+/** Reconnect policy. Delays are drawn with full jitter (see `backoffDelay`). */
+export interface ReconnectOptions {
+  /** Reconnect automatically at all (default true). */
+  enabled?: boolean;
+  /** Cap of the first delay after an unexpected close or a failed attempt (default 500 ms). */
+  initialDelayMs?: number;
+  /** Largest delay ever waited (default 10000 ms). */
+  maxDelayMs?: number;
+  /** Growth of the cap per failed attempt (default 2; values below 1 count as 1). */
+  multiplier?: number;
+  /** Failed attempts in a row before giving up (default Infinity). */
+  maxAttempts?: number;
+  /**
+   * Cap of the first delay after a 1001 close (the node is draining; the others are up, so come
+   * back soon, spread over this window). Default 100 ms; grows like `initialDelayMs`.
+   */
+  drainingDelayMs?: number;
+  /** Least delay after a 1013 close (overloaded or too slow a reader). Default 1000 ms. */
+  overloadedDelayMs?: number;
+}
+
+/** A minimal WebSocket constructor (the standard browser API). */
+export interface WebSocketConstructor {
+  new (url: string, protocols?: string | string[]): WebSocket;
+}
+
+export interface ConnectOptions {
+  /**
+   * A JWT (when the node has authentication on), or a function returning one, called before
+   * every connection attempt so a reconnect can use a fresh token. Sent as `?token=` (browsers
+   * cannot set headers on a WebSocket): use wss:// and short-lived tokens.
+   */
+  token?: string | (() => string | Promise<string>);
+  /** The user id, for nodes with authentication off (`?user=`). */
+  user?: string;
+  /** Wire codec: only "json" (the default) is supported. */
+  codec?: "json";
+  /** How long a request waits for its answer, and a connection for its welcome (default 10000 ms). */
+  requestTimeoutMs?: number;
+  /**
+   * When nothing was heard for this long, send an application-level `ping`; no answer within
+   * `requestTimeoutMs` closes the connection and reconnects. Default: the node's `heartbeat_ms`
+   * from `welcome`. 0 disables.
+   */
+  pingIntervalMs?: number;
+  reconnect?: ReconnectOptions;
+  /** The WebSocket constructor (default `globalThis.WebSocket`). */
+  WebSocket?: WebSocketConstructor;
+  /** The random source for back-off jitter, in [0, 1) (default `Math.random`). */
+  random?: () => number;
+}
+
+export type ClientState = "connecting" | "connected" | "reconnecting" | "closed";
+
+export interface ConnectedEvent {
+  session: string;
+  user: string;
+  node: string;
+  /** False for the first connection, true after every reconnect. */
+  reconnected: boolean;
+}
+
+export interface DisconnectedEvent {
+  /** The close code (1006 when the connection was lost without one, or was given up locally). */
+  code: number;
+  reason: string;
+  /** Whether the client will try to reconnect. */
+  willReconnect: boolean;
+}
+
+export interface ReconnectingEvent {
+  /** The attempt about to be made, from 1. */
+  attempt: number;
+  delayMs: number;
+}
+
+export interface DirectEvent<T = Json> {
+  data: T;
+  from?: Sender;
+}
+
+export interface BroadcastEvent<T = Json> {
+  data: T;
+}
+
+export interface ResubscribedEvent {
+  room: string;
+  /** False when messages may have been missed: reload the room's state another way. */
+  recovered: boolean;
+  offset: number;
+  epoch: string;
+}
+
+export interface ResubscribeFailedEvent {
+  room: string;
+  error: SwitchboardError;
+}
+
+export interface ClientEvents {
+  connected: ConnectedEvent;
+  disconnected: DisconnectedEvent;
+  reconnecting: ReconnectingEvent;
+  direct: DirectEvent;
+  broadcast: BroadcastEvent;
+  /** Every room message delivered to a subscription, after its handler. */
+  message: RoomMessage;
+  /** Every join/leave of a room subscribed with `presenceEvents`. */
+  presence: PresenceEvent;
+  resubscribed: ResubscribedEvent;
+  resubscribeFailed: ResubscribeFailedEvent;
+  /** An `error` frame that answers no request. */
+  error: SwitchboardError;
+}
+
+export interface SubscriptionEvents {
+  message: RoomMessage;
+  presence: PresenceEvent;
+  /** After a reconnect; with `recovered: false` messages may have been missed. */
+  resubscribed: ResubscribedEvent;
+  /** The subscription ended without `unsubscribe()`: a resubscribe failed, or the client closed. */
+  ended: { error?: SwitchboardError };
+}
+
+export interface SubscribeOptions<T = Json> {
+  /** Receive join/leave events of other sessions (default false). */
+  presenceEvents?: boolean;
+  /** Called with each join/leave (implies `presenceEvents: true`). */
+  onPresence?: (event: PresenceEvent) => void;
+  /** Resume from a stored position: the missed messages are delivered first. */
+  since?: StreamPosition;
+}
+
+export interface Subscription<T = Json> {
+  readonly room: string;
+  /** The subscribe reply's position: the room's latest offset when subscribed. */
+  readonly offset: number;
+  readonly epoch: string;
+  /** Set when subscribed with `since`: whether every missed message will be delivered. */
+  readonly recovered?: boolean;
+  /** The last position delivered (what a reconnect resumes from). */
+  readonly position: StreamPosition;
+  readonly presenceEvents: boolean;
+  /** False once unsubscribed or ended. */
+  readonly active: boolean;
+  on<K extends keyof SubscriptionEvents>(event: K, listener: (value: SubscriptionEvents[K]) => void): () => void;
+  off<K extends keyof SubscriptionEvents>(event: K, listener: (value: SubscriptionEvents[K]) => void): void;
+  /** Same as `client.unsubscribe(room)`. */
+  unsubscribe(): Promise<void>;
+}
+
+export interface HistoryOptions {
+  since?: StreamPosition;
+  limit?: number;
+}
+
+export interface HistoryReply {
+  messages: RoomMessage[];
+  offset: number;
+  epoch: string;
+}
+
+export declare class Client {
+  readonly url: string;
+  readonly state: ClientState;
+  /** The current session's welcome, or null while not connected. */
+  readonly session: { session: string; user: string; node: string; heartbeatMs: number } | null;
+  /** Subscribed rooms (including those waiting to be resubscribed). */
+  readonly subscriptions: ReadonlyMap<string, Subscription>;
+
+  /** Adds a listener; returns a function that removes it. */
+  on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
+  off<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): void;
+
+  /** Resolves when connected (at once if it is); rejects with `disconnected` if the client stops for good. */
+  ready(): Promise<ConnectedEvent>;
+
+  /** Subscribes; resolves with the subscription once the server replied. */
+  subscribe<T = Json>(
+    room: string,
+    handler?: (message: RoomMessage<T>) => void,
+    options?: SubscribeOptions<T>,
+  ): Promise<Subscription<T>>;
+  /** Stops delivery at once and tells the server; resolves at once when disconnected (nothing to undo). */
+  unsubscribe(room: string): Promise<void>;
+  publish(room: string, data: Json): Promise<StreamPosition>;
+  send(user: string, data: Json): Promise<{ sessions: number }>;
+  presence(room: string): Promise<{ members: PresenceMember[] }>;
+  history(room: string, options?: HistoryOptions): Promise<HistoryReply>;
+  /** An application-level ping; resolves with the round-trip time in ms. */
+  ping(): Promise<number>;
+
+  /** After the client stopped (1008, attempts exhausted), starts connecting again. */
+  reconnect(): void;
+  /** Closes with 1000 and stops reconnecting; pending requests reject with `disconnected`. */
+  close(): void;
+}
+
+/** Creates a client and starts connecting at once (listen for `connected` or await `ready()`). */
+export declare function connect(url: string, options?: ConnectOptions): Client;
+
+/**
+ * The delay before reconnect attempt `attempt` (from 0) of an outage that began with close code
+ * `closeCode` (1006 for a lost connection): a uniform draw from [floor, max(floor, cap)] where
+ * cap = min(maxDelayMs, base × multiplier^attempt), base = drainingDelayMs after 1001 and
+ * initialDelayMs otherwise, and floor = overloadedDelayMs (at most maxDelayMs) after 1013, else 0.
+ */
+export declare function backoffDelay(
+  attempt: number,
+  closeCode: number,
+  options?: ReconnectOptions,
+  random?: () => number,
+): number;
+
+/** Whether the client reconnects after a close with this code (not after 1002, 1007, 1008). */
+export declare function shouldReconnect(closeCode: number): boolean;
