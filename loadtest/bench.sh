@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Side by side: switchboard, Socket.IO 4 (with its Redis adapter) and the raw tokio-tungstenite
+# ceiling server, each started fresh on loopback under the same conditions, each driven by the same
+# switchboard-loadtest scenarios, then one comparison table. See --help.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() {
+  cat <<'EOF'
+Usage: loadtest/bench.sh [OPTIONS]
+
+Starts each system in turn on 127.0.0.1 (ports chosen at run time), runs the same scenarios against
+it, stops it, and finally prints one table (switchboard-loadtest compare):
+
+  switchboard  a redis-server and N switchboard nodes (target/release/switchboard)
+  socketio     a redis-server and N Socket.IO peers (loadtest/peers/socketio, node)
+  raw          one switchboard-raw-ceiling (no Redis; always a single process)
+
+For every rate: a fresh system, then `fanout` (subscribers and publishers spread over the nodes;
+CPU of every server process and of redis-server). Then a fresh system and `connect` against the
+first node for resident memory per idle connection.
+
+Options:
+  --nodes N             nodes for switchboard and Socket.IO [default: 1]
+  --rooms R             rooms [default: 1]
+  --subscribers S       subscriber connections in total, a multiple of R [default: 2000]
+  --rates LIST          comma-separated publish rates, messages/s; one fanout run each [default: 50,200]
+  --publishers P        publisher connections [default: 4]
+  --duration-secs D     measured window of each fanout run [default: 10]
+  --warmup-secs W       warm-up before each measured window [default: 2]
+  --connections C       idle connections of the connect run; 0 skips it [default: 10000]
+  --systems LIST        which systems, comma-separated [default: switchboard,socketio,raw]
+  --out DIR             JSON results and server logs [default: target/bench]
+  -h, --help            this text
+
+Results (the harness's JSON; its stdout is not shown): DIR/SYSTEM-fanout-RATE.json, DIR/SYSTEM-connect.json; server logs DIR/*.log.
+Everything (load generator included) shares this machine's cores.
+EOF
+}
+
+nodes=1 rooms=1 subscribers=2000 rates=50,200 publishers=4 duration=10 warmup=2
+connections=10000 systems=switchboard,socketio,raw out=target/bench
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) nodes=$2; shift 2 ;;
+    --rooms) rooms=$2; shift 2 ;;
+    --subscribers) subscribers=$2; shift 2 ;;
+    --rates) rates=$2; shift 2 ;;
+    --publishers) publishers=$2; shift 2 ;;
+    --duration-secs) duration=$2; shift 2 ;;
+    --warmup-secs) warmup=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    --systems) systems=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+for value in "$nodes" "$rooms" "$subscribers" "$publishers" "$duration" "$warmup" "$connections"; do
+  [[ $value =~ ^[0-9]+$ ]] || { echo "bench.sh: not a number: $value" >&2; exit 2; }
+done
+[[ $rates =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "bench.sh: --rates must look like 50,200" >&2; exit 2; }
+[ "$nodes" -ge 1 ] && [ "$rooms" -ge 1 ] || { echo "bench.sh: --nodes and --rooms must be at least 1" >&2; exit 2; }
+IFS=, read -r -a rate_list <<<"$rates"
+IFS=, read -r -a system_list <<<"$systems"
+for system in "${system_list[@]}"; do
+  case "$system" in
+    switchboard | socketio | raw) ;;
+    *) echo "bench.sh: unknown system $system" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+# Connections are files: every process started here inherits the hard limit.
+ulimit -n "$(ulimit -Hn)"
+
+loadtest=target/release/switchboard-loadtest
+peer_dir=loadtest/peers/socketio
+
+pids=()
+# Stops what this script started, newest first (servers before their Redis), each by its pid.
+stop_all() {
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+  pids=()
+}
+trap stop_all EXIT
+# So a SIGTERM (once the current run returns) or ctrl-c also goes through stop_all.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# Waits (at most 20 s) until FILE has a line matching REGEX and prints its first match; fails if
+# process PID exits first.
+wait_match() { # file regex pid
+  local match
+  for _ in $(seq 200); do
+    match=$(grep -o -m1 -E "$2" "$1" 2>/dev/null || true)
+    if [ -n "$match" ]; then
+      echo "$match"
+      return 0
+    fi
+    kill -0 "$3" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "bench.sh: no '$2' in $1:" >&2
+  tail -n 20 "$1" >&2
+  return 1
+}
+
+# Starts a redis-server on a free port; sets redis_pid, redis_port and redis_url.
+start_redis() { # log-name
+  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+    --loglevel warning >"$out/$1.log" 2>&1 &
+  redis_pid=$!
+  pids+=("$redis_pid")
+  for _ in $(seq 100); do
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  redis-cli -p "$redis_port" ping >/dev/null || { echo "bench.sh: redis-server did not start" >&2; return 1; }
+  redis_url="redis://127.0.0.1:$redis_port"
+}
+
+# Starts SYSTEM fresh and sets urls (one per node), cpu_args (--cpu-pid NAME=PID for every server
+# process and redis-server) and first_pid (the node `connect` measures).
+start_system() { # system tag
+  local i log addr internal pid
+  urls=() cpu_args=()
+  case "$1" in
+    switchboard)
+      start_redis "$2-redis"
+      for ((i = 1; i <= nodes; i++)); do
+        log="$out/$2-node$i.log"
+        target/release/switchboard --node-id "node$i" --redis "$redis_url" --rate-limit 0 \
+          --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 --drain-grace-ms 1000 \
+          --log info --log-format json >"$log" 2>&1 &
+        pid=$!
+        pids+=("$pid")
+        addr=$(wait_match "$log" '"public":"[^"]*"' "$pid" | cut -d'"' -f4)
+        internal=$(wait_match "$log" '"internal":"[^"]*"' "$pid" | cut -d'"' -f4)
+        for _ in $(seq 100); do
+          curl -fsS "http://$internal/readyz" >/dev/null 2>&1 && break
+          sleep 0.1
+        done
+        curl -fsS "http://$internal/readyz" >/dev/null || { echo "bench.sh: node$i not ready" >&2; return 1; }
+        urls+=("ws://$addr/ws")
+        cpu_args+=(--cpu-pid "node$i=$pid")
+        if [ "$i" -eq 1 ]; then first_pid=$pid; fi
+      done
+      cpu_args+=(--cpu-pid "redis=$redis_pid")
+      ;;
+    socketio)
+      start_redis "$2-redis"
+      for ((i = 1; i <= nodes; i++)); do
+        log="$out/$2-sio$i.log"
+        PORT=0 REDIS_URL="$redis_url" node "$peer_dir/server.js" >"$log" 2>&1 &
+        pid=$!
+        pids+=("$pid")
+        addr=$(wait_match "$log" '^listening on [0-9.:]+' "$pid" | cut -d' ' -f3)
+        urls+=("ws://$addr/socket.io/?EIO=4&transport=websocket")
+        cpu_args+=(--cpu-pid "sio$i=$pid")
+        if [ "$i" -eq 1 ]; then first_pid=$pid; fi
+      done
+      # Each adapter's Redis subscriptions must be in place before anything is published.
+      for ((i = 0; ; i++)); do
+        [ "$(redis-cli -p "$redis_port" pubsub numsub 'socket.io-request#/#' | tail -n1)" = "$nodes" ] && break
+        [ "$i" -lt 100 ] || { echo "bench.sh: the Socket.IO adapters never subscribed" >&2; return 1; }
+        sleep 0.1
+      done
+      cpu_args+=(--cpu-pid "redis=$redis_pid")
+      ;;
+    raw)
+      log="$out/$2-raw.log"
+      target/release/switchboard-raw-ceiling --listen 127.0.0.1:0 >"$log" 2>&1 &
+      pid=$!
+      pids+=("$pid")
+      addr=$(wait_match "$log" '^listening on [0-9.:]+' "$pid" | cut -d' ' -f3)
+      urls=("ws://$addr/")
+      cpu_args=(--cpu-pid "raw=$pid")
+      first_pid=$pid
+      ;;
+  esac
+}
+
+cargo build --release --quiet -p switchboard -p switchboard-loadtest
+command -v redis-server >/dev/null || { echo "bench.sh: redis-server is not installed" >&2; exit 1; }
+if [[ ,$systems, == *,socketio,* ]]; then
+  command -v node >/dev/null || { echo "bench.sh: node and npm are needed for socketio" >&2; exit 1; }
+  [ -d "$peer_dir/node_modules" ] || (cd "$peer_dir" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# Every run is bounded: the harness's own windows and timeouts, plus this margin for setup.
+fanout_limit=$((warmup + duration + 5 + 60 + 60))
+fanout_files=() connect_files=()
+for system in "${system_list[@]}"; do
+  for rate in "${rate_list[@]}"; do
+    echo "== $system: fanout, $rooms room(s) x $((subscribers / rooms)) subscribers, $rate msgs/s" >&2
+    echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores" >&2
+    start_system "$system" "$system-fanout-$rate"
+    url_args=()
+    for url in "${urls[@]}"; do url_args+=(--url "$url"); done
+    timeout --foreground --kill-after=10 "$fanout_limit" "$loadtest" fanout --protocol "$system" "${url_args[@]}" \
+      --rooms "$rooms" --subscribers "$subscribers" --publishers "$publishers" --rate "$rate" \
+      --duration-secs "$duration" --warmup-secs "$warmup" "${cpu_args[@]}" \
+      --json "$out/$system-fanout-$rate.json" >/dev/null
+    fanout_files+=("$out/$system-fanout-$rate.json")
+    stop_all
+  done
+  if [ "$connections" -gt 0 ]; then
+    echo "== $system: connect, $connections idle connections" >&2
+    start_system "$system" "$system-connect"
+    timeout --foreground --kill-after=10 180 "$loadtest" connect --protocol "$system" --url "${urls[0]}" \
+      --connections "$connections" --pid "$first_pid" --json "$out/$system-connect.json" >/dev/null
+    connect_files+=(--connect "$out/$system-connect.json")
+    stop_all
+  fi
+done
+
+"$loadtest" compare "${fanout_files[@]}" ${connect_files[@]+"${connect_files[@]}"}
