@@ -1,0 +1,320 @@
+// The demo page in real headless Chromium against a real cluster: one redis-server and two
+// switchboard nodes (target/debug/switchboard) on loopback ports chosen at run time. Two pages
+// chat through the two nodes, the user list follows joins and leaves, and when one node dies its
+// page reconnects to the other and shows what was sent while it was away. With authentication on,
+// the page connects with the token in its URL fragment. Every process this starts is killed by
+// pid at the end, pass or fail. A screenshot is saved to target/browser-artifacts/demo.png.
+//
+// Run: tests/run.sh (after the cargo build), or `npm test` here once target/debug/switchboard
+// exists. SWITCHBOARD_BIN and CHROMIUM override the binary and browser paths.
+
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { createInterface } from "node:readline";
+import { after, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { chromium } from "playwright-core";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const BINARY = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
+const BROWSER = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const ARTIFACTS = join(ROOT, "target/browser-artifacts");
+/** How long any single expected event may take. */
+const DEADLINE_MS = 15000;
+/** Short, so that a killed node's sessions leave presence quickly. */
+const NODE_TTL_MS = 1500;
+
+const children = new Set();
+
+function killAll() {
+  for (const child of children) {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  }
+  children.clear();
+}
+process.on("exit", killAll);
+after(killAll);
+
+function track(child) {
+  children.add(child);
+  child.on("exit", () => children.delete(child));
+  return child;
+}
+
+/** Resolves when `predicate` returns a truthy value, polling; rejects after the deadline. */
+async function waitFor(what, predicate, ms = DEADLINE_MS) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await predicate();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((done) => setTimeout(done, 50));
+  }
+}
+
+function freePort() {
+  return new Promise((done, fail) => {
+    const server = net.createServer();
+    server.on("error", fail);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => done(port));
+    });
+  });
+}
+
+function redisPing(port) {
+  return new Promise((done) => {
+    const socket = net.connect(port, "127.0.0.1");
+    let answer = "";
+    socket.on("data", (chunk) => {
+      answer += chunk;
+      if (answer.includes("\r\n")) {
+        socket.destroy();
+        done(answer.startsWith("+PONG"));
+      }
+    });
+    socket.on("error", () => done(false));
+    socket.on("connect", () => socket.write("PING\r\n"));
+  });
+}
+
+async function startRedis() {
+  const port = await freePort();
+  const child = track(
+    spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+      stdio: "ignore",
+    }),
+  );
+  await waitFor("redis-server to answer", async () => {
+    if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
+    return redisPing(port);
+  });
+  return { child, url: `redis://127.0.0.1:${port}` };
+}
+
+/** Starts a node (with Redis when `redisUrl` is set) and resolves with its addresses once
+ *  /readyz answers 200. */
+async function startNode(id, redisUrl, extraArgs = []) {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith("SWITCHBOARD_")));
+  const child = track(
+    spawn(
+      BINARY,
+      [
+        "--listen", "127.0.0.1:0",
+        "--internal-listen", "127.0.0.1:0",
+        ...(redisUrl ? ["--redis", redisUrl] : []),
+        "--node-id", id,
+        "--node-ttl-ms", String(NODE_TTL_MS),
+        "--room-linger-ms", "200",
+        "--log-format", "json",
+        ...extraArgs,
+      ],
+      { env, stdio: ["ignore", "ignore", "pipe"] },
+    ),
+  );
+  const logs = [];
+  const started = new Promise((done, fail) => {
+    createInterface({ input: child.stderr }).on("line", (line) => {
+      logs.push(line);
+      try {
+        const fields = JSON.parse(line).fields ?? {};
+        if (fields.public && fields.internal) done(fields);
+      } catch {
+        // Not a JSON log line.
+      }
+    });
+    child.on("exit", (code) => fail(new Error(`${id} exited with ${code}: ${logs.join("\n")}`)));
+  });
+  let timer;
+  const fields = await Promise.race([
+    started,
+    new Promise((_, fail) => {
+      timer = setTimeout(() => fail(new Error(`${id} did not start: ${logs.join("\n")}`)), DEADLINE_MS);
+    }),
+  ]).finally(() => clearTimeout(timer));
+  const node = {
+    id,
+    child,
+    logs,
+    http: `http://${fields.public}/`,
+    ws: `ws://${fields.public}/ws`,
+    internal: `http://${fields.internal}`,
+  };
+  await waitFor(`${id} to be ready`, async () => {
+    const response = await fetch(`${node.internal}/readyz`).catch(() => null);
+    return response?.ok;
+  });
+  return node;
+}
+
+/** Chromium with a fresh profile; `dispose` closes it and removes the profile. */
+async function launchBrowser() {
+  const profile = mkdtempSync(join(tmpdir(), "switchboard-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: BROWSER,
+    headless: true,
+    viewport: { width: 1180, height: 760 },
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  const dispose = async () => {
+    await context.close();
+    rmSync(profile, { recursive: true, force: true });
+  };
+  return { context, dispose };
+}
+
+/** An HS256 JWT, as a backend would issue for the page. */
+function sign(claims, secret) {
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const unsigned = `${encode({ alg: "HS256", typ: "JWT" })}.${encode(claims)}`;
+  return `${unsigned}.${createHmac("sha256", secret).update(unsigned).digest("base64url")}`;
+}
+
+async function openChat(context, node, others, name) {
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (error) => errors.push(error));
+  const ws = [node, ...others].map((each) => each.ws).join(",");
+  await page.goto(`${node.http}?ws=${encodeURIComponent(ws)}`);
+  await page.getByLabel("Your name").fill(name);
+  await page.getByRole("button", { name: "Join" }).click();
+  await page.locator('#status[data-state="connected"]').waitFor({ timeout: DEADLINE_MS });
+  page.errors = errors;
+  return page;
+}
+
+async function say(page, text) {
+  await page.getByRole("textbox", { name: "Message" }).fill(text);
+  await page.getByRole("button", { name: "Send" }).click();
+}
+
+function messageIn(page, text) {
+  return page.locator("#messages li", { hasText: text }).first().waitFor({ timeout: DEADLINE_MS });
+}
+
+function user(page, name) {
+  return page.locator(`#users li[data-user="${name}"]`);
+}
+
+test("two pages chat through two nodes, follow presence and survive a node's death", { timeout: 180000 }, async () => {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const redis = await startRedis();
+  const a = await startNode("node-a", redis.url);
+  const b = await startNode("node-b", redis.url);
+
+  const { context, dispose } = await launchBrowser();
+  let alice;
+  let bob;
+  try {
+    // Alice on node A, Bob on node B; each page knows both nodes.
+    alice = await openChat(context, a, [b], "alice");
+    await waitFor("alice's status to name node-a", async () =>
+      (await alice.locator("#status").textContent()).includes("node-a as alice"),
+    );
+    bob = await openChat(context, b, [a], "bob");
+    await user(alice, "bob").waitFor({ timeout: DEADLINE_MS });
+    await messageIn(alice, "bob joined");
+    await user(bob, "alice").waitFor({ timeout: DEADLINE_MS });
+
+    // Chat across the nodes, both ways.
+    await say(alice, "hello from node A");
+    await messageIn(bob, "hello from node A");
+    await say(bob, "hi from node B");
+    await messageIn(alice, "hi from node B");
+
+    // The cluster panel lists both nodes from $sys.stats, and marks the page's own.
+    await alice.locator('#node-rows tr[data-node="node-a"].here').waitFor({ timeout: DEADLINE_MS });
+    await alice.locator('#node-rows tr[data-node="node-b"]').waitFor({ timeout: DEADLINE_MS });
+    await waitFor("the panel to total 2 nodes", async () => (await alice.locator("#total-nodes").textContent()) === "2 nodes");
+
+    // A third user comes and goes: the list follows, with notices.
+    const carol = await openChat(context, b, [a], "carol");
+    await user(alice, "carol").waitFor({ timeout: DEADLINE_MS });
+    await messageIn(alice, "carol joined");
+    await carol.close();
+    await user(alice, "carol").waitFor({ state: "detached", timeout: DEADLINE_MS });
+    await messageIn(alice, "carol left");
+    assert.equal(await alice.locator("#user-count").textContent(), "2");
+
+    // Node A stops (SIGSTOP) so that nothing reaches Alice, Bob writes, then A dies (SIGKILL).
+    a.child.kill("SIGSTOP");
+    await say(bob, "sent while you were away");
+    await messageIn(bob, "sent while you were away");
+    a.child.kill("SIGKILL");
+
+    // Alice's page reconnects to node B, recovers the message and keeps chatting.
+    await waitFor("alice to reconnect to node-b", async () =>
+      (await alice.locator("#status").textContent()).includes("node-b as alice"),
+    );
+    await messageIn(alice, "sent while you were away");
+    await messageIn(alice, "Reconnected to node-b");
+    await say(alice, "back, through node B");
+    await messageIn(bob, "back, through node B");
+    await user(bob, "alice").waitFor({ timeout: DEADLINE_MS });
+
+    // Each message shows once: recovery and live delivery do not repeat one.
+    assert.equal(await alice.locator("#messages li", { hasText: "sent while you were away" }).count(), 1);
+    assert.equal(await alice.locator("#messages li", { hasText: "hello from node A" }).count(), 1);
+
+    // Node A's row fades out of the panel once it stops reporting.
+    await alice.locator('#node-rows tr[data-node="node-a"].stale').waitFor({ timeout: DEADLINE_MS });
+    await alice.locator('#node-rows tr[data-node="node-b"].here').waitFor({ timeout: DEADLINE_MS });
+
+    assert.deepEqual(alice.errors, [], "no script errors on alice's page");
+    assert.deepEqual(bob.errors, [], "no script errors on bob's page");
+    await alice.screenshot({ path: join(ARTIFACTS, "demo.png") });
+  } catch (error) {
+    for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+      if (page && !page.isClosed()) await page.screenshot({ path: join(ARTIFACTS, `failure-${name}.png`) }).catch(() => {});
+    }
+    throw error;
+  } finally {
+    await dispose();
+    killAll();
+  }
+});
+
+test("with authentication on, the page connects with the token in its fragment", { timeout: 60000 }, async () => {
+  const secret = "browser-test-secret-0123456789";
+  const node = await startNode("node-auth", null, ["--jwt-secret", secret]);
+  const exp = Math.floor(Date.now() / 1000) + 600;
+  const { context, dispose } = await launchBrowser();
+  try {
+    const full = sign({ sub: "dora", exp, rooms: ["lobby", "$sys.stats"], publish: ["lobby"] }, secret);
+    const page = await context.newPage();
+    await page.goto(`${node.http}#token=${full}`);
+    await page.locator('#status[data-state="connected"]').waitFor({ timeout: DEADLINE_MS });
+    assert.match(await page.locator("#status").textContent(), /node-auth as dora/);
+    assert.equal(await page.locator("#join").isHidden(), true, "no name prompt with a token");
+    await user(page, "dora").waitFor({ timeout: DEADLINE_MS });
+    await page.locator('#node-rows tr[data-node="node-auth"]').waitFor({ timeout: DEADLINE_MS });
+    await say(page, "signed in with a token");
+    await messageIn(page, "signed in with a token");
+
+    // A token that does not allow $sys.stats still chats, and the panel says why it is empty.
+    const chatOnly = sign({ sub: "eve", exp, rooms: ["lobby"], publish: ["lobby"] }, secret);
+    const limited = await context.newPage();
+    await limited.goto(`${node.http}#token=${chatOnly}`);
+    await messageIn(limited, "signed in with a token");
+    await limited.locator("#cluster-note", { hasText: "No cluster figures: forbidden" }).waitFor({ timeout: DEADLINE_MS });
+  } finally {
+    await dispose();
+    killAll();
+  }
+});
