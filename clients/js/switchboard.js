@@ -1,0 +1,795 @@
+// @ts-check
+// The JavaScript client of the switchboard WebSocket gateway (wire protocol v1, JSON codec).
+// One ES module with no dependencies: it runs in browsers and in Node (with a global WebSocket,
+// or one passed as `options.WebSocket`). Types: switchboard.d.ts.
+
+const SUBPROTOCOL = "switchboard.v1.json";
+
+/** Close codes after which reconnecting with the same request would fail the same way. */
+const FINAL_CLOSE_CODES = new Set([
+  1002, // the client broke the WebSocket protocol
+  1007, // the client sent invalid UTF-8
+  1008, // policy: forbidden, token expired, too many bad frames, banned by the backend
+]);
+
+/** What the client reports when a connection ends without a close frame, or is given up locally. */
+const ABNORMAL = 1006;
+
+/** `WebSocket.CONNECTING`, which custom constructors may not define. */
+const CONNECTING = 0;
+
+const RECONNECT_DEFAULTS = {
+  enabled: true,
+  initialDelayMs: 500,
+  maxDelayMs: 10_000,
+  multiplier: 2,
+  maxAttempts: Infinity,
+  drainingDelayMs: 100,
+  overloadedDelayMs: 1000,
+};
+
+/** A failed request or an error frame: `code` is stable, `message` is for humans. */
+export class SwitchboardError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(message);
+    /** @type {"SwitchboardError"} */
+    this.name = "SwitchboardError";
+    this.code = code;
+  }
+}
+
+/**
+ * The delay before reconnect attempt `attempt` (from 0) of an outage that began with
+ * `closeCode`: full jitter between a floor (after 1013) and a cap that grows geometrically from
+ * a base (smaller after 1001) up to `maxDelayMs`.
+ * @param {number} attempt
+ * @param {number} closeCode
+ * @param {import("./switchboard").ReconnectOptions} [options]
+ * @param {() => number} [random]
+ * @returns {number}
+ */
+export function backoffDelay(attempt, closeCode, options = {}, random = Math.random) {
+  const policy = { ...RECONNECT_DEFAULTS, ...options };
+  const base = closeCode === 1001 ? policy.drainingDelayMs : policy.initialDelayMs;
+  // Multipliers below 1 (or NaN) would shrink the delay as failures pile up.
+  const multiplier = policy.multiplier >= 1 ? policy.multiplier : 1;
+  let cap = Math.min(policy.maxDelayMs, base * multiplier ** attempt);
+  if (!(cap >= 0)) cap = policy.maxDelayMs;
+  const floor = closeCode === 1013 ? Math.min(policy.overloadedDelayMs, policy.maxDelayMs) : 0;
+  const top = Math.max(cap, floor);
+  return floor + random() * (top - floor);
+}
+
+/**
+ * Whether the client reconnects after a close with `closeCode`.
+ * @param {number} closeCode
+ */
+export function shouldReconnect(closeCode) {
+  return !FINAL_CLOSE_CODES.has(closeCode);
+}
+
+/** Hands a listener's exception to the host (console / uncaught error) without breaking the client. */
+function report(error) {
+  const host = /** @type {any} */ (globalThis);
+  if (typeof host.reportError === "function") {
+    host.reportError(error);
+  } else {
+    setTimeout(() => {
+      throw error;
+    });
+  }
+}
+
+/** A minimal event emitter: listeners run in order; one that throws does not stop the others. */
+class Emitter {
+  /** @type {Map<string, Set<Function>>} */
+  #listeners = new Map();
+
+  /**
+   * @param {string} event
+   * @param {Function} listener
+   * @returns {() => void}
+   */
+  on(event, listener) {
+    if (typeof listener !== "function") throw new TypeError("listener must be a function");
+    let set = this.#listeners.get(event);
+    if (!set) this.#listeners.set(event, (set = new Set()));
+    set.add(listener);
+    return () => this.off(event, listener);
+  }
+
+  /**
+   * @param {string} event
+   * @param {Function} listener
+   */
+  off(event, listener) {
+    this.#listeners.get(event)?.delete(listener);
+  }
+
+  /**
+   * @param {string} event
+   * @param {unknown} value
+   */
+  _emit(event, value) {
+    const set = this.#listeners.get(event);
+    if (!set) return;
+    for (const listener of [...set]) call(listener, value);
+  }
+}
+
+/**
+ * @param {Function | undefined} fn
+ * @param {unknown} value
+ */
+function call(fn, value) {
+  if (!fn) return;
+  try {
+    fn(value);
+  } catch (error) {
+    report(error);
+  }
+}
+
+/** One subscribed room: its handler, its listeners, and the last position delivered. */
+class Subscription extends Emitter {
+  /** @type {Client} */
+  #client;
+  /** @type {((message: any) => void) | undefined} */
+  #handler;
+  /** @type {((event: any) => void) | undefined} */
+  #onPresence;
+
+  /**
+   * @param {Client} client
+   * @param {string} room
+   * @param {((message: any) => void) | undefined} handler
+   * @param {boolean} presenceEvents
+   * @param {((event: any) => void) | undefined} onPresence
+   */
+  constructor(client, room, handler, presenceEvents, onPresence) {
+    super();
+    this.#client = client;
+    this.#handler = handler;
+    this.#onPresence = onPresence;
+    this.room = room;
+    this.presenceEvents = presenceEvents;
+    this.offset = 0;
+    this.epoch = "";
+    /** @type {boolean | undefined} */
+    this.recovered = undefined;
+    this.position = { offset: 0, epoch: "" };
+    /** Set once the first subscribe reply arrived; cleared when unsubscribed or ended. */
+    this.active = false;
+  }
+
+  unsubscribe() {
+    return this.#client.unsubscribe(this.room);
+  }
+
+  /**
+   * Records a subscribe reply. With a recovered `since`, the missed messages follow the reply,
+   * so the position stays at `since` until they arrive; otherwise nothing at or below the
+   * reply's offset will be sent.
+   * @param {{offset: number, epoch: string, recovered?: boolean}} reply
+   * @param {{offset: number, epoch: string} | undefined} since
+   */
+  _subscribed(reply, since) {
+    this.offset = reply.offset;
+    this.epoch = reply.epoch;
+    this.recovered = since ? reply.recovered === true : undefined;
+    this.position =
+      since && reply.recovered === true && since.epoch === reply.epoch
+        ? { offset: Math.min(since.offset, reply.offset), epoch: reply.epoch }
+        : { offset: reply.offset, epoch: reply.epoch };
+    this.active = true;
+  }
+
+  /**
+   * Delivers a room message unless it is a duplicate by (epoch, offset); returns whether it did.
+   * @param {any} message
+   */
+  _deliver(message) {
+    const { position } = this;
+    if (message.epoch === position.epoch && message.offset <= position.offset) return false;
+    this.position = { offset: message.offset, epoch: message.epoch };
+    call(this.#handler, message);
+    this._emit("message", message);
+    return true;
+  }
+
+  /** @param {any} event */
+  _presence(event) {
+    call(this.#onPresence, event);
+    this._emit("presence", event);
+  }
+
+  /** @param {SwitchboardError | undefined} error */
+  _end(error) {
+    this.active = false;
+    this._emit("ended", error ? { error } : {});
+  }
+}
+
+/**
+ * @typedef {object} Pending
+ * @property {(frame: any) => void} onReply
+ * @property {(error: SwitchboardError) => void} onError
+ * @property {ReturnType<typeof setTimeout>} timer
+ */
+
+/** A connection to switchboard that reconnects and resubscribes by itself. */
+export class Client extends Emitter {
+  /** @type {any} */
+  #options;
+  /** @type {typeof RECONNECT_DEFAULTS} */
+  #reconnect;
+  /** @type {any} */
+  #WebSocket;
+  /** @type {"connecting" | "connected" | "reconnecting" | "closed"} */
+  #state = "connecting";
+  /** @type {any} */
+  #socket = null;
+  /** Bumped for every socket, so callbacks of an abandoned one (or a stale token fetch) do nothing. */
+  #generation = 0;
+  #nextId = 0;
+  /** @type {Map<number, Pending>} */
+  #pending = new Map();
+  /** @type {Map<string, Subscription>} */
+  #rooms = new Map();
+  /** @type {{session: string, user: string, node: string, heartbeatMs: number} | null} */
+  #session = null;
+  #everConnected = false;
+  /** Failed attempts in the current outage, and the close code that began it. */
+  #attempt = 0;
+  /** @type {number | null} */
+  #outageCode = null;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  #reconnectTimer;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  #welcomeTimer;
+  /** @type {ReturnType<typeof setInterval> | undefined} */
+  #pingTimer;
+  #lastHeard = 0;
+  #pinging = false;
+  /** @type {{resolve: (event: any) => void, reject: (error: SwitchboardError) => void}[]} */
+  #readyWaiters = [];
+  /** @type {any} */
+  #lastConnected = null;
+
+  /**
+   * @param {string} url
+   * @param {import("./switchboard").ConnectOptions} [options]
+   */
+  constructor(url, options = {}) {
+    super();
+    const parsed = new URL(url);
+    if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+      throw new TypeError(`url ${JSON.stringify(url)}: the scheme must be ws or wss`);
+    }
+    if (options.codec !== undefined && options.codec !== "json") {
+      throw new TypeError(`codec ${JSON.stringify(options.codec)}: only "json" is supported`);
+    }
+    const WebSocketImpl = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
+    if (typeof WebSocketImpl !== "function") {
+      throw new TypeError(
+        "no WebSocket: pass options.WebSocket, or run Node 22+ (Node 20: --experimental-websocket)",
+      );
+    }
+    this.url = url;
+    this.#WebSocket = WebSocketImpl;
+    this.#options = { requestTimeoutMs: 10_000, random: Math.random, ...options };
+    this.#reconnect = { ...RECONNECT_DEFAULTS, ...options.reconnect };
+    this.#open();
+  }
+
+  get state() {
+    return this.#state;
+  }
+
+  get session() {
+    return this.#session && { ...this.#session };
+  }
+
+  /** @returns {ReadonlyMap<string, Subscription>} */
+  get subscriptions() {
+    return new Map([...this.#rooms].filter(([, subscription]) => subscription.active));
+  }
+
+  /** @returns {Promise<any>} */
+  ready() {
+    if (this.#state === "connected") return Promise.resolve(this.#lastConnected);
+    if (this.#state === "closed") {
+      return Promise.reject(new SwitchboardError("disconnected", "the client is closed"));
+    }
+    return new Promise((resolve, reject) => this.#readyWaiters.push({ resolve, reject }));
+  }
+
+  /**
+   * @param {string} room
+   * @param {(message: any) => void} [handler]
+   * @param {{presenceEvents?: boolean, onPresence?: (event: any) => void, since?: {offset: number, epoch: string}}} [options]
+   * @returns {Promise<Subscription>}
+   */
+  subscribe(room, handler, options = {}) {
+    if (this.#rooms.has(room)) {
+      return Promise.reject(
+        new SwitchboardError("already_subscribed", `already subscribed to ${JSON.stringify(room)}`),
+      );
+    }
+    const presenceEvents = Boolean(options.presenceEvents || options.onPresence);
+    const subscription = new Subscription(this, room, handler, presenceEvents, options.onPresence);
+    const { since } = options;
+    const frame = { type: "subscribe", room, ...(presenceEvents && { presence_events: true }), ...(since && { since }) };
+    return new Promise((resolve, reject) => {
+      const sent = this.#request(frame, {
+        onReply: (reply) => {
+          // An unsubscribe while this was in flight already took the room back.
+          if (this.#rooms.get(room) === subscription) subscription._subscribed(reply, since);
+          resolve(subscription);
+        },
+        onError: (error) => {
+          if (this.#rooms.get(room) === subscription) this.#rooms.delete(room);
+          reject(error);
+        },
+      });
+      if (sent) this.#rooms.set(room, subscription);
+    });
+  }
+
+  /**
+   * @param {string} room
+   * @returns {Promise<void>}
+   */
+  unsubscribe(room) {
+    const subscription = this.#rooms.get(room);
+    if (subscription) {
+      this.#rooms.delete(room);
+      subscription.active = false;
+      // Nothing to undo on the server: the next connection will not resubscribe the room.
+      if (this.#state !== "connected") return Promise.resolve();
+    }
+    return new Promise((resolve, reject) => {
+      this.#request(
+        { type: "unsubscribe", room },
+        {
+          onReply: () => resolve(),
+          onError: (error) => {
+            const gone = error.code === "not_subscribed" || error.code === "disconnected";
+            if (subscription && gone) resolve();
+            else reject(error);
+          },
+        },
+      );
+    });
+  }
+
+  /**
+   * @param {string} room
+   * @param {unknown} data
+   */
+  publish(room, data) {
+    return this.#ask({ type: "publish", room, data }, (reply) => ({
+      offset: reply.offset,
+      epoch: reply.epoch,
+    }));
+  }
+
+  /**
+   * @param {string} user
+   * @param {unknown} data
+   */
+  send(user, data) {
+    return this.#ask({ type: "send", to: user, data }, (reply) => ({ sessions: reply.sessions }));
+  }
+
+  /** @param {string} room */
+  presence(room) {
+    return this.#ask({ type: "presence", room }, (reply) => ({ members: reply.members }));
+  }
+
+  /**
+   * @param {string} room
+   * @param {{since?: {offset: number, epoch: string}, limit?: number}} [options]
+   */
+  history(room, options = {}) {
+    const frame = {
+      type: "history",
+      room,
+      ...(options.since && { since: options.since }),
+      ...(options.limit !== undefined && { limit: options.limit }),
+    };
+    return this.#ask(frame, (reply) => ({
+      messages: reply.messages,
+      offset: reply.offset,
+      epoch: reply.epoch,
+    }));
+  }
+
+  /** @returns {Promise<number>} */
+  ping() {
+    const started = Date.now();
+    return this.#ask({ type: "ping" }, () => Date.now() - started);
+  }
+
+  reconnect() {
+    if (this.#state === "closed") {
+      this.#attempt = 0;
+      this.#outageCode = null;
+      this.#open();
+    } else if (this.#state === "reconnecting" && this.#reconnectTimer !== undefined) {
+      clearTimeout(this.#reconnectTimer);
+      this.#reconnectTimer = undefined;
+      this.#open();
+    }
+  }
+
+  close() {
+    if (this.#state === "closed" && !this.#socket) {
+      this.#endSubscriptions();
+      return;
+    }
+    const wasStopped = this.#state === "closed";
+    this.#state = "closed";
+    this.#generation++;
+    this.#dropSocket(1000, "client closed");
+    this.#clearTimers();
+    this.#failPending();
+    this.#session = null;
+    this.#endSubscriptions();
+    if (!wasStopped) {
+      this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
+    }
+    this.#rejectReady();
+  }
+
+  /**
+   * Sends a request and maps its reply; rejects with `disconnected` at once when not connected.
+   * @template T
+   * @param {object} frame
+   * @param {(reply: any) => T} map
+   * @returns {Promise<T>}
+   */
+  #ask(frame, map) {
+    return new Promise((resolve, reject) => {
+      this.#request(frame, { onReply: (reply) => resolve(map(reply)), onError: reject });
+    });
+  }
+
+  /**
+   * Writes `frame` with a fresh id and routes its answer (reply, pong or error) to `handlers`.
+   * Returns whether it was sent; when not, `onError` has been called.
+   * @param {object} frame
+   * @param {{onReply: (frame: any) => void, onError: (error: SwitchboardError) => void}} handlers
+   */
+  #request(frame, handlers) {
+    if (this.#state !== "connected") {
+      const what = this.#state === "closed" ? "the client is closed" : "not connected";
+      handlers.onError(new SwitchboardError("disconnected", `${what}: ${frame.type} not sent`));
+      return false;
+    }
+    const id = ++this.#nextId;
+    const timeoutMs = this.#options.requestTimeoutMs;
+    const timer = setTimeout(() => {
+      this.#pending.delete(id);
+      handlers.onError(
+        new SwitchboardError("timeout", `no answer to ${frame.type} within ${timeoutMs} ms`),
+      );
+    }, timeoutMs);
+    this.#pending.set(id, { ...handlers, timer });
+    this.#socket.send(JSON.stringify({ ...frame, id }));
+    return true;
+  }
+
+  /** Opens a new socket (after fetching the token, when it is a function). */
+  async #open() {
+    const generation = ++this.#generation;
+    this.#state = this.#everConnected || this.#attempt > 0 ? "reconnecting" : "connecting";
+    const url = new URL(this.url);
+    let socket;
+    try {
+      const { token, user } = this.#options;
+      const value = typeof token === "function" ? await token() : token;
+      if (generation !== this.#generation) return;
+      if (value) url.searchParams.set("token", value);
+      if (user !== undefined) url.searchParams.set("user", user);
+      socket = new this.#WebSocket(url.toString(), SUBPROTOCOL);
+    } catch (error) {
+      if (generation !== this.#generation) return;
+      const message = error instanceof Error ? error.message : String(error);
+      this._emit("error", new SwitchboardError("connect_failed", message));
+      this.#closed(generation, ABNORMAL, `could not connect: ${message}`);
+      return;
+    }
+    this.#socket = socket;
+    socket.onmessage = (/** @type {any} */ event) => {
+      if (generation === this.#generation) this.#onMessage(event.data);
+    };
+    socket.onclose = (/** @type {any} */ event) => {
+      this.#closed(generation, event.code || ABNORMAL, event.reason || "");
+    };
+    // A failed handshake (refused connection, HTTP 4xx/5xx) is reported as an error and, by
+    // some implementations (Node 20's undici), with no close event after it.
+    socket.onerror = () => {
+      if (socket.readyState === CONNECTING) {
+        this.#abandon(generation, "could not connect (network error or handshake refused)");
+      }
+    };
+    this.#welcomeTimer = setTimeout(() => {
+      this.#abandon(generation, `no welcome within ${this.#options.requestTimeoutMs} ms`);
+    }, this.#options.requestTimeoutMs);
+  }
+
+  /**
+   * Gives a socket up without waiting for its close handshake (the peer may be gone).
+   * @param {number} generation
+   * @param {string} reason
+   */
+  #abandon(generation, reason) {
+    if (generation !== this.#generation) return;
+    this.#dropSocket(1000, reason);
+    this.#closed(generation, ABNORMAL, reason);
+  }
+
+  /**
+   * Detaches and closes the current socket; its events are ignored from now on.
+   * @param {number} code
+   * @param {string} reason
+   */
+  #dropSocket(code, reason) {
+    const socket = this.#socket;
+    this.#socket = null;
+    if (!socket) return;
+    socket.onmessage = socket.onclose = null;
+    // Some implementations throw when closing a socket that is still connecting.
+    socket.onerror = () => {};
+    try {
+      socket.close(code, reason.slice(0, 120));
+    } catch {
+      socket.close();
+    }
+  }
+
+  #clearTimers() {
+    clearTimeout(this.#welcomeTimer);
+    clearTimeout(this.#reconnectTimer);
+    clearInterval(this.#pingTimer);
+    this.#welcomeTimer = this.#reconnectTimer = this.#pingTimer = undefined;
+    this.#pinging = false;
+  }
+
+  #failPending() {
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const { timer, onError } of pending) {
+      clearTimeout(timer);
+      onError(
+        new SwitchboardError(
+          "disconnected",
+          "the connection dropped before the answer: the request may or may not have been carried out",
+        ),
+      );
+    }
+  }
+
+  #endSubscriptions() {
+    const rooms = [...this.#rooms.values()];
+    this.#rooms.clear();
+    for (const subscription of rooms) if (subscription.active) subscription._end(undefined);
+  }
+
+  #rejectReady() {
+    const waiters = this.#readyWaiters.splice(0);
+    for (const { reject } of waiters) {
+      reject(new SwitchboardError("disconnected", "the client stopped before connecting"));
+    }
+  }
+
+  /**
+   * A socket ended (or an attempt failed): fail what was waiting on it, then retry or stop.
+   * @param {number} generation
+   * @param {number} code
+   * @param {string} reason
+   */
+  #closed(generation, code, reason) {
+    if (generation !== this.#generation || this.#state === "closed") return;
+    this.#generation++;
+    this.#socket = null;
+    const wasConnected = this.#state === "connected";
+    this.#clearTimers();
+    this.#failPending();
+    this.#session = null;
+
+    if (wasConnected || this.#outageCode === null) this.#outageCode = code;
+    else if (code === 1013) this.#outageCode = 1013;
+
+    const policy = this.#reconnect;
+    const retry = policy.enabled && shouldReconnect(code) && this.#attempt < policy.maxAttempts;
+    if (!retry) {
+      this.#state = "closed";
+      this._emit("disconnected", { code, reason, willReconnect: false });
+      this.#rejectReady();
+      return;
+    }
+    const delayMs = backoffDelay(this.#attempt, this.#outageCode, policy, this.#options.random);
+    this.#attempt++;
+    this.#state = "reconnecting";
+    if (wasConnected) this._emit("disconnected", { code, reason, willReconnect: true });
+    // A listener may have closed the client.
+    if (this.#state !== "reconnecting") return;
+    this._emit("reconnecting", { attempt: this.#attempt, delayMs });
+    if (this.#state !== "reconnecting" || this.#reconnectTimer !== undefined) return;
+    this.#reconnectTimer = setTimeout(() => {
+      this.#reconnectTimer = undefined;
+      this.#open();
+    }, delayMs);
+  }
+
+  /** @param {unknown} data */
+  #onMessage(data) {
+    this.#lastHeard = Date.now();
+    let frame;
+    try {
+      if (typeof data !== "string") throw new Error("binary frame on the JSON subprotocol");
+      frame = JSON.parse(data);
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      this._emit("error", new SwitchboardError("bad_frame", `unreadable frame: ${message}`));
+      return;
+    }
+    switch (frame?.type) {
+      case "welcome":
+        this.#onWelcome(frame);
+        break;
+      case "message": {
+        const subscription = this.#rooms.get(frame.room);
+        const message = strip(frame);
+        if (subscription?.active && subscription._deliver(message)) this._emit("message", message);
+        break;
+      }
+      case "join":
+      case "leave": {
+        const subscription = this.#rooms.get(frame.room);
+        if (!subscription?.active) break;
+        const event = { type: frame.type, room: frame.room, user: frame.user, session: frame.session };
+        subscription._presence(event);
+        this._emit("presence", event);
+        break;
+      }
+      case "direct":
+        this._emit("direct", frame.from ? { data: frame.data, from: frame.from } : { data: frame.data });
+        break;
+      case "broadcast":
+        this._emit("broadcast", { data: frame.data });
+        break;
+      case "reply":
+      case "pong":
+        this.#answer(frame.id)?.onReply(frame);
+        break;
+      case "error": {
+        const error = new SwitchboardError(frame.code, frame.message);
+        const pending = this.#answer(frame.id);
+        if (pending) pending.onError(error);
+        else this._emit("error", error);
+        break;
+      }
+      default:
+        // Frame types from a newer server are ignored.
+        break;
+    }
+  }
+
+  /**
+   * Takes the pending request `id` out of the table.
+   * @param {unknown} id
+   */
+  #answer(id) {
+    if (typeof id !== "number") return undefined;
+    const pending = this.#pending.get(id);
+    if (!pending) return undefined;
+    this.#pending.delete(id);
+    clearTimeout(pending.timer);
+    return pending;
+  }
+
+  /** @param {any} frame */
+  #onWelcome(frame) {
+    if (this.#state === "connected") return;
+    clearTimeout(this.#welcomeTimer);
+    this.#welcomeTimer = undefined;
+    this.#state = "connected";
+    this.#attempt = 0;
+    this.#outageCode = null;
+    this.#session = {
+      session: frame.session,
+      user: frame.user,
+      node: frame.node,
+      heartbeatMs: frame.heartbeat_ms,
+    };
+    const reconnected = this.#everConnected;
+    this.#everConnected = true;
+    this.#startPinging(this.#options.pingIntervalMs ?? frame.heartbeat_ms);
+    // Before `connected`, so requests its listeners make come after the resubscriptions.
+    for (const subscription of [...this.#rooms.values()]) this.#resubscribe(subscription);
+    const event = { session: frame.session, user: frame.user, node: frame.node, reconnected };
+    this.#lastConnected = event;
+    const waiters = this.#readyWaiters.splice(0);
+    this._emit("connected", event);
+    for (const { resolve } of waiters) resolve(event);
+  }
+
+  /** @param {Subscription} subscription */
+  #resubscribe(subscription) {
+    const { room, presenceEvents } = subscription;
+    const since = { ...subscription.position };
+    const frame = { type: "subscribe", room, since, ...(presenceEvents && { presence_events: true }) };
+    this.#request(frame, {
+      onReply: (reply) => {
+        if (this.#rooms.get(room) !== subscription) return;
+        subscription._subscribed(reply, since);
+        const event = { room, recovered: reply.recovered === true, offset: reply.offset, epoch: reply.epoch };
+        subscription._emit("resubscribed", event);
+        this._emit("resubscribed", event);
+      },
+      onError: (error) => {
+        if (this.#rooms.get(room) !== subscription) return;
+        // The connection dropped again: the room is resubscribed on the next one.
+        if (error.code === "disconnected") return;
+        // Silence from a node that took the connection: start over on a new one.
+        if (error.code === "timeout") {
+          this.#abandon(this.#generation, `no answer to the resubscription of ${room}`);
+          return;
+        }
+        this.#rooms.delete(room);
+        subscription._end(error);
+        this._emit("resubscribeFailed", { room, error });
+      },
+    });
+  }
+
+  /**
+   * Pings when nothing was heard for `intervalMs`; an unanswered ping gives the connection up.
+   * @param {number} intervalMs
+   */
+  #startPinging(intervalMs) {
+    if (!(intervalMs > 0)) return;
+    const generation = this.#generation;
+    this.#pingTimer = setInterval(() => {
+      if (this.#pinging || Date.now() - this.#lastHeard < intervalMs) return;
+      this.#pinging = true;
+      this.#request(
+        { type: "ping" },
+        {
+          onReply: () => {
+            this.#pinging = false;
+          },
+          onError: (error) => {
+            this.#pinging = false;
+            if (error.code === "timeout") this.#abandon(generation, "no answer to ping");
+          },
+        },
+      );
+    }, intervalMs);
+  }
+}
+
+/**
+ * A room message without its frame `type`.
+ * @param {any} frame
+ */
+function strip(frame) {
+  const { type: _type, ...message } = frame;
+  return message;
+}
+
+/**
+ * Creates a client and starts connecting.
+ * @param {string} url
+ * @param {import("./switchboard").ConnectOptions} [options]
+ */
+export function connect(url, options) {
+  return new Client(url, options);
+}
