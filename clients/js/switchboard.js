@@ -48,7 +48,7 @@ export class SwitchboardError extends Error {
  * a base (smaller after 1001) up to `maxDelayMs`.
  * @param {number} attempt
  * @param {number} closeCode
- * @param {import("./switchboard").ReconnectOptions} [options]
+ * @param {import("./switchboard.js").ReconnectOptions} [options]
  * @param {() => number} [random]
  * @returns {number}
  */
@@ -72,7 +72,10 @@ export function shouldReconnect(closeCode) {
   return !FINAL_CLOSE_CODES.has(closeCode);
 }
 
-/** Hands a listener's exception to the host (console / uncaught error) without breaking the client. */
+/**
+ * Hands a listener's exception to the host (console / uncaught error) without breaking the client.
+ * @param {unknown} error
+ */
 function report(error) {
   const host = /** @type {any} */ (globalThis);
   if (typeof host.reportError === "function") {
@@ -262,7 +265,7 @@ export class Client extends Emitter {
 
   /**
    * @param {string} url
-   * @param {import("./switchboard").ConnectOptions} [options]
+   * @param {import("./switchboard.js").ConnectOptions} [options]
    */
   constructor(url, options = {}) {
     super();
@@ -449,7 +452,7 @@ export class Client extends Emitter {
   /**
    * Sends a request and maps its reply; rejects with `disconnected` at once when not connected.
    * @template T
-   * @param {object} frame
+   * @param {{type: string, [field: string]: unknown}} frame
    * @param {(reply: any) => T} map
    * @returns {Promise<T>}
    */
@@ -462,7 +465,7 @@ export class Client extends Emitter {
   /**
    * Writes `frame` with a fresh id and routes its answer (reply, pong or error) to `handlers`.
    * Returns whether it was sent; when not, `onError` has been called.
-   * @param {object} frame
+   * @param {{type: string, [field: string]: unknown}} frame
    * @param {{onReply: (frame: any) => void, onError: (error: SwitchboardError) => void}} handlers
    */
   #request(frame, handlers) {
@@ -788,7 +791,7 @@ function strip(frame) {
 /**
  * Creates a client and starts connecting.
  * @param {string} url
- * @param {import("./switchboard").ConnectOptions} [options]
+ * @param {import("./switchboard.js").ConnectOptions} [options]
  */
 export function connect(url, options) {
   return new Client(url, options);

@@ -14,7 +14,7 @@ const clients = [];
 /**
  * A client that is closed after the tests.
  * @param {string} url
- * @param {import("../switchboard").ConnectOptions} [options]
+ * @param {import("../switchboard.js").ConnectOptions} [options]
  */
 function open(url, options) {
   const client = connect(url, options);

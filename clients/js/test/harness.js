@@ -30,6 +30,7 @@ process.on("exit", () => {
  * @returns {Promise<T>}
  */
 export function within(promise, what, ms = DEADLINE_MS) {
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
   let timer;
   const deadline = new Promise((_, reject) => {
     timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
@@ -52,14 +53,14 @@ export async function waitUntil(what, condition) {
 
 /**
  * The next `event` emitted by `emitter` that satisfies `filter`.
- * @param {{on: (event: string, fn: (value: any) => void) => () => void}} emitter
+ * @param {any} emitter a client or a subscription
  * @param {string} event
  * @param {(value: any) => boolean} [filter]
  */
 export function next(emitter, event, filter = () => true) {
   let off = () => {};
   const seen = new Promise((done) => {
-    off = emitter.on(event, (value) => {
+    off = emitter.on(event, (/** @type {any} */ value) => {
       if (filter(value)) done(value);
     });
   });

@@ -1,0 +1,174 @@
+// The client's bookkeeping, driven frame by frame through a scripted WebSocket passed as
+// `options.WebSocket`: what it sends on (re)subscribe, and how it drops duplicates at the seam
+// of a recovery. The real-server tests cannot produce duplicates; these can.
+
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { connect } from "../switchboard.js";
+import { next, waitUntil } from "./harness.js";
+
+/** A WebSocket whose peer is the test: it records what the client sends. */
+class ScriptedSocket {
+  /** @type {ScriptedSocket[]} */
+  static opened = [];
+
+  /**
+   * @param {string} url
+   * @param {string} protocol
+   */
+  constructor(url, protocol) {
+    this.url = url;
+    this.protocol = protocol;
+    this.readyState = 0;
+    /** @type {any[]} */
+    this.sent = [];
+    /** @type {any} */
+    this.onmessage = null;
+    /** @type {any} */
+    this.onclose = null;
+    /** @type {any} */
+    this.onerror = null;
+    ScriptedSocket.opened.push(this);
+  }
+
+  /** @param {string} data */
+  send(data) {
+    this.sent.push(JSON.parse(data));
+  }
+
+  close() {
+    this.readyState = 3;
+  }
+
+  /** @param {object} frame */
+  receive(frame) {
+    this.readyState = 1;
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+
+  /**
+   * @param {number} code
+   * @param {string} reason
+   */
+  drop(code, reason) {
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+
+  /** The last frame sent. */
+  get last() {
+    return this.sent[this.sent.length - 1];
+  }
+}
+
+/** @param {string} session */
+const welcome = (session) => ({
+  type: "welcome", session, user: "u", node: "n1", protocol: "switchboard.v1.json", heartbeat_ms: 0,
+});
+
+/**
+ * @param {number} offset
+ * @param {string} epoch
+ */
+const message = (offset, epoch) => ({ type: "message", room: "r", data: offset, offset, epoch });
+
+test("resubscribes with since and presence_events, and delivers each offset once", async () => {
+  ScriptedSocket.opened = [];
+  const client = connect("ws://switchboard.test/ws?app=1", {
+    token: "t0k",
+    user: "u",
+    WebSocket: /** @type {any} */ (ScriptedSocket),
+    random: () => 0,
+  });
+  try {
+    const [first] = ScriptedSocket.opened;
+    const url = new URL(first.url);
+    assert.deepEqual([...url.searchParams], [["app", "1"], ["token", "t0k"], ["user", "u"]]);
+    assert.equal(first.protocol, "switchboard.v1.json");
+    first.receive(welcome("s1"));
+
+    /** @type {[number, string][]} */
+    const delivered = [];
+    /** @type {any[]} */
+    const presence = [];
+    const subscribing = client.subscribe("r", (m) => delivered.push([m.offset, m.epoch]), {
+      onPresence: (event) => presence.push(event),
+    });
+    assert.deepEqual(first.last, { type: "subscribe", room: "r", presence_events: true, id: 1 });
+    first.receive({ type: "reply", id: 1, room: "r", offset: 5, epoch: "e1" });
+    const subscription = await subscribing;
+    for (const offset of [5, 6, 7, 7, 6, 8]) first.receive(message(offset, "e1"));
+    first.receive({ type: "join", room: "r", user: "v", session: "s9" });
+    assert.deepEqual(presence, [{ type: "join", room: "r", user: "v", session: "s9" }]);
+
+    // Lost connection: the in-flight request's outcome is unknown.
+    const inFlight = client.publish("r", 1);
+    first.drop(1006, "");
+    await assert.rejects(inFlight, { code: "disconnected" });
+    await waitUntil("a second socket", () => ScriptedSocket.opened.length === 2);
+    const second = ScriptedSocket.opened[1];
+    const recovered = next(subscription, "resubscribed");
+    second.receive(welcome("s2"));
+    assert.deepEqual(second.last, {
+      type: "subscribe", room: "r", since: { offset: 8, epoch: "e1" }, presence_events: true, id: 3,
+    });
+    second.receive({ type: "reply", id: 3, room: "r", offset: 10, epoch: "e1", recovered: true });
+    assert.deepEqual(await recovered, { room: "r", recovered: true, offset: 10, epoch: "e1" });
+    for (const offset of [9, 10, 10, 9, 11]) second.receive(message(offset, "e1"));
+
+    // History lost: a new epoch, and nothing at or below the reply's offset.
+    second.drop(1011, "internal error");
+    await waitUntil("a third socket", () => ScriptedSocket.opened.length === 3);
+    const third = ScriptedSocket.opened[2];
+    const reset = next(client, "resubscribed");
+    third.receive(welcome("s3"));
+    assert.deepEqual(third.last.since, { offset: 11, epoch: "e1" });
+    third.receive({ type: "reply", id: third.last.id, room: "r", offset: 20, epoch: "e2", recovered: false });
+    assert.deepEqual(await reset, { room: "r", recovered: false, offset: 20, epoch: "e2" });
+    for (const offset of [20, 21]) third.receive(message(offset, "e2"));
+
+    assert.deepEqual(delivered, [
+      [6, "e1"], [7, "e1"], [8, "e1"], [9, "e1"], [10, "e1"], [11, "e1"], [21, "e2"],
+    ]);
+    assert.deepEqual(subscription.position, { offset: 21, epoch: "e2" });
+  } finally {
+    client.close();
+  }
+});
+
+test("a resubscription the server refuses ends the subscription", async () => {
+  ScriptedSocket.opened = [];
+  const client = connect("ws://switchboard.test/ws", {
+    WebSocket: /** @type {any} */ (ScriptedSocket),
+    random: () => 0,
+  });
+  try {
+    const [first] = ScriptedSocket.opened;
+    first.receive(welcome("s1"));
+    const subscribing = client.subscribe("r");
+    first.receive({ type: "reply", id: first.last.id, room: "r", offset: 0, epoch: "e1" });
+    const subscription = await subscribing;
+
+    first.drop(1001, "node draining: reconnect");
+    await waitUntil("a second socket", () => ScriptedSocket.opened.length === 2);
+    const second = ScriptedSocket.opened[1];
+    const failed = next(client, "resubscribeFailed");
+    const ended = next(subscription, "ended");
+    second.receive(welcome("s2"));
+    second.receive({ type: "error", id: second.last.id, code: "forbidden", message: "no longer allowed" });
+    const { room, error } = await failed;
+    assert.equal(room, "r");
+    assert.equal(error.code, "forbidden");
+    assert.equal((await ended).error, error);
+    assert.equal(subscription.active, false);
+    assert.equal(client.subscriptions.size, 0);
+
+    // An error frame that answers no request is an `error` event.
+    const unsolicited = next(client, "error");
+    second.receive({ type: "error", code: "bad_frame", message: "expected value" });
+    assert.equal((await unsolicited).code, "bad_frame");
+  } finally {
+    client.close();
+  }
+});
