@@ -26,6 +26,22 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
 fi
 
+# The demo page's browser test drives Debian's Chromium with playwright-core (tests/browser).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "tests/run.sh: installing chromium" >&2
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 # The end-to-end tests run the binary this builds (tests/harness finds it in target/debug).
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+# The demo page in headless Chromium against two nodes and Redis; screenshot in
+# target/browser-artifacts/demo.png.
+(cd tests/browser && npm test) || status=$?
+exit "$status"

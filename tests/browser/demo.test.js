@@ -190,6 +190,12 @@ async function openChat(context, node, others, name) {
   const page = await context.newPage();
   const errors = [];
   page.on("pageerror", (error) => errors.push(error));
+  // Connections to a dead node are expected to fail; a blocked resource never is.
+  page.on("console", (message) => {
+    if (message.type() === "error" && /Content Security Policy|Refused to|404/.test(message.text())) {
+      errors.push(message.text());
+    }
+  });
   const ws = [node, ...others].map((each) => each.ws).join(",");
   await page.goto(`${node.http}?ws=${encodeURIComponent(ws)}`);
   await page.getByLabel("Your name").fill(name);

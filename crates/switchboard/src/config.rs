@@ -172,6 +172,11 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_SIZE", value_name = "BYTES")]
     pub read_buffer_size: Option<usize>,
 
+    /// Serve the demo page at / on the public port and publish this node's figures to the
+    /// read-only room $sys.stats every second (`--demo false` turns both off) [default: true].
+    #[arg(long, env = "SWITCHBOARD_DEMO", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub demo: Option<bool>,
+
     /// Log format [default: text].
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -224,6 +229,8 @@ pub struct Config {
     pub stream_ttl: Duration,
     pub room_linger: Duration,
     pub read_buffer_size: usize,
+    /// The demo page on the public port and the `$sys.stats` publisher.
+    pub demo: bool,
     pub log_format: LogFormat,
     pub log: String,
 }
@@ -288,6 +295,7 @@ impl Options {
             stream_ttl_secs: self.stream_ttl_secs.or(file.stream_ttl_secs),
             room_linger_ms: self.room_linger_ms.or(file.room_linger_ms),
             read_buffer_size: self.read_buffer_size.or(file.read_buffer_size),
+            demo: self.demo.or(file.demo),
             log_format: self.log_format.or(file.log_format),
             log: self.log.or(file.log),
         }
@@ -538,6 +546,7 @@ impl Options {
             stream_ttl: Duration::from_secs(stream_ttl_secs),
             room_linger: Duration::from_millis(self.room_linger_ms.unwrap_or(2_000)),
             read_buffer_size,
+            demo: self.demo.unwrap_or(true),
             log_format: self.log_format.unwrap_or_default(),
             log,
         })

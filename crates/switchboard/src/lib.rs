@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod hub;
 pub mod metrics;
 pub mod node;
@@ -164,6 +165,10 @@ impl Server {
             })
         };
         let heartbeat_task = tokio::spawn(report_liveness(node.clone()));
+        let stats_task = node
+            .config
+            .demo
+            .then(|| tokio::spawn(demo::stats::publish_stats(node.clone())));
 
         shutdown.await;
         tracing::info!(
@@ -172,6 +177,9 @@ impl Server {
             "draining"
         );
         node.start_draining();
+        if let Some(stats_task) = &stats_task {
+            stats_task.abort();
+        }
         stop_accepting.cancel();
         let _ = public_task.await;
         drain_sessions(&node).await;

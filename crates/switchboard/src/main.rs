@@ -1,10 +1,11 @@
 //! The `switchboard` binary: configuration, logging, signals; everything else is in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::config::{Config, EXIT_CONFIG, LogFormat, Options};
-use switchboard::{Server, StartError};
+use switchboard::{Server, StartError, demo};
 
 fn main() -> ExitCode {
     let options = match Options::try_parse() {
@@ -66,16 +67,31 @@ async fn serve(config: Config) -> ExitCode {
     let internal = server
         .internal_addr()
         .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
+    // The demo URL leads the line: it is what `cargo run` users open.
+    let demo = if node.config.demo {
+        format!("demo page {}, ", demo::page_url(server.public_addr()))
+    } else {
+        String::new()
+    };
     tracing::info!(
         node = node.id(),
         public = %server.public_addr(),
         %internal,
         auth = node.auth.enabled(),
+        demo = node.config.demo,
         max_connections = node.config.max_connections,
-        "switchboard listening: WebSocket ws://{}/ws, metrics and API http://{}",
+        "switchboard listening: {demo}WebSocket ws://{}/ws, metrics and API http://{}",
         server.public_addr(),
         internal,
     );
+    // Someone at a terminal (`cargo run`) gets the page's address on a line of its own; log
+    // collectors, which read a pipe, only get the log line above.
+    if node.config.demo && std::io::stdout().is_terminal() {
+        println!(
+            "Demo page: {} (open it in two tabs)",
+            demo::page_url(server.public_addr())
+        );
+    }
     match server.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

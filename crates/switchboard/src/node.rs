@@ -192,6 +192,15 @@ impl Node {
 /// Longest room name accepted, to keep keys and frames bounded.
 pub const MAX_ROOM_LEN: usize = 256;
 
+/// Rooms whose names start with this are the nodes' own: clients may subscribe to them (as their
+/// token allows) but never publish to them.
+pub const SYSTEM_ROOM_PREFIX: &str = "$sys.";
+
+/// Whether clients are refused publishing to `room`.
+pub fn is_system_room(room: &str) -> bool {
+    room.starts_with(SYSTEM_ROOM_PREFIX)
+}
+
 /// Room names are 1 to 256 bytes without control characters.
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty() && room.len() <= MAX_ROOM_LEN && !room.chars().any(char::is_control)

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthError;
+use crate::demo;
 use crate::node::Node;
 use crate::session::{self, Admission};
 
@@ -173,6 +174,12 @@ fn handle_request(
     permit: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
 ) -> Response<Body> {
     if request.uri().path() != WS_PATH {
+        if node.config.demo
+            && let Some(response) =
+                demo::respond(request.method(), request.uri().path(), request.headers())
+        {
+            return response;
+        }
         return plain(
             StatusCode::NOT_FOUND,
             "not found: WebSocket clients connect to /ws",

@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::{SessionHandle, encode};
-use crate::node::{Node, valid_room};
+use crate::node::{Node, is_system_room, valid_room};
 use crate::queue::{CloseRequest, Outbound, OutboundQueue};
 
 /// Most history messages one `history` request returns.
@@ -617,6 +617,12 @@ where
 
     async fn publish(&mut self, room: String, data: Value) -> Result<Reply, (ErrorCode, String)> {
         self.check_room(&room)?;
+        if is_system_room(&room) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("room {room:?} is read-only: only the nodes publish to $sys. rooms"),
+            ));
+        }
         if !self.identity.publish.allows(&room) {
             return Err((
                 ErrorCode::Forbidden,

@@ -940,3 +940,22 @@ fn clap_options_resolve_with_the_file() {
     );
     assert_eq!(config.log, "warn");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The demo
+
+#[test]
+fn the_demo_is_on_by_default_and_turned_off_by_flag_or_file() {
+    assert!(resolve(Options::default()).demo);
+    assert!(!resolve(parse(&["--demo", "false"])).demo);
+    assert!(resolve(parse(&["--demo", "true"])).demo);
+    let file = TempFile::new("demo = false\n");
+    let path = file.path.to_str().expect("utf-8 temp path").to_owned();
+    assert!(!resolve(parse(&["--config", &path])).demo);
+    assert!(resolve(parse(&["--config", &path, "--demo", "true"])).demo);
+    let argv = ["switchboard", "--demo", "maybe"];
+    assert!(
+        Options::try_parse_from(argv).is_err(),
+        "--demo takes true or false"
+    );
+}
