@@ -149,6 +149,54 @@ async fn raw_server_survives_a_client_that_vanishes() {
     server.assert_running();
 }
 
+#[tokio::test]
+async fn raw_server_disconnects_a_subscriber_that_falls_behind() {
+    const MESSAGES: usize = 1000;
+    const LAG_LIMIT: usize = 16;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard-raw-ceiling"));
+    command.args(["--lag-limit", &LAG_LIMIT.to_string()]);
+    let mut server = Server::start(command).await.expect("starting the server");
+    let url = format!("ws://{}/", server.addr);
+    let mut reader = connect(&url).await;
+    let mut stalled = connect(&url).await;
+    let mut publisher = connect(&url).await;
+    for socket in [&mut reader, &mut stalled] {
+        send(socket, "sub r").await;
+        assert_eq!(next_text(socket).await, "ok r");
+    }
+
+    // 16 MB in all: far more than the kernel buffers for a subscriber that stopped reading. In
+    // lockstep with the reader, so only the stalled subscriber falls behind.
+    let padding = "x".repeat(16 << 10);
+    for i in 0..MESSAGES {
+        send(&mut publisher, &format!("pub r {i}:{padding}")).await;
+        let text = next_text(&mut reader).await;
+        assert!(
+            text.starts_with(&format!("{i}:")),
+            "message {i} out of order"
+        );
+    }
+
+    // Reading again, it finds the server gave up on it: some messages, then the end.
+    let drained = async {
+        let mut received = 0;
+        while let Some(Ok(frame)) = stalled.next().await {
+            if frame.is_text() {
+                received += 1;
+            }
+        }
+        received
+    };
+    let received = tokio::time::timeout(DEADLINE, drained)
+        .await
+        .expect("the stalled subscriber was never disconnected");
+    assert!(
+        received < MESSAGES,
+        "the stalled subscriber got all {received} messages"
+    );
+    server.assert_running();
+}
+
 fn socketio_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio")
 }
