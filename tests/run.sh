@@ -18,7 +18,8 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
-# The load-test harness's peer tests run the Socket.IO peer (loadtest/peers/socketio) on node.
+# The load-test harness's peer tests run the Socket.IO peer (loadtest/peers/socketio) on node;
+# the JavaScript client's tests (clients/js) run on node too.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "tests/run.sh: installing nodejs and npm" >&2
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -44,4 +45,7 @@ cargo test --workspace --no-fail-fast "$@" || status=$?
 # The demo page in headless Chromium against two nodes and Redis; screenshot in
 # target/browser-artifacts/demo.png.
 (cd tests/browser && npm test) || status=$?
+# The JavaScript client (clients/js, no dependencies) against the binary built above and
+# redis-server.
+(cd clients/js && npm test) || status=$?
 exit "$status"
