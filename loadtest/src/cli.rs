@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::protocol::Protocol;
+
 /// Most subscriber connections one run opens.
 const MAX_SUBSCRIBERS: u64 = 50_000;
 /// Highest total publish rate, messages per second.
@@ -46,6 +48,24 @@ pub enum Scenario {
     /// dropped at once (after --drop-after-secs, or on SIGUSR1), then each reconnects to the next
     /// target and resubscribes with `since`; reports reconnect times and any message lost.
     Reconnect(ReconnectArgs),
+    /// Read `fanout` results (and `connect` results, for RSS per connection) of switchboard,
+    /// Socket.IO and the raw ceiling server and print one table comparing them, with ratios
+    /// against the switchboard run of the same subscribers, rooms and rate.
+    Compare(CompareArgs),
+}
+
+#[derive(Parser)]
+pub struct CompareArgs {
+    /// JSON files `fanout --json` wrote.
+    #[arg(required = true)]
+    pub fanout: Vec<PathBuf>,
+    /// JSON files `connect --json` wrote; each is matched to the fanout results of its
+    /// `protocol` (switchboard if it has none). Repeatable.
+    #[arg(long = "connect", num_args = 1..)]
+    pub connect: Vec<PathBuf>,
+    /// Print a Markdown table instead of aligned text.
+    #[arg(long)]
+    pub markdown: bool,
 }
 
 #[derive(Parser)]
@@ -100,10 +120,6 @@ pub struct LatencyArgs {
     /// give the commands publishing itself costs. 0 skips it [default: --duration-secs].
     #[arg(long)]
     pub baseline_secs: Option<u64>,
-    /// NAME=PID of a process (a node, redis-server) whose CPU use over the measured window to
-    /// report, from /proc; repeatable. The harness's own is always reported.
-    #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
-    pub cpu_pids: Vec<(String, u32)>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -121,6 +137,12 @@ pub struct FanoutArgs {
     /// spread over the targets.
     #[arg(long, default_value_t = 500)]
     pub subscribers: u64,
+    /// What the targets speak: switchboard, a Socket.IO 4 server (the URL is its Engine.IO one,
+    /// ws://HOST:PORT/socket.io/?EIO=4&transport=websocket) or the raw ceiling server
+    /// (switchboard-raw-ceiling). Loss and order are checked by room offset on switchboard, by
+    /// each publisher's sequence numbers on the others.
+    #[arg(long, value_enum, default_value_t = Protocol::Switchboard)]
+    pub protocol: Protocol,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -172,6 +194,11 @@ pub struct RunArgs {
     /// Write a self-contained HTML report (inline CSS and SVG charts) to this file.
     #[arg(long)]
     pub html: Option<PathBuf>,
+    /// NAME=PID of a server process (a node, a peer, redis-server) whose CPU use over the
+    /// measured window to report, from /proc; repeatable. Their sum gives server_cpu_percent and
+    /// server CPU seconds per million deliveries. The harness's own is always reported.
+    #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
+    pub cpu_pids: Vec<(String, u32)>,
 }
 
 impl RunArgs {

@@ -1,7 +1,9 @@
 //! Scenario `fanout`: S subscribers spread over K rooms and over every target, P publishers
-//! (spread the same way) at a total rate R for D seconds. The run itself is the `latency`
-//! scenario's ([`crate::latency::measure`]): end-to-end latency from the timestamp in each
-//! payload, delivered messages per second, and loss, duplicates and order by offset per room.
+//! (spread the same way) at a total rate R for D seconds, against switchboard or (`--protocol`)
+//! one of the peers it is compared with. The run itself is the `latency` scenario's
+//! ([`crate::latency::measure`]): end-to-end latency from the timestamp in each payload,
+//! delivered messages per second, server CPU per delivery, and loss, duplicates and order (by
+//! offset per room on switchboard, by each publisher's sequence numbers on the peers).
 
 use anyhow::Result;
 
@@ -31,10 +33,12 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         setup_timeout_secs: args.run.setup_timeout_secs,
         redis: None,
         baseline_secs: 0,
-        cpu_pids: Vec::new(),
+        cpu_pids: args.run.cpu_pids.clone(),
+        protocol: args.protocol,
     };
     let figures = measure(&plan).await?;
     let result = FanoutResult {
+        protocol: args.protocol,
         urls: args.urls.clone(),
         rooms: plan.rooms,
         subscribers: plan.subscribers(),

@@ -5,9 +5,11 @@
 //! Redis commands each published message cost. Scenario `fanout` spreads subscribers and publishers
 //! over every target and reports the same delivery figures. Scenario `direct` has users on
 //! different nodes message each other; `reconnect` drops every subscriber at once and measures how
-//! fast they are back and whether `since` recovery lost anything.
+//! fast they are back and whether `since` recovery lost anything. `compare` prints one table of
+//! `fanout` (and `connect`) results against switchboard, Socket.IO and the raw ceiling server.
 
 mod cli;
+mod compare;
 mod connect;
 mod direct;
 mod fanout;
@@ -34,5 +36,6 @@ async fn main() -> Result<()> {
         Scenario::Fanout(args) => fanout::run(args).await,
         Scenario::Direct(args) => direct::run(args).await,
         Scenario::Reconnect(args) => reconnect::run(args).await,
+        Scenario::Compare(args) => compare::run(&args),
     }
 }

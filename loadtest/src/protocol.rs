@@ -22,7 +22,7 @@ use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::ws::Socket;
+use crate::ws::{Incoming, Socket, Stamp};
 
 /// How long a server may take to say hello once the WebSocket is open.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,5 +98,133 @@ async fn next_greeting(socket: &mut Socket, accept: impl Fn(&str) -> bool) -> Re
     match tokio::time::timeout(GREETING_TIMEOUT, read).await {
         Ok(result) => result,
         Err(_) => bail!("no greeting in {}s", GREETING_TIMEOUT.as_secs()),
+    }
+}
+
+/// An incoming text frame as the publishers and subscribers of `latency` and `fanout` read it.
+pub enum Frame<'a> {
+    /// A published message. switchboard's carries its room offset and epoch; the peers' carry
+    /// neither, and their order is checked by the sequence numbers in the [`Stamp`].
+    Delivery {
+        stamp: Stamp,
+        offset: Option<u64>,
+        epoch: Option<&'a str>,
+    },
+    /// switchboard: a `reply` or `error` to a request.
+    Answer(Incoming<'a>),
+    /// The peers' subscribe acknowledgement (Socket.IO `43…`, raw `ok ROOM`).
+    Subscribed,
+    /// An Engine.IO ping: answer with [`Protocol::PONG`] or the server drops the connection.
+    Ping,
+    Other,
+}
+
+impl Protocol {
+    /// The Engine.IO pong, the answer to [`Frame::Ping`].
+    pub const PONG: &'static str = "3";
+
+    /// The frame publishing `stamp` to `room` (run room names need no JSON escaping:
+    /// `[a-z0-9-]`); `id` is switchboard's request id (the peers do not answer publishes).
+    pub fn publish_frame(self, room: &str, stamp: &Stamp, id: u64) -> String {
+        let Stamp { t, p, s } = stamp;
+        let data = format_args!(r#"{{"t":{t},"p":{p},"s":{s}}}"#);
+        match self {
+            Protocol::Switchboard => {
+                format!(r#"{{"type":"publish","room":"{room}","data":{data},"id":{id}}}"#)
+            }
+            Protocol::Socketio => format!(r#"42["publish","{room}",{data}]"#),
+            Protocol::Raw => format!("pub {room} {data}"),
+        }
+    }
+
+    /// What an incoming text frame is; strings borrow from `text`.
+    pub fn parse(self, text: &str) -> Frame<'_> {
+        match self {
+            Protocol::Switchboard => match serde_json::from_str::<Incoming<'_>>(text) {
+                Ok(Incoming {
+                    kind: "message",
+                    offset: Some(offset),
+                    data: Some(stamp),
+                    epoch,
+                    ..
+                }) => Frame::Delivery {
+                    stamp,
+                    offset: Some(offset),
+                    epoch,
+                },
+                Ok(incoming) if matches!(incoming.kind, "reply" | "error") => {
+                    Frame::Answer(incoming)
+                }
+                _ => Frame::Other,
+            },
+            Protocol::Socketio => {
+                if text == "2" {
+                    Frame::Ping
+                } else if let Some(data) = text
+                    .strip_prefix(r#"42["message","#)
+                    .and_then(|rest| rest.strip_suffix(']'))
+                {
+                    peer_delivery(data)
+                } else if text.starts_with("43") {
+                    Frame::Subscribed
+                } else {
+                    Frame::Other
+                }
+            }
+            Protocol::Raw => {
+                if text.starts_with("ok ") {
+                    Frame::Subscribed
+                } else {
+                    peer_delivery(text)
+                }
+            }
+        }
+    }
+
+    /// Opens a connection and subscribes it to `room`; for switchboard, also returns the room's
+    /// offset and epoch from the reply.
+    pub async fn subscribe(
+        self,
+        url: &str,
+        target: SocketAddr,
+        room: &str,
+    ) -> Result<(Socket, Option<(u64, String)>)> {
+        if self == Protocol::Switchboard {
+            let (socket, offset, epoch) =
+                crate::ws::subscribe_one(url, target, &format!("\"{room}\"")).await?;
+            return Ok((socket, Some((offset, epoch))));
+        }
+        // Run room names need no escaping: `[a-z0-9-]`.
+        let frame = match self {
+            Protocol::Socketio => format!(r#"421["subscribe","{room}"]"#),
+            _ => format!("sub {room}"),
+        };
+        let mut socket = self.open(url, target, None).await?;
+        socket.send(Message::text(frame)).await?;
+        loop {
+            let text = match socket.next().await {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => return Err(error.into()),
+                None => bail!("closed before the subscribe acknowledgement"),
+            };
+            match self.parse(text.as_str()) {
+                Frame::Subscribed => return Ok((socket, None)),
+                Frame::Ping => socket.send(Message::text(Self::PONG)).await?,
+                _ => bail!("unexpected answer to subscribe: {}", text.as_str()),
+            }
+        }
+    }
+}
+
+/// A peer's delivery: the published data itself.
+fn peer_delivery(data: &str) -> Frame<'_> {
+    match serde_json::from_str::<Stamp>(data) {
+        Ok(stamp) => Frame::Delivery {
+            stamp,
+            offset: None,
+            epoch: None,
+        },
+        Err(_) => Frame::Other,
     }
 }

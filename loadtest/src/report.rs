@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::protocol::Protocol;
+
 /// Prints `result` as pretty JSON and, given a path, writes the same text there.
 pub fn emit(result: &impl Serialize, json: Option<&Path>) -> Result<()> {
     let text = serde_json::to_string_pretty(result)?;
@@ -57,6 +59,8 @@ pub struct LatencyResult {
 /// Scenario `fanout`: every target takes subscribers (and publishers), the figures as `latency`.
 #[derive(Serialize)]
 pub struct FanoutResult {
+    /// What the targets speak: `switchboard`, `socketio` or `raw` (`--protocol`).
+    pub protocol: Protocol,
     pub urls: Vec<String>,
     pub rooms: u64,
     pub subscribers: u64,
@@ -80,8 +84,13 @@ pub struct DeliveryFigures {
     /// Publishes sent over the whole run (warm-up included).
     pub published_total: u64,
     pub publish_errors: u64,
-    /// Publishes the node never answered (neither reply nor error) by the end of the drain.
-    pub publish_unanswered: u64,
+    /// Publishes the node never answered (neither reply nor error) by the end of the drain;
+    /// null for the peers, which do not answer publishes.
+    pub publish_unanswered: Option<u64>,
+    /// Publisher connections that failed (closed, broken) or stalled (the server stopped
+    /// reading until the end of the drain) before the end of their schedule; each ended its
+    /// schedule there, so the run published less than its rate.
+    pub publishers_failed: u64,
     /// How late the publishers wrote against their schedule (a generator that cannot keep up
     /// shows here, not in the latency figures).
     pub schedule_lag_ms_p99: f64,
@@ -115,6 +124,11 @@ pub struct DeliveryFigures {
     /// and the difference at the end of the drain, split into offsets a subscriber skipped (a
     /// later one arrived: lost for good) and offsets after a subscriber's last one (not arrived
     /// by the end of the drain: late or lost); and messages at or below an offset already seen.
+    /// Against the peers (`socketio`, `raw`), which give no offsets and acknowledge nothing, the
+    /// same by each publisher's sequence numbers per room: expected is every message written
+    /// to a room's publishers' connections × the room's subscribers, a skipped sequence number
+    /// is lost in a gap, one at or below the last seen from that publisher is a duplicate (or
+    /// out of order), and epoch_mismatches is 0.
     pub expected_deliveries_total: u64,
     pub received_total: u64,
     pub lost: u64,
@@ -133,6 +147,14 @@ pub struct DeliveryFigures {
     /// CPU of every other process alive at the end of the window: anything else running on the
     /// machine (a build, another test) competes with the measurement.
     pub other_processes_cpu_percent: f64,
+    /// CPU of the watched processes (`--cpu-pid`: nodes or peers and their Redis), summed,
+    /// percent of one core; null without `--cpu-pid`.
+    pub server_cpu_percent: Option<f64>,
+    /// Server CPU seconds used in the measured window per million deliveries received in it
+    /// (server_cpu_percent / 100 × window ÷ deliveries received in the window × 10⁶): the cost of
+    /// one delivery, comparable across systems and rates; null without `--cpu-pid` or without
+    /// deliveries.
+    pub server_cpu_secs_per_million_deliveries: Option<f64>,
     pub redis: Option<RedisCost>,
 }
 

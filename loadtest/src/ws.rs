@@ -155,8 +155,14 @@ pub struct Incoming<'a> {
     pub message: Option<String>,
 }
 
-/// What a published message carries: its send time (µs on the common clock).
+/// What a published message carries: its send time (µs on the common clock) and, from the
+/// `latency` and `fanout` publishers, the publisher's index and the message's sequence number
+/// among that publisher's messages to the room (1, 2, …).
 #[derive(Deserialize)]
 pub struct Stamp {
     pub t: u64,
+    #[serde(default)]
+    pub p: usize,
+    #[serde(default)]
+    pub s: u64,
 }

@@ -20,9 +20,10 @@ use self::subscriber::SETUP_STEP_TIMEOUT;
 use crate::cli::LatencyArgs;
 use crate::procfs::{CpuSample, cpu_use};
 use crate::progress;
+use crate::protocol::Protocol;
 use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
 use crate::report::{DeliveryFigures, LatencyResult, emit, ms, round3};
-use crate::ws::{open, run_tag, url_addr};
+use crate::ws::{run_tag, url_addr};
 
 pub async fn run(args: LatencyArgs) -> Result<()> {
     args.check()?;
@@ -44,7 +45,8 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
         setup_timeout_secs: args.run.setup_timeout_secs,
         redis: args.redis_url.as_deref().map(redis_addr).transpose()?,
         baseline_secs: args.baseline_secs.unwrap_or(args.run.duration_secs),
-        cpu_pids: args.cpu_pids.clone(),
+        cpu_pids: args.run.cpu_pids.clone(),
+        protocol: Protocol::Switchboard,
     };
     let figures = measure(&plan).await?;
     let result = LatencyResult {
@@ -87,6 +89,8 @@ pub struct Plan {
     /// With `redis`: seconds of the idle baseline, 0 for none.
     pub baseline_secs: u64,
     pub cpu_pids: Vec<(String, u32)>,
+    /// What every connection speaks; `redis` and the offset checks are switchboard's.
+    pub protocol: Protocol,
 }
 
 impl Plan {
@@ -113,11 +117,12 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let subscribers = plan.subscribers();
     let subscribe_targets = &plan.subscribe_targets;
 
+    let protocol = plan.protocol;
     // Fresh room names per run, so earlier runs against the same Redis do not matter.
     let run = run_tag("lt");
     let rooms = (0..plan.rooms)
-        .map(|room| serde_json::to_string(&format!("{run}-{room}")))
-        .collect::<Result<_, _>>()?;
+        .map(|room| format!("{run}-{room}"))
+        .collect();
     let shared = Arc::new(Shared::new(rooms, plan.duration_secs));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -133,6 +138,8 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     });
     let subscriber_tasks = subscriber::start(
         &shared,
+        protocol,
+        publishers,
         subscribe_targets,
         plan.subscribers_per_room,
         plan.connect_rate,
@@ -154,7 +161,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let mut publisher_sockets = Vec::with_capacity(publishers as usize);
     for index in 0..publishers {
         let (url, target) = &plan.publish_targets[index as usize % plan.publish_targets.len()];
-        let socket = tokio::time::timeout(SETUP_STEP_TIMEOUT, open(url, *target, None))
+        let socket = tokio::time::timeout(SETUP_STEP_TIMEOUT, protocol.open(url, *target, None))
             .await
             .context("publisher connection timed out")??;
         publisher_sockets.push(socket);
@@ -180,19 +187,27 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let mut writer_tasks = Vec::with_capacity(publishers as usize);
     for (index, socket) in publisher_sockets.into_iter().enumerate() {
         let (sink, stream) = socket.split();
+        let pong = Arc::new(tokio::sync::Notify::new());
         reader_tasks.push(tokio::spawn(publisher::read_replies(
             stream,
             shared.clone(),
+            protocol,
+            pong.clone(),
             stop_rx.clone(),
         )));
-        let first = start_at + period.mul_f64(index as f64 / publishers as f64);
+        let schedule = publisher::Schedule {
+            index,
+            period,
+            first: start_at + period.mul_f64(index as f64 / publishers as f64),
+            end: end_at,
+            give_up: drain_deadline,
+        };
         writer_tasks.push(tokio::spawn(publisher::publish(
             sink,
             shared.clone(),
-            period,
-            first,
-            end_at,
-            drain_deadline,
+            protocol,
+            schedule,
+            pong,
         )));
     }
     eprintln!(
@@ -219,23 +234,30 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let cpu = cpu_use(&watched, &cpu_before, &cpu_after, plan.duration_secs);
 
     let mut lag = latency_histogram();
-    let (mut sent, mut sent_in_window) = (0u64, 0u64);
+    let (mut sent, mut sent_in_window, mut publishers_failed) = (0u64, 0u64, 0u64);
     for task in writer_tasks {
-        let stats = task.await.context("publisher task")??;
+        let stats = task.await.context("publisher task")?;
         sent += stats.sent;
         sent_in_window += stats.sent_in_window;
+        publishers_failed += u64::from(stats.failed);
         lag.add(&stats.lag).ok();
     }
 
-    // Drain: every publish answered, every acknowledged message delivered, or the deadline.
-    let expected_total = || {
-        (0..plan.rooms)
-            .map(|room| shared.room_last[room as usize].load(Ordering::SeqCst))
-            .sum::<u64>()
+    // Drain: every publish answered, every acknowledged (switchboard) or written (the peers)
+    // message delivered, or the deadline.
+    let switchboard = protocol == Protocol::Switchboard;
+    let room_count = |room: usize| {
+        if switchboard {
+            shared.room_last[room].load(Ordering::SeqCst)
+        } else {
+            shared.room_published[room].load(Ordering::SeqCst)
+        }
     };
+    let expected_total = || (0..plan.rooms as usize).map(room_count).sum::<u64>();
     loop {
-        let answered = shared.answered.load(Ordering::SeqCst) >= sent;
-        // Rooms are fresh, so every subscriber starts at offset 0 (checked per subscriber below).
+        let answered = !switchboard || shared.answered.load(Ordering::SeqCst) >= sent;
+        // Rooms are fresh, so every subscriber starts at offset 0 (checked per subscriber below),
+        // and every subscriber was subscribed before the first publish.
         let delivered =
             shared.received.load(Ordering::SeqCst) >= expected_total() * plan.subscribers_per_room;
         if (answered && delivered) || tokio::time::Instant::now() >= drain_deadline {
@@ -256,9 +278,14 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         let Some(stats) = task.await.context("subscriber task")? else {
             continue;
         };
-        let last = shared.room_last[stats.room].load(Ordering::SeqCst);
+        let last = room_count(stats.room);
         expected_deliveries += last.saturating_sub(stats.start_offset);
-        undelivered_at_end += last.saturating_sub(stats.last_offset);
+        undelivered_at_end += if switchboard {
+            last.saturating_sub(stats.last_offset)
+        } else {
+            // Published to the room after the last message seen from each publisher.
+            last.saturating_sub(stats.last_seq.iter().sum())
+        };
         totals.gaps += stats.gaps;
         totals.unique += stats.unique;
         totals.duplicates += stats.duplicates;
@@ -289,12 +316,27 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     };
     let window = plan.duration_secs as f64;
     let answered = shared.answered.load(Ordering::SeqCst);
+    // Every watched process but this harness is a server (nodes, peers, their Redis).
+    let server_cpu_percent = (watched.len() > 1).then(|| {
+        let harness = &watched[0].0;
+        round3(
+            cpu.by_name
+                .iter()
+                .filter(|(name, _)| *name != harness)
+                .map(|(_, percent)| percent)
+                .sum(),
+        )
+    });
+    let server_cpu_secs_per_million_deliveries = server_cpu_percent
+        .filter(|_| totals.received_in_window > 0)
+        .map(|percent| round3(percent / 100.0 * window / totals.received_in_window as f64 * 1e6));
     Ok(DeliveryFigures {
         published: sent_in_window,
         published_per_sec: round3(sent_in_window as f64 / window),
         published_total: sent,
         publish_errors: shared.publish_errors.load(Ordering::SeqCst),
-        publish_unanswered: sent.saturating_sub(answered),
+        publish_unanswered: switchboard.then(|| sent.saturating_sub(answered)),
+        publishers_failed,
         schedule_lag_ms_p99: ms(lag.value_at_quantile(0.99)),
         schedule_lag_ms_max: ms(lag.max()),
         latency_ms_p50: ms(histogram.value_at_quantile(0.5)),
@@ -331,6 +373,8 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         cpu_percent: cpu.by_name,
         machine_cpu_percent: cpu.machine,
         other_processes_cpu_percent: cpu.others,
+        server_cpu_percent,
+        server_cpu_secs_per_million_deliveries,
         redis: redis_cost,
     })
 }

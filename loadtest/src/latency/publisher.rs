@@ -1,92 +1,132 @@
-//! The publishers of scenario `latency`: each writes `publish` frames on its own schedule and
-//! reads the node's replies on the other half of its connection.
+//! The publishers of scenarios `latency` and `fanout`: each writes publish frames on its own
+//! schedule and reads what the server sends back on the other half of its connection
+//! (switchboard's replies, Engine.IO pings).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::shared::{PublisherStats, Shared, latency_histogram};
-use crate::ws::{Incoming, Socket};
+use crate::protocol::{Frame, Protocol};
+use crate::ws::{Next, Socket, Stamp, next_text};
+use futures_util::SinkExt;
 
 type PublishSink = futures_util::stream::SplitSink<Socket, Message>;
 type ReplyStream = futures_util::stream::SplitStream<Socket>;
 
-/// Writes `publish` frames on a fixed schedule from `first` until `end`; each carries its write
-/// time on the common clock and its sequence number (also its request id).
+/// One publisher's place in the run.
+pub struct Schedule {
+    /// Its index, carried in every payload so subscribers keep one sequence per publisher.
+    pub index: usize,
+    pub period: Duration,
+    pub first: tokio::time::Instant,
+    pub end: tokio::time::Instant,
+    /// A write still blocked at this point means the server stopped reading.
+    pub give_up: tokio::time::Instant,
+}
+
+/// Writes publish frames on a fixed schedule from `first` until `end`, rooms round-robin over
+/// all publishers; each carries its write time on the common clock, the publisher's index and
+/// its sequence number in the room (switchboard's request id is the run-wide sequence number,
+/// from which the reply's room follows). Answers a ping whenever `pong` is notified. A failed or
+/// stalled connection ends the schedule early (the run still reports).
 pub async fn publish(
     mut sink: PublishSink,
     shared: Arc<Shared>,
-    period: Duration,
-    first: tokio::time::Instant,
-    end: tokio::time::Instant,
-    give_up: tokio::time::Instant,
-) -> Result<PublisherStats> {
+    protocol: Protocol,
+    plan: Schedule,
+    pong: Arc<Notify>,
+) -> PublisherStats {
     let mut stats = PublisherStats {
         sent: 0,
         sent_in_window: 0,
         lag: latency_histogram(),
+        failed: false,
     };
-    let mut schedule = tokio::time::interval_at(first, period);
+    let mut schedule = tokio::time::interval_at(plan.first, plan.period);
     schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let rooms = shared.rooms.len() as u64;
+    let mut room_seq = vec![0u64; shared.rooms.len()];
     loop {
-        let scheduled = schedule.tick().await;
-        if scheduled >= end {
-            break;
+        let (frame, published) = tokio::select! {
+            biased;
+            _ = pong.notified() => (Message::text(Protocol::PONG), None),
+            scheduled = schedule.tick() => {
+                if scheduled >= plan.end {
+                    break;
+                }
+                let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+                let room = (seq % rooms) as usize;
+                room_seq[room] += 1;
+                let sent_us = shared.now_us();
+                stats
+                    .lag
+                    .saturating_record(sent_us.saturating_sub(shared.us_at(scheduled)).max(1));
+                let stamp = Stamp {
+                    t: sent_us,
+                    p: plan.index,
+                    s: room_seq[room],
+                };
+                let frame = protocol.publish_frame(&shared.rooms[room], &stamp, seq + 1);
+                (Message::text(frame), Some((room, sent_us)))
+            }
+        };
+        match tokio::time::timeout_at(plan.give_up, sink.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                eprintln!("publisher {} connection failed: {error}", plan.index);
+                stats.failed = true;
+                break;
+            }
+            Err(_) => {
+                eprintln!(
+                    "publisher {} stalled: the server stopped reading",
+                    plan.index
+                );
+                stats.failed = true;
+                break;
+            }
         }
-        let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
-        let room = &shared.rooms[(seq % rooms) as usize];
-        let sent_us = shared.now_us();
-        stats
-            .lag
-            .saturating_record(sent_us.saturating_sub(shared.us_at(scheduled)).max(1));
-        let frame = format!(
-            r#"{{"type":"publish","room":{room},"data":{{"t":{sent_us},"s":{seq}}},"id":{}}}"#,
-            seq + 1
-        );
-        tokio::time::timeout_at(give_up, sink.send(Message::text(frame)))
-            .await
-            .context("publisher stalled: the node stopped reading")??;
-        stats.sent += 1;
-        if shared.in_window(sent_us) {
-            stats.sent_in_window += 1;
+        if let Some((room, sent_us)) = published {
+            shared.room_published[room].fetch_add(1, Ordering::Relaxed);
+            stats.sent += 1;
+            if shared.in_window(sent_us) {
+                stats.sent_in_window += 1;
+            }
         }
     }
-    Ok(stats)
+    stats
 }
 
-/// Reads a publisher's replies: the offset each publish got, or its error.
+/// Reads what the server sends a publisher until `stop`: switchboard's replies (the offset each
+/// publish got, or its error) and Engine.IO pings, handed to the writer through `pong`.
 pub async fn read_replies(
     mut stream: ReplyStream,
     shared: Arc<Shared>,
+    protocol: Protocol,
+    pong: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let rooms = shared.rooms.len() as u64;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            next = stream.next() => next,
-        };
-        let text = match next {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(_)) => continue,
-            Some(Err(error)) => {
-                eprintln!("publisher connection failed: {error}");
-                break;
-            }
-            None => {
-                eprintln!("publisher connection closed by the node");
+        let text = match next_text(&mut stream, &mut stop).await {
+            Next::Text(text) => text,
+            Next::Stop => break,
+            Next::Closed => {
+                eprintln!("publisher connection closed by the server");
                 break;
             }
         };
-        let Ok(incoming) = serde_json::from_str::<Incoming<'_>>(text.as_str()) else {
-            continue;
+        let incoming = match protocol.parse(text.as_str()) {
+            Frame::Answer(incoming) => incoming,
+            Frame::Ping => {
+                pong.notify_one();
+                continue;
+            }
+            _ => continue,
         };
         match (incoming.kind, incoming.id) {
             ("reply", Some(id)) if id > 0 => {

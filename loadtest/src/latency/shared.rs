@@ -15,10 +15,13 @@ pub const HISTOGRAM_SHARDS: u64 = 16;
 pub struct Shared {
     /// The common clock: every timestamp is microseconds since this.
     pub base: Instant,
-    /// Room names, JSON-encoded (quoted), ready to splice into frames.
+    /// Room names, `[a-z0-9-]` only, so they go into every protocol's frames unescaped.
     pub rooms: Vec<String>,
-    /// Highest offset a publish reply acknowledged, per room.
+    /// switchboard: highest offset a publish reply acknowledged, per room.
     pub room_last: Vec<AtomicU64>,
+    /// Messages written to each room's publishers' connections: what the peers, which neither
+    /// acknowledge publishes nor give offsets, owe each subscriber of the room.
+    pub room_published: Vec<AtomicU64>,
     pub window_start_us: AtomicU64,
     pub window_end_us: AtomicU64,
     pub histograms: Vec<Mutex<Histogram<u64>>>,
@@ -38,12 +41,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// State for `rooms` (JSON-encoded names) and a measured window of `window_secs`, which
+    /// State for `rooms` (names) and a measured window of `window_secs`, which
     /// starts unset (nothing is in it until [`Shared::set_window`]).
     pub fn new(rooms: Vec<String>, window_secs: u64) -> Shared {
         Shared {
             base: Instant::now(),
             room_last: rooms.iter().map(|_| AtomicU64::new(0)).collect(),
+            room_published: rooms.iter().map(|_| AtomicU64::new(0)).collect(),
             rooms,
             window_start_us: AtomicU64::new(u64::MAX),
             window_end_us: AtomicU64::new(u64::MAX),
@@ -98,8 +102,11 @@ impl Shared {
 #[derive(Default)]
 pub struct SubscriberStats {
     pub room: usize,
+    /// switchboard: the room's offset when subscribed, and the last one received.
     pub start_offset: u64,
     pub last_offset: u64,
+    /// The peers: the last sequence number received from each publisher (index).
+    pub last_seq: Vec<u64>,
     pub unique: u64,
     pub duplicates: u64,
     pub epoch_mismatches: u64,
@@ -115,6 +122,8 @@ pub struct PublisherStats {
     pub sent: u64,
     pub sent_in_window: u64,
     pub lag: Histogram<u64>,
+    /// Its connection failed or stalled before the end of the schedule, which it then ended.
+    pub failed: bool,
 }
 
 /// An empty histogram of microseconds, 1 to the latency ceiling.

@@ -1,5 +1,6 @@
-//! The subscribers of scenario `latency`: opened at a held rate and subscribed, then each reads
-//! its messages, timing them and checking their offsets.
+//! The subscribers of scenarios `latency` and `fanout`: opened at a held rate and subscribed, then
+//! each reads its messages, timing them and checking their order: by room offset on switchboard,
+//! by each publisher's sequence numbers on the peers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,12 @@ use anyhow::{Result, bail};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
 use super::shared::{HISTOGRAM_SHARDS, Shared, SubscriberStats};
-use crate::ws::{Incoming, Next, Socket, await_setup, next_text, subscribe_one};
+use crate::protocol::{Frame, Protocol};
+use crate::ws::{Next, Socket, await_setup, next_text};
 
 /// Bound on each connection's handshake plus subscribe.
 pub const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,9 +30,12 @@ pub fn target_of(index: u64, rooms: u64, targets: u64) -> usize {
 
 /// Opens `subscribers_per_room` subscribers for every room at `connect_rate` per second and waits
 /// until all are subscribed, spread over the targets by [`target_of`]. Each task then reads
-/// until `stop` and returns what its subscriber saw.
+/// until `stop` and returns what its subscriber saw of the messages of `publishers` publishers.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     shared: &Arc<Shared>,
+    protocol: Protocol,
+    publishers: u64,
     targets: &[(String, SocketAddr)],
     subscribers_per_room: u64,
     connect_rate: u64,
@@ -37,7 +45,7 @@ pub async fn start(
     let rooms = shared.rooms.len() as u64;
     let subscribers = rooms * subscribers_per_room;
     let setup_deadline = tokio::time::Instant::now() + setup_timeout;
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(usize, u64)>>();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<Result<()>>();
     let mut schedule = tokio::time::interval(Duration::from_secs_f64(1.0 / connect_rate as f64));
     schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::with_capacity(subscribers as usize);
@@ -55,22 +63,28 @@ pub async fn start(
         tasks.push(tokio::spawn(async move {
             let setup = tokio::time::timeout(
                 SETUP_STEP_TIMEOUT,
-                subscribe_one(&url, target, &shared.rooms[room]),
+                protocol.subscribe(&url, target, &shared.rooms[room]),
             )
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no subscribe reply in 30s")));
             match setup {
-                Ok((socket, start_offset, epoch)) => {
+                Ok((socket, position)) => {
                     shared.connected.fetch_add(1, Ordering::Relaxed);
-                    let _ = ready_tx.send(Ok((room, start_offset)));
+                    let _ = ready_tx.send(Ok(()));
+                    let (start_offset, epoch) = position.unzip();
+                    let start_offset = start_offset.unwrap_or(0);
                     let stats = SubscriberStats {
                         room,
                         start_offset,
                         last_offset: start_offset,
+                        last_seq: match protocol {
+                            Protocol::Switchboard => Vec::new(),
+                            _ => vec![0; publishers as usize],
+                        },
                         ..SubscriberStats::default()
                     };
                     let connected = shared.clone();
-                    let stats = receive(socket, stats, epoch, shard, shared, stop).await;
+                    let stats = receive(socket, protocol, stats, epoch, shard, shared, stop).await;
                     connected.connected.fetch_sub(1, Ordering::Relaxed);
                     Some(stats)
                 }
@@ -89,12 +103,14 @@ pub async fn start(
     Ok(tasks)
 }
 
-/// Reads a subscriber's messages until told to stop: latency of each, and its offsets checked
-/// against the last one seen.
+/// Reads a subscriber's messages until told to stop: latency of each, and its order checked
+/// against the last one seen (switchboard: the room offset, in `epoch`; the peers: the sender's
+/// sequence number).
 async fn receive(
     mut socket: Socket,
+    protocol: Protocol,
     mut stats: SubscriberStats,
-    epoch: String,
+    epoch: Option<String>,
     shard: usize,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -109,29 +125,49 @@ async fn receive(
             }
         };
         let received_us = shared.now_us();
-        let parsed = serde_json::from_str::<Incoming<'_>>(text.as_str());
-        let (offset, stamp, message_epoch) = match parsed {
-            Ok(Incoming {
-                kind: "message",
-                offset: Some(offset),
-                data: Some(stamp),
+        let (stamp, offset, message_epoch) = match protocol.parse(text.as_str()) {
+            Frame::Delivery {
+                stamp,
+                offset,
                 epoch,
-                ..
-            }) => (offset, stamp, epoch),
+            } => (stamp, offset, epoch),
+            Frame::Ping => {
+                if socket.send(Message::text(Protocol::PONG)).await.is_err() {
+                    stats.closed_early = true;
+                    break;
+                }
+                continue;
+            }
             _ => {
                 stats.unexpected += 1;
                 continue;
             }
         };
-        if message_epoch != Some(epoch.as_str()) {
-            stats.epoch_mismatches += 1;
+        match offset {
+            Some(offset) => {
+                if message_epoch != epoch.as_deref() {
+                    stats.epoch_mismatches += 1;
+                }
+                if offset <= stats.last_offset {
+                    stats.duplicates += 1;
+                    continue;
+                }
+                stats.gaps += offset - stats.last_offset - 1;
+                stats.last_offset = offset;
+            }
+            None => {
+                let Some(last) = stats.last_seq.get_mut(stamp.p) else {
+                    stats.unexpected += 1;
+                    continue;
+                };
+                if stamp.s <= *last {
+                    stats.duplicates += 1;
+                    continue;
+                }
+                stats.gaps += stamp.s - *last - 1;
+                *last = stamp.s;
+            }
         }
-        if offset <= stats.last_offset {
-            stats.duplicates += 1;
-            continue;
-        }
-        stats.gaps += offset - stats.last_offset - 1;
-        stats.last_offset = offset;
         stats.unique += 1;
         shared.received.fetch_add(1, Ordering::Relaxed);
         if shared.in_window(received_us) {

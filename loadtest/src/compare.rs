@@ -1,0 +1,369 @@
+//! `compare`: one table of `fanout` results (switchboard, Socket.IO, the raw ceiling server),
+//! with the RSS per connection of `connect` results and ratios against the switchboard run of
+//! the same shape, as aligned text or Markdown.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::cli::CompareArgs;
+
+pub fn run(args: &CompareArgs) -> Result<()> {
+    let fanout = args
+        .fanout
+        .iter()
+        .map(|path| read(path))
+        .collect::<Result<Vec<_>>>()?;
+    let connect = args
+        .connect
+        .iter()
+        .map(|path| read(path))
+        .collect::<Result<Vec<_>>>()?;
+    let table = build(&fanout, &connect)?;
+    print!(
+        "{}",
+        if args.markdown {
+            table.markdown()
+        } else {
+            table.text()
+        }
+    );
+    Ok(())
+}
+
+/// A result file as (its path, for messages; its JSON).
+fn read(path: &Path) -> Result<(String, Value)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value = serde_json::from_str(&text)
+        .with_context(|| format!("{} does not hold JSON", path.display()))?;
+    Ok((path.display().to_string(), value))
+}
+
+/// The fields of a `fanout` result the table shows.
+#[derive(Deserialize)]
+struct Fanout {
+    /// Results written before `--protocol` existed are switchboard's.
+    #[serde(default = "switchboard")]
+    protocol: String,
+    subscribers: u64,
+    rooms: u64,
+    rate_target: u64,
+    delivered_per_sec: f64,
+    latency_ms_p50: f64,
+    latency_ms_p99: f64,
+    latency_ms_p999: f64,
+    #[serde(default)]
+    server_cpu_secs_per_million_deliveries: Option<f64>,
+    lost: u64,
+    duplicates: u64,
+}
+
+/// The field of a `connect` result the table shows, and which system it measured.
+#[derive(Deserialize)]
+struct Connect {
+    #[serde(default = "switchboard")]
+    protocol: String,
+    #[serde(default)]
+    server_rss_per_connection_bytes: Option<f64>,
+}
+
+fn switchboard() -> String {
+    "switchboard".to_owned()
+}
+
+const HEADER: [&str; 13] = [
+    "system",
+    "subscribers",
+    "rate msgs/s",
+    "delivered msgs/s",
+    "p50 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "server CPU-s per 1M deliveries",
+    "RSS per connection KiB",
+    "lost / duplicates",
+    "deliveries per CPU-s vs switchboard",
+    "p99 vs switchboard",
+    "delivered/s vs switchboard",
+];
+
+/// Columns of text (left-aligned); the rest are numbers.
+const TEXT_COLUMNS: usize = 1;
+
+pub struct Table {
+    rows: Vec<[String; HEADER.len()]>,
+}
+
+/// The table of `fanout` results (path, JSON), ordered by subscribers, rooms, rate and then
+/// system (switchboard, socketio, raw); each row's ratios are against the switchboard result of
+/// the same subscribers, rooms and rate, if there is one. `connect` results (path, JSON) give
+/// the RSS per connection of their `protocol`.
+pub fn build(fanout: &[(String, Value)], connect: &[(String, Value)]) -> Result<Table> {
+    let mut results = fanout
+        .iter()
+        .map(|(path, value)| {
+            Fanout::deserialize(value).with_context(|| format!("{path}: not a fanout result"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut rss = Vec::<(String, Option<f64>)>::new();
+    for (path, value) in connect {
+        let result =
+            Connect::deserialize(value).with_context(|| format!("{path}: not a connect result"))?;
+        if rss.iter().any(|(protocol, _)| *protocol == result.protocol) {
+            bail!("{path}: a second connect result for {}", result.protocol);
+        }
+        rss.push((result.protocol, result.server_rss_per_connection_bytes));
+    }
+    let system_order = |protocol: &str| {
+        ["switchboard", "socketio", "raw"]
+            .iter()
+            .position(|known| *known == protocol)
+            .unwrap_or(usize::MAX)
+    };
+    results.sort_by_key(|result| {
+        (
+            result.subscribers,
+            result.rooms,
+            result.rate_target,
+            system_order(&result.protocol),
+        )
+    });
+
+    let rows = results
+        .iter()
+        .map(|result| {
+            let baseline = results.iter().find(|other| {
+                other.protocol == "switchboard"
+                    && (other.subscribers, other.rooms, other.rate_target)
+                        == (result.subscribers, result.rooms, result.rate_target)
+            });
+            let rss_kib = rss
+                .iter()
+                .find(|(protocol, _)| *protocol == result.protocol)
+                .and_then(|(_, bytes)| *bytes)
+                .map(|bytes| bytes / 1024.0);
+            let cpu = result.server_cpu_secs_per_million_deliveries;
+            // Deliveries per CPU-second is the inverse of CPU-seconds per delivery.
+            let efficiency = baseline
+                .and_then(|base| base.server_cpu_secs_per_million_deliveries)
+                .zip(cpu)
+                .and_then(|(base, own)| ratio(base, own));
+            [
+                result.protocol.clone(),
+                result.subscribers.to_string(),
+                result.rate_target.to_string(),
+                format!("{:.0}", result.delivered_per_sec),
+                format!("{:.2}", result.latency_ms_p50),
+                format!("{:.2}", result.latency_ms_p99),
+                format!("{:.2}", result.latency_ms_p999),
+                number(cpu, 2),
+                number(rss_kib, 1),
+                format!("{} / {}", result.lost, result.duplicates),
+                times(efficiency),
+                times(baseline.and_then(|base| ratio(result.latency_ms_p99, base.latency_ms_p99))),
+                times(
+                    baseline
+                        .and_then(|base| ratio(result.delivered_per_sec, base.delivered_per_sec)),
+                ),
+            ]
+        })
+        .collect();
+    Ok(Table { rows })
+}
+
+fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
+    (denominator > 0.0).then(|| numerator / denominator)
+}
+
+fn number(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |value| format!("{value:.decimals$}"))
+}
+
+fn times(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |value| format!("{value:.2}x"))
+}
+
+impl Table {
+    /// Aligned columns: text left, numbers right.
+    pub fn text(&self) -> String {
+        let widths: Vec<usize> = (0..HEADER.len())
+            .map(|column| {
+                self.rows
+                    .iter()
+                    .map(|row| row[column].chars().count())
+                    .chain([HEADER[column].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[&str]| {
+            let cells: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(column, cell)| {
+                    let width = widths[column];
+                    if column < TEXT_COLUMNS {
+                        format!("{cell:<width$}")
+                    } else {
+                        format!("{cell:>width$}")
+                    }
+                })
+                .collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        };
+        let mut text = line(&HEADER);
+        for row in &self.rows {
+            text.push_str(&line(&row.each_ref().map(String::as_str)));
+        }
+        text
+    }
+
+    /// A Markdown table, numbers right-aligned.
+    pub fn markdown(&self) -> String {
+        let mut text = format!("| {} |\n|", HEADER.join(" | "));
+        for column in 0..HEADER.len() {
+            text.push_str(if column < TEXT_COLUMNS {
+                "---|"
+            } else {
+                "---:|"
+            });
+        }
+        text.push('\n');
+        for row in &self.rows {
+            text.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fanout(protocol: Option<&str>, rate: u64, delivered: f64, p99: f64, cpu: Value) -> Value {
+        let mut value = json!({
+            "subscribers": 2000,
+            "rooms": 1,
+            "rate_target": rate,
+            "delivered_per_sec": delivered,
+            "latency_ms_p50": 1.0,
+            "latency_ms_p99": p99,
+            "latency_ms_p999": p99 * 2.0,
+            "server_cpu_secs_per_million_deliveries": cpu,
+            "lost": 0,
+            "duplicates": 0,
+        });
+        if let Some(protocol) = protocol {
+            value["protocol"] = json!(protocol);
+        }
+        value
+    }
+
+    fn files(values: Vec<Value>) -> Vec<(String, Value)> {
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(index, value)| (format!("file{index}.json"), value))
+            .collect()
+    }
+
+    #[test]
+    fn rows_are_ordered_by_rate_then_system_with_ratios_against_switchboard() {
+        let table = build(
+            &files(vec![
+                fanout(Some("raw"), 50, 100_000.0, 1.0, json!(5.0)),
+                fanout(Some("socketio"), 50, 90_000.0, 8.0, json!(40.0)),
+                // No protocol field: an older result, switchboard's.
+                fanout(None, 50, 100_000.0, 4.0, json!(20.0)),
+                fanout(Some("raw"), 200, 400_000.0, 2.0, Value::Null),
+            ]),
+            &files(vec![
+                json!({"protocol": "switchboard", "server_rss_per_connection_bytes": 10240.0}),
+                json!({"protocol": "raw", "server_rss_per_connection_bytes": null}),
+            ]),
+        )
+        .expect("a table");
+        let systems: Vec<(&str, &str)> = table
+            .rows
+            .iter()
+            .map(|row| (row[0].as_str(), row[2].as_str()))
+            .collect();
+        assert_eq!(
+            systems,
+            [
+                ("switchboard", "50"),
+                ("socketio", "50"),
+                ("raw", "50"),
+                ("raw", "200")
+            ]
+        );
+        let [sb, sio, raw, raw_200] = &table.rows[..] else {
+            panic!("four rows");
+        };
+        assert_eq!(sb[3], "100000");
+        assert_eq!(sb[5], "4.00");
+        assert_eq!(sb[7], "20.00");
+        assert_eq!(sb[8], "10.0");
+        assert_eq!(sb[9], "0 / 0");
+        assert_eq!(&sb[10..], ["1.00x", "1.00x", "1.00x"]);
+        // Twice switchboard's CPU per delivery: half the deliveries per CPU-second.
+        assert_eq!(&sio[10..], ["0.50x", "2.00x", "0.90x"]);
+        assert_eq!(sio[8], "-", "no connect result for socketio");
+        assert_eq!(&raw[10..], ["4.00x", "0.25x", "1.00x"]);
+        assert_eq!(raw[8], "-", "the connect result has no RSS");
+        // No switchboard run at 200 msgs/s, and no CPU figure.
+        assert_eq!(raw_200[7], "-");
+        assert_eq!(&raw_200[10..], ["-", "-", "-"]);
+    }
+
+    #[test]
+    fn text_and_markdown_hold_every_row() {
+        let table = build(
+            &files(vec![
+                fanout(Some("switchboard"), 50, 1000.0, 4.0, json!(20.0)),
+                fanout(Some("raw"), 50, 1000.0, 1.0, json!(5.0)),
+            ]),
+            &[],
+        )
+        .expect("a table");
+        let text = table.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("system"), "{text}");
+        assert!(lines[2].starts_with("raw "), "{text}");
+        assert!(lines[2].ends_with("1.00x"), "{text}");
+        let markdown = table.markdown();
+        let lines: Vec<&str> = markdown.lines().collect();
+        assert_eq!(lines.len(), 4, "{markdown}");
+        assert!(
+            lines[0].starts_with("| system | subscribers |"),
+            "{markdown}"
+        );
+        assert_eq!(
+            lines[1],
+            format!("|---|{}", "---:|".repeat(HEADER.len() - 1))
+        );
+        assert!(
+            lines[3].starts_with("| raw | 2000 | 50 | 1000 |"),
+            "{markdown}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_fanout_result_or_a_second_connect_result() {
+        let error = build(&files(vec![json!({"connections_open": 5})]), &[])
+            .err()
+            .expect("not a fanout result");
+        assert!(format!("{error:#}").contains("file0.json"), "{error:#}");
+        let connect = files(vec![
+            json!({"protocol": "raw", "server_rss_per_connection_bytes": 1.0}),
+            json!({"protocol": "raw", "server_rss_per_connection_bytes": 2.0}),
+        ]);
+        assert!(build(&[], &connect).is_err());
+    }
+}
