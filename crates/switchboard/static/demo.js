@@ -265,12 +265,16 @@ async function start(name) {
     pending = null;
     await reloadPresence(false);
     chat.on("resubscribed", async (event) => {
-      if (!event.recovered) {
-        notice("Some messages may be missing; showing the latest.");
-        const latest = await client.history(room, { limit: HISTORY_LIMIT });
-        for (const message of latest.messages) showMessage(message);
+      try {
+        if (!event.recovered) {
+          notice("Some messages may be missing; showing the latest.");
+          const latest = await client.history(room, { limit: HISTORY_LIMIT });
+          for (const message of latest.messages) showMessage(message);
+        }
+        await reloadPresence(true);
+      } catch {
+        // The connection dropped again; the next resubscription reloads both.
       }
-      await reloadPresence(true);
     });
   } catch (error) {
     notice(`Could not join ${room}: ${error.code ?? ""} ${error.message}`);
