@@ -87,6 +87,11 @@ live_pid() { # name
   return 0
 }
 
+# True once the process has exited (a zombie, not yet reaped, has no executable any more).
+exited() { # pid
+  [ -z "$(readlink "/proc/$1/exe" 2>/dev/null)" ]
+}
+
 # Recorded process names, newest first (HAProxy, then the nodes, then Redis).
 recorded() {
   [ -d "$pids" ] || return 0
@@ -109,7 +114,7 @@ down() {
   local entry
   for entry in ${stopped[@]+"${stopped[@]}"}; do
     name=${entry%%:*} pid=${entry##*:}
-    if ! wait_for 300 test ! -e "/proc/$pid"; then
+    if ! wait_for 300 exited "$pid"; then
       echo "cluster.sh: $name ($pid) still running after 30 s: SIGKILL" >&2
       kill -KILL "$pid" 2>/dev/null || true
     fi

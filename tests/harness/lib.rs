@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod haproxy;
+
 /// How long any single expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -73,6 +75,17 @@ impl NodeProcess {
     }
 
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<NodeProcess> {
+        Self::start_on("127.0.0.1:0", "127.0.0.1:0", args, env).await
+    }
+
+    /// Starts a node on the given public and internal addresses (port 0: a free one), e.g. to
+    /// restart it where a load balancer expects it.
+    pub async fn start_on(
+        public: &str,
+        internal: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<NodeProcess> {
         let mut command = Command::new(binary());
         for (key, _) in std::env::vars() {
             if key.starts_with("SWITCHBOARD_") {
@@ -82,9 +95,9 @@ impl NodeProcess {
         command
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                public,
                 "--internal-listen",
-                "127.0.0.1:0",
+                internal,
                 "--log-format",
                 "json",
                 "--log",
@@ -166,6 +179,12 @@ impl NodeProcess {
     /// Sends SIGTERM (a drain).
     pub fn terminate(&self) {
         signal(self.pid(), libc::SIGTERM);
+    }
+
+    /// Kills the process (SIGKILL), as a crash would, and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.child.kill()?;
+        Ok(self.child.wait()?)
     }
 
     /// Waits for the process to exit.
