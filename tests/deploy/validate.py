@@ -4,7 +4,8 @@
 No Docker engine or Kubernetes cluster is needed. What is checked, and with what:
 
 - deploy/Dockerfile: two stages, a non-root numeric USER, EXPOSE of the documented default ports,
-  a HEALTHCHECK on /healthz, and ENV names that are real options;
+  a HEALTHCHECK on /healthz, and ENV names that are real options; .dockerignore keeps every
+  workspace manifest and every file the crates compile in;
 - deploy/docker-compose.yml: parsed with PyYAML; services, node variables against
   docs/configuration.md and `switchboard --help`, HAProxy variables against
   deploy/haproxy/haproxy.cfg, every mounted file present, scrape targets matching the services;
@@ -23,6 +24,7 @@ No Docker engine or Kubernetes cluster is needed. What is checked, and with what
 Exits 1 listing every failed check.
 """
 
+import fnmatch
 import json
 import os
 import re
@@ -223,6 +225,36 @@ def check_dockerfile():
     entry = [arg for op, arg in runtime if op == "ENTRYPOINT"]
     check(entry and json.loads(entry[-1])[0] == "/usr/local/bin/switchboard", "Dockerfile: ENTRYPOINT is the binary")
     return int(uid) if uid.isdigit() else None, envs
+
+
+def check_docker_context():
+    """Nothing the build needs is left out of the build context by .dockerignore: every
+    workspace member's manifest and every file the crates compile in (include_str!/include_bytes!)."""
+    patterns = [l.strip() for l in read(".dockerignore").splitlines() if l.strip() and not l.startswith("#")]
+
+    def ignored(rel):
+        parts = rel.split("/")
+        for pat in patterns:
+            pat = pat.strip("/")
+            for i in range(1, len(parts) + 1):
+                prefix = "/".join(parts[:i])
+                if fnmatch.fnmatch(prefix, pat) or (pat.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pat[3:])):
+                    return True
+        return False
+
+    needed = {"Cargo.toml", "Cargo.lock"}
+    members = re.search(r"members\s*=\s*\[(.*?)\]", read("Cargo.toml"), re.S).group(1)
+    needed |= {f"{m}/Cargo.toml" for m in re.findall(r'"([^"]+)"', members)}
+    for dirpath, _, files in os.walk(path("crates")):
+        for f in files:
+            if f.endswith(".rs"):
+                src = os.path.join(dirpath, f)
+                with open(src, encoding="utf-8") as fh:
+                    for inc in re.findall(r'include_(?:str|bytes)!\(\s*"([^"]+)"', fh.read()):
+                        needed.add(os.path.relpath(os.path.normpath(os.path.join(dirpath, inc)), ROOT))
+    for rel in sorted(needed):
+        check(os.path.exists(path(rel)), f"docker context: {rel} does not exist")
+        check(not ignored(rel), f".dockerignore leaves out {rel}, which the build needs")
 
 
 # --- deploy/docker-compose.yml -------------------------------------------------------------------
@@ -668,6 +700,7 @@ def check_docs():
 
 def main():
     uid, _ = check_dockerfile()
+    check_docker_context()
     check_compose()
     check_promtool()
     check_alerts()
