@@ -198,8 +198,10 @@ async function openChat(context, node, others, name) {
   });
   const ws = [node, ...others].map((each) => each.ws).join(",");
   await page.goto(`${node.http}?ws=${encodeURIComponent(ws)}`);
+  assert.equal(await page.locator("#chat").isHidden(), true, "the chat waits for a name");
   await page.getByLabel("Your name").fill(name);
   await page.getByRole("button", { name: "Join" }).click();
+  assert.equal(await page.locator("#join").isHidden(), true, "the name prompt goes away");
   await page.locator('#status[data-state="connected"]').waitFor({ timeout: DEADLINE_MS });
   page.errors = errors;
   return page;
