@@ -438,7 +438,7 @@ export class Client extends Emitter {
     const wasStopped = this.#state === "closed";
     this.#state = "closed";
     this.#generation++;
-    this.#dropSocket(1000, "client closed");
+    this.#dropSocket();
     this.#clearTimers();
     this.#failPending();
     this.#session = null;
@@ -533,27 +533,17 @@ export class Client extends Emitter {
    */
   #abandon(generation, reason) {
     if (generation !== this.#generation) return;
-    this.#dropSocket(1000, reason);
+    this.#dropSocket();
     this.#closed(generation, ABNORMAL, reason);
   }
 
-  /**
-   * Detaches and closes the current socket; its events are ignored from now on.
-   * @param {number} code
-   * @param {string} reason
-   */
-  #dropSocket(code, reason) {
+  /** Detaches and closes the current socket; its events are ignored from now on. */
+  #dropSocket() {
     const socket = this.#socket;
     this.#socket = null;
     if (!socket) return;
-    socket.onmessage = socket.onclose = null;
-    // Some implementations throw when closing a socket that is still connecting.
-    socket.onerror = () => {};
-    try {
-      socket.close(code, reason.slice(0, 120));
-    } catch {
-      socket.close();
-    }
+    socket.onmessage = socket.onclose = socket.onerror = null;
+    socket.close(1000);
   }
 
   #clearTimers() {
