@@ -18,6 +18,19 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
+# The failover tests run real HAProxy with deploy/haproxy/haproxy.cfg, and deploy/local/cluster.sh,
+# which uses curl and python3.
+missing=()
+for tool in haproxy curl python3; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]}" >&2
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 # The load-test harness's peer tests run the Socket.IO peer (loadtest/peers/socketio) on node;
 # the JavaScript client's tests (clients/js) run on node too.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
