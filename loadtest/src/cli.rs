@@ -48,6 +48,9 @@ pub enum Scenario {
     /// dropped at once (after --drop-after-secs, or on SIGUSR1), then each reconnects to the next
     /// target and resubscribes with `since`; reports reconnect times and any message lost.
     Reconnect(ReconnectArgs),
+    /// One of `connect --workers`' processes: reads its share from stdin, reports on stdout.
+    #[command(hide = true)]
+    ConnectWorker,
     /// Read `fanout` results (and `connect` results, for RSS per connection) of switchboard,
     /// Socket.IO and the raw ceiling server and print one table comparing them, with ratios
     /// against the switchboard run of the same subscribers, rooms and rate.
@@ -70,30 +73,61 @@ pub struct CompareArgs {
 
 #[derive(Parser)]
 pub struct ConnectArgs {
-    /// WebSocket URL of the node (e.g. ws://127.0.0.1:8080/ws).
-    #[arg(long)]
-    pub url: String,
-    /// Connections to open.
+    /// WebSocket URL of a target (a node, a peer server or a load balancer); repeat for several.
+    /// Connections are spread round-robin over them.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// What the targets speak; each connection completes the protocol's greeting before it
+    /// counts as open, and held Socket.IO connections answer the server's pings.
+    #[arg(long, value_enum, default_value = "switchboard")]
+    pub protocol: Protocol,
+    /// Connections to open, in total over all workers.
     #[arg(long, default_value_t = 10_000)]
     pub connections: u64,
-    /// New connections per second (held by a scheduler).
+    /// New connections per second, in total (each worker holds its share with a scheduler).
     #[arg(long, default_value_t = 2_000)]
     pub rate: u64,
-    /// Seconds to hold the connections once all are open.
+    /// Seconds to hold the connections once every worker has all of its own open.
     #[arg(long, default_value_t = 5)]
     pub hold_secs: u64,
-    /// Pid of the node, to read its RSS from /proc.
-    #[arg(long)]
-    pub pid: Option<u32>,
-    /// Source addresses 127.0.0.1 .. 127.0.0.N, so N × ~28k connections fit in ephemeral ports.
+    /// A server process whose RSS and open sockets to read from /proc before the connections
+    /// and at the end of the hold: NAME=PID, or just PID (named `server`); repeatable.
+    #[arg(long = "pid", value_parser = parse_server_pid)]
+    pub pids: Vec<(String, u32)>,
+    /// Worker processes (this binary, re-executed) that open the connections, each its share
+    /// from its own source addresses: one process may hold at most its open-files limit.
+    #[arg(long, default_value_t = 1)]
+    pub workers: u64,
+    /// Source addresses per worker: worker W uses 127.0.0.(1 + W × N) onwards, so N × ~28k
+    /// connections per worker fit in the ephemeral ports.
     #[arg(long, default_value_t = 8)]
     pub source_addresses: u8,
-    /// Give up on the run after this many seconds.
+    /// Handshakes (TCP, WebSocket upgrade and greeting) not done this many seconds after the
+    /// start count as failures.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Where a scenario writes its result besides stdout.
+#[derive(clap::Args)]
+pub struct OutputArgs {
     /// Write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a self-contained HTML report (inline CSS and SVG charts) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+}
+
+/// `--pid` as NAME=PID, or a bare PID named `server`.
+fn parse_server_pid(value: &str) -> Result<(String, u32), String> {
+    if value.contains('=') {
+        return parse_cpu_pid(value);
+    }
+    let pid = value.parse().map_err(|_| format!("not a pid: {value}"))?;
+    Ok(("server".to_owned(), pid))
 }
 
 #[derive(Parser)]
@@ -271,18 +305,8 @@ pub struct DirectArgs {
     /// Seconds of sending.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
-    /// After the last send, wait at most this long for outstanding deliveries.
-    #[arg(long, default_value_t = 5)]
-    pub drain_secs: u64,
-    /// New connections per second while setting up.
-    #[arg(long, default_value_t = 2_000)]
-    pub connect_rate: u64,
-    /// Give up unless every user is connected within this many seconds.
-    #[arg(long, default_value_t = 60)]
-    pub setup_timeout_secs: u64,
-    /// Write the result as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Parser)]
@@ -310,16 +334,37 @@ pub struct ReconnectArgs {
     /// Give up on subscribers not back within this many seconds of the drop.
     #[arg(long, default_value_t = 30)]
     pub reconnect_timeout_secs: u64,
-    /// After the last publish, wait at most this long for outstanding deliveries.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// The setup, drain and output flags `direct` and `reconnect` share.
+#[derive(clap::Args)]
+pub struct CommonArgs {
+    /// After the last send or publish, wait at most this long for outstanding deliveries.
     #[arg(long, default_value_t = 5)]
     pub drain_secs: u64,
-    /// New subscriber connections per second while setting up.
+    /// New connections per second while setting up.
     #[arg(long, default_value_t = 2_000)]
     pub connect_rate: u64,
-    /// Give up unless every subscriber is subscribed within this many seconds.
+    /// Give up unless every connection is set up within this many seconds.
     #[arg(long, default_value_t = 60)]
     pub setup_timeout_secs: u64,
-    /// Write the result as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+impl CommonArgs {
+    /// Refuses flags outside the bounds one run is meant to hold.
+    pub fn check(&self) -> Result<()> {
+        if self.drain_secs > MAX_DRAIN_SECS || self.setup_timeout_secs > 600 {
+            bail!(
+                "--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600"
+            );
+        }
+        if self.connect_rate == 0 {
+            bail!("--connect-rate must be at least 1");
+        }
+        Ok(())
+    }
 }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::DirectArgs;
+use crate::html::{self, Page};
 use crate::report::{emit, ms, round3};
 use crate::ws::{Next, Socket, next_text, open, run_tag, url_addr};
 
@@ -57,6 +58,13 @@ pub struct DirectResult {
     pub latency_ms_p999: f64,
     pub latency_ms_max: f64,
     pub latency_ms_mean: f64,
+    /// `send` frames written, and unique `direct` frames received, in each second from the
+    /// start of sending (the drain included, trailing empty seconds left out).
+    pub sent_by_second: Vec<u64>,
+    pub delivered_by_second: Vec<u64>,
+    /// The latency distribution as (percentile, milliseconds) points, for the HTML report.
+    #[serde(skip)]
+    pub latency_percentiles: Vec<(f64, f64)>,
 }
 
 /// Shared by every user of one run.
@@ -64,12 +72,36 @@ struct Shared {
     base: Instant,
     histogram: Mutex<Histogram<u64>>,
     received: AtomicU64,
+    /// When sending starts, µs on the common clock.
+    start_us: AtomicU64,
+    sent_by_second: Vec<AtomicU64>,
+    delivered_by_second: Vec<AtomicU64>,
 }
 
 impl Shared {
     fn now_us(&self) -> u64 {
         self.base.elapsed().as_micros() as u64
     }
+
+    /// Counts one event at `at_us` (common clock) in its second of `by_second`.
+    fn count(&self, by_second: &[AtomicU64], at_us: u64) {
+        let second = at_us.saturating_sub(self.start_us.load(Ordering::Relaxed)) / 1_000_000;
+        if let Some(slot) = by_second.get(second as usize) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Per-second counts, trailing empty seconds after the first `keep` left out.
+fn trimmed(by_second: &[AtomicU64], keep: usize) -> Vec<u64> {
+    let mut counts: Vec<u64> = by_second
+        .iter()
+        .map(|count| count.load(Ordering::SeqCst))
+        .collect();
+    while counts.len() > keep && counts.last() == Some(&0) {
+        counts.pop();
+    }
+    counts
 }
 
 /// What one user's reading half saw.
@@ -145,18 +177,24 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         users_per_url[(index % target_count) as usize] += 1;
     }
 
+    let seconds = args.duration_secs + args.common.drain_secs + 2;
     let shared = Arc::new(Shared {
         base: Instant::now(),
         histogram: Mutex::new(
             Histogram::new_with_bounds(1, LATENCY_CEILING_US, 3).expect("valid histogram bounds"),
         ),
         received: AtomicU64::new(0),
+        start_us: AtomicU64::new(0),
+        sent_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+        delivered_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
     });
 
     // Every user connected before anyone sends.
-    let setup_deadline = tokio::time::Instant::now() + Duration::from_secs(args.setup_timeout_secs);
-    let mut schedule =
-        tokio::time::interval(Duration::from_secs_f64(1.0 / args.connect_rate as f64));
+    let setup_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(args.common.setup_timeout_secs);
+    let mut schedule = tokio::time::interval(Duration::from_secs_f64(
+        1.0 / args.common.connect_rate as f64,
+    ));
     schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut opening = Vec::with_capacity(users as usize);
     for index in 0..users {
@@ -188,8 +226,11 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let period = Duration::from_secs_f64(users as f64 / args.rate as f64);
     let start_at = tokio::time::Instant::now() + Duration::from_millis(100);
+    shared
+        .start_us
+        .store(shared.now_us() + 100_000, Ordering::SeqCst);
     let end_at = start_at + Duration::from_secs(args.duration_secs);
-    let drain_deadline = end_at + Duration::from_secs(args.drain_secs);
+    let drain_deadline = end_at + Duration::from_secs(args.common.drain_secs);
     let mut readers = Vec::with_capacity(users as usize);
     let mut writers = Vec::with_capacity(users as usize);
     for (index, socket) in sockets.into_iter().enumerate() {
@@ -272,8 +313,15 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         latency_ms_p999: ms(histogram.value_at_quantile(0.999)),
         latency_ms_max: ms(histogram.max()),
         latency_ms_mean: round3(histogram.mean() / 1000.0),
+        sent_by_second: trimmed(&shared.sent_by_second, args.duration_secs as usize),
+        delivered_by_second: trimmed(&shared.delivered_by_second, args.duration_secs as usize),
+        latency_percentiles: html::percentile_curve(&histogram),
     };
-    emit(&result, args.json.as_deref())
+    emit(&result, args.common.output.json.as_deref())?;
+    if let Some(path) = &args.common.output.html {
+        html_report(&result).write(path)?;
+    }
+    Ok(())
 }
 
 /// Writes `send` frames to `to` (JSON-encoded) on a fixed schedule from `first` until `end`;
@@ -298,6 +346,7 @@ async fn write(
         }
         seq += 1;
         let t = shared.now_us();
+        shared.count(&shared.sent_by_second, t);
         let frame = format!(
             r#"{{"type":"send","to":{to},"data":{{"t":{t},"f":{from},"s":{seq}}},"id":{seq}}}"#
         );
@@ -342,6 +391,7 @@ async fn read(
                 *last = payload.s;
                 stats.unique += 1;
                 shared.received.fetch_add(1, Ordering::Relaxed);
+                shared.count(&shared.delivered_by_second, received_us);
                 shared
                     .histogram
                     .lock()
@@ -371,15 +421,65 @@ impl DirectArgs {
         if self.rate == 0 || self.rate > 100_000 {
             bail!("--rate must be 1 to 100000");
         }
-        if self.duration_secs == 0 || self.duration_secs > 600 || self.drain_secs > 60 {
-            bail!("--duration-secs must be 1 to 600, --drain-secs at most 60");
-        }
-        if self.connect_rate == 0 || self.setup_timeout_secs > 600 {
-            bail!("--connect-rate must be at least 1, --setup-timeout-secs at most 600");
+        if self.duration_secs == 0 || self.duration_secs > 600 {
+            bail!("--duration-secs must be 1 to 600");
         }
         if self.user_prefix.is_empty() || self.user_prefix.len() > 64 {
             bail!("--user-prefix must be 1 to 64 bytes");
         }
-        Ok(())
+        self.common.check()
     }
+}
+
+/// The HTML report: parameters, summary, the latency distribution and the throughput per second.
+fn html_report(result: &DirectResult) -> Page {
+    let mut page = Page::new("direct");
+    let parameters = [
+        "urls",
+        "users",
+        "users_per_url",
+        "cross_target_pairs",
+        "rate_target",
+        "duration_secs",
+    ];
+    if let Err(error) = page.result_tables(result, |key| parameters.contains(&key)) {
+        eprintln!("report tables: {error:#}");
+    }
+    page.section(
+        "Latency distribution",
+        &[
+            html::latency_bars(
+                "Send to delivery (ms)",
+                [
+                    result.latency_ms_p50,
+                    result.latency_ms_p90,
+                    result.latency_ms_p99,
+                    result.latency_ms_p999,
+                    result.latency_ms_max,
+                ],
+            ),
+            html::percentile_chart("Latency by percentile (ms)", &result.latency_percentiles),
+        ],
+    );
+    page.section(
+        "Throughput",
+        &[html::line_chart(
+            "Messages per second",
+            "second since sending started",
+            &[
+                html::Series {
+                    name: "sent",
+                    color: html::BLUE,
+                    points: html::counts_by_second(&result.sent_by_second),
+                },
+                html::Series {
+                    name: "delivered",
+                    color: html::GREEN,
+                    points: html::counts_by_second(&result.delivered_by_second),
+                },
+            ],
+            None,
+        )],
+    );
+    page
 }

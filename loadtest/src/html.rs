@@ -1,5 +1,6 @@
-//! A self-contained HTML report of a publish/subscribe run: the parameters and summary from the
-//! same result the JSON holds, and inline SVG charts drawn here (no scripts, nothing fetched).
+//! Self-contained HTML reports: the parameters and summary from the same result the JSON holds,
+//! and inline SVG charts drawn here (no scripts, nothing fetched). [`Page`] and the charts are
+//! shared by every scenario; [`write`] is the report of a publish/subscribe run.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -8,7 +9,9 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::DeliveryFigures;
+use hdrhistogram::Histogram;
+
+use crate::report::{DeliveryFigures, ms, round3};
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 280.0;
@@ -26,10 +29,91 @@ svg{background:#fff;border:1px solid #ddd;margin:0.5em 0;display:block}\
 .charts{display:flex;flex-wrap:wrap;gap:1em}";
 
 /// One line of a chart: its name, colour and (x, y) points.
-struct Series<'a> {
-    name: &'a str,
-    color: &'a str,
-    points: Vec<(f64, f64)>,
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub color: &'a str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A report page being built: a title, tables and sections of charts.
+pub struct Page {
+    html: String,
+}
+
+impl Page {
+    /// A page titled after `scenario`.
+    pub fn new(scenario: &str) -> Page {
+        let title = escape(&format!("switchboard-loadtest {scenario}"));
+        Page {
+            html: format!(
+                "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+                 <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
+            ),
+        }
+    }
+
+    /// The Parameters and Summary tables of `result` (serialised as for the JSON): the keys
+    /// `is_parameter` picks go to the first, the others to the second, except per-second series
+    /// (`*_by_second`, which charts show). A list of objects (per worker, per server) gets a
+    /// table of its own.
+    pub fn result_tables(
+        &mut self,
+        result: &impl Serialize,
+        is_parameter: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let result = serde_json::to_value(result)?;
+        let empty = serde_json::Map::new();
+        let all = result.as_object().unwrap_or(&empty);
+        let is_rows = |value: &Value| {
+            value
+                .as_array()
+                .is_some_and(|items| !items.is_empty() && items.iter().all(Value::is_object))
+        };
+        let parameters: Vec<(&String, &Value)> = all
+            .iter()
+            .filter(|(key, value)| is_parameter(key) && !is_rows(value))
+            .collect();
+        let summary: Vec<(&String, &Value)> = all
+            .iter()
+            .filter(|(key, value)| {
+                !is_parameter(key) && !key.ends_with("_by_second") && !is_rows(value)
+            })
+            .collect();
+        self.html.push_str("<h2>Parameters</h2>\n");
+        self.html.push_str(&table(&parameters));
+        self.html.push_str("<h2>Summary</h2>\n");
+        self.html.push_str(&table(&summary));
+        for (key, value) in all.iter().filter(|(_, value)| is_rows(value)) {
+            let _ = writeln!(self.html, "<h2>{}</h2>", escape(key));
+            self.html.push_str(&rows_table(
+                value.as_array().map(Vec::as_slice).unwrap_or(&[]),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A heading and its charts side by side.
+    pub fn section(&mut self, heading: &str, charts: &[String]) {
+        let _ = writeln!(
+            self.html,
+            "<h2>{}</h2>\n<div class=\"charts\">",
+            escape(heading)
+        );
+        for chart in charts {
+            self.html.push_str(chart);
+        }
+        self.html.push_str("</div>\n");
+    }
+
+    pub fn finish(mut self) -> String {
+        self.html.push_str("</body>\n</html>\n");
+        self.html
+    }
+
+    pub fn write(self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.finish())?;
+        Ok(())
+    }
 }
 
 /// Writes the report of `result` (a scenario's result, serialised as for the JSON) whose
@@ -45,51 +129,138 @@ pub fn write(
 }
 
 fn render(scenario: &str, result: &impl Serialize, figures: &DeliveryFigures) -> Result<String> {
-    let result = serde_json::to_value(result)?;
     let figure_values = serde_json::to_value(figures)?;
     let empty = serde_json::Map::new();
-    let all = result.as_object().unwrap_or(&empty);
     let figure_keys = figure_values.as_object().unwrap_or(&empty);
-    let parameters: Vec<(&String, &Value)> = all
-        .iter()
-        .filter(|(key, _)| !figure_keys.contains_key(*key))
-        .collect();
-    let summary: Vec<(&String, &Value)> = all
-        .iter()
-        .filter(|(key, _)| figure_keys.contains_key(*key) && !key.ends_with("_by_second"))
-        .collect();
-
-    let title = format!("switchboard-loadtest {scenario}");
-    let mut html = String::new();
-    let _ = write!(
-        html,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{}</h1>\n",
-        escape(&title),
-        escape(&title)
-    );
-    html.push_str("<h2>Parameters</h2>\n");
-    html.push_str(&table(&parameters));
-    html.push_str("<h2>Summary</h2>\n");
-    html.push_str(&table(&summary));
-
-    html.push_str("<h2>Latency distribution</h2>\n<div class=\"charts\">\n");
-    html.push_str(&bar_chart(
-        "End-to-end latency (ms)",
+    let mut page = Page::new(scenario);
+    page.result_tables(result, |key| !figure_keys.contains_key(key))?;
+    page.section(
+        "Latency distribution",
         &[
-            ("p50", figures.latency_ms_p50),
-            ("p90", figures.latency_ms_p90),
-            ("p99", figures.latency_ms_p99),
-            ("p99.9", figures.latency_ms_p999),
-            ("max", figures.latency_ms_max),
+            latency_bars(
+                "End-to-end latency (ms)",
+                [
+                    figures.latency_ms_p50,
+                    figures.latency_ms_p90,
+                    figures.latency_ms_p99,
+                    figures.latency_ms_p999,
+                    figures.latency_ms_max,
+                ],
+            ),
+            percentile_chart("Latency by percentile (ms)", &figures.latency_percentiles),
         ],
-    ));
-    // Percentile curve: x is -log10(1 - q), so 90% is 1, 99% is 2, 99.9% is 3.
-    let curve: Vec<(f64, f64)> = figures
-        .latency_percentiles
+    );
+    page.section(
+        "Over the measured window",
+        &[
+            line_chart(
+                "Latency per second, by send time (ms)",
+                "second of the window",
+                &[
+                    Series {
+                        name: "p50",
+                        color: GREEN,
+                        points: by_second(&figures.latency_ms_p50_by_second),
+                    },
+                    Series {
+                        name: "p99",
+                        color: ORANGE,
+                        points: by_second(&figures.latency_ms_p99_by_second),
+                    },
+                    Series {
+                        name: "max",
+                        color: RED,
+                        points: by_second(&figures.latency_ms_max_by_second),
+                    },
+                ],
+                None,
+            ),
+            line_chart(
+                "Delivered messages per second",
+                "second of the window",
+                &[Series {
+                    name: "delivered",
+                    color: BLUE,
+                    points: counts_by_second(&figures.delivered_by_second),
+                }],
+                None,
+            ),
+            line_chart(
+                "Open subscriber connections",
+                "second of the window",
+                &[Series {
+                    name: "connections",
+                    color: PURPLE,
+                    points: counts_by_second(&figures.connections_by_second),
+                }],
+                None,
+            ),
+        ],
+    );
+    Ok(page.finish())
+}
+
+pub const BLUE: &str = "#1f77b4";
+pub const GREEN: &str = "#2ca02c";
+pub const ORANGE: &str = "#ff7f0e";
+pub const RED: &str = "#d62728";
+pub const PURPLE: &str = "#9467bd";
+
+/// Per-second values as (second, value) points.
+pub fn by_second(values: &[f64]) -> Vec<(f64, f64)> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(second, value)| (second as f64, *value))
+        .collect()
+}
+
+/// Per-second counts as (second, count) points.
+pub fn counts_by_second(values: &[u64]) -> Vec<(f64, f64)> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(second, value)| (second as f64, *value as f64))
+        .collect()
+}
+
+/// A bar chart of p50, p90, p99, p99.9 and max, in milliseconds.
+pub fn latency_bars(title: &str, [p50, p90, p99, p999, max]: [f64; 5]) -> String {
+    bar_chart(
+        title,
+        "ms",
+        &[
+            ("p50", p50),
+            ("p90", p90),
+            ("p99", p99),
+            ("p99.9", p999),
+            ("max", max),
+        ],
+    )
+}
+
+/// The distribution of a histogram of microseconds as (percentile, milliseconds) points.
+pub fn percentile_curve(histogram: &Histogram<u64>) -> Vec<(f64, f64)> {
+    if histogram.is_empty() {
+        return Vec::new();
+    }
+    histogram
+        .iter_quantiles(2)
+        .map(|step| {
+            (
+                round3(step.quantile_iterated_to() * 100.0),
+                ms(step.value_iterated_to()),
+            )
+        })
+        .collect()
+}
+
+/// A value-by-percentile curve: x is -log10(1 - q), so 90% is 1, 99% is 2, 99.9% is 3.
+pub fn percentile_chart(title: &str, percentiles: &[(f64, f64)]) -> String {
+    let curve: Vec<(f64, f64)> = percentiles
         .iter()
         .filter(|(percentile, _)| *percentile < 100.0)
-        .map(|&(percentile, ms)| (-(1.0 - percentile / 100.0).log10(), ms))
+        .map(|&(percentile, value)| (-(1.0 - percentile / 100.0).log10(), value))
         .collect();
     let curve_ticks = [
         (0.0, "0%"),
@@ -106,77 +277,39 @@ fn render(scenario: &str, result: &impl Serialize, figures: &DeliveryFigures) ->
         .filter(|(x, _)| *x <= curve_max)
         .map(|(x, label)| (*x, (*label).to_owned()))
         .collect();
-    html.push_str(&line_chart(
-        "Latency by percentile (ms)",
+    line_chart(
+        title,
         "percentile",
         &[Series {
-            name: "latency",
-            color: "#1f77b4",
+            name: "value",
+            color: BLUE,
             points: curve,
         }],
         Some(ticks),
-    ));
-    html.push_str("</div>\n");
+    )
+}
 
-    let per_second = |values: &[f64]| -> Vec<(f64, f64)> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(second, value)| (second as f64, *value))
-            .collect()
-    };
-    let counts = |values: &[u64]| -> Vec<(f64, f64)> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(second, value)| (second as f64, *value as f64))
-            .collect()
-    };
-    html.push_str("<h2>Over the measured window</h2>\n<div class=\"charts\">\n");
-    html.push_str(&line_chart(
-        "Latency per second, by send time (ms)",
-        "second of the window",
-        &[
-            Series {
-                name: "p50",
-                color: "#2ca02c",
-                points: per_second(&figures.latency_ms_p50_by_second),
-            },
-            Series {
-                name: "p99",
-                color: "#ff7f0e",
-                points: per_second(&figures.latency_ms_p99_by_second),
-            },
-            Series {
-                name: "max",
-                color: "#d62728",
-                points: per_second(&figures.latency_ms_max_by_second),
-            },
-        ],
-        None,
-    ));
-    html.push_str(&line_chart(
-        "Delivered messages per second",
-        "second of the window",
-        &[Series {
-            name: "delivered",
-            color: "#1f77b4",
-            points: counts(&figures.delivered_by_second),
-        }],
-        None,
-    ));
-    html.push_str(&line_chart(
-        "Open subscriber connections",
-        "second of the window",
-        &[Series {
-            name: "connections",
-            color: "#9467bd",
-            points: counts(&figures.connections_by_second),
-        }],
-        None,
-    ));
-    html.push_str("</div>\n</body>\n</html>\n");
-    Ok(html)
+/// Counts of `values` in `buckets` equal ranges from 0 to their maximum, as a bar chart whose
+/// bars are labelled with each range's upper end.
+pub fn distribution_chart(title: &str, unit: &str, values: &[f64], buckets: usize) -> String {
+    let top = nice_ceiling(values.iter().copied().fold(0.0, f64::max));
+    let width = top / buckets.max(1) as f64;
+    let mut counts = vec![0u64; buckets.max(1)];
+    for value in values {
+        let bucket = ((value / width).ceil() as usize)
+            .saturating_sub(1)
+            .min(counts.len() - 1);
+        counts[bucket] += 1;
+    }
+    let labels: Vec<String> = (1..=counts.len())
+        .map(|bucket| format!("≤{}", label(width * bucket as f64)))
+        .collect();
+    let bars: Vec<(&str, f64)> = labels
+        .iter()
+        .zip(&counts)
+        .map(|(label, count)| (label.as_str(), *count as f64))
+        .collect();
+    bar_chart(&format!("{title} ({unit})"), "", &bars)
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -209,6 +342,38 @@ fn table(rows: &[(&String, &Value)]) -> String {
             escape(key),
             escape(&value_text(value))
         );
+    }
+    html.push_str("</table>\n");
+    html
+}
+
+/// A list of objects as a table, one row each, a column per key.
+fn rows_table(rows: &[Value]) -> String {
+    let mut columns: Vec<&String> = Vec::new();
+    for row in rows {
+        for key in row.as_object().into_iter().flat_map(|object| object.keys()) {
+            if !columns.contains(&key) {
+                columns.push(key);
+            }
+        }
+    }
+    let mut html = String::from("<table>\n<tr>");
+    for column in &columns {
+        let _ = write!(html, "<th>{}</th>", escape(column));
+    }
+    html.push_str("</tr>\n");
+    for row in rows {
+        html.push_str("<tr>");
+        for column in &columns {
+            let value = row.get(column.as_str()).unwrap_or(&Value::Null);
+            let class = if value.is_number() {
+                " class=\"num\""
+            } else {
+                ""
+            };
+            let _ = write!(html, "<td{class}>{}</td>", escape(&value_text(value)));
+        }
+        html.push_str("</tr>\n");
     }
     html.push_str("</table>\n");
     html
@@ -294,7 +459,8 @@ fn y_axis(top: f64) -> String {
     svg
 }
 
-fn bar_chart(title: &str, bars: &[(&str, f64)]) -> String {
+/// Bars of `(name, value)`; `unit` follows each value in its tooltip.
+pub fn bar_chart(title: &str, unit: &str, bars: &[(&str, f64)]) -> String {
     let mut svg = svg_open(title);
     let top = nice_ceiling(bars.iter().map(|bar| bar.1).fold(0.0, f64::max));
     svg.push_str(&y_axis(top));
@@ -308,7 +474,7 @@ fn bar_chart(title: &str, bars: &[(&str, f64)]) -> String {
         let _ = writeln!(
             svg,
             "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{height:.1}\" fill=\"#1f77b4\">\
-             <title>{1}: {2} ms</title></rect>\
+             <title>{1}: {2} {6}</title></rect>\
              <text x=\"{3:.1}\" y=\"{4:.1}\" text-anchor=\"middle\">{2}</text>\
              <text x=\"{3:.1}\" y=\"{5:.1}\" text-anchor=\"middle\">{1}</text>",
             slot * 0.6,
@@ -316,7 +482,8 @@ fn bar_chart(title: &str, bars: &[(&str, f64)]) -> String {
             escape(&label(*value)),
             x + slot * 0.3,
             y - 4.0,
-            HEIGHT - BOTTOM + 16.0
+            HEIGHT - BOTTOM + 16.0,
+            escape(unit)
         );
     }
     svg.push_str("</svg>\n");
@@ -325,7 +492,7 @@ fn bar_chart(title: &str, bars: &[(&str, f64)]) -> String {
 
 /// Lines over a shared x axis from the smallest to the largest x; `x_ticks` labels it, or
 /// (without) about ten evenly spaced values do.
-fn line_chart(
+pub fn line_chart(
     title: &str,
     x_title: &str,
     series: &[Series<'_>],

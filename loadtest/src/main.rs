@@ -21,6 +21,7 @@ mod protocol;
 mod reconnect;
 mod redis_info;
 mod report;
+mod worker;
 mod ws;
 
 use anyhow::Result;
@@ -30,12 +31,17 @@ use crate::cli::{Cli, Scenario};
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Connections are files: use the hard limit, not the (often 1024) soft one.
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("switchboard-loadtest: cannot raise the open-files limit: {error}");
+    }
     match Cli::parse().scenario {
         Scenario::Connect(args) => connect::run(args).await,
         Scenario::Latency(args) => latency::run(args).await,
         Scenario::Fanout(args) => fanout::run(args).await,
         Scenario::Direct(args) => direct::run(args).await,
         Scenario::Reconnect(args) => reconnect::run(args).await,
+        Scenario::ConnectWorker => worker::run().await,
         Scenario::Compare(args) => compare::run(&args),
     }
 }

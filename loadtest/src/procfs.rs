@@ -1,5 +1,5 @@
-//! What /proc says about processes and the machine: a process's resident memory, and CPU time
-//! sampled before and after a window.
+//! What /proc says about processes and the machine: a process's resident memory and open
+//! sockets, and CPU time sampled before and after a window.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -23,6 +23,22 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         .context("VmRSS value")?
         .parse()?;
     Ok(kib * 1024)
+}
+
+/// Sockets a process holds open (entries of /proc/PID/fd that are sockets): listeners, client
+/// connections and its own outgoing ones.
+pub fn socket_count(pid: u32) -> Result<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("reading /proc/{pid}/fd"))?;
+    Ok(entries
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| {
+            target
+                .as_os_str()
+                .as_encoded_bytes()
+                .starts_with(b"socket:")
+        })
+        .count() as u64)
 }
 
 /// CPU counters at one moment: of each watched process, of the whole machine and of every

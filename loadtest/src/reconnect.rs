@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ReconnectArgs;
+use crate::html::{self, Page};
 use crate::report::{emit, ms};
 use crate::ws::{Incoming, Socket, await_setup, open, run_tag, subscribe_one, url_addr};
 
@@ -58,6 +59,48 @@ pub struct ReconnectResult {
     pub epoch_mismatches: u64,
     pub unexpected_frames: u64,
     pub subscribers_closed_early: u64,
+    /// Every subscriber's time from the drop until it was back, milliseconds, for the HTML
+    /// report.
+    #[serde(skip)]
+    pub reconnect_ms: Vec<f64>,
+    /// Subscriber connections open around the drop as (milliseconds since the drop, open), for
+    /// the HTML report.
+    #[serde(skip)]
+    pub open_around_drop: Vec<(f64, f64)>,
+    #[serde(skip)]
+    pub reconnect_percentiles: Vec<(f64, f64)>,
+}
+
+/// Points of the chart of connections around the drop.
+const TIMELINE_POINTS: usize = 300;
+
+/// Subscriber connections open at evenly spaced moments from shortly before the drop until
+/// shortly after the last one was back: all of them, less those closed (`closed_ms`, since the
+/// drop), plus those back (`back_ms`).
+fn open_around_drop(
+    subscribers: u64,
+    closed_ms: &mut [f64],
+    back_ms: &mut [f64],
+) -> Vec<(f64, f64)> {
+    closed_ms.sort_by(f64::total_cmp);
+    back_ms.sort_by(f64::total_cmp);
+    let last = closed_ms
+        .iter()
+        .chain(back_ms.iter())
+        .copied()
+        .fold(1.0, f64::max);
+    let margin = last * 0.1;
+    (0..=TIMELINE_POINTS)
+        .map(|step| {
+            let at = -margin + (last + 2.0 * margin) * step as f64 / TIMELINE_POINTS as f64;
+            let closed = closed_ms.partition_point(|&ms| ms <= at);
+            let back = back_ms.partition_point(|&ms| ms <= at);
+            (
+                at,
+                (subscribers as f64 - closed as f64 + back as f64).max(0.0),
+            )
+        })
+        .collect()
 }
 
 /// Shared by the publisher and the subscribers of one run.
@@ -124,18 +167,12 @@ impl ReconnectArgs {
             || self.after_secs > 600
             || self.reconnect_timeout_secs == 0
             || self.reconnect_timeout_secs > 600
-            || self.drain_secs > 60
-            || self.setup_timeout_secs > 600
         {
             bail!(
-                "--drop-after-secs and --after-secs at most 600, --reconnect-timeout-secs 1 to 600, \
-                 --drain-secs at most 60, --setup-timeout-secs at most 600"
+                "--drop-after-secs and --after-secs at most 600, --reconnect-timeout-secs 1 to 600"
             );
         }
-        if self.connect_rate == 0 {
-            bail!("--connect-rate must be at least 1");
-        }
-        Ok(())
+        self.common.check()
     }
 }
 
@@ -163,13 +200,15 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drop_tx, drop_rx) = watch::channel::<Option<Instant>>(None);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<()>>();
-    let (back_tx, mut back_rx) = mpsc::unbounded_channel::<Option<Duration>>();
+    let (back_tx, mut back_rx) = mpsc::unbounded_channel::<(Duration, Option<Duration>)>();
     let reconnect_timeout = Duration::from_secs(args.reconnect_timeout_secs);
 
     // Subscribers, at a held connect rate.
-    let setup_deadline = tokio::time::Instant::now() + Duration::from_secs(args.setup_timeout_secs);
-    let mut schedule =
-        tokio::time::interval(Duration::from_secs_f64(1.0 / args.connect_rate as f64));
+    let setup_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(args.common.setup_timeout_secs);
+    let mut schedule = tokio::time::interval(Duration::from_secs_f64(
+        1.0 / args.common.connect_rate as f64,
+    ));
     schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut subscriber_tasks = Vec::with_capacity(args.subscribers as usize);
     for index in 0..args.subscribers {
@@ -234,15 +273,19 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
         Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds");
     let mut reconnected = 0u64;
     let mut all_back = Duration::ZERO;
+    let (mut closed_ms, mut back_ms) = (Vec::new(), Vec::new());
     let back_deadline = tokio::time::Instant::now() + reconnect_timeout + Duration::from_secs(5);
     for _ in 0..args.subscribers {
         match tokio::time::timeout_at(back_deadline, back_rx.recv()).await {
-            Ok(Some(Some(elapsed))) => {
-                reconnected += 1;
-                all_back = all_back.max(elapsed);
-                times.saturating_record((elapsed.as_micros() as u64).max(1));
+            Ok(Some((closed, back))) => {
+                closed_ms.push(closed.as_secs_f64() * 1000.0);
+                if let Some(elapsed) = back {
+                    reconnected += 1;
+                    all_back = all_back.max(elapsed);
+                    times.saturating_record((elapsed.as_micros() as u64).max(1));
+                    back_ms.push(elapsed.as_secs_f64() * 1000.0);
+                }
             }
-            Ok(Some(None)) => {}
             Ok(None) | Err(_) => break,
         }
     }
@@ -255,7 +298,7 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(args.after_secs)).await;
     let _ = stop_publish_tx.send(true);
     let sent = publisher.await.context("publisher task")??;
-    let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_secs);
+    let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(args.common.drain_secs);
     let per_room: Vec<u64> = (0..args.rooms)
         .map(|room| {
             (0..args.subscribers)
@@ -307,6 +350,9 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
         epoch_mismatches: 0,
         unexpected_frames: 0,
         subscribers_closed_early: 0,
+        open_around_drop: open_around_drop(args.subscribers, &mut closed_ms, &mut back_ms),
+        reconnect_ms: back_ms,
+        reconnect_percentiles: html::percentile_curve(&times),
     };
     for task in subscriber_tasks {
         let Some(stats) = task.await.context("subscriber task")? else {
@@ -334,7 +380,56 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
     result.lost = result
         .expected_deliveries_total
         .saturating_sub(result.received_total);
-    emit(&result, args.json.as_deref())
+    emit(&result, args.common.output.json.as_deref())?;
+    if let Some(path) = &args.common.output.html {
+        html_report(&result).write(path)?;
+    }
+    Ok(())
+}
+
+/// The HTML report: parameters, summary, how long the subscribers took to be back and the
+/// connections open around the drop.
+fn html_report(result: &ReconnectResult) -> Page {
+    let mut page = Page::new("reconnect");
+    let parameters = [
+        "urls",
+        "rooms",
+        "subscribers",
+        "rate_target",
+        "dropped_after_secs",
+    ];
+    if let Err(error) = page.result_tables(result, |key| parameters.contains(&key)) {
+        eprintln!("report tables: {error:#}");
+    }
+    page.section(
+        "Time until back",
+        &[
+            html::distribution_chart(
+                "Subscribers by time from the drop until back",
+                "ms",
+                &result.reconnect_ms,
+                12,
+            ),
+            html::percentile_chart(
+                "Time until back by percentile (ms)",
+                &result.reconnect_percentiles,
+            ),
+        ],
+    );
+    page.section(
+        "Around the drop",
+        &[html::line_chart(
+            "Subscriber connections open",
+            "milliseconds since the drop",
+            &[html::Series {
+                name: "open",
+                color: html::PURPLE,
+                points: result.open_around_drop.clone(),
+            }],
+            None,
+        )],
+    );
+    page
 }
 
 /// What a subscriber's read loop was interrupted by.
@@ -354,7 +449,7 @@ async fn subscriber(
     second: (String, SocketAddr),
     shared: Arc<Shared>,
     ready_tx: mpsc::UnboundedSender<Result<()>>,
-    back_tx: mpsc::UnboundedSender<Option<Duration>>,
+    back_tx: mpsc::UnboundedSender<(Duration, Option<Duration>)>,
     mut drop_rx: watch::Receiver<Option<Instant>>,
     mut stop: watch::Receiver<bool>,
     reconnect_timeout: Duration,
@@ -401,10 +496,11 @@ async fn subscriber(
                 let dropped_at = (*drop_rx.borrow()).unwrap_or_else(Instant::now);
                 let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
                 drop(socket);
+                let closed = dropped_at.elapsed();
                 let deadline = dropped_at + reconnect_timeout;
                 match resume(&second, &shared.rooms[room], &mut stats, &epoch, deadline).await {
                     Some((resumed, resumed_epoch)) => {
-                        let _ = back_tx.send(Some(dropped_at.elapsed()));
+                        let _ = back_tx.send((closed, Some(dropped_at.elapsed())));
                         stats.reconnected = true;
                         if resumed_epoch != epoch {
                             stats.epoch_changed = true;
@@ -414,7 +510,7 @@ async fn subscriber(
                         continue;
                     }
                     None => {
-                        let _ = back_tx.send(None);
+                        let _ = back_tx.send((closed, None));
                         stats.closed_early = true;
                         return Some(stats);
                     }

@@ -28,17 +28,81 @@ pub fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
+/// Scenario `connect`: connections opened by one or more worker processes, held, and what the
+/// servers' memory did.
 #[derive(Serialize)]
 pub struct ConnectResult {
+    pub protocol: crate::protocol::Protocol,
+    pub urls: Vec<String>,
     pub connections_requested: u64,
+    pub rate_target: u64,
+    pub hold_secs: u64,
+    pub worker_processes: u64,
+    /// Handshakes (TCP, WebSocket upgrade, greeting) that completed.
     pub connections_open: u64,
+    /// Open connections per target, in the order of `urls`.
+    pub connections_open_per_url: Vec<u64>,
+    /// Handshakes that failed or were not done by --timeout-secs.
     pub failures: u64,
+    /// Open connections the server closed (or that broke) before every worker was open, and
+    /// during the hold.
+    pub dropped_before_hold: u64,
+    pub dropped_during_hold: u64,
+    /// Connections still open at the end of the hold.
+    pub connections_held: u64,
+    /// Seconds from the start until every worker had finished its handshakes.
+    pub open_secs: f64,
     pub handshake_ms_p50: f64,
+    pub handshake_ms_p90: f64,
     pub handshake_ms_p99: f64,
+    pub handshake_ms_p999: f64,
     pub handshake_ms_max: f64,
+    pub handshake_ms_mean: f64,
+    pub per_worker: Vec<WorkerFigures>,
+    /// Every --pid process: RSS and open sockets before the first connection and at the end of
+    /// the hold.
+    pub servers: Vec<ServerFigures>,
+    /// Sums over the --pid processes, and their RSS growth per connection held.
     pub server_rss_before_bytes: Option<u64>,
     pub server_rss_after_bytes: Option<u64>,
     pub server_rss_per_connection_bytes: Option<f64>,
+    /// The handshake distribution as (percentile, milliseconds) points, for the HTML report.
+    #[serde(skip)]
+    pub handshake_percentiles: Vec<(f64, f64)>,
+    /// Connections open over the run as (seconds since the start, open), for the HTML report.
+    #[serde(skip)]
+    pub open_over_time: Vec<(f64, f64)>,
+}
+
+/// What one `connect` worker process opened.
+#[derive(Serialize)]
+pub struct WorkerFigures {
+    pub pid: u32,
+    /// Its source addresses, first to last.
+    pub sources: String,
+    pub requested: u64,
+    pub open: u64,
+    pub failures: u64,
+    pub dropped_before_hold: u64,
+    pub dropped_during_hold: u64,
+    pub open_secs: f64,
+    pub handshake_ms_p50: f64,
+    pub handshake_ms_p99: f64,
+    pub handshake_ms_max: f64,
+}
+
+/// One watched server process.
+#[derive(Serialize)]
+pub struct ServerFigures {
+    pub name: String,
+    pub pid: u32,
+    pub rss_before_bytes: u64,
+    pub rss_after_bytes: u64,
+    /// Sockets in /proc/PID/fd: the growth is the connections this process holds.
+    pub sockets_before: u64,
+    pub sockets_after: u64,
+    /// RSS growth over socket growth.
+    pub rss_per_connection_bytes: Option<f64>,
 }
 
 #[derive(Serialize)]

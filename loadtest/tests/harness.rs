@@ -1,19 +1,14 @@
-//! Runs the real `switchboard-loadtest` binary against a real `redis-server` and two real
-//! `switchboard` nodes on loopback ports, and checks the harness's own bookkeeping from the JSON
-//! it writes. Every process started here is killed (by pid) when the test ends, pass or fail.
+//! Runs the real `switchboard-loadtest` binary against a real `redis-server` and real
+//! `switchboard` nodes on loopback ports (started with the e2e harness's `RedisProcess` and
+//! `NodeProcess`), and checks the harness's own bookkeeping from the JSON it writes. Every process
+//! started here is killed (by pid) when the test ends, pass or fail.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// How long a process may take to start and answer.
-const STARTUP: Duration = Duration::from_secs(20);
+use switchboard_e2e::{NodeProcess, RedisProcess};
 
 /// A child process, killed (by pid) and reaped on drop.
 struct Process {
@@ -32,10 +27,6 @@ impl Process {
         }
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Panics if the process has exited.
     fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -43,18 +34,13 @@ impl Process {
         }
     }
 
-    /// Waits for the process to exit, at most `within`; panics (and so kills it) past that.
-    fn wait_success(&mut self, within: Duration, diagnostics: &Path) {
+    /// Waits for the process to exit, at most `within`, and returns whether it succeeded;
+    /// panics (and so kills it) past that.
+    async fn wait_exit(&mut self, within: Duration, diagnostics: &Path) -> bool {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert!(
-                    status.success(),
-                    "{} exited with {status}:\n{}",
-                    self.name,
-                    std::fs::read_to_string(diagnostics).unwrap_or_default()
-                );
-                return;
+                return status.success();
             }
             assert!(
                 Instant::now() < deadline,
@@ -62,7 +48,7 @@ impl Process {
                 self.name,
                 std::fs::read_to_string(diagnostics).unwrap_or_default()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -76,206 +62,64 @@ impl Drop for Process {
     }
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the package sits in the workspace")
-        .to_path_buf()
+/// Sends `signal` (e.g. `KILL`, `INT`) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// The `switchboard` binary, built once per test process if it is not there yet.
-fn switchboard_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let workspace = workspace();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let binary = target.join("debug").join("switchboard");
-        if !binary.exists() {
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "switchboard",
-                    "--bin",
-                    "switchboard",
-                ])
-                .current_dir(&workspace)
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building switchboard failed");
-        }
-        binary
-    })
+/// Whether a process with this pid exists (a zombie counts: nobody reaped it).
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// A TCP port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("binding a loopback port")
-        .port()
-}
-
-/// A `redis-server` on a free loopback port, without persistence.
-struct Redis {
-    process: Process,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let mut process = Process::spawn(
-            "redis-server",
-            Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
+/// Waits until none of `pids` exists, at most `within`.
+async fn wait_gone(pids: &[u32], within: Duration) {
+    let deadline = Instant::now() + within;
+    while pids.iter().any(|pid| alive(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "processes still there after {within:?}: {:?}",
+            pids.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>()
         );
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if ping(port) {
-                return Redis { process, port };
-            }
-            process.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} never answered"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Whether Redis on `port` answers PING.
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut answer = [0; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut answer).is_ok()
-        && &answer == b"+PONG\r\n"
-}
-
-/// A `switchboard` node on loopback ports it picked itself, sharing `redis`.
-struct Node {
-    process: Process,
-    public: SocketAddr,
-    internal: SocketAddr,
-}
-
-impl Node {
-    fn start(name: &str, redis: &Redis) -> Node {
-        let mut command = Command::new(switchboard_binary());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SWITCHBOARD_") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .args([
-                "--node-id",
-                name,
-                "--redis",
-                &redis.url(),
-                "--rate-limit",
-                "0",
-            ])
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--log-format", "json", "--log", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut process = Process::spawn(name, &mut command);
-        let stderr = process.child.stderr.take().expect("piped stderr");
-        let (started_tx, started_rx) = mpsc::channel();
-        // Reads the log to its end, so the node never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(value) = serde_json::from_str::<Value>(&line)
-                    && let Some(fields) = value.get("fields")
-                    && let (Some(public), Some(internal)) = (
-                        fields.get("public").and_then(Value::as_str),
-                        fields.get("internal").and_then(Value::as_str),
-                    )
-                {
-                    let _ = started_tx.send((public.to_owned(), internal.to_owned()));
-                }
-            }
-        });
-        let (public, internal) = started_rx
-            .recv_timeout(STARTUP)
-            .unwrap_or_else(|_| panic!("{name} never logged its listening addresses"));
-        let node = Node {
-            process,
-            public: public.parse().expect("public address"),
-            internal: internal.parse().expect("internal address"),
-        };
-        node.wait_ready();
-        node
+/// A node named `name` on `redis` (or with the embedded broker), plus `extra` flags, ready.
+async fn node(name: &str, redis: Option<&RedisProcess>, extra: &[&str]) -> NodeProcess {
+    let mut args = vec!["--node-id", name, "--rate-limit", "0"];
+    let url = redis.map(RedisProcess::url);
+    if let Some(url) = &url {
+        args.extend(["--redis", url.as_str()]);
     }
-
-    fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.public)
-    }
-
-    /// Waits until `/readyz` answers 200 (every Redis shard connected).
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + STARTUP;
-        while !http_ok(self.internal, "/readyz") {
-            assert!(
-                Instant::now() < deadline,
-                "{} never became ready",
-                self.process.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// Whether a GET of `path` answers 200.
-fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut status = String::new();
-    stream.write_all(request.as_bytes()).is_ok()
-        && BufReader::new(stream).read_line(&mut status).is_ok()
-        && status.split_whitespace().nth(1) == Some("200")
+    args.extend(extra);
+    let node = NodeProcess::start(&args)
+        .await
+        .unwrap_or_else(|error| panic!("starting {name}: {error:#}"));
+    node.wait_ready()
+        .await
+        .unwrap_or_else(|error| panic!("{name} not ready: {error:#}"));
+    node
 }
 
 /// One Redis and two nodes sharing it. Fields drop in order: the nodes before their Redis.
 struct Cluster {
-    a: Node,
-    b: Node,
-    redis: Redis,
+    a: NodeProcess,
+    b: NodeProcess,
+    redis: RedisProcess,
 }
 
 impl Cluster {
-    fn start() -> Cluster {
-        let redis = Redis::start();
+    async fn start() -> Cluster {
+        let redis = RedisProcess::start().await.expect("starting redis-server");
         Cluster {
-            a: Node::start("loadtest-a", &redis),
-            b: Node::start("loadtest-b", &redis),
+            a: node("loadtest-a", Some(&redis), &[]).await,
+            b: node("loadtest-b", Some(&redis), &[]).await,
             redis,
         }
     }
@@ -283,8 +127,8 @@ impl Cluster {
 
 /// Runs the load-test binary with `args` plus `--json FILE`, bounded by `within`, and returns
 /// the JSON it wrote.
-fn run_loadtest(name: &str, args: &[String], within: Duration) -> Value {
-    Loadtest::spawn(name, args).finish(within)
+async fn run_loadtest(name: &str, args: &[String], within: Duration) -> Value {
+    Loadtest::spawn(name, args).finish(within).await
 }
 
 /// A running load-test binary, writing its JSON and its log (stderr) to files.
@@ -314,31 +158,69 @@ impl Loadtest {
     }
 
     /// Waits until the log holds `text`, at most `within`.
-    fn wait_for_log(&mut self, text: &str, within: Duration) {
+    async fn wait_for_log(&mut self, text: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             if log.contains(text) {
-                return;
+                return log;
             }
             self.process.assert_running();
             assert!(
                 Instant::now() < deadline,
                 "no {text:?} in the log after {within:?}:\n{log}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Waits for a successful exit, at most `within`, and returns the JSON written.
-    fn finish(mut self, within: Duration) -> Value {
-        self.process.wait_success(within, &self.log);
+    async fn finish(mut self, within: Duration) -> Value {
+        let log = self.log.clone();
+        assert!(
+            self.process.wait_exit(within, &log).await,
+            "{} failed:\n{}",
+            self.process.name,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         let text = std::fs::read_to_string(&self.json).expect("the --json file");
         let result = serde_json::from_str(&text).expect("the --json file holds JSON");
         let _ = std::fs::remove_file(&self.json);
         let _ = std::fs::remove_file(&self.log);
         result
     }
+}
+
+/// A path for an `--html` report, and a check of what was written there.
+fn html_path(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}.html", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Reads (and removes) the report at `path`, and checks it is a self-contained page with charts.
+fn read_report(path: &Path) -> String {
+    let report = std::fs::read_to_string(path).expect("the --html file");
+    let _ = std::fs::remove_file(path);
+    assert!(report.starts_with("<!DOCTYPE html>"), "{report}");
+    assert!(report.contains("<svg"), "{report}");
+    for external in ["http://", "https://", "<script", "<link", "src="] {
+        assert!(
+            !report.contains(external),
+            "{external} in the report: {report}"
+        );
+    }
+    report
+}
+
+/// The pid of a Redis server, from its INFO.
+async fn redis_pid(redis: &RedisProcess) -> u32 {
+    let info = redis.cli(&["INFO", "server"]).await.expect("INFO server");
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no process_id in {info}"))
 }
 
 fn field(result: &Value, name: &str) -> u64 {
@@ -348,9 +230,10 @@ fn field(result: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no integer {name} in {result:#}"))
 }
 
-#[test]
-fn connect_opens_every_connection() {
-    let cluster = Cluster::start();
+#[tokio::test]
+async fn connect_opens_every_connection() {
+    let cluster = Cluster::start().await;
+    let html = html_path("connect");
     let args = [
         "connect".to_owned(),
         "--url".to_owned(),
@@ -358,22 +241,180 @@ fn connect_opens_every_connection() {
         "--connections=50".to_owned(),
         "--rate=500".to_owned(),
         "--hold-secs=1".to_owned(),
-        format!("--pid={}", cluster.a.process.pid()),
+        format!("--pid={}", cluster.a.pid()),
         "--timeout-secs=30".to_owned(),
+        "--html".to_owned(),
+        html.display().to_string(),
     ];
-    let result = run_loadtest("connect", &args, Duration::from_secs(60));
+    let result = run_loadtest("connect", &args, Duration::from_secs(60)).await;
     assert_eq!(field(&result, "connections_requested"), 50, "{result:#}");
     assert_eq!(field(&result, "connections_open"), 50, "{result:#}");
+    assert_eq!(field(&result, "connections_held"), 50, "{result:#}");
     assert_eq!(field(&result, "failures"), 0, "{result:#}");
+    assert_eq!(result["protocol"], "switchboard", "{result:#}");
     assert!(
         field(&result, "server_rss_after_bytes") > 0,
         "no RSS read: {result:#}"
     );
+    // The node holds one more socket per connection.
+    let server = &result["servers"][0];
+    assert_eq!(server["name"], "server", "{result:#}");
+    assert_eq!(
+        field(server, "sockets_after") - field(server, "sockets_before"),
+        50,
+        "{result:#}"
+    );
+    let report = read_report(&html);
+    assert!(report.contains("Handshake latency"), "{report}");
+    assert!(report.contains("Connections open"), "{report}");
 }
 
-#[test]
-fn latency_across_nodes_loses_nothing() {
-    let cluster = Cluster::start();
+/// The worker pids a `connect` run logged.
+fn worker_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|line| line.strip_prefix("worker "))
+        .filter_map(|rest| {
+            rest.split_whitespace()
+                .nth(2)?
+                .trim_end_matches(':')
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn connect_spreads_over_workers_and_nodes() {
+    let cluster = Cluster::start().await;
+    let args = [
+        "connect".to_owned(),
+        "--url".to_owned(),
+        cluster.a.ws_url(),
+        "--url".to_owned(),
+        cluster.b.ws_url(),
+        "--workers=2".to_owned(),
+        "--source-addresses=2".to_owned(),
+        "--connections=40".to_owned(),
+        "--rate=400".to_owned(),
+        "--hold-secs=1".to_owned(),
+        format!("--pid=node-a={}", cluster.a.pid()),
+        format!("--pid=node-b={}", cluster.b.pid()),
+        "--timeout-secs=30".to_owned(),
+    ];
+    let result = run_loadtest("connect-workers", &args, Duration::from_secs(60)).await;
+    assert_eq!(field(&result, "connections_open"), 40, "{result:#}");
+    assert_eq!(field(&result, "failures"), 0, "{result:#}");
+    assert_eq!(field(&result, "worker_processes"), 2, "{result:#}");
+    assert_eq!(
+        result["connections_open_per_url"],
+        serde_json::json!([20, 20]),
+        "{result:#}"
+    );
+    let workers = result["per_worker"].as_array().expect("per_worker");
+    assert_eq!(workers.len(), 2, "{result:#}");
+    for worker in workers {
+        assert_eq!(field(worker, "requested"), 20, "{result:#}");
+        assert_eq!(field(worker, "open"), 20, "{result:#}");
+    }
+    assert_eq!(workers[0]["sources"], "127.0.0.1–127.0.0.2", "{result:#}");
+    assert_eq!(workers[1]["sources"], "127.0.0.3–127.0.0.4", "{result:#}");
+    for (index, name) in ["node-a", "node-b"].iter().enumerate() {
+        let server = &result["servers"][index];
+        assert_eq!(server["name"], *name, "{result:#}");
+        assert_eq!(
+            field(server, "sockets_after") - field(server, "sockets_before"),
+            20,
+            "{name}: {result:#}"
+        );
+    }
+    assert!(
+        result["server_rss_per_connection_bytes"].is_f64(),
+        "{result:#}"
+    );
+    let pids: Vec<u32> = workers
+        .iter()
+        .map(|worker| field(worker, "pid") as u32)
+        .collect();
+    wait_gone(&pids, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn connect_interrupted_leaves_no_worker() {
+    let cluster = Cluster::start().await;
+    let args = [
+        "connect".to_owned(),
+        "--url".to_owned(),
+        cluster.a.ws_url(),
+        "--workers=3".to_owned(),
+        "--connections=30".to_owned(),
+        "--rate=300".to_owned(),
+        "--hold-secs=60".to_owned(),
+        "--timeout-secs=30".to_owned(),
+    ];
+    let mut loadtest = Loadtest::spawn("connect-interrupted", &args);
+    let log = loadtest
+        .wait_for_log("connections open after", Duration::from_secs(30))
+        .await;
+    let pids = worker_pids(&log);
+    assert_eq!(pids.len(), 3, "{log}");
+    assert!(pids.iter().all(|pid| alive(*pid)), "{log}");
+    signal(loadtest.process.child.id(), "INT");
+    let log_path = loadtest.log.clone();
+    assert!(
+        !loadtest
+            .process
+            .wait_exit(Duration::from_secs(10), &log_path)
+            .await,
+        "an interrupted run reports failure"
+    );
+    wait_gone(&pids, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn connect_counts_connections_the_node_refuses() {
+    // The node accepts 5 connections; the rest wait in the kernel's backlog until the timeout.
+    let node = node("loadtest-small", None, &["--max-connections", "5"]).await;
+    let args = [
+        "connect".to_owned(),
+        "--url".to_owned(),
+        node.ws_url(),
+        "--connections=12".to_owned(),
+        "--rate=200".to_owned(),
+        "--hold-secs=0".to_owned(),
+        "--timeout-secs=2".to_owned(),
+    ];
+    let result = run_loadtest("connect-refused", &args, Duration::from_secs(60)).await;
+    assert_eq!(field(&result, "connections_open"), 5, "{result:#}");
+    assert_eq!(field(&result, "failures"), 7, "{result:#}");
+}
+
+#[tokio::test]
+async fn connect_counts_drops_during_the_hold() {
+    let mut node = node("loadtest-dies", None, &[]).await;
+    let args = [
+        "connect".to_owned(),
+        "--url".to_owned(),
+        node.ws_url(),
+        "--workers=2".to_owned(),
+        "--connections=20".to_owned(),
+        "--rate=400".to_owned(),
+        "--hold-secs=3".to_owned(),
+        "--timeout-secs=30".to_owned(),
+    ];
+    let mut loadtest = Loadtest::spawn("connect-drops", &args);
+    loadtest
+        .wait_for_log("every worker holding", Duration::from_secs(30))
+        .await;
+    node.kill().expect("killing the node");
+    let result = loadtest.finish(Duration::from_secs(60)).await;
+    assert_eq!(field(&result, "connections_open"), 20, "{result:#}");
+    assert_eq!(field(&result, "dropped_during_hold"), 20, "{result:#}");
+    assert_eq!(field(&result, "connections_held"), 0, "{result:#}");
+}
+
+#[tokio::test]
+async fn latency_across_nodes_loses_nothing() {
+    let cluster = Cluster::start().await;
     let (rooms, subscribers_per_room, rate, duration_secs) = (5, 3, 100, 2);
     let args = [
         "latency".to_owned(),
@@ -390,11 +431,11 @@ fn latency_across_nodes_loses_nothing() {
         "--drain-secs=5".to_owned(),
         "--setup-timeout-secs=30".to_owned(),
         format!("--redis-url={}", cluster.redis.url()),
-        format!("--cpu-pid=node-a={}", cluster.a.process.pid()),
-        format!("--cpu-pid=node-b={}", cluster.b.process.pid()),
-        format!("--cpu-pid=redis={}", cluster.redis.process.pid()),
+        format!("--cpu-pid=node-a={}", cluster.a.pid()),
+        format!("--cpu-pid=node-b={}", cluster.b.pid()),
+        format!("--cpu-pid=redis={}", redis_pid(&cluster.redis).await),
     ];
-    let result = run_loadtest("latency", &args, Duration::from_secs(90));
+    let result = run_loadtest("latency", &args, Duration::from_secs(90)).await;
     assert_eq!(
         field(&result, "subscribers"),
         rooms * subscribers_per_room,
@@ -481,9 +522,9 @@ fn fanout_args(
     ]
 }
 
-#[test]
-fn fanout_over_both_nodes_loses_nothing() {
-    let cluster = Cluster::start();
+#[tokio::test]
+async fn fanout_over_both_nodes_loses_nothing() {
+    let cluster = Cluster::start().await;
     let (rooms, subscribers, publishers, rate, duration_secs) = (4, 16, 2, 100, 2);
     let mut args = fanout_args(
         &cluster,
@@ -494,20 +535,11 @@ fn fanout_over_both_nodes_loses_nothing() {
         duration_secs,
         5,
     );
-    let html = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("fanout-{}.html", std::process::id()));
-    let _ = std::fs::remove_file(&html);
+    let html = html_path("fanout");
     args.push("--html".to_owned());
     args.push(html.display().to_string());
-    let result = run_loadtest("fanout", &args, Duration::from_secs(90));
-    let report = std::fs::read_to_string(&html).expect("the --html file");
-    let _ = std::fs::remove_file(&html);
-    assert!(report.starts_with("<!DOCTYPE html>"), "{report}");
-    assert!(report.contains("<svg"), "{report}");
-    assert!(
-        !report.contains("http://") && !report.contains("https://"),
-        "external reference in the report: {report}"
-    );
+    let result = run_loadtest("fanout", &args, Duration::from_secs(90)).await;
+    read_report(&html);
     assert_eq!(
         result["delivered_by_second"].as_array().map(Vec::len),
         Some(duration_secs as usize),
@@ -563,19 +595,20 @@ fn fanout_over_both_nodes_loses_nothing() {
     assert!(result["latency_ms_p99"].is_f64(), "{result:#}");
 }
 
-#[test]
-fn fanout_reports_loss_when_a_node_dies() {
-    let mut cluster = Cluster::start();
+#[tokio::test]
+async fn fanout_reports_loss_when_a_node_dies() {
+    let mut cluster = Cluster::start().await;
     // One publisher: it connects to the first target (node a), so the run outlives node b,
     // whose subscribers lose the rest of the run.
     let args = fanout_args(&cluster, 4, 16, 1, 100, 3, 2);
     let mut loadtest = Loadtest::spawn("fanout-loss", &args);
-    loadtest.wait_for_log("publishing ", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(1500));
+    loadtest
+        .wait_for_log("publishing ", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // SIGKILL: node b's connections drop without a close frame.
-    cluster.b.process.child.kill().expect("killing node b");
-    let _ = cluster.b.process.child.wait();
-    let result = loadtest.finish(Duration::from_secs(90));
+    cluster.b.kill().expect("killing node b");
+    let result = loadtest.finish(Duration::from_secs(90)).await;
     let lost = field(&result, "lost");
     let closed_early = field(&result, "subscribers_closed_early");
     assert!(lost > 0, "no loss reported: {result:#}");
@@ -587,9 +620,10 @@ fn fanout_reports_loss_when_a_node_dies() {
     );
 }
 
-#[test]
-fn direct_between_nodes_loses_nothing() {
-    let cluster = Cluster::start();
+#[tokio::test]
+async fn direct_between_nodes_loses_nothing() {
+    let cluster = Cluster::start().await;
+    let html = html_path("direct");
     let args = [
         "direct".to_owned(),
         "--url".to_owned(),
@@ -601,8 +635,23 @@ fn direct_between_nodes_loses_nothing() {
         "--duration-secs=2".to_owned(),
         "--drain-secs=5".to_owned(),
         "--setup-timeout-secs=30".to_owned(),
+        "--html".to_owned(),
+        html.display().to_string(),
     ];
-    let result = run_loadtest("direct", &args, Duration::from_secs(60));
+    let result = run_loadtest("direct", &args, Duration::from_secs(60)).await;
+    let report = read_report(&html);
+    assert!(report.contains("Messages per second"), "{report}");
+    let delivered_by_second: u64 = result["delivered_by_second"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no delivered_by_second: {result:#}"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(
+        delivered_by_second,
+        field(&result, "delivered"),
+        "{result:#}"
+    );
     assert_eq!(field(&result, "users"), 10, "{result:#}");
     assert_eq!(
         field(&result, "cross_target_pairs"),
@@ -630,9 +679,10 @@ fn direct_between_nodes_loses_nothing() {
     assert!(result["latency_ms_p99"].is_f64(), "{result:#}");
 }
 
-#[test]
-fn reconnect_resumes_every_subscriber_without_loss() {
-    let cluster = Cluster::start();
+#[tokio::test]
+async fn reconnect_resumes_every_subscriber_without_loss() {
+    let cluster = Cluster::start().await;
+    let html = html_path("reconnect");
     let subscribers = 16;
     let args = [
         "reconnect".to_owned(),
@@ -647,8 +697,12 @@ fn reconnect_resumes_every_subscriber_without_loss() {
         "--after-secs=1".to_owned(),
         "--drain-secs=5".to_owned(),
         "--setup-timeout-secs=30".to_owned(),
+        "--html".to_owned(),
+        html.display().to_string(),
     ];
-    let result = run_loadtest("reconnect", &args, Duration::from_secs(90));
+    let result = run_loadtest("reconnect", &args, Duration::from_secs(90)).await;
+    let report = read_report(&html);
+    assert!(report.contains("Around the drop"), "{report}");
     assert_eq!(field(&result, "reconnected"), subscribers, "{result:#}");
     assert_eq!(field(&result, "recovered"), subscribers, "{result:#}");
     for zero in [
