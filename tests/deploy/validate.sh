@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Offline validation of deploy/ and k8s/ (see tests/deploy/validate.py for what is checked).
-# Installs what it needs when missing: PyYAML and kubernetes-validate (PyPI, pinned), promtool
-# (Debian's prometheus package) and haproxy (apt). kubectl (for `kubectl kustomize`) must be
-# installed, or installable with apt from a configured Kubernetes or Google Cloud repository.
+# Offline validation of deploy/ and k8s/ (see tests/deploy/validate.py for what is checked), and
+# a run of the Kubernetes HAProxy config against real nodes (tests/deploy/haproxy_dns_test.py).
+# Installs what it needs when missing: PyYAML, kubernetes-validate, dnslib and websockets (PyPI,
+# pinned), promtool (Debian's prometheus package), haproxy and pip (apt). kubectl (for
+# `kubectl kustomize`) must be installed, or installable with apt from a configured Kubernetes or
+# Google Cloud repository.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 KUBERNETES_VALIDATE_VERSION=1.34.1
+DNSLIB_VERSION=0.9.26
+WEBSOCKETS_VERSION=15.0.1
 
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 apt_install() {
@@ -19,17 +23,28 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
+version_of() {
+  python3 -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true
+}
 if ! python3 -c 'import yaml' 2>/dev/null \
-  || [ "$(python3 -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
-  echo "tests/deploy/validate.sh: installing PyYAML and kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >&2
-  pkgs=(PyYAML "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
+  || [ "$(version_of kubernetes-validate)" != "$KUBERNETES_VALIDATE_VERSION" ] \
+  || [ "$(version_of dnslib)" != "$DNSLIB_VERSION" ] \
+  || [ "$(version_of websockets)" != "$WEBSOCKETS_VERSION" ]; then
+  pkgs=(PyYAML "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "dnslib==$DNSLIB_VERSION" "websockets==$WEBSOCKETS_VERSION")
+  echo "tests/deploy/validate.sh: installing ${pkgs[*]}" >&2
   # Debian's own python3 refuses pip installs outside a virtualenv (PEP 668) unless told.
   python3 -m pip install -q --disable-pip-version-check "${pkgs[@]}" 2>/dev/null \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${pkgs[@]}"
 fi
 
-exec python3 tests/deploy/validate.py
+status=0
+python3 tests/deploy/validate.py || status=$?
+# The Kubernetes HAProxy config discovering real nodes through a test DNS server (needs the
+# binary that `cargo build` puts in target/debug).
+python3 tests/deploy/haproxy_dns_test.py || status=$?
+exit "$status"
