@@ -74,21 +74,30 @@ fn switchboard() -> String {
     "switchboard".to_owned()
 }
 
-const HEADER: [&str; 13] = [
+const HEADER: [&str; 14] = [
     "system",
     "subscribers",
-    "rate msgs/s",
-    "delivered msgs/s",
+    "rooms",
+    "rate/s",
+    "delivered/s",
     "p50 ms",
     "p99 ms",
     "p99.9 ms",
-    "server CPU-s per 1M deliveries",
-    "RSS per connection KiB",
-    "lost / duplicates",
-    "deliveries per CPU-s vs switchboard",
-    "p99 vs switchboard",
-    "delivered/s vs switchboard",
+    "CPU-s/1M",
+    "RSS/conn KiB",
+    "lost/dup",
+    "deliv/CPU-s vs sb",
+    "p99 vs sb",
+    "delivered/s vs sb",
 ];
+
+/// What the terse headers mean, printed under the table.
+const LEGEND: &str = "rate/s: messages published per second; delivered/s: deliveries \
+received per second; CPU-s/1M: server CPU seconds (every --cpu-pid process) per million \
+deliveries; RSS/conn: server memory per idle connection (connect); lost/dup: deliveries lost \
+and duplicated; vs sb: ratio against the switchboard row of the same subscribers, rooms and \
+rate (deliveries per CPU-second and delivered/s above 1: better than switchboard; p99 above 1: \
+slower).\n";
 
 /// Columns of text (left-aligned); the rest are numbers.
 const TEXT_COLUMNS: usize = 1;
@@ -154,6 +163,7 @@ pub fn build(fanout: &[(String, Value)], connect: &[(String, Value)]) -> Result<
             [
                 result.protocol.clone(),
                 result.subscribers.to_string(),
+                result.rooms.to_string(),
                 result.rate_target.to_string(),
                 format!("{:.0}", result.delivered_per_sec),
                 format!("{:.2}", result.latency_ms_p50),
@@ -161,7 +171,7 @@ pub fn build(fanout: &[(String, Value)], connect: &[(String, Value)]) -> Result<
                 format!("{:.2}", result.latency_ms_p999),
                 number(cpu, 2),
                 number(rss_kib, 1),
-                format!("{} / {}", result.lost, result.duplicates),
+                format!("{}/{}", result.lost, result.duplicates),
                 times(efficiency),
                 times(baseline.and_then(|base| ratio(result.latency_ms_p99, base.latency_ms_p99))),
                 times(
@@ -187,7 +197,7 @@ fn times(value: Option<f64>) -> String {
 }
 
 impl Table {
-    /// Aligned columns: text left, numbers right.
+    /// Aligned columns (text left, numbers right), then the legend.
     pub fn text(&self) -> String {
         let widths: Vec<usize> = (0..HEADER.len())
             .map(|column| {
@@ -218,10 +228,12 @@ impl Table {
         for row in &self.rows {
             text.push_str(&line(&row.each_ref().map(String::as_str)));
         }
+        text.push('\n');
+        text.push_str(LEGEND);
         text
     }
 
-    /// A Markdown table, numbers right-aligned.
+    /// A Markdown table (numbers right-aligned), then the legend as a paragraph.
     pub fn markdown(&self) -> String {
         let mut text = format!("| {} |\n|", HEADER.join(" | "));
         for column in 0..HEADER.len() {
@@ -235,6 +247,8 @@ impl Table {
         for row in &self.rows {
             text.push_str(&format!("| {} |\n", row.join(" | ")));
         }
+        text.push('\n');
+        text.push_str(LEGEND);
         text
     }
 }
@@ -291,7 +305,7 @@ mod tests {
         let systems: Vec<(&str, &str)> = table
             .rows
             .iter()
-            .map(|row| (row[0].as_str(), row[2].as_str()))
+            .map(|row| (row[0].as_str(), row[3].as_str()))
             .collect();
         assert_eq!(
             systems,
@@ -305,20 +319,20 @@ mod tests {
         let [sb, sio, raw, raw_200] = &table.rows[..] else {
             panic!("four rows");
         };
-        assert_eq!(sb[3], "100000");
-        assert_eq!(sb[5], "4.00");
-        assert_eq!(sb[7], "20.00");
-        assert_eq!(sb[8], "10.0");
-        assert_eq!(sb[9], "0 / 0");
-        assert_eq!(&sb[10..], ["1.00x", "1.00x", "1.00x"]);
+        assert_eq!(sb[4], "100000");
+        assert_eq!(sb[6], "4.00");
+        assert_eq!(sb[8], "20.00");
+        assert_eq!(sb[9], "10.0");
+        assert_eq!(sb[10], "0/0");
+        assert_eq!(&sb[11..], ["1.00x", "1.00x", "1.00x"]);
         // Twice switchboard's CPU per delivery: half the deliveries per CPU-second.
-        assert_eq!(&sio[10..], ["0.50x", "2.00x", "0.90x"]);
-        assert_eq!(sio[8], "-", "no connect result for socketio");
-        assert_eq!(&raw[10..], ["4.00x", "0.25x", "1.00x"]);
-        assert_eq!(raw[8], "-", "the connect result has no RSS");
+        assert_eq!(&sio[11..], ["0.50x", "2.00x", "0.90x"]);
+        assert_eq!(sio[9], "-", "no connect result for socketio");
+        assert_eq!(&raw[11..], ["4.00x", "0.25x", "1.00x"]);
+        assert_eq!(raw[9], "-", "the connect result has no RSS");
         // No switchboard run at 200 msgs/s, and no CPU figure.
-        assert_eq!(raw_200[7], "-");
-        assert_eq!(&raw_200[10..], ["-", "-", "-"]);
+        assert_eq!(raw_200[8], "-");
+        assert_eq!(&raw_200[11..], ["-", "-", "-"]);
     }
 
     #[test]
@@ -333,13 +347,13 @@ mod tests {
         .expect("a table");
         let text = table.text();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 5, "header, two rows, blank, legend: {text}");
         assert!(lines[0].starts_with("system"), "{text}");
         assert!(lines[2].starts_with("raw "), "{text}");
         assert!(lines[2].ends_with("1.00x"), "{text}");
         let markdown = table.markdown();
         let lines: Vec<&str> = markdown.lines().collect();
-        assert_eq!(lines.len(), 4, "{markdown}");
+        assert_eq!(lines.len(), 6, "{markdown}");
         assert!(
             lines[0].starts_with("| system | subscribers |"),
             "{markdown}"
@@ -349,7 +363,7 @@ mod tests {
             format!("|---|{}", "---:|".repeat(HEADER.len() - 1))
         );
         assert!(
-            lines[3].starts_with("| raw | 2000 | 50 | 1000 |"),
+            lines[3].starts_with("| raw | 2000 | 1 | 50 | 1000 |"),
             "{markdown}"
         );
     }

@@ -360,7 +360,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
             .map(|count| count.load(Ordering::SeqCst))
             .collect(),
         connections_by_second,
-        latency_percentiles: percentile_curve(&histogram),
+        latency_percentiles: crate::html::percentile_curve(&histogram),
         expected_deliveries_total: expected_deliveries,
         received_total: totals.unique,
         lost: expected_deliveries.saturating_sub(totals.unique),
@@ -412,22 +412,6 @@ fn by_second_quantile(shared: &Shared, quantile: f64) -> Vec<f64> {
             } else {
                 ms(histogram.value_at_quantile(quantile))
             }
-        })
-        .collect()
-}
-
-/// (percentile, ms) points of `histogram`, denser towards the tail.
-fn percentile_curve(histogram: &hdrhistogram::Histogram<u64>) -> Vec<(f64, f64)> {
-    if histogram.is_empty() {
-        return Vec::new();
-    }
-    histogram
-        .iter_quantiles(2)
-        .map(|step| {
-            (
-                round3(step.quantile_iterated_to() * 100.0),
-                ms(step.value_iterated_to()),
-            )
         })
         .collect()
 }
