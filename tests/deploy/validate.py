@@ -527,6 +527,13 @@ def check_overlay(overlay, dockerfile_uid):
         for var in cm["data"]:
             check_env_name(var, f"{where} ConfigMap switchboard-config")
     check("SWITCHBOARD_REDIS" in env, f"{where}: SWITCHBOARD_REDIS is set (nodes of one Deployment must share Redis)")
+    if isinstance(env.get("SWITCHBOARD_REDIS"), str):
+        # Shards given in the overlay itself must be Services of the overlay.
+        for url in env["SWITCHBOARD_REDIS"].split(","):
+            m = re.match(r"rediss?://(?:[^@]*@)?([^:/]+):?(\d+)?", url)
+            svc = find(docs, "Service", m.group(1))
+            check(svc and int(m.group(2) or 6379) in [p["port"] for p in svc[0]["spec"]["ports"]],
+                  f"{where}: Redis shard {url} is not a Service port of the overlay")
     check(env.get("SWITCHBOARD_NODE_ID", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
           if isinstance(env.get("SWITCHBOARD_NODE_ID"), dict) else False, f"{where}: SWITCHBOARD_NODE_ID is the pod name")
     check(pod["securityContext"].get("runAsUser") == dockerfile_uid, f"{where}: runAsUser is the Dockerfile's USER {dockerfile_uid}")
