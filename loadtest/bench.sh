@@ -212,8 +212,10 @@ for system in "${system_list[@]}"; do
   if [ "$connections" -gt 0 ]; then
     echo "== $system: connect, $connections idle connections" >&2
     start_system "$system" "$system-connect"
+    # One worker process per 10,000 connections keeps each within its open-files limit.
+    workers=$(((connections + 9999) / 10000))
     timeout --foreground --kill-after=10 180 "$loadtest" connect --protocol "$system" --url "${urls[0]}" \
-      --connections "$connections" --pid "$first_pid" --json "$out/$system-connect.json" >/dev/null
+      --connections "$connections" --workers "$workers" --pid "$first_pid" --json "$out/$system-connect.json" >/dev/null
     connect_files+=(--connect "$out/$system-connect.json")
     stop_all
   fi
