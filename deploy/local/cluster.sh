@@ -14,14 +14,15 @@
 # `up` builds nothing: it runs target/release/switchboard (or target/debug/switchboard with
 # --debug), and says so if it is missing. It records every process it starts in DIR/pids/ and
 # `down` stops exactly those processes (checking that each pid still runs the program it
-# started), newest first. Logs stay in DIR/logs/; DIR/cluster.env holds the URLs and ports.
+# started): HAProxy, then the nodes, then Redis. Logs stay in DIR/logs/; DIR/cluster.env holds
+# the URLs and ports.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 cfg=$root/deploy/haproxy/haproxy.cfg
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 64
 }
 
@@ -92,26 +93,23 @@ exited() { # pid
   [ -z "$(readlink "/proc/$1/exe" 2>/dev/null)" ]
 }
 
-# Recorded process names, newest first (HAProxy, then the nodes, then Redis).
-recorded() {
+# Recorded process names of one kind: haproxy, node or redis.
+recorded() { # kind
   [ -d "$pids" ] || return 0
-  local name
-  for name in haproxy; do [ -f "$pids/$name.pid" ] && echo "$name"; done
-  find "$pids" -name 'node*.pid' -printf '%f\n' | sed 's/\.pid$//' | sort -r
-  find "$pids" -name 'redis*.pid' -printf '%f\n' | sed 's/\.pid$//' | sort -r
+  find "$pids" -name "$1*.pid" -printf '%f\n' | sed 's/\.pid$//' | sort
 }
 
-down() {
-  local name pid stopped=()
-  for name in $(recorded); do
+# Sends SIGTERM to the recorded processes of one kind that still run, then waits for them to exit
+# (nodes drain, closing their clients with 1001), with SIGKILL after 30 s.
+stop_kind() { # kind
+  local name pid entry stopped=()
+  for name in $(recorded "$1"); do
     pid=$(live_pid "$name")
     if [ -n "$pid" ]; then
       kill -TERM "$pid" 2>/dev/null || true
       stopped+=("$name:$pid")
     fi
   done
-  # Nodes drain (closing their clients with 1001) before they exit; wait, then insist.
-  local entry
   for entry in ${stopped[@]+"${stopped[@]}"}; do
     name=${entry%%:*} pid=${entry##*:}
     if ! wait_for 300 exited "$pid"; then
@@ -120,8 +118,16 @@ down() {
     fi
     echo "stopped $name ($pid)"
   done
+}
+
+# HAProxy first (no new clients), then the nodes (which still need Redis to leave the cluster
+# cleanly), then Redis.
+down() {
+  stop_kind haproxy
+  stop_kind node
+  stop_kind redis
   [ -d "$pids" ] && rm -f "$pids"/*.pid
-  rm -f "$dir/cluster.env"
+  rm -f "$dir/cluster.env" "$dir/haproxy.sock"
   return 0
 }
 
@@ -151,7 +157,7 @@ up() {
   command -v haproxy >/dev/null || die "haproxy is not installed (apt-get install haproxy)"
 
   local name any_live=no any_dead=no
-  for name in $(recorded); do
+  for name in $(recorded haproxy) $(recorded node) $(recorded redis); do
     if [ -n "$(live_pid "$name")" ]; then any_live=yes; else any_dead=yes; fi
   done
   if [ $any_live = yes ]; then
@@ -242,7 +248,7 @@ urls_of() {
 
 status() {
   local name pid state ready url any=no
-  for name in $(recorded); do
+  for name in $(recorded haproxy) $(recorded node) $(recorded redis); do
     any=yes
     pid=$(live_pid "$name")
     if [ -n "$pid" ]; then state="running (pid $pid)"; else state="NOT RUNNING"; fi
