@@ -133,6 +133,7 @@ struct Done {
     dropped_during_hold: u64,
     opened_by_tick: Vec<u32>,
     dropped_by_tick: Vec<u32>,
+    closed_tick: u64,
 }
 
 pub async fn run(args: ConnectArgs) -> Result<()> {
@@ -318,12 +319,14 @@ async fn drive(
                     dropped_during_hold,
                     opened_by_tick,
                     dropped_by_tick,
+                    closed_tick,
                 }) => {
                     workers[slot].done = Some(Done {
                         dropped_before_hold,
                         dropped_during_hold,
                         opened_by_tick,
                         dropped_by_tick,
+                        closed_tick,
                     });
                 }
                 Some(_) => {}
@@ -383,7 +386,12 @@ fn assemble(
             / TICK.as_micros() as u64) as usize;
         let at =
             |timeline: &[u32], tick: usize| i64::from(timeline.get(tick).copied().unwrap_or(0));
-        let ticks = done.opened_by_tick.len().max(done.dropped_by_tick.len());
+        // Until the worker closed, so the line runs through the hold.
+        let ticks = done
+            .opened_by_tick
+            .len()
+            .max(done.dropped_by_tick.len())
+            .max(done.closed_tick as usize + 1);
         if open_by_tick.len() < offset + ticks {
             open_by_tick.resize(offset + ticks, 0);
         }

@@ -26,7 +26,7 @@ table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;paddi
 text-align:left;vertical-align:top}th{background:#f3f3f3;font-weight:600}\
 td.num{text-align:right;font-variant-numeric:tabular-nums}\
 svg{background:#fff;border:1px solid #ddd;margin:0.5em 0;display:block}\
-.charts{display:flex;flex-wrap:wrap;gap:1em}";
+.charts{display:flex;flex-wrap:wrap;gap:1em}.wide{overflow-x:auto}";
 
 /// One line of a chart: its name, colour and (x, y) points.
 pub struct Series<'a> {
@@ -85,9 +85,11 @@ impl Page {
         self.html.push_str(&table(&summary));
         for (key, value) in all.iter().filter(|(_, value)| is_rows(value)) {
             let _ = writeln!(self.html, "<h2>{}</h2>", escape(key));
+            self.html.push_str("<div class=\"wide\">\n");
             self.html.push_str(&rows_table(
                 value.as_array().map(Vec::as_slice).unwrap_or(&[]),
             ));
+            self.html.push_str("</div>\n");
         }
         Ok(())
     }
@@ -524,7 +526,8 @@ pub fn line_chart(
     let ticks = x_ticks.unwrap_or_else(|| {
         let step = nice_ceiling((x_max - x_min) / 10.0).max(1.0);
         let mut ticks = Vec::new();
-        let mut x = x_min;
+        // From the first multiple of the step, so an axis starting below 0 still labels 0.
+        let mut x = (x_min / step).ceil() * step;
         while x <= x_max + 1e-9 {
             ticks.push((x, label(x)));
             x += step;

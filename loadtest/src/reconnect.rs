@@ -408,7 +408,7 @@ fn html_report(result: &ReconnectResult) -> Page {
                 "Subscribers by time from the drop until back",
                 "ms",
                 &result.reconnect_ms,
-                12,
+                10,
             ),
             html::percentile_chart(
                 "Time until back by percentile (ms)",

@@ -79,6 +79,8 @@ pub enum Report {
         /// Handshakes completed and connections the server closed, per [`TICK`] since the start.
         opened_by_tick: Vec<u32>,
         dropped_by_tick: Vec<u32>,
+        /// The tick in which the worker was told to close.
+        closed_tick: u64,
     },
 }
 
@@ -245,6 +247,7 @@ pub async fn run() -> Result<()> {
             say(&mut stdout, &Report::Holding).await?;
         }
     }
+    let closed_tick = tick_of(base.elapsed()) as u64;
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = task.await;
@@ -257,6 +260,7 @@ pub async fn run() -> Result<()> {
             dropped_during_hold: holding.dropped_during_hold.load(Ordering::SeqCst),
             opened_by_tick,
             dropped_by_tick,
+            closed_tick,
         },
     )
     .await
