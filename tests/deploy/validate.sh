@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline validation of deploy/ and k8s/ (see tests/deploy/validate.py for what is checked), and
-# a run of the Kubernetes HAProxy config against real nodes (tests/deploy/haproxy_dns_test.py).
+# runs of the Kubernetes HAProxy config and of every deployment's node settings against real
+# processes (tests/deploy/haproxy_dns_test.py, tests/deploy/runtime_test.py).
 # Installs what it needs when missing: PyYAML, kubernetes-validate, dnslib and websockets (PyPI,
 # pinned), promtool (Debian's prometheus package), haproxy and pip (apt). kubectl (for
 # `kubectl kustomize`) must be installed, or installable with apt from a configured Kubernetes or
@@ -44,7 +45,9 @@ fi
 
 status=0
 python3 tests/deploy/validate.py || status=$?
-# The Kubernetes HAProxy config discovering real nodes through a test DNS server (needs the
-# binary that `cargo build` puts in target/debug).
+# With the binary that `cargo build` puts in target/debug: the Kubernetes HAProxy config
+# discovering real nodes through a test DNS server, and the node settings of Compose and of each
+# overlay (plus the image's health check) on a real node and redis-server.
 python3 tests/deploy/haproxy_dns_test.py || status=$?
+python3 tests/deploy/runtime_test.py || status=$?
 exit "$status"
