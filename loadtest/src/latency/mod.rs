@@ -183,12 +183,12 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let end_at = measure_at + Duration::from_secs(plan.duration_secs);
     let drain_deadline = end_at + Duration::from_secs(plan.drain_secs);
     shared.set_window(measure_at, end_at);
-    let mut reader_tasks = Vec::with_capacity(publishers as usize);
-    let mut writer_tasks = Vec::with_capacity(publishers as usize);
+    let mut publisher_tasks = Vec::with_capacity(2 * publishers as usize);
+    let mut schedules_done = Vec::with_capacity(publishers as usize);
     for (index, socket) in publisher_sockets.into_iter().enumerate() {
         let (sink, stream) = socket.split();
         let pong = Arc::new(tokio::sync::Notify::new());
-        reader_tasks.push(tokio::spawn(publisher::read_replies(
+        publisher_tasks.push(tokio::spawn(publisher::read_replies(
             stream,
             shared.clone(),
             protocol,
@@ -202,12 +202,16 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
             end: end_at,
             give_up: drain_deadline,
         };
-        writer_tasks.push(tokio::spawn(publisher::publish(
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        schedules_done.push(done_rx);
+        publisher_tasks.push(tokio::spawn(publisher::publish(
             sink,
             shared.clone(),
             protocol,
             schedule,
             pong,
+            done_tx,
+            stop_rx.clone(),
         )));
     }
     eprintln!(
@@ -235,8 +239,8 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
 
     let mut lag = latency_histogram();
     let (mut sent, mut sent_in_window, mut publishers_failed) = (0u64, 0u64, 0u64);
-    for task in writer_tasks {
-        let stats = task.await.context("publisher task")?;
+    for done in schedules_done {
+        let stats = done.await.context("publisher task")?;
         sent += stats.sent;
         sent_in_window += stats.sent_in_window;
         publishers_failed += u64::from(stats.failed);
@@ -266,7 +270,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(true);
-    for task in reader_tasks {
+    for task in publisher_tasks {
         let _ = task.await;
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::shared::{PublisherStats, Shared, latency_histogram};
@@ -31,15 +31,19 @@ pub struct Schedule {
 /// Writes publish frames on a fixed schedule from `first` until `end`, rooms round-robin over
 /// all publishers; each carries its write time on the common clock, the publisher's index and
 /// its sequence number in the room (switchboard's request id is the run-wide sequence number,
-/// from which the reply's room follows). Answers a ping whenever `pong` is notified. A failed or
-/// stalled connection ends the schedule early (the run still reports).
+/// from which the reply's room follows). A failed or stalled connection ends the schedule early
+/// (the run still reports). What was sent goes to `done` at the end of the schedule; a ping
+/// (`pong` notified) is answered until `stop`, so a Socket.IO server keeps the connection
+/// through the drain.
 pub async fn publish(
     mut sink: PublishSink,
     shared: Arc<Shared>,
     protocol: Protocol,
     plan: Schedule,
     pong: Arc<Notify>,
-) -> PublisherStats {
+    done: oneshot::Sender<PublisherStats>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut stats = PublisherStats {
         sent: 0,
         sent_in_window: 0,
@@ -98,7 +102,27 @@ pub async fn publish(
             }
         }
     }
-    stats
+    let failed = stats.failed;
+    let _ = done.send(stats);
+    if failed {
+        return;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = pong.notified() => {}
+        }
+        // A server that stopped reading must not hold the run past `stop`.
+        let sent = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            sent = sink.send(Message::text(Protocol::PONG)) => sent,
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
 }
 
 /// Reads what the server sends a publisher until `stop`: switchboard's replies (the offset each
