@@ -38,7 +38,8 @@ pub enum Scenario {
     Latency(LatencyArgs),
     /// Spread subscribers over rooms and over every target (each node, or a load balancer),
     /// publish from connections spread the same way, and report end-to-end latency, delivered
-    /// messages per second, loss, duplicates and order by offset per room.
+    /// messages per second, server CPU per delivery, loss, duplicates and order, against
+    /// switchboard or (--protocol) a Socket.IO or raw peer.
     Fanout(FanoutArgs),
     /// Users on different targets messaging each other with `send`: each user sends to a partner
     /// on another target at its share of a held rate; reports delivery latency, loss and
