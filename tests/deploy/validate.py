@@ -314,9 +314,22 @@ def check_compose():
             check(var in names, f"compose haproxy: {var} is not read by deploy/haproxy/haproxy.cfg")
         for var in required:
             check(var in env, f"compose haproxy: deploy/haproxy/haproxy.cfg needs {var}")
+        published = {int(str(p).rsplit(":", 1)[1]) for p in haproxy.get("ports", [])}
+        for var, default in (("SB_PUBLIC_BIND", "*:8080"), ("SB_STATS_BIND", "*:8404")):
+            port = int(str(env.get(var, default)).rsplit(":", 1)[1])
+            check(port in published, f"compose haproxy: the {var} port {port} is not published")
         servers = {v for k, v in env.items() if re.fullmatch(r"SB_NODE\d+", k)}
         check(servers == {f"{n}:{p}" for n, p in listen_ports.items()},
               f"compose haproxy: SB_NODEn must be every node's public address, got {sorted(servers)}")
+        # haproxy -c with Compose's values; the service names resolve only inside Compose, so
+        # the node addresses are checked on 127.0.0.1 with the same ports.
+        haproxy_bin = shutil.which("haproxy")
+        if check(haproxy_bin, "haproxy is not installed (tests/deploy/validate.sh installs it)"):
+            run_env = {k: re.sub(r"^[^:]+:(\d+)$", r"127.0.0.1:\1", str(v)) if re.fullmatch(r"SB_NODE\d+", k) else str(v)
+                       for k, v in env.items()}
+            run_env["PATH"] = os.environ["PATH"]
+            res = run([haproxy_bin, "-c", "-f", path("deploy", "haproxy", "haproxy.cfg")], env=run_env)
+            check(res.returncode == 0, f"compose haproxy: haproxy -c with Compose's variables: {res.stdout}{res.stderr}")
         for k, v in env.items():
             m = re.fullmatch(r"SB_(NODE\d+)_CHECK_PORT", k)
             if m:
