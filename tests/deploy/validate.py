@@ -571,6 +571,8 @@ def check_overlay(overlay, dockerfile_uid):
     grace = pod.get("terminationGracePeriodSeconds", 30)
     check(pre_secs is not None and grace > pre_secs + drain + 5,
           f"{where}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_secs} s + drain {drain} s + 5 s")
+    check(pre_secs is not None and node["spec"].get("minReadySeconds", 0) >= pre_secs + drain,
+          f"{where}: minReadySeconds must be at least preStop + drain, so that a rollout drains one node at a time")
     ann = node["spec"]["template"]["metadata"].get("annotations", {})
     check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == str(internal)
           and ann.get("prometheus.io/path") == "/metrics", f"{where}: scrape annotations on the internal port")
