@@ -9,7 +9,8 @@
 //! Each room is a `tokio::sync::broadcast` channel: a published frame is built once and each
 //! subscriber's task clones it (a reference count) and writes it, feeding every message already
 //! waiting before one flush. The channel holds at most `--lag-limit` messages per room; a
-//! subscriber that falls further behind is disconnected instead of buffered without bound.
+//! subscriber that falls further behind is disconnected (as soon as its socket takes writes
+//! again) instead of buffered without bound: a stalled one holds one batch, never the backlog.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
