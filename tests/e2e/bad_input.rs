@@ -1218,7 +1218,8 @@ async fn a_handshake_that_never_finishes_is_cut_off() -> Result<()> {
 
 #[tokio::test]
 async fn plain_http_on_the_public_port_is_refused() -> Result<()> {
-    let mut node = NodeProcess::start(&[]).await?;
+    // Without the demo page, `/ws` is all the public port serves (tests/e2e/demo.rs covers it).
+    let mut node = NodeProcess::start(&["--demo", "false"]).await?;
     let public = |path: &str| format!("http://{}{path}", node.public);
 
     for path in ["/", "/metrics", "/api/nodes", "/healthz", "/ws/other"] {
