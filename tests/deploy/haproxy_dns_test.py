@@ -8,7 +8,8 @@ rendered ConfigMap with only its `parse-resolv-conf` pointed at the test's DNS s
 
 Checks: the server-template fills one slot per A record and health-checks each on the internal
 port; WebSocket clients through HAProxy reach every node; a record that leaves the answers (a pod
-that terminates or stops being ready) takes its node out of rotation for new clients, while the
+that terminates or stops being ready) takes its node out of rotation for new clients, soon enough
+for the nodes' preStop sleep to cover it with the cluster DNS's cache on top, while the
 WebSocket tunnel already open to it stays open (the draining node, not HAProxy, closes it).
 
 Ports are chosen at run time; every process is stopped by pid, whatever happens; every wait has a
@@ -96,12 +97,15 @@ def http_get(url):
         return r.status, r.read().decode()
 
 
-def k8s_haproxy_cfg():
+def dev_overlay():
+    """The rendered dev overlay's haproxy.cfg, and the nodes' preStop sleep in seconds."""
     out = subprocess.run(["kubectl", "kustomize", "k8s/overlays/dev"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for doc in yaml.safe_load_all(out):
-        if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"].startswith("haproxy-config"):
-            return doc["data"]["haproxy.cfg"]
-    raise AssertionError("no haproxy-config ConfigMap in the dev overlay")
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    cfg = next(d["data"]["haproxy.cfg"] for d in docs
+               if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("haproxy-config"))
+    node = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "switchboard")
+    container = next(c for c in node["spec"]["template"]["spec"]["containers"] if c["name"] == "switchboard")
+    return cfg, int(container["lifecycle"]["preStop"]["exec"]["command"][1])
 
 
 def servers(stats_port):
@@ -148,7 +152,7 @@ def main():
         for addr in NODE_ADDRS:
             wait_for(f"{addr} ready", lambda addr=addr: http_get(f"http://{addr}:{internal}/readyz")[0] == 200)
 
-        cfg = k8s_haproxy_cfg()
+        cfg, pre_stop = dev_overlay()
         assert "    parse-resolv-conf\n" in cfg
         cfg = cfg.replace("    parse-resolv-conf\n", f"    nameserver test 127.0.0.1:{dns_port}\n")
         lb_port, stats_port = free_port(["127.0.0.1"]), free_port(["127.0.0.1"])
@@ -184,7 +188,11 @@ def main():
         # The third pod leaves the headless Service's answers.
         with resolver.lock:
             resolver.ready = NODE_ADDRS[:2]
+        left = time.monotonic()
         wait_for("the third node out of rotation", lambda: NODE_ADDRS[2] not in up_addrs(stats_port))
+        # The cluster DNS's own cache (CoreDNS: the records' 5 s TTL) comes on top in a cluster.
+        took = time.monotonic() - left
+        check(took + 5 < pre_stop, f"HAProxy drops a node {took:.1f} s after DNS does, +5 s of DNS cache: not within preStop ({pre_stop} s)")
         later = [connect(url, subprotocols=["switchboard.v1.json"], open_timeout=5) for _ in range(6)]
         later_nodes = {welcome_node(ws) for ws in later}
         check(node_ids[NODE_ADDRS[2]] not in later_nodes and later_nodes,
