@@ -9,6 +9,8 @@
 # every worker has all of its own open, holds them $HOLD_SECS (default 10), and reads every
 # server's RSS and open sockets before and at the end of the hold. While they are held, this
 # script also reads each node's own switchboard_connections gauge.
+# After the harness closes the connections (all at once), it prints what the nodes logged and,
+# for the cluster, how many session registry entries were left in Redis.
 # Usage: loadtest/scale.sh [single|cluster|all]   (default: all)
 # Results (the harness's JSON and HTML) and server logs go to $OUT (default target/scale). Prints
 # the kernel and file limits that bound the run first. Stops everything it started, by pid.
@@ -67,7 +69,7 @@ start_redis() {
   return 1
 }
 
-node_urls=() node_pids=() node_internals=()
+node_urls=() node_pids=() node_internals=() node_logs=()
 start_node() { # name [flags...]
   local name=$1 port internal
   shift
@@ -79,6 +81,7 @@ start_node() { # name [flags...]
   for _ in $(seq 100); do
     if curl -fsS "http://127.0.0.1:$internal/readyz" >/dev/null 2>&1; then
       node_urls+=("ws://127.0.0.1:$port/ws") node_pids+=("$pid") node_internals+=("$internal")
+      node_logs+=("$out/$name.log")
       echo "$name: pid $pid, $(grep 'Max open files' "/proc/$pid/limits" | tr -s ' ')" >&2
       return 0
     fi
@@ -134,21 +137,58 @@ print(f"  total: {'-' if per is None else f'{per / 1024:.2f} KiB'} per connectio
 PY
 }
 
+# Once every node's gauge is back to 0 (at most 60 s after the harness closed everything): what
+# the nodes logged, counted by message and operation, and (with Redis) the session registry
+# entries left behind, which should be none.
+after_close() {
+  local i deadline=$((SECONDS + 60)) open
+  for i in "${!node_internals[@]}"; do
+    while :; do
+      open=$(curl -fsS "http://127.0.0.1:${node_internals[i]}/metrics" |
+        awk '$1 == "switchboard_connections" {print $2}')
+      [ "${open:-0}" = 0 ] && break
+      [ "$SECONDS" -lt "$deadline" ] || { echo "node-$i still counts $open connections" >&2; break; }
+      sleep 0.2
+    done
+  done
+  if [ -n "${redis_port:-}" ]; then
+    echo "session registry keys (sb:u:*) left in Redis after the close:" \
+      "$(redis-cli -p "$redis_port" --scan --pattern 'sb:u:*' | wc -l)" >&2
+  fi
+  python3 - "${node_logs[@]}" <<'PY' >&2
+import collections, json, sys
+for path in sys.argv[1:]:
+    counts = collections.Counter()
+    for line in open(path):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            counts[line.strip()[:120]] += 1
+            continue
+        fields = event.get("fields", {})
+        counts[f"{event.get('level')} {fields.get('message')} {fields.get('op', '')}".strip()] += 1
+    for message, count in counts.most_common():
+        print(f"{path}: {count} x {message}")
+PY
+}
+
 if [ "$cases" = single ] || [ "$cases" = all ]; then
-  node_urls=() node_pids=() node_internals=()
+  node_urls=() node_pids=() node_internals=() node_logs=()
   start_node scale-single
   # Two workers keep each well inside its own open-files limit.
   run_connect single "$single_connections" 2
+  after_close
   stop_all
 fi
 
 if [ "$cases" = cluster ] || [ "$cases" = all ]; then
-  node_urls=() node_pids=() node_internals=()
+  node_urls=() node_pids=() node_internals=() node_logs=()
   start_redis
   for name in scale-a scale-b scale-c; do
     start_node "$name" --redis "redis://127.0.0.1:$redis_port"
   done
   run_connect cluster "$cluster_connections" "$workers" --pid "redis=$redis_pid"
+  after_close
   stop_all
 fi
 echo "results: $out/*.json, $out/*.html" >&2
