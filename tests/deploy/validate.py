@@ -25,6 +25,7 @@ Exits 1 listing every failed check.
 """
 
 import fnmatch
+import ipaddress
 import json
 import os
 import re
@@ -277,7 +278,7 @@ def check_compose():
     want = {"redis", "node1", "node2", "node3", "haproxy", "prometheus", "grafana"}
     check(want <= set(services), f"compose: services {sorted(want - set(services))} missing")
     nodes = {n: s for n, s in services.items() if n.startswith("node")}
-    node_ids, redis_lists, listen_ports, internal_ports = set(), set(), {}, {}
+    node_ids, redis_lists, listen_ports, internal_ports, addresses = set(), set(), {}, {}, []
     for name, svc in nodes.items():
         env = svc.get("environment", {})
         check(isinstance(env, dict), f"compose {name}: environment must be a mapping")
@@ -297,7 +298,13 @@ def check_compose():
         check(grace and int(grace.group(1)) >= drain + 5,
               f"compose {name}: stop_grace_period must cover drain-grace-ms ({drain} s) + 5 s")
         check("ports" not in svc, f"compose {name}: nodes are reached through HAProxy; publish no ports")
+        # HAProxy resolves the node names once, at start: a recreated node must keep its address.
+        addresses.append(svc.get("networks", {}).get("default", {}).get("ipv4_address"))
     check(len(node_ids) == len(nodes) and None not in node_ids, "compose: every node needs its own SWITCHBOARD_NODE_ID")
+    subnets = [c["subnet"] for c in compose.get("networks", {}).get("default", {}).get("ipam", {}).get("config", [])]
+    check(None not in addresses and len(set(addresses)) == len(nodes)
+          and all(any(ipaddress.ip_address(a) in ipaddress.ip_network(s) for s in subnets) for a in addresses),
+          f"compose: every node needs its own fixed ipv4_address in the default network's subnet, got {addresses}")
     check(len(redis_lists) == 1 and None not in redis_lists, "compose: every node must list the same SWITCHBOARD_REDIS")
     if redis_lists and None not in redis_lists:
         hosts = {re.match(r"rediss?://(?:[^@]*@)?([^:/]+)", u).group(1) for u in next(iter(redis_lists)).split(",")}
