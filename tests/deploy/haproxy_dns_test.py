@@ -10,7 +10,8 @@ Checks: the server-template fills one slot per A record and health-checks each o
 port; WebSocket clients through HAProxy reach every node; a record that leaves the answers (a pod
 that terminates or stops being ready) takes its node out of rotation for new clients, soon enough
 for the nodes' preStop sleep to cover it with the cluster DNS's cache on top, while the
-WebSocket tunnel already open to it stays open (the draining node, not HAProxy, closes it).
+WebSocket tunnel already open to it stays open (the draining node, not HAProxy, closes it); and
+a record that comes back brings its node back without a reload.
 
 Ports are chosen at run time; every process is stopped by pid, whatever happens; every wait has a
 deadline.
@@ -20,25 +21,20 @@ import csv
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
-import yaml
 from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from websockets.sync.client import connect
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BINARY = os.path.join(ROOT, "target", "debug", "switchboard")
+from support import BINARY, Checks, Processes, free_port, http, render, require_binary, wait_for
+
 NAME = "switchboard-headless.test.svc.cluster.local."
 NODE_ADDRS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-DEADLINE = 30.0
+# The cluster DNS's own cache in a real cluster (CoreDNS: the records' 5 s TTL).
+CLUSTER_DNS_CACHE_SECS = 5
 
 
 class Headless(BaseResolver):
@@ -60,47 +56,9 @@ class Headless(BaseResolver):
         return reply
 
 
-def free_port(addrs):
-    """A TCP port free on every one of `addrs`."""
-    for _ in range(100):
-        s = socket.socket()
-        s.bind((addrs[0], 0))
-        port = s.getsockname()[1]
-        s.close()
-        try:
-            for addr in addrs:
-                t = socket.socket()
-                t.bind((addr, port))
-                t.close()
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
-
-
-def wait_for(what, condition):
-    deadline = time.monotonic() + DEADLINE
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = condition()
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def http_get(url):
-    with urllib.request.urlopen(url, timeout=2) as r:
-        return r.status, r.read().decode()
-
-
 def dev_overlay():
     """The rendered dev overlay's haproxy.cfg, and the nodes' preStop sleep in seconds."""
-    out = subprocess.run(["kubectl", "kustomize", "k8s/overlays/dev"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
+    docs = render("dev")
     cfg = next(d["data"]["haproxy.cfg"] for d in docs
                if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("haproxy-config"))
     node = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "switchboard")
@@ -110,7 +68,7 @@ def dev_overlay():
 
 def servers(stats_port):
     """backend switchboard's server slots from HAProxy's CSV stats: name -> (addr, status)."""
-    _, body = http_get(f"http://127.0.0.1:{stats_port}/stats;csv")
+    _, body = http(f"http://127.0.0.1:{stats_port}/stats;csv")
     rows = csv.DictReader(io.StringIO(body.lstrip("# ")))
     return {r["svname"]: (r.get("addr", ""), r["status"]) for r in rows
             if r["pxname"] == "switchboard" and r["svname"] not in ("FRONTEND", "BACKEND")}
@@ -126,110 +84,86 @@ def welcome_node(ws):
     return frame["node"]
 
 
-def main():
-    if not os.access(BINARY, os.X_OK):
-        raise AssertionError(f"{BINARY} is missing: run `cargo build -p switchboard` first")
-    procs = []
-    dns = None
+def main(check):
+    require_binary()
+    resolver = Headless()
+    dns_port = free_port()
+    dns = DNSServer(resolver, port=dns_port, address="127.0.0.1", logger=DNSLogger(logf=lambda _: None))
+    dns.start_thread()
     try:
-        resolver = Headless()
-        dns_port = free_port(["127.0.0.1"])
-        dns = DNSServer(resolver, port=dns_port, address="127.0.0.1", logger=DNSLogger(logf=lambda _: None))
-        dns.start_thread()
-
-        public = free_port(NODE_ADDRS)
-        internal = free_port(NODE_ADDRS)
-        while internal == public:
-            internal = free_port(NODE_ADDRS)
-        node_ids = {}
-        for i, addr in enumerate(NODE_ADDRS):
-            node_id = f"dns-test-{i + 1}"
-            node_ids[addr] = node_id
-            env = dict(os.environ, SWITCHBOARD_DEMO="false", SWITCHBOARD_LOG="warn")
-            procs.append(subprocess.Popen(
-                [BINARY, "--listen", f"{addr}:{public}", "--internal-listen", f"{addr}:{internal}", "--node-id", node_id],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for addr in NODE_ADDRS:
-            wait_for(f"{addr} ready", lambda addr=addr: http_get(f"http://{addr}:{internal}/readyz")[0] == 200)
-
-        cfg, pre_stop = dev_overlay()
-        assert "    parse-resolv-conf\n" in cfg
-        cfg = cfg.replace("    parse-resolv-conf\n", f"    nameserver test 127.0.0.1:{dns_port}\n")
-        lb_port, stats_port = free_port(["127.0.0.1"]), free_port(["127.0.0.1"])
-        tmp = tempfile.mkdtemp()
-        cfg_path = os.path.join(tmp, "haproxy.cfg")
-        with open(cfg_path, "w") as f:
-            f.write(cfg)
-        env = {
-            "PATH": os.environ["PATH"],
-            "SB_NODES_DNS": NAME.rstrip("."),
-            "SB_NODE_SLOTS": "4",
-            "SB_NODE_PORT": str(public),
-            "SB_CHECK_PORT": str(internal),
-            "SB_PUBLIC_BIND": f"127.0.0.1:{lb_port}",
-            "SB_STATS_BIND": f"127.0.0.1:{stats_port}",
-            "SB_CHECK_INTER": "100ms",
-            # Within this machine's open-files limit (HAProxy needs two per connection).
-            "SB_MAXCONN": "2000",
-            "SB_FRONTEND_MAXCONN": "1900",
-        }
-        procs.append(subprocess.Popen(["haproxy", "-db", "-f", cfg_path], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-        # One slot per A record, each UP after its /readyz checks; the spare slot unused.
-        wait_for("three nodes UP from DNS", lambda: up_addrs(stats_port) == set(NODE_ADDRS))
-        check(len(servers(stats_port)) == 4, "SB_NODE_SLOTS server slots")
-
-        url = f"ws://127.0.0.1:{lb_port}/ws"
-        clients = [connect(url, subprotocols=["switchboard.v1.json"], open_timeout=5) for _ in range(6)]
-        seen = {welcome_node(ws) for ws in clients}
-        check(seen == set(node_ids.values()), f"leastconn spreads clients over every node found in DNS: {seen}")
-
-        # The third pod leaves the headless Service's answers.
-        with resolver.lock:
-            resolver.ready = NODE_ADDRS[:2]
-        left = time.monotonic()
-        wait_for("the third node out of rotation", lambda: NODE_ADDRS[2] not in up_addrs(stats_port))
-        # The cluster DNS's own cache (CoreDNS: the records' 5 s TTL) comes on top in a cluster.
-        took = time.monotonic() - left
-        check(took + 5 < pre_stop, f"HAProxy drops a node {took:.1f} s after DNS does, +5 s of DNS cache: not within preStop ({pre_stop} s)")
-        later = [connect(url, subprotocols=["switchboard.v1.json"], open_timeout=5) for _ in range(6)]
-        later_nodes = {welcome_node(ws) for ws in later}
-        check(node_ids[NODE_ADDRS[2]] not in later_nodes and later_nodes,
-              f"new clients go only to nodes still in DNS: {later_nodes}")
-        # Tunnels already open to the node that left DNS are not cut by HAProxy.
-        for ws in clients:
-            check(ws.ping().wait(5), "open tunnels survive their node leaving DNS")
-
-        # The pod comes back (ready again): picked up without a reload.
-        with resolver.lock:
-            resolver.ready = list(NODE_ADDRS)
-        wait_for("the third node back", lambda: up_addrs(stats_port) == set(NODE_ADDRS))
-        for ws in clients + later:
-            ws.close()
+        with Processes() as procs:
+            run(check, procs, resolver, dns_port)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-            p.wait()
-        if dns is not None:
-            dns.stop()
-    print(f"tests/deploy/haproxy_dns_test.py: {passed} checks passed")
+        dns.stop()
 
 
-passed = 0
+def run(check, procs, resolver, dns_port):
+    public = free_port(NODE_ADDRS)
+    internal = free_port(NODE_ADDRS)
+    while internal == public:
+        internal = free_port(NODE_ADDRS)
+    node_ids = {}
+    for i, addr in enumerate(NODE_ADDRS):
+        node_ids[addr] = f"dns-test-{i + 1}"
+        env = dict(os.environ, SWITCHBOARD_DEMO="false", SWITCHBOARD_LOG="warn")
+        procs.start([BINARY, "--listen", f"{addr}:{public}", "--internal-listen", f"{addr}:{internal}",
+                     "--node-id", node_ids[addr]], env=env)
+    for addr in NODE_ADDRS:
+        wait_for(f"{addr} ready", lambda addr=addr: http(f"http://{addr}:{internal}/readyz")[0] == 200)
 
+    cfg, pre_stop = dev_overlay()
+    check("    parse-resolv-conf\n" in cfg, "the Kubernetes haproxy.cfg reads the cluster DNS from resolv.conf")
+    cfg = cfg.replace("    parse-resolv-conf\n", f"    nameserver test 127.0.0.1:{dns_port}\n")
+    lb_port, stats_port = free_port(), free_port()
+    cfg_path = os.path.join(tempfile.mkdtemp(), "haproxy.cfg")
+    with open(cfg_path, "w") as f:
+        f.write(cfg)
+    procs.start(["haproxy", "-db", "-f", cfg_path], env={
+        "PATH": os.environ["PATH"],
+        "SB_NODES_DNS": NAME.rstrip("."),
+        "SB_NODE_SLOTS": "4",
+        "SB_NODE_PORT": str(public),
+        "SB_CHECK_PORT": str(internal),
+        "SB_PUBLIC_BIND": f"127.0.0.1:{lb_port}",
+        "SB_STATS_BIND": f"127.0.0.1:{stats_port}",
+        "SB_CHECK_INTER": "100ms",
+        # Within this machine's open-files limit (HAProxy needs two per connection).
+        "SB_MAXCONN": "2000",
+        "SB_FRONTEND_MAXCONN": "1900",
+    })
 
-def check(ok, what):
-    global passed
-    if not ok:
-        raise AssertionError(what)
-    passed += 1
+    # One slot per A record, each UP after its /readyz checks; the spare slot unused.
+    wait_for("three nodes UP from DNS", lambda: up_addrs(stats_port) == set(NODE_ADDRS))
+    check(len(servers(stats_port)) == 4, "SB_NODE_SLOTS server slots")
+
+    url = f"ws://127.0.0.1:{lb_port}/ws"
+    clients = [connect(url, subprotocols=["switchboard.v1.json"], open_timeout=5) for _ in range(6)]
+    seen = {welcome_node(ws) for ws in clients}
+    check(seen == set(node_ids.values()), f"leastconn spreads clients over every node found in DNS: {seen}")
+
+    # The third pod leaves the headless Service's answers.
+    with resolver.lock:
+        resolver.ready = NODE_ADDRS[:2]
+    left = time.monotonic()
+    wait_for("the third node out of rotation", lambda: NODE_ADDRS[2] not in up_addrs(stats_port))
+    took = time.monotonic() - left
+    check(took + CLUSTER_DNS_CACHE_SECS < pre_stop,
+          f"HAProxy drops a node {took:.1f} s after DNS does, + {CLUSTER_DNS_CACHE_SECS} s of cluster DNS cache: not within preStop ({pre_stop} s)")
+    later = [connect(url, subprotocols=["switchboard.v1.json"], open_timeout=5) for _ in range(6)]
+    later_nodes = {welcome_node(ws) for ws in later}
+    check(later_nodes and node_ids[NODE_ADDRS[2]] not in later_nodes, f"new clients go only to nodes still in DNS: {later_nodes}")
+    # Tunnels already open to the node that left DNS are not cut by HAProxy.
+    for ws in clients:
+        check(ws.ping().wait(5), "open tunnels survive their node leaving DNS")
+
+    # The pod comes back (ready again): picked up without a reload.
+    with resolver.lock:
+        resolver.ready = list(NODE_ADDRS)
+    wait_for("the third node back", lambda: up_addrs(stats_port) == set(NODE_ADDRS))
+    check(True, "a node back in DNS is back in rotation")
+    for ws in clients + later:
+        ws.close()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AssertionError as e:
-        print(f"FAIL tests/deploy/haproxy_dns_test.py: {e}", file=sys.stderr)
-        sys.exit(1)
+    Checks("haproxy_dns_test.py").run(main)
