@@ -412,6 +412,110 @@ async fn connect_counts_drops_during_the_hold() {
     assert_eq!(field(&result, "connections_held"), 0, "{result:#}");
 }
 
+/// A Socket.IO 4 server (the peer's own npm packages, `loadtest/peers/socketio`) that pings every
+/// 300 ms and closes a connection whose pong is 300 ms late; killed on drop.
+struct PingingSocketio {
+    process: Process,
+    port: u16,
+}
+
+impl PingingSocketio {
+    async fn start() -> PingingSocketio {
+        let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio");
+        if !peer.join("node_modules").is_dir() {
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&peer)
+                .status()
+                .expect("running npm ci (tests/run.sh installs node and npm)");
+            assert!(status.success(), "npm ci in {} failed", peer.display());
+        }
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let script = dir.join(format!("pinging-socketio-{}.js", std::process::id()));
+        let port_file = dir.join(format!("pinging-socketio-{}.port", std::process::id()));
+        std::fs::write(
+            &script,
+            r#"const http = require("node:http");
+const { Server } = require("socket.io");
+const server = http.createServer();
+new Server(server, { transports: ["websocket"], pingInterval: 300, pingTimeout: 300 });
+server.listen(0, "127.0.0.1", () => console.log(server.address().port));
+"#,
+        )
+        .expect("writing the server script");
+        let mut process = Process::spawn(
+            "socket.io server",
+            Command::new("node")
+                .arg(&script)
+                .env("NODE_PATH", peer.join("node_modules"))
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&port_file).expect("creating the port file"))
+                .stderr(Stdio::inherit()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&port_file).unwrap_or_default();
+            if let Ok(port) = text.trim().parse() {
+                let _ = std::fs::remove_file(&port_file);
+                let _ = std::fs::remove_file(&script);
+                return PingingSocketio { process, port };
+            }
+            process.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "the Socket.IO server never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "ws://127.0.0.1:{}/socket.io/?EIO=4&transport=websocket",
+            self.port
+        )
+    }
+}
+
+#[tokio::test]
+async fn connect_keeps_socketio_connections_alive_by_answering_pings() {
+    let server = PingingSocketio::start().await;
+    let connect = |protocol: &str| {
+        vec![
+            "connect".to_owned(),
+            "--url".to_owned(),
+            server.url(),
+            format!("--protocol={protocol}"),
+            "--workers=2".to_owned(),
+            "--connections=20".to_owned(),
+            "--rate=400".to_owned(),
+            // Several ping intervals and timeouts.
+            "--hold-secs=2".to_owned(),
+            format!("--pid=socketio={}", server.process.child.id()),
+            "--timeout-secs=30".to_owned(),
+        ]
+    };
+    let result = run_loadtest(
+        "connect-socketio",
+        &connect("socketio"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(field(&result, "connections_open"), 20, "{result:#}");
+    assert_eq!(field(&result, "dropped_before_hold"), 0, "{result:#}");
+    assert_eq!(field(&result, "dropped_during_hold"), 0, "{result:#}");
+    assert_eq!(field(&result, "connections_held"), 20, "{result:#}");
+    // The same connections without the Socket.IO greeting and pongs: the server closes them.
+    let result = run_loadtest(
+        "connect-socketio-mute",
+        &connect("raw"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(field(&result, "connections_open"), 20, "{result:#}");
+    assert_eq!(field(&result, "connections_held"), 0, "{result:#}");
+}
+
 #[tokio::test]
 async fn latency_across_nodes_loses_nothing() {
     let cluster = Cluster::start().await;
