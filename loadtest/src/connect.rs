@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use clap::ValueEnum;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
@@ -88,7 +89,11 @@ impl ConnectArgs {
             .map(|offset| Ipv4Addr::new(127, 0, 0, (1 + index * per_worker + offset) as u8))
             .collect();
         Share {
-            protocol: format!("{:?}", self.protocol).to_lowercase(),
+            protocol: self
+                .protocol
+                .to_possible_value()
+                .map(|value| value.get_name().to_owned())
+                .unwrap_or_default(),
             urls: self.urls.clone(),
             first,
             count,
@@ -221,7 +226,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     )?;
     emit(&result, args.output.json.as_deref())?;
     if let Some(path) = &args.output.html {
-        html_report(&result).write(path)?;
+        html_report(&result)?.write(path)?;
     }
     Ok(())
 }
@@ -506,7 +511,7 @@ fn assemble(
 
 /// The HTML report: parameters, summary, per-worker and per-server tables, the handshake
 /// distribution and the connections open over the run.
-fn html_report(result: &ConnectResult) -> Page {
+fn html_report(result: &ConnectResult) -> Result<Page> {
     let mut page = Page::new("connect");
     let parameters = [
         "protocol",
@@ -516,9 +521,7 @@ fn html_report(result: &ConnectResult) -> Page {
         "hold_secs",
         "worker_processes",
     ];
-    if let Err(error) = page.result_tables(result, |key| parameters.contains(&key)) {
-        eprintln!("report tables: {error:#}");
-    }
+    page.result_tables(result, |key| parameters.contains(&key))?;
     page.section(
         "Handshake latency",
         &[
@@ -551,5 +554,5 @@ fn html_report(result: &ConnectResult) -> Page {
             None,
         )],
     );
-    page
+    Ok(page)
 }

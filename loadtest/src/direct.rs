@@ -319,7 +319,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     };
     emit(&result, args.common.output.json.as_deref())?;
     if let Some(path) = &args.common.output.html {
-        html_report(&result).write(path)?;
+        html_report(&result)?.write(path)?;
     }
     Ok(())
 }
@@ -432,7 +432,7 @@ impl DirectArgs {
 }
 
 /// The HTML report: parameters, summary, the latency distribution and the throughput per second.
-fn html_report(result: &DirectResult) -> Page {
+fn html_report(result: &DirectResult) -> Result<Page> {
     let mut page = Page::new("direct");
     let parameters = [
         "urls",
@@ -442,9 +442,7 @@ fn html_report(result: &DirectResult) -> Page {
         "rate_target",
         "duration_secs",
     ];
-    if let Err(error) = page.result_tables(result, |key| parameters.contains(&key)) {
-        eprintln!("report tables: {error:#}");
-    }
+    page.result_tables(result, |key| parameters.contains(&key))?;
     page.section(
         "Latency distribution",
         &[
@@ -481,5 +479,5 @@ fn html_report(result: &DirectResult) -> Page {
             None,
         )],
     );
-    page
+    Ok(page)
 }

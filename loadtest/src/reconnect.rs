@@ -382,14 +382,14 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
         .saturating_sub(result.received_total);
     emit(&result, args.common.output.json.as_deref())?;
     if let Some(path) = &args.common.output.html {
-        html_report(&result).write(path)?;
+        html_report(&result)?.write(path)?;
     }
     Ok(())
 }
 
 /// The HTML report: parameters, summary, how long the subscribers took to be back and the
 /// connections open around the drop.
-fn html_report(result: &ReconnectResult) -> Page {
+fn html_report(result: &ReconnectResult) -> Result<Page> {
     let mut page = Page::new("reconnect");
     let parameters = [
         "urls",
@@ -398,9 +398,7 @@ fn html_report(result: &ReconnectResult) -> Page {
         "rate_target",
         "dropped_after_secs",
     ];
-    if let Err(error) = page.result_tables(result, |key| parameters.contains(&key)) {
-        eprintln!("report tables: {error:#}");
-    }
+    page.result_tables(result, |key| parameters.contains(&key))?;
     page.section(
         "Time until back",
         &[
@@ -429,7 +427,7 @@ fn html_report(result: &ReconnectResult) -> Page {
             None,
         )],
     );
-    page
+    Ok(page)
 }
 
 /// What a subscriber's read loop was interrupted by.
