@@ -20,6 +20,9 @@ const running = new Set();
 process.on("exit", () => {
   for (const child of running) child.kill("SIGKILL");
 });
+for (const signal of /** @type {const} */ (["SIGINT", "SIGTERM"])) {
+  process.once(signal, () => process.exit(130));
+}
 
 /**
  * Rejects after `ms` with `what` unless `promise` settles first.
@@ -237,14 +240,21 @@ export class Redis {
     this.port = port;
   }
 
+  /** Starts redis-server; another process may take the free port first, so it tries a few. */
   static async start() {
-    const port = await freePort();
-    const child = start("redis-server", [
-      "--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-    ]);
-    const redis = new Redis(child, port);
-    await waitUntil("redis-server to answer", async () => (await redis.cli("PING")) === "PONG");
-    return redis;
+    for (let tries = 1; ; tries++) {
+      const port = await freePort();
+      const child = start("redis-server", [
+        "--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      ]);
+      const redis = new Redis(child, port);
+      let exited = false;
+      child.once("exit", () => (exited = true));
+      child.once("error", () => (exited = true));
+      await waitUntil("redis-server to answer", async () => exited || (await redis.cli("PING")) === "PONG");
+      if (!exited) return redis;
+      if (tries === 5) throw new Error("redis-server did not start (is it installed?)");
+    }
   }
 
   get url() {
