@@ -17,8 +17,6 @@ Ports are chosen at run time; every process is stopped by pid, whatever happens;
 deadline.
 """
 
-import csv
-import io
 import json
 import os
 import tempfile
@@ -29,7 +27,7 @@ from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from websockets.sync.client import connect
 
-from support import BINARY, Checks, Processes, free_port, http, render, require_binary, wait_for
+from support import BINARY, Checks, Processes, free_port, haproxy_servers, http, render, require_binary, wait_for
 
 NAME = "switchboard-headless.test.svc.cluster.local."
 NODE_ADDRS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -66,16 +64,8 @@ def dev_overlay():
     return cfg, int(container["lifecycle"]["preStop"]["exec"]["command"][1])
 
 
-def servers(stats_port):
-    """backend switchboard's server slots from HAProxy's CSV stats: name -> (addr, status)."""
-    _, body = http(f"http://127.0.0.1:{stats_port}/stats;csv")
-    rows = csv.DictReader(io.StringIO(body.lstrip("# ")))
-    return {r["svname"]: (r.get("addr", ""), r["status"]) for r in rows
-            if r["pxname"] == "switchboard" and r["svname"] not in ("FRONTEND", "BACKEND")}
-
-
 def up_addrs(stats_port):
-    return {addr.rsplit(":", 1)[0] for addr, status in servers(stats_port).values() if status.startswith("UP")}
+    return {addr.rsplit(":", 1)[0] for addr, status in haproxy_servers(stats_port).values() if status.startswith("UP")}
 
 
 def welcome_node(ws):
@@ -134,7 +124,7 @@ def run(check, procs, resolver, dns_port):
 
     # One slot per A record, each UP after its /readyz checks; the spare slot unused.
     wait_for("three nodes UP from DNS", lambda: up_addrs(stats_port) == set(NODE_ADDRS))
-    check(len(servers(stats_port)) == 4, "SB_NODE_SLOTS server slots")
+    check(len(haproxy_servers(stats_port)) == 4, "SB_NODE_SLOTS server slots")
 
     url = f"ws://127.0.0.1:{lb_port}/ws"
     clients = [connect(url, subprotocols=["switchboard.v1.json"], open_timeout=5) for _ in range(6)]

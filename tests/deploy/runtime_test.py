@@ -102,7 +102,7 @@ def run_node(check, procs, name, env, grace, redis_url):
 def main(check):
     require_binary()
     with Processes() as procs:
-        url = procs.redis()
+        url, _ = procs.redis()
         run_node(check, procs, "compose", *compose_env(), url)
         run_node(check, procs, "k8s-dev", *overlay_env("dev", {}), url)
         run_node(check, procs, "k8s-prod", *overlay_env("prod", {

@@ -1,5 +1,7 @@
 """What the real-process deployment tests share: checks, deadlines, ports, processes."""
 
+import csv
+import io
 import json
 import os
 import socket
@@ -85,6 +87,14 @@ def http(url, data=None, headers=None):
         return e.code, e.read().decode()
 
 
+def haproxy_servers(stats_port, backend="switchboard"):
+    """A backend's servers from HAProxy's CSV stats: name -> (addr, status)."""
+    _, body = http(f"http://127.0.0.1:{stats_port}/stats;csv")
+    rows = csv.DictReader(io.StringIO(body.lstrip("# ")))
+    return {r["svname"]: (r.get("addr", ""), r["status"]) for r in rows
+            if r["pxname"] == backend and r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
 def render(overlay):
     out = subprocess.run(["kubectl", "kustomize", f"k8s/overlays/{overlay}"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
@@ -109,9 +119,10 @@ class Processes:
         return proc
 
     def redis(self):
-        """A redis-server on a free loopback port, without persistence; its URL once it answers."""
+        """A redis-server on a free loopback port, without persistence: (URL, process) once it
+        answers."""
         port = free_port()
-        self.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        proc = self.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
 
         def pong():
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -119,7 +130,7 @@ class Processes:
                 return s.recv(16).startswith(b"+PONG")
 
         wait_for("redis-server", pong)
-        return f"redis://127.0.0.1:{port}"
+        return f"redis://127.0.0.1:{port}", proc
 
     def __enter__(self):
         return self

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Offline validation of deploy/ and k8s/ (see tests/deploy/validate.py for what is checked), and
-# runs of the Kubernetes HAProxy config and of every deployment's node settings against real
-# processes (tests/deploy/haproxy_dns_test.py, tests/deploy/runtime_test.py).
-# Installs what it needs when missing: PyYAML, kubernetes-validate, dnslib and websockets (PyPI,
-# pinned), promtool (Debian's prometheus package), haproxy and pip (apt). kubectl (for
-# `kubectl kustomize`) must be installed, or installable with apt from a configured Kubernetes or
-# Google Cloud repository.
+# runs of the Kubernetes HAProxy config, of every deployment's node settings and of the Compose
+# monitoring against real processes (tests/deploy/*_test.py).
+# Installs what it needs when missing: PyYAML, kubernetes-validate, dnslib, websockets and PyJWT
+# (PyPI, pinned), promtool and prometheus (Debian's prometheus package), haproxy and pip (apt).
+# kubectl (for `kubectl kustomize`) must be installed, or installable with apt from a configured
+# Kubernetes or Google Cloud repository.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 KUBERNETES_VALIDATE_VERSION=1.34.1
 DNSLIB_VERSION=0.9.26
 WEBSOCKETS_VERSION=15.0.1
+PYJWT_VERSION=2.10.1
 
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 apt_install() {
@@ -35,8 +36,10 @@ version_of() {
 if ! python3 -c 'import yaml' 2>/dev/null \
   || [ "$(version_of kubernetes-validate)" != "$KUBERNETES_VALIDATE_VERSION" ] \
   || [ "$(version_of dnslib)" != "$DNSLIB_VERSION" ] \
-  || [ "$(version_of websockets)" != "$WEBSOCKETS_VERSION" ]; then
-  pkgs=(PyYAML "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "dnslib==$DNSLIB_VERSION" "websockets==$WEBSOCKETS_VERSION")
+  || [ "$(version_of websockets)" != "$WEBSOCKETS_VERSION" ] \
+  || [ "$(version_of PyJWT)" != "$PYJWT_VERSION" ]; then
+  pkgs=(PyYAML "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "dnslib==$DNSLIB_VERSION"
+        "websockets==$WEBSOCKETS_VERSION" "PyJWT==$PYJWT_VERSION")
   echo "tests/deploy/validate.sh: installing ${pkgs[*]}" >&2
   # Debian's own python3 refuses pip installs outside a virtualenv (PEP 668) unless told.
   python3 -m pip install -q --disable-pip-version-check "${pkgs[@]}" 2>/dev/null \
@@ -46,8 +49,10 @@ fi
 status=0
 python3 tests/deploy/validate.py || status=$?
 # With the binary that `cargo build` puts in target/debug: the Kubernetes HAProxy config
-# discovering real nodes through a test DNS server, and the node settings of Compose and of each
-# overlay (plus the image's health check) on a real node and redis-server.
+# discovering real nodes through a test DNS server; the node settings of Compose and of each
+# overlay (plus the image's health check) on a real node and redis-server; the Compose cluster's
+# monitoring (nodes, HAProxy, Redis, Prometheus with the rules) as local processes.
 python3 tests/deploy/haproxy_dns_test.py || status=$?
 python3 tests/deploy/runtime_test.py || status=$?
+python3 tests/deploy/monitoring_test.py || status=$?
 exit "$status"
