@@ -46,7 +46,10 @@ export interface PresenceMember {
  * `unavailable`, ...) or one of the client's own:
  * - `timeout`: no answer within `requestTimeoutMs` (the request may still have been carried out);
  * - `disconnected`: the client was not connected when the request was made, or the connection
- *   dropped before the answer came (then the outcome is unknown).
+ *   dropped before the answer came (then the outcome is unknown);
+ * - `already_subscribed`: `subscribe` of a room this client is already subscribed to;
+ * - `connect_failed` (only on the `error` event): the `token` function threw, or the WebSocket
+ *   constructor did.
  */
 export declare class SwitchboardError extends Error {
   constructor(code: string, message: string);
@@ -164,7 +167,7 @@ export interface ClientEvents {
   presence: PresenceEvent;
   resubscribed: ResubscribedEvent;
   resubscribeFailed: ResubscribeFailedEvent;
-  /** An `error` frame that answers no request. */
+  /** An `error` frame that answers no request, an unreadable frame, or `connect_failed`. */
   error: SwitchboardError;
 }
 

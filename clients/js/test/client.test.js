@@ -284,6 +284,25 @@ describe("a node with authentication on", () => {
     assert.equal(calls, 2);
   });
 
+  test("a refused handshake looks like a lost connection: retried up to maxAttempts", async () => {
+    const refusals = () => node.metric('switchboard_handshakes_total{result="unauthorized"}');
+    const before = await refusals();
+    const client = open(node.wsUrl, {
+      token: jwt("another-secret-of-enough-bytes", { sub: "forger", exp: now() + 600 }),
+      reconnect: { initialDelayMs: 10, maxAttempts: 2 },
+    });
+    /** @type {any[]} */
+    const attempts = [];
+    client.on("reconnecting", (event) => attempts.push(event.attempt));
+    const final = await next(client, "disconnected");
+    assert.equal(final.code, 1006);
+    assert.equal(final.willReconnect, false);
+    assert.deepEqual(attempts, [1, 2]);
+    assert.equal(client.state, "closed");
+    // The first connection and two retries, each refused with 401 by the node.
+    assert.equal((await refusals()) - before, 3);
+  });
+
   test("an expired token closes with 1008 and the client does not reconnect", async () => {
     const token = jwt(secret, { sub: "expiring", exp: now() + 2 });
     const client = open(node.wsUrl, { token, reconnect: { initialDelayMs: 10 } });

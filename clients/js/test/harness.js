@@ -177,6 +177,16 @@ export class Node {
     return JSON.parse(text);
   }
 
+  /**
+   * The value of one metric sample, e.g. `switchboard_closes_total{code="1013"}`; 0 if absent.
+   * @param {string} sample
+   */
+  async metric(sample) {
+    const text = await (await fetch(`http://${this.internal}/metrics`)).text();
+    const line = text.split("\n").find((candidate) => candidate.startsWith(`${sample} `));
+    return line ? Number(line.slice(sample.length + 1)) : 0;
+  }
+
   /** Waits until /readyz answers 200 (with Redis: every shard connected). */
   async ready() {
     await waitUntil("the node to be ready", async () => {
