@@ -81,13 +81,13 @@ def main(check):
     dns = DNSServer(resolver, port=dns_port, address="127.0.0.1", logger=DNSLogger(logf=lambda _: None))
     dns.start_thread()
     try:
-        with Processes() as procs:
-            run(check, procs, resolver, dns_port)
+        with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
+            run(check, procs, resolver, dns_port, tmp)
     finally:
         dns.stop()
 
 
-def run(check, procs, resolver, dns_port):
+def run(check, procs, resolver, dns_port, tmp):
     public = free_port(NODE_ADDRS)
     internal = free_port(NODE_ADDRS)
     while internal == public:
@@ -105,7 +105,7 @@ def run(check, procs, resolver, dns_port):
     check("    parse-resolv-conf\n" in cfg, "the Kubernetes haproxy.cfg reads the cluster DNS from resolv.conf")
     cfg = cfg.replace("    parse-resolv-conf\n", f"    nameserver test 127.0.0.1:{dns_port}\n")
     lb_port, stats_port = free_port(), free_port()
-    cfg_path = os.path.join(tempfile.mkdtemp(), "haproxy.cfg")
+    cfg_path = os.path.join(tmp, "haproxy.cfg")
     with open(cfg_path, "w") as f:
         f.write(cfg)
     procs.start(["haproxy", "-db", "-f", cfg_path], env={

@@ -91,8 +91,8 @@ def run(check, procs, spec, tmp):
     lb, stats = free_port(), free_port()
     henv = {k: resolved(v) for k, v in spec["haproxy"]["environment"].items()}
     for name, node in nodes.items():
-        check(henv.get(f"SB_{name.upper()}") == f"{name}:{node['env']['SWITCHBOARD_LISTEN'].rsplit(':', 1)[1]}"
-              or henv.get(f"SB_{name.upper()}", "").startswith(f"{name}:"), f"Compose HAProxy has {name}")
+        compose_port = resolved(spec[name]["environment"]["SWITCHBOARD_LISTEN"]).rsplit(":", 1)[1]
+        check(henv.get(f"SB_{name.upper()}") == f"{name}:{compose_port}", f"Compose's HAProxy sends clients to {name}")
         henv[f"SB_{name.upper()}"] = f"127.0.0.1:{node['public']}"
         henv[f"SB_{name.upper()}_CHECK_PORT"] = str(node["internal"])
     henv.update(PATH=os.environ["PATH"], SB_PUBLIC_BIND=f"127.0.0.1:{lb}", SB_STATS_BIND=f"127.0.0.1:{stats}",

@@ -70,7 +70,8 @@ def wait_for(what, condition, deadline=DEADLINE):
             last = condition()
             if last:
                 return last
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            # Not listening yet, or not answering properly yet (a server still starting).
             last = e
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
