@@ -61,7 +61,8 @@ cargo test --workspace --no-fail-fast "$@" || status=$?
 # The JavaScript client (clients/js, no dependencies) against the binary built above and
 # redis-server.
 (cd clients/js && npm test) || status=$?
-# The deployment files (deploy/, k8s/), offline: kustomize renders, kubernetes-validate, promtool,
-# haproxy -c; installs what it needs when missing. After the build: it reads `switchboard --help`.
+# The deployment files (deploy/, k8s/), without Docker or a cluster: kustomize renders,
+# kubernetes-validate, promtool, haproxy -c, and their settings run on real nodes, HAProxy, Redis
+# and Prometheus; installs what it needs when missing. After the build: it runs target/debug.
 tests/deploy/validate.sh || status=$?
 exit "$status"
