@@ -431,11 +431,11 @@ export class Client extends Emitter {
   }
 
   close() {
-    if (this.#state === "closed" && !this.#socket) {
+    // A client that stopped by itself kept its rooms for reconnect(): they end now.
+    if (this.#state === "closed") {
       this.#endSubscriptions();
       return;
     }
-    const wasStopped = this.#state === "closed";
     this.#state = "closed";
     this.#generation++;
     this.#dropSocket();
@@ -443,9 +443,7 @@ export class Client extends Emitter {
     this.#failPending();
     this.#session = null;
     this.#endSubscriptions();
-    if (!wasStopped) {
-      this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
-    }
+    this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
     this.#rejectReady();
   }
 

@@ -121,7 +121,12 @@ describe("a node with authentication off", () => {
     await assert.rejects(client.subscribe("lobby"), { code: "disconnected" });
     assert.equal(client.subscriptions.size, 0);
     await within(client.ready(), "connected");
+    /** @type {any[]} */
+    const closes = [];
+    client.on("disconnected", (event) => closes.push(event));
     client.close();
+    client.close();
+    assert.deepEqual(closes, [{ code: 1000, reason: "client closed", willReconnect: false }]);
     assert.equal(client.state, "closed");
     await assert.rejects(client.presence("lobby"), { code: "disconnected" });
     await assert.rejects(client.ready(), { code: "disconnected" });
