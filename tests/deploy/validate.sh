@@ -46,6 +46,8 @@ if ! python3 -c 'import yaml' 2>/dev/null \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${pkgs[@]}"
 fi
 
+# The tests import tests/deploy/support.py: leave no __pycache__ in the tree.
+export PYTHONDONTWRITEBYTECODE=1
 status=0
 python3 tests/deploy/validate.py || status=$?
 # With the binary that `cargo build` puts in target/debug: the Kubernetes HAProxy config
