@@ -12,6 +12,7 @@ mod keys;
 #[cfg(test)]
 mod live_tests;
 mod scripts;
+mod writes;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,7 @@ use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts
 use futures_util::StreamExt;
 use hashring::HashRing;
 use parking_lot::Mutex;
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 use serde_json::Value as Json;
@@ -36,6 +37,7 @@ use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::Envelope;
+use crate::writes::{Write, Writer};
 
 /// Longest a single Redis call may take before it counts as unavailable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -67,6 +69,7 @@ struct Metrics {
     reconnects: IntCounterVec,
     errors: IntCounterVec,
     messages: IntCounterVec,
+    write_batch_size: HistogramVec,
 }
 
 impl Metrics {
@@ -98,6 +101,18 @@ impl Metrics {
                 "switchboard_redis_messages_total",
                 "Pub/sub messages received from the shard.",
             )?,
+            write_batch_size: {
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(
+                        "switchboard_redis_write_batch_size",
+                        "Registry and presence writes sent to the shard in one pipeline.",
+                    )
+                    .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0]),
+                    &["shard"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
         })
     }
 }
@@ -142,9 +157,13 @@ struct Shard {
     /// Taken by `start`, which spawns the shard's task.
     control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
     up: AtomicBool,
+    /// The queue of this shard's registry and presence writes (see `writes`).
+    writer: OnceLock<Writer>,
 }
 
 struct Inner {
+    /// For the tasks `Inner` starts itself, which must not keep it alive.
+    this: Weak<Inner>,
     config: RedisConfig,
     shards: Vec<Shard>,
     ring: HashRing<VirtualNode>,
@@ -251,10 +270,12 @@ impl RedisBroker {
                 control,
                 control_rx: Mutex::new(Some(control_rx)),
                 up: AtomicBool::new(false),
+                writer: OnceLock::new(),
             });
         }
         Ok(RedisBroker {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|this| Inner {
+                this: this.clone(),
                 config,
                 shards,
                 ring,
@@ -953,22 +974,15 @@ impl Broker for RedisBroker {
             .sessions
             .lock()
             .insert(record.session.clone(), record.clone());
-        let shard = inner.shard(&record.user);
+        // Awaited: the session's welcome, and so any send to it, comes after its entry.
         let result = inner
-            .call(shard, "register_session", async |connection| {
-                redis::pipe()
-                    .cmd("HSET")
-                    .arg(keys::user_sessions(&record.user))
-                    .arg(&record.session)
-                    .arg(inner.node())
-                    .ignore()
-                    .cmd("SADD")
-                    .arg(keys::node_users(inner.node()))
-                    .arg(&record.user)
-                    .ignore()
-                    .query_async::<()>(connection)
-                    .await
-            })
+            .write(
+                inner.shard_index(&record.user),
+                Write::Register {
+                    user: record.user.clone(),
+                    session: record.session.clone(),
+                },
+            )
             .await;
         if result.is_err() {
             inner.sessions.lock().remove(&record.session);
@@ -1145,96 +1159,102 @@ impl Broker for RedisBroker {
 
 impl Inner {
     async fn unregister(&self, record: &SessionRecord) -> BrokerResult<()> {
-        let shard = self.shard(&record.user);
-        self.call(shard, "unregister_session", async |connection| {
-            redis::cmd("HDEL")
-                .arg(keys::user_sessions(&record.user))
-                .arg(&record.session)
-                .query_async::<()>(connection)
-                .await
-        })
-        .await
+        let write = Write::Unregister {
+            user: record.user.clone(),
+            session: record.session.clone(),
+        };
+        self.write(self.shard_index(&record.user), write).await
     }
 
     async fn join(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let value = self.presence_value(member)?;
-        let shard = self.shard(room);
-        self.call(shard, "join_presence", async |connection| {
-            scripts::JOIN
-                .key(keys::room_presence(room))
-                .key(keys::room_channel(room))
-                .key(keys::node_rooms(self.node()))
-                .arg(&member.session)
-                .arg(value)
-                .arg(envelope::presence_event(
-                    true,
-                    &member.session,
-                    &member.user,
-                ))
-                .arg(room)
-                .invoke_async::<()>(connection)
-                .await
-        })
-        .await
+        let write = Write::Join {
+            room: room.to_owned(),
+            session: member.session.clone(),
+            value: self.presence_value(member)?,
+            event: envelope::presence_event(true, &member.session, &member.user),
+        };
+        self.write(self.shard_index(room), write).await
     }
 
     async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let shard = self.shard(room);
-        self.call(shard, "leave_presence", async |connection| {
-            scripts::LEAVE
-                .key(keys::room_presence(room))
-                .key(keys::room_channel(room))
-                .arg(&member.session)
-                .arg(envelope::presence_event(
-                    false,
-                    &member.session,
-                    &member.user,
-                ))
-                .invoke_async::<()>(connection)
-                .await
-        })
-        .await
+        let write = Write::Leave {
+            room: room.to_owned(),
+            session: member.session.clone(),
+            event: envelope::presence_event(false, &member.session, &member.user),
+        };
+        self.write(self.shard_index(room), write).await
     }
 
     /// Retries the registry and presence writes that failed (Redis unreachable or too slow):
     /// without this, a session that closed during an outage would stay listed in the registry
-    /// and presence for as long as this node lives, if Redis kept its data. Stops at the first
-    /// failure, so an unreachable Redis costs one call per heartbeat, not one per entry.
+    /// and presence for as long as this node lives, if Redis kept its data. All are queued at
+    /// once, so they go in as few batches as the writers make, and nothing is tried on a shard
+    /// that is down.
     async fn retry_pending(&self) {
         let Pending {
             sessions,
             joins,
             leaves,
         } = std::mem::take(&mut *self.pending.lock());
-        let mut failed = false;
+        let up = |key: &str| self.shard(key).up.load(Ordering::SeqCst);
         let mut retry = Pending::default();
+        let mut removals = Vec::new();
         for (id, record) in sessions {
-            if failed || !self.shard(&record.user).up.load(Ordering::SeqCst) {
-                retry.sessions.insert(id, record);
-            } else if self.unregister(&record).await.is_err() {
-                failed = true;
+            if up(&record.user) {
+                removals.push(async move {
+                    let result = self.unregister(&record).await;
+                    (id, record, result)
+                });
+            } else {
                 retry.sessions.insert(id, record);
             }
         }
+        let mut departures = Vec::new();
         for (key, member) in leaves {
             if self.members.lock().contains_key(&key) {
                 continue; // joined the room again since
             }
-            if failed || !self.shard(&key.0).up.load(Ordering::SeqCst) {
-                retry.leaves.insert(key, member);
-            } else if self.leave(&key.0, &member).await.is_err() {
-                failed = true;
+            if up(&key.0) {
+                departures.push(async move {
+                    let result = self.leave(&key.0, &member).await;
+                    (key, member, result)
+                });
+            } else {
                 retry.leaves.insert(key, member);
             }
         }
+        let mut arrivals = Vec::new();
         for key in joins {
             let Some(member) = self.members.lock().get(&key).cloned() else {
                 continue; // left the room since
             };
-            if failed || !self.shard(&key.0).up.load(Ordering::SeqCst) {
+            if up(&key.0) {
+                arrivals.push(async move {
+                    let result = self.join(&key.0, &member).await;
+                    (key, result)
+                });
+            } else {
                 retry.joins.insert(key);
-            } else if self.join(&key.0, &member).await.is_err() {
-                failed = true;
+            }
+        }
+        let (removals, departures, arrivals) = futures_util::future::join3(
+            futures_util::future::join_all(removals),
+            futures_util::future::join_all(departures),
+            futures_util::future::join_all(arrivals),
+        )
+        .await;
+        for (id, record, result) in removals {
+            if result.is_err() {
+                retry.sessions.insert(id, record);
+            }
+        }
+        for (key, member, result) in departures {
+            if result.is_err() {
+                retry.leaves.insert(key, member);
+            }
+        }
+        for (key, result) in arrivals {
+            if result.is_err() {
                 retry.joins.insert(key);
             }
         }

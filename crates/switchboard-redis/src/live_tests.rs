@@ -439,3 +439,115 @@ async fn the_pubsub_connection_survives_its_pings() {
     assert_eq!(metrics.errors.with_label_values(&["0"]).get(), 0);
     x.deregister_node("x").await.expect("deregister");
 }
+
+#[tokio::test]
+async fn a_burst_of_registrations_and_removals_goes_in_few_round_trips() {
+    const SESSIONS: usize = 20_000;
+    let server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    let records: Vec<SessionRecord> = (0..SESSIONS)
+        .map(|n| record(&format!("user-{}", n % 1000), &format!("s{n}"), "x"))
+        .collect();
+    let registry_entries = || async {
+        let users: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+        let mut entries = 0;
+        for user in users {
+            entries += server.query::<usize>(cmd(&["HLEN", &user])).await;
+        }
+        entries
+    };
+    let batches = || {
+        x.inner
+            .metrics
+            .write_batch_size
+            .with_label_values(&["0"])
+            .get_sample_count()
+    };
+
+    let registered =
+        futures_util::future::join_all(records.iter().map(|record| x.register_session(record)))
+            .await;
+    assert!(
+        registered.iter().all(Result::is_ok),
+        "every registration succeeds"
+    );
+    assert_eq!(registry_entries().await, SESSIONS);
+    let register_batches = batches();
+
+    let removed =
+        futures_util::future::join_all(records.iter().map(|record| x.unregister_session(record)))
+            .await;
+    assert!(removed.iter().all(Result::is_ok), "every removal succeeds");
+    // Gone at once, without any heartbeat's retry.
+    assert_eq!(registry_entries().await, 0);
+    assert!(x.inner.pending.lock().sessions.is_empty());
+    assert_eq!(x.inner.metrics.errors.with_label_values(&["0"]).get(), 0);
+
+    // One pipeline per batch of up to 1000 writes, not one round trip per session.
+    let remove_batches = batches() - register_batches;
+    for (what, count) in [
+        ("registrations", register_batches),
+        ("removals", remove_batches),
+    ] {
+        assert!(
+            count > 0 && count <= (SESSIONS / 100) as u64,
+            "{what}: {count} batches for {SESSIONS} sessions"
+        );
+    }
+    let stats: String = server.query(cmd(&["INFO", "commandstats"])).await;
+    let calls = |command: &str| {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(calls("hset"), SESSIONS);
+    assert_eq!(calls("hdel"), SESSIONS);
+}
+
+#[tokio::test]
+async fn a_burst_of_presence_joins_and_leaves_goes_in_few_round_trips() {
+    const MEMBERS: usize = 5_000;
+    let server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    let members: Vec<(String, Member)> = (0..MEMBERS)
+        .map(|n| {
+            (
+                format!("room-{}", n % 50),
+                member(&format!("user-{n}"), &format!("s{n}")),
+            )
+        })
+        .collect();
+    let joined = futures_util::future::join_all(
+        members
+            .iter()
+            .map(|(room, member)| x.join_presence(room, member)),
+    )
+    .await;
+    assert!(joined.iter().all(Result::is_ok), "every join succeeds");
+    assert_eq!(
+        x.presence("room-0").await.expect("presence").len(),
+        MEMBERS / 50
+    );
+
+    let left = futures_util::future::join_all(
+        members
+            .iter()
+            .map(|(room, member)| x.leave_presence(room, member)),
+    )
+    .await;
+    assert!(left.iter().all(Result::is_ok), "every leave succeeds");
+    let rooms: Vec<String> = server.query(cmd(&["KEYS", "sb:r:*:presence"])).await;
+    assert!(rooms.is_empty(), "presence left: {rooms:?}");
+    assert_eq!(x.inner.metrics.errors.with_label_values(&["0"]).get(), 0);
+    let batches = x
+        .inner
+        .metrics
+        .write_batch_size
+        .with_label_values(&["0"])
+        .get_sample_count();
+    assert!(batches <= (2 * MEMBERS / 100) as u64, "{batches} batches");
+}
