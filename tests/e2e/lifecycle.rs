@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde_json::Value;
+use serde_json::{Value, json};
 use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
 use switchboard_e2e::{
     DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
 };
-use switchboard_protocol::{Codec, ServerFrame, close};
+use switchboard_protocol::{ClientFrame, Codec, ServerFrame, close};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -47,6 +47,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--heartbeat-ms", "SWITCHBOARD_HEARTBEAT_MS"),
     ("--idle-timeout-ms", "SWITCHBOARD_IDLE_TIMEOUT_MS"),
     ("--drain-grace-ms", "SWITCHBOARD_DRAIN_GRACE_MS"),
+    ("--drain-delay-ms", "SWITCHBOARD_DRAIN_DELAY_MS"),
     ("--history-size", "SWITCHBOARD_HISTORY_SIZE"),
     ("--history-ttl-secs", "SWITCHBOARD_HISTORY_TTL_SECS"),
     ("--stream-ttl-secs", "SWITCHBOARD_STREAM_TTL_SECS"),
@@ -345,6 +346,91 @@ async fn sigterm_drains_every_client_with_1001_and_exits_0() -> Result<()> {
     );
 
     let status = node.wait_exit(Duration::from_secs(8)).await?;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+    Ok(())
+}
+
+/// The next frame must be the reply to request `id`.
+async fn expect_reply(client: &mut RawClient, id: u64) -> Result<()> {
+    match client.next_frame().await? {
+        ServerFrame::Reply(reply) if reply.id == id => Ok(()),
+        other => bail!("expected the reply to request {id}, got {other:?}"),
+    }
+}
+
+/// With a drain delay, SIGTERM first only fails `/readyz`: for the delay the node still accepts
+/// handshakes (a load balancer that has not seen the 503 yet still sends them) and serves its
+/// clients; then it drains as without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<()> {
+    const DELAY: Duration = Duration::from_millis(1500);
+    let mut node =
+        NodeProcess::start(&["--drain-delay-ms", "1500", "--drain-grace-ms", "200"]).await?;
+    let (mut reader, _) = RawClient::connect(&node.ws_url(), Codec::Json).await?;
+    reader
+        .send_frame(&ClientFrame::Subscribe {
+            room: "news".into(),
+            id: Some(1),
+            since: None,
+            presence_events: false,
+        })
+        .await?;
+    expect_reply(&mut reader, 1).await?;
+    assert_eq!(readyz(&node).await?, 200, "ready before the signal");
+
+    let signalled = Instant::now();
+    node.terminate();
+    wait_not_ready(&mut node, Duration::from_secs(1)).await?;
+    let body = http()
+        .get(node.http_url("/readyz"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert_eq!(body, "draining\n", "/readyz during the delay");
+
+    // After the 503: a new handshake still succeeds, and the new session publishes to an
+    // existing one.
+    let (mut late, _) = RawClient::connect(&node.ws_url(), Codec::Json)
+        .await
+        .context("a handshake after /readyz turned 503, during the drain delay")?;
+    late.send_frame(&ClientFrame::Publish {
+        room: "news".into(),
+        data: json!("still serving"),
+        id: Some(2),
+    })
+    .await?;
+    expect_reply(&mut late, 2).await?;
+    match reader.next_frame().await? {
+        ServerFrame::Message(message) => assert_eq!(message.data, json!("still serving")),
+        other => bail!("expected the message published during the delay, got {other:?}"),
+    }
+    assert_eq!(readyz(&node).await?, 503, "ready again during the delay");
+
+    // Then the drain, as without a delay: both closed with 1001, none before the delay ran out.
+    for (name, mut client) in [("the first client", reader), ("the late client", late)] {
+        let frame = client.expect_close().await?;
+        let after = signalled.elapsed();
+        assert_eq!(
+            close_code(frame),
+            Some(close::GOING_AWAY),
+            "{name} was not closed with 1001"
+        );
+        assert!(
+            after >= DELAY,
+            "{name} was closed {after:?} after SIGTERM, within the {DELAY:?} drain delay"
+        );
+    }
+    match raw_handshake(&node.ws_url(), Some(Codec::Json.protocol()), &[]).await {
+        Ok(Handshake::Refused { status, .. }) => assert_eq!(status, 503),
+        Ok(Handshake::Open(..)) => panic!("a new WebSocket was accepted during the drain"),
+        Err(_) => {} // the listener is closed: connection refused
+    }
+    let status = node.wait_exit(DEADLINE).await?;
     assert_eq!(
         status.code(),
         Some(0),

@@ -141,7 +141,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
-    } else if node.is_draining() {
+    } else if node.is_leaving() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n").into_response()

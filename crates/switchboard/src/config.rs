@@ -152,6 +152,13 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_DRAIN_GRACE_MS", value_name = "MS")]
     pub drain_grace_ms: Option<u64>,
 
+    /// On SIGTERM/SIGINT, /readyz answers 503 at once but the node keeps accepting and serving
+    /// normally for this many milliseconds before it drains, so that a load balancer polling
+    /// /readyz stops sending it new connections first. Use it without a preStop hook; set it to
+    /// at least the balancer's checks to mark a server down (HAProxy: fall × inter) [default: 0].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_DELAY_MS", value_name = "MS")]
+    pub drain_delay_ms: Option<u64>,
+
     /// Messages of history kept per room, for `history` and `since` recovery [default: 100].
     #[arg(long, env = "SWITCHBOARD_HISTORY_SIZE", value_name = "N")]
     pub history_size: Option<usize>,
@@ -224,6 +231,7 @@ pub struct Config {
     pub heartbeat: Duration,
     pub idle_timeout: Duration,
     pub drain_grace: Duration,
+    pub drain_delay: Duration,
     pub history_size: usize,
     pub history_ttl: Duration,
     pub stream_ttl: Duration,
@@ -290,6 +298,7 @@ impl Options {
             heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
             idle_timeout_ms: self.idle_timeout_ms.or(file.idle_timeout_ms),
             drain_grace_ms: self.drain_grace_ms.or(file.drain_grace_ms),
+            drain_delay_ms: self.drain_delay_ms.or(file.drain_delay_ms),
             history_size: self.history_size.or(file.history_size),
             history_ttl_secs: self.history_ttl_secs.or(file.history_ttl_secs),
             stream_ttl_secs: self.stream_ttl_secs.or(file.stream_ttl_secs),
@@ -541,6 +550,7 @@ impl Options {
             heartbeat: Duration::from_millis(heartbeat_ms),
             idle_timeout: Duration::from_millis(idle_timeout_ms),
             drain_grace: Duration::from_millis(self.drain_grace_ms.unwrap_or(10_000)),
+            drain_delay: Duration::from_millis(self.drain_delay_ms.unwrap_or(0)),
             history_size: self.history_size.unwrap_or(100),
             history_ttl: Duration::from_secs(history_ttl_secs),
             stream_ttl: Duration::from_secs(stream_ttl_secs),

@@ -138,9 +138,10 @@ impl Server {
         self.internal.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/readyz` fails at once, the listener
-    /// closes, sessions are closed with 1001 in batches over the grace period, and the node
-    /// leaves the cluster.
+    /// Serves until `shutdown` resolves, then drains: `/readyz` fails at once; after the drain
+    /// delay (while the node still accepts and serves, so that load balancers see the 503
+    /// before anything is refused) the listener closes, sessions are closed with 1001 in
+    /// batches over the grace period, and the node leaves the cluster.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
             node,
@@ -171,6 +172,16 @@ impl Server {
             .then(|| tokio::spawn(demo::stats::publish_stats(node.clone())));
 
         shutdown.await;
+        let delay = node.config.drain_delay;
+        if !delay.is_zero() {
+            node.start_leaving();
+            tracing::info!(
+                sessions = node.hub.session_count(),
+                delay_ms = delay.as_millis() as u64,
+                "not ready; serving until the drain starts"
+            );
+            tokio::time::sleep(delay).await;
+        }
         tracing::info!(
             sessions = node.hub.session_count(),
             grace_ms = node.config.drain_grace.as_millis() as u64,

@@ -26,7 +26,9 @@ pub struct Node {
     pub auth: Authenticator,
     /// Rooms this node receives from the broker, with how many local subscriptions hold each.
     upstream: DashMap<Arc<str>, Arc<Upstream>>,
-    /// Set on SIGTERM: `/readyz` fails and new handshakes are refused.
+    /// Set on SIGTERM: `/readyz` fails (before the drain when there is a drain delay).
+    leaving: AtomicBool,
+    /// Set when the drain starts: new handshakes are refused.
     draining: AtomicBool,
     /// The public address clients reach this node at, as `GET /api/nodes` reports it.
     pub public_addr: SocketAddr,
@@ -61,6 +63,7 @@ impl Node {
             metrics,
             auth,
             upstream: DashMap::new(),
+            leaving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             public_addr,
             started_at: unix_now_millis(),
@@ -75,13 +78,24 @@ impl Node {
         self.draining.load(Ordering::SeqCst)
     }
 
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+    /// Whether the node is shutting down, draining or about to: `/readyz` fails.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::SeqCst)
+    }
+
+    /// `/readyz` fails from now on; the node still accepts and serves until `start_draining`.
+    pub fn start_leaving(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
         self.metrics.ready.set(0);
     }
 
+    pub fn start_draining(&self) {
+        self.start_leaving();
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     pub fn is_ready(&self) -> bool {
-        let ready = !self.is_draining() && self.broker.is_healthy();
+        let ready = !self.is_leaving() && self.broker.is_healthy();
         self.metrics.ready.set(i64::from(ready));
         ready
     }
