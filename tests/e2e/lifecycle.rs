@@ -53,6 +53,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--stream-ttl-secs", "SWITCHBOARD_STREAM_TTL_SECS"),
     ("--room-linger-ms", "SWITCHBOARD_ROOM_LINGER_MS"),
     ("--read-buffer-size", "SWITCHBOARD_READ_BUFFER_SIZE"),
+    ("--write-buffer-size", "SWITCHBOARD_WRITE_BUFFER_SIZE"),
     ("--log-format", "SWITCHBOARD_LOG_FORMAT"),
     ("--log", "SWITCHBOARD_LOG"),
 ];

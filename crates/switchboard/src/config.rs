@@ -179,6 +179,11 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_SIZE", value_name = "BYTES")]
     pub read_buffer_size: Option<usize>,
 
+    /// Bytes of outgoing frames coalesced into one socket write when a connection has several
+    /// queued; 0 writes every frame on its own. Once used, a connection keeps a buffer this large [default: 4096].
+    #[arg(long, env = "SWITCHBOARD_WRITE_BUFFER_SIZE", value_name = "BYTES")]
+    pub write_buffer_size: Option<usize>,
+
     /// Serve the demo page at / on the public port and publish this node's figures to the
     /// read-only room $sys.stats every second (`--demo false` turns both off) [default: true].
     #[arg(long, env = "SWITCHBOARD_DEMO", value_name = "BOOL", action = clap::ArgAction::Set)]
@@ -237,6 +242,7 @@ pub struct Config {
     pub stream_ttl: Duration,
     pub room_linger: Duration,
     pub read_buffer_size: usize,
+    pub write_buffer_size: usize,
     /// The demo page on the public port and the `$sys.stats` publisher.
     pub demo: bool,
     pub log_format: LogFormat,
@@ -304,6 +310,7 @@ impl Options {
             stream_ttl_secs: self.stream_ttl_secs.or(file.stream_ttl_secs),
             room_linger_ms: self.room_linger_ms.or(file.room_linger_ms),
             read_buffer_size: self.read_buffer_size.or(file.read_buffer_size),
+            write_buffer_size: self.write_buffer_size.or(file.write_buffer_size),
             demo: self.demo.or(file.demo),
             log_format: self.log_format.or(file.log_format),
             log: self.log.or(file.log),
@@ -494,6 +501,10 @@ impl Options {
                 "must be between 256 and 1048576",
             ));
         }
+        let write_buffer_size = self.write_buffer_size.unwrap_or(4096);
+        if write_buffer_size > 1 << 20 {
+            return Err(invalid("write-buffer-size", "must be at most 1048576"));
+        }
         let rate_limit_burst = self.rate_limit_burst.unwrap_or(200);
         let rate_limit_strikes = self.rate_limit_strikes.unwrap_or(50);
         let max_bad_frames = self.max_bad_frames.unwrap_or(10);
@@ -556,6 +567,7 @@ impl Options {
             stream_ttl: Duration::from_secs(stream_ttl_secs),
             room_linger: Duration::from_millis(self.room_linger_ms.unwrap_or(2_000)),
             read_buffer_size,
+            write_buffer_size,
             demo: self.demo.unwrap_or(true),
             log_format: self.log_format.unwrap_or_default(),
             log,

@@ -334,14 +334,16 @@ fn handle_request(
     response
 }
 
-/// Buffers set deliberately: a small read buffer and no write buffering keep idle connections
-/// small; the size limits make tungstenite refuse oversize frames before reading them. What is
+/// Buffers set deliberately: a small read buffer keeps idle connections small; the write buffer
+/// lets a session's batch of frames go out in a few socket writes instead of one write (and one
+/// pass through the kernel's TCP stack) per frame, which is where a busy node spends most of its
+/// CPU; the size limits make tungstenite refuse oversize frames before reading them. What is
 /// handed to the socket is bounded by the session's batches, not by tungstenite.
 fn websocket_config(node: &Node) -> WebSocketConfig {
     let config = &node.config;
     WebSocketConfig::default()
         .read_buffer_size(config.read_buffer_size)
-        .write_buffer_size(0)
+        .write_buffer_size(config.write_buffer_size)
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size))
 }

@@ -141,6 +141,7 @@ fn defaults_of_the_numeric_options() {
     assert_eq!(config.stream_ttl, Duration::from_secs(86_400));
     assert_eq!(config.room_linger, Duration::from_millis(2_000));
     assert_eq!(config.read_buffer_size, 4096);
+    assert_eq!(config.write_buffer_size, 4096);
     assert_eq!(config.log_format, LogFormat::Text);
     assert_eq!(config.log, "info");
     assert!(config.max_connections >= 1);
@@ -958,4 +959,25 @@ fn the_demo_is_on_by_default_and_turned_off_by_flag_or_file() {
         Options::try_parse_from(argv).is_err(),
         "--demo takes true or false"
     );
+}
+
+#[test]
+fn write_buffer_size_may_be_zero_but_not_above_a_mebibyte() {
+    expect_invalid(
+        Options {
+            write_buffer_size: Some((1 << 20) + 1),
+            ..Options::default()
+        },
+        "write-buffer-size",
+    );
+    for good in [0, 1 << 20] {
+        assert_eq!(
+            resolve(Options {
+                write_buffer_size: Some(good),
+                ..Options::default()
+            })
+            .write_buffer_size,
+            good
+        );
+    }
 }
