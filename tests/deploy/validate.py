@@ -294,9 +294,17 @@ def check_compose():
         check(env["SWITCHBOARD_LISTEN"].startswith("0.0.0.0:") and env["SWITCHBOARD_INTERNAL_LISTEN"].startswith("0.0.0.0:"),
               f"compose {name}: must listen on 0.0.0.0 to be reachable from other containers")
         grace = re.fullmatch(r"(\d+)s", str(svc.get("stop_grace_period", "")))
-        drain = int(env.get("SWITCHBOARD_DRAIN_GRACE_MS", 10000)) / 1000
+        drain = (int(env.get("SWITCHBOARD_DRAIN_DELAY_MS", 0)) + int(env.get("SWITCHBOARD_DRAIN_GRACE_MS", 10000))) / 1000
         check(grace and int(grace.group(1)) >= drain + 5,
-              f"compose {name}: stop_grace_period must cover drain-grace-ms ({drain} s) + 5 s")
+              f"compose {name}: stop_grace_period must cover drain-delay-ms + drain-grace-ms ({drain} s) + 5 s")
+        # HAProxy polls /readyz: without a preStop, the delay must outlast its fall x inter + inter.
+        cfg = read("deploy", "haproxy", "haproxy.cfg")
+        inter_s = re.search(r"\binter \"\$\{SB_CHECK_INTER-(\d+)s\}\"", cfg)
+        fall = re.search(r"\bfall (\d+)", cfg)
+        inter = int(re.fullmatch(r"(\d+)s", services["haproxy"]["environment"].get("SB_CHECK_INTER", f"{inter_s.group(1)}s")).group(1))
+        needed = (int(fall.group(1)) + 1) * inter * 1000
+        check(int(env.get("SWITCHBOARD_DRAIN_DELAY_MS", 0)) >= needed,
+              f"compose {name}: SWITCHBOARD_DRAIN_DELAY_MS must cover HAProxy's fall x inter + inter ({needed} ms)")
         check("ports" not in svc, f"compose {name}: nodes are reached through HAProxy; publish no ports")
         # HAProxy resolves the node names once, at start: a recreated node must keep its address.
         addresses.append(svc.get("networks", {}).get("default", {}).get("ipv4_address"))
@@ -574,10 +582,10 @@ def check_overlay(overlay, dockerfile_uid):
     pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     pre_secs = int(pre[1]) if len(pre) == 2 and pre[0] == "sleep" and pre[1].isdigit() else None
     check(pre_secs and pre_secs > 0, f"{where}: preStop sleeps before the drain")
-    drain = int(env.get("SWITCHBOARD_DRAIN_GRACE_MS", 10000)) / 1000
+    drain = (int(env.get("SWITCHBOARD_DRAIN_DELAY_MS", 0)) + int(env.get("SWITCHBOARD_DRAIN_GRACE_MS", 10000))) / 1000
     grace = pod.get("terminationGracePeriodSeconds", 30)
     check(pre_secs is not None and grace > pre_secs + drain + 5,
-          f"{where}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_secs} s + drain {drain} s + 5 s")
+          f"{where}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_secs} s + drain delay and grace {drain} s + 5 s")
     check(pre_secs is not None and node["spec"].get("minReadySeconds", 0) >= pre_secs + drain,
           f"{where}: minReadySeconds must be at least preStop + drain, so that a rollout drains one node at a time")
     ann = node["spec"]["template"]["metadata"].get("annotations", {})
