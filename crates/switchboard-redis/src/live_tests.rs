@@ -551,3 +551,50 @@ async fn a_burst_of_presence_joins_and_leaves_goes_in_few_round_trips() {
         .get_sample_count();
     assert!(batches <= (2 * MEMBERS / 100) as u64, "{batches} batches");
 }
+
+#[tokio::test]
+async fn a_burst_of_failed_removals_counts_one_error_per_batch_and_is_retried() {
+    const SESSIONS: usize = 500;
+    let mut server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    let records: Vec<SessionRecord> = (0..SESSIONS)
+        .map(|n| record(&format!("user-{n}"), &format!("s{n}"), "x"))
+        .collect();
+    let registered =
+        futures_util::future::join_all(records.iter().map(|record| x.register_session(record)))
+            .await;
+    assert!(registered.iter().all(Result::is_ok));
+
+    server.stop();
+    let removed =
+        futures_util::future::join_all(records.iter().map(|record| x.unregister_session(record)))
+            .await;
+    assert!(removed.iter().all(Result::is_err), "Redis is down");
+    assert_eq!(x.inner.pending.lock().sessions.len(), SESSIONS);
+    let errors = x.inner.metrics.errors.with_label_values(&["0"]).get();
+    assert!(
+        (1..=5).contains(&errors),
+        "{errors} errors counted for {SESSIONS} removals in one burst"
+    );
+
+    // Redis comes back with the entries (as a server that kept its data would).
+    server.spawn().await;
+    let mut pipe = redis::pipe();
+    for record in &records {
+        pipe.cmd("HSET")
+            .arg(keys::user_sessions(&record.user))
+            .arg(&record.session)
+            .arg("x")
+            .ignore();
+    }
+    let mut connection = server.connection().await.expect("connected");
+    let _: () = pipe
+        .query_async(&mut connection)
+        .await
+        .expect("entries back");
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert!(x.inner.pending.lock().sessions.is_empty());
+    let users: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+    assert!(users.is_empty(), "left in the registry: {}", users.len());
+}
