@@ -141,7 +141,10 @@ impl Shard {
             .get()
             .await
             .map_err(|error| BrokerError::Unavailable(error.to_string()))?;
-        let connection = MultiplexedConnection::clone(&pooled);
+        let mut connection = MultiplexedConnection::clone(&pooled);
+        // redis-rs fails a call whose answer takes over 500 ms by default, which a burst of
+        // writes on a busy node easily passes: calls are bounded by COMMAND_TIMEOUT instead.
+        connection.set_response_timeout(COMMAND_TIMEOUT);
         *self.shared.lock() = Some(connection.clone());
         Ok(connection)
     }

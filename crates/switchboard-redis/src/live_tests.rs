@@ -598,3 +598,38 @@ async fn a_burst_of_failed_removals_counts_one_error_per_batch_and_is_retried() 
     let users: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
     assert!(users.is_empty(), "left in the registry: {}", users.len());
 }
+
+#[tokio::test]
+async fn calls_wait_for_a_slow_redis_up_to_the_command_timeout() {
+    let server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    // Redis busy for 1 s (a script holds it), then answering: slower than redis-rs's default
+    // response timeout (500 ms), well within COMMAND_TIMEOUT.
+    let busy = r"
+local start = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) >= 1000000
+return 1
+";
+    let shard = &x.inner.shards[0];
+    let started = tokio::time::Instant::now();
+    let (slow, registered) = tokio::join!(
+        x.inner.call(shard, "busy", async |connection| {
+            redis::cmd("EVAL")
+                .arg(busy)
+                .arg(0)
+                .query_async::<i64>(connection)
+                .await
+        }),
+        async {
+            // Queued behind the script on the same connection.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            x.register_session(&record("ann", "s1", "x")).await
+        }
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(slow, Ok(1));
+    assert_eq!(registered, Ok(()));
+    assert_eq!(x.inner.metrics.errors.with_label_values(&["0"]).get(), 0);
+}
