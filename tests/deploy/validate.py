@@ -225,7 +225,7 @@ def check_dockerfile():
               "Dockerfile: the health check uses bash (present in the runtime image) and the internal port's variable")
     entry = [arg for op, arg in runtime if op == "ENTRYPOINT"]
     check(entry and json.loads(entry[-1])[0] == "/usr/local/bin/switchboard", "Dockerfile: ENTRYPOINT is the binary")
-    return int(uid) if uid.isdigit() else None, envs
+    return int(uid) if uid.isdigit() else None
 
 
 def check_docker_context():
@@ -694,7 +694,7 @@ def check_haproxy(docs, where, node, hpa, listen, internal):
         check(var in names or var == "POD_NAMESPACE", f"{where}: haproxy env {var} is not read by haproxy.cfg")
     for var in required:
         check(var in env, f"{where}: haproxy.cfg needs {var}")
-    headless = f"switchboard-headless.$(POD_NAMESPACE).svc.cluster.local"
+    headless = "switchboard-headless.$(POD_NAMESPACE).svc.cluster.local"
     check(env.get("SB_NODES_DNS") == headless, f"{where}: SB_NODES_DNS is the headless Service ({headless})")
     check(int(env.get("SB_NODE_PORT", 8080)) == listen and int(env.get("SB_CHECK_PORT", 9090)) == internal,
           f"{where}: HAProxy sends clients to the nodes' public port and checks their internal port")
@@ -736,7 +736,7 @@ def check_docs():
 
 
 def main():
-    uid, _ = check_dockerfile()
+    uid = check_dockerfile()
     check_docker_context()
     check_compose()
     check_promtool()
