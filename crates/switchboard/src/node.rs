@@ -1,10 +1,11 @@
 //! The Node wires the Hub (local sessions) to the Broker (everything across nodes). It receives a
 //! room from the broker only while a local session is subscribed to it, plus a short linger.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde_json::Value;
@@ -17,6 +18,10 @@ use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+
+/// At most one "broker call failed" warning per operation in this period: an outage fails every
+/// session's calls at once, and `switchboard_broker_errors_total` counts each of them anyway.
+const BROKER_WARNING_PERIOD: Duration = Duration::from_secs(1);
 
 pub struct Node {
     pub config: Config,
@@ -33,6 +38,32 @@ pub struct Node {
     /// The public address clients reach this node at, as `GET /api/nodes` reports it.
     pub public_addr: SocketAddr,
     pub started_at: u64,
+    broker_warnings: parking_lot::Mutex<WarningThrottle>,
+}
+
+/// Per broker operation: when it was last warned about, and failures not warned about since.
+#[derive(Default)]
+struct WarningThrottle(HashMap<&'static str, (Instant, u64)>);
+
+impl WarningThrottle {
+    /// Whether a failure of `op` at `now` is warned about, and if so how many failures of `op`
+    /// went unmentioned since the previous warning.
+    fn should_warn(&mut self, op: &'static str, now: Instant) -> Option<u64> {
+        match self.0.get_mut(op) {
+            Some((last, unmentioned)) if now.duration_since(*last) < BROKER_WARNING_PERIOD => {
+                *unmentioned += 1;
+                None
+            }
+            Some((last, unmentioned)) => {
+                *last = now;
+                Some(std::mem::take(unmentioned))
+            }
+            None => {
+                self.0.insert(op, (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 struct Upstream {
@@ -67,6 +98,7 @@ impl Node {
             draining: AtomicBool::new(false),
             public_addr,
             started_at: unix_now_millis(),
+            broker_warnings: parking_lot::Mutex::new(WarningThrottle::default()),
         }
     }
 
@@ -103,7 +135,10 @@ impl Node {
     /// Counts a failed broker call by operation and passes the error on.
     pub fn broker_error(&self, op: &'static str, error: BrokerError) -> BrokerError {
         self.metrics.broker_errors.with_label_values(&[op]).inc();
-        tracing::warn!(%error, op, "broker call failed");
+        let warn = self.broker_warnings.lock().should_warn(op, Instant::now());
+        if let Some(also_failed) = warn {
+            tracing::warn!(%error, op, also_failed, "broker call failed");
+        }
         error
     }
 
@@ -218,4 +253,32 @@ pub fn is_system_room(room: &str) -> bool {
 /// Room names are 1 to 256 bytes without control characters.
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty() && room.len() <= MAX_ROOM_LEN && !room.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_failures_are_warned_about_once_a_period_per_operation_with_a_count() {
+        let mut throttle = WarningThrottle::default();
+        let start = Instant::now();
+        assert_eq!(throttle.should_warn("publish", start), Some(0));
+        for millis in [1, 10, 999] {
+            let at = start + Duration::from_millis(millis);
+            assert_eq!(throttle.should_warn("publish", at), None);
+        }
+        assert_eq!(
+            throttle.should_warn("subscribe", start + Duration::from_millis(5)),
+            Some(0),
+            "another operation has its own period"
+        );
+        let next = start + BROKER_WARNING_PERIOD;
+        assert_eq!(throttle.should_warn("publish", next), Some(3));
+        assert_eq!(throttle.should_warn("publish", next), None);
+        assert_eq!(
+            throttle.should_warn("publish", next + BROKER_WARNING_PERIOD),
+            Some(1)
+        );
+    }
 }
