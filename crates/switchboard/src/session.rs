@@ -226,6 +226,7 @@ where
         }
         let metrics = &self.node.metrics;
         let mut messages = Vec::with_capacity(batch.len());
+        let mut room_frames = 0;
         for item in batch.drain(..) {
             match item {
                 Outbound::Room { message, frame } => {
@@ -239,7 +240,7 @@ where
                     }
                     subscription.offset = message.offset;
                     subscription.epoch.clone_from(&message.epoch);
-                    metrics.message_frames_out.inc();
+                    room_frames += 1;
                     messages.push(frame);
                 }
                 Outbound::Frame { kind, frame } => {
@@ -248,6 +249,8 @@ where
                 }
             }
         }
+        // One update per batch: the counter is shared by every session of the node.
+        metrics.message_frames_out.inc_by(room_frames);
         self.batch = batch;
         let result = self.write_messages(messages).await;
         self.handle.queue.release(taken);
@@ -265,7 +268,11 @@ where
             }
             ws.flush().await
         };
+        // Write first: a write that completes at once (the usual case) then never arms the
+        // timer or registers for the close notification, which cost more than the write's
+        // bookkeeping on a busy node.
         let result = tokio::select! {
+            biased;
             result = write => result,
             () = self.handle.queue.closing() => {
                 let close = self.handle.queue.close_request().unwrap_or(CloseRequest {
