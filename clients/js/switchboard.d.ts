@@ -115,6 +115,8 @@ export interface ConnectedEvent {
   session: string;
   user: string;
   node: string;
+  /** The URL (as given to `connect`, without the added query) this connection was made to. */
+  url: string;
   /** False for the first connection, true after every reconnect. */
   reconnected: boolean;
 }
@@ -131,6 +133,8 @@ export interface ReconnectingEvent {
   /** The attempt about to be made, from 1. */
   attempt: number;
   delayMs: number;
+  /** The URL that attempt will use: the one after the previous attempt's, round-robin. */
+  url: string;
 }
 
 export interface DirectEvent<T = Json> {
@@ -219,7 +223,13 @@ export interface HistoryReply {
 }
 
 export declare class Client {
+  /**
+   * The URL of the current connection, or of the attempt under way or about to be made
+   * (as given to `connect`, without the added `token`/`user` query).
+   */
   readonly url: string;
+  /** Every URL given to `connect`, in the order they are tried. */
+  readonly urls: readonly string[];
   readonly state: ClientState;
   /** The current session's welcome, or null while not connected. */
   readonly session: { session: string; user: string; node: string; heartbeatMs: number } | null;
@@ -254,8 +264,14 @@ export declare class Client {
   close(): void;
 }
 
-/** Creates a client and starts connecting at once (listen for `connected` or await `ready()`). */
-export declare function connect(url: string, options?: ConnectOptions): Client;
+/**
+ * Creates a client and starts connecting at once (listen for `connected` or await `ready()`).
+ * `url` is one ws:// or wss:// URL, or a non-empty array of them (nodes or load balancers of the
+ * same cluster): the first attempt uses the first, every later attempt the next one, round-robin.
+ * Throws a TypeError for an empty array, a URL that is not ws:// or wss://, an unsupported
+ * `codec` or a missing `WebSocket`.
+ */
+export declare function connect(url: string | readonly string[], options?: ConnectOptions): Client;
 
 /**
  * The delay before reconnect attempt `attempt` (from 0) of an outage that began with close code

@@ -15,6 +15,31 @@ const FINAL_CLOSE_CODES = new Set([
 /** What the client reports when a connection ends without a close frame, or is given up locally. */
 const ABNORMAL = 1006;
 
+/**
+ * The URLs `connect` was given, checked: one URL or a non-empty array of them, each ws: or wss:.
+ * @param {unknown} url
+ * @returns {readonly string[]}
+ */
+function checkUrls(url) {
+  const urls = Array.isArray(url) ? [...url] : [url];
+  if (urls.length === 0) throw new TypeError("url: the array of URLs is empty");
+  for (const each of urls) {
+    if (typeof each !== "string") {
+      throw new TypeError(`url ${JSON.stringify(each)}: expected a string or an array of strings`);
+    }
+    let parsed;
+    try {
+      parsed = new URL(each);
+    } catch {
+      throw new TypeError(`url ${JSON.stringify(each)}: not an absolute URL`);
+    }
+    if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+      throw new TypeError(`url ${JSON.stringify(each)}: the scheme must be ws or wss`);
+    }
+  }
+  return Object.freeze(urls);
+}
+
 /** `WebSocket.CONNECTING`, which custom constructors may not define. */
 const CONNECTING = 0;
 
@@ -262,17 +287,18 @@ export class Client extends Emitter {
   #readyWaiters = [];
   /** @type {any} */
   #lastConnected = null;
+  /** @type {readonly string[]} */
+  #urls;
+  /** Which of `#urls` the current (or next) attempt uses: every attempt after the first moves on. */
+  #urlIndex = 0;
 
   /**
-   * @param {string} url
+   * @param {string | readonly string[]} url
    * @param {import("./switchboard.js").ConnectOptions} [options]
    */
   constructor(url, options = {}) {
     super();
-    const parsed = new URL(url);
-    if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
-      throw new TypeError(`url ${JSON.stringify(url)}: the scheme must be ws or wss`);
-    }
+    this.#urls = checkUrls(url);
     if (options.codec !== undefined && options.codec !== "json") {
       throw new TypeError(`codec ${JSON.stringify(options.codec)}: only "json" is supported`);
     }
@@ -282,7 +308,6 @@ export class Client extends Emitter {
         "no WebSocket: pass options.WebSocket, or run Node 22+ (Node 20: --experimental-websocket)",
       );
     }
-    this.url = url;
     this.#WebSocket = WebSocketImpl;
     this.#options = { requestTimeoutMs: 10_000, random: Math.random, ...options };
     this.#reconnect = { ...RECONNECT_DEFAULTS, ...options.reconnect };
@@ -291,6 +316,16 @@ export class Client extends Emitter {
 
   get state() {
     return this.#state;
+  }
+
+  /** The URL of the current connection, or of the attempt under way or about to be made. */
+  get url() {
+    return this.#urls[this.#urlIndex];
+  }
+
+  /** Every URL given to `connect`, in the order they are tried. */
+  get urls() {
+    return this.#urls;
   }
 
   get session() {
@@ -422,6 +457,7 @@ export class Client extends Emitter {
     if (this.#state === "closed") {
       this.#attempt = 0;
       this.#outageCode = null;
+      this.#nextUrl();
       this.#open();
     } else if (this.#state === "reconnecting" && this.#reconnectTimer !== undefined) {
       clearTimeout(this.#reconnectTimer);
@@ -483,6 +519,11 @@ export class Client extends Emitter {
     this.#pending.set(id, { ...handlers, timer });
     this.#socket.send(JSON.stringify({ ...frame, id }));
     return true;
+  }
+
+  /** Moves to the next URL, round-robin, for a new attempt. */
+  #nextUrl() {
+    this.#urlIndex = (this.#urlIndex + 1) % this.#urls.length;
   }
 
   /** Opens a new socket (after fetching the token, when it is a function). */
@@ -611,7 +652,8 @@ export class Client extends Emitter {
     if (wasConnected) this._emit("disconnected", { code, reason, willReconnect: true });
     // A listener may have closed the client.
     if (this.#state !== "reconnecting") return;
-    this._emit("reconnecting", { attempt: this.#attempt, delayMs });
+    this.#nextUrl();
+    this._emit("reconnecting", { attempt: this.#attempt, delayMs, url: this.url });
     if (this.#state !== "reconnecting" || this.#reconnectTimer !== undefined) return;
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = undefined;
@@ -705,7 +747,7 @@ export class Client extends Emitter {
     this.#startPinging(this.#options.pingIntervalMs ?? frame.heartbeat_ms);
     // Before `connected`, so requests its listeners make come after the resubscriptions.
     for (const subscription of [...this.#rooms.values()]) this.#resubscribe(subscription);
-    const event = { session: frame.session, user: frame.user, node: frame.node, reconnected };
+    const event = { session: frame.session, user: frame.user, node: frame.node, url: this.url, reconnected };
     this.#lastConnected = event;
     const waiters = this.#readyWaiters.splice(0);
     this._emit("connected", event);
@@ -778,7 +820,7 @@ function strip(frame) {
 
 /**
  * Creates a client and starts connecting.
- * @param {string} url
+ * @param {string | readonly string[]} url
  * @param {import("./switchboard.js").ConnectOptions} [options]
  */
 export function connect(url, options) {

@@ -1,6 +1,7 @@
 // The client's bookkeeping, driven frame by frame through a scripted WebSocket passed as
-// `options.WebSocket`: what it sends on (re)subscribe, and how it drops duplicates at the seam
-// of a recovery. The real-server tests cannot produce duplicates; these can.
+// `options.WebSocket`: what it sends on (re)subscribe, how it drops duplicates at the seam of a
+// recovery, and which URL each attempt uses. The real-server tests cannot produce duplicates, or
+// a run of failed attempts on several URLs; these can.
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -171,4 +172,116 @@ test("a resubscription the server refuses ends the subscription", async () => {
   } finally {
     client.close();
   }
+});
+
+test("each attempt after the first moves to the next URL, round-robin, with the same query", async () => {
+  ScriptedSocket.opened = [];
+  const urls = ["ws://a.test/ws?app=1", "wss://b.test:8443/ws", "ws://c.test/ws"];
+  let tokens = 0;
+  const client = connect(urls, {
+    user: "u",
+    token: () => `t${++tokens}`,
+    WebSocket: /** @type {any} */ (ScriptedSocket),
+    random: () => 0,
+    reconnect: { overloadedDelayMs: 30 },
+  });
+  /** @type {any[]} */
+  const connected = [];
+  /** @type {any[]} */
+  const retries = [];
+  client.on("connected", (event) => connected.push(event));
+  client.on("reconnecting", (event) => retries.push(event));
+  /** @param {number} count */
+  const socket = async (count) => {
+    await waitUntil(`socket ${count}`, () => ScriptedSocket.opened.length === count);
+    return ScriptedSocket.opened[count - 1];
+  };
+  /** The URL a socket was opened with, without its query, and the query. */
+  const target = (/** @type {ScriptedSocket} */ { url }) => {
+    const parsed = new URL(url);
+    const query = [...parsed.searchParams];
+    parsed.search = "";
+    return [parsed.toString(), query];
+  };
+  try {
+    assert.deepEqual(client.urls, urls);
+    assert.equal(client.url, urls[0]);
+    const first = await socket(1);
+    assert.deepEqual(target(first), ["ws://a.test/ws", [["app", "1"], ["token", "t1"], ["user", "u"]]]);
+    first.receive(welcome("s1"));
+    assert.deepEqual(connected, [{ session: "s1", user: "u", node: "n1", url: urls[0], reconnected: false }]);
+
+    // The connection drops: the next attempt goes to b, whose attempt fails before a welcome,
+    // then to c, whose attempt fails too, then back to a.
+    first.drop(1006, "");
+    assert.equal(client.url, urls[1]);
+    const second = await socket(2);
+    assert.deepEqual(target(second), ["wss://b.test:8443/ws", [["token", "t2"], ["user", "u"]]]);
+    second.drop(1006, "");
+    const third = await socket(3);
+    assert.deepEqual(target(third), ["ws://c.test/ws", [["token", "t3"], ["user", "u"]]]);
+    third.drop(1013, "overloaded");
+    const fourth = await socket(4);
+    assert.deepEqual(target(fourth), ["ws://a.test/ws", [["app", "1"], ["token", "t4"], ["user", "u"]]]);
+    assert.deepEqual(
+      retries.map(({ attempt, url }) => [attempt, url]),
+      [[1, urls[1]], [2, urls[2]], [3, urls[0]]],
+    );
+    // Back-off is the same as with one URL: the 1013 floor holds from the third attempt on.
+    assert.deepEqual(retries.map(({ delayMs }) => delayMs), [0, 0, 30]);
+    fourth.receive(welcome("s4"));
+    assert.deepEqual(connected[1], { session: "s4", user: "u", node: "n1", url: urls[0], reconnected: true });
+    assert.equal(client.url, urls[0]);
+
+    // After a final close, reconnect() is the next attempt: it moves on too.
+    fourth.drop(1008, "banned");
+    assert.equal(client.state, "closed");
+    assert.equal(client.url, urls[0]);
+    client.reconnect();
+    const fifth = await socket(5);
+    assert.equal(target(fifth)[0], "wss://b.test:8443/ws");
+    assert.equal(client.url, urls[1]);
+  } finally {
+    client.close();
+  }
+});
+
+test("one URL is used for every attempt", async () => {
+  ScriptedSocket.opened = [];
+  const client = connect(["ws://only.test/ws"], {
+    WebSocket: /** @type {any} */ (ScriptedSocket),
+    random: () => 0,
+  });
+  try {
+    for (let count = 1; count <= 3; count++) {
+      await waitUntil(`socket ${count}`, () => ScriptedSocket.opened.length === count);
+      assert.equal(ScriptedSocket.opened[count - 1].url, "ws://only.test/ws");
+      assert.equal(client.url, "ws://only.test/ws");
+      ScriptedSocket.opened[count - 1].drop(1006, "");
+    }
+  } finally {
+    client.close();
+  }
+});
+
+test("connect throws a TypeError for an empty list or a URL that is not ws or wss", () => {
+  ScriptedSocket.opened = [];
+  const options = { WebSocket: /** @type {any} */ (ScriptedSocket) };
+  /** @type {[unknown, RegExp][]} */
+  const cases = [
+    [[], /empty/],
+    ["http://node.test/ws", /scheme must be ws or wss/],
+    [["ws://a.test/ws", "https://b.test/ws"], /"https:\/\/b\.test\/ws": the scheme must be ws or wss/],
+    [["ws://a.test/ws", "b.test/ws"], /"b\.test\/ws": not an absolute URL/],
+    [["ws://a.test/ws", 42], /42: expected a string or an array of strings/],
+    [undefined, /expected a string or an array of strings/],
+  ];
+  for (const [url, message] of cases) {
+    assert.throws(() => connect(/** @type {any} */ (url), options), (error) => {
+      assert.ok(error instanceof TypeError, String(error));
+      assert.match(error.message, message);
+      return true;
+    });
+  }
+  assert.equal(ScriptedSocket.opened.length, 0);
 });
