@@ -13,70 +13,29 @@ out=${OUT:-target/cluster-latency}
 duration=${DURATION_SECS:-10}
 warmup=${WARMUP_SECS:-2}
 # Extra flags for both nodes, e.g. NODE_FLAGS="--node-ttl-ms 60000".
-read -r -a node_flags <<<"${NODE_FLAGS:-}"
+node_flags="--rate-limit 0 --drain-grace-ms 1000 ${NODE_FLAGS:-}"
 mkdir -p "$out"
-
-command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
-
-# A TCP port nobody listens on right now.
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-pids=()
-# Stops what this script started, newest first (the nodes before their Redis), each by its pid.
-cleanup() {
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 
-redis_port=$(free_port)
-redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
-  --loglevel warning >"$out/redis.log" 2>&1 &
-redis_pid=$!
-pids+=("$redis_pid")
-for _ in $(seq 100); do
-  redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
-  sleep 0.1
-done
-redis_url="redis://127.0.0.1:$redis_port"
-
-start_node() { # name public-port internal-port
-  target/release/switchboard --node-id "$1" --redis "$redis_url" --rate-limit 0 \
-    --listen "127.0.0.1:$2" --internal-listen "127.0.0.1:$3" --drain-grace-ms 1000 \
-    --log warn --log-format json ${node_flags[@]+"${node_flags[@]}"} >"$out/$1.log" 2>&1 &
-  last_pid=$!
-  pids+=("$last_pid")
-}
-wait_ready() { # internal-port
-  for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "node on internal port $1 never became ready" >&2
-  return 1
-}
-
-a_port=$(free_port) a_internal=$(free_port)
-b_port=$(free_port) b_internal=$(free_port)
-start_node bench-a "$a_port" "$a_internal"
-a_pid=$last_pid
-start_node bench-b "$b_port" "$b_internal"
-b_pid=$last_pid
-wait_ready "$a_internal"
-wait_ready "$b_internal"
+# The cluster is deploy/local/cluster.sh's (one Redis, two nodes, HAProxy unused here), so the
+# benchmarks run what operators run locally; `down` stops exactly what `up` started.
+cluster_dir="$out/cluster"
+deploy/local/cluster.sh down --dir "$cluster_dir" >/dev/null 2>&1 || true
+trap 'deploy/local/cluster.sh down --dir "$cluster_dir" >&2' EXIT
+NODE_FLAGS="$node_flags" deploy/local/cluster.sh up --release --nodes 2 --shards 1 \
+  --dir "$cluster_dir" >&2
+# shellcheck source=/dev/null
+source "$cluster_dir/cluster.env"
+pid_of() { cut -d' ' -f1 "$cluster_dir/pids/$1.pid"; }
+redis_url=$REDIS
+a_pid=$(pid_of node1) b_pid=$(pid_of node2) redis_pid=$(pid_of redis0)
 
 run_case() { # name rooms subscribers-per-room rate
   echo "== $1: $2 rooms x $3 subscribers, $4 msgs/s, publish on A, subscribe on B" >&2
   echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores" >&2
   target/release/switchboard-loadtest latency \
-    --publish-url "ws://127.0.0.1:$a_port/ws" --subscribe-url "ws://127.0.0.1:$b_port/ws" \
+    --publish-url "$NODE1_WS_URL" --subscribe-url "$NODE2_WS_URL" \
     --rooms "$2" --subscribers-per-room "$3" --rate "$4" \
     --duration-secs "$duration" --warmup-secs "$warmup" \
     --redis-url "$redis_url" --json "$out/$1.json" \
@@ -87,7 +46,7 @@ run_case small-rooms 100 5 1000
 run_case big-room 1 1000 200
 echo "results: $out/small-rooms.json $out/big-room.json" >&2
 # What the nodes logged (warnings and errors only), counted by message.
-python3 - "$out"/bench-a.log "$out"/bench-b.log <<'PY' >&2
+python3 - "$cluster_dir"/logs/node1.log "$cluster_dir"/logs/node2.log <<'PY' >&2
 import collections, json, sys
 for path in sys.argv[1:]:
     counts = collections.Counter()
