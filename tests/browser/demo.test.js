@@ -1,8 +1,9 @@
 // The demo page in real headless Chromium against a real cluster: one redis-server and two
 // switchboard nodes (target/debug/switchboard) on loopback ports chosen at run time. Two pages
 // chat through the two nodes, the user list follows joins and leaves, and when one node dies its
-// page reconnects to the other and shows what was sent while it was away. With authentication on,
-// the page connects with the token in its URL fragment. Every process this starts is killed by
+// page reconnects to the other (the SDK tries the `?ws=` URLs in turn) and shows what was sent
+// while it was away. With authentication on, the page connects with the token in its URL fragment;
+// a `?ws=` URL that is not ws:// or wss:// is reported on the page. Every process this starts is killed by
 // pid at the end, pass or fail. A screenshot is saved to target/browser-artifacts/demo.png.
 //
 // Run: tests/run.sh (after the cargo build), or `npm test` here once target/debug/switchboard
@@ -321,6 +322,15 @@ test("with authentication on, the page connects with the token in its fragment",
     await limited.goto(`${node.http}#token=${chatOnly}`);
     await messageIn(limited, "signed in with a token");
     await limited.locator("#cluster-note", { hasText: "No cluster figures: forbidden" }).waitFor({ timeout: DEADLINE_MS });
+
+    // A ?ws= URL that is not ws:// or wss:// is refused by the SDK's connect: the page says so.
+    const misconfigured = await context.newPage();
+    const errors = [];
+    misconfigured.on("pageerror", (error) => errors.push(error));
+    await misconfigured.goto(`${node.http}?ws=${encodeURIComponent(`${node.ws},${node.http}`)}#token=${full}`);
+    await misconfigured.locator('#status[data-state="disconnected"]', { hasText: "Cannot connect" }).waitFor({ timeout: DEADLINE_MS });
+    assert.match(await misconfigured.locator("#status").textContent(), /the scheme must be ws or wss/);
+    assert.deepEqual(errors, [], "no script errors on the misconfigured page");
   } finally {
     await dispose();
     killAll();

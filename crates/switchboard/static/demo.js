@@ -198,32 +198,18 @@ function renderNodes() {
 
 // ----- connection ----------------------------------------------------------------------------
 
-/**
- * The SDK connects to one URL; this constructor, passed as its `WebSocket` option, sends the
- * first attempt to urls[0] and every later attempt to the next URL in turn, keeping the query
- * the SDK added (`user` or `token`). So a page whose node dies reconnects to another node.
- */
-let attempts = 0;
-class RotatingWebSocket extends WebSocket {
-  constructor(url, protocols) {
-    const target = new URL(urls[attempts % urls.length]);
-    attempts += 1;
-    const query = new URL(url).searchParams;
-    for (const [key, value] of query) target.searchParams.set(key, value);
-    super(target.toString(), protocols);
-  }
-}
-
 async function start(name) {
   $("join").hidden = true;
   $("chat").hidden = false;
   $("room-name").textContent = room;
-  setStatus("connecting", `Connecting to ${urls[0]}…`);
-
-  const options = { WebSocket: RotatingWebSocket };
-  if (token) options.token = token;
-  else options.user = name;
-  client = connect(urls[0], options);
+  // The SDK tries the URLs in turn, one per attempt, so a page whose node dies moves to another.
+  try {
+    client = connect(urls, token ? { token } : { user: name });
+  } catch (error) {
+    setStatus("disconnected", `Cannot connect: ${error.message}`);
+    return;
+  }
+  setStatus("connecting", `Connecting to ${client.url}…`);
 
   client.on("connected", (event) => {
     me = { user: event.user, session: event.session, node: event.node };
@@ -246,8 +232,7 @@ async function start(name) {
     }
   });
   client.on("reconnecting", (event) => {
-    const next = urls[attempts % urls.length];
-    setStatus("reconnecting", `Reconnecting to ${next} (attempt ${event.attempt})…`);
+    setStatus("reconnecting", `Reconnecting to ${event.url} (attempt ${event.attempt})…`);
   });
 
   try {
