@@ -3,64 +3,15 @@
 //! `NodeProcess`), and checks the harness's own bookkeeping from the JSON it writes. Every process
 //! started here is killed (by pid) when the test ends, pass or fail.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{Loadtest, Server, field, run_loadtest, socketio_dir};
 use serde_json::Value;
 use switchboard_e2e::{NodeProcess, RedisProcess};
-
-/// A child process, killed (by pid) and reaped on drop.
-struct Process {
-    child: Child,
-    name: String,
-}
-
-impl Process {
-    fn spawn(name: &str, command: &mut Command) -> Process {
-        let child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("spawning {name}: {error}"));
-        Process {
-            child,
-            name: name.to_owned(),
-        }
-    }
-
-    /// Panics if the process has exited.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            panic!("{} exited with {status}", self.name);
-        }
-    }
-
-    /// Waits for the process to exit, at most `within`, and returns whether it succeeded;
-    /// panics (and so kills it) past that.
-    async fn wait_exit(&mut self, within: Duration, diagnostics: &Path) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.success();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} still running after {within:?}:\n{}",
-                self.name,
-                std::fs::read_to_string(diagnostics).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Sends `signal` (e.g. `KILL`, `INT`) to `pid`.
 fn signal(pid: u32, signal: &str) {
@@ -125,72 +76,6 @@ impl Cluster {
     }
 }
 
-/// Runs the load-test binary with `args` plus `--json FILE`, bounded by `within`, and returns
-/// the JSON it wrote.
-async fn run_loadtest(name: &str, args: &[String], within: Duration) -> Value {
-    Loadtest::spawn(name, args).finish(within).await
-}
-
-/// A running load-test binary, writing its JSON and its log (stderr) to files.
-struct Loadtest {
-    process: Process,
-    json: PathBuf,
-    log: PathBuf,
-}
-
-impl Loadtest {
-    fn spawn(name: &str, args: &[String]) -> Loadtest {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let json = dir.join(format!("{name}-{}.json", std::process::id()));
-        let log = dir.join(format!("{name}-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&json);
-        let process = Process::spawn(
-            name,
-            Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
-                .args(args)
-                .arg("--json")
-                .arg(&json)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("creating the log file")),
-        );
-        Loadtest { process, json, log }
-    }
-
-    /// Waits until the log holds `text`, at most `within`.
-    async fn wait_for_log(&mut self, text: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if log.contains(text) {
-                return log;
-            }
-            self.process.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "no {text:?} in the log after {within:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits for a successful exit, at most `within`, and returns the JSON written.
-    async fn finish(mut self, within: Duration) -> Value {
-        let log = self.log.clone();
-        assert!(
-            self.process.wait_exit(within, &log).await,
-            "{} failed:\n{}",
-            self.process.name,
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        let text = std::fs::read_to_string(&self.json).expect("the --json file");
-        let result = serde_json::from_str(&text).expect("the --json file holds JSON");
-        let _ = std::fs::remove_file(&self.json);
-        let _ = std::fs::remove_file(&self.log);
-        result
-    }
-}
-
 /// A path for an `--html` report, and a check of what was written there.
 fn html_path(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -221,13 +106,6 @@ async fn redis_pid(redis: &RedisProcess) -> u32 {
         .find_map(|line| line.strip_prefix("process_id:"))
         .and_then(|pid| pid.trim().parse().ok())
         .unwrap_or_else(|| panic!("no process_id in {info}"))
-}
-
-fn field(result: &Value, name: &str) -> u64 {
-    result
-        .get(name)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no integer {name} in {result:#}"))
 }
 
 #[tokio::test]
@@ -415,64 +293,37 @@ async fn connect_counts_drops_during_the_hold() {
 /// A Socket.IO 4 server (the peer's own npm packages, `loadtest/peers/socketio`) that pings every
 /// 300 ms and closes a connection whose pong is 300 ms late; killed on drop.
 struct PingingSocketio {
-    process: Process,
-    port: u16,
+    server: Server,
 }
 
 impl PingingSocketio {
     async fn start() -> PingingSocketio {
-        let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio");
-        if !peer.join("node_modules").is_dir() {
-            let status = Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund"])
-                .current_dir(&peer)
-                .status()
-                .expect("running npm ci (tests/run.sh installs node and npm)");
-            assert!(status.success(), "npm ci in {} failed", peer.display());
-        }
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let script = dir.join(format!("pinging-socketio-{}.js", std::process::id()));
-        let port_file = dir.join(format!("pinging-socketio-{}.port", std::process::id()));
+        let peer = socketio_dir();
+        let script = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("pinging-socketio-{}.js", std::process::id()));
         std::fs::write(
             &script,
             r#"const http = require("node:http");
 const { Server } = require("socket.io");
 const server = http.createServer();
 new Server(server, { transports: ["websocket"], pingInterval: 300, pingTimeout: 300 });
-server.listen(0, "127.0.0.1", () => console.log(server.address().port));
+server.listen(0, "127.0.0.1", () => console.log(`listening on 127.0.0.1:${server.address().port}`));
 "#,
         )
         .expect("writing the server script");
-        let mut process = Process::spawn(
-            "socket.io server",
-            Command::new("node")
-                .arg(&script)
-                .env("NODE_PATH", peer.join("node_modules"))
-                .stdin(Stdio::null())
-                .stdout(std::fs::File::create(&port_file).expect("creating the port file"))
-                .stderr(Stdio::inherit()),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&port_file).unwrap_or_default();
-            if let Ok(port) = text.trim().parse() {
-                let _ = std::fs::remove_file(&port_file);
-                let _ = std::fs::remove_file(&script);
-                return PingingSocketio { process, port };
-            }
-            process.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "the Socket.IO server never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut command = tokio::process::Command::new("node");
+        command
+            .arg(&script)
+            .env("NODE_PATH", peer.join("node_modules"));
+        let server = Server::start(command).await;
+        let _ = std::fs::remove_file(&script);
+        PingingSocketio { server }
     }
 
     fn url(&self) -> String {
         format!(
-            "ws://127.0.0.1:{}/socket.io/?EIO=4&transport=websocket",
-            self.port
+            "ws://{}/socket.io/?EIO=4&transport=websocket",
+            self.server.addr
         )
     }
 }
@@ -491,7 +342,7 @@ async fn connect_keeps_socketio_connections_alive_by_answering_pings() {
             "--rate=400".to_owned(),
             // Several ping intervals and timeouts.
             "--hold-secs=2".to_owned(),
-            format!("--pid=socketio={}", server.process.child.id()),
+            format!("--pid=socketio={}", server.server.pid()),
             "--timeout-secs=30".to_owned(),
         ]
     };

@@ -3,60 +3,18 @@
 //! the Socket.IO 4 server (`loadtest/peers/socketio`, two processes sharing a real redis-server).
 //! Every process started here is killed by pid when its guard is dropped, pass or fail.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+mod common;
+
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::bail;
+use common::{Server, start_raw, start_socketio, wait_for_socketio_adapters};
 use futures_util::{SinkExt, StreamExt};
-use switchboard_e2e::{RedisProcess, Socket, wait_until};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use switchboard_e2e::{RedisProcess, Socket};
 use tokio_tungstenite::tungstenite::Message;
 
-/// How long a server may take to start, or a frame to arrive.
+/// How long a frame may take to arrive.
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A server process, killed by pid when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    /// Starts `command` and reads the `listening on IP:PORT` line it prints once bound.
-    async fn start(mut command: Command) -> Result<Server> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {command:?}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut line = String::new();
-        tokio::time::timeout(DEADLINE, BufReader::new(stdout).read_line(&mut line))
-            .await
-            .with_context(|| format!("{command:?} printed no line"))??;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line {line:?}"))?
-            .parse()?;
-        Ok(Server { child, addr })
-    }
-
-    fn assert_running(&mut self) {
-        let status = self.child.try_wait().expect("try_wait");
-        assert!(status.is_none(), "the server exited: {status:?}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
 
 async fn connect(url: &str) -> Socket {
     tokio_tungstenite::connect_async(url)
@@ -90,15 +48,9 @@ async fn next_text(socket: &mut Socket) -> String {
         .expect("reading a frame")
 }
 
-async fn start_raw() -> Server {
-    Server::start(Command::new(env!("CARGO_BIN_EXE_switchboard-raw-ceiling")))
-        .await
-        .expect("starting switchboard-raw-ceiling")
-}
-
 #[tokio::test]
 async fn raw_server_routes_each_publish_to_its_room_once() {
-    let server = start_raw().await;
+    let server = start_raw(&[]).await;
     let url = format!("ws://{}/", server.addr);
     let mut first = connect(&url).await;
     let mut second = connect(&url).await;
@@ -123,7 +75,7 @@ async fn raw_server_routes_each_publish_to_its_room_once() {
 
 #[tokio::test]
 async fn raw_server_survives_a_client_that_vanishes() {
-    let mut server = start_raw().await;
+    let mut server = start_raw(&[]).await;
     let url = format!("ws://{}/", server.addr);
     let mut subscriber = connect(&url).await;
     let mut publisher = connect(&url).await;
@@ -153,9 +105,7 @@ async fn raw_server_survives_a_client_that_vanishes() {
 async fn raw_server_disconnects_a_subscriber_that_falls_behind() {
     const MESSAGES: usize = 1000;
     const LAG_LIMIT: usize = 16;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard-raw-ceiling"));
-    command.args(["--lag-limit", &LAG_LIMIT.to_string()]);
-    let mut server = Server::start(command).await.expect("starting the server");
+    let mut server = start_raw(&["--lag-limit", &LAG_LIMIT.to_string()]).await;
     let url = format!("ws://{}/", server.addr);
     let mut reader = connect(&url).await;
     let mut stalled = connect(&url).await;
@@ -197,46 +147,6 @@ async fn raw_server_disconnects_a_subscriber_that_falls_behind() {
     server.assert_running();
 }
 
-fn socketio_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio")
-}
-
-/// Installs the peer's npm dependencies (from package-lock.json) unless they are there.
-fn npm_ci(dir: &Path) {
-    for tool in ["node", "npm"] {
-        let found = std::process::Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        assert!(
-            found,
-            "`{tool}` is not installed: the Socket.IO peer needs node and npm (tests/run.sh installs them)"
-        );
-    }
-    if dir.join("node_modules").is_dir() {
-        return;
-    }
-    let status = std::process::Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .status()
-        .expect("running npm ci");
-    assert!(status.success(), "npm ci in {} failed", dir.display());
-}
-
-async fn start_socketio(redis: &RedisProcess) -> Server {
-    let dir = socketio_dir();
-    let mut command = Command::new("node");
-    command
-        .arg(dir.join("server.js"))
-        .env("PORT", "0")
-        .env("REDIS_URL", redis.url());
-    Server::start(command)
-        .await
-        .expect("starting the Socket.IO peer")
-}
-
 /// Opens an Engine.IO 4 WebSocket and joins the default namespace.
 async fn socketio_connect(server: &Server) -> Socket {
     let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", server.addr);
@@ -259,20 +169,10 @@ async fn socketio_subscribe(socket: &mut Socket, room: &str) {
 
 #[tokio::test]
 async fn socketio_peer_delivers_across_nodes_through_redis() {
-    npm_ci(&socketio_dir());
     let redis = RedisProcess::start().await.expect("starting redis-server");
     let mut one = start_socketio(&redis).await;
     let mut two = start_socketio(&redis).await;
-    // Each node's adapter subscribes to its broadcast pattern, then (on the same Redis connection,
-    // so after it) to the request channel: once both nodes have the latter, neither misses a publish.
-    wait_until("both nodes subscribed in Redis", || async {
-        redis
-            .cli(&["PUBSUB", "NUMSUB", "socket.io-request#/#"])
-            .await
-            .is_ok_and(|reply| reply.lines().nth(1) == Some("2"))
-    })
-    .await
-    .expect("the adapters never subscribed");
+    wait_for_socketio_adapters(&redis, 2).await;
 
     let mut remote = socketio_connect(&two).await;
     let mut local = socketio_connect(&one).await;
