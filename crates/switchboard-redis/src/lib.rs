@@ -20,13 +20,16 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
 use hashring::HashRing;
 use parking_lot::Mutex;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use redis::aio::MultiplexedConnection;
-use redis::{RedisError, Value};
+use redis::{RedisError, RedisResult, TlsCertificates, Value};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde_json::Value as Json;
 use switchboard_broker::{
     Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
@@ -43,13 +46,18 @@ use crate::writes::{Write, Writer};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Virtual nodes per shard on the ring: enough for an even spread over a few shards.
 const VIRTUAL_NODES: u32 = 160;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the Redis broker needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://` URLs of the shards; order does not matter (the ring hashes the URLs).
+    /// `redis://` or `rediss://` (TLS) URLs of the shards; order does not matter (the ring
+    /// hashes the URLs).
     pub shards: Vec<String>,
+    /// PEM certificates that `rediss://` shards' certificates must chain to, instead of the
+    /// built-in Mozilla roots.
+    pub ca_pem: Option<Vec<u8>>,
     pub node_id: String,
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -215,6 +223,38 @@ fn millis(duration: Duration) -> u64 {
     duration.as_millis().max(1) as u64
 }
 
+/// Checks that `pem` holds at least one certificate and that every one is a usable trust anchor,
+/// so that a bad `--redis-ca-file` stops the node at start rather than every TLS connect.
+pub fn check_ca_pem(pem: &[u8]) -> Result<(), String> {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(pem) {
+        let certificate =
+            certificate.map_err(|error| format!("not a PEM certificate file: {error}"))?;
+        roots
+            .add(certificate)
+            .map_err(|error| format!("unusable certificate: {error}"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(())
+}
+
+/// The client of one shard: a `rediss://` shard verifies its certificate against `ca_pem` when
+/// given, else against the built-in roots.
+fn shard_client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Client> {
+    match ca_pem {
+        Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+            url,
+            TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        _ => redis::Client::open(url),
+    }
+}
+
 fn redis_error(error: RedisError) -> BrokerError {
     if error.is_io_error()
         || error.is_connection_dropped()
@@ -233,6 +273,9 @@ impl RedisBroker {
         if config.shards.is_empty() {
             return Err("no Redis shard configured".into());
         }
+        // rustls picks the process-wide provider; naming ring keeps that choice explicit should
+        // another dependency ever enable a second provider. Err: one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Metrics::new(registry).map_err(|error| error.to_string())?;
         let mut ring = HashRing::new();
         let mut shards = Vec::new();
@@ -247,20 +290,23 @@ impl RedisBroker {
                     replica,
                 });
             }
-            let client =
-                redis::Client::open(url.as_str()).map_err(|error| format!("{url}: {error}"))?;
-            let mut settings = PoolSettings::from_url(url.clone());
-            settings.pool = Some(PoolConfig {
-                max_size: 16,
-                timeouts: Timeouts {
-                    wait: Some(COMMAND_TIMEOUT),
-                    create: Some(COMMAND_TIMEOUT),
-                    recycle: Some(COMMAND_TIMEOUT),
-                },
-                ..PoolConfig::default()
-            });
-            let pool = settings
-                .create_pool(Some(Runtime::Tokio1))
+            let client = shard_client(url, config.ca_pem.as_deref())
+                .map_err(|error| format!("{url}: {error}"))?;
+            // From the client's connection info, which carries the TLS roots (a URL would not).
+            let manager = Manager::new(client.get_connection_info().clone())
+                .map_err(|error| format!("{url}: {error}"))?;
+            let pool = Pool::builder(manager)
+                .config(PoolConfig {
+                    max_size: 16,
+                    timeouts: Timeouts {
+                        wait: Some(COMMAND_TIMEOUT),
+                        create: Some(COMMAND_TIMEOUT),
+                        recycle: Some(COMMAND_TIMEOUT),
+                    },
+                    ..PoolConfig::default()
+                })
+                .runtime(Runtime::Tokio1)
+                .build()
                 .map_err(|error| format!("{url}: {error}"))?;
             let (control, control_rx) = mpsc::unbounded_channel();
             let label = index.to_string();
@@ -614,7 +660,7 @@ fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>), String> {
 /// every message to the node.
 async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::UnboundedReceiver<Control>) {
     let mut rooms: HashMap<String, Option<StreamPosition>> = HashMap::new();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
     loop {
         let Some(inner) = weak.upgrade() else { return };
@@ -631,7 +677,13 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
             Ok(Ok(connection)) => connection,
             failed => {
                 if let Ok(Err(error)) = failed {
-                    tracing::debug!(shard = %shard.label, %error, "redis pub/sub connect failed");
+                    // Once per outage at warn (e.g. a certificate that does not verify), then
+                    // quieter while the back-off retries.
+                    if backoff == MIN_BACKOFF {
+                        tracing::warn!(shard = %shard.label, %error, "cannot connect to redis shard; retrying");
+                    } else {
+                        tracing::debug!(shard = %shard.label, %error, "redis pub/sub connect failed");
+                    }
                 }
                 inner
                     .metrics
@@ -660,7 +712,7 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
             tracing::info!(shard = %shard.label, rooms = rooms.len(), "redis shard reconnected");
         }
         connected_before = true;
-        backoff = Duration::from_millis(100);
+        backoff = MIN_BACKOFF;
         shard.up.store(true, Ordering::SeqCst);
         inner.metrics.up.with_label_values(&[&shard.label]).set(1);
         let mut ping = tokio::time::interval(inner.config.node_ttl / 3);
@@ -1300,6 +1352,7 @@ mod tests {
         let registry = Registry::new();
         let config = |shards: Vec<&str>| RedisConfig {
             shards: shards.into_iter().map(str::to_owned).collect(),
+            ca_pem: None,
             node_id: "n".into(),
             history_size: 10,
             history_ttl: Duration::from_secs(60),
@@ -1328,6 +1381,7 @@ mod tests {
     fn a_shard_listed_twice_is_refused() {
         let config = RedisConfig {
             shards: vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:1".into()],
+            ca_pem: None,
             node_id: "n".into(),
             history_size: 10,
             history_ttl: Duration::from_secs(60),

@@ -83,6 +83,7 @@ fn broker(server: &Server, node: &str, node_ttl: Duration) -> (RedisBroker, Regi
     let registry = Registry::new();
     let config = RedisConfig {
         shards: vec![server.url()],
+        ca_pem: None,
         node_id: node.to_owned(),
         history_size: 100,
         history_ttl: Duration::from_secs(60),

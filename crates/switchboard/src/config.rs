@@ -59,9 +59,15 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis shards for a cluster (comma-separated redis:// URLs). Unset: the embedded broker.
+    /// Redis shards for a cluster (comma-separated redis:// URLs, or rediss:// for TLS). Unset:
+    /// the embedded broker.
     #[arg(long, env = "SWITCHBOARD_REDIS", value_name = "URLS")]
     pub redis: Option<String>,
+
+    /// PEM file with the CA certificates that rediss:// shards' certificates must chain to,
+    /// instead of the built-in Mozilla roots (for a private CA).
+    #[arg(long, env = "SWITCHBOARD_REDIS_CA_FILE", value_name = "FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// A node that has not reported for this long is dead: the cluster drops its sessions and
     /// presence. It reports every third of this [default: 15000].
@@ -221,6 +227,8 @@ pub struct Config {
     pub internal_listen: SocketAddr,
     pub node_id: String,
     pub redis: Option<Vec<String>>,
+    /// PEM CA certificates for rediss:// shards, replacing the built-in roots.
+    pub redis_ca: Option<Vec<u8>>,
     pub node_ttl: Duration,
     pub jwt: Option<JwtConfig>,
     pub api_key: Option<String>,
@@ -284,6 +292,7 @@ impl Options {
             internal_listen: self.internal_listen.or(file.internal_listen),
             node_id: self.node_id.or(file.node_id),
             redis: self.redis.or(file.redis),
+            redis_ca_file: self.redis_ca_file.or(file.redis_ca_file),
             node_ttl_ms: self.node_ttl_ms.or(file.node_ttl_ms),
             jwt_secret: self.jwt_secret.or(file.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
@@ -375,6 +384,21 @@ impl Options {
                 }
                 Some(shards)
             }
+            None => None,
+        };
+        let redis_ca = match self.redis_ca_file {
+            Some(_)
+                if !redis
+                    .iter()
+                    .flatten()
+                    .any(|shard| shard.starts_with("rediss://")) =>
+            {
+                return Err(invalid(
+                    "redis-ca-file",
+                    "applies to rediss:// shards, and --redis lists none",
+                ));
+            }
+            Some(path) => Some(read_ca_file(&path)?),
             None => None,
         };
         let leeway = self.jwt_leeway_secs.unwrap_or(30);
@@ -542,6 +566,7 @@ impl Options {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
             node_id,
             redis,
+            redis_ca,
             node_ttl: Duration::from_millis(node_ttl_ms),
             jwt,
             api_key: self.api_key,
@@ -573,6 +598,15 @@ impl Options {
             log,
         })
     }
+}
+
+/// Reads `--redis-ca-file`, which must hold CA certificates the TLS client accepts.
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|error| invalid("redis-ca-file", format!("{}: {error}", path.display())))?;
+    switchboard_redis::check_ca_pem(&pem)
+        .map_err(|error| invalid("redis-ca-file", format!("{}: {error}", path.display())))?;
+    Ok(pem)
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ impl Server {
                 RedisBroker::new(
                     RedisConfig {
                         shards: shards.clone(),
+                        ca_pem: config.redis_ca.clone(),
                         node_id: config.node_id.clone(),
                         history_size: config.history_size,
                         history_ttl: config.history_ttl,

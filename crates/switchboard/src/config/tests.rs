@@ -602,6 +602,97 @@ fn redis_must_list_redis_urls() {
     );
 }
 
+/// A self-signed CA certificate (EC P-256, valid until 2126), only ever parsed here.
+const TEST_CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBoTCCAUegAwIBAgIUGTEFi5zv9QAdHdOSb3VROWXZUFkwCgYIKoZIzj0EAwIw
+JTEjMCEGA1UEAwwac3dpdGNoYm9hcmQgY29uZmlnIHRlc3QgQ0EwIBcNMjYxMTIy
+MDgxMjQwWhgPMjEyNjEwMjkwODEyNDBaMCUxIzAhBgNVBAMMGnN3aXRjaGJvYXJk
+IGNvbmZpZyB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJXNxO8CZ
+ohmWBNeni9kjjDS39r5IBNzvo8rIJd2rNB0kPYxaKejwERdcMrbhxNOZM37JBDqF
++VW7XJgLDQxTnqNTMFEwHQYDVR0OBBYEFJomhRbVFaDP94D6JHORKvqkSQPXMB8G
+A1UdIwQYMBaAFJomhRbVFaDP94D6JHORKvqkSQPXMA8GA1UdEwEB/wQFMAMBAf8w
+CgYIKoZIzj0EAwIDSAAwRQIga9uxS7P9bRybv1TPe8gFqov8l/FvwEjgulil4lUg
++SkCIQCAclk4kgrjPCix31F1GWK8Whrx8O0le0+RG2kWIlCNsw==
+-----END CERTIFICATE-----
+";
+
+#[test]
+fn redis_ca_file_is_read_for_rediss_shards() {
+    let ca = TempFile::new(TEST_CA_PEM);
+    let config = resolve(Options {
+        redis: Some("rediss://a:6380".into()),
+        redis_ca_file: Some(ca.path.clone()),
+        ..Options::default()
+    });
+    assert_eq!(config.redis_ca.as_deref(), Some(TEST_CA_PEM.as_bytes()));
+    let path = ca.path.to_str().expect("utf-8 temp path");
+    let file = TempFile::new(&format!(
+        "redis = \"rediss://a:6380\"\nredis-ca-file = {path:?}\n"
+    ));
+    let config = resolve(Options {
+        config: Some(file.path.clone()),
+        ..Options::default()
+    });
+    assert!(
+        config.redis_ca.is_some(),
+        "the file key redis-ca-file is read"
+    );
+    let config = resolve(parse(&[
+        "--redis",
+        "rediss://a:6380",
+        "--redis-ca-file",
+        path,
+    ]));
+    assert!(
+        config.redis_ca.is_some(),
+        "the flag --redis-ca-file is read"
+    );
+    assert!(resolve(Options::default()).redis_ca.is_none());
+}
+
+#[test]
+fn redis_ca_file_must_exist_and_hold_certificates() {
+    let rediss = || Some("redis://a:6379,rediss://b:6380".to_owned());
+    let text = expect_invalid(
+        Options {
+            redis: rediss(),
+            redis_ca_file: Some(PathBuf::from("/nonexistent/switchboard/ca.pem")),
+            ..Options::default()
+        },
+        "redis-ca-file",
+    );
+    assert!(text.contains("/nonexistent/switchboard/ca.pem"), "{text}");
+    for contents in [
+        "",
+        "not a certificate\n",
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ] {
+        let bad = TempFile::new(contents);
+        expect_invalid(
+            Options {
+                redis: rediss(),
+                redis_ca_file: Some(bad.path.clone()),
+                ..Options::default()
+            },
+            "redis-ca-file",
+        );
+    }
+    // Without a rediss:// shard the file could only be a mistake.
+    let ca = TempFile::new(TEST_CA_PEM);
+    for redis in [None, Some("redis://a:6379".to_owned())] {
+        expect_invalid(
+            Options {
+                redis,
+                redis_ca_file: Some(ca.path.clone()),
+                ..Options::default()
+            },
+            "redis-ca-file",
+        );
+    }
+}
+
 #[test]
 fn max_connections_must_be_at_least_one() {
     expect_invalid(
