@@ -251,16 +251,19 @@ impl RunArgs {
         {
             bail!("--duration-secs must be 1 to {MAX_WINDOW_SECS}, --warmup-secs at most that");
         }
-        if self.drain_secs > MAX_DRAIN_SECS || self.setup_timeout_secs > 600 {
-            bail!(
-                "--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600"
-            );
-        }
-        if self.connect_rate == 0 {
-            bail!("--connect-rate must be at least 1");
-        }
-        Ok(())
+        check_setup(self.drain_secs, self.setup_timeout_secs, self.connect_rate)
     }
+}
+
+/// Refuses a drain, set-up timeout or connect rate outside the bounds one run is meant to hold.
+fn check_setup(drain_secs: u64, setup_timeout_secs: u64, connect_rate: u64) -> Result<()> {
+    if drain_secs > MAX_DRAIN_SECS || setup_timeout_secs > 600 {
+        bail!("--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600");
+    }
+    if connect_rate == 0 {
+        bail!("--connect-rate must be at least 1");
+    }
+    Ok(())
 }
 
 fn parse_cpu_pid(value: &str) -> Result<(String, u32), String> {
@@ -358,14 +361,6 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// Refuses flags outside the bounds one run is meant to hold.
     pub fn check(&self) -> Result<()> {
-        if self.drain_secs > MAX_DRAIN_SECS || self.setup_timeout_secs > 600 {
-            bail!(
-                "--drain-secs must be at most {MAX_DRAIN_SECS}, --setup-timeout-secs at most 600"
-            );
-        }
-        if self.connect_rate == 0 {
-            bail!("--connect-rate must be at least 1");
-        }
-        Ok(())
+        check_setup(self.drain_secs, self.setup_timeout_secs, self.connect_rate)
     }
 }
