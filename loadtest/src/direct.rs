@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cli::DirectArgs;
 use crate::html::{self, Page};
 use crate::report::{emit, ms, round3};
+use crate::sequence::advance;
 use crate::ws::{Next, Socket, next_text, open, run_tag, url_addr};
 
 type Sink = futures_util::stream::SplitSink<Socket, Message>;
@@ -383,12 +384,9 @@ async fn read(
         match (frame.kind, frame.data) {
             ("direct", Some(payload)) => {
                 let last = last_by_sender.entry(payload.f).or_insert(0);
-                if payload.s <= *last {
-                    stats.duplicates += 1;
+                if !advance(last, payload.s, &mut stats.duplicates, &mut stats.gaps) {
                     continue;
                 }
-                stats.gaps += payload.s - *last - 1;
-                *last = payload.s;
                 stats.unique += 1;
                 shared.received.fetch_add(1, Ordering::Relaxed);
                 shared.count(&shared.delivered_by_second, received_us);

@@ -21,6 +21,7 @@ mod protocol;
 mod reconnect;
 mod redis_info;
 mod report;
+mod sequence;
 mod worker;
 mod ws;
 

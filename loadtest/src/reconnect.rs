@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cli::ReconnectArgs;
 use crate::html::{self, Page};
 use crate::report::{emit, ms};
+use crate::sequence::advance;
 use crate::ws::{Incoming, Socket, await_setup, open, run_tag, subscribe_one, url_addr};
 
 /// Bound on each connection's handshake plus subscribe.
@@ -536,12 +537,14 @@ async fn subscriber(
         if message_epoch.as_deref() != Some(epoch.as_str()) {
             stats.epoch_mismatches += 1;
         }
-        if offset <= stats.last_offset {
-            stats.duplicates += 1;
+        if !advance(
+            &mut stats.last_offset,
+            offset,
+            &mut stats.duplicates,
+            &mut stats.gaps,
+        ) {
             continue;
         }
-        stats.gaps += offset - stats.last_offset - 1;
-        stats.last_offset = offset;
         stats.unique += 1;
         shared.received.fetch_add(1, Ordering::Relaxed);
     }

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::shared::{HISTOGRAM_SHARDS, Shared, SubscriberStats};
 use crate::protocol::{Frame, Protocol};
+use crate::sequence::advance;
 use crate::ws::{Next, Socket, await_setup, next_text};
 
 /// Bound on each connection's handshake plus subscribe.
@@ -148,24 +149,23 @@ async fn receive(
                 if message_epoch != epoch.as_deref() {
                     stats.epoch_mismatches += 1;
                 }
-                if offset <= stats.last_offset {
-                    stats.duplicates += 1;
+                if !advance(
+                    &mut stats.last_offset,
+                    offset,
+                    &mut stats.duplicates,
+                    &mut stats.gaps,
+                ) {
                     continue;
                 }
-                stats.gaps += offset - stats.last_offset - 1;
-                stats.last_offset = offset;
             }
             None => {
                 let Some(last) = stats.last_seq.get_mut(stamp.p) else {
                     stats.unexpected += 1;
                     continue;
                 };
-                if stamp.s <= *last {
-                    stats.duplicates += 1;
+                if !advance(last, stamp.s, &mut stats.duplicates, &mut stats.gaps) {
                     continue;
                 }
-                stats.gaps += stamp.s - *last - 1;
-                *last = stamp.s;
             }
         }
         stats.unique += 1;
