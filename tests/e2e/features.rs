@@ -24,6 +24,7 @@ use switchboard_protocol::{ClientFrame, Codec, Reply, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
 
 const ROOM_DELIVERIES: &str = r#"switchboard_deliveries_total{kind="room"}"#;
+const QUEUE_WAITS: &str = "switchboard_queue_wait_seconds_count";
 const MESSAGE_FRAMES_OUT: &str = r#"switchboard_frames_out_total{type="message"}"#;
 
 // ---------------------------------------------------------------------------------------------
@@ -1429,6 +1430,17 @@ async fn deliveries_are_counted_once_per_subscriber() -> Result<()> {
     assert_quiet(&outsider, "outsider").await?;
     assert_eq!(node.metric(ROOM_DELIVERIES).await?, 20.0);
     assert_eq!(node.metric(MESSAGE_FRAMES_OUT).await?, 20.0);
+    // Every written batch records how long its oldest frame waited: at least one batch per
+    // subscriber, at most one per frame.
+    wait_until("queue waits recorded", || async {
+        node.metric(QUEUE_WAITS)
+            .await
+            .is_ok_and(|count| count >= 4.0)
+    })
+    .await?;
+    let batches = node.metric(QUEUE_WAITS).await?;
+    ensure!(batches <= 20.0, "{batches} batches for 20 frames");
+    ensure!(node.metric("switchboard_queue_wait_seconds_sum").await? > 0.0);
 
     // A room with one subscriber counts one more per message.
     subscribers[0].subscribe("solo").await?;

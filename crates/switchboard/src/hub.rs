@@ -2,6 +2,7 @@
 //! delivery encodes a frame once per codec and pushes the same bytes to every session's queue.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use dashmap::DashMap;
 use serde_json::Value;
@@ -134,8 +135,8 @@ impl Hub {
     }
 
     /// Pushes one item, counting what could not be queued.
-    fn push(&self, session: &SessionHandle, item: Outbound) -> bool {
-        match session.queue.push(item) {
+    fn push(&self, session: &SessionHandle, item: Outbound, queued_at: Instant) -> bool {
+        match session.queue.push(item, queued_at) {
             Push::Queued => true,
             Push::Overflow => {
                 self.metrics.slow_closes.inc();
@@ -159,9 +160,10 @@ impl Hub {
     ) -> u64 {
         let mut cache = FrameCache::new(frame);
         let mut delivered = 0;
+        let queued_at = Instant::now();
         for session in sessions {
             if let Some(frame) = cache.get(session.codec)
-                && self.push(session, Outbound::Frame { kind, frame })
+                && self.push(session, Outbound::Frame { kind, frame }, queued_at)
             {
                 delivered += 1;
             }
@@ -192,6 +194,7 @@ impl BrokerHandler for Hub {
         };
         let mut cache = FrameCache::new(ServerFrame::Message(message.clone()));
         let mut delivered = 0;
+        let queued_at = Instant::now();
         for subscriber in subscribers.iter() {
             let session = &subscriber.session;
             if let Some(frame) = cache.get(session.codec) {
@@ -199,7 +202,7 @@ impl BrokerHandler for Hub {
                     message: message.clone(),
                     frame,
                 };
-                if self.push(session, item) {
+                if self.push(session, item, queued_at) {
                     delivered += 1;
                 }
             }

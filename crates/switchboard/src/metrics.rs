@@ -20,6 +20,7 @@ pub struct Metrics {
     pub closes: IntCounterVec,
     pub errors_sent: IntCounterVec,
     pub publish_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
     pub queue_bytes: IntGauge,
     pub rooms: IntGauge,
     pub broker_errors: IntCounterVec,
@@ -82,6 +83,17 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(publish_seconds.clone()))?;
+        let queue_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchboard_queue_wait_seconds",
+                "Time the oldest frame of each batch written to a client waited in the node, from being queued to the session until written to its socket.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(queue_wait_seconds.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -150,6 +162,7 @@ impl Metrics {
             frames_out,
             deliveries,
             publish_seconds,
+            queue_wait_seconds,
             registry,
         })
     }

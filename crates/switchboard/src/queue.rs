@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use prometheus::IntGauge;
@@ -64,9 +65,17 @@ pub struct OutboundQueue {
     total_bytes: IntGauge,
 }
 
+/// What the writer took: bytes to release once written, and when the oldest of it was queued.
+#[derive(Debug)]
+pub struct Taken {
+    pub bytes: usize,
+    pub oldest: Option<Instant>,
+}
+
 #[derive(Default)]
 struct QueueState {
-    items: VecDeque<Outbound>,
+    /// Each item with when it was queued.
+    items: VecDeque<(Instant, Outbound)>,
     /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
     close: Option<CloseRequest>,
@@ -83,7 +92,8 @@ impl OutboundQueue {
         }
     }
 
-    pub fn push(&self, item: Outbound) -> Push {
+    /// Queues `item`; `queued_at` is taken once per fan-out by the caller, not per session.
+    pub fn push(&self, item: Outbound, queued_at: Instant) -> Push {
         let len = item.len();
         let mut state = self.state.lock();
         if state.close.is_some() {
@@ -92,7 +102,7 @@ impl OutboundQueue {
         // An empty queue takes one item of any size: a single large message must not close
         // every reader; a reader that stays behind overflows on the next push.
         if state.bytes > 0 && state.bytes + len > self.max_bytes {
-            let dropped: usize = state.items.drain(..).map(|item| item.len()).sum();
+            let dropped: usize = state.items.drain(..).map(|(_, item)| item.len()).sum();
             state.bytes -= dropped;
             self.total_bytes.sub(dropped as i64);
             state.close = Some(CloseRequest {
@@ -104,7 +114,7 @@ impl OutboundQueue {
             return Push::Overflow;
         }
         state.bytes += len;
-        state.items.push_back(item);
+        state.items.push_back((queued_at, item));
         drop(state);
         self.total_bytes.add(len as i64);
         self.ready.notify_one();
@@ -117,7 +127,7 @@ impl OutboundQueue {
         if state.close.is_some() {
             return false;
         }
-        let dropped: usize = state.items.drain(..).map(|item| item.len()).sum();
+        let dropped: usize = state.items.drain(..).map(|(_, item)| item.len()).sum();
         state.bytes -= dropped;
         self.total_bytes.sub(dropped as i64);
         state.close = Some(CloseRequest {
@@ -150,26 +160,30 @@ impl OutboundQueue {
 
     /// Moves up to one batch into `batch` and returns its bytes, which stay counted until
     /// [`release`](Self::release); or the close request, if any.
-    pub fn take(&self, batch: &mut Vec<Outbound>) -> Result<usize, CloseRequest> {
+    pub fn take(&self, batch: &mut Vec<Outbound>) -> Result<Taken, CloseRequest> {
         let mut state = self.state.lock();
         if let Some(close) = &state.close {
             return Err(close.clone());
         }
+        let oldest = state.items.front().map(|(queued_at, _)| *queued_at);
         let mut taken = 0;
-        while let Some(item) = state.items.front() {
+        while let Some((_, item)) = state.items.front() {
             let len = item.len();
             if taken > 0 && taken + len > MAX_BATCH_BYTES {
                 break;
             }
             taken += len;
-            batch.extend(state.items.pop_front());
+            batch.extend(state.items.pop_front().map(|(_, item)| item));
         }
         let more = !state.items.is_empty();
         drop(state);
         if more {
             self.ready.notify_one();
         }
-        Ok(taken)
+        Ok(Taken {
+            bytes: taken,
+            oldest,
+        })
     }
 
     /// The writer wrote (or dropped) `bytes` it took.
@@ -213,11 +227,11 @@ mod tests {
     #[test]
     fn overflow_closes_with_1013_and_frees_what_was_queued() {
         let (queue, gauge) = queue(100);
-        assert_eq!(queue.push(frame(60)), Push::Queued);
+        assert_eq!(queue.push(frame(60), Instant::now()), Push::Queued);
         assert_eq!(gauge.get(), 60);
-        assert_eq!(queue.push(frame(60)), Push::Overflow);
+        assert_eq!(queue.push(frame(60), Instant::now()), Push::Overflow);
         assert_eq!(gauge.get(), 0);
-        assert_eq!(queue.push(frame(1)), Push::Closed);
+        assert_eq!(queue.push(frame(1), Instant::now()), Push::Closed);
         let close = queue.take(&mut Vec::new()).unwrap_err();
         assert_eq!(close.code, close::TRY_AGAIN_LATER);
     }
@@ -225,20 +239,20 @@ mod tests {
     #[test]
     fn an_empty_queue_takes_one_item_larger_than_its_bound() {
         let (queue, _) = queue(100);
-        assert_eq!(queue.push(frame(500)), Push::Queued);
-        assert_eq!(queue.push(frame(1)), Push::Overflow);
+        assert_eq!(queue.push(frame(500), Instant::now()), Push::Queued);
+        assert_eq!(queue.push(frame(1), Instant::now()), Push::Overflow);
     }
 
     #[test]
     fn bytes_taken_stay_counted_until_released() {
         let (queue, gauge) = queue(100);
-        queue.push(frame(40));
-        queue.push(frame(40));
+        queue.push(frame(40), Instant::now());
+        queue.push(frame(40), Instant::now());
         let mut batch = Vec::new();
-        assert_eq!(queue.take(&mut batch).unwrap(), 80);
+        assert_eq!(queue.take(&mut batch).unwrap().bytes, 80);
         assert_eq!(batch.len(), 2);
         assert_eq!(
-            queue.push(frame(40)),
+            queue.push(frame(40), Instant::now()),
             Push::Overflow,
             "taken bytes still count"
         );
@@ -247,10 +261,23 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_says_when_its_oldest_item_was_queued() {
+        let (queue, _) = queue(1000);
+        let first = Instant::now();
+        let second = first + std::time::Duration::from_millis(5);
+        queue.push(frame(10), first);
+        queue.push(frame(10), second);
+        let mut batch = Vec::new();
+        let taken = queue.take(&mut batch).unwrap();
+        assert_eq!((taken.bytes, taken.oldest), (20, Some(first)));
+        assert_eq!(queue.take(&mut batch).unwrap().oldest, None, "nothing left");
+    }
+
+    #[test]
     fn batches_are_bounded_in_bytes() {
         let (queue, _) = queue(4 * MAX_BATCH_BYTES);
         for _ in 0..4 {
-            queue.push(frame(MAX_BATCH_BYTES / 2 + 1));
+            queue.push(frame(MAX_BATCH_BYTES / 2 + 1), Instant::now());
         }
         let mut batch = Vec::new();
         queue.take(&mut batch).unwrap();

@@ -252,8 +252,15 @@ where
         // One update per batch: the counter is shared by every session of the node.
         metrics.message_frames_out.inc_by(room_frames);
         self.batch = batch;
+        let wrote = !messages.is_empty();
         let result = self.write_messages(messages).await;
-        self.handle.queue.release(taken);
+        self.handle.queue.release(taken.bytes);
+        if let (Ok(()), true, Some(oldest)) = (&result, wrote, taken.oldest) {
+            self.node
+                .metrics
+                .queue_wait_seconds
+                .observe(oldest.elapsed().as_secs_f64());
+        }
         result
     }
 
