@@ -28,6 +28,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--internal-listen", "SWITCHBOARD_INTERNAL_LISTEN"),
     ("--node-id", "SWITCHBOARD_NODE_ID"),
     ("--redis", "SWITCHBOARD_REDIS"),
+    ("--redis-ca-file", "SWITCHBOARD_REDIS_CA_FILE"),
     ("--jwt-secret", "SWITCHBOARD_JWT_SECRET"),
     ("--jwt-public-key", "SWITCHBOARD_JWT_PUBLIC_KEY"),
     ("--jwt-algorithm", "SWITCHBOARD_JWT_ALGORITHM"),
