@@ -19,9 +19,9 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 
 # The failover tests run real HAProxy with deploy/haproxy/haproxy.cfg, and deploy/local/cluster.sh,
-# which uses curl and python3.
+# which uses curl and python3. The rediss:// cluster test makes its certificates with openssl.
 missing=()
-for tool in haproxy curl python3; do
+for tool in haproxy curl python3 openssl; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
