@@ -76,53 +76,12 @@ ulimit -n "$(ulimit -Hn)"
 loadtest=target/release/switchboard-loadtest
 peer_dir=loadtest/peers/socketio
 
-pids=()
-# Stops what this script started, newest first (servers before their Redis), each by its pid.
-stop_all() {
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
-  pids=()
-}
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 trap stop_all EXIT
 # So a SIGTERM (once the current run returns) or ctrl-c also goes through stop_all.
 trap 'exit 143' TERM
 trap 'exit 130' INT
-
-# Waits (at most 20 s) until FILE has a line matching REGEX and prints its first match; fails if
-# process PID exits first.
-wait_match() { # file regex pid
-  local match
-  for _ in $(seq 200); do
-    match=$(grep -o -m1 -E "$2" "$1" 2>/dev/null || true)
-    if [ -n "$match" ]; then
-      echo "$match"
-      return 0
-    fi
-    kill -0 "$3" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "bench.sh: no '$2' in $1:" >&2
-  tail -n 20 "$1" >&2
-  return 1
-}
-
-# Starts a redis-server on a free port; sets redis_pid, redis_port and redis_url.
-start_redis() { # log-name
-  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
-    --loglevel warning >"$out/$1.log" 2>&1 &
-  redis_pid=$!
-  pids+=("$redis_pid")
-  for _ in $(seq 100); do
-    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  redis-cli -p "$redis_port" ping >/dev/null || { echo "bench.sh: redis-server did not start" >&2; return 1; }
-  redis_url="redis://127.0.0.1:$redis_port"
-}
 
 # Starts SYSTEM fresh and sets urls (one per node), cpu_args (--cpu-pid NAME=PID for every server
 # process and redis-server) and first_pid (the node `connect` measures).
@@ -131,7 +90,7 @@ start_system() { # system tag
   urls=() cpu_args=()
   case "$1" in
     switchboard)
-      start_redis "$2-redis"
+      start_redis "$out/$2-redis.log"
       for ((i = 1; i <= nodes; i++)); do
         log="$out/$2-node$i.log"
         target/release/switchboard --node-id "node$i" --redis "$redis_url" --rate-limit 0 \
@@ -141,11 +100,7 @@ start_system() { # system tag
         pids+=("$pid")
         addr=$(wait_match "$log" '"public":"[^"]*"' "$pid" | cut -d'"' -f4)
         internal=$(wait_match "$log" '"internal":"[^"]*"' "$pid" | cut -d'"' -f4)
-        for _ in $(seq 100); do
-          curl -fsS "http://$internal/readyz" >/dev/null 2>&1 && break
-          sleep 0.1
-        done
-        curl -fsS "http://$internal/readyz" >/dev/null || { echo "bench.sh: node$i not ready" >&2; return 1; }
+        wait_ready "$internal" || { echo "bench.sh: node$i not ready" >&2; return 1; }
         urls+=("ws://$addr/ws")
         cpu_args+=(--cpu-pid "node$i=$pid")
         if [ "$i" -eq 1 ]; then first_pid=$pid; fi
@@ -153,7 +108,7 @@ start_system() { # system tag
       cpu_args+=(--cpu-pid "redis=$redis_pid")
       ;;
     socketio)
-      start_redis "$2-redis"
+      start_redis "$out/$2-redis.log"
       for ((i = 1; i <= nodes; i++)); do
         log="$out/$2-sio$i.log"
         PORT=0 REDIS_URL="$redis_url" node "$peer_dir/server.js" >"$log" 2>&1 &

@@ -15,6 +15,8 @@ warmup=${WARMUP_SECS:-2}
 # Extra flags for both nodes, e.g. NODE_FLAGS="--node-ttl-ms 60000".
 node_flags="--rate-limit 0 --drain-grace-ms 1000 ${NODE_FLAGS:-}"
 mkdir -p "$out"
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 
@@ -45,18 +47,5 @@ run_case() { # name rooms subscribers-per-room rate
 run_case small-rooms 100 5 1000
 run_case big-room 1 1000 200
 echo "results: $out/small-rooms.json $out/big-room.json" >&2
-# What the nodes logged (warnings and errors only), counted by message.
-python3 - "$cluster_dir"/logs/node1.log "$cluster_dir"/logs/node2.log <<'PY' >&2
-import collections, json, sys
-for path in sys.argv[1:]:
-    counts = collections.Counter()
-    for line in open(path):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            counts[line.strip()[:120]] += 1
-            continue
-        counts[f"{event.get('level')} {event.get('fields', {}).get('message')}"] += 1
-    for message, count in counts.most_common():
-        print(f"{path}: {count} x {message}")
-PY
+# What the nodes logged (warnings and errors only), counted by message and operation.
+summarize_logs "$cluster_dir"/logs/node1.log "$cluster_dir"/logs/node2.log

@@ -29,21 +29,8 @@ case "$cases" in single | cluster | all) ;; *) echo "usage: $0 [single|cluster|a
 mkdir -p "$out"
 command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
 
-# A TCP port nobody listens on right now.
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-pids=()
-# Stops what this script started, newest first (the harness, then nodes, then Redis), by pid.
-stop_all() {
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[i]}" 2>/dev/null || true
-    wait "${pids[i]}" 2>/dev/null || true
-  done
-  pids=()
-}
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 trap stop_all EXIT
 
 echo "== limits: open files (this shell) soft $(ulimit -Sn) hard $(ulimit -Hn)," \
@@ -55,20 +42,6 @@ echo "== limits: open files (this shell) soft $(ulimit -Sn) hard $(ulimit -Hn),"
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 
-start_redis() {
-  redis_port=$(free_port)
-  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
-    --loglevel warning >"$out/redis.log" 2>&1 &
-  redis_pid=$!
-  pids+=("$redis_pid")
-  for _ in $(seq 100); do
-    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "redis-server never answered" >&2
-  return 1
-}
-
 node_urls=() node_pids=() node_internals=() node_logs=()
 start_node() { # name [flags...]
   local name=$1 port internal
@@ -78,17 +51,10 @@ start_node() { # name [flags...]
     --internal-listen "127.0.0.1:$internal" --log warn --log-format json "$@" >"$out/$name.log" 2>&1 &
   local pid=$!
   pids+=("$pid")
-  for _ in $(seq 100); do
-    if curl -fsS "http://127.0.0.1:$internal/readyz" >/dev/null 2>&1; then
-      node_urls+=("ws://127.0.0.1:$port/ws") node_pids+=("$pid") node_internals+=("$internal")
-      node_logs+=("$out/$name.log")
-      echo "$name: pid $pid, $(grep 'Max open files' "/proc/$pid/limits" | tr -s ' ')" >&2
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "$name never became ready" >&2
-  return 1
+  wait_ready "127.0.0.1:$internal" || { echo "$name never became ready" >&2; return 1; }
+  node_urls+=("ws://127.0.0.1:$port/ws") node_pids+=("$pid") node_internals+=("$internal")
+  node_logs+=("$out/$name.log")
+  echo "$name: pid $pid, $(grep 'Max open files' "/proc/$pid/limits" | tr -s ' ')" >&2
 }
 
 # Runs the harness over every started node; prints each node's own connection gauge during the
@@ -162,21 +128,7 @@ after_close() {
     done
     echo "... and $((SECONDS - start)) s later: $left" >&2
   fi
-  python3 - "${node_logs[@]}" <<'PY' >&2
-import collections, json, sys
-for path in sys.argv[1:]:
-    counts = collections.Counter()
-    for line in open(path):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            counts[line.strip()[:120]] += 1
-            continue
-        fields = event.get("fields", {})
-        counts[f"{event.get('level')} {fields.get('message')} {fields.get('op', '')}".strip()] += 1
-    for message, count in counts.most_common():
-        print(f"{path}: {count} x {message}")
-PY
+  summarize_logs "${node_logs[@]}"
 }
 
 if [ "$cases" = single ] || [ "$cases" = all ]; then
@@ -190,9 +142,9 @@ fi
 
 if [ "$cases" = cluster ] || [ "$cases" = all ]; then
   node_urls=() node_pids=() node_internals=() node_logs=()
-  start_redis
+  start_redis "$out/redis.log"
   for name in scale-a scale-b scale-c; do
-    start_node "$name" --redis "redis://127.0.0.1:$redis_port"
+    start_node "$name" --redis "$redis_url"
   done
   run_connect cluster "$cluster_connections" "$workers" --pid "redis=$redis_pid"
   after_close
