@@ -267,6 +267,18 @@ fn redis_error(error: RedisError) -> BrokerError {
     }
 }
 
+/// A shard URL fit for logs and error messages: its password, if any, replaced by `***`.
+pub fn redacted(shard_url: &str) -> String {
+    match url::Url::parse(shard_url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => shard_url.to_owned(),
+        Err(_) => "(an unparsable URL)".to_owned(),
+    }
+}
+
 impl RedisBroker {
     /// Builds the broker; connects lazily, so a node starts (not ready) while Redis is down.
     pub fn new(config: RedisConfig, registry: &Registry) -> Result<Self, String> {
@@ -281,8 +293,9 @@ impl RedisBroker {
         let mut shards = Vec::new();
         let mut shard_of_url = HashMap::new();
         for (index, url) in config.shards.iter().enumerate() {
+            let shown = redacted(url);
             if shard_of_url.insert(url.clone(), index).is_some() {
-                return Err(format!("shard {url} is listed twice"));
+                return Err(format!("shard {shown} is listed twice"));
             }
             for replica in 0..VIRTUAL_NODES {
                 ring.add(VirtualNode {
@@ -291,10 +304,10 @@ impl RedisBroker {
                 });
             }
             let client = shard_client(url, config.ca_pem.as_deref())
-                .map_err(|error| format!("{url}: {error}"))?;
+                .map_err(|error| format!("{shown}: {error}"))?;
             // From the client's connection info, which carries the TLS roots (a URL would not).
             let manager = Manager::new(client.get_connection_info().clone())
-                .map_err(|error| format!("{url}: {error}"))?;
+                .map_err(|error| format!("{shown}: {error}"))?;
             let pool = Pool::builder(manager)
                 .config(PoolConfig {
                     max_size: 16,
@@ -307,7 +320,7 @@ impl RedisBroker {
                 })
                 .runtime(Runtime::Tokio1)
                 .build()
-                .map_err(|error| format!("{url}: {error}"))?;
+                .map_err(|error| format!("{shown}: {error}"))?;
             let (control, control_rx) = mpsc::unbounded_channel();
             let label = index.to_string();
             metrics.up.with_label_values(&[&label]).set(0);
@@ -1346,6 +1359,20 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_show_in_shard_urls() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redacted("rediss://user:s3cret@cache.example.com:6380"),
+            "rediss://user:***@cache.example.com:6380"
+        );
+        assert_eq!(redacted("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert!(!redacted("redis://:s3cret@[bad").contains("s3cret"));
+    }
 
     #[test]
     fn the_ring_spreads_keys_and_ignores_shard_order() {

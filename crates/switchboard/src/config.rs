@@ -379,7 +379,13 @@ impl Options {
                 }
                 for shard in &shards {
                     if !(shard.starts_with("redis://") || shard.starts_with("rediss://")) {
-                        return Err(invalid("redis", format!("{shard:?} is not a redis:// URL")));
+                        return Err(invalid(
+                            "redis",
+                            format!(
+                                "{:?} is not a redis:// URL",
+                                switchboard_redis::redacted(shard)
+                            ),
+                        ));
                     }
                 }
                 Some(shards)
