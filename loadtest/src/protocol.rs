@@ -190,9 +190,9 @@ impl Protocol {
         room: &str,
     ) -> Result<(Socket, Option<(u64, String)>)> {
         if self == Protocol::Switchboard {
-            let (socket, offset, epoch) =
-                crate::ws::subscribe_one(url, target, &format!("\"{room}\"")).await?;
-            return Ok((socket, Some((offset, epoch))));
+            let (socket, subscribed) =
+                crate::ws::subscribe_one(url, target, &format!("\"{room}\""), None).await?;
+            return Ok((socket, Some((subscribed.offset, subscribed.epoch))));
         }
         // Run room names need no escaping: `[a-z0-9-]`.
         let frame = match self {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -131,23 +131,6 @@ struct SubscriberStats {
     recovered: bool,
     epoch_changed: bool,
     closed_early: bool,
-}
-
-/// The fields of a `subscribe` reply (or error) this scenario reads.
-#[derive(Deserialize)]
-struct ReplyFrame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    #[serde(default)]
-    id: Option<u64>,
-    #[serde(default)]
-    epoch: Option<String>,
-    #[serde(default)]
-    recovered: Option<bool>,
-    #[serde(default, borrow)]
-    code: Option<&'a str>,
-    #[serde(default)]
-    message: Option<String>,
 }
 
 /// The target subscriber `index` first connects to, so every room spans the targets.
@@ -455,14 +438,14 @@ async fn subscriber(
 ) -> Option<SubscriberStats> {
     let setup = tokio::time::timeout(
         SETUP_STEP_TIMEOUT,
-        subscribe_one(&first.0, first.1, &shared.rooms[room]),
+        subscribe_one(&first.0, first.1, &shared.rooms[room], None),
     )
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("no subscribe reply in 30s")));
     let (mut socket, start_offset, mut epoch) = match setup {
-        Ok(subscribed) => {
+        Ok((socket, subscribed)) => {
             let _ = ready_tx.send(Ok(()));
-            subscribed
+            (socket, subscribed.offset, subscribed.epoch)
         }
         Err(error) => {
             let _ = ready_tx.send(Err(error));
@@ -575,13 +558,13 @@ async fn resume(
         let left = deadline.saturating_duration_since(Instant::now());
         let outcome = tokio::time::timeout(
             left,
-            subscribe_since(target, room, stats.last_offset, epoch),
+            subscribe_one(&target.0, target.1, room, Some((stats.last_offset, epoch))),
         )
         .await;
         match outcome {
-            Ok(Ok((socket, resumed_epoch, recovered))) => {
-                stats.recovered = recovered;
-                return Some((socket, resumed_epoch));
+            Ok(Ok((socket, subscribed))) => {
+                stats.recovered = subscribed.recovered;
+                return Some((socket, subscribed.epoch));
             }
             Ok(Err(error)) => {
                 if attempt <= 3 {
@@ -589,45 +572,6 @@ async fn resume(
                 }
             }
             Err(_) => return None,
-        }
-    }
-}
-
-/// Opens a connection and subscribes to `room` (JSON-encoded) with `since`; returns the socket,
-/// the room's epoch and the `recovered` flag of the reply. The recovered messages follow.
-async fn subscribe_since(
-    (url, addr): &(String, SocketAddr),
-    room: &str,
-    offset: u64,
-    epoch: &str,
-) -> Result<(Socket, String, bool)> {
-    let mut socket = open(url, *addr, None).await?;
-    let epoch = serde_json::to_string(epoch)?;
-    socket
-        .send(Message::text(format!(
-            r#"{{"type":"subscribe","room":{room},"id":1,"since":{{"offset":{offset},"epoch":{epoch}}}}}"#
-        )))
-        .await?;
-    loop {
-        let message = match socket.next().await {
-            Some(message) => message?,
-            None => bail!("closed before the subscribe reply"),
-        };
-        let Message::Text(text) = &message else {
-            continue;
-        };
-        let reply: ReplyFrame<'_> = serde_json::from_str(text.as_str())?;
-        match (reply.kind, reply.id) {
-            ("reply", Some(1)) => {
-                let epoch = reply.epoch.context("subscribe reply without epoch")?;
-                return Ok((socket, epoch, reply.recovered == Some(true)));
-            }
-            ("error", _) => bail!(
-                "subscribe refused: {} {}",
-                reply.code.unwrap_or("?"),
-                reply.message.unwrap_or_default()
-            ),
-            _ => {}
         }
     }
 }

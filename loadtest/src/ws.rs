@@ -98,17 +98,32 @@ pub async fn open(url: &str, target: SocketAddr, source: Option<IpAddr>) -> Resu
     Protocol::Switchboard.open(url, target, source).await
 }
 
-/// Opens a subscriber connection and subscribes it to `room` (JSON-encoded); returns the socket
-/// and the room's position from the reply.
+/// What a `subscribe` reply said: the room's position and whether `since` recovery worked.
+pub struct Subscribed {
+    pub offset: u64,
+    pub epoch: String,
+    pub recovered: bool,
+}
+
+/// Opens a subscriber connection and subscribes it to `room` (JSON-encoded), resuming after
+/// `since` (offset, epoch) if given; returns the socket and the reply. Recovered messages follow.
 pub async fn subscribe_one(
     url: &str,
     target: SocketAddr,
     room: &str,
-) -> Result<(Socket, u64, String)> {
+    since: Option<(u64, &str)>,
+) -> Result<(Socket, Subscribed)> {
     let mut socket = open(url, target, None).await?;
+    let since = match since {
+        Some((offset, epoch)) => format!(
+            r#","since":{{"offset":{offset},"epoch":{}}}"#,
+            serde_json::to_string(epoch)?
+        ),
+        None => String::new(),
+    };
     socket
         .send(Message::text(format!(
-            r#"{{"type":"subscribe","room":{room},"id":1}}"#
+            r#"{{"type":"subscribe","room":{room},"id":1{since}}}"#
         )))
         .await?;
     loop {
@@ -124,7 +139,12 @@ pub async fn subscribe_one(
             ("reply", Some(1)) => {
                 let offset = incoming.offset.context("subscribe reply without offset")?;
                 let epoch = incoming.epoch.context("subscribe reply without epoch")?;
-                return Ok((socket, offset, epoch.to_owned()));
+                let subscribed = Subscribed {
+                    offset,
+                    epoch: epoch.to_owned(),
+                    recovered: incoming.recovered == Some(true),
+                };
+                return Ok((socket, subscribed));
             }
             ("error", _) => bail!(
                 "subscribe refused: {} {}",
@@ -153,6 +173,8 @@ pub struct Incoming<'a> {
     pub code: Option<&'a str>,
     #[serde(default)]
     pub message: Option<String>,
+    #[serde(default)]
+    pub recovered: Option<bool>,
 }
 
 /// What a published message carries: its send time (µs on the common clock) and, from the
