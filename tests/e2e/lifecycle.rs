@@ -55,6 +55,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--room-linger-ms", "SWITCHBOARD_ROOM_LINGER_MS"),
     ("--read-buffer-size", "SWITCHBOARD_READ_BUFFER_SIZE"),
     ("--write-buffer-size", "SWITCHBOARD_WRITE_BUFFER_SIZE"),
+    ("--trusted-proxies", "SWITCHBOARD_TRUSTED_PROXIES"),
     ("--log-format", "SWITCHBOARD_LOG_FORMAT"),
     ("--log", "SWITCHBOARD_LOG"),
 ];
@@ -840,6 +841,60 @@ async fn json_logs_carry_the_session_span() -> Result<()> {
             .with_context(|| format!("--log-format json wrote a non-JSON line: {line}"))?;
         ensure!(value.is_object(), "not a JSON object: {line}");
     }
+    Ok(())
+}
+
+/// The `client` field of the session span of the first log line about `user`'s session, after
+/// closing it with bad frames (an info line inside the span).
+async fn logged_client(node: &NodeProcess, user: &str, forwarded_for: &str) -> Result<String> {
+    let url = format!("{}?user={user}", node.ws_url());
+    let headers = [("X-Forwarded-For", forwarded_for)];
+    let Handshake::Open(mut client, _) =
+        raw_handshake(&url, Some(Codec::Json.protocol()), &headers).await?
+    else {
+        bail!("handshake refused");
+    };
+    client.next_frame().await?;
+    for _ in 0..3 {
+        if client
+            .send_message(Message::Text("not json".into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    client.expect_close().await?;
+    let span_client = || {
+        node.logs().iter().find_map(|line| {
+            let value: Value = serde_json::from_str(line).ok()?;
+            let span = &value["span"];
+            (span["user"].as_str() == Some(user))
+                .then(|| span["client"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    };
+    wait_until("a log line in the session's span", || async {
+        span_client().is_some()
+    })
+    .await?;
+    span_client().context("client field")
+}
+
+#[tokio::test]
+async fn the_client_address_comes_from_x_forwarded_for_only_behind_a_trusted_proxy() -> Result<()> {
+    let trusting =
+        NodeProcess::start(&["--max-bad-frames", "1", "--trusted-proxies", "127.0.0.1"]).await?;
+    assert_eq!(
+        logged_client(&trusting, "behind-proxy", "203.0.113.7").await?,
+        "203.0.113.7"
+    );
+    let untrusting = NodeProcess::start(&["--max-bad-frames", "1"]).await?;
+    assert_eq!(
+        logged_client(&untrusting, "spoofing", "203.0.113.7").await?,
+        "127.0.0.1",
+        "a peer that is not a trusted proxy cannot choose its address"
+    );
     Ok(())
 }
 

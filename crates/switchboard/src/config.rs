@@ -111,6 +111,16 @@ pub struct Options {
     )]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// Load balancers or proxies (comma-separated addresses or CIDRs, e.g. 10.0.0.0/8) whose
+    /// X-Forwarded-For header names the client in logs. Unset: the TCP peer is the client.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDRS"
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
+
     /// Most connections (handshaking or open) at once; more wait in the kernel's accept backlog
     /// [default: the open-files limit less 512].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", value_name = "N")]
@@ -233,6 +243,8 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     pub api_key: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
+    /// Peers whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub max_message_size: usize,
@@ -302,6 +314,7 @@ impl Options {
             jwt_leeway_secs: self.jwt_leeway_secs.or(file.jwt_leeway_secs),
             api_key: self.api_key.or(file.api_key),
             allowed_origins: self.allowed_origins.or(file.allowed_origins),
+            trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
             max_connections: self.max_connections.or(file.max_connections),
             handshake_timeout_ms: self.handshake_timeout_ms.or(file.handshake_timeout_ms),
             max_message_size: self.max_message_size.or(file.max_message_size),
@@ -495,6 +508,23 @@ impl Options {
             }
             None => None,
         };
+        let mut trusted_proxies = Vec::new();
+        for entry in self.trusted_proxies.iter().flatten() {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            let network = entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "trusted-proxies",
+                        format!("{entry:?} is neither an IP address nor a CIDR"),
+                    )
+                })?;
+            trusted_proxies.push(network);
+        }
         let max_connections = match self.max_connections {
             Some(0) => return Err(invalid("max-connections", "must be at least 1")),
             Some(n) => n,
@@ -577,6 +607,7 @@ impl Options {
             jwt,
             api_key: self.api_key,
             allowed_origins,
+            trusted_proxies,
             max_connections,
             handshake_timeout: Duration::from_millis(positive(
                 "handshake-timeout-ms",

@@ -2,7 +2,7 @@
 //! handshake (hyper) bounded by a timeout, and the upgrade to a WebSocket session.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,6 +150,35 @@ fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
         .find_map(|name| Codec::from_protocol(name))
         .map(Some)
         .ok_or(())
+}
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy; then the nearest
+/// address in X-Forwarded-For (read from the right, as each proxy appends its peer) that is not a
+/// trusted proxy itself. A malformed entry ends the search at the peer: nothing left of it can be
+/// believed.
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|network| network.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        let Ok(ip) = entry.parse::<IpAddr>() else {
+            return peer;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -310,6 +339,7 @@ fn handle_request(
         identity,
         codec: offered.unwrap_or(Codec::Json),
         remote,
+        client: client_ip(remote.ip(), request.headers(), &node.config.trusted_proxies),
     };
     let node = node.clone();
     let on_upgrade = hyper::upgrade::on(&mut request);
@@ -346,4 +376,66 @@ fn websocket_config(node: &Node) -> WebSocketConfig {
         .write_buffer_size(config.write_buffer_size)
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append("x-forwarded-for", HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn only_a_trusted_peer_is_believed_about_the_client() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let headers = forwarded(&["203.0.113.7"]);
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), &headers, &trusted),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            client_ip(ip("192.0.2.1"), &headers, &trusted),
+            ip("192.0.2.1"),
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), &headers, &[]),
+            ip("10.1.2.3"),
+            "nobody is trusted by default"
+        );
+    }
+
+    #[test]
+    fn the_nearest_untrusted_address_is_the_client() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        // A spoofed first entry, the client, then an inner proxy; over two header lines.
+        let headers = forwarded(&["198.51.100.9, 203.0.113.7", "10.0.0.5"]);
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), &headers, &trusted),
+            ip("203.0.113.7")
+        );
+        let all_proxies = forwarded(&["10.0.0.6, 10.0.0.5"]);
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), &all_proxies, &trusted),
+            ip("10.0.0.6")
+        );
+        let malformed = forwarded(&["203.0.113.7, not-an-ip"]);
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), &malformed, &trusted),
+            ip("10.1.2.3")
+        );
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), &HeaderMap::new(), &trusted),
+            ip("10.1.2.3")
+        );
+    }
 }

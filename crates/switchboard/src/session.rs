@@ -3,7 +3,7 @@
 //! live message queued behind them, and per-room offsets drop anything written already.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Admission {
     pub identity: Identity,
     pub codec: Codec,
+    /// The TCP peer (a load balancer, when there is one).
     pub remote: SocketAddr,
+    /// The client: the peer, or what a trusted proxy's X-Forwarded-For says.
+    pub client: IpAddr,
 }
 
 /// How the session loop ended.
@@ -118,7 +121,7 @@ where
 {
     let session_id = new_session_id();
     let span = tracing::info_span!("session", session = %session_id,
-        user = %admission.identity.user, remote = %admission.remote);
+        user = %admission.identity.user, remote = %admission.remote, client = %admission.client);
     async move {
         let handle = Arc::new(SessionHandle {
             id: Arc::from(session_id.as_str()),

@@ -1072,3 +1072,29 @@ fn write_buffer_size_may_be_zero_but_not_above_a_mebibyte() {
         );
     }
 }
+
+#[test]
+fn trusted_proxies_take_addresses_and_cidrs() {
+    let config = resolve(Options {
+        trusted_proxies: Some(vec![
+            "10.0.0.0/8".into(),
+            " 127.0.0.1 ".into(),
+            "::1".into(),
+        ]),
+        ..Options::default()
+    });
+    let networks: Vec<String> = config
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(networks, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+    assert!(resolve(Options::default()).trusted_proxies.is_empty());
+    expect_invalid(
+        Options {
+            trusted_proxies: Some(vec!["10.0.0.0/33".into()]),
+            ..Options::default()
+        },
+        "trusted-proxies",
+    );
+}
