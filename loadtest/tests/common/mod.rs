@@ -248,3 +248,29 @@ pub async fn wait_for_socketio_adapters(redis: &RedisProcess, nodes: usize) {
     .await
     .expect("the adapters never subscribed");
 }
+
+/// Asserts what every lossless delivery run shows: each field in `zeros` is 0, the publishers
+/// held `rate` over the window (within 20 %), and every message published in the window reached
+/// each of its room's `subscribers_per_room`.
+pub fn assert_delivered_everything(
+    result: &Value,
+    zeros: &[&str],
+    rate: u64,
+    duration_secs: u64,
+    subscribers_per_room: u64,
+) {
+    for zero in zeros {
+        assert_eq!(field(result, zero), 0, "{zero}: {result:#}");
+    }
+    let published = field(result, "published");
+    let scheduled = rate * duration_secs;
+    assert!(
+        published >= scheduled * 8 / 10 && published <= scheduled * 12 / 10,
+        "published {published} in the window, scheduled {scheduled}: {result:#}"
+    );
+    assert_eq!(
+        field(result, "delivered"),
+        published * subscribers_per_room,
+        "{result:#}"
+    );
+}
