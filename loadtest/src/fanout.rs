@@ -19,23 +19,13 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         .iter()
         .map(|url| Ok((url.clone(), url_addr(url)?)))
         .collect::<Result<Vec<_>>>()?;
-    let plan = Plan {
-        publish_targets: targets.clone(),
-        subscribe_targets: targets,
-        rooms: args.rooms,
-        subscribers_per_room: args.subscribers / args.rooms,
-        publishers: args.run.publishers.min(args.run.rate),
-        rate: args.run.rate,
-        duration_secs: args.run.duration_secs,
-        warmup_secs: args.run.warmup_secs,
-        drain_secs: args.run.drain_secs,
-        connect_rate: args.run.connect_rate,
-        setup_timeout_secs: args.run.setup_timeout_secs,
-        redis: None,
-        baseline_secs: 0,
-        cpu_pids: args.run.cpu_pids.clone(),
-        protocol: args.protocol,
-    };
+    let plan = Plan::new(
+        &args.run,
+        targets.clone(),
+        targets,
+        (args.rooms, args.subscribers / args.rooms),
+        args.protocol,
+    );
     let figures = measure(&plan).await?;
     let result = FanoutResult {
         protocol: args.protocol,

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use self::shared::{Shared, SubscriberStats, latency_histogram};
 use self::subscriber::SETUP_STEP_TIMEOUT;
-use crate::cli::LatencyArgs;
+use crate::cli::{LatencyArgs, RunArgs};
 use crate::procfs::{CpuSample, cpu_use};
 use crate::progress;
 use crate::protocol::Protocol;
@@ -28,25 +28,18 @@ use crate::ws::{run_tag, url_addr};
 pub async fn run(args: LatencyArgs) -> Result<()> {
     args.check()?;
     let plan = Plan {
-        publish_targets: vec![(args.publish_url.clone(), url_addr(&args.publish_url)?)],
-        subscribe_targets: args
-            .subscribe_urls
-            .iter()
-            .map(|url| Ok((url.clone(), url_addr(url)?)))
-            .collect::<Result<Vec<_>>>()?,
-        rooms: args.rooms,
-        subscribers_per_room: args.subscribers_per_room,
-        publishers: args.run.publishers.min(args.run.rate),
-        rate: args.run.rate,
-        duration_secs: args.run.duration_secs,
-        warmup_secs: args.run.warmup_secs,
-        drain_secs: args.run.drain_secs,
-        connect_rate: args.run.connect_rate,
-        setup_timeout_secs: args.run.setup_timeout_secs,
         redis: args.redis_url.as_deref().map(redis_addr).transpose()?,
         baseline_secs: args.baseline_secs.unwrap_or(args.run.duration_secs),
-        cpu_pids: args.run.cpu_pids.clone(),
-        protocol: Protocol::Switchboard,
+        ..Plan::new(
+            &args.run,
+            vec![(args.publish_url.clone(), url_addr(&args.publish_url)?)],
+            args.subscribe_urls
+                .iter()
+                .map(|url| Ok((url.clone(), url_addr(url)?)))
+                .collect::<Result<Vec<_>>>()?,
+            (args.rooms, args.subscribers_per_room),
+            Protocol::Switchboard,
+        )
     };
     let figures = measure(&plan).await?;
     let result = LatencyResult {
@@ -94,6 +87,34 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A plan with `run`'s publishing, timing and CPU watching, `rooms` × `subscribers_per_room`
+    /// subscribers, no Redis figures and no baseline.
+    pub fn new(
+        run: &RunArgs,
+        publish_targets: Vec<(String, SocketAddr)>,
+        subscribe_targets: Vec<(String, SocketAddr)>,
+        (rooms, subscribers_per_room): (u64, u64),
+        protocol: Protocol,
+    ) -> Plan {
+        Plan {
+            publish_targets,
+            subscribe_targets,
+            rooms,
+            subscribers_per_room,
+            publishers: run.publishers.min(run.rate),
+            rate: run.rate,
+            duration_secs: run.duration_secs,
+            warmup_secs: run.warmup_secs,
+            drain_secs: run.drain_secs,
+            connect_rate: run.connect_rate,
+            setup_timeout_secs: run.setup_timeout_secs,
+            redis: None,
+            baseline_secs: 0,
+            cpu_pids: run.cpu_pids.clone(),
+            protocol,
+        }
+    }
+
     pub fn subscribers(&self) -> u64 {
         self.rooms * self.subscribers_per_room
     }
