@@ -16,7 +16,7 @@ use switchboard_protocol::api::{
 };
 use switchboard_protocol::close;
 
-use crate::auth::{MAX_USER_LEN, valid_user};
+use crate::auth::{MAX_USER_LEN, bearer_token, valid_user};
 use crate::node::{Node, valid_room};
 
 /// An API failure: a status and the `{code, message}` body.
@@ -115,8 +115,7 @@ async fn require_api_key(State(node): State<Arc<Node>>, request: Request, next: 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         if !given.is_some_and(|given| same_key(given.as_bytes(), expected.as_bytes())) {
             return Failure::new(
                 StatusCode::UNAUTHORIZED,

@@ -11,28 +11,43 @@ use crate::config::{JwtAlgorithm, JwtConfig, JwtKey};
 /// Longest user id accepted (a `sub` claim or `?user=`), to keep registry keys bounded.
 pub const MAX_USER_LEN: usize = 128;
 
-/// Which rooms an identity may use for one purpose (subscribe, or publish).
+/// Which rooms (or, for `send`, which users) an identity may use for one purpose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     All,
-    /// Exact names, or prefixes ending in `*` (`chat.*` allows `chat.lobby`; `*` allows all).
+    /// Each pattern is an exact name; or `prefix.*`, names that start with `prefix.` and go on
+    /// (`user.alice.*` allows `user.alice.inbox`, not `user.alice` nor `user.alice2`); or any
+    /// other `prefix*`, a raw prefix (`user.alice*` also allows `user.alice2`; kept for
+    /// compatibility); `*` alone allows everything.
     Patterns(Vec<String>),
 }
 
 impl Access {
-    pub fn allows(&self, room: &str) -> bool {
+    pub fn allows(&self, name: &str) -> bool {
         match self {
             Access::All => true,
-            Access::Patterns(patterns) => {
-                patterns
-                    .iter()
-                    .any(|pattern| match pattern.strip_suffix('*') {
-                        Some(prefix) => room.starts_with(prefix),
-                        None => pattern == room,
-                    })
-            }
+            Access::Patterns(patterns) => patterns.iter().any(|pattern| matches(pattern, name)),
         }
     }
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        // `prefix.*` needs something after the dot: the bare `prefix.` is no segment.
+        Some(prefix) if prefix.ends_with('.') => {
+            name.len() > prefix.len() && name.starts_with(prefix)
+        }
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// The credentials of an `Authorization: Bearer <value>` header. The scheme is matched without
+/// regard to case (RFC 7235); an empty value counts as none.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, value) = authorization.trim_start().split_once(' ')?;
+    let value = value.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !value.is_empty()).then_some(value)
 }
 
 /// An admitted connection's identity.
@@ -41,6 +56,8 @@ pub struct Identity {
     pub user: String,
     pub rooms: Access,
     pub publish: Access,
+    /// Users this identity may `send` to.
+    pub send: Access,
     /// Shown in presence.
     pub info: Option<Value>,
     /// The token's `exp`, in seconds since the Unix epoch.
@@ -68,6 +85,8 @@ struct Claims {
     rooms: Option<Vec<String>>,
     #[serde(default)]
     publish: Option<Vec<String>>,
+    #[serde(default)]
+    send: Option<Vec<String>>,
     #[serde(default)]
     info: Option<Value>,
 }
@@ -146,6 +165,7 @@ impl Authenticator {
                 user,
                 rooms: Access::All,
                 publish: Access::All,
+                send: Access::All,
                 info: None,
                 expires_at: None,
             });
@@ -168,6 +188,7 @@ impl Authenticator {
             user: claims.sub,
             rooms: Access::Patterns(claims.rooms.unwrap_or_default()),
             publish: Access::Patterns(claims.publish.unwrap_or_default()),
+            send: Access::Patterns(claims.send.unwrap_or_default()),
             info: claims.info,
             expires_at: claims.exp,
         })
@@ -234,6 +255,138 @@ mod tests {
         assert!(!access.allows("chat"));
         assert!(Access::Patterns(vec!["*".into()]).allows("anything"));
         assert!(!Access::Patterns(vec![]).allows("anything"));
+    }
+
+    #[test]
+    fn a_dot_star_pattern_stays_within_its_segment_and_a_bare_star_is_a_raw_prefix() {
+        let segment = Access::Patterns(vec!["user.alice.*".into()]);
+        assert!(segment.allows("user.alice.inbox"));
+        assert!(segment.allows("user.alice.a.b"));
+        assert!(!segment.allows("user.alice"));
+        assert!(!segment.allows("user.alice."));
+        assert!(!segment.allows("user.alice2"));
+        assert!(!segment.allows("user.alice2.inbox"));
+        let raw = Access::Patterns(vec!["user.alice*".into()]);
+        assert!(raw.allows("user.alice"));
+        assert!(raw.allows("user.alice2"));
+        assert!(raw.allows("user.alice.inbox"));
+        assert!(!raw.allows("user.alic"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_an_empty_credential_is_none() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    fn authenticator_for(issuer: Option<&str>, audience: Option<&str>) -> Authenticator {
+        Authenticator::new(Some(&JwtConfig {
+            key: JwtKey::Secret(SECRET.into()),
+            algorithm: JwtAlgorithm::Hs256,
+            issuer: issuer.map(str::to_owned),
+            audience: audience.map(str::to_owned),
+            leeway: Duration::from_secs(5),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_configured_issuer_is_required_and_checked() {
+        let auth = authenticator_for(Some("https://idp.example"), None);
+        let exp = unix_now_secs() + 60;
+        let right = token(json!({"sub": "a", "exp": exp, "iss": "https://idp.example"}));
+        assert_eq!(auth.authenticate(Some(&right), None).unwrap().user, "a");
+        for claims in [
+            json!({"sub": "a", "exp": exp, "iss": "https://other.example"}),
+            json!({"sub": "a", "exp": exp}),
+        ] {
+            assert!(
+                matches!(
+                    auth.authenticate(Some(&token(claims.clone())), None),
+                    Err(AuthError::Invalid(_))
+                ),
+                "{claims}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_configured_audience_is_required_and_checked() {
+        let auth = authenticator_for(None, Some("switchboard"));
+        let exp = unix_now_secs() + 60;
+        for aud in [json!("switchboard"), json!(["other", "switchboard"])] {
+            let right = token(json!({"sub": "a", "exp": exp, "aud": aud}));
+            assert!(auth.authenticate(Some(&right), None).is_ok(), "aud {aud}");
+        }
+        for claims in [
+            json!({"sub": "a", "exp": exp, "aud": "another-service"}),
+            json!({"sub": "a", "exp": exp}),
+        ] {
+            assert!(
+                matches!(
+                    auth.authenticate(Some(&token(claims.clone())), None),
+                    Err(AuthError::Invalid(_))
+                ),
+                "{claims}"
+            );
+        }
+        // Without a configured audience, a token's `aud` is not held against it.
+        let unchecked = token(json!({"sub": "a", "exp": exp, "aud": "another-service"}));
+        assert!(authenticator().authenticate(Some(&unchecked), None).is_ok());
+    }
+
+    #[test]
+    fn extreme_time_claims_neither_panic_nor_wrap() {
+        let auth = authenticator();
+        let forever = token(json!({"sub": "a", "exp": u64::MAX}));
+        assert_eq!(
+            auth.authenticate(Some(&forever), None).unwrap().expires_at,
+            Some(u64::MAX)
+        );
+        let never_valid = token(json!({"sub": "a", "exp": u64::MAX, "nbf": u64::MAX}));
+        assert!(matches!(
+            auth.authenticate(Some(&never_valid), None),
+            Err(AuthError::Invalid(_))
+        ));
+        for exp in [json!(1e300), json!(-1), json!("soon")] {
+            let odd = token(json!({"sub": "a", "exp": exp}));
+            assert!(
+                matches!(
+                    auth.authenticate(Some(&odd), None),
+                    Err(AuthError::Invalid(_))
+                ),
+                "exp {exp}"
+            );
+        }
+    }
+
+    #[test]
+    fn send_is_allowed_only_to_the_users_the_token_names() {
+        let auth = authenticator();
+        let exp = unix_now_secs() + 60;
+        let without = auth
+            .authenticate(Some(&token(json!({"sub": "a", "exp": exp}))), None)
+            .unwrap();
+        assert!(!without.send.allows("bob"));
+        let with = auth
+            .authenticate(
+                Some(&token(
+                    json!({"sub": "a", "exp": exp, "send": ["bob", "team.*"]}),
+                )),
+                None,
+            )
+            .unwrap();
+        assert!(with.send.allows("bob"));
+        assert!(with.send.allows("team.carol"));
+        assert!(!with.send.allows("bobby"));
+        assert!(!with.send.allows("team"));
+        let open = Authenticator::new(None).unwrap();
+        assert_eq!(open.authenticate(None, None).unwrap().send, Access::All);
     }
 
     #[test]

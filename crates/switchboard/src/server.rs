@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, bearer_token};
 use crate::demo;
 use crate::node::Node;
 use crate::session::{self, Admission};
@@ -188,12 +188,7 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    bearer_token(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 fn handle_request(
@@ -291,7 +286,10 @@ fn handle_request(
         }
     };
     let query = request.uri().query();
-    let token = query_param(query, "token").or_else(|| bearer(headers).map(str::to_owned));
+    // An empty `?token=` is no token: it must not hide the Authorization header.
+    let token = query_param(query, "token")
+        .filter(|token| !token.is_empty())
+        .or_else(|| bearer(headers).map(str::to_owned));
     let user = query_param(query, "user");
     let identity = match node.auth.authenticate(token.as_deref(), user.as_deref()) {
         Ok(identity) => identity,

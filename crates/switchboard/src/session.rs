@@ -344,7 +344,7 @@ where
             return Err(close_with(close::NORMAL, "idle timeout"));
         }
         if let Some(expires_at) = self.identity.expires_at
-            && unix_now_secs() > expires_at + self.node.auth.leeway_secs()
+            && unix_now_secs() > expires_at.saturating_add(self.node.auth.leeway_secs())
         {
             return Err(close_with(close::POLICY, "token expired"));
         }
@@ -663,6 +663,12 @@ where
             return Err((
                 ErrorCode::BadFrame,
                 format!("user ids are 1 to {MAX_USER_LEN} bytes without control characters"),
+            ));
+        }
+        if !self.identity.send.allows(&to) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("the token does not allow sending to {to:?}"),
             ));
         }
         let message = DirectMessage {
