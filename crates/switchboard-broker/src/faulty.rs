@@ -1,6 +1,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
+
 use async_trait::async_trait;
 use serde_json::Value;
 use switchboard_protocol::api::NodeInfo;
@@ -12,10 +14,12 @@ use crate::{
 };
 
 /// Wraps a broker and, while `set_down(true)`, fails every call with `Unavailable` and reports
-/// itself unhealthy, as a broker whose Redis vanished would. For tests of failure paths.
+/// itself unhealthy, as a broker whose Redis vanished would; or panics once in a chosen call
+/// (`panic_once`), as a bug would. For tests of failure paths.
 pub struct FaultyBroker {
     inner: Arc<dyn Broker>,
     down: AtomicBool,
+    panic_in: Mutex<Option<&'static str>>,
 }
 
 impl FaultyBroker {
@@ -23,6 +27,7 @@ impl FaultyBroker {
         FaultyBroker {
             inner,
             down: AtomicBool::new(false),
+            panic_in: Mutex::new(None),
         }
     }
 
@@ -30,7 +35,15 @@ impl FaultyBroker {
         self.down.store(down, Ordering::SeqCst);
     }
 
-    fn check(&self) -> BrokerResult<()> {
+    /// The next call of the method named `op` (e.g. `"join_presence"`) panics; later ones don't.
+    pub fn panic_once(&self, op: &'static str) {
+        *self.panic_in.lock() = Some(op);
+    }
+
+    fn check(&self, op: &str) -> BrokerResult<()> {
+        if self.panic_in.lock().take_if(|armed| *armed == op).is_some() {
+            panic!("injected panic in {op}");
+        }
         if self.down.load(Ordering::SeqCst) {
             Err(BrokerError::Unavailable("injected fault".into()))
         } else {
@@ -51,82 +64,82 @@ impl Broker for FaultyBroker {
         data: Value,
         from: Option<Sender>,
     ) -> BrokerResult<Arc<RoomMessage>> {
-        self.check()?;
+        self.check("publish")?;
         self.inner.publish(room, data, from).await
     }
 
     async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
-        self.check()?;
+        self.check("subscribe_room")?;
         self.inner.subscribe_room(room).await
     }
 
     async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
-        self.check()?;
+        self.check("unsubscribe_room")?;
         self.inner.unsubscribe_room(room).await
     }
 
     async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
-        self.check()?;
+        self.check("history")?;
         self.inner.history(room, query).await
     }
 
     async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
-        self.check()?;
+        self.check("position")?;
         self.inner.position(room).await
     }
 
     async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
-        self.check()?;
+        self.check("send")?;
         self.inner.send(message).await
     }
 
     async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
-        self.check()?;
+        self.check("broadcast")?;
         self.inner.broadcast(data).await
     }
 
     async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64> {
-        self.check()?;
+        self.check("disconnect")?;
         self.inner.disconnect(user, code, reason).await
     }
 
     async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
-        self.check()?;
+        self.check("register_session")?;
         self.inner.register_session(record).await
     }
 
     async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
-        self.check()?;
+        self.check("unregister_session")?;
         self.inner.unregister_session(record).await
     }
 
     async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        self.check()?;
+        self.check("join_presence")?;
         self.inner.join_presence(room, member).await
     }
 
     async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        self.check()?;
+        self.check("leave_presence")?;
         self.inner.leave_presence(room, member).await
     }
 
     async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
-        self.check()?;
+        self.check("presence")?;
         self.inner.presence(room).await
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
-        self.check()?;
+        self.check("heartbeat")?;
         self.inner.heartbeat(node).await
     }
 
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
-        self.check()?;
+        self.check("nodes")?;
         self.inner.nodes().await
     }
 
     async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
-        self.check()?;
+        self.check("deregister_node")?;
         self.inner.deregister_node(node).await
     }
 
@@ -298,6 +311,18 @@ mod tests {
         let message = broker.publish("r", json!(3), None).await.unwrap();
         assert_eq!(message.offset, 2);
         assert_eq!(*recorder.rooms.lock(), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn panics_once_in_the_chosen_call_only() {
+        let (broker, _recorder) = faulty().await;
+        let broker = Arc::new(broker);
+        broker.panic_once("presence");
+        broker.position("r").await.unwrap();
+        let task = broker.clone();
+        let panicked = tokio::spawn(async move { task.presence("r").await }).await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert!(broker.presence("r").await.unwrap().is_empty(), "only once");
     }
 
     #[tokio::test]

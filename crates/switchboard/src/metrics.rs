@@ -19,6 +19,8 @@ pub struct Metrics {
     pub slow_closes: IntCounter,
     pub closes: IntCounterVec,
     pub errors_sent: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub session_panics: IntCounter,
     pub publish_seconds: Histogram,
     pub queue_wait_seconds: Histogram,
     pub queue_bytes: IntGauge,
@@ -139,6 +141,15 @@ impl Metrics {
                 "switchboard_errors_sent_total",
                 "Error frames sent to clients, by error code.",
                 &["code"],
+            )?,
+            rate_limited: counter_vec(
+                "switchboard_rate_limited_total",
+                "Client frames over the per-connection rate limit, by kind (data, control: WebSocket ping and pong).",
+                &["kind"],
+            )?,
+            session_panics: counter(
+                "switchboard_session_panics_total",
+                "Session tasks that panicked (the session was still cleaned up).",
             )?,
             queue_bytes: gauge(
                 "switchboard_queue_bytes",

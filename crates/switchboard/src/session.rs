@@ -8,7 +8,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::Value;
 use switchboard_broker::{DirectMessage, HistoryQuery, SessionRecord};
@@ -66,7 +69,8 @@ struct Subscription {
     epoch: String,
 }
 
-/// Per-connection abuse limits, made on the first data frame so idle connections don't pay.
+/// Per-connection abuse limits, made on the first frame the rate limit counts, so idle
+/// connections (which only answer heartbeats) don't pay.
 struct Guards {
     rate: Option<DefaultDirectRateLimiter>,
     strikes: DefaultDirectRateLimiter,
@@ -105,6 +109,8 @@ struct Session<S> {
     identity: Identity,
     subscriptions: HashMap<String, Subscription>,
     guards: Option<Box<Guards>>,
+    /// A heartbeat ping went out and its pong has not come back: that one pong is free.
+    awaiting_pong: bool,
     last_inbound: Instant,
     /// Reused between flushes.
     batch: Vec<Outbound>,
@@ -139,17 +145,40 @@ where
             identity: admission.identity,
             subscriptions: HashMap::new(),
             guards: None,
+            awaiting_pong: false,
             last_inbound: Instant::now(),
             batch: Vec::new(),
         };
         node.metrics.connections.inc();
         tracing::debug!(codec = admission.codec.protocol(), "session open");
-        let exit = session.serve().await;
-        session.finish(exit).await;
+        // A panic (a bug) must not leave the session in the hub, the registry or presence: it
+        // ends the connection with 1011 and the normal clean-up runs.
+        let exit = match AssertUnwindSafe(session.serve()).catch_unwind().await {
+            Ok(exit) => exit,
+            Err(panic) => {
+                session_panicked(&node, "serving", panic.as_ref());
+                close_with(close::INTERNAL, "internal error")
+            }
+        };
+        let rooms: Vec<String> = session.subscriptions.keys().cloned().collect();
+        if let Err(panic) = AssertUnwindSafe(session.finish(exit)).catch_unwind().await {
+            session_panicked(&node, "closing", panic.as_ref());
+            session.forget(&rooms).await;
+        }
         node.metrics.connections.dec();
     }
     .instrument(span)
     .await;
+}
+
+fn session_panicked(node: &Node, during: &str, panic: &(dyn Any + Send)) {
+    node.metrics.session_panics.inc();
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    tracing::error!(during, panic = message, "session task panicked");
 }
 
 impl<S> Session<S>
@@ -348,6 +377,7 @@ where
         {
             return Err(close_with(close::POLICY, "token expired"));
         }
+        self.awaiting_pong = true;
         self.write_messages(vec![Message::Ping(Default::default())])
             .await
     }
@@ -403,7 +433,13 @@ where
                 };
                 return self.bad_frame(None, text.to_owned()).await;
             }
+            Message::Pong(_) if std::mem::take(&mut self.awaiting_pong) => return Ok(()),
             Message::Ping(_) | Message::Pong(_) => {
+                // Control frames cost a read and a pong each: a flood of them is abuse like any
+                // other. A limited ping gets no pong now (tungstenite keeps the latest pending).
+                if self.over_rate("control")? {
+                    return Ok(());
+                }
                 // tungstenite queued the pong to a ping; flushing sends it.
                 return self.write_messages(Vec::new()).await;
             }
@@ -425,17 +461,7 @@ where
             }
         };
         metrics.frames_in.with_label_values(&[frame.kind()]).inc();
-        let node = self.node.clone();
-        let guards = self
-            .guards
-            .get_or_insert_with(|| Box::new(Guards::new(&node)));
-        if let Some(rate) = &guards.rate
-            && rate.check().is_err()
-        {
-            if guards.strikes.check().is_err() {
-                tracing::info!("closing: sustained rate-limit abuse");
-                return Err(close_with(close::POLICY, "rate limit exceeded"));
-            }
+        if self.over_rate("data")? {
             let error = ServerFrame::error(
                 frame.id(),
                 ErrorCode::RateLimited,
@@ -449,6 +475,27 @@ where
         } else {
             self.write_frames(frames).await
         }
+    }
+
+    /// Counts one frame against the rate limit: `Ok(true)` when it is over the limit and must be
+    /// refused, `Err` (close with 1008) once the client keeps going over it.
+    fn over_rate(&mut self, kind: &'static str) -> Result<bool, Exit> {
+        let node = self.node.clone();
+        let guards = self
+            .guards
+            .get_or_insert_with(|| Box::new(Guards::new(&node)));
+        let Some(rate) = &guards.rate else {
+            return Ok(false);
+        };
+        if rate.check().is_ok() {
+            return Ok(false);
+        }
+        node.metrics.rate_limited.with_label_values(&[kind]).inc();
+        if guards.strikes.check().is_err() {
+            tracing::info!(kind, "closing: sustained rate-limit abuse");
+            return Err(close_with(close::POLICY, "rate limit exceeded"));
+        }
+        Ok(true)
     }
 
     async fn bad_frame(&mut self, id: Option<u64>, message: String) -> Result<(), Exit> {
@@ -745,14 +792,35 @@ where
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
         }
         let member = self.member();
-        let rooms: Vec<String> = self.subscriptions.drain().map(|(room, _)| room).collect();
+        let rooms: Vec<String> = self.subscriptions.keys().cloned().collect();
         for room in rooms {
             Self::leave_room(&self.node, &self.handle, &member, &room).await;
+            self.subscriptions.remove(&room);
         }
         self.node.hub.remove_session(&self.handle);
         if let Err(error) = self.node.broker.unregister_session(&self.record()).await {
             self.node.broker_error("unregister_session", error);
         }
         tracing::debug!("session closed");
+    }
+
+    /// After `finish` panicked: repeats what is safe to repeat (the hub, presence in `rooms`, the
+    /// registry). Upstream room subscriptions are not released again: releasing one twice would
+    /// take it from another session; at worst the node keeps receiving a room nobody reads here.
+    async fn forget(&mut self, rooms: &[String]) {
+        for room in rooms {
+            self.node.hub.leave(room, &self.handle);
+        }
+        self.subscriptions.clear();
+        self.node.hub.remove_session(&self.handle);
+        let member = self.member();
+        for room in rooms {
+            if let Err(error) = self.node.broker.leave_presence(room, &member).await {
+                self.node.broker_error("leave_presence", error);
+            }
+        }
+        if let Err(error) = self.node.broker.unregister_session(&self.record()).await {
+            self.node.broker_error("unregister_session", error);
+        }
     }
 }
