@@ -92,6 +92,12 @@ impl NodeProcess {
                 command.env_remove(key);
             }
         }
+        // `--log` may be given once: a test that sets its own level replaces the default.
+        let log: &[&str] = if args.contains(&"--log") {
+            &[]
+        } else {
+            &["--log", "info"]
+        };
         command
             .args([
                 "--listen",
@@ -100,9 +106,8 @@ impl NodeProcess {
                 internal,
                 "--log-format",
                 "json",
-                "--log",
-                "info",
             ])
+            .args(log)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
