@@ -183,7 +183,8 @@ impl Client {
         reply.offset.ok_or_else(|| missing("offset"))
     }
 
-    /// Sends to every session of a user; returns how many sessions it reached.
+    /// Sends to every session of a user; returns how many sessions it reached. With
+    /// authentication on, the token's `send` claim must allow `user` (else `forbidden`).
     pub async fn send(&self, user: impl Into<String>, data: Value) -> Result<u64, ClientError> {
         let to = user.into();
         let reply = self
