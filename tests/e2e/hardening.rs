@@ -427,7 +427,8 @@ async fn a_websocket_ping_flood_is_closed_with_1008_while_others_keep_receiving(
 
     // 5,000 WebSocket pings, 100 to a write; after each write a protocol `ping` whose answer
     // shows the node has read the batch (so the node never closes on unread bytes, which would
-    // reset the connection before the close frame arrives).
+    // reset the connection before the close frame arrives). Between batches the subscriber gets
+    // a message: it keeps receiving during the flood.
     const FLOOD: u64 = 5_000;
     const BATCH: u64 = 100;
     let mut sent = 0;
@@ -461,6 +462,7 @@ async fn a_websocket_ping_flood_is_closed_with_1008_while_others_keep_receiving(
                 _ => {}
             }
         }
+        assert_delivers(&mut publisher, &mut subscriber, "calm", 10 + sent).await?;
     };
     ensure!(
         code == Some(close::POLICY),

@@ -86,11 +86,11 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_JWT_ALGORITHM")]
     pub jwt_algorithm: Option<JwtAlgorithm>,
 
-    /// Required `iss` claim, if set.
+    /// Required `iss` claim, if set; set it whenever the key is shared (an identity provider's).
     #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
 
-    /// Required `aud` claim, if set.
+    /// Required `aud` claim, if set; set it whenever the key signs tokens for other services.
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
@@ -139,7 +139,8 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_MAX_QUEUE_BYTES", value_name = "BYTES")]
     pub max_queue_bytes: Option<usize>,
 
-    /// Frames per second one connection may send; 0 turns the limit off [default: 100].
+    /// Frames per second one connection may send, WebSocket pings and pongs included; 0 turns the
+    /// limit off [default: 100].
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", value_name = "PER_SEC")]
     pub rate_limit: Option<u32>,
 
