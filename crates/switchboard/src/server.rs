@@ -235,8 +235,7 @@ fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
 /// trusted proxy itself. A malformed entry ends the search at the peer: nothing left of it can be
 /// believed.
 fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| is_trusted(ip, trusted);
-    if !is_trusted(&peer) {
+    if !is_trusted(&peer, trusted) {
         return peer;
     }
     let forwarded: Vec<&str> = headers
@@ -252,7 +251,7 @@ fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpA
             return peer;
         };
         client = ip;
-        if !is_trusted(&ip) {
+        if !is_trusted(&ip, trusted) {
             break;
         }
     }
