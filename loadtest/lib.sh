@@ -10,6 +10,7 @@ free_port() {
 # Node flags that turn the admission limits off: the generator opens thousands of connections from
 # a few loopback addresses at a held rate, which the per-address limits and the accept rate (meant
 # for the open internet) would refuse or pace; the runs measure the node, not those limits.
+# shellcheck disable=SC2034 # used by the scripts that source this file
 admission_off=(--max-connections-per-ip 0 --connect-rate-per-ip 0 --accept-rate 0)
 
 # The pids of what the script started, oldest first.
