@@ -126,18 +126,24 @@ impl FrontDoor {
 }
 
 /// Forgets addresses whose rate bucket is full again: such an address is as if it never
-/// connected. What remains are addresses seen within the last burst ÷ rate seconds (4 s by
-/// default) plus one pruning period, which the node-wide accept rate bounds.
+/// connected. What remains are addresses that connected within about burst ÷ rate seconds (4 s
+/// by default) plus one pruning period, a number the node-wide accept rate bounds.
 async fn prune(door: Weak<FrontDoor>) {
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
         let Some(door) = door.upgrade() else {
             return;
         };
-        if let Some(rate) = &door.rate {
+        door.prune();
+    }
+}
+
+impl FrontDoor {
+    fn prune(&self) {
+        if let Some(rate) = &self.rate {
             rate.retain_recent();
             rate.shrink_to_fit();
-            door.metrics.connect_rate_addresses.set(rate.len() as i64);
+            self.metrics.connect_rate_addresses.set(rate.len() as i64);
         }
     }
 }
@@ -218,6 +224,30 @@ mod tests {
         assert_eq!(door.open.get(&ip("192.0.2.1")).map(|count| *count), Some(2));
         door.admit(ip("192.0.2.3"))
             .expect("another address has its own bucket");
+    }
+
+    #[tokio::test]
+    async fn addresses_whose_allowance_is_full_again_are_forgotten() {
+        let door = door(Options {
+            connect_rate_per_ip: Some(4),
+            connect_burst_per_ip: Some(1),
+            ..Options::default()
+        });
+        let rate = door.rate.as_ref().expect("a rate limiter");
+        for last in 1..=50 {
+            drop(
+                door.admit(IpAddr::from([192, 0, 2, last]))
+                    .expect("admitted"),
+            );
+        }
+        assert_eq!(rate.len(), 50);
+        // One connection's allowance comes back in 250 ms at 4/s; governor forgets the address
+        // one interval after that.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        door.admit(ip("198.51.100.1")).expect("admitted");
+        door.prune();
+        assert_eq!(rate.len(), 1, "only the address just seen is kept");
+        assert_eq!(door.metrics.connect_rate_addresses.get(), 1);
     }
 
     #[tokio::test]
