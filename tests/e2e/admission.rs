@@ -364,6 +364,57 @@ async fn a_burst_over_the_accept_rate_waits_in_line_and_nobody_is_refused() -> R
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_waits_past_the_handshake_timeout_is_dropped_and_counted() -> Result<()> {
+    const CLIENTS: usize = 6;
+    let node = NodeProcess::start(&[
+        "--accept-rate",
+        "1",
+        "--accept-burst",
+        "1",
+        "--handshake-timeout-ms",
+        "1500",
+        "--max-connections-per-ip",
+        "0",
+        "--connect-rate-per-ip",
+        "0",
+    ])
+    .await?;
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let url = node.ws_url();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+                .await
+                .map(|result| result.ok())
+                .ok()
+                .flatten()
+                .map(|(socket, _)| socket)
+        }));
+    }
+    let mut opened = Vec::new();
+    for task in tasks {
+        if let Some(socket) = task.await? {
+            opened.push(socket);
+        }
+    }
+    // One at once, one a second: within 1.5 s at most about two get their turn.
+    ensure!(
+        (1..=3).contains(&opened.len()),
+        "{} of {CLIENTS} handshakes completed at 1/s within 1.5 s",
+        opened.len()
+    );
+    let dropped = (CLIENTS - opened.len()) as f64;
+    node.wait_metric(
+        "switchboard_handshakes_total{result=\"queue_timeout\"}",
+        dropped,
+    )
+    .await?;
+    // The line is gone: the next client gets in.
+    let _later = open_when_free(&node, source(1)).await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // The internal port
 
