@@ -95,7 +95,7 @@ start_system() { # system tag
         log="$out/$2-node$i.log"
         target/release/switchboard --node-id "node$i" --redis "$redis_url" --rate-limit 0 \
           --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 --drain-grace-ms 1000 \
-          --log info --log-format json >"$log" 2>&1 &
+          --log info --log-format json "${admission_off[@]}" >"$log" 2>&1 &
         pid=$!
         pids+=("$pid")
         addr=$(wait_match "$log" '"public":"[^"]*"' "$pid" | cut -d'"' -f4)

@@ -17,6 +17,7 @@ node_flags="--rate-limit 0 --drain-grace-ms 1000 ${NODE_FLAGS:-}"
 mkdir -p "$out"
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
+node_flags+=" ${admission_off[*]}"
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 

@@ -11,7 +11,7 @@ internal=$(free_port)
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 target/release/switchboard --listen "127.0.0.1:$port" --internal-listen "127.0.0.1:$internal" \
-  --max-connections $((connections + 100)) --log warn &
+  --max-connections $((connections + 100)) --log warn "${admission_off[@]}" &
 node=$!
 pids+=("$node")
 trap stop_all EXIT

@@ -48,7 +48,8 @@ start_node() { # name [flags...]
   shift
   port=$(free_port) internal=$(free_port)
   target/release/switchboard --node-id "$name" --listen "127.0.0.1:$port" \
-    --internal-listen "127.0.0.1:$internal" --log warn --log-format json "$@" >"$out/$name.log" 2>&1 &
+    --internal-listen "127.0.0.1:$internal" --log warn --log-format json "${admission_off[@]}" "$@" \
+    >"$out/$name.log" 2>&1 &
   local pid=$!
   pids+=("$pid")
   wait_ready "127.0.0.1:$internal" || { echo "$name never became ready" >&2; return 1; }

@@ -43,7 +43,19 @@ async fn wait_gone(pids: &[u32], within: Duration) {
 
 /// A node named `name` on `redis` (or with the embedded broker), plus `extra` flags, ready.
 async fn node(name: &str, redis: Option<&RedisProcess>, extra: &[&str]) -> NodeProcess {
-    let mut args = vec!["--node-id", name, "--rate-limit", "0"];
+    // The admission limits would refuse or pace the generator's many loopback connections.
+    let mut args = vec![
+        "--node-id",
+        name,
+        "--rate-limit",
+        "0",
+        "--max-connections-per-ip",
+        "0",
+        "--connect-rate-per-ip",
+        "0",
+        "--accept-rate",
+        "0",
+    ];
     let url = redis.map(RedisProcess::url);
     if let Some(url) = &url {
         args.extend(["--redis", url.as_str()]);

@@ -39,6 +39,22 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--allowed-origins", "SWITCHBOARD_ALLOWED_ORIGINS"),
     ("--max-connections", "SWITCHBOARD_MAX_CONNECTIONS"),
     ("--handshake-timeout-ms", "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS"),
+    (
+        "--max-connections-per-ip",
+        "SWITCHBOARD_MAX_CONNECTIONS_PER_IP",
+    ),
+    ("--connect-rate-per-ip", "SWITCHBOARD_CONNECT_RATE_PER_IP"),
+    ("--connect-burst-per-ip", "SWITCHBOARD_CONNECT_BURST_PER_IP"),
+    ("--accept-rate", "SWITCHBOARD_ACCEPT_RATE"),
+    ("--accept-burst", "SWITCHBOARD_ACCEPT_BURST"),
+    (
+        "--internal-header-timeout-ms",
+        "SWITCHBOARD_INTERNAL_HEADER_TIMEOUT_MS",
+    ),
+    (
+        "--internal-max-connections",
+        "SWITCHBOARD_INTERNAL_MAX_CONNECTIONS",
+    ),
     ("--max-message-size", "SWITCHBOARD_MAX_MESSAGE_SIZE"),
     ("--max-queue-bytes", "SWITCHBOARD_MAX_QUEUE_BYTES"),
     ("--rate-limit", "SWITCHBOARD_RATE_LIMIT"),

@@ -126,6 +126,29 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Most connections open at once from one client address (the peer, or the client named by
+    /// a trusted proxy); more get HTTP 429. 0 turns the limit off [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// New connections per second from one client address; more get HTTP 429 with Retry-After.
+    /// 0 turns the limit off [default: 50].
+    #[arg(long, env = "SWITCHBOARD_CONNECT_RATE_PER_IP", value_name = "PER_SEC")]
+    pub connect_rate_per_ip: Option<u32>,
+
+    /// New connections one client address may open at once above --connect-rate-per-ip [default: 200].
+    #[arg(long, env = "SWITCHBOARD_CONNECT_BURST_PER_IP", value_name = "N")]
+    pub connect_burst_per_ip: Option<u32>,
+
+    /// New connections per second for the whole node; more wait their turn (within the
+    /// handshake timeout) instead of being refused. 0 turns the pacing off [default: 2000].
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_RATE", value_name = "PER_SEC")]
+    pub accept_rate: Option<u32>,
+
+    /// New connections the node takes at once above --accept-rate before they wait [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_BURST", value_name = "N")]
+    pub accept_burst: Option<u32>,
+
     /// A client must finish the HTTP upgrade within this many milliseconds [default: 10000].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
     pub handshake_timeout_ms: Option<u64>,
@@ -163,6 +186,19 @@ pub struct Options {
     /// A client that sends nothing (not even a pong) for this long is closed [default: 60000].
     #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_MS", value_name = "MS")]
     pub idle_timeout_ms: Option<u64>,
+
+    /// A client of the internal port must send a request's headers within this many
+    /// milliseconds, or its connection is closed; also bounds idle keep-alive [default: 10000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_INTERNAL_HEADER_TIMEOUT_MS",
+        value_name = "MS"
+    )]
+    pub internal_header_timeout_ms: Option<u64>,
+
+    /// Most connections open at once on the internal port; more are closed at once [default: 256].
+    #[arg(long, env = "SWITCHBOARD_INTERNAL_MAX_CONNECTIONS", value_name = "N")]
+    pub internal_max_connections: Option<usize>,
 
     /// On SIGTERM/SIGINT, sessions are closed with 1001 in batches spread over this many
     /// milliseconds [default: 10000].
@@ -247,7 +283,17 @@ pub struct Config {
     /// Peers whose X-Forwarded-For is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
+    /// 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// 0: no limit.
+    pub connect_rate_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    /// 0: no pacing.
+    pub accept_rate: u32,
+    pub accept_burst: u32,
     pub handshake_timeout: Duration,
+    pub internal_header_timeout: Duration,
+    pub internal_max_connections: usize,
     pub max_message_size: usize,
     pub max_queue_bytes: usize,
     pub rate_limit: u32,
@@ -317,7 +363,18 @@ impl Options {
             allowed_origins: self.allowed_origins.or(file.allowed_origins),
             trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
             max_connections: self.max_connections.or(file.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(file.max_connections_per_ip),
+            connect_rate_per_ip: self.connect_rate_per_ip.or(file.connect_rate_per_ip),
+            connect_burst_per_ip: self.connect_burst_per_ip.or(file.connect_burst_per_ip),
+            accept_rate: self.accept_rate.or(file.accept_rate),
+            accept_burst: self.accept_burst.or(file.accept_burst),
             handshake_timeout_ms: self.handshake_timeout_ms.or(file.handshake_timeout_ms),
+            internal_header_timeout_ms: self
+                .internal_header_timeout_ms
+                .or(file.internal_header_timeout_ms),
+            internal_max_connections: self
+                .internal_max_connections
+                .or(file.internal_max_connections),
             max_message_size: self.max_message_size.or(file.max_message_size),
             max_queue_bytes: self.max_queue_bytes.or(file.max_queue_bytes),
             rate_limit: self.rate_limit.or(file.rate_limit),
@@ -569,14 +626,22 @@ impl Options {
         let rate_limit_burst = self.rate_limit_burst.unwrap_or(200);
         let rate_limit_strikes = self.rate_limit_strikes.unwrap_or(50);
         let max_bad_frames = self.max_bad_frames.unwrap_or(10);
+        let connect_burst_per_ip = self.connect_burst_per_ip.unwrap_or(200);
+        let accept_burst = self.accept_burst.unwrap_or(1000);
         for (option, value) in [
             ("rate-limit-burst", rate_limit_burst),
             ("rate-limit-strikes", rate_limit_strikes),
             ("max-bad-frames", max_bad_frames),
+            ("connect-burst-per-ip", connect_burst_per_ip),
+            ("accept-burst", accept_burst),
         ] {
             if value == 0 {
                 return Err(invalid(option, "must be at least 1"));
             }
+        }
+        let internal_max_connections = self.internal_max_connections.unwrap_or(256);
+        if internal_max_connections == 0 {
+            return Err(invalid("internal-max-connections", "must be at least 1"));
         }
         let node_ttl_ms = self.node_ttl_ms.unwrap_or(15_000);
         if node_ttl_ms < 300 {
@@ -615,6 +680,17 @@ impl Options {
                 self.handshake_timeout_ms,
                 10_000,
             )?),
+            internal_header_timeout: Duration::from_millis(positive(
+                "internal-header-timeout-ms",
+                self.internal_header_timeout_ms,
+                10_000,
+            )?),
+            internal_max_connections,
+            max_connections_per_ip: self.max_connections_per_ip.unwrap_or(1000),
+            connect_rate_per_ip: self.connect_rate_per_ip.unwrap_or(50),
+            connect_burst_per_ip,
+            accept_rate: self.accept_rate.unwrap_or(2000),
+            accept_burst,
             max_message_size,
             max_queue_bytes,
             rate_limit: self.rate_limit.unwrap_or(100),

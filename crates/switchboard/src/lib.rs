@@ -8,7 +8,9 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod frontdoor;
 pub mod hub;
+pub mod internal;
 pub mod metrics;
 pub mod node;
 pub mod queue;
@@ -157,15 +159,11 @@ impl Server {
             public,
             stop_accepting.clone(),
         ));
-        let internal_task = {
-            let stop = stop_internal.clone();
-            let app = api::router(node.clone());
-            tokio::spawn(async move {
-                axum::serve(internal, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
-        };
+        let internal_task = tokio::spawn(internal::serve_internal(
+            node.clone(),
+            internal,
+            stop_internal.clone(),
+        ));
         let heartbeat_task = tokio::spawn(report_liveness(node.clone()));
         let stats_task = node
             .config
@@ -200,7 +198,7 @@ impl Server {
             node.broker_error("deregister_node", error);
         }
         stop_internal.cancel();
-        internal_task.await??;
+        internal_task.await?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -27,6 +27,12 @@ pub struct Metrics {
     pub rooms: IntGauge,
     pub broker_errors: IntCounterVec,
     pub ready: IntGauge,
+    pub accept_waits: IntCounter,
+    pub accept_waiting: IntGauge,
+    pub client_addresses: IntGauge,
+    pub connect_rate_addresses: IntGauge,
+    pub internal_connections: IntGauge,
+    pub internal_refused: IntCounter,
     /// Pre-resolved children for the hot path, so a delivery costs one atomic add.
     pub room_deliveries: IntCounter,
     pub message_frames_out: IntCounter,
@@ -168,6 +174,30 @@ impl Metrics {
                 "switchboard_ready",
                 "1 when /readyz answers 200 (broker healthy and not draining), else 0.",
             )?,
+            accept_waits: counter(
+                "switchboard_accept_waits_total",
+                "New connections on the public port that waited for --accept-rate before their handshake.",
+            )?,
+            accept_waiting: gauge(
+                "switchboard_accept_waiting",
+                "New connections on the public port waiting for --accept-rate now.",
+            )?,
+            client_addresses: gauge(
+                "switchboard_client_addresses",
+                "Client addresses with connections open on the public port (counted for --max-connections-per-ip).",
+            )?,
+            connect_rate_addresses: gauge(
+                "switchboard_connect_rate_addresses",
+                "Client addresses the --connect-rate-per-ip limiter remembers, as of its last pruning.",
+            )?,
+            internal_connections: gauge(
+                "switchboard_internal_connections",
+                "Connections open on the internal port.",
+            )?,
+            internal_refused: counter(
+                "switchboard_internal_refused_total",
+                "Connections to the internal port closed at once because --internal-max-connections were open.",
+            )?,
             room_deliveries: deliveries.with_label_values(&["room"]),
             message_frames_out: frames_out.with_label_values(&["message"]),
             frames_out,
@@ -192,5 +222,21 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|error| format!("# metrics encoding failed: {error}\n"))
+    }
+}
+
+/// Adds one to a gauge until dropped, however the holder ends (cancelled, panicked).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

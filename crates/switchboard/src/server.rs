@@ -21,17 +21,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, bearer_token};
 use crate::demo;
+use crate::frontdoor::{FrontDoor, IpSlot, Refusal};
 use crate::node::Node;
 use crate::session::{self, Admission};
 
 /// The path WebSocket clients connect to.
 pub const WS_PATH: &str = "/ws";
 
+/// A connection refused for its address gets this long to send the request the 429 answers:
+/// short, so that a flood of refused connections cannot hold many of `--max-connections`.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Accepts connections until `shutdown` is cancelled. A connection holds its permit from before
 /// `accept()` until its session ends, so at most `max_connections` are open; the rest wait in the
 /// kernel's backlog.
 pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(node.config.max_connections));
+    let door = FrontDoor::new(&node.config, node.metrics.clone());
     let mut backoff = Duration::from_millis(1);
     loop {
         let permit = tokio::select! {
@@ -49,7 +55,13 @@ pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: Canc
             Ok((stream, remote)) => {
                 backoff = Duration::from_millis(1);
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle_connection(node.clone(), stream, remote, permit));
+                tokio::spawn(handle_connection(
+                    node.clone(),
+                    door.clone(),
+                    stream,
+                    remote,
+                    permit,
+                ));
             }
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning.
@@ -61,18 +73,56 @@ pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: Canc
     }
 }
 
+/// What a connection holds until its session ends: its place under `--max-connections` and
+/// under its address's `--max-connections-per-ip`. The upgrade takes both; otherwise they are
+/// released when the connection ends.
+struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    /// `None` until the client's address has been admitted.
+    slot: Option<IpSlot>,
+}
+
 async fn handle_connection(
     node: Arc<Node>,
+    door: Arc<FrontDoor>,
     stream: TcpStream,
     remote: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
     let timeout = node.config.handshake_timeout;
-    // Taken by the upgrade; otherwise released when the connection ends.
-    let permit = Arc::new(Mutex::new(Some(permit)));
+    let deadline = tokio::time::Instant::now() + timeout;
+    // A peer that is not a trusted proxy is the client: its address is admitted before it takes
+    // a turn in the node-wide pace, so that one address's flood cannot crowd out everyone
+    // else's handshakes. Behind a trusted proxy the client is known only from the request.
+    let slot = if is_trusted(&remote.ip(), &node.config.trusted_proxies) {
+        None
+    } else {
+        match door.admit(remote.ip()) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => {
+                answer_refusal(node, stream, refusal).await;
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, door.pace())
+        .await
+        .is_err()
+    {
+        node.metrics
+            .handshakes
+            .with_label_values(&["queue_timeout"])
+            .inc();
+        tracing::debug!(%remote, "waited for --accept-rate past the handshake timeout");
+        return;
+    }
+    let held = Arc::new(Mutex::new(Held {
+        permit: Some(permit),
+        slot,
+    }));
     let service_node = node.clone();
     let service = service_fn(move |request| {
-        let response = handle_request(&service_node, request, remote, &permit);
+        let response = handle_request(&service_node, &door, request, remote, &held);
         async move { Ok::<_, Infallible>(response) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
@@ -81,7 +131,7 @@ async fn handle_connection(
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    match tokio::time::timeout(timeout, connection).await {
+    match tokio::time::timeout_at(deadline, connection).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             if error.is_timeout() {
@@ -100,6 +150,34 @@ async fn handle_connection(
             tracing::debug!(%remote, "handshake timed out");
         }
     }
+}
+
+/// Answers whatever the connection asks with the refusal's 429.
+async fn answer_refusal(node: Arc<Node>, stream: TcpStream, refusal: Refusal) {
+    let service = service_fn(move |_request| {
+        let response = too_many(&node, &refusal);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSAL_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, connection).await;
+}
+
+fn too_many(node: &Node, refusal: &Refusal) -> Response<Body> {
+    let mut response = refuse(
+        node,
+        refusal.result,
+        StatusCode::TOO_MANY_REQUESTS,
+        refusal.message,
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(refusal.retry_after_secs),
+    );
+    response
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {
@@ -157,8 +235,7 @@ fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
 /// trusted proxy itself. A malformed entry ends the search at the peer: nothing left of it can be
 /// believed.
 fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|network| network.contains(ip));
-    if !is_trusted(&peer) {
+    if !is_trusted(&peer, trusted) {
         return peer;
     }
     let forwarded: Vec<&str> = headers
@@ -174,11 +251,15 @@ fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpA
             return peer;
         };
         client = ip;
-        if !is_trusted(&ip) {
+        if !is_trusted(&ip, trusted) {
             break;
         }
     }
     client
+}
+
+fn is_trusted(ip: &IpAddr, trusted: &[ipnet::IpNet]) -> bool {
+    trusted.iter().any(|network| network.contains(ip))
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -193,10 +274,23 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 fn handle_request(
     node: &Arc<Node>,
+    door: &Arc<FrontDoor>,
     mut request: Request<hyper::body::Incoming>,
     remote: SocketAddr,
-    permit: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    held: &Arc<Mutex<Held>>,
 ) -> Response<Body> {
+    let trusted = &node.config.trusted_proxies;
+    let client = client_ip(remote.ip(), request.headers(), trusted);
+    {
+        let mut held = held.lock();
+        // A trusted proxy itself (no X-Forwarded-For) speaks for many clients: not limited.
+        if held.slot.is_none() && !is_trusted(&client, trusted) {
+            match door.admit(client) {
+                Ok(slot) => held.slot = Some(slot),
+                Err(refusal) => return too_many(node, &refusal),
+            }
+        }
+    }
     if request.uri().path() != WS_PATH {
         if node.config.demo
             && let Some(response) =
@@ -310,7 +404,11 @@ fn handle_request(
             );
         }
     };
-    let Some(permit) = permit.lock().take() else {
+    let (permit, slot) = {
+        let mut held = held.lock();
+        (held.permit.take(), held.slot.take())
+    };
+    let Some(permit) = permit else {
         return refuse(
             node,
             "bad_request",
@@ -337,12 +435,13 @@ fn handle_request(
         identity,
         codec: offered.unwrap_or(Codec::Json),
         remote,
-        client: client_ip(remote.ip(), request.headers(), &node.config.trusted_proxies),
+        client,
     };
     let node = node.clone();
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let _permit = permit;
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {

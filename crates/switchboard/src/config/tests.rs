@@ -145,6 +145,16 @@ fn defaults_of_the_numeric_options() {
     assert_eq!(config.log_format, LogFormat::Text);
     assert_eq!(config.log, "info");
     assert!(config.max_connections >= 1);
+    assert_eq!(config.max_connections_per_ip, 1000);
+    assert_eq!(config.connect_rate_per_ip, 50);
+    assert_eq!(config.connect_burst_per_ip, 200);
+    assert_eq!(config.accept_rate, 2000);
+    assert_eq!(config.accept_burst, 1000);
+    assert_eq!(
+        config.internal_header_timeout,
+        Duration::from_millis(10_000)
+    );
+    assert_eq!(config.internal_max_connections, 256);
 }
 
 #[test]
@@ -1097,4 +1107,55 @@ fn trusted_proxies_take_addresses_and_cidrs() {
         },
         "trusted-proxies",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission limits and the internal port
+
+#[test]
+fn zero_turns_the_admission_limits_off() {
+    let config = resolve(parse(&[
+        "--max-connections-per-ip",
+        "0",
+        "--connect-rate-per-ip",
+        "0",
+        "--accept-rate",
+        "0",
+    ]));
+    assert_eq!(config.max_connections_per_ip, 0);
+    assert_eq!(config.connect_rate_per_ip, 0);
+    assert_eq!(config.accept_rate, 0);
+}
+
+#[test]
+fn admission_bursts_and_internal_limits_must_be_positive() {
+    for args in [
+        ["--connect-burst-per-ip", "0"],
+        ["--accept-burst", "0"],
+        ["--internal-max-connections", "0"],
+        ["--internal-header-timeout-ms", "0"],
+    ] {
+        expect_invalid(parse(&args), args[0].trim_start_matches("--"));
+    }
+}
+
+#[test]
+fn admission_options_come_from_the_file() {
+    let file = TempFile::new(
+        "max-connections-per-ip = 5\nconnect-rate-per-ip = 2\nconnect-burst-per-ip = 3\n\
+         accept-rate = 40\naccept-burst = 8\ninternal-header-timeout-ms = 1500\n\
+         internal-max-connections = 4\n",
+    );
+    let config = resolve(Options {
+        config: Some(file.path.clone()),
+        accept_rate: Some(41),
+        ..Options::default()
+    });
+    assert_eq!(config.max_connections_per_ip, 5);
+    assert_eq!(config.connect_rate_per_ip, 2);
+    assert_eq!(config.connect_burst_per_ip, 3);
+    assert_eq!(config.accept_rate, 41, "the flag wins over the file");
+    assert_eq!(config.accept_burst, 8);
+    assert_eq!(config.internal_header_timeout, Duration::from_millis(1500));
+    assert_eq!(config.internal_max_connections, 4);
 }
