@@ -68,6 +68,10 @@ async fn handle_connection(
     permit: OwnedSemaphorePermit,
 ) {
     let timeout = node.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let Some(stream) = crate::tls::accept(&node, stream, remote, deadline).await else {
+        return;
+    };
     // Taken by the upgrade; otherwise released when the connection ends.
     let permit = Arc::new(Mutex::new(Some(permit)));
     let service_node = node.clone();
@@ -81,7 +85,7 @@ async fn handle_connection(
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    match tokio::time::timeout(timeout, connection).await {
+    match tokio::time::timeout_at(deadline, connection).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             if error.is_timeout() {
