@@ -115,7 +115,8 @@ async fn until_tcp_closed(stream: &mut TcpStream) -> Result<()> {
 
 /// The node serves wss:// with the configured certificate: JSON and MessagePack clients verify
 /// it against the test CA, subscribe and publish to each other; the demo page is served over
-/// https with ALPN http/1.1; the start-up log names wss:// and the certificate's expiry.
+/// https with ALPN http/1.1; the start-up log names wss:// and the certificate's expiry, which is
+/// also a metric.
 #[tokio::test]
 async fn wss_clients_round_trip_straight_to_the_node() -> Result<()> {
     let certs = TestCerts::new()?;
@@ -144,6 +145,18 @@ async fn wss_clients_round_trip_straight_to_the_node() -> Result<()> {
     ensure!(
         response.starts_with("HTTP/1.1 200") && response.contains("<html"),
         "the demo page over https: {response:.200}"
+    );
+
+    // The test certificate is valid for a day from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let expiry = node
+        .metric("switchboard_tls_certificate_expiry_timestamp_seconds")
+        .await?;
+    ensure!(
+        expiry > now + 3600.0 && expiry < now + 2.0 * 86_400.0,
+        "certificate expiry exported as {expiry}, now is {now}"
     );
 
     let logs = node.logs().join("\n");

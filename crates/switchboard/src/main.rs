@@ -67,6 +67,9 @@ async fn serve(config: Config) -> ExitCode {
     let tls = node.config.tls.as_ref();
     if let Some(tls) = tls {
         log_certificate(tls);
+        if let Err(error) = switchboard::tls::register_metrics(tls, node.metrics.registry()) {
+            tracing::warn!(%error, "cannot export the TLS certificate's expiry");
+        }
     }
     let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     let internal = server
