@@ -238,7 +238,7 @@ async fn a_client_that_never_finishes_the_tls_handshake_is_dropped_at_the_timeou
 
     let node = tls_node(
         &certs,
-        &["--handshake-timeout-ms", "1000", "--max-connections", "1"],
+        &["--handshake-timeout-ms", "2000", "--max-connections", "1"],
     )
     .await?;
     // Connected first, so first in the kernel's accept queue: it gets the only permit.
@@ -247,7 +247,7 @@ async fn a_client_that_never_finishes_the_tls_handshake_is_dropped_at_the_timeou
     certs.connect_wss(&wss_url(&node), Codec::Json).await?;
     let waited = started.elapsed();
     ensure!(
-        waited >= Duration::from_millis(500),
+        waited >= Duration::from_millis(1000),
         "the wss client was served after {waited:?} while the silent one held the only permit"
     );
     until_tcp_closed(&mut silent).await?;
