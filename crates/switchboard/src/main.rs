@@ -67,7 +67,7 @@ async fn serve(config: Config) -> ExitCode {
     let tls = node.config.tls.as_ref();
     if let Some(tls) = tls {
         log_certificate(tls);
-        if let Err(error) = switchboard::tls::register_metrics(tls, node.metrics.registry()) {
+        if let Err(error) = node.metrics.register_tls_expiry(tls.not_after) {
             tracing::warn!(%error, "cannot export the TLS certificate's expiry");
         }
     }

@@ -102,16 +102,6 @@ impl Tls {
     }
 }
 
-/// Exports the certificate's expiry, so that an alert can fire before clients start refusing it.
-pub fn register_metrics(tls: &Tls, registry: &prometheus::Registry) -> prometheus::Result<()> {
-    let expiry = prometheus::IntGauge::new(
-        "switchboard_tls_certificate_expiry_timestamp_seconds",
-        "When the public port's TLS certificate expires (Unix time); absent without --tls-cert.",
-    )?;
-    expiry.set(tls.not_after);
-    registry.register(Box::new(expiry))
-}
-
 /// The connection as the HTTP layer reads it: with TLS on, after a TLS handshake that must end by
 /// `deadline` (the handshake timeout covers TLS and HTTP together). `None` when the handshake
 /// failed or timed out; counted in `switchboard_handshakes_total`.
