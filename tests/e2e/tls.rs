@@ -351,6 +351,28 @@ async fn a_bad_tls_configuration_exits_64_naming_the_option() -> Result<()> {
     Ok(())
 }
 
+/// `--help` lists both options with their environment variables and defaults.
+#[test]
+fn help_lists_the_tls_options() -> Result<()> {
+    let help = Command::new(binary()).arg("--help").output()?;
+    ensure!(help.status.success(), "--help exited with {}", help.status);
+    let help = String::from_utf8(help.stdout)?;
+    for (flag, env) in [
+        ("--tls-cert <FILE>", "SWITCHBOARD_TLS_CERT"),
+        ("--tls-key <FILE>", "SWITCHBOARD_TLS_KEY"),
+    ] {
+        let entry = help
+            .split_once(flag)
+            .map(|(_, rest)| rest.split("\n      --").next().unwrap_or_default())
+            .with_context(|| format!("--help lacks {flag}:\n{help}"))?;
+        ensure!(
+            entry.contains(env) && entry.contains("[default:"),
+            "--help's {flag} lacks {env} or its default: {entry}"
+        );
+    }
+    Ok(())
+}
+
 /// HAProxy's TLS frontend (SB_TLS_PEM) ends TLS in front of a plain node: a wss client that
 /// trusts the test CA round-trips through it, and the plain ws:// frontend still works beside it.
 #[tokio::test]
