@@ -19,7 +19,7 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 
 # The failover tests run real HAProxy with deploy/haproxy/haproxy.cfg, and deploy/local/cluster.sh,
-# which uses curl and python3. The rediss:// cluster test makes its certificates with openssl.
+# which uses curl and python3. The rediss:// and wss:// tests make their certificates with openssl.
 missing=()
 for tool in haproxy curl python3 openssl; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
@@ -51,7 +51,8 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1 || [ "$
   export PATH="$node_venv/bin:$PATH"
 fi
 
-# The demo page's browser test drives Debian's Chromium with playwright-core (tests/browser).
+# The browser tests (the demo page; the SDK over wss://) drive Debian's Chromium with
+# playwright-core (tests/browser).
 if [ ! -x /usr/bin/chromium ]; then
   echo "tests/run.sh: installing chromium" >&2
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -66,8 +67,8 @@ fi
 cargo build --workspace --all-targets
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?
-# The demo page in headless Chromium against two nodes and Redis; screenshot in
-# target/browser-artifacts/demo.png.
+# The demo page in headless Chromium against two nodes and Redis (screenshot in
+# target/browser-artifacts/demo.png); the JS SDK in Chromium over wss:// to a node serving TLS.
 (cd tests/browser && npm test) || status=$?
 # The JavaScript client (clients/js, no dependencies) against the binary built above and
 # redis-server.

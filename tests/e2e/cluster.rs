@@ -18,6 +18,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchboard_client::{Client, ClientError, ConnectOptions, SubscribeOptions};
+use switchboard_e2e::certs::TestCerts;
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess, wait_until};
 use switchboard_protocol::api::{
     ApiError, BroadcastResponse, NodesResponse, PresenceResponse, PublishResponse, SendResponse,
@@ -1456,108 +1457,17 @@ async fn a_session_closed_during_an_outage_leaves_no_ghost() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Redis over TLS
 
-/// A directory under the temp directory, removed on drop (pass or fail).
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A `redis-server` that speaks only TLS, with a certificate for 127.0.0.1 signed by a throwaway
 /// CA (made with the `openssl` CLI); killed, and its directory removed, on drop.
 struct TlsRedis {
     child: std::process::Child,
     port: u16,
-    dir: TempDir,
+    certs: TestCerts,
 }
 
 impl TlsRedis {
     async fn start() -> Result<TlsRedis> {
-        let dir = TempDir(std::env::temp_dir().join(format!(
-            "switchboard-tls-redis-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos()
-        )));
-        std::fs::create_dir_all(&dir.0)?;
-        let openssl = |args: &[&str]| -> Result<()> {
-            let output = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir.0)
-                .output()
-                .context("running openssl")?;
-            ensure!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            Ok(())
-        };
-        let key = |file: &str| {
-            openssl(&[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                file,
-            ])
-        };
-        key("ca.key")?;
-        openssl(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=switchboard test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ])?;
-        key("server.key")?;
-        openssl(&[
-            "req",
-            "-new",
-            "-key",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])?;
-        // An end-entity certificate (not a CA) whose name is the IP the nodes dial.
-        std::fs::write(
-            dir.0.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ])?;
+        let certs = TestCerts::new()?;
         let mut last_error = None;
         // A port found free may be taken before redis-server binds it: then try another.
         for _ in 0..5 {
@@ -1575,14 +1485,14 @@ impl TlsRedis {
                 ])
                 .args(["--tls-ca-cert-file", "ca.pem"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .current_dir(&dir.0)
+                .current_dir(certs.dir())
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .context("spawning redis-server (install the redis-server package)")?;
             match wait_listening(&mut child, port).await {
-                Ok(()) => return Ok(TlsRedis { child, port, dir }),
+                Ok(()) => return Ok(TlsRedis { child, port, certs }),
                 Err(error) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -1598,10 +1508,7 @@ impl TlsRedis {
     }
 
     fn ca_file(&self) -> Result<String> {
-        let path = self.dir.0.join("ca.pem");
-        path.to_str()
-            .map(str::to_owned)
-            .context("a UTF-8 temp path")
+        self.certs.path("ca.pem")
     }
 }
 

@@ -92,12 +92,22 @@ impl HaproxyProcess {
     /// Starts HAProxy in front of `backends`, checking `/readyz` every `check_interval`, and
     /// waits until it serves and sees every backend UP.
     pub async fn start(backends: &[Backend], check_interval: Duration) -> Result<HaproxyProcess> {
+        Self::start_with_env(backends, check_interval, &[]).await
+    }
+
+    /// Like [`HaproxyProcess::start`], with more `SB_*` variables (e.g. the TLS frontend's).
+    pub async fn start_with_env(
+        backends: &[Backend],
+        check_interval: Duration,
+        extra: &[(String, String)],
+    ) -> Result<HaproxyProcess> {
         let mut last_error = None;
         // A port picked here may be taken before HAProxy binds it: try again with others.
         for _ in 0..5 {
             let public_port = free_port()?;
             let stats_port = free_port()?;
-            let env = config_env(backends, public_port, stats_port, check_interval);
+            let mut env = config_env(backends, public_port, stats_port, check_interval);
+            env.extend_from_slice(extra);
             match Self::spawn(&env, public_port, stats_port).await {
                 Ok(haproxy) => {
                     haproxy.wait_all_up(backends.len()).await?;

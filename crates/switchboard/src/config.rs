@@ -55,6 +55,15 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_INTERNAL_LISTEN", value_name = "ADDR")]
     pub internal_listen: Option<SocketAddr>,
 
+    /// PEM file with the public port's certificate chain (leaf first); with --tls-key, clients
+    /// connect with wss:// (and the demo page is https). Unset: plain ws:// [default: none].
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1) [default: none].
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     /// This node's id, unique in the cluster [default: generated, node-<random>].
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
     pub node_id: Option<String>,
@@ -272,6 +281,8 @@ pub struct JwtConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub internal_listen: SocketAddr,
+    /// TLS on the public port, when --tls-cert and --tls-key are set.
+    pub tls: Option<crate::tls::Tls>,
     pub node_id: String,
     pub redis: Option<Vec<String>>,
     /// PEM CA certificates for rediss:// shards, replacing the built-in roots.
@@ -349,6 +360,8 @@ impl Options {
             config: self.config,
             listen: self.listen.or(file.listen),
             internal_listen: self.internal_listen.or(file.internal_listen),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
             node_id: self.node_id.or(file.node_id),
             redis: self.redis.or(file.redis),
             redis_ca_file: self.redis_ca_file.or(file.redis_ca_file),
@@ -477,6 +490,15 @@ impl Options {
             }
             Some(path) => Some(read_ca_file(&path)?),
             None => None,
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                crate::tls::Tls::load(cert, key)
+                    .map_err(|error| invalid(error.option, error.message))?,
+            ),
+            (Some(_), None) => return Err(invalid("tls-key", "--tls-cert needs --tls-key")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "--tls-key needs --tls-cert")),
+            (None, None) => None,
         };
         let leeway = self.jwt_leeway_secs.unwrap_or(30);
         if leeway > 60 {
@@ -666,6 +688,7 @@ impl Options {
             internal_listen: self
                 .internal_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            tls,
             node_id,
             redis,
             redis_ca,

@@ -16,6 +16,7 @@ pub mod node;
 pub mod queue;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -64,12 +64,23 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     let node = server.node();
+    let tls = node.config.tls.as_ref();
+    if let Some(tls) = tls {
+        log_certificate(tls);
+        if let Err(error) = node.metrics.register_tls_expiry(tls.not_after) {
+            tracing::warn!(%error, "cannot export the TLS certificate's expiry");
+        }
+    }
+    let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     let internal = server
         .internal_addr()
         .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
     // The demo URL leads the line: it is what `cargo run` users open.
     let demo = if node.config.demo {
-        format!("demo page {}, ", demo::page_url(server.public_addr()))
+        format!(
+            "demo page {}, ",
+            demo::page_url(server.public_addr(), tls.is_some())
+        )
     } else {
         String::new()
     };
@@ -80,7 +91,8 @@ async fn serve(config: Config) -> ExitCode {
         auth = node.auth.enabled(),
         demo = node.config.demo,
         max_connections = node.config.max_connections,
-        "switchboard listening: {demo}WebSocket ws://{}/ws, metrics and API http://{}",
+        tls = tls.is_some(),
+        "switchboard listening: {demo}WebSocket {ws_scheme}://{}/ws, metrics and API http://{}",
         server.public_addr(),
         internal,
     );
@@ -89,7 +101,7 @@ async fn serve(config: Config) -> ExitCode {
     if node.config.demo && std::io::stdout().is_terminal() {
         println!(
             "Demo page: {} (open it in two tabs)",
-            demo::page_url(server.public_addr())
+            demo::page_url(server.public_addr(), tls.is_some())
         );
     }
     match server.run(shutdown).await {
@@ -98,6 +110,28 @@ async fn serve(config: Config) -> ExitCode {
             tracing::error!(%error, "stopped with an error");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Operators learn when the certificate needs replacing (a restart loads the new one).
+fn log_certificate(tls: &switchboard::tls::Tls) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64);
+    let days_left = (tls.not_after - now).div_euclid(86_400);
+    if tls.not_after <= now {
+        tracing::warn!(
+            subject = %tls.subject,
+            expires = %tls.expires,
+            "the TLS certificate has expired: clients will refuse it"
+        );
+    } else {
+        tracing::info!(
+            subject = %tls.subject,
+            expires = %tls.expires,
+            days_left,
+            "TLS on the public port (wss://)"
+        );
     }
 }
 

@@ -213,6 +213,17 @@ impl Metrics {
         &self.registry
     }
 
+    /// With `--tls-cert` only (absent otherwise): the certificate's expiry, for an alert before
+    /// clients start refusing it.
+    pub fn register_tls_expiry(&self, not_after: i64) -> prometheus::Result<()> {
+        let expiry = IntGauge::new(
+            "switchboard_tls_certificate_expiry_timestamp_seconds",
+            "When the public port's TLS certificate expires (Unix time).",
+        )?;
+        expiry.set(not_after);
+        self.registry.register(Box::new(expiry))
+    }
+
     pub fn close_sent(&self, code: u16) {
         self.closes.with_label_values(&[close_label(code)]).inc();
     }

@@ -100,7 +100,13 @@ async fn handle_connection(
         match door.admit(remote.ip()) {
             Ok(slot) => Some(slot),
             Err(refusal) => {
-                answer_refusal(node, stream, refusal).await;
+                // On a TLS port the 429 can only be read over TLS.
+                let refusal_deadline = tokio::time::Instant::now() + REFUSAL_TIMEOUT;
+                if let Some(stream) =
+                    crate::tls::accept(&node, stream, remote, refusal_deadline).await
+                {
+                    answer_refusal(node, stream, refusal).await;
+                }
                 return;
             }
         }
@@ -116,6 +122,9 @@ async fn handle_connection(
         tracing::debug!(%remote, "waited for --accept-rate past the handshake timeout");
         return;
     }
+    let Some(stream) = crate::tls::accept(&node, stream, remote, deadline).await else {
+        return;
+    };
     let held = Arc::new(Mutex::new(Held {
         permit: Some(permit),
         slot,
@@ -153,7 +162,7 @@ async fn handle_connection(
 }
 
 /// Answers whatever the connection asks with the refusal's 429.
-async fn answer_refusal(node: Arc<Node>, stream: TcpStream, refusal: Refusal) {
+async fn answer_refusal(node: Arc<Node>, stream: crate::tls::Stream, refusal: Refusal) {
     let service = service_fn(move |_request| {
         let response = too_many(&node, &refusal);
         async move { Ok::<_, Infallible>(response) }

@@ -1159,3 +1159,106 @@ fn admission_options_come_from_the_file() {
     assert_eq!(config.internal_header_timeout, Duration::from_millis(1500));
     assert_eq!(config.internal_max_connections, 4);
 }
+
+/// A self-signed certificate (EC P-256, valid until 2126) and its key, only ever used here.
+const TLS_TEST_CERT: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBsDCCAVegAwIBAgIUf0Ghvosn2E9O3E4tOTNZQHaSHNcwCgYIKoZIzj0EAwIw
+IjEgMB4GA1UEAwwXc3dpdGNoYm9hcmQgY29uZmlnIHRlc3QwIBcNMjYxMjA1MTAw
+NTMyWhgPMjEyNjExMTExMDA1MzJaMCIxIDAeBgNVBAMMF3N3aXRjaGJvYXJkIGNv
+bmZpZyB0ZXN0MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEm8LqiGNm1h93hyPy
+1TJVcUn/BB7dKdKfM/So36hBLZQq0XpcmON2zQZ/G4q2z0dxIoc6p7ryuL5o3eqS
+v3HyTqNpMGcwHQYDVR0OBBYEFPClFBNcuSr0KYk8ucjIGD9O7m99MB8GA1UdIwQY
+MBaAFPClFBNcuSr0KYk8ucjIGD9O7m99MA8GA1UdEwEB/wQFMAMBAf8wFAYDVR0R
+BA0wC4IJbG9jYWxob3N0MAoGCCqGSM49BAMCA0cAMEQCIGoKrmZpDMTVthjmWPTp
+Bft9Ejx9xm9o/ArEl7zOimLjAiAFQyX3HwLbrbJvn+BOE08MemAaiJwOwQqfmx5Q
+30fBcg==
+-----END CERTIFICATE-----
+";
+const TLS_TEST_KEY: &str = "\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQghVkDWW1l1NKOx6TJ
+b6eGg7W9Lvz1UaW4QA0oq+XYV5OhRANCAASbwuqIY2bWH3eHI/LVMlVxSf8EHt0p
+0p8z9KjfqEEtlCrRelyY43bNBn8birbPR3EihzqnuvK4vmjd6pK/cfJO
+-----END PRIVATE KEY-----
+";
+
+#[test]
+fn tls_cert_and_key_are_loaded_from_flags_or_the_file() {
+    assert!(
+        resolve(Options::default()).tls.is_none(),
+        "plain by default"
+    );
+    let cert = TempFile::new(TLS_TEST_CERT);
+    let key = TempFile::new(TLS_TEST_KEY);
+    let (cert_path, key_path) = (
+        cert.path.to_str().expect("utf-8 temp path"),
+        key.path.to_str().expect("utf-8 temp path"),
+    );
+    let config = resolve(parse(&["--tls-cert", cert_path, "--tls-key", key_path]));
+    let tls = config.tls.expect("TLS on");
+    assert_eq!(tls.subject, "CN=switchboard config test");
+    // 2126-11-11T10:05:32Z
+    assert_eq!(tls.not_after, 4_950_065_132);
+    let file = TempFile::new(&format!(
+        "tls-cert = {cert_path:?}\ntls-key = {key_path:?}\n"
+    ));
+    let config = resolve(Options {
+        config: Some(file.path.clone()),
+        ..Options::default()
+    });
+    assert!(
+        config.tls.is_some(),
+        "the file keys tls-cert and tls-key are read"
+    );
+}
+
+#[test]
+fn tls_needs_both_files_readable_and_matching() {
+    let cert = TempFile::new(TLS_TEST_CERT);
+    let key = TempFile::new(TLS_TEST_KEY);
+    let tls = |cert: &Path, key: &Path| Options {
+        tls_cert: Some(cert.to_owned()),
+        tls_key: Some(key.to_owned()),
+        ..Options::default()
+    };
+    let text = expect_invalid_naming(
+        Options {
+            tls_cert: Some(cert.path.clone()),
+            ..Options::default()
+        },
+        "tls-key",
+        "--tls-cert",
+    );
+    assert!(text.contains("needs --tls-key"), "{text}");
+    expect_invalid_naming(
+        Options {
+            tls_key: Some(key.path.clone()),
+            ..Options::default()
+        },
+        "tls-cert",
+        "--tls-key",
+    );
+    let missing = Path::new("/nonexistent/switchboard/tls.pem");
+    let text = expect_invalid(tls(missing, &key.path), "tls-cert");
+    assert!(text.contains("/nonexistent/switchboard/tls.pem"), "{text}");
+    expect_invalid(tls(&cert.path, missing), "tls-key");
+    for contents in [
+        "",
+        "not a certificate\n",
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        TLS_TEST_KEY,
+    ] {
+        let bad = TempFile::new(contents);
+        expect_invalid(tls(&bad.path, &key.path), "tls-cert");
+    }
+    for contents in ["", "not a key\n", TLS_TEST_CERT] {
+        let bad = TempFile::new(contents);
+        expect_invalid(tls(&cert.path, &bad.path), "tls-key");
+    }
+    // A key that is not the certificate's.
+    let other = TempFile::new(TEST_CA_PEM);
+    let text = expect_invalid(tls(&other.path, &key.path), "tls-key");
+    assert!(text.contains("KeyMismatch"), "{text}");
+}

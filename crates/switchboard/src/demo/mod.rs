@@ -64,13 +64,15 @@ fn etags() -> &'static [HeaderValue] {
     })
 }
 
-/// The demo page's URL for a node bound to `public`, as a person would open it.
-pub fn page_url(public: SocketAddr) -> String {
+/// The demo page's URL for a node bound to `public` (serving TLS when `tls`), as a person
+/// would open it.
+pub fn page_url(public: SocketAddr, tls: bool) -> String {
     let mut addr = public;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    format!("http://{addr}/")
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{addr}/")
 }
 
 /// Answers a request for one of the page's files; `None` when `path` is not one of them.
@@ -193,12 +195,16 @@ mod tests {
     #[test]
     fn the_page_url_is_openable() {
         assert_eq!(
-            page_url("0.0.0.0:8080".parse().expect("addr")),
+            page_url("0.0.0.0:8080".parse().expect("addr"), false),
             "http://127.0.0.1:8080/"
         );
         assert_eq!(
-            page_url("127.0.0.2:81".parse().expect("addr")),
+            page_url("127.0.0.2:81".parse().expect("addr"), false),
             "http://127.0.0.2:81/"
+        );
+        assert_eq!(
+            page_url("127.0.0.2:8443".parse().expect("addr"), true),
+            "https://127.0.0.2:8443/"
         );
     }
 }
