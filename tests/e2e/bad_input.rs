@@ -987,7 +987,8 @@ async fn connect_small_buffer(node: &NodeProcess) -> Result<RawClient> {
 async fn a_slow_reader_is_closed_with_1013_and_a_fast_reader_gets_everything() -> Result<()> {
     const SLOW_CLOSES: &str = "switchboard_slow_consumer_closes_total";
     const MAX_MESSAGES: u64 = 2000;
-    let mut node = NodeProcess::start(&["--max-queue-bytes", "65536"]).await?;
+    let mut node =
+        NodeProcess::start(&["--max-message-size", "32768", "--max-queue-bytes", "65536"]).await?;
     let url = node.ws_url();
     let room = "firehose";
     let mut slow = connect_small_buffer(&node).await?;
