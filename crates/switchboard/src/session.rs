@@ -551,6 +551,7 @@ where
                 let query = HistoryQuery {
                     since: Some(since.clone()),
                     limit: None,
+                    max_bytes: None,
                 };
                 node.broker.history(&room, query).await.map(|history| {
                     let messages = if history.recovered {
@@ -707,6 +708,7 @@ where
         let query = HistoryQuery {
             since,
             limit: Some(limit.min(MAX_HISTORY_LIMIT)),
+            max_bytes: None,
         };
         let history = self
             .node
