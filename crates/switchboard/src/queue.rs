@@ -148,6 +148,11 @@ impl OutboundQueue {
         self.state.lock().close.clone()
     }
 
+    /// Whether nothing is queued (bytes the writer took and has not released do not count).
+    pub fn is_empty(&self) -> bool {
+        self.state.lock().items.is_empty()
+    }
+
     /// Resolves when there may be something to take.
     pub async fn ready(&self) {
         self.ready.notified().await;
