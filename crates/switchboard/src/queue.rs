@@ -153,6 +153,16 @@ impl OutboundQueue {
         self.state.lock().items.is_empty()
     }
 
+    /// Bytes queued plus bytes taken by the writer and not yet released.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// The most bytes this queue holds.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Resolves when there may be something to take.
     pub async fn ready(&self) {
         self.ready.notified().await;

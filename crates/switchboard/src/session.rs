@@ -31,6 +31,9 @@ use crate::queue::{CloseRequest, Outbound, OutboundQueue};
 
 /// Most history messages one `history` request returns.
 const MAX_HISTORY_LIMIT: usize = 1000;
+/// Most messages one page of `since` recovery reads, so the frames' own fields (room, offset,
+/// epoch, sender) add a bounded amount to the page's byte budget.
+const RECOVERY_PAGE_MESSAGES: usize = 256;
 /// How long the server tries to deliver its close frame before dropping the connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -577,11 +580,7 @@ where
         node.hub.join(&room, &self.handle, presence_events);
         let recovery = match &since {
             Some(since) => {
-                let query = HistoryQuery {
-                    since: Some(since.clone()),
-                    limit: None,
-                    max_bytes: Some(node.config.max_message_size),
-                };
+                let query = self.recovery_page(since.clone());
                 node.broker.history(&room, query).await.map(|history| {
                     let (messages, more) = if history.recovered {
                         (history.messages, history.more)
@@ -662,8 +661,10 @@ where
     ) -> Result<(), Exit> {
         let node = self.node.clone();
         loop {
-            // Make room for the page, then queue it whole.
-            while !self.handle.queue.is_empty() {
+            // Make room for the page (a quarter of the queue), then queue it whole.
+            let handle = self.handle.clone();
+            let queue = &handle.queue;
+            while queue.bytes() > queue.max_bytes() / 2 && !queue.is_empty() {
                 self.flush_queue().await?;
             }
             let last = missed.last().map(|message| message.offset);
@@ -706,11 +707,7 @@ where
                 offset: subscription.offset,
                 epoch: subscription.epoch.clone(),
             };
-            let query = HistoryQuery {
-                since: Some(since),
-                limit: None,
-                max_bytes: Some(node.config.max_message_size),
-            };
+            let query = self.recovery_page(since);
             let history = match node.broker.history(room, query).await {
                 Ok(history) => history,
                 Err(error) => {
@@ -730,6 +727,17 @@ where
             }
             missed = history.messages;
             more = history.more;
+        }
+    }
+
+    /// One page of recovery after `since`: a quarter of the outbound queue's bound at most, so a
+    /// page always fits beside what is queued.
+    fn recovery_page(&self, since: StreamPosition) -> HistoryQuery {
+        let config = &self.node.config;
+        HistoryQuery {
+            since: Some(since),
+            limit: Some(RECOVERY_PAGE_MESSAGES),
+            max_bytes: Some(config.max_message_size.min(config.max_queue_bytes / 4)),
         }
     }
 
