@@ -1307,12 +1307,12 @@ impl Inner {
     }
 
     async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let last = !self
+        let last = self
             .members
             .lock()
             .range((room.to_owned(), String::new())..)
             .next()
-            .is_some_and(|((other, _), _)| other == room);
+            .is_none_or(|((other, _), _)| other != room);
         let write = Write::Leave {
             room: room.to_owned(),
             session: member.session.clone(),
