@@ -380,17 +380,44 @@ async fn frames_over_the_limit_are_refused_at_publish_and_send() -> Result<()> {
 
 // ----- 2. a queue that holds two large frames ------------------------------------------------
 
-/// An attacker sends a ~1 MiB message then a small one to a victim that pauses reading for
-/// 300 ms (over a real network, most clients are still taking the first): the victim is not
-/// closed and gets both. Then the room variant with two publishes. A victim that never reads is
-/// still closed with 1013.
+/// Sends the victim ~256 KB directs from the server API until the node cannot hand them to its
+/// socket any more (bytes stay in the node's queues): as over a real network, where the kernel
+/// does not absorb megabytes for a client that is not reading. Returns how many it sent.
+async fn fill_socket(node: &NodeProcess, user: &str) -> Result<usize> {
+    let http = reqwest::Client::new();
+    let filler = "f".repeat(256 * 1024);
+    for sent in 1..=64 {
+        let response = http
+            .post(node.http_url("/api/send"))
+            .json(&json!({"user": user, "data": filler}))
+            .send()
+            .await?;
+        ensure!(
+            response.status().is_success(),
+            "fill: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if node.metric("switchboard_queue_bytes").await? > 0.0 {
+            return Ok(sent);
+        }
+    }
+    bail!("64 × 256 KB to a client that does not read, and the node still holds nothing")
+}
+
+/// An attacker sends a message just under the 1 MiB limit, then a small one, to a victim that
+/// pauses reading for 300 ms while its socket is full: the victim is not closed and gets both.
+/// Then the room variant with two publishes. A victim that never reads is still closed with 1013.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Result<()> {
+    // The largest data whose `direct` / `message` frame fits the default 1 MiB limit, with room.
+    const BIG: usize = MIB - 512;
     let node = NodeProcess::start(&[]).await?;
-    let big = "b".repeat(1_000_000);
+    let big = "b".repeat(BIG);
     let mut victim = connect_small_buffer(&node, "victim").await?;
     subscribe(&mut victim, "lobby", 1).await?;
     let mut attacker = connect(&node, "attacker").await?;
+    let filled = fill_socket(&node, "victim").await?;
 
     for (id, data) in [(1, json!(big)), (2, json!("small"))] {
         attacker
@@ -415,7 +442,7 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut got = Vec::new();
-    while got.len() < 4 {
+    while got.len() < filled + 4 {
         match victim.next_frame().await? {
             ServerFrame::Direct { data, .. } => got.push(("direct", data)),
             ServerFrame::Message(message) => got.push(("message", message.data.clone())),
@@ -424,17 +451,18 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
     }
     let lengths: Vec<(&str, usize)> = got
         .iter()
+        .skip(filled)
         .map(|(kind, data)| (*kind, data.as_str().map_or(0, str::len)))
         .collect();
     ensure!(
         lengths
             == [
-                ("direct", 1_000_000),
+                ("direct", BIG),
                 ("direct", 5),
-                ("message", 1_000_000),
+                ("message", BIG),
                 ("message", 5)
             ],
-        "the victim got {lengths:?}"
+        "after {filled} fillers the victim got {lengths:?}"
     );
     ensure!(
         node.metric("switchboard_slow_consumer_closes_total")
@@ -444,7 +472,7 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
 
     // A victim that never reads: the queue (4 MiB by default) overflows and it is closed with 1013.
     let mut sleeper = connect_small_buffer(&node, "sleeper").await?;
-    for id in 10..20 {
+    for id in 10..30 {
         attacker
             .send_frame(&ClientFrame::Send {
                 to: "sleeper".to_owned(),
@@ -471,10 +499,23 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
 /// A queue below twice the message limit is refused at start with exit 64, naming both options.
 #[tokio::test]
 async fn a_queue_below_twice_the_message_limit_is_refused() -> Result<()> {
-    let output = tokio::process::Command::new(switchboard_e2e::binary())
-        .args(["--max-message-size", "65536", "--max-queue-bytes", "100000"])
-        .output()
-        .await?;
+    // A binary that accepted the options would run on: give up after the deadline (the child
+    // is killed when the future is dropped).
+    let output = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(switchboard_e2e::binary())
+            .args(["--max-message-size", "65536", "--max-queue-bytes", "100000"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the node started with a queue below twice the message limit")??;
     ensure!(output.status.code() == Some(64), "{:?}", output.status);
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(
