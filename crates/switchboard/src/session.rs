@@ -841,10 +841,11 @@ where
                 self.node.broker_error("presence", error).to_string(),
             )
         })?;
-        Ok(Reply {
-            members: Some(members),
-            ..Reply::default()
-        })
+        Ok(fit_presence_reply(
+            self.handle.codec,
+            self.node.config.max_message_size,
+            members,
+        ))
     }
 
     async fn history(
@@ -902,6 +903,35 @@ where
             self.node.broker_error("unregister_session", error);
         }
         tracing::debug!("session closed");
+    }
+}
+
+/// A `presence` reply with as many members as fit in one frame of `limit` bytes (with any id),
+/// marked `more` when some were left out: a crowded room must not make a frame over the limit.
+fn fit_presence_reply(codec: Codec, limit: usize, mut members: Vec<Member>) -> Reply {
+    let empty = Reply {
+        id: u64::MAX,
+        members: Some(Vec::new()),
+        more: true,
+        ..Reply::default()
+    };
+    let mut used = codec.encoded_len(&ServerFrame::Reply(empty));
+    let mut fits = 0;
+    for member in &members {
+        // As for history: its encoding, a separator, and room for MessagePack's array header.
+        let cost = codec.encoded_len(member) + 1;
+        if used + cost + 4 > limit {
+            break;
+        }
+        used += cost;
+        fits += 1;
+    }
+    let more = fits < members.len();
+    members.truncate(fits);
+    Reply {
+        members: Some(members),
+        more,
+        ..Reply::default()
     }
 }
 
@@ -997,6 +1027,31 @@ mod tests {
             let whole = fit_history_reply(codec, limit, reply_with(2, 100)).unwrap();
             assert_eq!(whole.messages.unwrap().len(), 2);
             assert!(!whole.more);
+        }
+    }
+
+    #[test]
+    fn a_presence_reply_is_cut_to_the_size_limit_and_says_more() {
+        let members: Vec<Member> = (0..100)
+            .map(|n| Member {
+                user: format!("user-{n}"),
+                session: format!("{n:016x}"),
+                info: Some(json!({"name": "x".repeat(100)})),
+            })
+            .collect();
+        for codec in Codec::ALL {
+            let reply = fit_presence_reply(codec, 4096, members.clone());
+            let kept = reply.members.as_ref().unwrap().len();
+            assert!((1..100).contains(&kept), "{codec:?} kept {kept}");
+            assert!(reply.more);
+            let frame = ServerFrame::Reply(Reply {
+                id: u64::MAX,
+                ..reply
+            });
+            assert!(codec.encode(&frame).unwrap().len() <= 4096);
+            let all = fit_presence_reply(codec, 1 << 20, members.clone());
+            assert_eq!(all.members.unwrap().len(), 100);
+            assert!(!all.more);
         }
     }
 
