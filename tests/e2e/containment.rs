@@ -652,3 +652,44 @@ async fn one_subscription_past_the_limit_is_refused_and_the_connection_stays_ope
     subscribe(&mut client, "room-4", 6).await?;
     Ok(())
 }
+
+/// A crowded room's `presence` reply lists what fits in the message size limit and says `more`;
+/// the server API still lists everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_reply_never_passes_the_size_limit() -> Result<()> {
+    let node = NodeProcess::start(&["--max-message-size", "4096"]).await?;
+    let mut members = Vec::new();
+    for n in 0..40 {
+        // Long user ids: 40 members take about 6 KB.
+        let mut client = connect(&node, &format!("{n:0>100}")).await?;
+        subscribe(&mut client, "crowd", 1).await?;
+        members.push(client);
+    }
+    let mut asker = connect(&node, "asker").await?;
+    asker
+        .send_frame(&ClientFrame::Presence {
+            room: "crowd".to_owned(),
+            id: 7,
+        })
+        .await?;
+    let listed = reply(&mut asker, 7).await?;
+    let size = Codec::Json
+        .encode(&ServerFrame::Reply(listed.clone()))
+        .map_err(anyhow::Error::msg)?
+        .len();
+    ensure!(size <= 4096, "a presence reply of {size} bytes");
+    let shown = listed.members.clone().unwrap_or_default().len();
+    ensure!(
+        listed.more && (1..40).contains(&shown),
+        "{shown} members, more: {}",
+        listed.more
+    );
+
+    let all: Value = reqwest::get(node.http_url("/api/presence/crowd"))
+        .await?
+        .json()
+        .await?;
+    ensure!(all["members"].as_array().map(Vec::len) == Some(40), "{all}");
+    drop(members);
+    Ok(())
+}
