@@ -445,6 +445,7 @@ export class Client extends Emitter {
       messages: reply.messages,
       offset: reply.offset,
       epoch: reply.epoch,
+      more: reply.more === true,
     }));
   }
 

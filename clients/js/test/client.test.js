@@ -68,6 +68,7 @@ describe("a node with authentication off", () => {
 
     const history = await client.history("lobby", { limit: 10 });
     assert.equal(history.offset, 1);
+    assert.equal(history.more, false);
     assert.deepEqual(history.messages.map((message) => message.data), [{ text: "hi" }]);
     assert.ok((await client.ping()) >= 0);
   });
