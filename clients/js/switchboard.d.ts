@@ -220,6 +220,11 @@ export interface HistoryReply {
   messages: RoomMessage[];
   offset: number;
   epoch: string;
+  /**
+   * The reply stopped early to stay within the server's message size limit: ask again with
+   * `since` set to the last message's position for the next page.
+   */
+  more: boolean;
 }
 
 export declare class Client {

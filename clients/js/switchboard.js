@@ -201,7 +201,8 @@ class Subscription extends Emitter {
   /**
    * Records a subscribe reply. With a recovered `since`, the missed messages follow the reply,
    * so the position stays at `since` until they arrive; otherwise nothing at or below the
-   * reply's offset will be sent.
+   * reply's offset will be sent. Offset 0 ("nothing seen") recovers in any epoch: a room
+   * without state tells its subscribers an epoch it does not keep.
    * @param {{offset: number, epoch: string, recovered?: boolean}} reply
    * @param {{offset: number, epoch: string} | undefined} since
    */
@@ -210,7 +211,7 @@ class Subscription extends Emitter {
     this.epoch = reply.epoch;
     this.recovered = since ? reply.recovered === true : undefined;
     this.position =
-      since && reply.recovered === true && since.epoch === reply.epoch
+      since && reply.recovered === true && (since.epoch === reply.epoch || since.offset === 0)
         ? { offset: Math.min(since.offset, reply.offset), epoch: reply.epoch }
         : { offset: reply.offset, epoch: reply.epoch };
     this.active = true;
@@ -444,6 +445,7 @@ export class Client extends Emitter {
       messages: reply.messages,
       offset: reply.offset,
       epoch: reply.epoch,
+      more: reply.more === true,
     }));
   }
 

@@ -485,7 +485,9 @@ async fn subscriber(
                         let _ = back_tx.send((closed, Some(dropped_at.elapsed())));
                         stats.reconnected = true;
                         if resumed_epoch != epoch {
-                            stats.epoch_changed = true;
+                            // Before any message, the epoch was one the room did not keep (it
+                            // had no state): the room's own is no change.
+                            stats.epoch_changed |= stats.last_offset > 0;
                             epoch = resumed_epoch;
                         }
                         socket = resumed;
@@ -518,7 +520,12 @@ async fn subscriber(
             }
         };
         if message_epoch.as_deref() != Some(epoch.as_str()) {
-            stats.epoch_mismatches += 1;
+            match message_epoch {
+                // A room without state answers an epoch it does not keep; its first message
+                // brings the epoch its first publish made.
+                Some(first) if stats.last_offset == 0 => epoch = first,
+                _ => stats.epoch_mismatches += 1,
+            }
         }
         if !advance(
             &mut stats.last_offset,

@@ -556,8 +556,8 @@ async fn oversize_frame_closes_with_1009() -> Result<()> {
     let mut node = NodeProcess::start(&["--max-message-size", "1024"]).await?;
     let url = node.ws_url();
     let mut client = connect(&url, Codec::Json).await?;
-    // Under the limit: fine.
-    publish(&mut client, "big", json!("x".repeat(900)), 1).await?;
+    // Under the limit, with the frame subscribers would get (and its history headroom): fine.
+    publish(&mut client, "big", json!("x".repeat(600)), 1).await?;
 
     let frame = json!({"type": "publish", "room": "big", "id": 2, "data": "x".repeat(2048)});
     client
@@ -987,7 +987,8 @@ async fn connect_small_buffer(node: &NodeProcess) -> Result<RawClient> {
 async fn a_slow_reader_is_closed_with_1013_and_a_fast_reader_gets_everything() -> Result<()> {
     const SLOW_CLOSES: &str = "switchboard_slow_consumer_closes_total";
     const MAX_MESSAGES: u64 = 2000;
-    let mut node = NodeProcess::start(&["--max-queue-bytes", "65536"]).await?;
+    let mut node =
+        NodeProcess::start(&["--max-message-size", "32768", "--max-queue-bytes", "65536"]).await?;
     let url = node.ws_url();
     let room = "firehose";
     let mut slow = connect_small_buffer(&node).await?;

@@ -57,6 +57,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ),
     ("--max-message-size", "SWITCHBOARD_MAX_MESSAGE_SIZE"),
     ("--max-queue-bytes", "SWITCHBOARD_MAX_QUEUE_BYTES"),
+    ("--max-subscriptions", "SWITCHBOARD_MAX_SUBSCRIPTIONS"),
     ("--rate-limit", "SWITCHBOARD_RATE_LIMIT"),
     ("--rate-limit-burst", "SWITCHBOARD_RATE_LIMIT_BURST"),
     ("--rate-limit-strikes", "SWITCHBOARD_RATE_LIMIT_STRIKES"),

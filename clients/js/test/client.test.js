@@ -52,20 +52,23 @@ describe("a node with authentication off", () => {
     assert.equal(subscription.active, true);
     assert.deepEqual([...client.subscriptions.keys()], ["lobby"]);
 
+    // The room had no state: its epoch is made by the first publish.
     const published = await client.publish("lobby", { text: "hi" });
-    assert.deepEqual(published, { offset: 1, epoch: subscription.epoch });
+    assert.equal(published.offset, 1);
+    assert.match(published.epoch, /^[0-9a-f]+$/);
     await waitUntil("the message", () => received.length === 1);
     assert.deepEqual(received[0], {
       room: "lobby",
       data: { text: "hi" },
       offset: 1,
-      epoch: subscription.epoch,
+      epoch: published.epoch,
       from: { user: "alice", session: connected.session },
     });
-    assert.deepEqual(subscription.position, { offset: 1, epoch: subscription.epoch });
+    assert.deepEqual(subscription.position, { offset: 1, epoch: published.epoch });
 
     const history = await client.history("lobby", { limit: 10 });
     assert.equal(history.offset, 1);
+    assert.equal(history.more, false);
     assert.deepEqual(history.messages.map((message) => message.data), [{ text: "hi" }]);
     assert.ok((await client.ping()) >= 0);
   });
@@ -108,10 +111,7 @@ describe("a node with authentication off", () => {
     await client.subscribe("twice");
     await assert.rejects(client.subscribe("twice"), { code: "already_subscribed" });
     assert.equal(client.state, "connected");
-    assert.deepEqual(await client.publish("twice", null), {
-      offset: 1,
-      epoch: client.subscriptions.get("twice")?.epoch,
-    });
+    assert.equal((await client.publish("twice", null)).offset, 1);
   });
 
   test("requests made while disconnected reject at once with code disconnected", async () => {

@@ -74,6 +74,37 @@ const welcome = (session) => ({
  */
 const message = (offset, epoch) => ({ type: "message", room: "r", data: offset, offset, epoch });
 
+test("a resubscribe from offset 0 delivers the replay in the room's own epoch", async () => {
+  ScriptedSocket.opened = [];
+  const client = connect("ws://switchboard.test/ws", {
+    user: "u",
+    WebSocket: /** @type {any} */ (ScriptedSocket),
+    random: () => 0,
+  });
+  try {
+    const [first] = ScriptedSocket.opened;
+    first.receive(welcome("s1"));
+    /** @type {[number, string][]} */
+    const delivered = [];
+    const subscribing = client.subscribe("r", (m) => delivered.push([m.offset, m.epoch]));
+    // A room without state: offset 0 and an epoch the server does not keep.
+    first.receive({ type: "reply", id: 1, room: "r", offset: 0, epoch: "unkept" });
+    const subscription = await subscribing;
+    first.drop(1006, "");
+    await waitUntil("a second socket", () => ScriptedSocket.opened.length === 2);
+    const second = ScriptedSocket.opened[1];
+    second.receive(welcome("s2"));
+    assert.deepEqual(second.last.since, { offset: 0, epoch: "unkept" });
+    // Three messages were published meanwhile, in the epoch their first publish made.
+    second.receive({ type: "reply", id: second.last.id, room: "r", offset: 3, epoch: "e1", recovered: true });
+    for (const offset of [1, 2, 3, 3, 4]) second.receive(message(offset, "e1"));
+    assert.deepEqual(delivered, [[1, "e1"], [2, "e1"], [3, "e1"], [4, "e1"]]);
+    assert.deepEqual(subscription.position, { offset: 4, epoch: "e1" });
+  } finally {
+    client.close();
+  }
+});
+
 test("resubscribes with since and presence_events, and delivers each offset once", async () => {
   ScriptedSocket.opened = [];
   const client = connect("ws://switchboard.test/ws?app=1", {

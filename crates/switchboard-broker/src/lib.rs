@@ -42,12 +42,20 @@ pub struct SessionRecord {
 }
 
 /// What `history` and `subscribe … since` ask for.
+///
+/// The answer is one page read forward in offset order: the messages after `since` (or, without
+/// `since`, the newest `limit` held, starting from the oldest of them), stopping at `limit` messages
+/// or before their payloads pass `max_bytes`, whichever comes first; [`History::more`] says whether
+/// it stopped early. A page holds at least one message when one is there, so paging always moves on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HistoryQuery {
     /// Messages after this position; `None`: the newest `limit` messages.
     pub since: Option<StreamPosition>,
-    /// At most this many messages (the oldest first when `since` is set, else the newest).
+    /// At most this many messages.
     pub limit: Option<usize>,
+    /// At most this many bytes of message payloads (measured as the broker stores them: JSON in
+    /// memory, MessagePack in Redis), so one request never loads more than about a frame's worth.
+    pub max_bytes: Option<usize>,
 }
 
 /// The answer to a [`HistoryQuery`].
@@ -57,9 +65,33 @@ pub struct History {
     pub messages: Vec<Arc<RoomMessage>>,
     /// The room's latest position when the history was read.
     pub position: StreamPosition,
-    /// With `since`: whether every message after `since` up to `position` is in `messages` (ignoring
-    /// `limit`); false when the epoch changed or part of the gap is no longer held.
+    /// With `since`: whether every message after `since` up to `position` is still held (in
+    /// `messages` and, when `more`, in the pages after it); false when the epoch changed or part of
+    /// the gap is no longer held. `since.offset == 0` means "nothing seen yet": it recovers in any
+    /// epoch as long as history still holds the room's first message (offset 1), so a client that
+    /// subscribed before a room had any state can resume.
     pub recovered: bool,
+    /// The page stopped at `limit` or `max_bytes` before the last message held: read on with
+    /// `since` set to the last offset in `messages`.
+    pub more: bool,
+}
+
+/// Bytes of `data` written as JSON, without building the text.
+pub fn json_len(data: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, data);
+    count.0
 }
 
 /// A message for every session of one user.
@@ -123,7 +155,8 @@ pub trait Broker: Send + Sync + 'static {
     /// Reads a room's history and latest position.
     async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History>;
 
-    /// The room's latest position (offset 0 and a fresh epoch for a room never published to).
+    /// The room's latest position (offset 0 and a fresh epoch, not stored, for a room without
+    /// state: reading never creates it).
     async fn position(&self, room: &str) -> BrokerResult<StreamPosition>;
 
     /// Delivers to every session of `message.user` on every node. Returns how many sessions the

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::{
     Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, PresenceChange,
-    PresenceEvent, SessionRecord,
+    PresenceEvent, SessionRecord, json_len,
 };
 
 /// Limits of the embedded broker's room history.
@@ -144,6 +144,11 @@ impl MemoryBus {
 }
 
 impl BusState {
+    /// A room's stream, if it has one: only publishing creates it.
+    fn existing_stream(&self, room: &str) -> Option<Arc<Mutex<Stream>>> {
+        self.streams.get(room).map(|stream| stream.clone())
+    }
+
     fn stream(&self, room: &str) -> Arc<Mutex<Stream>> {
         if let Some(stream) = self.streams.get(room) {
             return stream.clone();
@@ -309,50 +314,82 @@ impl Broker for MemoryBroker {
 
     async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
         let state = self.state();
-        let stream = state.stream(room);
+        let Some(stream) = state.existing_stream(room) else {
+            // Nothing was ever published (or it was forgotten): nothing to read, and reading
+            // creates nothing.
+            return Ok(History {
+                messages: Vec::new(),
+                position: StreamPosition {
+                    offset: 0,
+                    epoch: new_epoch(),
+                },
+                recovered: query.since.is_some_and(|since| since.offset == 0),
+                more: false,
+            });
+        };
         let mut stream = stream.lock();
         stream.evict(&state.config, Instant::now());
         let position = stream.position();
+        let oldest_held = stream
+            .history
+            .front()
+            .map_or(stream.offset + 1, |(message, _)| message.offset);
         let limit = query.limit.unwrap_or(usize::MAX);
-        let (messages, recovered) = match &query.since {
+        // The page starts after this offset.
+        let (after, recovered) = match &query.since {
             None => {
                 let skip = stream.history.len().saturating_sub(limit);
-                let messages = stream
+                let after = stream
                     .history
-                    .iter()
-                    .skip(skip)
-                    .map(|(message, _)| message.clone())
-                    .collect();
-                (messages, false)
+                    .get(skip)
+                    .map_or(stream.offset, |(message, _)| message.offset - 1);
+                (after, false)
             }
+            // Nothing seen yet: whatever epoch the client was told, the whole room is new to it.
+            Some(since) if since.offset == 0 => (0, oldest_held == 1),
             Some(since) if since.epoch != stream.epoch || since.offset > stream.offset => {
-                (Vec::new(), false)
+                return Ok(History {
+                    messages: Vec::new(),
+                    position,
+                    recovered: false,
+                    more: false,
+                });
             }
-            Some(since) => {
-                let oldest_held = stream
-                    .history
-                    .front()
-                    .map_or(stream.offset + 1, |(message, _)| message.offset);
-                let recovered = oldest_held <= since.offset + 1;
-                let messages = stream
-                    .history
-                    .iter()
-                    .filter(|(message, _)| message.offset > since.offset)
-                    .take(limit)
-                    .map(|(message, _)| message.clone())
-                    .collect();
-                (messages, recovered)
-            }
+            Some(since) => (since.offset, oldest_held <= since.offset + 1),
         };
+        let budget = query.max_bytes.unwrap_or(usize::MAX);
+        let mut messages = Vec::new();
+        let mut used = 0usize;
+        let mut more = false;
+        for (message, _) in stream
+            .history
+            .iter()
+            .skip_while(|(message, _)| message.offset <= after)
+        {
+            let size = json_len(&message.data);
+            if messages.len() == limit || (!messages.is_empty() && used + size > budget) {
+                more = true;
+                break;
+            }
+            used += size;
+            messages.push(message.clone());
+        }
         Ok(History {
             messages,
             position,
             recovered,
+            more,
         })
     }
 
     async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
-        Ok(self.state().stream(room).lock().position())
+        Ok(match self.state().existing_stream(room) {
+            Some(stream) => stream.lock().position(),
+            None => StreamPosition {
+                offset: 0,
+                epoch: new_epoch(),
+            },
+        })
     }
 
     async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {

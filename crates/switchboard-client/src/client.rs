@@ -40,6 +40,9 @@ pub struct HistoryReply {
     /// The room's latest offset.
     pub offset: u64,
     pub epoch: String,
+    /// The reply stopped early to stay within the server's message size limit: ask again with
+    /// `since` set to the last message's position for the next page.
+    pub more: bool,
 }
 
 /// A connection to a switchboard server that survives drops.
@@ -225,6 +228,7 @@ impl Client {
             messages: reply.messages.unwrap_or_default(),
             offset: reply.offset.ok_or_else(|| missing("offset"))?,
             epoch: reply.epoch.ok_or_else(|| missing("epoch"))?,
+            more: reply.more,
         })
     }
 

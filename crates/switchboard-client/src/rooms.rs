@@ -27,7 +27,8 @@ impl Rooms {
     /// Records a successful `subscribe` reply. `latest` is the reply's position (the room's
     /// latest offset). When the subscribe carried `since` and the server recovered from it, the
     /// missed messages follow the reply, so the position stays at `since` until they arrive;
-    /// otherwise nothing older than `latest` will be sent.
+    /// otherwise nothing older than `latest` will be sent. Offset 0 ("nothing seen") recovers
+    /// in any epoch: a room without state tells its subscribers an epoch it does not keep.
     pub(crate) fn subscribed(
         &mut self,
         room: &str,
@@ -37,10 +38,12 @@ impl Rooms {
         presence_events: bool,
     ) {
         let position = match since {
-            Some(since) if recovered && since.epoch == latest.epoch => StreamPosition {
-                offset: since.offset.min(latest.offset),
-                epoch: latest.epoch,
-            },
+            Some(since) if recovered && (since.epoch == latest.epoch || since.offset == 0) => {
+                StreamPosition {
+                    offset: since.offset.min(latest.offset),
+                    epoch: latest.epoch,
+                }
+            }
             _ => latest,
         };
         self.rooms.insert(
@@ -173,6 +176,21 @@ mod tests {
             .filter(|offset| rooms.accept(&message("chat", *offset, "e1")))
             .collect();
         assert_eq!(delivered, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_recovered_resubscribe_from_offset_zero_delivers_the_replay_in_the_new_epoch() {
+        let mut rooms = Rooms::default();
+        // Subscribed to a room without state: offset 0 and an epoch the server did not keep.
+        rooms.subscribed("chat", at(0, "unkept"), None, false, false);
+        let [point] = rooms.resume_points().try_into().expect("one room");
+        // Reconnected: three messages were published meanwhile, in the room's own epoch.
+        rooms.subscribed("chat", at(3, "e1"), Some(&point.since), true, false);
+        let delivered: Vec<u64> = [1, 2, 3, 3, 4]
+            .into_iter()
+            .filter(|offset| rooms.accept(&message("chat", *offset, "e1")))
+            .collect();
+        assert_eq!(delivered, [1, 2, 3, 4]);
     }
 
     #[test]

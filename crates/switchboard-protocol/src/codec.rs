@@ -96,6 +96,32 @@ impl Codec {
         }
     }
 
+    /// Bytes `value` takes encoded with this codec, counted without building the encoding.
+    pub fn encoded_len<T: Serialize + ?Sized>(self, value: &T) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        // A writer that never fails: the only errors left are values serde cannot encode, which
+        // `encode` reports when the frame is really written.
+        let _ = match self {
+            Codec::Json => {
+                serde_json::to_writer(&mut count, value).map_err(|error| error.to_string())
+            }
+            Codec::MsgPack => {
+                rmp_serde::encode::write_named(&mut count, value).map_err(|error| error.to_string())
+            }
+        };
+        count.0
+    }
+
     pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, String> {
         match self {
             Codec::Json => serde_json::from_slice(payload).map_err(|error| error.to_string()),
@@ -273,6 +299,20 @@ mod tests {
             ServerFrame::Pong { id: Some(3) },
             ServerFrame::Pong { id: None },
         ]
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let frame = ServerFrame::Direct {
+            data: json!({"text": "héllo", "n": [1, 2.5, null]}),
+            from: None,
+        };
+        for codec in Codec::ALL {
+            assert_eq!(
+                codec.encoded_len(&frame),
+                codec.encode(&frame).unwrap().len()
+            );
+        }
     }
 
     #[test]

@@ -151,6 +151,10 @@ pub struct Reply {
     pub members: Option<Vec<Member>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<Arc<RoomMessage>>>,
+    /// `history` stopped before the end to keep the reply within the size limit: page on
+    /// with `since` set to the last offset received.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub more: bool,
 }
 
 /// Stable, machine-readable error codes.
@@ -175,6 +179,8 @@ pub enum ErrorCode {
     Unavailable,
     /// An unexpected server-side failure.
     Internal,
+    /// A per-session limit (such as the number of subscriptions) was reached; nothing was done.
+    LimitExceeded,
     /// A code from a newer server this client does not know.
     #[serde(other)]
     Unknown,
@@ -192,6 +198,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -14,7 +14,7 @@ mod live_tests;
 mod scripts;
 mod writes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -184,7 +184,8 @@ struct Inner {
     /// This node's registry entries, written again when a shard comes back without them.
     sessions: Mutex<HashMap<String, SessionRecord>>,
     /// This node's presence entries by (room, session), likewise.
-    members: Mutex<HashMap<(String, String), Member>>,
+    /// Ordered, so a room's members are one range.
+    members: Mutex<BTreeMap<(String, String), Member>>,
     /// The figures this node last reported, likewise.
     liveness: Mutex<Option<NodeInfo>>,
     /// Set after the first heartbeat: a liveness key missing after that had expired.
@@ -345,7 +346,7 @@ impl RedisBroker {
                 handler: OnceLock::new(),
                 metrics,
                 sessions: Mutex::new(HashMap::new()),
-                members: Mutex::new(HashMap::new()),
+                members: Mutex::new(BTreeMap::new()),
                 liveness: Mutex::new(None),
                 heartbeated: AtomicBool::new(false),
                 pending: Mutex::new(Pending::default()),
@@ -484,51 +485,76 @@ impl Inner {
         .await
     }
 
+    /// One page of a room's history (see the READ script): the position, the messages, whether
+    /// the first entry read had expired, and whether more follow.
     async fn read(
         &self,
         room: &str,
-        since: Option<u64>,
-        count: i64,
-    ) -> BrokerResult<(StreamPosition, Vec<Arc<RoomMessage>>, bool)> {
+        mut since: Option<u64>,
+        mut count: i64,
+        max_bytes: Option<usize>,
+    ) -> BrokerResult<ReadPage> {
         let shard = self.shard(room);
-        let mode = if since.is_some() { "since" } else { "newest" };
-        let value: Value = self
-            .call(shard, "read", async |connection| {
-                scripts::READ
-                    .key(keys::room_meta(room))
-                    .key(keys::room_log(room))
-                    .arg(fresh_epoch())
-                    .arg(millis(self.config.stream_ttl))
-                    .arg(mode)
-                    .arg(since.unwrap_or(0))
-                    .arg(count)
-                    .invoke_async(connection)
-                    .await
-            })
-            .await?;
-        let (position, entries) = parse_read(value).map_err(BrokerError::Internal)?;
-        let oldest_fresh = now_millis().saturating_sub(millis(self.config.history_ttl));
-        let mut messages = Vec::with_capacity(entries.len());
+        let budget = max_bytes.map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX));
         let mut expired_first = false;
-        for (index, (offset, time, payload)) in entries.into_iter().enumerate() {
-            if time < oldest_fresh {
-                expired_first |= index == 0;
+        let mut first_read = true;
+        loop {
+            let mode = if since.is_some() { "since" } else { "newest" };
+            let value: Value = self
+                .call(shard, "read", async |connection| {
+                    scripts::READ
+                        .key(keys::room_meta(room))
+                        .key(keys::room_log(room))
+                        .arg(millis(self.config.stream_ttl))
+                        .arg(mode)
+                        .arg(since.unwrap_or(0))
+                        .arg(count)
+                        .arg(budget)
+                        .invoke_async(connection)
+                        .await
+                })
+                .await?;
+            let (mut position, entries, more) = parse_read(value).map_err(BrokerError::Internal)?;
+            if position.epoch.is_empty() {
+                // A room without state: some epoch, stored nowhere (reads create nothing).
+                position.epoch = fresh_epoch();
+            }
+            let oldest_fresh = now_millis().saturating_sub(millis(self.config.history_ttl));
+            let read = entries.len();
+            let last_read = entries.last().map(|(offset, _, _)| *offset);
+            let mut messages = Vec::with_capacity(entries.len());
+            for (index, (offset, time, payload)) in entries.into_iter().enumerate() {
+                if time < oldest_fresh {
+                    expired_first |= first_read && index == 0;
+                    continue;
+                }
+                let stored: envelope::Stored = rmp_serde::from_slice(&payload)
+                    .map_err(|error| BrokerError::Internal(error.to_string()))?;
+                messages.push(Arc::new(RoomMessage {
+                    room: room.to_owned(),
+                    data: stored.data,
+                    offset,
+                    epoch: position.epoch.clone(),
+                    from: stored.from,
+                }));
+            }
+            first_read = false;
+            // Expired entries (only ever the oldest) filled the page: read on past them, so
+            // that a page with more after it is never empty.
+            if let (true, true, Some(last)) = (messages.is_empty(), more, last_read) {
+                since = Some(last);
+                if count > 0 {
+                    count = count.saturating_sub(read as i64).max(0);
+                }
                 continue;
             }
-            let stored: envelope::Stored = rmp_serde::from_slice(&payload)
-                .map_err(|error| BrokerError::Internal(error.to_string()))?;
-            messages.push(Arc::new(RoomMessage {
-                room: room.to_owned(),
-                data: stored.data,
-                offset,
-                epoch: position.epoch.clone(),
-                from: stored.from,
-            }));
+            return Ok(ReadPage {
+                position,
+                messages,
+                expired_first,
+                more,
+            });
         }
-        if since.is_none() {
-            messages.reverse();
-        }
-        Ok((position, messages, expired_first))
     }
 
     fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
@@ -584,29 +610,41 @@ impl Inner {
             return;
         };
         for (room, position) in rooms.iter_mut() {
-            let since = position.as_ref().map_or(0, |position| position.offset);
-            let mut read = self.read(room, Some(since), -1).await;
-            if let (Ok((current, _, _)), Some(seen)) = (&read, position.as_ref())
-                && current.epoch != seen.epoch
-                && since > 0
-            {
-                // History was lost (Redis restarted empty) and the room started again: every
-                // message of the new epoch, even those published before this connection was
-                // back, is new to this node.
-                read = self.read(room, Some(0), -1).await;
-            }
-            match read {
-                Ok((_, messages, _)) => {
-                    for message in messages {
-                        *position = Some(StreamPosition {
-                            offset: message.offset,
-                            epoch: message.epoch.clone(),
-                        });
-                        handler.room_message(message);
-                    }
+            let mut since = position.as_ref().map_or(0, |position| position.offset);
+            let mut first = true;
+            loop {
+                let mut read = self
+                    .read(room, Some(since), -1, Some(REPLAY_PAGE_BYTES))
+                    .await;
+                if let (true, Ok(page), Some(seen)) = (first, &read, position.as_ref())
+                    && page.position.epoch != seen.epoch
+                    && since > 0
+                {
+                    // History was lost (Redis restarted empty) and the room started again: every
+                    // message of the new epoch, even those published before this connection was
+                    // back, is new to this node.
+                    since = 0;
+                    read = self.read(room, Some(0), -1, Some(REPLAY_PAGE_BYTES)).await;
                 }
-                Err(error) => {
-                    tracing::warn!(%room, %error, "cannot replay a room after a reconnect")
+                first = false;
+                match read {
+                    Ok(page) => {
+                        for message in page.messages {
+                            since = message.offset;
+                            *position = Some(StreamPosition {
+                                offset: message.offset,
+                                epoch: message.epoch.clone(),
+                            });
+                            handler.room_message(message);
+                        }
+                        if !page.more {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%room, %error, "cannot replay a room after a reconnect");
+                        break;
+                    }
                 }
             }
         }
@@ -616,14 +654,28 @@ impl Inner {
 /// One history entry as read: offset, publish time (ms), stored payload.
 type LogEntry = (u64, u64, Vec<u8>);
 
-/// Parses the READ script's `{offset, epoch, entries}`.
-fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>), String> {
+/// Payload bytes read per page when replaying a room after a reconnect.
+const REPLAY_PAGE_BYTES: usize = 1 << 20;
+
+/// One page of history as [`Inner::read`] returns it.
+struct ReadPage {
+    position: StreamPosition,
+    messages: Vec<Arc<RoomMessage>>,
+    /// The first entry read had passed the history TTL (so the page does not start the gap).
+    expired_first: bool,
+    more: bool,
+}
+
+/// Parses the READ script's `{offset, epoch, entries, more}`.
+fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>, bool), String> {
     let Value::Array(mut parts) = value else {
         return Err("READ: not an array".into());
     };
-    if parts.len() != 3 {
-        return Err("READ: expected 3 parts".into());
+    if parts.len() != 4 {
+        return Err("READ: expected 4 parts".into());
     }
+    let more: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
     let entries = parts.pop().unwrap_or(Value::Nil);
     let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
         .map_err(|error| error.to_string())?;
@@ -665,7 +717,7 @@ fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>), String> {
         }
         parsed.push((offset, time, payload.ok_or("READ: entry without payload")?));
     }
-    Ok((StreamPosition { offset, epoch }, parsed))
+    Ok((StreamPosition { offset, epoch }, parsed, more == 1))
 }
 
 /// Keeps one shard's pub/sub connection: (re)connects with back-off, subscribes the node's inbox,
@@ -965,39 +1017,49 @@ impl Broker for RedisBroker {
         match &query.since {
             None => {
                 let count = query.limit.unwrap_or(self.inner.config.history_size) as i64;
-                let (position, messages, _) = self.inner.read(room, None, count).await?;
+                let page = self.inner.read(room, None, count, query.max_bytes).await?;
                 Ok(History {
-                    messages,
-                    position,
+                    messages: page.messages,
+                    position: page.position,
                     recovered: false,
+                    more: page.more,
                 })
             }
             Some(since) => {
-                let (position, messages, expired_first) =
-                    self.inner.read(room, Some(since.offset), count).await?;
-                if since.epoch != position.epoch || since.offset > position.offset {
+                let page = self
+                    .inner
+                    .read(room, Some(since.offset), count, query.max_bytes)
+                    .await?;
+                let position = page.position;
+                // Offset 0 is "nothing seen yet": any epoch recovers from the room's first message.
+                if since.offset > 0
+                    && (since.epoch != position.epoch || since.offset > position.offset)
+                {
                     return Ok(History {
                         messages: Vec::new(),
                         position,
                         recovered: false,
+                        more: false,
                     });
                 }
                 let recovered = since.offset == position.offset
-                    || (!expired_first
-                        && messages
+                    || (!page.expired_first
+                        && page
+                            .messages
                             .first()
                             .is_some_and(|message| message.offset == since.offset + 1));
                 Ok(History {
-                    messages,
+                    messages: page.messages,
                     position,
                     recovered,
+                    more: page.more,
                 })
             }
         }
     }
 
     async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
-        Ok(self.inner.read(room, None, 0).await?.0)
+        Ok(self.inner.read(room, None, 0, None).await?.position)
     }
 
     async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
@@ -1245,10 +1307,17 @@ impl Inner {
     }
 
     async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let last = self
+            .members
+            .lock()
+            .range((room.to_owned(), String::new())..)
+            .next()
+            .is_none_or(|((other, _), _)| other != room);
         let write = Write::Leave {
             room: room.to_owned(),
             session: member.session.clone(),
             event: envelope::presence_event(false, &member.session, &member.user),
+            last,
         };
         self.write(self.shard_index(room), write).await
     }

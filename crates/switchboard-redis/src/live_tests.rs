@@ -167,14 +167,17 @@ async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
             .expect("publish");
     }
     // XREVRANGE … COUNT 0 answers a null: the position of a room with history used to fail.
+    // The epoch is the first publish's (reading the new room stored none).
     let position = broker.position("room").await.expect("position");
-    assert_eq!((position.offset, &position.epoch), (3, &fresh.epoch));
+    assert_eq!(position.offset, 3);
+    let epoch = position.epoch.clone();
     let none = broker
         .history(
             "room",
             HistoryQuery {
                 since: None,
                 limit: Some(0),
+                max_bytes: None,
             },
         )
         .await
@@ -187,9 +190,10 @@ async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
             HistoryQuery {
                 since: Some(StreamPosition {
                     offset: 1,
-                    epoch: fresh.epoch.clone(),
+                    epoch: epoch.clone(),
                 }),
                 limit: Some(0),
+                max_bytes: None,
             },
         )
         .await
@@ -201,6 +205,7 @@ async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
             HistoryQuery {
                 since: None,
                 limit: Some(2),
+                max_bytes: None,
             },
         )
         .await
@@ -212,9 +217,10 @@ async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
             HistoryQuery {
                 since: Some(StreamPosition {
                     offset: 1,
-                    epoch: fresh.epoch.clone(),
+                    epoch: epoch.clone(),
                 }),
                 limit: None,
+                max_bytes: None,
             },
         )
         .await
@@ -633,4 +639,119 @@ return 1
     assert_eq!(slow, Ok(1));
     assert_eq!(registered, Ok(()));
     assert_eq!(x.inner.metrics.errors.with_label_values(&["0"]).get(), 0);
+}
+
+fn page(since: Option<(u64, &str)>, limit: Option<usize>, max_bytes: usize) -> HistoryQuery {
+    HistoryQuery {
+        since: since.map(|(offset, epoch)| StreamPosition {
+            offset,
+            epoch: epoch.to_owned(),
+        }),
+        limit,
+        max_bytes: Some(max_bytes),
+    }
+}
+
+#[tokio::test]
+async fn history_reads_are_pages_bounded_by_bytes_that_cover_everything_once() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    // Ten payloads of about 10 KB each (stored as MessagePack: a little more than the string).
+    let mut epoch = String::new();
+    for n in 1..=10 {
+        let message = broker
+            .publish("big", json!(format!("{n:0>10000}")), None)
+            .await
+            .expect("publish");
+        epoch = message.epoch.clone();
+    }
+
+    let first = broker
+        .history("big", page(Some((0, &epoch)), None, 35_000))
+        .await
+        .expect("first page");
+    assert_eq!(offsets(&first.messages), [1, 2, 3]);
+    assert!(first.more);
+    assert!(first.recovered, "offset 0 recovers from the first message");
+
+    let mut seen = offsets(&first.messages);
+    let mut more = first.more;
+    while more {
+        let last = *seen.last().expect("a page moves on");
+        let next = broker
+            .history("big", page(Some((last, &epoch)), None, 35_000))
+            .await
+            .expect("next page");
+        assert!(next.messages.len() <= 3 && !next.messages.is_empty());
+        assert!(next.recovered);
+        seen.extend(offsets(&next.messages));
+        more = next.more;
+    }
+    assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
+
+    // A budget below one payload still moves on by one.
+    let one = broker
+        .history("big", page(Some((7, &epoch)), None, 10))
+        .await
+        .expect("one");
+    assert_eq!(offsets(&one.messages), [8]);
+    assert!(one.more);
+
+    // Without `since`: the newest `limit`, from the oldest of them.
+    let newest = broker
+        .history("big", page(None, Some(5), 25_000))
+        .await
+        .expect("newest");
+    assert_eq!(offsets(&newest.messages), [6, 7]);
+    assert!(newest.more);
+    let whole = broker
+        .history("big", page(None, Some(2), 1 << 20))
+        .await
+        .expect("newest two");
+    assert_eq!(offsets(&whole.messages), [9, 10]);
+    assert!(!whole.more);
+}
+
+#[tokio::test]
+async fn reading_and_leaving_rooms_without_state_leaves_no_key() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    let keys_now = async || -> Vec<String> {
+        let mut keys: Vec<String> = server.query(redis::cmd("KEYS").arg("*").clone()).await;
+        keys.sort();
+        keys
+    };
+    let before = keys_now().await;
+    let alice = member("alice", "s1");
+    for room in ["a", "b", "c"] {
+        broker.position(room).await.expect("position");
+        broker
+            .history(room, page(None, Some(10), 1 << 20))
+            .await
+            .expect("history");
+        broker
+            .history(room, page(Some((4, "e")), None, 1 << 20))
+            .await
+            .expect("history since");
+        broker.presence(room).await.expect("presence");
+        broker.join_presence(room, &alice).await.expect("join");
+        broker.leave_presence(room, &alice).await.expect("leave");
+    }
+    assert_eq!(
+        keys_now().await,
+        before,
+        "no key made by reads, joins and leaves"
+    );
+
+    // Two members of this node: the room stays in the node's set until the last leaves.
+    let bob = member("bob", "s2");
+    broker.join_presence("d", &alice).await.expect("join");
+    broker.join_presence("d", &bob).await.expect("join");
+    broker.leave_presence("d", &alice).await.expect("leave");
+    let rooms: Vec<String> = server
+        .query(redis::cmd("SMEMBERS").arg(keys::node_rooms("n")).clone())
+        .await;
+    assert_eq!(rooms, ["d"]);
+    broker.leave_presence("d", &bob).await.expect("leave");
+    assert_eq!(keys_now().await, before);
 }

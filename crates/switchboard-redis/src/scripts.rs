@@ -29,37 +29,76 @@ return {offset, epoch}
     )
 });
 
-/// KEYS: meta, log. ARGV: fresh epoch, stream TTL ms, mode (`since` or `newest`), since offset,
-/// count (negative: no limit). Returns `{offset, epoch, entries}` read atomically: entries after
-/// the offset in order, or the newest `count` newest first.
+/// KEYS: meta, log. ARGV: stream TTL ms, mode (`since` or `newest`), since offset, count
+/// (negative: no limit), byte budget (negative: none). Returns `{offset, epoch, entries, more}`
+/// read atomically: entries in offset order after the offset (`newest`: after the room's offset
+/// less `count`), stopping at `count` entries or before their payloads pass the budget (at least
+/// one entry when there is one); `more` is 1 when it stopped before the last entry. A room
+/// without state answers `{0, '', {}, 0}` and is not created. Entries are fetched a few at a time,
+/// sized by what the budget has left, so a log of large payloads is never loaded whole.
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  return {0, '', {}, 0}
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 local offset = tonumber(redis.call('HGET', KEYS[1], 'o'))
-local count = tonumber(ARGV[5])
-local entries
-if count == 0 then
-  -- XRANGE and XREVRANGE with COUNT 0 answer a null, not an empty array.
-  entries = {}
-elseif ARGV[3] == 'since' then
-  if count < 0 then
-    entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4] .. '-0', '+')
-  else
-    entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4] .. '-0', '+', 'COUNT', count)
+local count = tonumber(ARGV[4])
+local budget = tonumber(ARGV[5])
+local after = tonumber(ARGV[3])
+if ARGV[2] == 'newest' then
+  after = 0
+  if count >= 0 then
+    after = math.max(offset - count, 0)
   end
-elseif count > 0 then
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
-else
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-')
 end
-return {offset, epoch, entries}
+local entries = {}
+if count == 0 then
+  return {offset, epoch, entries, 0}
+end
+local used = 0
+local cursor = '(' .. after .. '-0'
+while true do
+  local want = 64
+  if budget >= 0 then
+    if #entries == 0 then
+      want = 1
+    else
+      local average = math.max(used / #entries, 1)
+      want = math.max(1, math.min(64, math.floor((budget - used) / average)))
+    end
+  end
+  if count > 0 then
+    want = math.min(want, count - #entries)
+  end
+  if want <= 0 then
+    if #redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', 1) > 0 then
+      return {offset, epoch, entries, 1}
+    end
+    return {offset, epoch, entries, 0}
+  end
+  local page = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', want)
+  for _, entry in ipairs(page) do
+    local fields = entry[2]
+    local size = 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'p' then
+        size = #fields[i + 1]
+      end
+    end
+    if #entries > 0 and budget >= 0 and used + size > budget then
+      return {offset, epoch, entries, 1}
+    end
+    used = used + size
+    entries[#entries + 1] = entry
+    cursor = '(' .. entry[1]
+  end
+  if #page < want then
+    return {offset, epoch, entries, 0}
+  end
+end
 ",
     )
 });
@@ -76,10 +115,15 @@ return 1
     )
 });
 
-/// KEYS: presence, channel. ARGV: session, event. Publishes the event only if the member was there.
+/// KEYS: presence, channel, the node's room set. ARGV: session, event, room, `1` when it was the
+/// node's last member in the room (the room then leaves the node's room set, so rooms a node
+/// once had members in do not pile up there). Publishes the event only if the member was there.
 pub static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[4] == '1' then
+  redis.call('SREM', KEYS[3], ARGV[3])
+end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
   redis.call('PUBLISH', KEYS[2], ARGV[2])
   return 1

@@ -36,6 +36,8 @@ pub(crate) enum Write {
         room: String,
         session: String,
         event: Vec<u8>,
+        /// It was this node's last member in the room.
+        last: bool,
     },
 }
 
@@ -185,13 +187,17 @@ impl Inner {
                 room,
                 session,
                 event,
+                last,
             } => {
                 let mut invocation = scripts::LEAVE.prepare_invoke();
                 invocation
                     .key(keys::room_presence(room))
                     .key(keys::room_channel(room))
+                    .key(keys::node_rooms(self.node()))
                     .arg(session)
-                    .arg(event);
+                    .arg(event)
+                    .arg(room)
+                    .arg(if *last { "1" } else { "" });
                 pipe.invoke_script(&invocation);
                 1
             }

@@ -38,6 +38,11 @@ impl Failure {
     fn bad_request(message: impl Into<String>) -> Self {
         Failure::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
+
+    /// The frame recipients would get is over the message size limit.
+    fn too_large(message: String) -> Self {
+        Failure::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
 }
 
 impl From<BrokerError> for Failure {
@@ -173,6 +178,8 @@ async fn publish(
 ) -> ApiResult<PublishResponse> {
     let Json(request) = body?;
     check_room(&request.room)?;
+    node.check_room_frame(&request.room, &request.data, None)
+        .map_err(Failure::too_large)?;
     let message = node.publish(&request.room, request.data, None).await?;
     Ok(Json(PublishResponse {
         offset: message.offset,
@@ -186,6 +193,8 @@ async fn send(
 ) -> ApiResult<SendResponse> {
     let Json(request) = body?;
     check_user(&request.user)?;
+    node.check_direct_frame(&request.data, None)
+        .map_err(Failure::too_large)?;
     let message = DirectMessage {
         user: request.user,
         data: request.data,
@@ -204,6 +213,8 @@ async fn broadcast(
     body: Result<Json<BroadcastRequest>, JsonRejection>,
 ) -> ApiResult<BroadcastResponse> {
     let Json(request) = body?;
+    node.check_broadcast_frame(&request.data)
+        .map_err(Failure::too_large)?;
     let nodes = node
         .broker
         .broadcast(request.data)

@@ -167,9 +167,15 @@ pub struct Options {
     pub max_message_size: Option<usize>,
 
     /// Most bytes waiting to be written to one client; a reader that falls further behind is
-    /// closed with 1013 [default: 1048576].
+    /// closed with 1013. At least twice max-message-size, so one large frame being read does not
+    /// close a reader when the next arrives [default: 4 × max-message-size].
     #[arg(long, env = "SWITCHBOARD_MAX_QUEUE_BYTES", value_name = "BYTES")]
     pub max_queue_bytes: Option<usize>,
+
+    /// Most rooms one session may be subscribed to; one more `subscribe` gets
+    /// `error limit_exceeded` [default: 128].
+    #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS", value_name = "N")]
+    pub max_subscriptions: Option<usize>,
 
     /// Frames per second one connection may send, WebSocket pings and pongs included; 0 turns the
     /// limit off [default: 100].
@@ -307,6 +313,7 @@ pub struct Config {
     pub internal_max_connections: usize,
     pub max_message_size: usize,
     pub max_queue_bytes: usize,
+    pub max_subscriptions: usize,
     pub rate_limit: u32,
     pub rate_limit_burst: u32,
     pub rate_limit_strikes: u32,
@@ -390,6 +397,7 @@ impl Options {
                 .or(file.internal_max_connections),
             max_message_size: self.max_message_size.or(file.max_message_size),
             max_queue_bytes: self.max_queue_bytes.or(file.max_queue_bytes),
+            max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
             rate_limit: self.rate_limit.or(file.rate_limit),
             rate_limit_burst: self.rate_limit_burst.or(file.rate_limit_burst),
             rate_limit_strikes: self.rate_limit_strikes.or(file.rate_limit_strikes),
@@ -630,9 +638,21 @@ impl Options {
         if max_message_size < 256 {
             return Err(invalid("max-message-size", "must be at least 256 bytes"));
         }
-        let max_queue_bytes = self.max_queue_bytes.unwrap_or(1 << 20);
-        if max_queue_bytes < 1024 {
-            return Err(invalid("max-queue-bytes", "must be at least 1024 bytes"));
+        let max_queue_bytes = self
+            .max_queue_bytes
+            .unwrap_or(max_message_size.saturating_mul(4));
+        if max_queue_bytes < max_message_size.saturating_mul(2) {
+            return Err(invalid(
+                "max-queue-bytes",
+                format!(
+                    "must be at least twice max-message-size ({max_message_size} bytes), or a \
+                     reader still taking one large frame is closed when the next arrives"
+                ),
+            ));
+        }
+        let max_subscriptions = self.max_subscriptions.unwrap_or(128);
+        if max_subscriptions == 0 {
+            return Err(invalid("max-subscriptions", "must be at least 1"));
         }
         let read_buffer_size = self.read_buffer_size.unwrap_or(4096);
         if !(256..=1 << 20).contains(&read_buffer_size) {
@@ -716,6 +736,7 @@ impl Options {
             accept_burst,
             max_message_size,
             max_queue_bytes,
+            max_subscriptions,
             rate_limit: self.rate_limit.unwrap_or(100),
             rate_limit_burst,
             rate_limit_strikes,

@@ -135,7 +135,7 @@ impl Hub {
     }
 
     /// Pushes one item, counting what could not be queued.
-    fn push(&self, session: &SessionHandle, item: Outbound, queued_at: Instant) -> bool {
+    pub fn push(&self, session: &SessionHandle, item: Outbound, queued_at: Instant) -> bool {
         match session.queue.push(item, queued_at) {
             Push::Queued => true,
             Push::Overflow => {

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub queue_bytes: IntGauge,
     pub rooms: IntGauge,
     pub broker_errors: IntCounterVec,
+    pub limit_refusals: IntCounterVec,
     pub ready: IntGauge,
     pub accept_waits: IntCounter,
     pub accept_waiting: IntGauge,
@@ -169,6 +170,11 @@ impl Metrics {
                 "switchboard_broker_errors_total",
                 "Broker calls that failed, by operation.",
                 &["op"],
+            )?,
+            limit_refusals: counter_vec(
+                "switchboard_limit_refusals_total",
+                "Requests refused because they would pass a configured limit, by limit (subscriptions: --max-subscriptions; message_size: a publish or send whose frame would exceed --max-message-size).",
+                &["limit"],
             )?,
             ready: gauge(
                 "switchboard_ready",

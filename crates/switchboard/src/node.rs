@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{Broker, BrokerError, BrokerResult};
-use switchboard_protocol::RoomMessage;
-use switchboard_protocol::Sender;
 use switchboard_protocol::api::NodeInfo;
+use switchboard_protocol::{Codec, RoomMessage, Sender, ServerFrame};
 
 use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
@@ -237,6 +236,89 @@ impl Node {
         }
     }
 }
+
+/// What a frame carrying `data` would take, at most, over either codec: the frame measured with
+/// `data` null, less the null, plus `data` itself.
+fn frame_len_with(skeleton: &ServerFrame, data: &Value) -> usize {
+    Codec::ALL
+        .iter()
+        .map(|codec| {
+            let null = codec.encoded_len(&Value::Null);
+            codec.encoded_len(skeleton) - null + codec.encoded_len(data)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// An epoch as long as any a broker makes (16 hex digits), for measuring frames before publishing.
+const EPOCH_BOUND: &str = "0000000000000000";
+
+/// Why a frame was refused as too large for the message size limit.
+pub fn too_large_message(bytes: usize, limit: usize) -> String {
+    format!(
+        "the frame recipients would receive is {bytes} bytes, over the {limit}-byte message size limit"
+    )
+}
+
+impl Node {
+    /// Checks that the `message` frame subscribers of `room` would get for `data` fits the
+    /// message size limit, whatever their codec, with the largest offset and epoch. Room
+    /// messages also travel inside `history` replies, which add a little more: see
+    /// [`HISTORY_REPLY_HEADROOM`].
+    pub fn check_room_frame(
+        &self,
+        room: &str,
+        data: &Value,
+        from: Option<&Sender>,
+    ) -> Result<(), String> {
+        let skeleton = ServerFrame::Message(Arc::new(RoomMessage {
+            room: room.to_owned(),
+            data: Value::Null,
+            offset: u64::MAX,
+            epoch: EPOCH_BOUND.to_owned(),
+            from: from.cloned(),
+        }));
+        self.check_frame(&skeleton, data, HISTORY_REPLY_HEADROOM)
+    }
+
+    /// Checks that the `direct` frame for `data` fits the message size limit.
+    pub fn check_direct_frame(&self, data: &Value, from: Option<&Sender>) -> Result<(), String> {
+        let skeleton = ServerFrame::Direct {
+            data: Value::Null,
+            from: from.cloned(),
+        };
+        self.check_frame(&skeleton, data, 0)
+    }
+
+    /// Checks that the `broadcast` frame for `data` fits the message size limit.
+    pub fn check_broadcast_frame(&self, data: &Value) -> Result<(), String> {
+        let skeleton = ServerFrame::Broadcast { data: Value::Null };
+        self.check_frame(&skeleton, data, 0)
+    }
+
+    fn check_frame(
+        &self,
+        skeleton: &ServerFrame,
+        data: &Value,
+        headroom: usize,
+    ) -> Result<(), String> {
+        let limit = self.config.max_message_size;
+        let bytes = frame_len_with(skeleton, data) + headroom;
+        if bytes <= limit {
+            Ok(())
+        } else {
+            self.metrics
+                .limit_refusals
+                .with_label_values(&["message_size"])
+                .inc();
+            Err(too_large_message(bytes, limit))
+        }
+    }
+}
+
+/// Bytes a `history` reply adds around one room message (its type, id, position and `more`),
+/// reserved when a message is published so that any message fits a reply of its own.
+pub const HISTORY_REPLY_HEADROOM: usize = 128;
 
 /// Longest room name accepted, to keep keys and frames bounded.
 pub const MAX_ROOM_LEN: usize = 256;

@@ -99,9 +99,9 @@ impl OutboundQueue {
         if state.close.is_some() {
             return Push::Closed;
         }
-        // An empty queue takes one item of any size: a single large message must not close
-        // every reader; a reader that stays behind overflows on the next push.
-        if state.bytes > 0 && state.bytes + len > self.max_bytes {
+        // The limit is at least twice the largest frame (config validation), so a reader still
+        // taking one maximum-size frame has room for the next.
+        if state.bytes + len > self.max_bytes {
             let dropped: usize = state.items.drain(..).map(|(_, item)| item.len()).sum();
             state.bytes -= dropped;
             self.total_bytes.sub(dropped as i64);
@@ -146,6 +146,21 @@ impl OutboundQueue {
 
     pub fn close_request(&self) -> Option<CloseRequest> {
         self.state.lock().close.clone()
+    }
+
+    /// Whether nothing is queued (bytes the writer took and has not released do not count).
+    pub fn is_empty(&self) -> bool {
+        self.state.lock().items.is_empty()
+    }
+
+    /// Bytes queued plus bytes taken by the writer and not yet released.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// The most bytes this queue holds.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Resolves when there may be something to take.
@@ -237,10 +252,22 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_queue_takes_one_item_larger_than_its_bound() {
-        let (queue, _) = queue(100);
-        assert_eq!(queue.push(frame(500), Instant::now()), Push::Queued);
+    fn a_queue_holds_two_frames_of_half_its_bound_while_the_first_is_written() {
+        let (queue, gauge) = queue(100);
+        assert_eq!(queue.push(frame(50), Instant::now()), Push::Queued);
+        let mut batch = Vec::new();
+        let taken = queue.take(&mut batch).unwrap();
+        assert_eq!(queue.push(frame(50), Instant::now()), Push::Queued);
+        assert_eq!(gauge.get(), 100);
+        queue.release(taken.bytes);
+        assert_eq!(queue.push(frame(50), Instant::now()), Push::Queued);
         assert_eq!(queue.push(frame(1), Instant::now()), Push::Overflow);
+    }
+
+    #[test]
+    fn an_item_larger_than_the_bound_overflows_even_an_empty_queue() {
+        let (queue, _) = queue(100);
+        assert_eq!(queue.push(frame(101), Instant::now()), Push::Overflow);
     }
 
     #[test]

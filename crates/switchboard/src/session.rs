@@ -16,7 +16,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::Value;
 use switchboard_broker::{DirectMessage, HistoryQuery, SessionRecord};
 use switchboard_protocol::{
-    ClientFrame, Codec, ErrorCode, Member, Reply, Sender, ServerFrame, StreamPosition, close,
+    ClientFrame, Codec, ErrorCode, Member, Reply, RoomMessage, Sender, ServerFrame, StreamPosition,
+    close,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -33,6 +34,9 @@ use crate::queue::{CloseRequest, Outbound, OutboundQueue};
 
 /// Most history messages one `history` request returns.
 const MAX_HISTORY_LIMIT: usize = 1000;
+/// Most messages one page of `since` recovery reads, so the frames' own fields (room, offset,
+/// epoch, sender) add a bounded amount to the page's byte budget.
+const RECOVERY_PAGE_MESSAGES: usize = 256;
 /// How long the server tries to deliver its close frame before dropping the connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,6 +71,10 @@ struct Subscription {
     /// is a duplicate.
     offset: u64,
     epoch: String,
+    /// While `since` recovery pages through history: the highest live offset skipped because it
+    /// came before the messages in between (history holds it, and a later page brings it), or
+    /// `u64::MAX` for a live message of another epoch.
+    recovering: Option<u64>,
 }
 
 /// Per-connection abuse limits, made on the first frame the rate limit counts, so idle
@@ -266,8 +274,18 @@ where
                     else {
                         continue;
                     };
-                    if message.epoch == subscription.epoch && message.offset <= subscription.offset
+                    let same_epoch = message.epoch == subscription.epoch;
+                    if same_epoch && message.offset <= subscription.offset {
+                        continue;
+                    }
+                    if let Some(skipped) = &mut subscription.recovering
+                        && !(same_epoch && message.offset == subscription.offset + 1)
                     {
+                        *skipped = if same_epoch {
+                            (*skipped).max(message.offset)
+                        } else {
+                            u64::MAX
+                        };
                         continue;
                     }
                     subscription.offset = message.offset;
@@ -530,7 +548,7 @@ where
                 since,
                 presence_events,
                 ..
-            } => return Ok(self.subscribe(id, room, since, presence_events).await),
+            } => return self.subscribe(id, room, since, presence_events).await,
             ClientFrame::Unsubscribe { room, .. } => self.unsubscribe(room).await,
             ClientFrame::Publish { room, data, .. } => self.publish(room, data).await,
             ClientFrame::Send { to, data, .. } => self.send(to, data).await,
@@ -570,14 +588,16 @@ where
         }
     }
 
+    /// Subscribes; with `since`, writes the reply and then the missed messages (see [`recover`]).
+    /// Returns the frames still to write: an error, or the reply when there is nothing to recover.
     async fn subscribe(
         &mut self,
         id: Option<u64>,
         room: String,
         since: Option<StreamPosition>,
         presence_events: bool,
-    ) -> Vec<ServerFrame> {
-        let error = |code, message: String| vec![ServerFrame::error(id, code, message)];
+    ) -> Result<Vec<ServerFrame>, Exit> {
+        let error = |code, message: String| Ok(vec![ServerFrame::error(id, code, message)]);
         if let Err((code, message)) = self.check_subscribe_permission(&room) {
             return error(code, message);
         }
@@ -585,6 +605,18 @@ where
             return error(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to {room:?}"),
+            );
+        }
+        let max = self.node.config.max_subscriptions;
+        if self.subscriptions.len() >= max {
+            self.node
+                .metrics
+                .limit_refusals
+                .with_label_values(&["subscriptions"])
+                .inc();
+            return error(
+                ErrorCode::LimitExceeded,
+                format!("a session may be subscribed to at most {max} rooms (--max-subscriptions)"),
             );
         }
         let node = self.node.clone();
@@ -595,26 +627,23 @@ where
         node.hub.join(&room, &self.handle, presence_events);
         let recovery = match &since {
             Some(since) => {
-                let query = HistoryQuery {
-                    since: Some(since.clone()),
-                    limit: None,
-                };
+                let query = self.recovery_page(since.clone());
                 node.broker.history(&room, query).await.map(|history| {
-                    let messages = if history.recovered {
-                        history.messages
+                    let (messages, more) = if history.recovered {
+                        (history.messages, history.more)
                     } else {
-                        Vec::new()
+                        (Vec::new(), false)
                     };
-                    (history.position, Some(history.recovered), messages)
+                    (history.position, Some(history.recovered), messages, more)
                 })
             }
             None => node
                 .broker
                 .position(&room)
                 .await
-                .map(|position| (position, None, Vec::new())),
+                .map(|position| (position, None, Vec::new(), false)),
         };
-        let (position, recovered, missed) = match recovery {
+        let (position, recovered, missed, more) = match recovery {
             Ok(recovery) => recovery,
             Err(broker_error) => {
                 let op = if since.is_some() {
@@ -628,29 +657,143 @@ where
                 return error(ErrorCode::Unavailable, broker_error.to_string());
             }
         };
-        self.subscriptions.insert(
-            room.clone(),
-            Subscription {
+        let recovering = recovered == Some(true);
+        let subscription = match (&since, recovering) {
+            // Everything after `since` comes from history, page by page, before any live message.
+            (Some(since), true) => Subscription {
+                offset: since.offset,
+                epoch: position.epoch.clone(),
+                recovering: Some(0),
+            },
+            _ => Subscription {
                 offset: position.offset,
                 epoch: position.epoch.clone(),
+                recovering: None,
             },
-        );
+        };
+        self.subscriptions.insert(room.clone(), subscription);
         if let Err(broker_error) = node.broker.join_presence(&room, &self.member()).await {
             node.broker_error("join_presence", broker_error);
         }
-        let mut frames = Vec::with_capacity(missed.len() + 1);
-        if let Some(id) = id {
-            frames.push(ServerFrame::Reply(Reply {
+        let reply = id.map(|id| {
+            ServerFrame::Reply(Reply {
                 id,
-                room: Some(room),
+                room: Some(room.clone()),
                 offset: Some(position.offset),
                 epoch: Some(position.epoch),
                 recovered,
                 ..Reply::default()
-            }));
+            })
+        });
+        if !recovering {
+            return Ok(reply.into_iter().collect());
         }
-        frames.extend(missed.into_iter().map(ServerFrame::Message));
-        frames
+        if let Some(reply) = reply {
+            self.write_frames(vec![reply]).await?;
+        }
+        self.recover(&room, missed, more).await?;
+        Ok(Vec::new())
+    }
+
+    /// Writes what a `since` subscription missed, starting with `missed` (the first page read),
+    /// through the outbound queue, one page at a time: the node holds at most the queue's bound
+    /// plus one page for this session, and a client that does not read is closed with 1013 as
+    /// for live messages. Live messages of the room that come before the pages are skipped
+    /// meanwhile and brought by a later page, so the client gets every message once, in order.
+    async fn recover(
+        &mut self,
+        room: &str,
+        mut missed: Vec<Arc<RoomMessage>>,
+        mut more: bool,
+    ) -> Result<(), Exit> {
+        let node = self.node.clone();
+        loop {
+            // Make room for the page (a quarter of the queue), then queue it whole.
+            let handle = self.handle.clone();
+            let queue = &handle.queue;
+            while queue.bytes() > queue.max_bytes() / 2 && !queue.is_empty() {
+                self.flush_queue().await?;
+            }
+            let last = missed.last().map(|message| message.offset);
+            let queued_at = Instant::now();
+            for message in missed.drain(..) {
+                let frame = match encode(self.handle.codec, &ServerFrame::Message(message.clone()))
+                {
+                    Ok(frame) => frame,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot encode frame");
+                        return Err(close_with(close::INTERNAL, "internal error"));
+                    }
+                };
+                if !node
+                    .hub
+                    .push(&self.handle, Outbound::Room { message, frame }, queued_at)
+                {
+                    return Err(Exit::Close(self.closing_request()));
+                }
+            }
+            while let Some(last) = last
+                && self
+                    .subscriptions
+                    .get(room)
+                    .is_some_and(|sub| sub.offset < last)
+                && !self.handle.queue.is_empty()
+            {
+                self.flush_queue().await?;
+            }
+            let Some(subscription) = self.subscriptions.get_mut(room) else {
+                return Ok(());
+            };
+            let skipped = subscription.recovering.unwrap_or(0);
+            if !more && skipped <= subscription.offset {
+                subscription.recovering = None;
+                return Ok(());
+            }
+            subscription.recovering = Some(0);
+            let since = StreamPosition {
+                offset: subscription.offset,
+                epoch: subscription.epoch.clone(),
+            };
+            let query = self.recovery_page(since);
+            let history = match node.broker.history(room, query).await {
+                Ok(history) => history,
+                Err(error) => {
+                    node.broker_error("history", error);
+                    return Err(close_with(
+                        close::TRY_AGAIN_LATER,
+                        "broker unavailable during recovery, resume with since",
+                    ));
+                }
+            };
+            if !history.recovered {
+                tracing::info!(%room, "history moved on during recovery");
+                return Err(close_with(
+                    close::TRY_AGAIN_LATER,
+                    "too slow to recover: resume with since",
+                ));
+            }
+            missed = history.messages;
+            more = history.more;
+        }
+    }
+
+    /// One page of recovery after `since`: a quarter of the outbound queue's bound at most, so a
+    /// page always fits beside what is queued.
+    fn recovery_page(&self, since: StreamPosition) -> HistoryQuery {
+        let config = &self.node.config;
+        HistoryQuery {
+            since: Some(since),
+            limit: Some(RECOVERY_PAGE_MESSAGES),
+            max_bytes: Some(config.max_message_size.min(config.max_queue_bytes / 4)),
+        }
+    }
+
+    /// The close the outbound queue asked for (it overflowed or was closed meanwhile).
+    fn closing_request(&self) -> CloseRequest {
+        self.handle.queue.close_request().unwrap_or(CloseRequest {
+            code: close::TRY_AGAIN_LATER,
+            reason: "too slow to read: outbound queue full".to_owned(),
+        })
     }
 
     async fn unsubscribe(&mut self, room: String) -> Result<Reply, (ErrorCode, String)> {
@@ -693,9 +836,13 @@ where
                 format!("the token does not allow publishing to {room:?}"),
             ));
         }
+        let sender = self.sender();
+        self.node
+            .check_room_frame(&room, &data, Some(&sender))
+            .map_err(|message| (ErrorCode::TooLarge, message))?;
         let message = self
             .node
-            .publish(&room, data, Some(self.sender()))
+            .publish(&room, data, Some(sender))
             .await
             .map_err(|error| (ErrorCode::Unavailable, error.to_string()))?;
         Ok(Reply {
@@ -718,10 +865,14 @@ where
                 format!("the token does not allow sending to {to:?}"),
             ));
         }
+        let sender = self.sender();
+        self.node
+            .check_direct_frame(&data, Some(&sender))
+            .map_err(|message| (ErrorCode::TooLarge, message))?;
         let message = DirectMessage {
             user: to,
             data,
-            from: Some(self.sender()),
+            from: Some(sender),
         };
         let sessions = self.node.broker.send(message).await.map_err(|error| {
             (
@@ -743,10 +894,11 @@ where
                 self.node.broker_error("presence", error).to_string(),
             )
         })?;
-        Ok(Reply {
-            members: Some(members),
-            ..Reply::default()
-        })
+        Ok(fit_presence_reply(
+            self.handle.codec,
+            self.node.config.max_message_size,
+            members,
+        ))
     }
 
     async fn history(
@@ -760,6 +912,7 @@ where
         let query = HistoryQuery {
             since,
             limit: Some(limit.min(MAX_HISTORY_LIMIT)),
+            max_bytes: Some(self.node.config.max_message_size),
         };
         let history = self
             .node
@@ -772,12 +925,14 @@ where
                     self.node.broker_error("history", error).to_string(),
                 )
             })?;
-        Ok(Reply {
+        let reply = Reply {
             messages: Some(history.messages),
             offset: Some(history.position.offset),
             epoch: Some(history.position.epoch),
+            more: history.more,
             ..Reply::default()
-        })
+        };
+        fit_history_reply(self.handle.codec, self.node.config.max_message_size, reply)
     }
 
     /// Sends the close frame (if the server is closing) and removes the session everywhere.
@@ -822,5 +977,162 @@ where
         if let Err(error) = self.node.broker.unregister_session(&self.record()).await {
             self.node.broker_error("unregister_session", error);
         }
+    }
+}
+
+/// A `presence` reply with as many members as fit in one frame of `limit` bytes (with any id),
+/// marked `more` when some were left out: a crowded room must not make a frame over the limit.
+fn fit_presence_reply(codec: Codec, limit: usize, mut members: Vec<Member>) -> Reply {
+    let empty = Reply {
+        id: u64::MAX,
+        members: Some(Vec::new()),
+        more: true,
+        ..Reply::default()
+    };
+    let mut used = codec.encoded_len(&ServerFrame::Reply(empty));
+    let mut fits = 0;
+    for member in &members {
+        // As for history: its encoding, a separator, and room for MessagePack's array header.
+        let cost = codec.encoded_len(member) + 1;
+        if used + cost + 4 > limit {
+            break;
+        }
+        used += cost;
+        fits += 1;
+    }
+    let more = fits < members.len();
+    members.truncate(fits);
+    Reply {
+        members: Some(members),
+        more,
+        ..Reply::default()
+    }
+}
+
+/// Cuts a `history` reply's messages to what fits in one frame of `limit` bytes (with any id),
+/// marking it `more` when it cut. A first message that does not fit alone (only possible for
+/// messages published before the limit was lowered) is an error naming its offset.
+fn fit_history_reply(
+    codec: Codec,
+    limit: usize,
+    mut reply: Reply,
+) -> Result<Reply, (ErrorCode, String)> {
+    let messages = reply.messages.take().unwrap_or_default();
+    // Measured with the largest id, so the real reply is no larger.
+    let measure = |reply: &Reply| {
+        codec.encoded_len(&ServerFrame::Reply(Reply {
+            id: u64::MAX,
+            ..reply.clone()
+        }))
+    };
+    let mut empty = reply.clone();
+    empty.messages = Some(Vec::new());
+    empty.more = true;
+    let mut used = measure(&empty);
+    let mut fits = 0;
+    for message in &messages {
+        // A message in the array costs its own encoding plus at most a separator; MessagePack's
+        // array header grows by at most 4 bytes past 15 elements.
+        let cost = codec.encoded_len(message) + 1;
+        if used + cost + 4 > limit {
+            break;
+        }
+        used += cost;
+        fits += 1;
+    }
+    if fits == 0 && !messages.is_empty() {
+        return Err((
+            ErrorCode::TooLarge,
+            format!(
+                "the message at offset {} does not fit in a frame of the {limit}-byte message size limit",
+                messages[0].offset
+            ),
+        ));
+    }
+    let cut = fits < messages.len();
+    let mut messages = messages;
+    messages.truncate(fits);
+    reply.messages = Some(messages);
+    reply.more |= cut;
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn reply_with(count: u64, size: usize) -> Reply {
+        let messages = (1..=count)
+            .map(|offset| {
+                Arc::new(RoomMessage {
+                    room: "r".to_owned(),
+                    data: json!("x".repeat(size)),
+                    offset,
+                    epoch: "0123456789abcdef".to_owned(),
+                    from: None,
+                })
+            })
+            .collect();
+        Reply {
+            id: 7,
+            messages: Some(messages),
+            offset: Some(count),
+            epoch: Some("0123456789abcdef".to_owned()),
+            ..Reply::default()
+        }
+    }
+
+    #[test]
+    fn a_history_reply_is_cut_to_the_size_limit_and_says_more() {
+        for codec in Codec::ALL {
+            let limit = 4096;
+            let reply = fit_history_reply(codec, limit, reply_with(10, 1000)).unwrap();
+            let kept = reply.messages.as_ref().unwrap().len();
+            assert!((1..10).contains(&kept), "{codec:?} kept {kept}");
+            assert!(reply.more);
+            let frame = ServerFrame::Reply(Reply {
+                id: u64::MAX,
+                ..reply
+            });
+            assert!(codec.encode(&frame).unwrap().len() <= limit);
+
+            let whole = fit_history_reply(codec, limit, reply_with(2, 100)).unwrap();
+            assert_eq!(whole.messages.unwrap().len(), 2);
+            assert!(!whole.more);
+        }
+    }
+
+    #[test]
+    fn a_presence_reply_is_cut_to_the_size_limit_and_says_more() {
+        let members: Vec<Member> = (0..100)
+            .map(|n| Member {
+                user: format!("user-{n}"),
+                session: format!("{n:016x}"),
+                info: Some(json!({"name": "x".repeat(100)})),
+            })
+            .collect();
+        for codec in Codec::ALL {
+            let reply = fit_presence_reply(codec, 4096, members.clone());
+            let kept = reply.members.as_ref().unwrap().len();
+            assert!((1..100).contains(&kept), "{codec:?} kept {kept}");
+            assert!(reply.more);
+            let frame = ServerFrame::Reply(Reply {
+                id: u64::MAX,
+                ..reply
+            });
+            assert!(codec.encode(&frame).unwrap().len() <= 4096);
+            let all = fit_presence_reply(codec, 1 << 20, members.clone());
+            assert_eq!(all.members.unwrap().len(), 100);
+            assert!(!all.more);
+        }
+    }
+
+    #[test]
+    fn a_stored_message_larger_than_the_limit_is_refused_by_offset() {
+        let (code, message) = fit_history_reply(Codec::Json, 512, reply_with(1, 1000)).unwrap_err();
+        assert_eq!(code, ErrorCode::TooLarge);
+        assert!(message.contains("offset 1"), "{message}");
     }
 }

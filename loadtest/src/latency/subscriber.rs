@@ -111,7 +111,7 @@ async fn receive(
     mut socket: Socket,
     protocol: Protocol,
     mut stats: SubscriberStats,
-    epoch: Option<String>,
+    mut epoch: Option<String>,
     shard: usize,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -147,7 +147,12 @@ async fn receive(
         match offset {
             Some(offset) => {
                 if message_epoch != epoch.as_deref() {
-                    stats.epoch_mismatches += 1;
+                    match message_epoch {
+                        // A room without state answers an epoch it does not keep; its first
+                        // message brings the epoch its first publish made.
+                        Some(first) if stats.last_offset == 0 => epoch = Some(first.to_owned()),
+                        _ => stats.epoch_mismatches += 1,
+                    }
                 }
                 if !advance(
                     &mut stats.last_offset,

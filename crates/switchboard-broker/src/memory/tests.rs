@@ -126,12 +126,15 @@ fn since(offset: u64, epoch: &str) -> HistoryQuery {
             offset,
             epoch: epoch.to_owned(),
         }),
-        limit: None,
+        ..HistoryQuery::default()
     }
 }
 
 fn newest(limit: Option<usize>) -> HistoryQuery {
-    HistoryQuery { since: None, limit }
+    HistoryQuery {
+        limit,
+        ..HistoryQuery::default()
+    }
 }
 
 fn offsets(history: &History) -> Vec<u64> {
@@ -210,19 +213,17 @@ async fn offsets_start_at_one_and_grow_by_one_per_room() {
 }
 
 #[tokio::test]
-async fn unpublished_room_is_at_offset_zero_and_keeps_its_epoch_on_first_publish() {
+async fn unpublished_room_is_at_offset_zero_and_its_first_subscriber_recovers_the_first_publish() {
     let broker = MemoryBroker::new("n1", MemoryConfig::default());
 
     let before = broker.position("fresh").await.unwrap();
     assert_eq!(before.offset, 0);
     assert!(!before.epoch.is_empty());
-    // Asking again does not reset the epoch.
-    assert_eq!(broker.position("fresh").await.unwrap(), before);
-
-    // A client that subscribed at {0, epoch} recovers the first message.
+    // The epoch of a room without state is not stored: the first publish makes the room's own.
     let message = broker.publish("fresh", json!(1), None).await.unwrap();
     assert_eq!(message.offset, 1);
-    assert_eq!(message.epoch, before.epoch);
+
+    // A client that subscribed at {0, epoch} recovers the first message all the same.
 
     let history = broker
         .history("fresh", since(0, &before.epoch))
@@ -234,7 +235,7 @@ async fn unpublished_room_is_at_offset_zero_and_keeps_its_epoch_on_first_publish
         history.position,
         StreamPosition {
             offset: 1,
-            epoch: before.epoch
+            epoch: message.epoch.clone()
         }
     );
 }
@@ -246,8 +247,7 @@ async fn history_of_unpublished_room_is_empty_at_offset_zero() {
     assert!(history.messages.is_empty());
     assert!(!history.recovered);
     assert_eq!(history.position.offset, 0);
-    // Same stream as `position` sees.
-    assert_eq!(broker.position("nothing").await.unwrap(), history.position);
+    assert_eq!(broker.position("nothing").await.unwrap().offset, 0);
 
     let epoch = history.position.epoch;
     let recovered = broker.history("nothing", since(0, &epoch)).await.unwrap();
@@ -272,7 +272,8 @@ async fn wipe_history_changes_the_epoch_and_restarts_offsets() {
     let history = broker.history("r", since(3, &old_epoch)).await.unwrap();
     assert!(!history.recovered);
     assert!(history.messages.is_empty());
-    assert_eq!(history.position, position);
+    assert_eq!(history.position.offset, 0);
+    assert_ne!(history.position.epoch, old_epoch);
     assert!(
         broker
             .history("r", newest(None))
@@ -282,11 +283,12 @@ async fn wipe_history_changes_the_epoch_and_restarts_offsets() {
             .is_empty()
     );
 
+    // The room's new epoch is made by its first publish after the wipe.
     let message = broker.publish("r", json!("after"), None).await.unwrap();
     assert_eq!(message.offset, 1);
-    assert_eq!(message.epoch, position.epoch);
+    assert_ne!(message.epoch, old_epoch);
 
-    // Even rooms that only had an epoch get a new one.
+    // A room never published to has no stored epoch: it is not answered with the old one.
     assert_ne!(
         broker.position("never-published").await.unwrap().epoch,
         untouched_before.epoch
@@ -503,13 +505,22 @@ async fn history_since_another_epoch_is_not_recovered() {
     assert!(history.messages.is_empty());
     assert_eq!(history.position, StreamPosition { offset: 3, epoch });
 
-    // Even offset 0 of a foreign epoch is not a recovery.
+    // Offset 0 means "nothing seen": in any epoch it recovers from the room's first message
+    // while history holds it, and not once it is gone.
     let zero = broker
         .history("r", since(0, "not-the-epoch"))
         .await
         .unwrap();
-    assert!(!zero.recovered);
-    assert!(zero.messages.is_empty());
+    assert!(zero.recovered);
+    assert_eq!(offsets(&zero), vec![1, 2, 3]);
+
+    let small = MemoryBroker::new(
+        "n1",
+        config(2, Duration::from_secs(300), Duration::from_secs(300)),
+    );
+    publish_n(&small, "r", 3).await;
+    let evicted = small.history("r", since(0, "not-the-epoch")).await.unwrap();
+    assert!(!evicted.recovered);
 }
 
 #[tokio::test]
@@ -710,7 +721,7 @@ async fn sweep_forgets_an_idle_room_after_stream_ttl() {
 
     let message = broker.publish("r", json!("again"), None).await.unwrap();
     assert_eq!(message.offset, 1);
-    assert_eq!(message.epoch, position.epoch);
+    assert_ne!(message.epoch, old_epoch);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1153,4 +1164,138 @@ async fn deregister_node_removes_its_sessions_presence_subscriptions_and_livenes
     n2.deregister_node("ghost").await.unwrap();
     assert_eq!(n2.nodes().await.unwrap(), vec![node_info("n2", 1, 1)]);
     assert_eq!(n2.presence("r").await.unwrap().len(), 1);
+}
+
+// ----- bounded pages and reads without state ----------------------------------------------------
+
+/// Publishes `n` messages whose JSON payload is `size` bytes each.
+async fn publish_sized(broker: &MemoryBroker, room: &str, n: u64, size: usize) -> String {
+    let mut epoch = String::new();
+    for _ in 0..n {
+        // A JSON string of `size` bytes: the quotes and `size - 2` letters.
+        let message = broker
+            .publish(room, json!("x".repeat(size - 2)), None)
+            .await
+            .unwrap();
+        epoch = message.epoch.clone();
+    }
+    epoch
+}
+
+fn paged(
+    since_offset: Option<(u64, &str)>,
+    limit: Option<usize>,
+    max_bytes: usize,
+) -> HistoryQuery {
+    HistoryQuery {
+        since: since_offset.map(|(offset, epoch)| StreamPosition {
+            offset,
+            epoch: epoch.to_owned(),
+        }),
+        limit,
+        max_bytes: Some(max_bytes),
+    }
+}
+
+#[tokio::test]
+async fn history_pages_stop_at_the_byte_budget_and_say_so() {
+    let broker = MemoryBroker::new("n1", MemoryConfig::default());
+    let epoch = publish_sized(&broker, "r", 10, 100).await;
+
+    // 350 bytes hold three messages of 100 bytes.
+    let first = broker
+        .history("r", paged(Some((0, &epoch)), None, 350))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&first), vec![1, 2, 3]);
+    assert!(first.more);
+    assert!(first.recovered);
+
+    // Paging on from the last offset received gives every message exactly once.
+    let mut seen = offsets(&first);
+    let mut last = *seen.last().unwrap();
+    loop {
+        let page = broker
+            .history("r", paged(Some((last, &epoch)), None, 350))
+            .await
+            .unwrap();
+        assert!(page.messages.len() <= 3);
+        seen.extend(offsets(&page));
+        if !page.more {
+            break;
+        }
+        last = *seen.last().unwrap();
+    }
+    assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
+
+    // A budget smaller than one message still returns one, so paging moves on.
+    let one = broker
+        .history("r", paged(Some((4, &epoch)), None, 10))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&one), vec![5]);
+    assert!(one.more);
+
+    // The count limit also says `more`; an exact fit to the end does not.
+    let counted = broker
+        .history("r", paged(Some((0, &epoch)), Some(4), usize::MAX))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&counted), vec![1, 2, 3, 4]);
+    assert!(counted.more);
+    let to_the_end = broker
+        .history("r", paged(Some((6, &epoch)), Some(4), 400))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&to_the_end), vec![7, 8, 9, 10]);
+    assert!(!to_the_end.more);
+}
+
+#[tokio::test]
+async fn history_without_since_pages_forward_from_the_oldest_of_the_newest_limit() {
+    let broker = MemoryBroker::new("n1", MemoryConfig::default());
+    let epoch = publish_sized(&broker, "r", 10, 100).await;
+
+    // The newest 6 are 5..=10; the page starts at 5, and the client pages on with `since`.
+    let first = broker
+        .history("r", paged(None, Some(6), 250))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&first), vec![5, 6]);
+    assert!(first.more);
+    let rest = broker
+        .history("r", paged(Some((6, &epoch)), Some(6), 10_000))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&rest), vec![7, 8, 9, 10]);
+    assert!(!rest.more);
+}
+
+#[tokio::test]
+async fn reading_rooms_without_state_creates_none() {
+    let bus = MemoryBus::new(MemoryConfig::default());
+    let (broker, _) = started(&bus, "n1").await;
+    let member = member("alice", "s1");
+    for room in ["a", "b", "c"] {
+        broker.position(room).await.unwrap();
+        broker.history(room, newest(Some(10))).await.unwrap();
+        broker.history(room, since(5, "e")).await.unwrap();
+        broker.presence(room).await.unwrap();
+        broker.subscribe_room(room).await.unwrap();
+        broker.join_presence(room, &member).await.unwrap();
+        broker.leave_presence(room, &member).await.unwrap();
+        broker.unsubscribe_room(room).await.unwrap();
+    }
+    let state = &bus.state;
+    assert_eq!(
+        state.streams.len(),
+        0,
+        "no stream for a room never published to"
+    );
+    assert!(state.presence.lock().is_empty(), "no presence entry left");
+    assert_eq!(state.subscriptions.len(), 0, "no subscription left");
+
+    // Publishing creates the stream, as before.
+    broker.publish("a", json!(1), None).await.unwrap();
+    assert_eq!(state.streams.len(), 1);
 }

@@ -131,7 +131,8 @@ fn defaults_of_the_numeric_options() {
     assert_eq!(config.drain_grace, Duration::from_millis(10_000));
     assert_eq!(config.handshake_timeout, Duration::from_millis(10_000));
     assert_eq!(config.max_message_size, 1 << 20);
-    assert_eq!(config.max_queue_bytes, 1 << 20);
+    assert_eq!(config.max_queue_bytes, 4 << 20);
+    assert_eq!(config.max_subscriptions, 128);
     assert_eq!(config.rate_limit, 100);
     assert_eq!(config.rate_limit_burst, 200);
     assert_eq!(config.rate_limit_strikes, 50);
@@ -756,11 +757,41 @@ fn message_and_queue_sizes_have_minimums() {
     );
     expect_invalid(
         Options {
-            max_queue_bytes: Some(1023),
+            max_queue_bytes: Some((2 << 20) - 1),
             ..Options::default()
         },
         "max-queue-bytes",
     );
+    expect_invalid(
+        Options {
+            max_message_size: Some(4096),
+            max_queue_bytes: Some(8191),
+            ..Options::default()
+        },
+        "max-queue-bytes",
+    );
+    expect_invalid(
+        Options {
+            max_subscriptions: Some(0),
+            ..Options::default()
+        },
+        "max-subscriptions",
+    );
+}
+
+#[test]
+fn the_queue_limit_follows_the_message_limit() {
+    let config = resolve(Options {
+        max_message_size: Some(4096),
+        ..Options::default()
+    });
+    assert_eq!(config.max_queue_bytes, 4 * 4096);
+    let config = resolve(Options {
+        max_message_size: Some(4096),
+        max_queue_bytes: Some(8192),
+        ..Options::default()
+    });
+    assert_eq!(config.max_queue_bytes, 8192);
 }
 
 #[test]
