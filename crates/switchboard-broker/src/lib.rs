@@ -76,6 +76,30 @@ pub struct History {
     pub more: bool,
 }
 
+/// Hex digits at the start of an epoch that name the generation of the store that made it (a
+/// process of the embedded broker; a Redis server process, for the room's shard). Any loss of a
+/// room's newest messages comes with a new generation (a restart, a failover), so epochs made
+/// after it never share these digits with epochs made before.
+pub const GENERATION_DIGITS: usize = 8;
+
+/// Whether two epochs were made by the same generation of their store.
+pub fn same_generation(a: &str, b: &str) -> bool {
+    a.len() > GENERATION_DIGITS && a.get(..GENERATION_DIGITS) == b.get(..GENERATION_DIGITS)
+}
+
+/// The recovery rule both brokers apply, on positions alone (history must also still hold the
+/// gap): a client at `since` may resume a room now at `position` when both are in one epoch and
+/// `since` is not beyond it, or when `since.offset` is 0 ("nothing seen yet") and its epoch is of
+/// the same generation as the room's, i.e. no restart or failover (which may have lost a whole
+/// epoch the client never saw) came between.
+pub fn resumable(since: &StreamPosition, position: &StreamPosition) -> bool {
+    if since.offset == 0 {
+        same_generation(&since.epoch, &position.epoch)
+    } else {
+        since.epoch == position.epoch && since.offset <= position.offset
+    }
+}
+
 /// Bytes of `data` written as JSON, without building the text.
 pub fn json_len(data: &Value) -> usize {
     struct Count(usize);

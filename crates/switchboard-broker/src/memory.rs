@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::{
     Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, PresenceChange,
-    PresenceEvent, SessionRecord, json_len,
+    PresenceEvent, SessionRecord, json_len, resumable,
 };
 
 /// Limits of the embedded broker's room history.
@@ -47,6 +47,8 @@ pub struct MemoryBus {
 
 struct BusState {
     config: MemoryConfig,
+    /// The first digits of every epoch made until the next wipe (see [`crate::resumable`]).
+    generation: Mutex<String>,
     /// Per-room stream, each behind its own lock so rooms publish in parallel; the lock is held
     /// through delivery so that delivery order is offset order.
     streams: DashMap<String, Arc<Mutex<Stream>>>,
@@ -74,9 +76,9 @@ struct Stream {
 }
 
 impl Stream {
-    fn new() -> Self {
+    fn new(epoch: String) -> Self {
         Stream {
-            epoch: new_epoch(),
+            epoch,
             offset: 0,
             history: VecDeque::new(),
             last_activity: Instant::now(),
@@ -103,8 +105,8 @@ impl Stream {
     }
 }
 
-fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
+fn new_generation() -> String {
+    format!("{:08x}", rand::random::<u32>())
 }
 
 impl MemoryBus {
@@ -118,6 +120,7 @@ impl MemoryBus {
                 registry: Mutex::new(HashMap::new()),
                 presence: Mutex::new(HashMap::new()),
                 sweeper_started: AtomicBool::new(false),
+                generation: Mutex::new(new_generation()),
             }),
         }
     }
@@ -139,11 +142,21 @@ impl MemoryBus {
     /// Forgets every room's offsets and history, as a wiped history store would: every room gets
     /// a new epoch on its next use.
     pub fn wipe_history(&self) {
+        *self.state.generation.lock() = new_generation();
         self.state.streams.clear();
     }
 }
 
 impl BusState {
+    fn new_epoch(&self) -> String {
+        format!("{}{:08x}", self.generation.lock(), rand::random::<u32>())
+    }
+
+    /// Whether `epoch` was made by this bus since its last wipe.
+    fn made(&self, epoch: &str) -> bool {
+        crate::same_generation(epoch, &self.new_epoch())
+    }
+
     /// A room's stream, if it has one: only publishing creates it.
     fn existing_stream(&self, room: &str) -> Option<Arc<Mutex<Stream>>> {
         self.streams.get(room).map(|stream| stream.clone())
@@ -155,7 +168,7 @@ impl BusState {
         }
         self.streams
             .entry(room.to_owned())
-            .or_insert_with(|| Arc::new(Mutex::new(Stream::new())))
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(self.new_epoch()))))
             .clone()
     }
 
@@ -321,9 +334,11 @@ impl Broker for MemoryBroker {
                 messages: Vec::new(),
                 position: StreamPosition {
                     offset: 0,
-                    epoch: new_epoch(),
+                    epoch: state.new_epoch(),
                 },
-                recovered: query.since.is_some_and(|since| since.offset == 0),
+                recovered: query
+                    .since
+                    .is_some_and(|since| since.offset == 0 && state.made(&since.epoch)),
                 more: false,
             });
         };
@@ -345,9 +360,7 @@ impl Broker for MemoryBroker {
                     .map_or(stream.offset, |(message, _)| message.offset - 1);
                 (after, false)
             }
-            // Nothing seen yet: whatever epoch the client was told, the whole room is new to it.
-            Some(since) if since.offset == 0 => (0, oldest_held == 1),
-            Some(since) if since.epoch != stream.epoch || since.offset > stream.offset => {
+            Some(since) if !resumable(since, &position) => {
                 return Ok(History {
                     messages: Vec::new(),
                     position,
@@ -355,6 +368,8 @@ impl Broker for MemoryBroker {
                     more: false,
                 });
             }
+            // Nothing seen yet, in this generation: the whole room is new to the client.
+            Some(since) if since.offset == 0 => (0, oldest_held == 1),
             Some(since) => (since.offset, oldest_held <= since.offset + 1),
         };
         let budget = query.max_bytes.unwrap_or(usize::MAX);
@@ -387,7 +402,7 @@ impl Broker for MemoryBroker {
             Some(stream) => stream.lock().position(),
             None => StreamPosition {
                 offset: 0,
-                epoch: new_epoch(),
+                epoch: self.state().new_epoch(),
             },
         })
     }

@@ -17,7 +17,7 @@ mod writes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
@@ -210,14 +210,9 @@ pub struct RedisBroker {
     inner: Arc<Inner>,
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
-
-fn fresh_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
+/// The random half of an epoch (the scripts prefix the shard's generation).
+fn epoch_digits() -> String {
+    format!("{:08x}", rand::random::<u32>())
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -485,76 +480,57 @@ impl Inner {
         .await
     }
 
-    /// One page of a room's history (see the READ script): the position, the messages, whether
-    /// the first entry read had expired, and whether more follow.
+    /// One page of a room's history (see the READ script).
     async fn read(
         &self,
         room: &str,
-        mut since: Option<u64>,
-        mut count: i64,
+        since: Option<u64>,
+        count: i64,
         max_bytes: Option<usize>,
     ) -> BrokerResult<ReadPage> {
         let shard = self.shard(room);
         let budget = max_bytes.map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX));
-        let mut expired_first = false;
-        let mut first_read = true;
-        loop {
-            let mode = if since.is_some() { "since" } else { "newest" };
-            let value: Value = self
-                .call(shard, "read", async |connection| {
-                    scripts::READ
-                        .key(keys::room_meta(room))
-                        .key(keys::room_log(room))
-                        .arg(millis(self.config.stream_ttl))
-                        .arg(mode)
-                        .arg(since.unwrap_or(0))
-                        .arg(count)
-                        .arg(budget)
-                        .invoke_async(connection)
-                        .await
-                })
-                .await?;
-            let (mut position, entries, more) = parse_read(value).map_err(BrokerError::Internal)?;
-            if position.epoch.is_empty() {
-                // A room without state: some epoch, stored nowhere (reads create nothing).
-                position.epoch = fresh_epoch();
-            }
-            let oldest_fresh = now_millis().saturating_sub(millis(self.config.history_ttl));
-            let read = entries.len();
-            let last_read = entries.last().map(|(offset, _, _)| *offset);
-            let mut messages = Vec::with_capacity(entries.len());
-            for (index, (offset, time, payload)) in entries.into_iter().enumerate() {
-                if time < oldest_fresh {
-                    expired_first |= first_read && index == 0;
-                    continue;
-                }
-                let stored: envelope::Stored = rmp_serde::from_slice(&payload)
-                    .map_err(|error| BrokerError::Internal(error.to_string()))?;
-                messages.push(Arc::new(RoomMessage {
-                    room: room.to_owned(),
-                    data: stored.data,
-                    offset,
-                    epoch: position.epoch.clone(),
-                    from: stored.from,
-                }));
-            }
-            first_read = false;
-            // Expired entries (only ever the oldest) filled the page: read on past them, so
-            // that a page with more after it is never empty.
-            if let (true, true, Some(last)) = (messages.is_empty(), more, last_read) {
-                since = Some(last);
-                if count > 0 {
-                    count = count.saturating_sub(read as i64).max(0);
-                }
-                continue;
-            }
-            return Ok(ReadPage {
-                position,
-                messages,
-                expired_first,
-                more,
-            });
+        let mode = if since.is_some() { "since" } else { "newest" };
+        let value: Value = self
+            .call(shard, "read", async |connection| {
+                scripts::READ
+                    .key(keys::room_meta(room))
+                    .key(keys::room_log(room))
+                    .arg(millis(self.config.stream_ttl))
+                    .arg(mode)
+                    .arg(since.unwrap_or(0))
+                    .arg(count)
+                    .arg(budget)
+                    .arg(millis(self.config.history_ttl))
+                    .invoke_async(connection)
+                    .await
+            })
+            .await?;
+        let (mut position, entries, more, expired) =
+            parse_read(value).map_err(BrokerError::Internal)?;
+        if position.offset == 0 && position.epoch.len() == 8 {
+            // A room without state: an epoch of the shard's generation, stored nowhere (reads
+            // create nothing).
+            position.epoch.push_str(&epoch_digits());
         }
+        let mut messages = Vec::with_capacity(entries.len());
+        for (offset, payload) in entries {
+            let stored: envelope::Stored = rmp_serde::from_slice(&payload)
+                .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            messages.push(Arc::new(RoomMessage {
+                room: room.to_owned(),
+                data: stored.data,
+                offset,
+                epoch: position.epoch.clone(),
+                from: stored.from,
+            }));
+        }
+        Ok(ReadPage {
+            position,
+            messages,
+            expired,
+            more,
+        })
     }
 
     fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
@@ -651,8 +627,8 @@ impl Inner {
     }
 }
 
-/// One history entry as read: offset, publish time (ms), stored payload.
-type LogEntry = (u64, u64, Vec<u8>);
+/// One history entry as read: offset, stored payload.
+type LogEntry = (u64, Vec<u8>);
 
 /// Payload bytes read per page when replaying a room after a reconnect.
 const REPLAY_PAGE_BYTES: usize = 1 << 20;
@@ -661,19 +637,22 @@ const REPLAY_PAGE_BYTES: usize = 1 << 20;
 struct ReadPage {
     position: StreamPosition,
     messages: Vec<Arc<RoomMessage>>,
-    /// The first entry read had passed the history TTL (so the page does not start the gap).
-    expired_first: bool,
+    /// Entries after the requested offset had passed the history TTL (so the page may not start
+    /// the gap).
+    expired: bool,
     more: bool,
 }
 
-/// Parses the READ script's `{offset, epoch, entries, more}`.
-fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>, bool), String> {
+/// Parses the READ script's `{offset, epoch, entries, more, expired}`.
+fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool), String> {
     let Value::Array(mut parts) = value else {
         return Err("READ: not an array".into());
     };
-    if parts.len() != 4 {
-        return Err("READ: expected 4 parts".into());
+    if parts.len() != 5 {
+        return Err("READ: expected 5 parts".into());
     }
+    let expired: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
     let more: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
         .map_err(|error| error.to_string())?;
     let entries = parts.pop().unwrap_or(Value::Nil);
@@ -701,23 +680,21 @@ fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>, bool), Str
             .ok_or("READ: bad entry id")?;
         let fields: Vec<Vec<u8>> =
             redis::from_redis_value(fields).map_err(|error| error.to_string())?;
-        let mut payload = None;
-        let mut time = 0;
-        for pair in fields.chunks(2) {
-            match pair {
-                [name, value] if name == b"p" => payload = Some(value.clone()),
-                [name, value] if name == b"t" => {
-                    time = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|time| time.parse().ok())
-                        .unwrap_or(0);
-                }
-                _ => {}
-            }
-        }
-        parsed.push((offset, time, payload.ok_or("READ: entry without payload")?));
+        let payload = fields
+            .chunks(2)
+            .find_map(|pair| match pair {
+                [name, value] if name == b"p" => Some(value.clone()),
+                _ => None,
+            })
+            .ok_or("READ: entry without payload")?;
+        parsed.push((offset, payload));
     }
-    Ok((StreamPosition { offset, epoch }, parsed, more == 1))
+    Ok((
+        StreamPosition { offset, epoch },
+        parsed,
+        more == 1,
+        expired == 1,
+    ))
 }
 
 /// Keeps one shard's pub/sub connection: (re)connects with back-off, subscribes the node's inbox,
@@ -971,8 +948,7 @@ impl Broker for RedisBroker {
                     .arg(inner.config.history_size)
                     .arg(millis(inner.config.history_ttl))
                     .arg(millis(inner.config.stream_ttl))
-                    .arg(fresh_epoch())
-                    .arg(now_millis())
+                    .arg(epoch_digits())
                     .invoke_async(connection)
                     .await
             })
@@ -1031,10 +1007,9 @@ impl Broker for RedisBroker {
                     .read(room, Some(since.offset), count, query.max_bytes)
                     .await?;
                 let position = page.position;
-                // Offset 0 is "nothing seen yet": any epoch recovers from the room's first message.
-                if since.offset > 0
-                    && (since.epoch != position.epoch || since.offset > position.offset)
-                {
+                // Offset 0 is "nothing seen yet": any epoch of the shard's generation recovers from
+                // the room's first message.
+                if !switchboard_broker::resumable(since, &position) {
                     return Ok(History {
                         messages: Vec::new(),
                         position,
@@ -1043,7 +1018,7 @@ impl Broker for RedisBroker {
                     });
                 }
                 let recovered = since.offset == position.offset
-                    || (!page.expired_first
+                    || (!page.expired
                         && page
                             .messages
                             .first()

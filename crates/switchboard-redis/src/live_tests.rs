@@ -755,3 +755,174 @@ async fn reading_and_leaving_rooms_without_state_leaves_no_key() {
     broker.leave_presence("d", &bob).await.expect("leave");
     assert_eq!(keys_now().await, before);
 }
+
+fn since(offset: u64, epoch: &str) -> HistoryQuery {
+    HistoryQuery {
+        since: Some(StreamPosition {
+            offset,
+            epoch: epoch.to_owned(),
+        }),
+        limit: None,
+        max_bytes: None,
+    }
+}
+
+#[tokio::test]
+async fn a_stream_left_by_another_server_generation_starts_a_new_epoch() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    let unstored = broker.position("room").await.expect("position").epoch;
+    let mut last = None;
+    for n in 1..=5 {
+        last = Some(
+            broker
+                .publish("room", json!(n), None)
+                .await
+                .expect("publish"),
+        );
+    }
+    let seen = last.expect("published");
+    // What a restart from a snapshot, or a promoted replica, leaves: the stream as it was two
+    // publishes earlier, under an epoch another server process made.
+    let foreign = format!("ffffffff{}", &seen.epoch[8..]);
+    server
+        .query::<()>(cmd(&["HSET", "sb:r:room:meta", "e", &foreign, "o", "3"]))
+        .await;
+    server
+        .query::<()>(cmd(&["XTRIM", "sb:r:room:log", "MAXLEN", "3"]))
+        .await;
+    let seen_foreign = StreamPosition {
+        offset: 5,
+        epoch: foreign.clone(),
+    };
+
+    // A client that saw offset 5 is told it cannot recover, not handed offsets 4 and 5 again.
+    let resumed = broker
+        .history("room", since(5, &foreign))
+        .await
+        .expect("history");
+    assert!(!resumed.recovered);
+    assert!(resumed.messages.is_empty());
+    assert_ne!(resumed.position.epoch, foreign);
+
+    // The next publish starts a new epoch at offset 1: no offset of the old epoch is reused.
+    let next = broker
+        .publish("room", json!(6), None)
+        .await
+        .expect("publish");
+    assert_eq!(next.offset, 1);
+    assert_ne!(next.epoch, seen_foreign.epoch);
+    assert!(switchboard_broker::same_generation(&next.epoch, &unstored));
+    let old = broker
+        .history("room", since(3, &foreign))
+        .await
+        .expect("history");
+    assert!(!old.recovered);
+
+    // "Nothing seen yet" in this generation recovers the new epoch from its first message; in
+    // the lost generation it does not (a whole epoch may have passed unseen).
+    let zero = broker
+        .history("room", since(0, &unstored))
+        .await
+        .expect("history");
+    assert!(zero.recovered);
+    assert_eq!(offsets(&zero.messages), [1]);
+    let zero_foreign = broker
+        .history("room", since(0, &foreign))
+        .await
+        .expect("history");
+    assert!(!zero_foreign.recovered);
+    assert!(zero_foreign.messages.is_empty());
+}
+
+#[tokio::test]
+async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_pages() {
+    let server = Server::start().await;
+    let registry = Registry::new();
+    let broker = RedisBroker::new(
+        RedisConfig {
+            shards: vec![server.url()],
+            ca_pem: None,
+            node_id: "n".into(),
+            history_size: 1000,
+            history_ttl: Duration::from_secs(2),
+            stream_ttl: Duration::from_secs(600),
+            node_ttl: Duration::from_secs(3),
+        },
+        &registry,
+    )
+    .expect("a broker");
+    let mut epoch = String::new();
+    for n in 1..=150 {
+        epoch = broker
+            .publish("room", json!(n), None)
+            .await
+            .expect("publish")
+            .epoch
+            .clone();
+    }
+    // Stamped by Redis's clock, not by the publishing node's.
+    let entries: Vec<(String, Vec<Vec<u8>>)> = server
+        .query(cmd(&["XRANGE", "sb:r:room:log", "-", "+", "COUNT", "1"]))
+        .await;
+    let fields = &entries[0].1;
+    let at = fields
+        .iter()
+        .position(|field| field == b"t")
+        .expect("a stamp");
+    let stamp: u64 = String::from_utf8_lossy(&fields[at + 1])
+        .parse()
+        .expect("a ms stamp");
+    let (seconds, micros): (u64, u64) = server.query(cmd(&["TIME"])).await;
+    let redis_now = seconds * 1000 + micros / 1000;
+    assert!(
+        stamp <= redis_now && redis_now - stamp < 10_000,
+        "{stamp} vs {redis_now}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    broker
+        .publish("room", json!(151), None)
+        .await
+        .expect("publish");
+    // More expired entries than one page of the script's paging: the answer still reaches the
+    // fresh one, and says the gap is not all held.
+    for query in [
+        since(0, &epoch),
+        since(10, &epoch),
+        HistoryQuery {
+            max_bytes: Some(4),
+            ..since(10, &epoch)
+        },
+        HistoryQuery {
+            limit: Some(1),
+            ..since(10, &epoch)
+        },
+    ] {
+        let page = broker
+            .history("room", query.clone())
+            .await
+            .expect("history");
+        assert!(!page.recovered, "{query:?}");
+        assert_eq!(offsets(&page.messages), [151], "{query:?}");
+        assert!(!page.more, "{query:?}");
+    }
+    let newest = broker
+        .history(
+            "room",
+            HistoryQuery {
+                since: None,
+                limit: Some(100),
+                max_bytes: None,
+            },
+        )
+        .await
+        .expect("history");
+    assert_eq!(offsets(&newest.messages), [151]);
+    let current = broker
+        .history("room", since(150, &epoch))
+        .await
+        .expect("history");
+    assert!(current.recovered);
+    assert_eq!(offsets(&current.messages), [151]);
+}

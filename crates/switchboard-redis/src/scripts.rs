@@ -5,49 +5,75 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: meta, log, channel. ARGV: payload, history size, history TTL ms, stream TTL ms,
-/// fresh epoch, now ms. Assigns the next offset (making the epoch if the stream is new), appends
-/// to history, publishes `1m<offset>:<epoch>:<payload>`. Returns `{offset, epoch}`.
+/// The first 8 hex digits of the server's run id: the generation of the Redis process. It changes
+/// on every restart and differs between a primary and the replica promoted in its place, the two
+/// events in which the newest writes can be lost.
+macro_rules! generation {
+    () => {
+        "local gen = string.sub(string.match(redis.call('INFO', 'server'), 'run_id:(%x+)'), 1, 8)\n"
+    };
+}
+
+/// KEYS: meta, log, channel. ARGV: payload, history size, history TTL ms, stream TTL ms, 8 random
+/// hex digits. Assigns the next offset, appends to history (stamped with Redis's clock, in ms),
+/// publishes `1m<offset>:<epoch>:<payload>`. Returns `{offset, epoch}`. An epoch is the generation
+/// that made it followed by the random digits: a stream made by another generation of the server
+/// (before a restart or a failover, which may have lost its last offsets) is started over with a
+/// new epoch, so an offset is never given to two messages of one epoch.
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        generation!(),
         r"
 local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[5]
+if not epoch or string.sub(epoch, 1, 8) ~= gen then
+  epoch = gen .. ARGV[5]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'p', ARGV[1], 't', ARGV[6])
+  local time = redis.call('TIME')
+  local now = time[1] .. string.format('%03d', math.floor(tonumber(time[2]) / 1000))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'p', ARGV[1], 't', now)
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 redis.call('PUBLISH', KEYS[3], '1m' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
 return {offset, epoch}
 ",
-    )
+    ))
 });
 
 /// KEYS: meta, log. ARGV: stream TTL ms, mode (`since` or `newest`), since offset, count
-/// (negative: no limit), byte budget (negative: none). Returns `{offset, epoch, entries, more}`
-/// read atomically: entries in offset order after the offset (`newest`: after the room's offset
-/// less `count`), stopping at `count` entries or before their payloads pass the budget (at least
-/// one entry when there is one); `more` is 1 when it stopped before the last entry. A room
-/// without state answers `{0, '', {}, 0}` and is not created. Entries are fetched a few at a time,
-/// sized by what the budget has left, so a log of large payloads is never loaded whole.
+/// (negative: no limit), byte budget (negative: none), history TTL ms. Returns `{offset, epoch,
+/// entries, more, expired}` read atomically: entries in offset order after the offset (`newest`:
+/// after the room's offset less `count`), stopping at `count` entries or before their payloads
+/// pass the budget (at least one entry when there is one); `more` is 1 when it stopped before the
+/// last entry. Entries older than the history TTL by Redis's clock are skipped (paging on past
+/// them, so a page is never empty while fresh entries follow), and `expired` is then 1. A room
+/// without state answers `{0, generation, {}, 0, 0}` and is not created; a room whose epoch another
+/// generation of the server made is forgotten (see PUBLISH) and answers the same. Entries are
+/// fetched a few at a time, sized by what the budget has left, so a log of large payloads is never
+/// loaded whole.
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        generation!(),
         r"
 local epoch = redis.call('HGET', KEYS[1], 'e')
+if epoch and string.sub(epoch, 1, 8) ~= gen then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  epoch = false
+end
 if not epoch then
-  return {0, '', {}, 0}
+  return {0, gen, {}, 0, 0}
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 local offset = tonumber(redis.call('HGET', KEYS[1], 'o'))
 local count = tonumber(ARGV[4])
 local budget = tonumber(ARGV[5])
 local after = tonumber(ARGV[3])
+local time = redis.call('TIME')
+local oldest = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - tonumber(ARGV[6])
 if ARGV[2] == 'newest' then
   after = 0
   if count >= 0 then
@@ -55,8 +81,9 @@ if ARGV[2] == 'newest' then
   end
 end
 local entries = {}
+local expired = 0
 if count == 0 then
-  return {offset, epoch, entries, 0}
+  return {offset, epoch, entries, 0, 0}
 end
 local used = 0
 local cursor = '(' .. after .. '-0'
@@ -75,32 +102,39 @@ while true do
   end
   if want <= 0 then
     if #redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', 1) > 0 then
-      return {offset, epoch, entries, 1}
+      return {offset, epoch, entries, 1, expired}
     end
-    return {offset, epoch, entries, 0}
+    return {offset, epoch, entries, 0, expired}
   end
   local page = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', want)
   for _, entry in ipairs(page) do
     local fields = entry[2]
     local size = 0
+    local stamp = 0
     for i = 1, #fields, 2 do
       if fields[i] == 'p' then
         size = #fields[i + 1]
+      elseif fields[i] == 't' then
+        stamp = tonumber(fields[i + 1]) or 0
       end
     end
-    if #entries > 0 and budget >= 0 and used + size > budget then
-      return {offset, epoch, entries, 1}
-    end
-    used = used + size
-    entries[#entries + 1] = entry
     cursor = '(' .. entry[1]
+    if stamp < oldest then
+      expired = 1
+    else
+      if #entries > 0 and budget >= 0 and used + size > budget then
+        return {offset, epoch, entries, 1, expired}
+      end
+      used = used + size
+      entries[#entries + 1] = entry
+    end
   end
   if #page < want then
-    return {offset, epoch, entries, 0}
+    return {offset, epoch, entries, 0, expired}
   end
 end
 ",
-    )
+    ))
 });
 
 /// KEYS: presence, channel, the node's room set. ARGV: session, stored member, event, room.

@@ -505,22 +505,55 @@ async fn history_since_another_epoch_is_not_recovered() {
     assert!(history.messages.is_empty());
     assert_eq!(history.position, StreamPosition { offset: 3, epoch });
 
-    // Offset 0 means "nothing seen": in any epoch it recovers from the room's first message
-    // while history holds it, and not once it is gone.
-    let zero = broker
+    // Offset 0 means "nothing seen": in any epoch of this generation (such as the unstored one
+    // a room without state answers) it recovers from the room's first message while history
+    // holds it, and not once it is gone.
+    let unstored = broker.position("elsewhere").await.unwrap().epoch;
+    let zero = broker.history("r", since(0, &unstored)).await.unwrap();
+    assert!(zero.recovered);
+    assert_eq!(offsets(&zero), vec![1, 2, 3]);
+
+    // An epoch of another generation: a whole epoch may have been lost since.
+    let foreign = broker
         .history("r", since(0, "not-the-epoch"))
         .await
         .unwrap();
-    assert!(zero.recovered);
-    assert_eq!(offsets(&zero), vec![1, 2, 3]);
+    assert!(!foreign.recovered);
+    assert!(foreign.messages.is_empty());
 
     let small = MemoryBroker::new(
         "n1",
         config(2, Duration::from_secs(300), Duration::from_secs(300)),
     );
+    let unstored = small.position("r").await.unwrap().epoch;
     publish_n(&small, "r", 3).await;
-    let evicted = small.history("r", since(0, "not-the-epoch")).await.unwrap();
+    let evicted = small.history("r", since(0, &unstored)).await.unwrap();
     assert!(!evicted.recovered);
+}
+
+#[tokio::test]
+async fn nothing_seen_before_a_wipe_is_not_recovered_after_it() {
+    let bus = MemoryBus::new(MemoryConfig::default());
+    let broker = bus.broker("n1");
+    let before = broker.position("r").await.unwrap();
+    assert_eq!(before.offset, 0);
+    let lost = publish_n(&broker, "r", 2).await;
+    bus.wipe_history();
+    // A whole epoch was published and lost while the client at offset 0 was away: it must not be
+    // told that the new epoch's messages are all it missed.
+    let after = publish_n(&broker, "r", 1).await;
+    assert_ne!(after, lost);
+    let resumed = broker.history("r", since(0, &before.epoch)).await.unwrap();
+    assert!(!resumed.recovered);
+    assert!(resumed.messages.is_empty());
+    // Nor told so by a room that has no state yet.
+    let empty = broker.history("q", since(0, &before.epoch)).await.unwrap();
+    assert!(!empty.recovered);
+    // While an epoch of the new generation still recovers.
+    let fresh = broker.position("q").await.unwrap();
+    let from_start = broker.history("r", since(0, &fresh.epoch)).await.unwrap();
+    assert!(from_start.recovered);
+    assert_eq!(offsets(&from_start), vec![1]);
 }
 
 #[tokio::test]
