@@ -43,7 +43,8 @@ export interface PresenceMember {
 /**
  * The error every rejected promise carries. `code` is the server's stable error code
  * (`forbidden`, `bad_frame`, `not_subscribed`, `already_subscribed`, `rate_limited`,
- * `unavailable`, ...) or one of the client's own:
+ * `unavailable`: certainly not done, `unknown_outcome`: a `publish` that may or may not have been
+ * published, ...) or one of the client's own:
  * - `timeout`: no answer within `requestTimeoutMs` (the request may still have been carried out);
  * - `disconnected`: the client was not connected when the request was made, or the connection
  *   dropped before the answer came (then the outcome is unknown);

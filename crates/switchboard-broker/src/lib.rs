@@ -27,6 +27,10 @@ pub enum BrokerError {
     /// The broker answered, but not as expected.
     #[error("broker error: {0}")]
     Internal(String),
+    /// A write was sent but its answer did not come in time (or the connection broke after
+    /// sending it): it may or may not have been done. Only `publish` reports this.
+    #[error("outcome unknown: {0}")]
+    UnknownOutcome(String),
 }
 
 pub type BrokerResult<T> = Result<T, BrokerError>;

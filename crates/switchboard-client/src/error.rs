@@ -20,7 +20,10 @@ pub enum ClientError {
     /// The server sent something the protocol does not allow here.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The server answered the request with an `error` frame.
+    /// The server answered the request with an `error` frame. `code`
+    /// [`ErrorCode::UnknownOutcome`] on a `publish` means the message may have been published
+    /// (Redis did not answer in time): a retry may publish it twice; `ErrorCode::Unavailable`
+    /// means it was not.
     #[error("server error {code}: {message}")]
     Server { code: ErrorCode, message: String },
     /// No answer within the request timeout.

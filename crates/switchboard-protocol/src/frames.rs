@@ -181,6 +181,10 @@ pub enum ErrorCode {
     Internal,
     /// A per-session limit (such as the number of subscriptions) was reached; nothing was done.
     LimitExceeded,
+    /// The broker did not answer a `publish` in time (or its connection broke after the request
+    /// was sent): the message may or may not have been published. Unlike `unavailable`, a blind
+    /// retry may publish it twice.
+    UnknownOutcome,
     /// A code from a newer server this client does not know.
     #[serde(other)]
     Unknown,
@@ -199,6 +203,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::UnknownOutcome => "unknown_outcome",
             ErrorCode::Unknown => "unknown",
         }
     }

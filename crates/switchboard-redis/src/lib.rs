@@ -398,6 +398,49 @@ impl Inner {
         })
     }
 
+    /// Like [`Inner::call`], for a call that changes state: once it may have been sent, a timeout
+    /// or a broken connection leaves its outcome unknown, which `call` would report as
+    /// `Unavailable` (certainly not done).
+    async fn call_write<T, F>(&self, shard: &Shard, op: &str, call: F) -> BrokerResult<T>
+    where
+        F: AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    {
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, shard.connection()).await {
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "redis {op}: no connection in time"
+            ))),
+            Ok(Err(error)) => Err(error),
+            Ok(Ok(mut connection)) => {
+                match tokio::time::timeout(COMMAND_TIMEOUT, call(&mut connection)).await {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(error)) if error.is_connection_refusal() => {
+                        Err(BrokerError::Unavailable(error.to_string()))
+                    }
+                    Ok(Err(error))
+                        if error.is_io_error()
+                            || error.is_connection_dropped()
+                            || error.is_timeout() =>
+                    {
+                        Err(BrokerError::UnknownOutcome(error.to_string()))
+                    }
+                    Ok(Err(error)) => Err(BrokerError::Internal(error.to_string())),
+                    Err(_) => Err(BrokerError::UnknownOutcome(format!(
+                        "redis {op} sent but not answered in time"
+                    ))),
+                }
+            }
+        };
+        result.map_err(|error| {
+            if matches!(
+                error,
+                BrokerError::Unavailable(_) | BrokerError::UnknownOutcome(_)
+            ) {
+                shard.shared.lock().take();
+            }
+            self.error(shard, op, error)
+        })
+    }
+
     /// The stored presence value: `node \n user \n packed member`.
     fn presence_value(&self, member: &Member) -> BrokerResult<Vec<u8>> {
         let packed = envelope::pack(member).map_err(BrokerError::Internal)?;
@@ -939,7 +982,7 @@ impl Broker for RedisBroker {
         let payload = envelope::pack(&stored).map_err(BrokerError::Internal)?;
         let shard = inner.shard(room);
         let (offset, epoch): (u64, String) = inner
-            .call(shard, "publish", async |connection| {
+            .call_write(shard, "publish", async |connection| {
                 scripts::PUBLISH
                     .key(keys::room_meta(room))
                     .key(keys::room_log(room))

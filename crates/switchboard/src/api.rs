@@ -47,11 +47,13 @@ impl Failure {
 
 impl From<BrokerError> for Failure {
     fn from(error: BrokerError) -> Self {
-        Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            error.to_string(),
-        )
+        // 504: the request went upstream and its answer did not come back, so it may have
+        // been carried out; 503 says it certainly was not.
+        let (status, code) = match error {
+            BrokerError::UnknownOutcome(_) => (StatusCode::GATEWAY_TIMEOUT, "unknown_outcome"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        Failure::new(status, code, error.to_string())
     }
 }
 

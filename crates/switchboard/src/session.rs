@@ -844,7 +844,13 @@ where
             .node
             .publish(&room, data, Some(sender))
             .await
-            .map_err(|error| (ErrorCode::Unavailable, error.to_string()))?;
+            .map_err(|error| {
+                let code = match error {
+                    switchboard_broker::BrokerError::UnknownOutcome(_) => ErrorCode::UnknownOutcome,
+                    _ => ErrorCode::Unavailable,
+                };
+                (code, error.to_string())
+            })?;
         Ok(Reply {
             offset: Some(message.offset),
             epoch: Some(message.epoch.clone()),
