@@ -133,6 +133,14 @@ enum Control {
     Unsubscribe {
         room: String,
     },
+    /// A page of a room's replay after a reconnect (see [`replay`]), from replay round `round`;
+    /// `done` on the room's last.
+    Replayed {
+        round: u64,
+        room: String,
+        messages: Vec<Arc<RoomMessage>>,
+        done: bool,
+    },
     Stop,
 }
 
@@ -580,10 +588,12 @@ impl Inner {
         self.handler.get()
     }
 
-    /// Hands one pub/sub payload to the node; remembers each room's newest offset for replay.
+    /// Hands one pub/sub payload to the node. A room message of a room being replayed waits in
+    /// `replaying` until the replay has delivered what came before it.
     fn dispatch(
         &self,
         rooms: &mut HashMap<String, Option<StreamPosition>>,
+        replaying: &mut HashMap<String, Vec<Arc<RoomMessage>>>,
         channel: &str,
         payload: &[u8],
     ) -> Result<(), String> {
@@ -592,15 +602,10 @@ impl Inner {
         };
         let room = keys::room_of_channel(channel);
         match envelope::decode(room, payload)? {
-            Envelope::Room(message) => {
-                if let Some(position) = rooms.get_mut(&message.room) {
-                    *position = Some(StreamPosition {
-                        offset: message.offset,
-                        epoch: message.epoch.clone(),
-                    });
-                }
-                handler.room_message(Arc::new(message));
-            }
+            Envelope::Room(message) => match replaying.get_mut(&message.room) {
+                Some(waiting) => waiting.push(Arc::new(message)),
+                None => self.deliver(rooms, Arc::new(message)),
+            },
             Envelope::Join(notice) => handler.presence(PresenceEvent {
                 change: PresenceChange::Join,
                 notice,
@@ -622,52 +627,108 @@ impl Inner {
         Ok(())
     }
 
-    /// After a reconnect: delivers what each room published while the connection was down.
-    /// Sessions drop what they already have by offset.
-    async fn replay(&self, rooms: &mut HashMap<String, Option<StreamPosition>>) {
-        let Some(handler) = self.handler().cloned() else {
+    /// Hands a room message to the node; remembers each room's newest offset for replay.
+    fn deliver(
+        &self,
+        rooms: &mut HashMap<String, Option<StreamPosition>>,
+        message: Arc<RoomMessage>,
+    ) {
+        let Some(handler) = self.handler() else {
             return;
         };
-        for (room, position) in rooms.iter_mut() {
-            let mut since = position.as_ref().map_or(0, |position| position.offset);
-            let mut first = true;
-            loop {
-                let mut read = self
-                    .read(room, Some(since), -1, Some(REPLAY_PAGE_BYTES))
-                    .await;
-                if let (true, Ok(page), Some(seen)) = (first, &read, position.as_ref())
-                    && page.position.epoch != seen.epoch
-                    && since > 0
-                {
-                    // History was lost (Redis restarted empty) and the room started again: every
-                    // message of the new epoch, even those published before this connection was
-                    // back, is new to this node.
-                    since = 0;
-                    read = self.read(room, Some(0), -1, Some(REPLAY_PAGE_BYTES)).await;
-                }
-                first = false;
-                match read {
-                    Ok(page) => {
-                        for message in page.messages {
-                            since = message.offset;
-                            *position = Some(StreamPosition {
-                                offset: message.offset,
-                                epoch: message.epoch.clone(),
-                            });
-                            handler.room_message(message);
-                        }
-                        if !page.more {
-                            break;
-                        }
+        if let Some(position) = rooms.get_mut(&message.room) {
+            *position = Some(StreamPosition {
+                offset: message.offset,
+                epoch: message.epoch.clone(),
+            });
+        }
+        handler.room_message(message);
+    }
+
+    /// Reads, page by page, what `room` published after `position` (the newest message this node
+    /// received), handing each page to `page`. Sessions drop what they already have by offset.
+    async fn replay_room(
+        &self,
+        room: &str,
+        position: Option<StreamPosition>,
+        mut page: impl FnMut(Vec<Arc<RoomMessage>>),
+    ) {
+        let mut since = position.as_ref().map_or(0, |position| position.offset);
+        let mut first = true;
+        loop {
+            let mut read = self
+                .read(room, Some(since), -1, Some(REPLAY_PAGE_BYTES))
+                .await;
+            if let (true, Ok(read_page), Some(seen)) = (first, &read, position.as_ref())
+                && read_page.position.epoch != seen.epoch
+                && since > 0
+            {
+                // The room started a new epoch (Redis restarted, failed over, or lost it): every
+                // message of the new epoch, even those published before this connection was
+                // back, is new to this node.
+                since = 0;
+                read = self.read(room, Some(0), -1, Some(REPLAY_PAGE_BYTES)).await;
+            }
+            first = false;
+            match read {
+                Ok(read_page) => {
+                    if let Some(last) = read_page.messages.last() {
+                        since = last.offset;
                     }
-                    Err(error) => {
-                        tracing::warn!(%room, %error, "cannot replay a room after a reconnect");
+                    let more = read_page.more;
+                    page(read_page.messages);
+                    if !more {
                         break;
                     }
+                }
+                Err(error) => {
+                    tracing::warn!(%room, %error, "cannot replay a room after a reconnect");
+                    break;
                 }
             }
         }
     }
+}
+
+/// Rooms replayed at once after a reconnect: enough to hide round trips, few enough that a
+/// reconnect of a node with many rooms does not flood the shard.
+const REPLAY_CONCURRENCY: usize = 8;
+
+/// After a reconnect: reads what each room published while the connection was down, outside
+/// the shard's pub/sub task, and hands it to that task page by page, so live messages of every
+/// other room keep flowing however slow the reads are. The task delivers the pages, then the
+/// live messages of the room that came meanwhile: a room's messages stay in offset order.
+async fn replay(
+    weak: Weak<Inner>,
+    index: usize,
+    round: u64,
+    rooms: Vec<(String, Option<StreamPosition>)>,
+) {
+    futures_util::stream::iter(rooms)
+        .for_each_concurrent(REPLAY_CONCURRENCY, |(room, position)| {
+            let weak = weak.clone();
+            async move {
+                let Some(inner) = weak.upgrade() else { return };
+                let control = inner.shards[index].control.clone();
+                inner
+                    .replay_room(&room, position, |messages| {
+                        let _ = control.send(Control::Replayed {
+                            round,
+                            room: room.clone(),
+                            messages,
+                            done: false,
+                        });
+                    })
+                    .await;
+                let _ = control.send(Control::Replayed {
+                    round,
+                    room,
+                    messages: Vec::new(),
+                    done: true,
+                });
+            }
+        })
+        .await;
 }
 
 /// One history entry as read: offset, stored payload.
@@ -745,6 +806,10 @@ fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool
 /// every message to the node.
 async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::UnboundedReceiver<Control>) {
     let mut rooms: HashMap<String, Option<StreamPosition>> = HashMap::new();
+    // Rooms being replayed after a reconnect, with their live messages held until then.
+    let mut replaying: HashMap<String, Vec<Arc<RoomMessage>>> = HashMap::new();
+    let mut round = 0;
+    let mut replay_task: Option<tokio::task::AbortHandle> = None;
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
     loop {
@@ -793,7 +858,21 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
             if let Err(error) = inner.restore(index, info).await {
                 tracing::warn!(shard = %shard.label, %error, "cannot restore this node's entries");
             }
-            inner.replay(&mut rooms).await;
+            round += 1;
+            replaying = rooms
+                .keys()
+                .map(|room| (room.clone(), Vec::new()))
+                .collect();
+            let replay = tokio::spawn(replay(
+                weak.clone(),
+                index,
+                round,
+                rooms
+                    .iter()
+                    .map(|(room, position)| (room.clone(), position.clone()))
+                    .collect(),
+            ));
+            replay_task = Some(replay.abort_handle());
             tracing::info!(shard = %shard.label, rooms = rooms.len(), "redis shard reconnected");
         }
         connected_before = true;
@@ -808,14 +887,30 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
                 command = control.recv() => match command {
                     None | Some(Control::Stop) => break true,
                     Some(Control::Subscribe { room, done }) => {
+                        if done.is_closed() {
+                            continue; // the caller gave up waiting
+                        }
                         let subscribed = tokio::time::timeout(
                             COMMAND_TIMEOUT,
                             sink.subscribe(keys::room_channel(&room)),
                         )
                         .await;
                         if matches!(subscribed, Ok(Ok(()))) {
-                            rooms.entry(room).or_insert(None);
-                            let _ = done.send(Ok(()));
+                            let new = !rooms.contains_key(&room);
+                            rooms.entry(room.clone()).or_insert(None);
+                            if done.send(Ok(())).is_err() && new {
+                                // The caller gave up meanwhile and counts the room as not
+                                // subscribed: leave no SUBSCRIBE behind that nothing would remove.
+                                rooms.remove(&room);
+                                let unsubscribed = tokio::time::timeout(
+                                    COMMAND_TIMEOUT,
+                                    sink.unsubscribe(keys::room_channel(&room)),
+                                )
+                                .await;
+                                if !matches!(unsubscribed, Ok(Ok(()))) {
+                                    break false;
+                                }
+                            }
                         } else {
                             let _ = done.send(Err(BrokerError::Unavailable(
                                 "redis shard connection lost".into(),
@@ -825,6 +920,7 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
                     }
                     Some(Control::Unsubscribe { room }) => {
                         rooms.remove(&room);
+                        replaying.remove(&room);
                         let unsubscribed = tokio::time::timeout(
                             COMMAND_TIMEOUT,
                             sink.unsubscribe(keys::room_channel(&room)),
@@ -834,12 +930,25 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
                             break false;
                         }
                     }
+                    Some(Control::Replayed { round: of, room, messages, done }) => {
+                        if of != round || !replaying.contains_key(&room) {
+                            continue; // from an earlier connection, or unsubscribed since
+                        }
+                        for message in messages {
+                            inner.deliver(&mut rooms, message);
+                        }
+                        if done {
+                            for message in replaying.remove(&room).unwrap_or_default() {
+                                inner.deliver(&mut rooms, message);
+                            }
+                        }
+                    }
                 },
                 message = stream.next() => {
                     let Some(message) = message else { break false };
                     inner.metrics.messages.with_label_values(&[&shard.label]).inc();
                     if let Err(error) =
-                        inner.dispatch(&mut rooms, message.get_channel_name(), message.get_payload_bytes())
+                        inner.dispatch(&mut rooms, &mut replaying, message.get_channel_name(), message.get_payload_bytes())
                     {
                         tracing::warn!(shard = %shard.label, %error, "undecodable pub/sub message");
                     }
@@ -856,6 +965,12 @@ async fn run_shard(weak: Weak<Inner>, index: usize, mut control: mpsc::Unbounded
         };
         shard.up.store(false, Ordering::SeqCst);
         inner.metrics.up.with_label_values(&[&shard.label]).set(0);
+        if let Some(task) = replay_task.take() {
+            task.abort();
+        }
+        // Live messages held for an unfinished replay are dropped, not delivered ahead of what
+        // came before them: the room's position was not moved, so the next replay reads them.
+        replaying.clear();
         if stop {
             return;
         }
@@ -888,6 +1003,7 @@ async fn wait_refusing(
                 Some(Control::Unsubscribe { room }) => {
                     rooms.remove(&room);
                 }
+                Some(Control::Replayed { .. }) => {} // of an aborted replay
             },
         }
     }

@@ -229,6 +229,24 @@ async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
     assert!(since.recovered);
 }
 
+/// What the shard's task does with a replay, in line.
+async fn replay_all(broker: &RedisBroker, rooms: &mut HashMap<String, Option<StreamPosition>>) {
+    let snapshot: Vec<_> = rooms
+        .iter()
+        .map(|(room, position)| (room.clone(), position.clone()))
+        .collect();
+    for (room, position) in snapshot {
+        let mut pages = Vec::new();
+        broker
+            .inner
+            .replay_room(&room, position, |messages| pages.extend(messages))
+            .await;
+        for message in pages {
+            broker.inner.deliver(rooms, message);
+        }
+    }
+}
+
 #[tokio::test]
 async fn replay_after_lost_history_delivers_the_whole_new_epoch() {
     let server = Server::start().await;
@@ -252,7 +270,7 @@ async fn replay_after_lost_history_delivers_the_whole_new_epoch() {
             epoch: "lost".into(),
         }),
     )]);
-    broker.inner.replay(&mut rooms).await;
+    replay_all(&broker, &mut rooms).await;
     assert_eq!(offsets(&recorder.messages.lock()), [1, 2]);
     assert_eq!(
         rooms["room"],
@@ -268,7 +286,7 @@ async fn replay_after_lost_history_delivers_the_whole_new_epoch() {
         .publish("room", json!(3), None)
         .await
         .expect("publish");
-    broker.inner.replay(&mut rooms).await;
+    replay_all(&broker, &mut rooms).await;
     assert_eq!(offsets(&recorder.messages.lock()), [3]);
 }
 
@@ -925,4 +943,47 @@ async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_
         .expect("history");
     assert!(current.recovered);
     assert_eq!(offsets(&current.messages), [151]);
+}
+
+#[tokio::test]
+async fn a_subscribe_whose_caller_gave_up_leaves_no_subscription() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    broker
+        .start(Arc::new(Recorder::default()))
+        .await
+        .expect("start");
+    let numsub = async |room: &str| {
+        let answer: (String, u64) = server
+            .query(cmd(&["PUBSUB", "NUMSUB", &keys::room_channel(room)]))
+            .await;
+        answer.1
+    };
+    // The caller stopped waiting (its timeout passed) before the shard's task got to it.
+    let shard = broker.inner.shard("late");
+    let (done, answer) = oneshot::channel();
+    drop(answer);
+    shard
+        .control
+        .send(Control::Subscribe {
+            room: "late".into(),
+            done,
+        })
+        .expect("queued");
+    // A subscribe queued after it completes only once the first was handled.
+    broker.subscribe_room("other").await.expect("subscribe");
+    let shard = broker.inner.shard("late2");
+    let (done, answer) = oneshot::channel();
+    shard
+        .control
+        .send(Control::Subscribe {
+            room: "late2".into(),
+            done,
+        })
+        .expect("queued");
+    let wait = tokio::time::timeout(Duration::from_secs(10), answer);
+    assert!(matches!(wait.await, Ok(Ok(Ok(())))));
+    assert_eq!(numsub("late").await, 0);
+    assert_eq!(numsub("late2").await, 1);
+    assert_eq!(numsub("other").await, 1);
 }
