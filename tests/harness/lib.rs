@@ -21,6 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod certs;
 pub mod haproxy;
+pub mod redis_faults;
 
 /// How long any single expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);

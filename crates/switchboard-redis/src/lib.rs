@@ -413,6 +413,12 @@ impl Inner {
     where
         F: AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
     {
+        if !shard.up.load(Ordering::SeqCst) {
+            // The shard's pub/sub connection is down, so its command connection is most likely
+            // dead too, and a write sent on it would end unknown: better certainly not sent.
+            let error = BrokerError::Unavailable(format!("redis {op}: the shard is down"));
+            return Err(self.error(shard, op, error));
+        }
         let result = match tokio::time::timeout(COMMAND_TIMEOUT, shard.connection()).await {
             Err(_) => Err(BrokerError::Unavailable(format!(
                 "redis {op}: no connection in time"

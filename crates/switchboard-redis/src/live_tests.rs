@@ -112,6 +112,19 @@ impl BrokerHandler for Recorder {
     fn disconnect(&self, _user: &str, _code: u16, _reason: &str) {}
 }
 
+/// Starts the broker's shard tasks and waits until the shard is up: writes are not sent to a
+/// shard that is down.
+async fn start(broker: &RedisBroker, handler: Arc<dyn BrokerHandler>) {
+    broker.start(handler).await.expect("start");
+    for _ in 0..500 {
+        if broker.is_healthy() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the shard did not come up");
+}
+
 fn offsets(messages: &[Arc<RoomMessage>]) -> Vec<u64> {
     messages.iter().map(|message| message.offset).collect()
 }
@@ -155,6 +168,7 @@ fn cmd(args: &[&str]) -> redis::Cmd {
 async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
     let server = Server::start().await;
     let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    start(&broker, Arc::new(Recorder::default())).await;
     let fresh = broker
         .position("room")
         .await
@@ -252,7 +266,7 @@ async fn replay_after_lost_history_delivers_the_whole_new_epoch() {
     let server = Server::start().await;
     let (broker, _) = broker(&server, "n", Duration::from_secs(3));
     let recorder = Arc::new(Recorder::default());
-    let _ = broker.inner.handler.set(recorder.clone());
+    start(&broker, recorder.clone()).await;
     let first = broker
         .publish("room", json!(1), None)
         .await
@@ -674,6 +688,7 @@ fn page(since: Option<(u64, &str)>, limit: Option<usize>, max_bytes: usize) -> H
 async fn history_reads_are_pages_bounded_by_bytes_that_cover_everything_once() {
     let server = Server::start().await;
     let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    start(&broker, Arc::new(Recorder::default())).await;
     // Ten payloads of about 10 KB each (stored as MessagePack: a little more than the string).
     let mut epoch = String::new();
     for n in 1..=10 {
@@ -789,6 +804,7 @@ fn since(offset: u64, epoch: &str) -> HistoryQuery {
 async fn a_stream_left_by_another_server_generation_starts_a_new_epoch() {
     let server = Server::start().await;
     let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    start(&broker, Arc::new(Recorder::default())).await;
     let unstored = broker.position("room").await.expect("position").epoch;
     let mut last = None;
     for n in 1..=5 {
@@ -870,6 +886,7 @@ async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_
         &registry,
     )
     .expect("a broker");
+    start(&broker, Arc::new(Recorder::default())).await;
     let mut epoch = String::new();
     for n in 1..=150 {
         epoch = broker
