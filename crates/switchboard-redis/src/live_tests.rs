@@ -100,6 +100,7 @@ fn broker(server: &Server, node: &str, node_ttl: Duration) -> (RedisBroker, Regi
 #[derive(Default)]
 struct Recorder {
     messages: Mutex<Vec<Arc<RoomMessage>>>,
+    broadcasts: Mutex<Vec<Arc<Json>>>,
 }
 
 impl BrokerHandler for Recorder {
@@ -108,7 +109,9 @@ impl BrokerHandler for Recorder {
     }
     fn presence(&self, _event: PresenceEvent) {}
     fn direct(&self, _message: Arc<DirectMessage>) {}
-    fn broadcast(&self, _data: Arc<Json>) {}
+    fn broadcast(&self, data: Arc<Json>) {
+        self.broadcasts.lock().push(data);
+    }
     fn disconnect(&self, _user: &str, _code: u16, _reason: &str) {}
 }
 
@@ -1003,4 +1006,176 @@ async fn a_subscribe_whose_caller_gave_up_leaves_no_subscription() {
     assert_eq!(numsub("late").await, 0);
     assert_eq!(numsub("late2").await, 1);
     assert_eq!(numsub("other").await, 1);
+}
+
+/// A TCP proxy to a server that can refuse new connections, and hold back (while `slow`) what
+/// the server sends on a connection that asked for a history read (the READ script): a Redis
+/// slow to answer the replay while pub/sub and other connections are fine.
+struct SlowReads {
+    port: u16,
+    refuse: Arc<AtomicBool>,
+    slow: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowReads {
+    async fn start(target: u16) -> SlowReads {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let port = listener.local_addr().expect("bound").port();
+        let refuse = Arc::new(AtomicBool::new(false));
+        let slow = Arc::new(AtomicBool::new(false));
+        let (refusing, slowing) = (refuse.clone(), slow.clone());
+        let read_sha = scripts::READ.get_hash().as_bytes().to_vec();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let held = Arc::new(AtomicBool::new(false));
+                let (holding, slow, sha) = (held.clone(), slowing.clone(), read_sha.clone());
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(read @ 1..) = client_read.read(&mut buffer).await {
+                        let chunk = &buffer[..read];
+                        if slow.load(Ordering::SeqCst)
+                            && chunk.windows(sha.len()).any(|window| window == sha)
+                        {
+                            holding.store(true, Ordering::SeqCst);
+                        }
+                        if server_write.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let slow = slowing.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 1 << 16];
+                    while let Ok(read @ 1..) = server_read.read(&mut buffer).await {
+                        while held.load(Ordering::SeqCst) && slow.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        held.store(false, Ordering::SeqCst);
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowReads {
+            port,
+            refuse,
+            slow,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SlowReads {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_slow_replay_holds_up_no_other_live_delivery() {
+    let server = Server::start().await;
+    let proxy = SlowReads::start(server.port).await;
+    let config = |url: String, node: &str| RedisConfig {
+        shards: vec![url],
+        ca_pem: None,
+        node_id: node.to_owned(),
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        stream_ttl: Duration::from_secs(600),
+        node_ttl: Duration::from_secs(3),
+    };
+    let node = RedisBroker::new(config(proxy.url(), "node"), &Registry::new()).expect("a broker");
+    let received = Arc::new(Recorder::default());
+    start(&node, received.clone()).await;
+    let other =
+        RedisBroker::new(config(server.url(), "other"), &Registry::new()).expect("a broker");
+    start(&other, Arc::new(Recorder::default())).await;
+    let rooms = ["r0", "r1", "r2", "r3"];
+    for room in rooms {
+        node.subscribe_room(room).await.expect("subscribe");
+    }
+
+    // The node's pub/sub connection drops and stays down while every room gets a message.
+    proxy.refuse.store(true, Ordering::SeqCst);
+    server
+        .query::<()>(cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]))
+        .await;
+    eventually("the node to lose the shard", || !node.is_healthy()).await;
+    eventually("the other broker to reconnect", || other.is_healthy()).await;
+    for room in rooms {
+        other
+            .publish(room, json!("missed"), None)
+            .await
+            .expect("publish");
+    }
+
+    // It comes back, and its history reads for the replay get no answer for now.
+    proxy.slow.store(true, Ordering::SeqCst);
+    proxy.refuse.store(false, Ordering::SeqCst);
+    eventually("the node to reconnect", || node.is_healthy()).await;
+    // Meanwhile a room subscribed since and a broadcast reach it live.
+    node.subscribe_room("fresh").await.expect("subscribe");
+    other
+        .publish("fresh", json!("live"), None)
+        .await
+        .expect("publish");
+    other.broadcast(json!("everyone")).await.expect("broadcast");
+    eventually("live delivery during the replay", || {
+        received
+            .messages
+            .lock()
+            .iter()
+            .any(|message| message.room == "fresh")
+            && !received.broadcasts.lock().is_empty()
+    })
+    .await;
+    assert!(
+        !received
+            .messages
+            .lock()
+            .iter()
+            .any(|message| message.data == json!("missed")),
+        "the replay was held back"
+    );
+
+    // Once Redis answers, the replay delivers what the rooms published while the node was away.
+    proxy.slow.store(false, Ordering::SeqCst);
+    eventually("the replay", || {
+        received
+            .messages
+            .lock()
+            .iter()
+            .filter(|message| message.data == json!("missed"))
+            .count()
+            == rooms.len()
+    })
+    .await;
 }
