@@ -72,8 +72,9 @@ pub struct History {
     /// With `since`: whether every message after `since` up to `position` is still held (in
     /// `messages` and, when `more`, in the pages after it); false when the epoch changed or part of
     /// the gap is no longer held. `since.offset == 0` means "nothing seen yet": it recovers in any
-    /// epoch as long as history still holds the room's first message (offset 1), so a client that
-    /// subscribed before a room had any state can resume.
+    /// epoch of the same generation (see [`resumable`]) as long as history still holds the room's
+    /// first message (offset 1), so a client that subscribed before a room had any state can
+    /// resume.
     pub recovered: bool,
     /// The page stopped at `limit` or `max_bytes` before the last message held: read on with
     /// `since` set to the last offset in `messages`.
@@ -158,7 +159,8 @@ pub trait BrokerHandler: Send + Sync + 'static {
 }
 
 /// Everything that crosses nodes. Every method that fails returns an error and has done nothing
-/// (or, for publish, nothing a client can observe as a gap: the offset is not reused).
+/// (or, for publish, nothing a client can observe as a gap: the offset is not reused), except a
+/// publish that fails with [`BrokerError::UnknownOutcome`], which may have been done.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Starts delivering this node's events to `handler`. Called once, before anything else.
