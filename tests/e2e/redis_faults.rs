@@ -387,3 +387,38 @@ async fn a_publish_answered_too_late_is_unknown_outcome_and_did_happen() -> Resu
     ensure!(error.code == ErrorCode::Unavailable, "{error:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_subscribe_redis_does_not_answer_leaves_no_subscription_behind() -> Result<()> {
+    let redis = SnapshotRedis::start(None).await?;
+    let node = start_node(&redis.url()).await?;
+    let mut peer = Peer::connect(&node, "peer").await?;
+    let numsub = async || -> Result<String> {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", &format!("sb:r:{ROOM}")])
+            .await
+    };
+    let sleeping = stall(&redis).await?;
+    let id = peer.id();
+    let answer = peer
+        .ask(ClientFrame::Subscribe {
+            room: ROOM.to_owned(),
+            id: Some(id),
+            since: None,
+            presence_events: false,
+        })
+        .await?;
+    let Err(error) = answer else {
+        bail!("a subscribe Redis did not answer succeeded: {answer:?}");
+    };
+    ensure!(error.code == ErrorCode::Unavailable, "{error:?}");
+    sleeping.await?;
+    node.wait_ready().await?;
+    // The session is not subscribed, and neither is the node in Redis.
+    ensure!(numsub().await?.ends_with("\n0"), "{}", numsub().await?);
+    peer.quiet().await?;
+    // The node and the session carry on: the same subscribe now works.
+    peer.subscribe(None).await?;
+    ensure!(numsub().await?.ends_with("\n1"), "{}", numsub().await?);
+    Ok(())
+}
