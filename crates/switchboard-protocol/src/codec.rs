@@ -99,7 +99,7 @@ impl Codec {
     pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, String> {
         match self {
             Codec::Json => serde_json::from_slice(payload).map_err(|error| error.to_string()),
-            Codec::MsgPack => rmp_serde::from_slice(payload).map_err(|error| error.to_string()),
+            Codec::MsgPack => crate::msgpack::from_slice(payload),
         }
     }
 
@@ -383,6 +383,58 @@ mod tests {
         let unknown = rmp_serde::to_vec_named(&json!({"type": "dance", "id": 1})).unwrap();
         let error = Codec::MsgPack.decode_client(&unknown).unwrap_err();
         assert_eq!((error.code, error.id), (ErrorCode::UnknownType, Some(1)));
+    }
+
+    /// A `publish` frame whose outer map and nested `data` arrays reach `depth` levels.
+    fn publish_nested(codec: Codec, depth: usize) -> Vec<u8> {
+        let data = (2..depth).fold(json!([]), |inner, _| json!([inner]));
+        let frame = json!({"type": "publish", "room": "r", "id": 7, "data": data});
+        // The encoders recurse without a limit; only decoding is bounded.
+        match codec {
+            Codec::Json => serde_json::to_vec(&frame).unwrap(),
+            Codec::MsgPack => rmp_serde::to_vec_named(&frame).unwrap(),
+        }
+    }
+
+    #[test]
+    fn both_codecs_refuse_the_same_nesting_depth() {
+        for codec in Codec::ALL {
+            let frame = codec
+                .decode_client(&publish_nested(codec, crate::msgpack::MAX_DEPTH))
+                .unwrap_or_else(|error| panic!("{codec:?}: {error}"));
+            assert_eq!(frame.id(), Some(7));
+            let error = codec
+                .decode_client(&publish_nested(codec, crate::msgpack::MAX_DEPTH + 1))
+                .unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadFrame, "{codec:?}");
+        }
+        let error = Codec::MsgPack
+            .decode_client(&publish_nested(Codec::MsgPack, 200))
+            .unwrap_err();
+        assert!(
+            error.message.contains("deeper than 127"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn msgpack_frames_declaring_more_than_they_hold_are_bad_frames() {
+        // A map whose `data` claims 2^32 - 1 elements, in 16 bytes.
+        let mut frame = vec![0x82, 0xa4];
+        frame.extend_from_slice(b"type");
+        frame.extend_from_slice(&[0xa4]);
+        frame.extend_from_slice(b"data");
+        frame.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        for bytes in [&[0xdd, 0xff, 0xff, 0xff, 0xff][..], &frame] {
+            let error = Codec::MsgPack.decode_client(bytes).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadFrame);
+            assert!(
+                error.message.contains("declares 4294967295 items"),
+                "{}",
+                error.message
+            );
+        }
     }
 
     #[test]

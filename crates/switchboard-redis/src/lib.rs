@@ -515,8 +515,8 @@ impl Inner {
                 expired_first |= index == 0;
                 continue;
             }
-            let stored: envelope::Stored = rmp_serde::from_slice(&payload)
-                .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            let stored: envelope::Stored =
+                envelope::unpack(&payload).map_err(BrokerError::Internal)?;
             messages.push(Arc::new(RoomMessage {
                 room: room.to_owned(),
                 data: stored.data,
