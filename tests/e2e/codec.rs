@@ -1,12 +1,12 @@
 //! The codecs against hostile frames, end to end: MessagePack nested deeper than JSON allows, or
 //! declaring far more elements than the frame holds, is answered with `error bad_frame`, leaves the
 //! connection open, and does not make the node reserve memory; both codecs accept the same depth,
-//! so whatever one client may publish, a client of the other codec can read.
+//! so whatever one client may publish, a client of the other codec can read, in history too.
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::{NodeProcess, RawClient};
-use switchboard_protocol::msgpack::MAX_DEPTH;
+use switchboard_protocol::msgpack::MAX_DATA_DEPTH;
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -120,23 +120,20 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
         .await?;
     ensure!(matches!(reader.next_frame().await?, ServerFrame::Reply(reply) if reply.id == 1));
 
-    // The frame map is one level, so `data` may nest MAX_DEPTH - 1 levels and no more.
-    let deepest = nested(MAX_DEPTH - 1);
+    // As deep as a `history` reply (three levels around `data`) can carry, and no deeper.
+    let deepest = nested(MAX_DATA_DEPTH);
     for codec in Codec::ALL {
         let (mut writer, _) = RawClient::connect(&url, codec).await?;
         writer
             .send_frame(&ClientFrame::Publish {
                 room: "deep".into(),
-                data: nested(MAX_DEPTH),
+                data: nested(MAX_DATA_DEPTH + 1),
                 id: Some(2),
             })
             .await?;
         match writer.next_frame().await? {
             ServerFrame::Error(error) if error.code == ErrorCode::BadFrame => {}
-            other => bail!(
-                "{codec:?}: expected bad_frame for depth {}, got {other:?}",
-                MAX_DEPTH + 1
-            ),
+            other => bail!("{codec:?}: expected bad_frame for data too deep, got {other:?}"),
         }
         writer
             .send_frame(&ClientFrame::Publish {
@@ -154,6 +151,25 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
             ServerFrame::Message(message) if message.data == deepest => {}
             other => bail!("{codec:?}: expected the deep message, got {other:?}"),
         }
+    }
+    reader
+        .send_frame(&ClientFrame::History {
+            room: "deep".into(),
+            id: 4,
+            since: None,
+            limit: Some(10),
+        })
+        .await?;
+    match reader.next_frame().await? {
+        ServerFrame::Reply(reply) if reply.id == 4 => {
+            let messages = reply.messages.unwrap_or_default();
+            ensure!(
+                messages.len() == 2 && messages.iter().all(|message| message.data == deepest),
+                "history: {} messages",
+                messages.len()
+            );
+        }
+        other => bail!("expected the history reply, got {other:?}"),
     }
     Ok(())
 }

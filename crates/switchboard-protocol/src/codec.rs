@@ -1,6 +1,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
+use crate::msgpack::MAX_DATA_DEPTH;
 use crate::{CLIENT_FRAME_TYPES, ClientFrame, ErrorCode, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 
 /// How frames are written on one connection, chosen by the subprotocol at the handshake.
@@ -106,7 +108,7 @@ impl Codec {
     /// Decodes a client frame, classifying failures as `unknown_type` or `bad_frame`.
     pub fn decode_client(self, payload: &[u8]) -> Result<ClientFrame, DecodeError> {
         let message = match self.decode::<ClientFrame>(payload) {
-            Ok(frame) => return Ok(frame),
+            Ok(frame) => return checked_data_depth(frame),
             Err(message) => message,
         };
         match self.decode::<FrameProbe>(payload) {
@@ -135,6 +137,32 @@ impl Codec {
             }),
         }
     }
+}
+
+/// Refuses a `publish` or `send` whose `data` nests deeper than [`MAX_DATA_DEPTH`].
+fn checked_data_depth(frame: ClientFrame) -> Result<ClientFrame, DecodeError> {
+    let (ClientFrame::Publish { data, id, .. } | ClientFrame::Send { data, id, .. }) = &frame
+    else {
+        return Ok(frame);
+    };
+    if deeper_than(data, MAX_DATA_DEPTH) {
+        return Err(DecodeError {
+            id: *id,
+            code: ErrorCode::BadFrame,
+            message: format!("data nested deeper than {MAX_DATA_DEPTH} arrays and maps"),
+        });
+    }
+    Ok(frame)
+}
+
+/// Recursive, but only over values a codec decoded: those nest at most `MAX_DEPTH` deep.
+fn deeper_than(value: &Value, levels: usize) -> bool {
+    let mut inner = match value {
+        Value::Array(items) => Box::new(items.iter()) as Box<dyn Iterator<Item = &Value>>,
+        Value::Object(map) => Box::new(map.values()),
+        _ => return false,
+    };
+    levels == 0 || inner.any(|item| deeper_than(item, levels - 1))
 }
 
 #[cfg(test)]
@@ -385,37 +413,84 @@ mod tests {
         assert_eq!((error.code, error.id), (ErrorCode::UnknownType, Some(1)));
     }
 
-    /// A `publish` frame whose outer map and nested `data` arrays reach `depth` levels.
-    fn publish_nested(codec: Codec, depth: usize) -> Vec<u8> {
-        let data = (2..depth).fold(json!([]), |inner, _| json!([inner]));
-        let frame = json!({"type": "publish", "room": "r", "id": 7, "data": data});
+    fn nested(levels: usize) -> serde_json::Value {
+        (1..levels).fold(json!([]), |inner, _| json!([inner]))
+    }
+
+    fn encode_value(codec: Codec, value: &serde_json::Value) -> Vec<u8> {
         // The encoders recurse without a limit; only decoding is bounded.
         match codec {
-            Codec::Json => serde_json::to_vec(&frame).unwrap(),
-            Codec::MsgPack => rmp_serde::to_vec_named(&frame).unwrap(),
+            Codec::Json => serde_json::to_vec(value).unwrap(),
+            Codec::MsgPack => rmp_serde::to_vec_named(value).unwrap(),
         }
     }
 
     #[test]
-    fn both_codecs_refuse_the_same_nesting_depth() {
+    fn both_codecs_refuse_the_same_frame_depth() {
+        use crate::msgpack::MAX_DEPTH;
         for codec in Codec::ALL {
+            // An unknown field is ignored, but still parsed: the frame's map is one level more.
+            let ping = |levels| json!({"type": "ping", "id": 7, "extra": nested(levels)});
             let frame = codec
-                .decode_client(&publish_nested(codec, crate::msgpack::MAX_DEPTH))
+                .decode_client(&encode_value(codec, &ping(MAX_DEPTH - 1)))
                 .unwrap_or_else(|error| panic!("{codec:?}: {error}"));
-            assert_eq!(frame.id(), Some(7));
+            assert_eq!(frame, ClientFrame::Ping { id: Some(7) });
             let error = codec
-                .decode_client(&publish_nested(codec, crate::msgpack::MAX_DEPTH + 1))
+                .decode_client(&encode_value(codec, &ping(MAX_DEPTH)))
                 .unwrap_err();
             assert_eq!(error.code, ErrorCode::BadFrame, "{codec:?}");
         }
+        let deep = json!({"type": "ping", "extra": nested(200)});
         let error = Codec::MsgPack
-            .decode_client(&publish_nested(Codec::MsgPack, 200))
+            .decode_client(&encode_value(Codec::MsgPack, &deep))
             .unwrap_err();
         assert!(
             error.message.contains("deeper than 127"),
             "{}",
             error.message
         );
+    }
+
+    #[test]
+    fn data_may_nest_as_deep_as_a_history_reply_can_carry() {
+        for codec in Codec::ALL {
+            for kind in ["publish", "send"] {
+                let frame = |levels| {
+                    let frame = json!({"type": kind, "room": "r", "to": "u", "id": 7, "data": nested(levels)});
+                    encode_value(codec, &frame)
+                };
+                codec
+                    .decode_client(&frame(MAX_DATA_DEPTH))
+                    .unwrap_or_else(|error| panic!("{codec:?} {kind}: {error}"));
+                let error = codec.decode_client(&frame(MAX_DATA_DEPTH + 1)).unwrap_err();
+                assert_eq!((error.code, error.id), (ErrorCode::BadFrame, Some(7)));
+                assert!(
+                    error.message.contains("deeper than 124"),
+                    "{}",
+                    error.message
+                );
+            }
+            let reply = ServerFrame::Reply(Reply {
+                id: 1,
+                messages: Some(vec![Arc::new(RoomMessage {
+                    room: "r".into(),
+                    data: nested(MAX_DATA_DEPTH),
+                    offset: 1,
+                    epoch: "e".into(),
+                    from: None,
+                })]),
+                ..Reply::default()
+            });
+            let bytes = match codec.encode(&reply).unwrap() {
+                Encoded::Text(text) => text.into_bytes(),
+                Encoded::Binary(bytes) => bytes,
+            };
+            assert_eq!(
+                codec.decode::<ServerFrame>(&bytes).unwrap(),
+                reply,
+                "{codec:?}"
+            );
+        }
     }
 
     #[test]

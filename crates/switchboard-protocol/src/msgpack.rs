@@ -14,6 +14,11 @@ use serde::de::DeserializeOwned;
 /// accept the same values and a JSON peer can read whatever a MessagePack peer sent.
 pub const MAX_DEPTH: usize = 127;
 
+/// Deepest nesting of arrays and maps inside a client's `data`, in both codecs: a `history` reply
+/// wraps each message's `data` in three more levels (the reply, its `messages` array, the
+/// message), and must stay within [`MAX_DEPTH`] for clients to decode it.
+pub const MAX_DATA_DEPTH: usize = MAX_DEPTH - 3;
+
 /// Decodes MessagePack from untrusted bytes: [`check`] first, then rmp-serde.
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     check(bytes)?;

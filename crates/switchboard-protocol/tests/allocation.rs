@@ -47,8 +47,8 @@ fn hostile_frames_allocate_little() {
     }
 
     // The check itself costs little on the deepest frame accepted.
-    let data =
-        (2..switchboard_protocol::msgpack::MAX_DEPTH).fold(json!([]), |inner, _| json!([inner]));
+    let data = (1..switchboard_protocol::msgpack::MAX_DATA_DEPTH)
+        .fold(json!([]), |inner, _| json!([inner]));
     let frame =
         rmp_serde::to_vec_named(&json!({"type": "publish", "room": "r", "data": data})).unwrap();
     let mut decoded = None;
