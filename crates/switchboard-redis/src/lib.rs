@@ -7,7 +7,8 @@
 //! writes this node's registry and presence entries again, and replays from history what the
 //! node's rooms published while the connection was down. docs/architecture.md has the schema.
 
-mod envelope;
+#[doc(hidden)]
+pub mod envelope;
 mod keys;
 #[cfg(test)]
 mod live_tests;
