@@ -493,6 +493,27 @@ mod tests {
         }
     }
 
+    /// Found by the msgpack_frame fuzz target: without serde_json's exact float parsing, this
+    /// float came back one unit in the last place off after MessagePack → JSON → decode.
+    #[test]
+    fn floats_cross_the_codecs_exactly() {
+        let float = f64::from_bits(0x4004_006c_0000_0000);
+        let frame = ClientFrame::Publish {
+            room: "r".into(),
+            data: json!([float, 0.1, 1e-300, f64::MAX, 5e-324]),
+            id: None,
+        };
+        let msgpack = Codec::MsgPack.encode(&frame).unwrap();
+        let Encoded::Binary(bytes) = msgpack else {
+            panic!("msgpack is binary")
+        };
+        let from_msgpack = Codec::MsgPack.decode_client(&bytes).unwrap();
+        let Encoded::Text(text) = Codec::Json.encode(&from_msgpack).unwrap() else {
+            panic!("json is text")
+        };
+        assert_eq!(Codec::Json.decode_client(text.as_bytes()).unwrap(), frame);
+    }
+
     #[test]
     fn msgpack_frames_declaring_more_than_they_hold_are_bad_frames() {
         // A map whose `data` claims 2^32 - 1 elements, in 16 bytes.
