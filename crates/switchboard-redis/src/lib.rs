@@ -7,7 +7,8 @@
 //! writes this node's registry and presence entries again, and replays from history what the
 //! node's rooms published while the connection was down. docs/architecture.md has the schema.
 
-mod envelope;
+#[doc(hidden)]
+pub mod envelope;
 mod keys;
 #[cfg(test)]
 mod live_tests;
@@ -528,8 +529,8 @@ impl Inner {
                     expired_first |= first_read && index == 0;
                     continue;
                 }
-                let stored: envelope::Stored = rmp_serde::from_slice(&payload)
-                    .map_err(|error| BrokerError::Internal(error.to_string()))?;
+                let stored: envelope::Stored =
+                    envelope::unpack(&payload).map_err(BrokerError::Internal)?;
                 messages.push(Arc::new(RoomMessage {
                     room: room.to_owned(),
                     data: stored.data,
