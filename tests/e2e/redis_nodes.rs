@@ -16,7 +16,7 @@ use switchboard_protocol::{ClientFrame, Codec, ServerFrame};
 
 /// Generous: the machine running the tests is shared and slow.
 const LONG: Duration = Duration::from_secs(90);
-/// Longest single Redis call allowed while a node is reaped.
+/// Longest single reap call allowed.
 const LONGEST_CALL_MICROS: u64 = 10_000;
 /// Calls longer than this go to the SLOWLOG. Not 0: Redis then logs every command a script runs
 /// too, and the logging itself makes the script several times slower.
@@ -150,7 +150,7 @@ async fn keys(redis: &RedisProcess) -> Result<BTreeSet<String>> {
     Ok(listed.into_iter().collect())
 }
 
-/// Logs every call over [`LOGGED_MICROS`] from now on (the log cleared), for [`longest_call`].
+/// Logs every call over [`LOGGED_MICROS`] from now on (the log cleared), for [`longest_calls`].
 async fn log_long_calls(redis: &RedisProcess) -> Result<()> {
     redis
         .cli(&[
@@ -166,27 +166,43 @@ async fn log_long_calls(redis: &RedisProcess) -> Result<()> {
     Ok(())
 }
 
-/// The longest call logged since [`log_long_calls`] (µs, and its command; 0 when none took
-/// over [`LOGGED_MICROS`]), and how many calls were logged.
-async fn longest_call(redis: &RedisProcess) -> Result<(u64, String, usize)> {
+/// A call as the SLOWLOG shows it: µs, and its first arguments.
+type Call = (u64, String);
+
+/// The longest call logged since [`log_long_calls`], and the longest REAP script call (each
+/// `(0, "")` when none took over [`LOGGED_MICROS`]); and how many calls were logged.
+async fn longest_calls(redis: &RedisProcess) -> Result<(Call, Call, usize)> {
     let log: Vec<Value> =
         serde_json::from_str(&redis.cli(&["--json", "SLOWLOG", "GET", "-1"]).await?)?;
-    let mut longest = (0, String::new(), log.len());
+    let mut longest: Call = (0, String::new());
+    let mut longest_reap: Call = (0, String::new());
     // The test's own SLOWLOG RESET is logged after it freed the previous log.
     for entry in log.iter().filter(|entry| entry[3][0] != "SLOWLOG") {
         let micros = entry[2].as_u64().context("a duration")?;
-        if micros > longest.0 {
-            let command: Vec<String> = entry[3]
-                .as_array()
-                .context("a command")?
+        let args: Vec<&str> = entry[3]
+            .as_array()
+            .context("a command")?
+            .iter()
+            .map(|arg| arg.as_str().unwrap_or("?"))
+            .collect();
+        let shown = || {
+            let shown: Vec<String> = args
                 .iter()
                 .take(6)
-                .map(|arg| arg.as_str().unwrap_or("?").chars().take(40).collect())
+                .map(|arg| arg.chars().take(40).collect())
                 .collect();
-            longest = (micros, command.join(" "), log.len());
+            (micros, shown.join(" "))
+        };
+        // EVALSHA <sha> 0 sb: <node> <mode> ...: only the REAP script takes no key.
+        if args.first() == Some(&"EVALSHA") && args.get(2) == Some(&"0") && micros > longest_reap.0
+        {
+            longest_reap = shown();
+        }
+        if micros > longest.0 {
+            longest = shown();
         }
     }
-    Ok(longest)
+    Ok((longest, longest_reap, log.len()))
 }
 
 /// Opens sessions for users `u<first>`.. on `node`, each subscribed to (and so a presence
@@ -246,7 +262,7 @@ async fn indexes_hold(redis: &RedisProcess, name: &str, count: u64) -> Result<()
 }
 
 /// Waits until `name` is reaped from the shard, checking all the while that `healthy` stays
-/// ready; then checks the longest call since [`log_long_calls`].
+/// ready; then checks the longest reap call since [`log_long_calls`].
 async fn reaped_in_short_calls(
     redis: &RedisProcess,
     name: &str,
@@ -263,13 +279,17 @@ async fn reaped_in_short_calls(
             && scard(redis, &format!("sb:n:{name}:members")).await? == 0)
     })
     .await?;
-    let (micros, command, calls) = longest_call(redis).await?;
-    ensure!(
-        micros < LONGEST_CALL_MICROS,
-        "the longest call took {micros} µs ({command}), over {LONGEST_CALL_MICROS} µs"
-    );
+    let ((micros, command), (reap_micros, reap), calls) = longest_calls(redis).await?;
     println!(
-        "{name} reaped; {calls} calls over {LOGGED_MICROS} µs, the longest {micros} µs ({command})"
+        "{name} reaped; {calls} calls over {LOGGED_MICROS} µs, the longest {micros} µs \
+         ({command}); the longest reap call {reap_micros} µs ({reap})"
+    );
+    // The reap calls are the ones whose cost could grow with the node: they must stay short
+    // however big it was. The longest call overall is printed too, not checked: on a loaded
+    // machine even a one-entry write can show a long time, when Redis was descheduled during it.
+    ensure!(
+        reap_micros < LONGEST_CALL_MICROS,
+        "a reap call took {reap_micros} µs ({reap}), over {LONGEST_CALL_MICROS} µs"
     );
     Ok(())
 }

@@ -870,3 +870,44 @@ fn incarnations_of_a_node_id_are_told_apart_from_other_ids() {
     assert!(!keys::is_incarnation_of("web-10@ab", "web-1"));
     assert!(!keys::is_incarnation_of("web-1.x@ab", "web-1"));
 }
+
+#[tokio::test]
+async fn a_node_writes_a_big_set_of_entries_back_in_bounded_batches() {
+    const SESSIONS: usize = 5 * RESTORE_BATCH / 2;
+    let server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(60));
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    for index in 0..SESSIONS {
+        let record = record(&format!("u{index}"), &format!("s{index}"), "x");
+        x.register_session(&record).await.expect("register");
+        x.join_presence("room", &member(&record.user, &record.session))
+            .await
+            .expect("join");
+    }
+    let batches = || {
+        x.inner
+            .metrics
+            .write_batch_size
+            .with_label_values(&["0"])
+            .get_sample_count()
+    };
+
+    // Redis loses everything (a restart without persistence); the node's next heartbeat finds
+    // its key gone and writes its entries back, a bounded batch at a time.
+    let _: () = server.query(cmd(&["FLUSHALL"])).await;
+    let before = batches();
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert!(
+        batches() - before >= 6,
+        "{} write batches for {SESSIONS} sessions and members",
+        batches() - before
+    );
+    let count = async |command: &[&str]| server.query::<usize>(cmd(command)).await;
+    assert_eq!(count(&["HLEN", "sb:r:room:presence"]).await, SESSIONS);
+    assert_eq!(count(&["SCARD", "sb:n:x@1:sessions"]).await, SESSIONS);
+    assert_eq!(count(&["SCARD", "sb:n:x@1:members"]).await, SESSIONS);
+    let users: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+    assert_eq!(users.len(), SESSIONS);
+    assert_eq!(x.presence("room").await.expect("presence").len(), SESSIONS);
+}

@@ -198,7 +198,7 @@ return sessions
 
 /// How many index entries one REAP call handles: a call's cost must not grow with the size of
 /// the node, or reaping a big node blocks the shard (and every node's pub/sub pings with it).
-pub const REAP_BATCH: usize = 200;
+pub const REAP_BATCH: usize = 100;
 
 /// Entries of the sets of nodes of earlier versions (rooms, users) one REAP call handles: each
 /// costs a walk of the room's presence or the user's sessions.
