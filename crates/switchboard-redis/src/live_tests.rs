@@ -911,3 +911,49 @@ async fn a_node_writes_a_big_set_of_entries_back_in_bounded_batches() {
     assert_eq!(users.len(), SESSIONS);
     assert_eq!(x.presence("room").await.expect("presence").len(), SESSIONS);
 }
+
+#[tokio::test]
+async fn a_node_started_under_the_id_of_a_node_of_an_earlier_version_reaps_its_old_sets() {
+    let server = Server::start().await;
+    // What a node before incarnations left: its bare id everywhere, and sets of users and rooms.
+    let users = 3 * scripts::REAP_LEGACY_BATCH;
+    for index in 0..users {
+        let (user, session) = (format!("u{index}"), format!("s{index}"));
+        let _: () = server
+            .query(cmd(&["HSET", &format!("sb:u:{user}"), &session, "x"]))
+            .await;
+        let _: () = server.query(cmd(&["SADD", "sb:n:x:users", &user])).await;
+        let mut hset = cmd(&["HSET", "sb:r:room:presence", &session]);
+        hset.arg(format!("x\n{user}\npacked"));
+        let _: () = server.query(hset).await;
+    }
+    // Another node's member in the same room stays.
+    let (other, _) = broker(&server, "y", Duration::from_secs(60));
+    other.heartbeat(&info("y")).await.expect("heartbeat");
+    other
+        .join_presence("room", &member("ann", "s-ann"))
+        .await
+        .expect("join");
+    let _: () = server.query(cmd(&["SADD", "sb:n:x:rooms", "room"])).await;
+    let _: () = server.query(cmd(&["SET", "sb:n:x", "alive"])).await;
+    let _: () = server.query(cmd(&["SADD", "sb:nodes", "x"])).await;
+
+    let (x, _) = incarnation(&server, "x", "2", Duration::from_secs(60));
+    x.start(Arc::new(Recorder::default())).await.expect("start");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server
+        .query::<bool>(cmd(&["SISMEMBER", "sb:nodes", "x"]))
+        .await
+    {
+        assert!(tokio::time::Instant::now() < deadline, "x never reaped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+    assert!(left.is_empty(), "registry entries left: {left:?}");
+    let left: Vec<String> = server.query(cmd(&["HKEYS", "sb:r:room:presence"])).await;
+    assert_eq!(left, ["s-ann"]);
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x"])).await;
+    assert!(left.is_empty(), "liveness left: {left:?}");
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x:*"])).await;
+    assert_eq!(left, ["sb:n:x:reaped"]);
+}
