@@ -73,6 +73,11 @@ cargo test --workspace --no-fail-fast "$@" || status=$?
 # The JavaScript client (clients/js, no dependencies) against the binary built above and
 # redis-server.
 (cd clients/js && npm test) || status=$?
+# Autobahn|Testsuite's fuzzingclient against the node's WebSocket layer (an echo fixture on the
+# node's configuration and read loop); needs Python 2.7 (pyenv), installs autobahntestsuite.
+tests/autobahn/run.sh || status=$?
+# Every fuzz target (fuzz/) for 30 s; needs the nightly toolchain, installs cargo-fuzz.
+fuzz/run.sh 30 || status=$?
 # The deployment files (deploy/, k8s/), without Docker or a cluster: kustomize renders,
 # kubernetes-validate, promtool, haproxy -c, and their settings run on real nodes, HAProxy, Redis
 # and Prometheus; installs what it needs when missing. After the build: it runs target/debug.

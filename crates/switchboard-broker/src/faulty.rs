@@ -200,6 +200,7 @@ mod tests {
     fn node() -> NodeInfo {
         NodeInfo {
             id: "n1".into(),
+            instance: "1".into(),
             address: "n1:8080".into(),
             connections: 1,
             started_at: 1,

@@ -105,24 +105,6 @@ pub fn resumable(since: &StreamPosition, position: &StreamPosition) -> bool {
     }
 }
 
-/// Bytes of `data` written as JSON, without building the text.
-pub fn json_len(data: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing a `Value` to a writer that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut count, data);
-    count.0
-}
-
 /// A message for every session of one user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DirectMessage {

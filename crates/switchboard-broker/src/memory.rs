@@ -8,12 +8,12 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 use switchboard_protocol::api::NodeInfo;
-use switchboard_protocol::{Member, PresenceNotice, RoomMessage, Sender, StreamPosition};
+use switchboard_protocol::{Codec, Member, PresenceNotice, RoomMessage, Sender, StreamPosition};
 use tokio::time::Instant;
 
 use crate::{
     Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, PresenceChange,
-    PresenceEvent, SessionRecord, json_len, resumable,
+    PresenceEvent, SessionRecord, resumable,
 };
 
 /// Limits of the embedded broker's room history.
@@ -381,7 +381,7 @@ impl Broker for MemoryBroker {
             .iter()
             .skip_while(|(message, _)| message.offset <= after)
         {
-            let size = json_len(&message.data);
+            let size = Codec::Json.encoded_len(&message.data);
             if messages.len() == limit || (!messages.is_empty() && used + size > budget) {
                 more = true;
                 break;

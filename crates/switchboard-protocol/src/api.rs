@@ -61,6 +61,11 @@ pub struct PresenceResponse {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub id: String,
+    /// This process's instance id, new at every start: a node restarted under the same id (a
+    /// container restart keeps the pod name) shows a new instance. Empty from nodes of earlier
+    /// versions.
+    #[serde(default)]
+    pub instance: String,
     pub address: String,
     pub connections: u64,
     pub started_at: u64,

@@ -1,6 +1,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
+use crate::msgpack::MAX_DATA_DEPTH;
 use crate::{CLIENT_FRAME_TYPES, ClientFrame, ErrorCode, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 
 /// How frames are written on one connection, chosen by the subprotocol at the handshake.
@@ -125,14 +127,14 @@ impl Codec {
     pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, String> {
         match self {
             Codec::Json => serde_json::from_slice(payload).map_err(|error| error.to_string()),
-            Codec::MsgPack => rmp_serde::from_slice(payload).map_err(|error| error.to_string()),
+            Codec::MsgPack => crate::msgpack::from_slice(payload),
         }
     }
 
     /// Decodes a client frame, classifying failures as `unknown_type` or `bad_frame`.
     pub fn decode_client(self, payload: &[u8]) -> Result<ClientFrame, DecodeError> {
         let message = match self.decode::<ClientFrame>(payload) {
-            Ok(frame) => return Ok(frame),
+            Ok(frame) => return checked_data_depth(frame),
             Err(message) => message,
         };
         match self.decode::<FrameProbe>(payload) {
@@ -161,6 +163,32 @@ impl Codec {
             }),
         }
     }
+}
+
+/// Refuses a `publish` or `send` whose `data` nests deeper than [`MAX_DATA_DEPTH`].
+fn checked_data_depth(frame: ClientFrame) -> Result<ClientFrame, DecodeError> {
+    let (ClientFrame::Publish { data, id, .. } | ClientFrame::Send { data, id, .. }) = &frame
+    else {
+        return Ok(frame);
+    };
+    if deeper_than(data, MAX_DATA_DEPTH) {
+        return Err(DecodeError {
+            id: *id,
+            code: ErrorCode::BadFrame,
+            message: format!("data nested deeper than {MAX_DATA_DEPTH} arrays and maps"),
+        });
+    }
+    Ok(frame)
+}
+
+/// Recursive, but only over values a codec decoded: those nest at most `MAX_DEPTH` deep.
+fn deeper_than(value: &Value, levels: usize) -> bool {
+    let mut inner = match value {
+        Value::Array(items) => Box::new(items.iter()) as Box<dyn Iterator<Item = &Value>>,
+        Value::Object(map) => Box::new(map.values()),
+        _ => return false,
+    };
+    levels == 0 || inner.any(|item| deeper_than(item, levels - 1))
 }
 
 #[cfg(test)]
@@ -423,6 +451,126 @@ mod tests {
         let unknown = rmp_serde::to_vec_named(&json!({"type": "dance", "id": 1})).unwrap();
         let error = Codec::MsgPack.decode_client(&unknown).unwrap_err();
         assert_eq!((error.code, error.id), (ErrorCode::UnknownType, Some(1)));
+    }
+
+    fn nested(levels: usize) -> serde_json::Value {
+        (1..levels).fold(json!([]), |inner, _| json!([inner]))
+    }
+
+    fn encode_value(codec: Codec, value: &serde_json::Value) -> Vec<u8> {
+        // The encoders recurse without a limit; only decoding is bounded.
+        match codec {
+            Codec::Json => serde_json::to_vec(value).unwrap(),
+            Codec::MsgPack => rmp_serde::to_vec_named(value).unwrap(),
+        }
+    }
+
+    #[test]
+    fn both_codecs_refuse_the_same_frame_depth() {
+        use crate::msgpack::MAX_DEPTH;
+        for codec in Codec::ALL {
+            // An unknown field is ignored, but still parsed: the frame's map is one level more.
+            let ping = |levels| json!({"type": "ping", "id": 7, "extra": nested(levels)});
+            let frame = codec
+                .decode_client(&encode_value(codec, &ping(MAX_DEPTH - 1)))
+                .unwrap_or_else(|error| panic!("{codec:?}: {error}"));
+            assert_eq!(frame, ClientFrame::Ping { id: Some(7) });
+            let error = codec
+                .decode_client(&encode_value(codec, &ping(MAX_DEPTH)))
+                .unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadFrame, "{codec:?}");
+        }
+        let deep = json!({"type": "ping", "extra": nested(200)});
+        let error = Codec::MsgPack
+            .decode_client(&encode_value(Codec::MsgPack, &deep))
+            .unwrap_err();
+        assert!(
+            error.message.contains("deeper than 127"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn data_may_nest_as_deep_as_a_history_reply_can_carry() {
+        for codec in Codec::ALL {
+            for kind in ["publish", "send"] {
+                let frame = |levels| {
+                    let frame = json!({"type": kind, "room": "r", "to": "u", "id": 7, "data": nested(levels)});
+                    encode_value(codec, &frame)
+                };
+                codec
+                    .decode_client(&frame(MAX_DATA_DEPTH))
+                    .unwrap_or_else(|error| panic!("{codec:?} {kind}: {error}"));
+                let error = codec.decode_client(&frame(MAX_DATA_DEPTH + 1)).unwrap_err();
+                assert_eq!((error.code, error.id), (ErrorCode::BadFrame, Some(7)));
+                assert!(
+                    error.message.contains("deeper than 124"),
+                    "{}",
+                    error.message
+                );
+            }
+            let reply = ServerFrame::Reply(Reply {
+                id: 1,
+                messages: Some(vec![Arc::new(RoomMessage {
+                    room: "r".into(),
+                    data: nested(MAX_DATA_DEPTH),
+                    offset: 1,
+                    epoch: "e".into(),
+                    from: None,
+                })]),
+                ..Reply::default()
+            });
+            let bytes = match codec.encode(&reply).unwrap() {
+                Encoded::Text(text) => text.into_bytes(),
+                Encoded::Binary(bytes) => bytes,
+            };
+            assert_eq!(
+                codec.decode::<ServerFrame>(&bytes).unwrap(),
+                reply,
+                "{codec:?}"
+            );
+        }
+    }
+
+    /// Found by the msgpack_frame fuzz target: without serde_json's exact float parsing, this
+    /// float came back one unit in the last place off after MessagePack → JSON → decode.
+    #[test]
+    fn floats_cross_the_codecs_exactly() {
+        let float = f64::from_bits(0x4004_006c_0000_0000);
+        let frame = ClientFrame::Publish {
+            room: "r".into(),
+            data: json!([float, 0.1, 1e-300, f64::MAX, 5e-324]),
+            id: None,
+        };
+        let msgpack = Codec::MsgPack.encode(&frame).unwrap();
+        let Encoded::Binary(bytes) = msgpack else {
+            panic!("msgpack is binary")
+        };
+        let from_msgpack = Codec::MsgPack.decode_client(&bytes).unwrap();
+        let Encoded::Text(text) = Codec::Json.encode(&from_msgpack).unwrap() else {
+            panic!("json is text")
+        };
+        assert_eq!(Codec::Json.decode_client(text.as_bytes()).unwrap(), frame);
+    }
+
+    #[test]
+    fn msgpack_frames_declaring_more_than_they_hold_are_bad_frames() {
+        // A map whose `data` claims 2^32 - 1 elements, in 16 bytes.
+        let mut frame = vec![0x82, 0xa4];
+        frame.extend_from_slice(b"type");
+        frame.extend_from_slice(&[0xa4]);
+        frame.extend_from_slice(b"data");
+        frame.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        for bytes in [&[0xdd, 0xff, 0xff, 0xff, 0xff][..], &frame] {
+            let error = Codec::MsgPack.decode_client(bytes).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadFrame);
+            assert!(
+                error.message.contains("declares 4294967295 items"),
+                "{}",
+                error.message
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod api;
 mod codec;
 mod frames;
+pub mod msgpack;
 
 pub use codec::{Codec, DecodeError, Encoded};
 pub use frames::*;

@@ -57,9 +57,16 @@ pub const INBOX_PREFIX: &str = "sb:inbox:";
 /// Channel every node receives broadcasts on.
 pub const BROADCAST: &str = "sb:broadcast";
 
-/// Set of the users with sessions on a node, on each user's shard (for reaping).
-pub fn node_users(node: &str) -> String {
-    format!("{PREFIX}n:{node}:users")
+/// Set of a node's sessions, as `session \n user`, on each user's shard: what reaping the node
+/// removes from the registry. Entries leave with their session, so it holds live sessions only.
+pub fn node_sessions(node: &str) -> String {
+    format!("{PREFIX}n:{node}:sessions")
+}
+
+/// The entry of [`node_sessions`] or [`node_members`] for `session` and its user or room
+/// (session ids are hex, so the first newline splits it).
+pub fn node_entry(session: &str, of: &str) -> String {
+    format!("{session}\n{of}")
 }
 
 /// Set while a node's entries on this shard were removed because it looked dead (its leaves
@@ -72,7 +79,22 @@ pub fn node_reaped(node: &str) -> String {
 /// How long a reaped mark is kept: far longer than any pause a node survives.
 pub const REAPED_MARK_TTL_MS: u64 = 3_600_000;
 
-/// Set of the rooms with presence members of a node, on each room's shard (for reaping).
-pub fn node_rooms(node: &str) -> String {
-    format!("{PREFIX}n:{node}:rooms")
+/// Set of a node's presence members, as `session \n room`, on each room's shard: what reaping
+/// the node removes from presence. Entries leave with their member.
+pub fn node_members(node: &str) -> String {
+    format!("{PREFIX}n:{node}:members")
+}
+
+/// A node incarnation's name in Redis: the node id and the instance id of this process, so that
+/// a process restarted under the same id (a Kubernetes container restart keeps the pod name)
+/// never shares keys, entries or inbox with its predecessor.
+pub fn incarnation(node_id: &str, instance: &str) -> String {
+    format!("{node_id}@{instance}")
+}
+
+/// Whether `name` (a member of [`NODES`]) is an incarnation of `node_id`, or the bare id a
+/// node of an earlier version registered under.
+pub fn is_incarnation_of(name: &str, node_id: &str) -> bool {
+    name.strip_prefix(node_id)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('@'))
 }

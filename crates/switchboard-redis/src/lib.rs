@@ -7,7 +7,8 @@
 //! writes this node's registry and presence entries again, and replays from history what the
 //! node's rooms published while the connection was down. docs/architecture.md has the schema.
 
-mod envelope;
+#[doc(hidden)]
+pub mod envelope;
 mod keys;
 #[cfg(test)]
 mod live_tests;
@@ -59,6 +60,9 @@ pub struct RedisConfig {
     /// built-in Mozilla roots.
     pub ca_pem: Option<Vec<u8>>,
     pub node_id: String,
+    /// This process's instance id: with the node id, it names the node's incarnation in Redis
+    /// (see [`keys::incarnation`]).
+    pub instance: String,
     pub history_size: usize,
     pub history_ttl: Duration,
     pub stream_ttl: Duration,
@@ -184,6 +188,8 @@ struct Inner {
     /// For the tasks `Inner` starts itself, which must not keep it alive.
     this: Weak<Inner>,
     config: RedisConfig,
+    /// The name of this node in Redis: `node id @ instance id`.
+    incarnation: String,
     shards: Vec<Shard>,
     ring: HashRing<VirtualNode>,
     shard_of_url: HashMap<String, usize>,
@@ -342,6 +348,7 @@ impl RedisBroker {
         Ok(RedisBroker {
             inner: Arc::new_cyclic(|this| Inner {
                 this: this.clone(),
+                incarnation: keys::incarnation(&config.node_id, &config.instance),
                 config,
                 shards,
                 ring,
@@ -376,7 +383,7 @@ impl Inner {
     }
 
     fn node(&self) -> &str {
-        &self.config.node_id
+        &self.incarnation
     }
 
     fn error(&self, shard: &Shard, op: &str, error: BrokerError) -> BrokerError {
@@ -470,26 +477,17 @@ impl Inner {
 
     /// Writes again what this node keeps on `shard`: liveness, registry entries and presence.
     /// Members missing from presence are announced with a join if the node had been reaped
-    /// (its leaves were published); after Redis merely lost them, nobody saw them go.
+    /// (its leaves were published); after Redis merely lost them, nobody saw them go. The entries
+    /// go through the shard's writer [`RESTORE_BATCH`] at a time, each batch tried up to
+    /// [`RESTORE_ATTEMPTS`] times: one pipeline of everything would grow with the node and could
+    /// not finish within the command timeout on a big one, and the writer keeps the order with
+    /// the node's other writes (a session that closes meanwhile is not written back after its
+    /// removal).
     async fn restore(&self, index: usize, node_info: Option<NodeInfo>) -> BrokerResult<()> {
         let shard = &self.shards[index];
-        let sessions: Vec<SessionRecord> = self
-            .sessions
-            .lock()
-            .values()
-            .filter(|record| self.shard_index(&record.user) == index)
-            .cloned()
-            .collect();
-        let members: Vec<(String, Member)> = self
-            .members
-            .lock()
-            .iter()
-            .filter(|((room, _), _)| self.shard_index(room) == index)
-            .map(|((room, _), member)| (room.clone(), member.clone()))
-            .collect();
-        let mut pipe = redis::pipe();
         if let Some(info) = node_info {
             let packed = envelope::pack(&info).map_err(BrokerError::Internal)?;
+            let mut pipe = redis::pipe();
             pipe.cmd("SET")
                 .arg(keys::node_alive(self.node()))
                 .arg(packed)
@@ -497,44 +495,91 @@ impl Inner {
                 .arg(millis(self.config.node_ttl))
                 .ignore();
             pipe.cmd("SADD").arg(keys::NODES).arg(self.node()).ignore();
+            self.call(shard, "restore", async |connection| {
+                pipe.query_async::<()>(connection).await
+            })
+            .await?;
         }
-        for record in &sessions {
-            pipe.cmd("HSET")
-                .arg(keys::user_sessions(&record.user))
-                .arg(&record.session)
-                .arg(self.node())
-                .ignore();
-            pipe.cmd("SADD")
-                .arg(keys::node_users(self.node()))
-                .arg(&record.user)
-                .ignore();
+        let sessions: Vec<String> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|record| self.shard_index(&record.user) == index)
+            .map(|record| record.session.clone())
+            .collect();
+        for chunk in sessions.chunks(RESTORE_BATCH) {
+            self.restore_batch(index, || {
+                let sessions = self.sessions.lock();
+                chunk
+                    .iter()
+                    .filter_map(|session| sessions.get(session))
+                    .map(|record| {
+                        Ok(Write::Register {
+                            user: record.user.clone(),
+                            session: record.session.clone(),
+                        })
+                    })
+                    .collect()
+            })
+            .await?;
         }
-        if !members.is_empty() {
-            // EVALSHA needs the script loaded, and a restarted Redis has none.
-            pipe.load_script(&scripts::RESTORE_MEMBER).ignore();
+        let members: Vec<(String, String)> = self
+            .members
+            .lock()
+            .keys()
+            .filter(|(room, _)| self.shard_index(room) == index)
+            .cloned()
+            .collect();
+        for chunk in members.chunks(RESTORE_BATCH) {
+            self.restore_batch(index, || {
+                let members = self.members.lock();
+                chunk
+                    .iter()
+                    .filter_map(|key| Some((&key.0, members.get(key)?)))
+                    .map(|(room, member)| {
+                        Ok(Write::Restore {
+                            room: room.clone(),
+                            session: member.session.clone(),
+                            value: self.presence_value(member)?,
+                            event: envelope::presence_event(true, &member.session, &member.user),
+                        })
+                    })
+                    .collect()
+            })
+            .await?;
         }
-        for (room, member) in &members {
-            let mut invocation = scripts::RESTORE_MEMBER.prepare_invoke();
-            invocation
-                .key(keys::room_presence(room))
-                .key(keys::room_channel(room))
-                .key(keys::node_rooms(self.node()))
-                .key(keys::node_reaped(self.node()))
-                .arg(&member.session)
-                .arg(self.presence_value(member)?)
-                .arg(envelope::presence_event(
-                    true,
-                    &member.session,
-                    &member.user,
-                ))
-                .arg(room);
-            pipe.invoke_script(&invocation).ignore();
-        }
-        pipe.cmd("DEL").arg(keys::node_reaped(self.node())).ignore();
         self.call(shard, "restore", async |connection| {
-            pipe.query_async::<()>(connection).await
+            redis::cmd("DEL")
+                .arg(keys::node_reaped(self.node()))
+                .query_async::<()>(connection)
+                .await
         })
         .await
+    }
+
+    /// Sends the writes `batch` makes (from the entries still held when it is called) through
+    /// the shard's writer, and again, up to [`RESTORE_ATTEMPTS`] times, while any fails.
+    async fn restore_batch(
+        &self,
+        index: usize,
+        batch: impl Fn() -> BrokerResult<Vec<Write>>,
+    ) -> BrokerResult<()> {
+        let mut attempt = 1;
+        loop {
+            let writes = batch()?;
+            let outcomes = futures_util::future::join_all(
+                writes.into_iter().map(|write| self.write(index, write)),
+            )
+            .await;
+            match outcomes.into_iter().find_map(Result::err) {
+                None => return Ok(()),
+                Some(error) if attempt >= RESTORE_ATTEMPTS => return Err(error),
+                Some(_) => {
+                    tokio::time::sleep(MIN_BACKOFF * attempt).await;
+                    attempt += 1;
+                }
+            }
+        }
     }
 
     /// One page of a room's history (see the READ script).
@@ -572,8 +617,8 @@ impl Inner {
         }
         let mut messages = Vec::with_capacity(entries.len());
         for (offset, payload) in entries {
-            let stored: envelope::Stored = rmp_serde::from_slice(&payload)
-                .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            let stored: envelope::Stored =
+                envelope::unpack(&payload).map_err(BrokerError::Internal)?;
             messages.push(Arc::new(RoomMessage {
                 room: room.to_owned(),
                 data: stored.data,
@@ -739,6 +784,12 @@ async fn replay(
 
 /// One history entry as read: offset, stored payload.
 type LogEntry = (u64, Vec<u8>);
+
+/// Entries written back per batch by `restore`.
+const RESTORE_BATCH: usize = 500;
+/// Tries of each restore batch before the restore gives up (the next reconnect or expired
+/// heartbeat restores again).
+const RESTORE_ATTEMPTS: u32 = 3;
 
 /// Payload bytes read per page when replaying a room after a reconnect.
 const REPLAY_PAGE_BYTES: usize = 1 << 20;
@@ -1047,7 +1098,7 @@ async fn reap_dead_nodes(weak: Weak<Inner>) {
                     .await;
                 if matches!(alive, Ok(false)) {
                     tracing::info!(shard = %shard.label, %node, "reaping a dead node's sessions and presence");
-                    let _ = inner.reap(shard, &node, false).await;
+                    let _ = inner.reap(shard, &node, Reap::Dead).await;
                 }
             }
         }
@@ -1056,19 +1107,85 @@ async fn reap_dead_nodes(weak: Weak<Inner>) {
     }
 }
 
+/// Reaps, on every shard, the earlier incarnations of this node's id: a process restarted under
+/// the same id (a container restart keeps the pod name) removes its predecessor's sessions and
+/// presence at once rather than after the node TTL. Retried until every shard has answered.
+async fn reap_predecessors(weak: Weak<Inner>) {
+    let mut done = HashSet::new();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        for (index, shard) in inner.shards.iter().enumerate() {
+            if done.contains(&index) {
+                continue;
+            }
+            let nodes: BrokerResult<Vec<String>> = inner
+                .call(shard, "reap", async |connection| {
+                    redis::cmd("SMEMBERS")
+                        .arg(keys::NODES)
+                        .query_async(connection)
+                        .await
+                })
+                .await;
+            let Ok(nodes) = nodes else { continue };
+            let mut reaped = true;
+            for node in nodes {
+                if node != inner.node() && keys::is_incarnation_of(&node, &inner.config.node_id) {
+                    tracing::info!(shard = %shard.label, %node, "reaping an earlier incarnation of this node");
+                    reaped &= inner.reap(shard, &node, Reap::Replaced).await.is_ok();
+                }
+            }
+            if reaped {
+                done.insert(index);
+            }
+        }
+        if done.len() == inner.shards.len() {
+            return;
+        }
+        drop(inner);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Why a node is reaped: the REAP script's modes.
+#[derive(Clone, Copy)]
+enum Reap {
+    /// This node, leaving on purpose.
+    Forced,
+    /// A node whose liveness key expired (left alone if it heartbeated since).
+    Dead,
+    /// An earlier incarnation of this node's id.
+    Replaced,
+}
+
 impl Inner {
-    /// Removes `node`'s entries on `shard`; unless `forced`, only if it is not alive.
-    async fn reap(&self, shard: &Shard, node: &str, forced: bool) -> BrokerResult<()> {
-        self.call(shard, "reap", async |connection| {
-            scripts::REAP
-                .arg(keys::PREFIX)
-                .arg(node)
-                .arg(if forced { "1" } else { "" })
-                .arg(keys::REAPED_MARK_TTL_MS)
-                .invoke_async::<()>(connection)
-                .await
-        })
-        .await
+    /// Removes `node`'s entries on `shard`, one bounded REAP call after another until they are
+    /// gone (or, for a dead node, until it turns out to be alive).
+    async fn reap(&self, shard: &Shard, node: &str, why: Reap) -> BrokerResult<()> {
+        let mode = match why {
+            Reap::Forced => "forced",
+            Reap::Dead => "dead",
+            Reap::Replaced => "replaced",
+        };
+        loop {
+            let done: i64 = self
+                .call(shard, "reap", async |connection| {
+                    scripts::REAP
+                        .arg(keys::PREFIX)
+                        .arg(node)
+                        .arg(mode)
+                        .arg(keys::REAPED_MARK_TTL_MS)
+                        .arg(scripts::REAP_BATCH)
+                        .arg(scripts::REAP_LEGACY_BATCH)
+                        .invoke_async(connection)
+                        .await
+                })
+                .await?;
+            if done != 0 {
+                return Ok(());
+            }
+        }
     }
 
     fn up_shard(&self) -> BrokerResult<&Shard> {
@@ -1090,6 +1207,7 @@ impl Broker for RedisBroker {
             }
         }
         tokio::spawn(reap_dead_nodes(Arc::downgrade(inner)));
+        tokio::spawn(reap_predecessors(Arc::downgrade(inner)));
         Ok(())
     }
 
@@ -1409,9 +1527,15 @@ impl Broker for RedisBroker {
 
     async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
         let inner = &self.inner;
+        // This node is known to Redis by its incarnation.
+        let node = if node == inner.config.node_id {
+            inner.node()
+        } else {
+            node
+        };
         let mut result = Ok(());
         for shard in &inner.shards {
-            if let Err(error) = inner.reap(shard, node, true).await {
+            if let Err(error) = inner.reap(shard, node, Reap::Forced).await {
                 result = Err(error);
             }
             let _ = shard.control.send(Control::Stop);
@@ -1447,17 +1571,10 @@ impl Inner {
     }
 
     async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let last = self
-            .members
-            .lock()
-            .range((room.to_owned(), String::new())..)
-            .next()
-            .is_none_or(|((other, _), _)| other != room);
         let write = Write::Leave {
             room: room.to_owned(),
             session: member.session.clone(),
             event: envelope::presence_event(false, &member.session, &member.user),
-            last,
         };
         self.write(self.shard_index(room), write).await
     }
@@ -1590,6 +1707,7 @@ mod tests {
             shards: shards.into_iter().map(str::to_owned).collect(),
             ca_pem: None,
             node_id: "n".into(),
+            instance: "1".into(),
             history_size: 10,
             history_ttl: Duration::from_secs(60),
             stream_ttl: Duration::from_secs(600),
@@ -1619,6 +1737,7 @@ mod tests {
             shards: vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:1".into()],
             ca_pem: None,
             node_id: "n".into(),
+            instance: "1".into(),
             history_size: 10,
             history_ttl: Duration::from_secs(60),
             stream_ttl: Duration::from_secs(600),

@@ -80,11 +80,22 @@ impl Drop for Server {
 }
 
 fn broker(server: &Server, node: &str, node_ttl: Duration) -> (RedisBroker, Registry) {
+    incarnation(server, node, "1", node_ttl)
+}
+
+/// A broker of node `node` as the process with instance id `instance`.
+fn incarnation(
+    server: &Server,
+    node: &str,
+    instance: &str,
+    node_ttl: Duration,
+) -> (RedisBroker, Registry) {
     let registry = Registry::new();
     let config = RedisConfig {
         shards: vec![server.url()],
         ca_pem: None,
         node_id: node.to_owned(),
+        instance: instance.to_owned(),
         history_size: 100,
         history_ttl: Duration::from_secs(60),
         stream_ttl: Duration::from_secs(600),
@@ -152,6 +163,7 @@ fn record(user: &str, session: &str, node: &str) -> SessionRecord {
 fn info(node: &str) -> NodeInfo {
     NodeInfo {
         id: node.to_owned(),
+        instance: "1".into(),
         address: "127.0.0.1:1".into(),
         connections: 1,
         started_at: 0,
@@ -324,23 +336,23 @@ async fn reaping_spares_live_nodes_and_a_reaped_node_writes_itself_back() {
 
     // x is alive: y's reaper leaves it alone, even if it decided to reap a moment earlier.
     y.inner
-        .reap(&y.inner.shards[0], "x", false)
+        .reap(&y.inner.shards[0], "x@1", Reap::Dead)
         .await
         .expect("reap");
-    assert_eq!(registered().await.as_deref(), Some("x"));
+    assert_eq!(registered().await.as_deref(), Some("x@1"));
     assert_eq!(x.presence("room").await.expect("presence").len(), 1);
 
     // x goes silent past its TTL and is reaped: its entries go, and it is marked reaped.
-    let _: () = server.query(cmd(&["DEL", "sb:n:x"])).await;
+    let _: () = server.query(cmd(&["DEL", "sb:n:x@1"])).await;
     y.inner
-        .reap(&y.inner.shards[0], "x", false)
+        .reap(&y.inner.shards[0], "x@1", Reap::Dead)
         .await
         .expect("reap");
     assert_eq!(registered().await, None);
     assert!(y.presence("room").await.expect("presence").is_empty());
     assert!(
         server
-            .query::<bool>(cmd(&["EXISTS", "sb:n:x:reaped"]))
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x@1:reaped"]))
             .await
     );
 
@@ -351,14 +363,14 @@ async fn reaping_spares_live_nodes_and_a_reaped_node_writes_itself_back() {
     pubsub.subscribe("sb:r:room").await.expect("subscribe");
     x.inner.shards[0].up.store(true, Ordering::SeqCst);
     x.heartbeat(&info("x")).await.expect("heartbeat");
-    assert_eq!(registered().await.as_deref(), Some("x"));
+    assert_eq!(registered().await.as_deref(), Some("x@1"));
     assert_eq!(
         y.presence("room").await.expect("presence"),
         [member("ann", "s1")]
     );
     assert!(
         !server
-            .query::<bool>(cmd(&["EXISTS", "sb:n:x:reaped"]))
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x@1:reaped"]))
             .await
     );
     let mut messages = pubsub.on_message();
@@ -380,13 +392,13 @@ async fn reaping_spares_live_nodes_and_a_reaped_node_writes_itself_back() {
 
     // A forced reap (the node leaving on purpose) removes a live node and leaves no mark.
     x.inner
-        .reap(&x.inner.shards[0], "x", true)
+        .reap(&x.inner.shards[0], "x@1", Reap::Forced)
         .await
         .expect("reap");
     assert_eq!(registered().await, None);
     assert!(
         !server
-            .query::<bool>(cmd(&["EXISTS", "sb:n:x:reaped"]))
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x@1:reaped"]))
             .await
     );
 }
@@ -419,7 +431,7 @@ async fn removals_that_failed_are_done_by_a_later_heartbeat() {
     // Redis comes back with the entries (as a server that kept its data would).
     server.spawn().await;
     let value = x.inner.presence_value(&member("ann", "s1")).expect("value");
-    let _: () = server.query(cmd(&["HSET", "sb:u:ann", "s1", "x"])).await;
+    let _: () = server.query(cmd(&["HSET", "sb:u:ann", "s1", "x@1"])).await;
     let mut hset = cmd(&["HSET", "sb:r:room:presence", "s1"]);
     hset.arg(value);
     let _: () = server.query(hset).await;
@@ -779,15 +791,19 @@ async fn reading_and_leaving_rooms_without_state_leaves_no_key() {
         "no key made by reads, joins and leaves"
     );
 
-    // Two members of this node: the room stays in the node's set until the last leaves.
+    // Two members of this node: each is in the node's member set until it leaves.
     let bob = member("bob", "s2");
     broker.join_presence("d", &alice).await.expect("join");
     broker.join_presence("d", &bob).await.expect("join");
     broker.leave_presence("d", &alice).await.expect("leave");
-    let rooms: Vec<String> = server
-        .query(redis::cmd("SMEMBERS").arg(keys::node_rooms("n")).clone())
+    let entries: Vec<String> = server
+        .query(
+            redis::cmd("SMEMBERS")
+                .arg(keys::node_members("n@1"))
+                .clone(),
+        )
         .await;
-    assert_eq!(rooms, ["d"]);
+    assert_eq!(entries, [keys::node_entry("s2", "d")]);
     broker.leave_presence("d", &bob).await.expect("leave");
     assert_eq!(keys_now().await, before);
 }
@@ -885,6 +901,7 @@ async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_
             history_ttl: Duration::from_secs(2),
             stream_ttl: Duration::from_secs(600),
             node_ttl: Duration::from_secs(3),
+            instance: "1".into(),
         },
         &registry,
     )
@@ -1111,6 +1128,7 @@ async fn a_slow_replay_holds_up_no_other_live_delivery() {
         history_ttl: Duration::from_secs(60),
         stream_ttl: Duration::from_secs(600),
         node_ttl: Duration::from_secs(3),
+        instance: "1".into(),
     };
     let node = RedisBroker::new(config(proxy.url(), "node"), &Registry::new()).expect("a broker");
     let received = Arc::new(Recorder::default());
@@ -1178,4 +1196,190 @@ async fn a_slow_replay_holds_up_no_other_live_delivery() {
             == rooms.len()
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_big_node_is_trimmed_as_it_goes_and_reaped_in_bounded_calls_by_its_successor() {
+    let server = Server::start().await;
+    let ttl = Duration::from_secs(60);
+    let (old, _) = incarnation(&server, "x", "1", ttl);
+    old.heartbeat(&info("x")).await.expect("heartbeat");
+    let sessions = 2 * scripts::REAP_BATCH + 50;
+    let records: Vec<SessionRecord> = (0..sessions)
+        .map(|index| record(&format!("u{index}"), &format!("s{index}"), "x"))
+        .collect();
+    let joined = records.iter().map(|record| async {
+        old.register_session(record).await.expect("register");
+        let room = format!("room{}", record.session.len());
+        old.join_presence(&room, &member(&record.user, &record.session))
+            .await
+            .expect("join");
+    });
+    futures_util::future::join_all(joined).await;
+    let count = async |key: String| server.query::<usize>(cmd(&["SCARD", &key])).await;
+    assert_eq!(count(keys::node_sessions("x@1")).await, sessions);
+    assert_eq!(count(keys::node_members("x@1")).await, sessions);
+
+    // Sessions that leave leave the node's index sets.
+    for record in &records[..50] {
+        old.leave_presence(
+            &format!("room{}", record.session.len()),
+            &member(&record.user, &record.session),
+        )
+        .await
+        .expect("leave");
+        old.unregister_session(record).await.expect("unregister");
+    }
+    assert_eq!(count(keys::node_sessions("x@1")).await, sessions - 50);
+    assert_eq!(count(keys::node_members("x@1")).await, sessions - 50);
+
+    // The process restarts under the same id while its key is still alive: the new incarnation
+    // reaps the old one's entries at once, several bounded calls, without waiting for the TTL.
+    let _: () = server
+        .query(cmd(&[
+            "CONFIG",
+            "SET",
+            "slowlog-log-slower-than",
+            "0",
+            "slowlog-max-len",
+            "10000",
+        ]))
+        .await;
+    let _: () = server.query(cmd(&["SLOWLOG", "RESET"])).await;
+    let (new, _) = incarnation(&server, "x", "2", ttl);
+    new.start(Arc::new(Recorder::default()))
+        .await
+        .expect("start");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes: Vec<String> = server.query(cmd(&["SMEMBERS", "sb:nodes"])).await;
+        if !nodes.iter().any(|node| node == "x@1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "x@1 never reaped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+    assert!(left.is_empty(), "registry entries left: {left:?}");
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:r:*:presence"])).await;
+    assert!(left.is_empty(), "presence entries left: {left:?}");
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x@1*"])).await;
+    assert_eq!(left, ["sb:n:x@1:reaped"]);
+    let log: Vec<(i64, i64, i64, Vec<Vec<u8>>)> = server
+        .query::<Vec<Value>>(cmd(&["SLOWLOG", "GET", "-1"]))
+        .await
+        .into_iter()
+        .filter_map(|entry| match entry {
+            Value::Array(fields) => {
+                let fields: Vec<Value> = fields.into_iter().take(4).collect();
+                redis::from_redis_value(Value::Array(fields)).ok()
+            }
+            _ => None,
+        })
+        .collect();
+    let reaps = log
+        .iter()
+        .filter(|(_, _, _, args)| args.get(3).is_some_and(|arg| arg == b"sb:"))
+        .count();
+    assert!(
+        reaps >= 2,
+        "the reap took several calls ({reaps} in {} logged)",
+        log.len()
+    );
+}
+
+#[test]
+fn incarnations_of_a_node_id_are_told_apart_from_other_ids() {
+    assert_eq!(keys::incarnation("web-1", "ab"), "web-1@ab");
+    assert!(keys::is_incarnation_of("web-1@ab", "web-1"));
+    assert!(keys::is_incarnation_of("web-1", "web-1"));
+    assert!(!keys::is_incarnation_of("web-10@ab", "web-1"));
+    assert!(!keys::is_incarnation_of("web-1.x@ab", "web-1"));
+}
+
+#[tokio::test]
+async fn a_node_writes_a_big_set_of_entries_back_in_bounded_batches() {
+    const SESSIONS: usize = 5 * RESTORE_BATCH / 2;
+    let server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(60));
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    for index in 0..SESSIONS {
+        let record = record(&format!("u{index}"), &format!("s{index}"), "x");
+        x.register_session(&record).await.expect("register");
+        x.join_presence("room", &member(&record.user, &record.session))
+            .await
+            .expect("join");
+    }
+    let batches = || {
+        x.inner
+            .metrics
+            .write_batch_size
+            .with_label_values(&["0"])
+            .get_sample_count()
+    };
+
+    // Redis loses everything (a restart without persistence); the node's next heartbeat finds
+    // its key gone and writes its entries back, a bounded batch at a time.
+    let _: () = server.query(cmd(&["FLUSHALL"])).await;
+    let before = batches();
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert!(
+        batches() - before >= 6,
+        "{} write batches for {SESSIONS} sessions and members",
+        batches() - before
+    );
+    let count = async |command: &[&str]| server.query::<usize>(cmd(command)).await;
+    assert_eq!(count(&["HLEN", "sb:r:room:presence"]).await, SESSIONS);
+    assert_eq!(count(&["SCARD", "sb:n:x@1:sessions"]).await, SESSIONS);
+    assert_eq!(count(&["SCARD", "sb:n:x@1:members"]).await, SESSIONS);
+    let users: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+    assert_eq!(users.len(), SESSIONS);
+    assert_eq!(x.presence("room").await.expect("presence").len(), SESSIONS);
+}
+
+#[tokio::test]
+async fn a_node_started_under_the_id_of_a_node_of_an_earlier_version_reaps_its_old_sets() {
+    let server = Server::start().await;
+    // What a node before incarnations left: its bare id everywhere, and sets of users and rooms.
+    let users = 3 * scripts::REAP_LEGACY_BATCH;
+    for index in 0..users {
+        let (user, session) = (format!("u{index}"), format!("s{index}"));
+        let _: () = server
+            .query(cmd(&["HSET", &format!("sb:u:{user}"), &session, "x"]))
+            .await;
+        let _: () = server.query(cmd(&["SADD", "sb:n:x:users", &user])).await;
+        let mut hset = cmd(&["HSET", "sb:r:room:presence", &session]);
+        hset.arg(format!("x\n{user}\npacked"));
+        let _: () = server.query(hset).await;
+    }
+    // Another node's member in the same room stays.
+    let (other, _) = broker(&server, "y", Duration::from_secs(60));
+    other.heartbeat(&info("y")).await.expect("heartbeat");
+    other
+        .join_presence("room", &member("ann", "s-ann"))
+        .await
+        .expect("join");
+    let _: () = server.query(cmd(&["SADD", "sb:n:x:rooms", "room"])).await;
+    let _: () = server.query(cmd(&["SET", "sb:n:x", "alive"])).await;
+    let _: () = server.query(cmd(&["SADD", "sb:nodes", "x"])).await;
+
+    let (x, _) = incarnation(&server, "x", "2", Duration::from_secs(60));
+    x.start(Arc::new(Recorder::default())).await.expect("start");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server
+        .query::<bool>(cmd(&["SISMEMBER", "sb:nodes", "x"]))
+        .await
+    {
+        assert!(tokio::time::Instant::now() < deadline, "x never reaped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:u:*"])).await;
+    assert!(left.is_empty(), "registry entries left: {left:?}");
+    let left: Vec<String> = server.query(cmd(&["HKEYS", "sb:r:room:presence"])).await;
+    assert_eq!(left, ["s-ann"]);
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x"])).await;
+    assert!(left.is_empty(), "liveness left: {left:?}");
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x:*"])).await;
+    assert_eq!(left, ["sb:n:x:reaped"]);
 }

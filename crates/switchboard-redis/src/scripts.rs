@@ -140,7 +140,8 @@ end
     ))
 });
 
-/// KEYS: presence, channel, the node's room set. ARGV: session, stored member, event, room.
+/// KEYS: presence, channel, the node's member set. ARGV: session, stored member, event, the
+/// member's entry in the node's member set.
 pub static JOIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -152,15 +153,13 @@ return 1
     )
 });
 
-/// KEYS: presence, channel, the node's room set. ARGV: session, event, room, `1` when it was the
-/// node's last member in the room (the room then leaves the node's room set, so rooms a node
-/// once had members in do not pile up there). Publishes the event only if the member was there.
+/// KEYS: presence, channel, the node's member set. ARGV: session, event, the member's entry in
+/// the node's member set (removed, so that set never holds more than the node's members).
+/// Publishes the event only if the member was there.
 pub static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if ARGV[4] == '1' then
-  redis.call('SREM', KEYS[3], ARGV[3])
-end
+redis.call('SREM', KEYS[3], ARGV[3])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
   redis.call('PUBLISH', KEYS[2], ARGV[2])
   return 1
@@ -234,36 +233,71 @@ return sessions
     )
 });
 
-/// ARGV: key prefix, node id, `1` to force (a node leaving on purpose) or empty, reaped mark
-/// TTL ms. Removes a node's sessions from the registry and its members from presence on this
-/// shard (publishing a leave for each), then forgets the node. Unless forced, a node whose
-/// liveness key exists is left alone (it heartbeated since the caller looked), and a reaped
-/// node is marked so, in case it was only paused and comes back.
+/// How many index entries one REAP call handles: a call's cost must not grow with the size of
+/// the node, or reaping a big node blocks the shard (and every node's pub/sub pings with it).
+pub const REAP_BATCH: usize = 100;
+
+/// Entries of the sets of nodes of earlier versions (rooms, users) one REAP call handles: each
+/// costs a walk of the room's presence or the user's sessions.
+pub const REAP_LEGACY_BATCH: usize = 20;
+
+/// ARGV: key prefix, node (incarnation), mode, reaped mark TTL ms, batch, legacy batch. Removes
+/// one batch of the node's sessions from the registry and members from presence on this shard
+/// (publishing a leave for each), popping them from the node's index sets; call it again while it
+/// answers 0. When the sets are empty it forgets the node and answers 1. Modes: `forced`, a node
+/// leaving on purpose; `dead`, a node whose liveness key expired: answers -1 and does nothing if
+/// the key exists (the node heartbeated since the caller looked); `replaced`, an earlier
+/// incarnation of a node that started again under the same id, reaped whatever its key says.
+/// Unless forced, the node is marked reaped, so that if it was alive after all it announces its
+/// members again when it writes them back. Also drains the `:rooms` and `:users` sets that
+/// nodes of earlier versions kept.
 pub static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local prefix = ARGV[1]
 local node = ARGV[2]
-local forced = ARGV[3] == '1'
-if not forced and redis.call('EXISTS', prefix .. 'n:' .. node) == 1 then
-  return 0
+local mode = ARGV[3]
+local base = prefix .. 'n:' .. node
+if mode == 'dead' and redis.call('EXISTS', base) == 1 then
+  return -1
 end
-local rooms_key = prefix .. 'n:' .. node .. ':rooms'
-for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
-  local key = prefix .. 'r:' .. room .. ':presence'
-  local all = redis.call('HGETALL', key)
+if mode ~= 'forced' then
+  redis.call('SET', base .. ':reaped', '1', 'PX', ARGV[4])
+end
+local batch = tonumber(ARGV[5])
+local legacy = tonumber(ARGV[6])
+local owner = node .. '\n'
+local function leave(room, session, value)
+  local user_end = string.find(value, '\n', #owner + 1, true)
+  redis.call('HDEL', prefix .. 'r:' .. room .. ':presence', session)
+  redis.call('PUBLISH', prefix .. 'r:' .. room, '1l' .. session .. '\n' .. string.sub(value, #owner + 1, user_end - 1))
+end
+for _, entry in ipairs(redis.call('SPOP', base .. ':members', batch)) do
+  local cut = string.find(entry, '\n', 1, true)
+  local session = string.sub(entry, 1, cut - 1)
+  local room = string.sub(entry, cut + 1)
+  local value = redis.call('HGET', prefix .. 'r:' .. room .. ':presence', session)
+  if value and string.sub(value, 1, #owner) == owner then
+    leave(room, session, value)
+  end
+end
+for _, entry in ipairs(redis.call('SPOP', base .. ':sessions', batch)) do
+  local cut = string.find(entry, '\n', 1, true)
+  local session = string.sub(entry, 1, cut - 1)
+  local key = prefix .. 'u:' .. string.sub(entry, cut + 1)
+  if redis.call('HGET', key, session) == node then
+    redis.call('HDEL', key, session)
+  end
+end
+for _, room in ipairs(redis.call('SPOP', base .. ':rooms', legacy)) do
+  local all = redis.call('HGETALL', prefix .. 'r:' .. room .. ':presence')
   for i = 1, #all, 2 do
-    local value = all[i + 1]
-    local first = string.find(value, '\n', 1, true)
-    if string.sub(value, 1, first - 1) == node then
-      local second = string.find(value, '\n', first + 1, true)
-      redis.call('HDEL', key, all[i])
-      redis.call('PUBLISH', prefix .. 'r:' .. room, '1l' .. all[i] .. '\n' .. string.sub(value, first + 1, second - 1))
+    if string.sub(all[i + 1], 1, #owner) == owner then
+      leave(room, all[i], all[i + 1])
     end
   end
 end
-local users_key = prefix .. 'n:' .. node .. ':users'
-for _, user in ipairs(redis.call('SMEMBERS', users_key)) do
+for _, user in ipairs(redis.call('SPOP', base .. ':users', legacy)) do
   local key = prefix .. 'u:' .. user
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
@@ -272,20 +306,23 @@ for _, user in ipairs(redis.call('SMEMBERS', users_key)) do
     end
   end
 end
-redis.call('DEL', rooms_key, users_key, prefix .. 'n:' .. node)
+for _, set in ipairs({':members', ':sessions', ':rooms', ':users'}) do
+  if redis.call('EXISTS', base .. set) == 1 then
+    return 0
+  end
+end
+redis.call('DEL', base)
 redis.call('SREM', prefix .. 'nodes', node)
-if forced then
-  redis.call('DEL', prefix .. 'n:' .. node .. ':reaped')
-else
-  redis.call('SET', prefix .. 'n:' .. node .. ':reaped', '1', 'PX', ARGV[4])
+if mode == 'forced' then
+  redis.call('DEL', base .. ':reaped')
 end
 return 1
 ",
     )
 });
 
-/// KEYS: presence, channel, the node's room set, the node's reaped mark. ARGV: session, stored
-/// member, join event, room. Writes one of this node's members back (after Redis lost it, or
+/// KEYS: presence, channel, the node's member set, the node's reaped mark. ARGV: session, stored
+/// member, join event, the member's entry in the node's member set. Writes one of this node's members back (after Redis lost it, or
 /// after the node was reaped while alive). Publishes the join only when the member was missing
 /// and the node had been reaped, i.e. when its leave had been published.
 pub static RESTORE_MEMBER: LazyLock<Script> = LazyLock::new(|| {

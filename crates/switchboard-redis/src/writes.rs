@@ -20,12 +20,20 @@ pub(crate) const MAX_BATCH: usize = 1000;
 
 /// One registry or presence write of this node.
 pub(crate) enum Write {
-    /// The session into the user's registry hash, the user into the node's user set.
+    /// The session into the user's registry hash and the node's session set.
     Register { user: String, session: String },
-    /// The session out of the user's registry hash.
+    /// The session out of the user's registry hash and the node's session set.
     Unregister { user: String, session: String },
     /// The JOIN script: the member into the room's presence, with its event.
     Join {
+        room: String,
+        session: String,
+        value: Vec<u8>,
+        event: Vec<u8>,
+    },
+    /// The RESTORE_MEMBER script: one of this node's members written back, with its join event
+    /// if the node had been reaped.
+    Restore {
         room: String,
         session: String,
         value: Vec<u8>,
@@ -36,8 +44,6 @@ pub(crate) enum Write {
         room: String,
         session: String,
         event: Vec<u8>,
-        /// It was this node's last member in the room.
-        last: bool,
     },
 }
 
@@ -108,6 +114,12 @@ impl Inner {
             {
                 pipe.load_script(&scripts::LEAVE).ignore();
             }
+            if due
+                .iter()
+                .any(|queued| matches!(queued.write, Write::Restore { .. }))
+            {
+                pipe.load_script(&scripts::RESTORE_MEMBER).ignore();
+            }
             let replies_per_write: Vec<usize> = due
                 .iter()
                 .map(|queued| self.add_write(&mut pipe, &queued.write))
@@ -153,8 +165,8 @@ impl Inner {
         match write {
             Write::Register { user, session } => {
                 pipe.cmd("SADD")
-                    .arg(keys::node_users(self.node()))
-                    .arg(user);
+                    .arg(keys::node_sessions(self.node()))
+                    .arg(keys::node_entry(session, user));
                 pipe.cmd("HSET")
                     .arg(keys::user_sessions(user))
                     .arg(session)
@@ -163,7 +175,10 @@ impl Inner {
             }
             Write::Unregister { user, session } => {
                 pipe.cmd("HDEL").arg(keys::user_sessions(user)).arg(session);
-                1
+                pipe.cmd("SREM")
+                    .arg(keys::node_sessions(self.node()))
+                    .arg(keys::node_entry(session, user));
+                2
             }
             Write::Join {
                 room,
@@ -175,11 +190,30 @@ impl Inner {
                 invocation
                     .key(keys::room_presence(room))
                     .key(keys::room_channel(room))
-                    .key(keys::node_rooms(self.node()))
+                    .key(keys::node_members(self.node()))
                     .arg(session)
                     .arg(value)
                     .arg(event)
-                    .arg(room);
+                    .arg(keys::node_entry(session, room));
+                pipe.invoke_script(&invocation);
+                1
+            }
+            Write::Restore {
+                room,
+                session,
+                value,
+                event,
+            } => {
+                let mut invocation = scripts::RESTORE_MEMBER.prepare_invoke();
+                invocation
+                    .key(keys::room_presence(room))
+                    .key(keys::room_channel(room))
+                    .key(keys::node_members(self.node()))
+                    .key(keys::node_reaped(self.node()))
+                    .arg(session)
+                    .arg(value)
+                    .arg(event)
+                    .arg(keys::node_entry(session, room));
                 pipe.invoke_script(&invocation);
                 1
             }
@@ -187,17 +221,15 @@ impl Inner {
                 room,
                 session,
                 event,
-                last,
             } => {
                 let mut invocation = scripts::LEAVE.prepare_invoke();
                 invocation
                     .key(keys::room_presence(room))
                     .key(keys::room_channel(room))
-                    .key(keys::node_rooms(self.node()))
+                    .key(keys::node_members(self.node()))
                     .arg(session)
                     .arg(event)
-                    .arg(room)
-                    .arg(if *last { "1" } else { "" });
+                    .arg(keys::node_entry(session, room));
                 pipe.invoke_script(&invocation);
                 1
             }

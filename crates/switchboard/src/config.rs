@@ -290,6 +290,9 @@ pub struct Config {
     /// TLS on the public port, when --tls-cert and --tls-key are set.
     pub tls: Option<crate::tls::Tls>,
     pub node_id: String,
+    /// This process's instance id (16 hex digits, random at every start, not an option): a
+    /// node restarted under the same id is a new incarnation (docs/architecture.md).
+    pub instance: String,
     pub redis: Option<Vec<String>>,
     /// PEM CA certificates for rediss:// shards, replacing the built-in roots.
     pub redis_ca: Option<Vec<u8>>,
@@ -710,6 +713,7 @@ impl Options {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
             tls,
             node_id,
+            instance: format!("{:016x}", rand::random::<u64>()),
             redis,
             redis_ca,
             node_ttl: Duration::from_millis(node_ttl_ms),

@@ -70,6 +70,7 @@ impl Server {
                         shards: shards.clone(),
                         ca_pem: config.redis_ca.clone(),
                         node_id: config.node_id.clone(),
+                        instance: config.instance.clone(),
                         history_size: config.history_size,
                         history_ttl: config.history_ttl,
                         stream_ttl: config.stream_ttl,

@@ -229,6 +229,7 @@ impl Node {
     pub fn info(&self) -> NodeInfo {
         NodeInfo {
             id: self.config.node_id.clone(),
+            instance: self.config.instance.clone(),
             address: self.public_addr.to_string(),
             connections: self.hub.session_count() as u64,
             started_at: self.started_at,

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, bearer_token};
+use crate::config::Config;
 use crate::demo;
 use crate::frontdoor::{FrontDoor, IpSlot, Refusal};
 use crate::node::Node;
@@ -209,7 +210,8 @@ fn refuse(node: &Node, result: &'static str, status: StatusCode, text: &str) -> 
     plain(status, text)
 }
 
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+#[doc(hidden)]
+pub fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
@@ -220,7 +222,9 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// The codec for the offered subprotocols: none offered → JSON; else the first we support, in
 /// the client's order; `Err` when only unknown ones are offered.
-fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
+#[doc(hidden)]
+#[allow(clippy::result_unit_err)]
+pub fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
     let offered: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -243,7 +247,8 @@ fn choose_codec(headers: &HeaderMap) -> Result<Option<Codec>, ()> {
 /// address in X-Forwarded-For (read from the right, as each proxy appends its peer) that is not a
 /// trusted proxy itself. A malformed entry ends the search at the peer: nothing left of it can be
 /// believed.
-fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+#[doc(hidden)]
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
     if !is_trusted(&peer, trusted) {
         return peer;
     }
@@ -271,13 +276,15 @@ fn is_trusted(ip: &IpAddr, trusted: &[ipnet::IpNet]) -> bool {
     trusted.iter().any(|network| network.contains(ip))
 }
 
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+#[doc(hidden)]
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query?.as_bytes())
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+#[doc(hidden)]
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     bearer_token(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
@@ -462,7 +469,7 @@ fn handle_request(
         let ws = WebSocketStream::from_raw_socket(
             TokioIo::new(upgraded),
             Role::Server,
-            Some(websocket_config(&node)),
+            Some(websocket_config(&node.config)),
         )
         .await;
         session::run(node, ws, admission).await;
@@ -475,8 +482,7 @@ fn handle_request(
 /// pass through the kernel's TCP stack) per frame, which is where a busy node spends most of its
 /// CPU; the size limits make tungstenite refuse oversize frames before reading them. What is
 /// handed to the socket is bounded by the session's batches, not by tungstenite.
-fn websocket_config(node: &Node) -> WebSocketConfig {
-    let config = &node.config;
+pub fn websocket_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(config.read_buffer_size)
         .write_buffer_size(config.write_buffer_size)

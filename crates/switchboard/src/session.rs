@@ -65,6 +65,38 @@ fn close_with(code: u16, reason: &str) -> Exit {
     })
 }
 
+/// The close a failed WebSocket read calls for, or `None` when the peer is simply gone. Public
+/// for the Autobahn|Testsuite echo fixture (examples/autobahn_echo.rs), which must close exactly
+/// as a session does.
+pub fn read_error_close(error: &WsError) -> Option<CloseRequest> {
+    let request = |code: u16, reason: &str| {
+        Some(CloseRequest {
+            code,
+            reason: reason.to_owned(),
+        })
+    };
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            tracing::info!(size, max_size, "closing: message over the size limit");
+            request(close::TOO_BIG, "message too large")
+        }
+        WsError::Capacity(error) => {
+            tracing::info!(%error, "closing: frame over the size limit");
+            request(close::TOO_BIG, "frame too large")
+        }
+        WsError::Utf8(_) => request(close::INVALID_PAYLOAD, "text frame is not valid UTF-8"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(error) => {
+            tracing::info!(%error, "closing: WebSocket protocol error");
+            request(close::PROTOCOL_ERROR, "WebSocket protocol error")
+        }
+        error => {
+            tracing::debug!(%error, "read failed");
+            None
+        }
+    }
+}
+
 /// A session's view of one room it subscribed to.
 struct Subscription {
     /// The newest offset written (or covered by the subscribe reply): anything at or below it
@@ -408,33 +440,8 @@ where
         let message = match incoming {
             None => return Err(Exit::Gone),
             Some(Ok(message)) => message,
-            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                tracing::info!(size, max_size, "closing: message over the size limit");
-                return Err(close_with(close::TOO_BIG, "message too large"));
-            }
-            Some(Err(WsError::Capacity(error))) => {
-                tracing::info!(%error, "closing: frame over the size limit");
-                return Err(close_with(close::TOO_BIG, "frame too large"));
-            }
-            Some(Err(WsError::Utf8(_))) => {
-                return Err(close_with(
-                    close::INVALID_PAYLOAD,
-                    "text frame is not valid UTF-8",
-                ));
-            }
-            Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                return Err(Exit::Gone);
-            }
-            Some(Err(WsError::Protocol(error))) => {
-                tracing::info!(%error, "closing: WebSocket protocol error");
-                return Err(close_with(
-                    close::PROTOCOL_ERROR,
-                    "WebSocket protocol error",
-                ));
-            }
             Some(Err(error)) => {
-                tracing::debug!(%error, "read failed");
-                return Err(Exit::Gone);
+                return Err(read_error_close(&error).map_or(Exit::Gone, Exit::Close));
             }
         };
         self.last_inbound = Instant::now();

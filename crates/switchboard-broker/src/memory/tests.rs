@@ -113,6 +113,7 @@ fn sender(user: &str, session: &str) -> Sender {
 fn node_info(id: &str, connections: u64, last_seen: u64) -> NodeInfo {
     NodeInfo {
         id: id.to_owned(),
+        instance: "1".into(),
         address: format!("{id}.local:8080"),
         connections,
         started_at: 1_000,
