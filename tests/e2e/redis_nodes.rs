@@ -330,11 +330,19 @@ async fn a_node_of_many_sessions_keeps_small_indexes_and_is_reaped_in_short_call
     reaped_in_short_calls(&redis, &name, &observer).await?;
     let mut expected = baseline.clone();
     expected.insert(format!("sb:n:{name}:reaped"));
-    poll("keys back to baseline after the reap", LONG, async || {
+    let reaped = poll("keys back to baseline after the reap", LONG, async || {
         Ok(keys(&redis).await? == expected)
     })
-    .await
-    .with_context(|| format!("expected {expected:?}"))?;
+    .await;
+    if let Err(error) = reaped {
+        let left = keys(&redis).await?;
+        let extra: Vec<&String> = left.difference(&expected).take(20).collect();
+        let missing: Vec<&String> = expected.difference(&left).collect();
+        return Err(error.context(format!(
+            "{} keys left over (first: {extra:?}), missing {missing:?}",
+            left.difference(&expected).count()
+        )));
+    }
 
     // Stopped gracefully while holding sessions: it removes its own entries, in short calls.
     let mut leaving = node(&redis, "node-c", ttl).await?;
