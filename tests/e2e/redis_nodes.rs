@@ -43,7 +43,8 @@ where
 }
 
 /// A node on `redis` named `id`, with the per-address admission limits off (every test client
-/// comes from 127.0.0.1) and a short drain.
+/// comes from 127.0.0.1), a short drain, and no demo: its `$sys.stats` publisher would make room
+/// keys of its own in the middle of the key counts.
 async fn node(redis: &RedisProcess, id: &str, node_ttl: Duration) -> Result<NodeProcess> {
     let ttl = node_ttl.as_millis().to_string();
     let node = NodeProcess::start(&[
@@ -61,6 +62,8 @@ async fn node(redis: &RedisProcess, id: &str, node_ttl: Duration) -> Result<Node
         "0",
         "--drain-grace-ms",
         "500",
+        "--demo",
+        "false",
     ])
     .await?;
     node.wait_ready().await?;
