@@ -59,6 +59,14 @@ if [ ! -x /usr/bin/chromium ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
+# The wss:// browser test makes Chromium trust its throwaway CA through an NSS database in a
+# temporary HOME, made with certutil (Debian's libnss3-tools).
+if ! command -v certutil >/dev/null 2>&1; then
+  echo "tests/run.sh: installing libnss3-tools (certutil)" >&2
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libnss3-tools >/dev/null
+fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
@@ -68,7 +76,8 @@ cargo build --workspace --all-targets
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?
 # The demo page in headless Chromium against two nodes and Redis (screenshot in
-# target/browser-artifacts/demo.png); the JS SDK in Chromium over wss:// to a node serving TLS.
+# target/browser-artifacts/demo.png); the JS SDK in Chromium over wss:// to a node serving TLS,
+# its CA trusted through an NSS database (certutil).
 (cd tests/browser && npm test) || status=$?
 # The JavaScript client (clients/js, no dependencies) against the binary built above and
 # redis-server.

@@ -1,19 +1,23 @@
 // The JavaScript SDK in real headless Chromium over wss:// straight to a node serving TLS
-// (--tls-cert/--tls-key; target/debug/switchboard on a loopback port chosen at run time). A
-// throwaway CA and two server certificates are made with the openssl CLI; Chromium is told to
-// accept exactly the first server key (--ignore-certificate-errors-spki-list with the SHA-256 of
-// its SubjectPublicKeyInfo), so a node with the second certificate, signed by the same CA, is
-// refused: the browser verifies the certificate and only the pinned test key gets through. The
-// page is the node's https:// demo page; the SDK is the node's /switchboard.js (clients/js).
-// Every process this starts is killed by pid at the end, pass or fail.
+// (--tls-cert/--tls-key; target/debug/switchboard on a loopback port chosen at run time), with
+// Chromium trusting the throwaway test CA the way a user or an administrator would: the CA is
+// added to a fresh NSS database ($HOME/.pki/nssdb, made with certutil from libnss3-tools) in a
+// temporary HOME that Chromium is started with, and Chromium gets no certificate-error flags. Two
+// CAs are made with the openssl CLI: the trusted one signs the first node's certificate, and
+// another one, which is not in the NSS database, signs the second node's. The SDK round-trips
+// through the first node, and Chromium refuses the second with ERR_CERT_AUTHORITY_INVALID, both
+// as a page and as a WebSocket: the browser verifies the chain, and the trust comes from the
+// NSS database. The page is the node's https:// demo page; the SDK is the node's /switchboard.js
+// (clients/js). Every process this starts is killed by pid at the end, pass or fail, and every
+// temporary directory (certificates, HOME with its NSS database, profile) is removed.
 //
-// Run: tests/run.sh (after the cargo build), or `npm test` here once target/debug/switchboard
-// exists. SWITCHBOARD_BIN and CHROMIUM override the binary and browser paths.
+// Run: tests/run.sh (after the cargo build; it installs libnss3-tools when certutil is missing),
+// or `npm test` here once target/debug/switchboard exists. SWITCHBOARD_BIN and CHROMIUM override
+// the binary and browser paths.
 
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
-import { createHash, X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -48,41 +52,56 @@ function temporaryDirectory(prefix) {
   return directory;
 }
 
-/** A CA and two server certificates it signed for 127.0.0.1, made with the openssl CLI. */
+/**
+ * Two CAs, "trusted" and "untrusted", each signing one server certificate for 127.0.0.1 (named
+ * after its CA), made with the openssl CLI. Both server certificates are otherwise alike, so the
+ * only reason Chromium can have to refuse one is the CA that signed it.
+ */
 function makeCertificates() {
   const dir = temporaryDirectory("switchboard-wss-certs-");
   const openssl = (...args) => execFileSync("openssl", args, { cwd: dir, stdio: ["ignore", "ignore", "pipe"] });
   const key = (file) => openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", file);
-  key("ca.key");
-  openssl(
-    "req", "-x509", "-new", "-key", "ca.key", "-out", "ca.pem", "-days", "1",
-    "-subj", "/CN=switchboard browser test CA",
-    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-  );
   writeFileSync(
     join(dir, "server.ext"),
     "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
   );
-  for (const name of ["pinned", "other"]) {
+  for (const name of ["trusted", "untrusted"]) {
+    key(`${name}-ca.key`);
+    openssl(
+      "req", "-x509", "-new", "-key", `${name}-ca.key`, "-out", `${name}-ca.pem`, "-days", "1",
+      "-subj", `/CN=switchboard browser test CA (${name})`,
+      "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+    );
     key(`${name}.key`);
     openssl("req", "-new", "-key", `${name}.key`, "-out", `${name}.csr`, "-subj", "/CN=127.0.0.1");
     openssl(
-      "x509", "-req", "-in", `${name}.csr`, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-      "-days", "1", "-extfile", "server.ext", "-out", `${name}.pem`,
+      "x509", "-req", "-in", `${name}.csr`, "-CA", `${name}-ca.pem`, "-CAkey", `${name}-ca.key`,
+      "-CAcreateserial", "-days", "1", "-extfile", "server.ext", "-out", `${name}.pem`,
     );
   }
   return {
+    ca: (name) => join(dir, `${name}-ca.pem`),
     cert: (name) => join(dir, `${name}.pem`),
     key: (name) => join(dir, `${name}.key`),
-    /** base64 SHA-256 of the certificate's SubjectPublicKeyInfo, as Chromium's flag wants it. */
-    spki: (name) => {
-      const der = new X509Certificate(readFileSync(join(dir, `${name}.pem`))).publicKey.export({
-        type: "spki",
-        format: "der",
-      });
-      return createHash("sha256").update(der).digest("base64");
-    },
   };
+}
+
+/**
+ * A temporary HOME whose NSS database ($HOME/.pki/nssdb, where Chromium on Linux looks for
+ * user-added trust) trusts `caFile` to identify TLS servers ("C,,"), and nothing else.
+ */
+function homeTrusting(caFile) {
+  const home = temporaryDirectory("switchboard-chromium-home-");
+  const nssdb = join(home, ".pki", "nssdb");
+  mkdirSync(nssdb, { recursive: true });
+  const certutil = (...args) => execFileSync("certutil", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  certutil("-N", "-d", `sql:${nssdb}`, "--empty-password");
+  certutil("-A", "-d", `sql:${nssdb}`, "-n", "switchboard-test-ca", "-t", "C,,", "-i", caFile);
+  // Read it back, so that a database Chromium would not see fails here rather than as a
+  // certificate error in the browser.
+  const listed = certutil("-L", "-d", `sql:${nssdb}`);
+  assert.match(listed, /switchboard-test-ca\s+C,,/, `the NSS database trusts the test CA:\n${listed}`);
+  return home;
 }
 
 /** Starts a node serving TLS with the certificate `name`; resolves with its URLs once ready. */
@@ -125,15 +144,20 @@ async function startTlsNode(id, certs, name) {
   return { id, https: `https://${fields.public}/`, wss: `wss://${fields.public}/ws` };
 }
 
-test("the JS SDK in Chromium round-trips over wss:// with a certificate the browser verifies", { timeout: 120000 }, async () => {
+test("the JS SDK in Chromium round-trips over wss:// to a node whose CA the browser trusts through NSS", { timeout: 120000 }, async () => {
   const certs = makeCertificates();
-  const pinned = await startTlsNode("node-wss", certs, "pinned");
-  const other = await startTlsNode("node-other-key", certs, "other");
+  const trusted = await startTlsNode("node-wss", certs, "trusted");
+  const untrusted = await startTlsNode("node-untrusted-ca", certs, "untrusted");
 
+  const home = homeTrusting(certs.ca("trusted"));
   const profile = temporaryDirectory("switchboard-chromium-wss-");
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: BROWSER,
     headless: true,
+    // Chromium on Linux reads user-added trust from $HOME/.pki/nssdb; the rest of the
+    // environment is kept (PATH, locale) so that only the trust store differs from a plain run.
+    env: { ...process.env, HOME: home },
+    // No --ignore-certificate-errors* flag and no ignoreHTTPSErrors: the certificate must verify.
     args: [
       "--headless",
       "--no-sandbox",
@@ -143,24 +167,24 @@ test("the JS SDK in Chromium round-trips over wss:// with a certificate the brow
       "--disable-background-networking",
       "--disable-component-update",
       "--disable-sync",
-      `--ignore-certificate-errors-spki-list=${certs.spki("pinned")}`,
     ],
   });
   try {
-    // Same CA, another key: not pinned, so Chromium refuses it. In a page of its own, whose
-    // error page cannot interrupt the navigation below.
+    // The negative control: a certificate for the same address from a CA that is not in the NSS
+    // database is refused, for its issuer. In a page of its own, whose error page cannot
+    // interrupt the navigation below.
     const refusedPage = await context.newPage();
-    await assert.rejects(refusedPage.goto(other.https), /ERR_CERT/);
+    await assert.rejects(refusedPage.goto(untrusted.https), /ERR_CERT_AUTHORITY_INVALID/);
     await refusedPage.close();
 
     const page = await context.newPage();
     const errors = [];
     page.on("pageerror", (error) => errors.push(error));
 
-    const response = await page.goto(pinned.https);
+    const response = await page.goto(trusted.https);
     assert.equal(response.status(), 200, "the demo page over https");
     const result = await page.evaluate(
-      async ({ url, otherUrl, deadline }) => {
+      async ({ url, untrustedUrl, deadline }) => {
         const { connect } = await import("/switchboard.js");
         const within = (promise, what) =>
           Promise.race([
@@ -177,10 +201,10 @@ test("the JS SDK in Chromium round-trips over wss:// with a certificate the brow
         await within(alice.subscribe("secure.room", (message) => deliver(message)), "subscribe");
         const { offset } = await within(bob.publish("secure.room", { text: "over wss" }), "publish");
         const message = await within(received, "delivery");
-        // The other node's certificate fails in the page too: the socket never opens.
+        // The untrusted CA's node fails from the page too: the socket never opens.
         const refused = await within(
           new Promise((done) => {
-            const socket = new WebSocket(otherUrl);
+            const socket = new WebSocket(untrustedUrl);
             socket.onopen = () => done({ opened: true });
             socket.onclose = (event) => done({ opened: false, code: event.code });
           }),
@@ -195,7 +219,7 @@ test("the JS SDK in Chromium round-trips over wss:// with a certificate the brow
           refused,
         };
       },
-      { url: pinned.wss, otherUrl: other.wss, deadline: DEADLINE_MS },
+      { url: trusted.wss, untrustedUrl: untrusted.wss, deadline: DEADLINE_MS },
     );
     assert.deepEqual(result.users, ["alice", "bob"]);
     assert.deepEqual(result.message, {
