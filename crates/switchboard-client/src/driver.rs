@@ -348,10 +348,10 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     Some(Command::Send(outbound)) => {
                         self.note_unsubscribe(&outbound);
-                        if let Some(message) = self.prepare(outbound) {
-                            if let Err(error) = sink.send(message).await {
-                                return dropped(error);
-                            }
+                        if let Some(message) = self.prepare(outbound)
+                            && let Err(error) = sink.send(message).await
+                        {
+                            return dropped(error);
                         }
                     }
                     Some(Command::Cancel(id)) => {

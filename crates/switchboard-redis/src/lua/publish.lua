@@ -1,0 +1,23 @@
+-- KEYS: meta, log, channel. ARGV: payload, history size, history TTL ms, stream TTL ms, 8 random
+-- hex digits. Assigns the next offset, appends to history (stamped with Redis's clock, in ms),
+-- publishes `1m<offset>:<epoch>:<payload>`. Returns `{offset, epoch}`. An epoch is the generation
+-- that made it followed by the random digits: a stream made by another generation of the server
+-- (before a restart or a failover, which may have lost its last offsets) is started over with a
+-- new epoch, so an offset is never given to two messages of one epoch.
+-- Runs after generation.lua, which sets `gen`.
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch or string.sub(epoch, 1, 8) ~= gen then
+  epoch = gen .. ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if tonumber(ARGV[2]) > 0 then
+  local time = redis.call('TIME')
+  local now = time[1] .. string.format('%03d', math.floor(tonumber(time[2]) / 1000))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'p', ARGV[1], 't', now)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('PUBLISH', KEYS[3], '1m' .. offset .. ':' .. epoch .. ':' .. ARGV[1])
+return {offset, epoch}
