@@ -4,8 +4,11 @@
 //! A node talks to exactly one broker. [`MemoryBroker`] is the embedded default: one process, no
 //! Redis. Several `MemoryBroker`s attached to one [`MemoryBus`] behave like nodes of one cluster,
 //! which lets the node's cross-node logic be tested in-process. [`FaultyBroker`] wraps any broker and
-//! fails on command, for tests of failure paths.
+//! fails on command, for tests of failure paths. With the `conformance` feature,
+//! [`conformance`] holds the tests every broker must pass.
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod faulty;
 mod memory;
 

@@ -1333,3 +1333,33 @@ async fn reading_rooms_without_state_creates_none() {
     broker.publish("a", json!(1), None).await.unwrap();
     assert_eq!(state.streams.len(), 1);
 }
+
+// ----- the conformance suite --------------------------------------------------------------------
+
+mod conformance {
+    use super::*;
+    use crate::conformance::Cluster;
+
+    struct Bus(MemoryBus);
+
+    #[async_trait]
+    impl Cluster for Bus {
+        async fn broker(&self, node: &str) -> Arc<dyn Broker> {
+            Arc::new(self.0.broker(node))
+        }
+
+        async fn trim_history(&self, room: &str, keep: usize) {
+            let stream = self
+                .0
+                .state
+                .existing_stream(room)
+                .expect("a room with state");
+            let mut stream = stream.lock();
+            while stream.history.len() > keep {
+                stream.history.pop_front();
+            }
+        }
+    }
+
+    crate::conformance_tests!(async { Bus(MemoryBus::new(MemoryConfig::default())) });
+}
