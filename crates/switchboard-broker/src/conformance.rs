@@ -108,8 +108,20 @@ impl BrokerHandler for Recorder {
     }
 }
 
-/// A broker of `node`, started with a fresh recorder and healthy.
+/// A broker of `node`, started with a fresh recorder, healthy, and alive: it sent a heartbeat, as
+/// a node does before it serves sessions (a broker may ignore the sessions and presence of nodes
+/// it does not know to be alive).
 pub async fn started(cluster: &dyn Cluster, node: &str) -> (Arc<dyn Broker>, Arc<Recorder>) {
+    let (broker, recorder) = started_silent(cluster, node).await;
+    broker
+        .heartbeat(&node_info(node, 0, 0))
+        .await
+        .expect("heartbeat");
+    (broker, recorder)
+}
+
+/// A broker of `node`, started with a fresh recorder and healthy, that sent no heartbeat.
+pub async fn started_silent(cluster: &dyn Cluster, node: &str) -> (Arc<dyn Broker>, Arc<Recorder>) {
     let broker = cluster.broker(node).await;
     let recorder = Arc::new(Recorder::default());
     broker.start(recorder.clone()).await.expect("start");
@@ -520,7 +532,9 @@ pub async fn since_recovers_only_a_gap_still_held_in_the_same_epoch(cluster: &dy
 }
 
 /// Room messages reach a node only while it subscribes to the room, once however often it
-/// subscribed, in offset order, wherever they were published.
+/// subscribed, in offset order, wherever they were published. An unsubscribe may take effect
+/// after it returns (a broker may send it on without waiting), but no later than a
+/// `subscribe_room` of the same broker that returns after it.
 pub async fn room_messages_reach_only_subscribed_nodes(cluster: &dyn Cluster) {
     let (n1, rec1) = started(cluster, "n1").await;
     let (n2, rec2) = started(cluster, "n2").await;
@@ -553,16 +567,17 @@ pub async fn room_messages_reach_only_subscribed_nodes(cluster: &dyn Cluster) {
     assert_eq!(room_offsets(&rec2.take_exactly(20, "n2").await), expected);
 
     n1.unsubscribe_room("r").await.unwrap();
-    n1.publish("r", json!(22), None).await.unwrap();
-    assert_eq!(room_offsets(&rec2.take_exactly(1, "n2 still").await), [22]);
     // Unsubscribing a room not subscribed is harmless.
     n1.unsubscribe_room("never").await.unwrap();
     n1.subscribe_room("b1").await.unwrap();
+    n1.publish("r", json!(22), None).await.unwrap();
+    assert_eq!(room_offsets(&rec2.take_exactly(1, "n2 still").await), [22]);
     barrier(&*n2, &rec1, "b1").await;
     assert!(rec1.take().is_empty());
 
     n2.unsubscribe_room("r").await.unwrap();
     n2.unsubscribe_room("r").await.unwrap();
+    n2.subscribe_room("b2-again").await.unwrap();
     n1.publish("r", json!(23), None).await.unwrap();
     barrier(&*n1, &rec2, "b2").await;
     assert!(rec2.take().is_empty());
@@ -683,6 +698,7 @@ pub async fn presence_lists_members_and_tells_subscribers(cluster: &dyn Cluster)
 
     // After unsubscribing, n1 hears nothing more; n2 hears once subscribed.
     n1.unsubscribe_room("r").await.unwrap();
+    n1.subscribe_room("b1").await.unwrap();
     n2.subscribe_room("r").await.unwrap();
     n1.leave_presence("r", &bob).await.unwrap();
     assert_eq!(
@@ -690,7 +706,6 @@ pub async fn presence_lists_members_and_tells_subscribers(cluster: &dyn Cluster)
         vec![presence_event(PresenceChange::Leave, "r", "bob", "s1")]
     );
     assert!(n1.presence("r").await.unwrap().is_empty());
-    n1.subscribe_room("b1").await.unwrap();
     barrier(&*n2, &rec1, "b1").await;
     assert!(rec1.take().is_empty());
 }
@@ -735,11 +750,11 @@ pub async fn disconnect_reaches_the_nodes_of_the_users_sessions(cluster: &dyn Cl
     assert_eq!(n1.disconnect("nobody", 1000, "x").await.unwrap(), 0);
 }
 
-/// Heartbeats list a node with its latest figures; `deregister_node` removes it, its sessions
-/// and its presence; an unknown node's removal changes nothing.
+/// Heartbeats list a node with its latest figures; `deregister_node` removes the node, its
+/// sessions and its presence.
 pub async fn heartbeat_lists_nodes_and_deregister_removes_them(cluster: &dyn Cluster) {
-    let (n1, _) = started(cluster, "n1").await;
-    let (n2, _) = started(cluster, "n2").await;
+    let (n1, _) = started_silent(cluster, "n1").await;
+    let (n2, _) = started_silent(cluster, "n2").await;
     assert!(n1.is_healthy());
     // A node that never sent a heartbeat is not listed.
     assert!(n1.nodes().await.unwrap().is_empty());
@@ -768,10 +783,6 @@ pub async fn heartbeat_lists_nodes_and_deregister_removes_them(cluster: &dyn Clu
     };
     assert_eq!(n2.send(to_bob).await.unwrap(), 0);
     assert_eq!(n2.presence("r").await.unwrap(), vec![member("alice", "s2")]);
-
-    n2.deregister_node("ghost").await.unwrap();
-    assert_eq!(n2.nodes().await.unwrap(), vec![node_info("n2", 0, 11)]);
-    assert_eq!(n2.presence("r").await.unwrap().len(), 1);
 }
 
 /// Defines one `#[tokio::test]` per conformance function, each on a cluster `$cluster` makes

@@ -1383,3 +1383,31 @@ async fn a_node_started_under_the_id_of_a_node_of_an_earlier_version_reaps_its_o
     let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x:*"])).await;
     assert_eq!(left, ["sb:n:x:reaped"]);
 }
+
+// ----- the conformance suite --------------------------------------------------------------------
+
+mod conformance {
+    use switchboard_broker::conformance::Cluster;
+
+    use super::*;
+
+    /// Brokers on one fresh `redis-server`.
+    struct OneShard(Server);
+
+    #[async_trait]
+    impl Cluster for OneShard {
+        async fn broker(&self, node: &str) -> Arc<dyn Broker> {
+            Arc::new(broker(&self.0, node, Duration::from_secs(30)).0)
+        }
+
+        async fn trim_history(&self, room: &str, keep: usize) {
+            let keep = keep.to_string();
+            let log = keys::room_log(room);
+            self.0
+                .query::<()>(cmd(&["XTRIM", &log, "MAXLEN", &keep]))
+                .await;
+        }
+    }
+
+    switchboard_broker::conformance_tests!(async { OneShard(Server::start().await) });
+}
