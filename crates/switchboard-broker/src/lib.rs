@@ -4,8 +4,11 @@
 //! A node talks to exactly one broker. [`MemoryBroker`] is the embedded default: one process, no
 //! Redis. Several `MemoryBroker`s attached to one [`MemoryBus`] behave like nodes of one cluster,
 //! which lets the node's cross-node logic be tested in-process. [`FaultyBroker`] wraps any broker and
-//! fails on command, for tests of failure paths.
+//! fails on command, for tests of failure paths. With the `conformance` feature,
+//! [`conformance`] holds the tests every broker must pass.
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod faulty;
 mod memory;
 
@@ -103,6 +106,19 @@ pub fn resumable(since: &StreamPosition, position: &StreamPosition) -> bool {
     } else {
         since.epoch == position.epoch && since.offset <= position.offset
     }
+}
+
+/// Whether a client at `since` recovers a room now at `position`: the positions allow it
+/// ([`resumable`]) and nothing between them is missing, i.e. the client is up to date or
+/// `next_held`, the offset of the first message still held after `since` (`None`: none is known to
+/// be held), is the very next one. Both brokers decide `History::recovered` with this alone.
+pub fn recovered(
+    since: &StreamPosition,
+    position: &StreamPosition,
+    next_held: Option<u64>,
+) -> bool {
+    resumable(since, position)
+        && (since.offset == position.offset || next_held == since.offset.checked_add(1))
 }
 
 /// A message for every session of one user.
@@ -207,4 +223,34 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can serve requests now (drives `/readyz`).
     fn is_healthy(&self) -> bool;
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    fn at(offset: u64, epoch: &str) -> StreamPosition {
+        StreamPosition {
+            offset,
+            epoch: epoch.to_owned(),
+        }
+    }
+
+    #[test]
+    fn recovery_needs_resumable_positions_and_the_next_message_held() {
+        let room = at(5, "0000000aroom");
+        // Up to date, or the next message still held.
+        assert!(recovered(&at(5, "0000000aroom"), &room, None));
+        assert!(recovered(&at(2, "0000000aroom"), &room, Some(3)));
+        assert!(recovered(&at(0, "0000000aother"), &room, Some(1)));
+        // A gap no longer held, or nothing known to be held.
+        assert!(!recovered(&at(2, "0000000aroom"), &room, Some(4)));
+        assert!(!recovered(&at(2, "0000000aroom"), &room, None));
+        assert!(!recovered(&at(0, "0000000aother"), &room, Some(2)));
+        // Positions that do not allow it, whatever is held.
+        assert!(!recovered(&at(2, "0000000bother"), &room, Some(3)));
+        assert!(!recovered(&at(0, "0000000bother"), &room, Some(1)));
+        assert!(!recovered(&at(6, "0000000aroom"), &room, Some(7)));
+        assert!(!recovered(&at(u64::MAX, "0000000aroom"), &room, None));
+    }
 }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::{
     Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, PresenceChange,
-    PresenceEvent, SessionRecord, resumable,
+    PresenceEvent, SessionRecord, recovered, resumable,
 };
 
 /// Limits of the embedded broker's room history.
@@ -150,11 +150,6 @@ impl MemoryBus {
 impl BusState {
     fn new_epoch(&self) -> String {
         format!("{}{:08x}", self.generation.lock(), rand::random::<u32>())
-    }
-
-    /// Whether `epoch` was made by this bus since its last wipe.
-    fn made(&self, epoch: &str) -> bool {
-        crate::same_generation(epoch, &self.new_epoch())
     }
 
     /// A room's stream, if it has one: only publishing creates it.
@@ -330,15 +325,16 @@ impl Broker for MemoryBroker {
         let Some(stream) = state.existing_stream(room) else {
             // Nothing was ever published (or it was forgotten): nothing to read, and reading
             // creates nothing.
+            let position = StreamPosition {
+                offset: 0,
+                epoch: state.new_epoch(),
+            };
             return Ok(History {
                 messages: Vec::new(),
-                position: StreamPosition {
-                    offset: 0,
-                    epoch: state.new_epoch(),
-                },
                 recovered: query
                     .since
-                    .is_some_and(|since| since.offset == 0 && state.made(&since.epoch)),
+                    .is_some_and(|since| recovered(&since, &position, None)),
+                position,
                 more: false,
             });
         };
@@ -368,9 +364,12 @@ impl Broker for MemoryBroker {
                     more: false,
                 });
             }
-            // Nothing seen yet, in this generation: the whole room is new to the client.
-            Some(since) if since.offset == 0 => (0, oldest_held == 1),
-            Some(since) => (since.offset, oldest_held <= since.offset + 1),
+            // History holds oldest_held..=position.offset without a gap.
+            Some(since) => {
+                let next_held =
+                    (oldest_held <= position.offset).then(|| oldest_held.max(since.offset + 1));
+                (since.offset, recovered(since, &position, next_held))
+            }
         };
         let budget = query.max_bytes.unwrap_or(usize::MAX);
         let mut messages = Vec::new();

@@ -1300,12 +1300,13 @@ impl Broker for RedisBroker {
                         more: false,
                     });
                 }
-                let recovered = since.offset == position.offset
-                    || (!page.expired
-                        && page
-                            .messages
-                            .first()
-                            .is_some_and(|message| message.offset == since.offset + 1));
+                // An expired entry skipped on the way may have been the next one.
+                let next_held = if page.expired {
+                    None
+                } else {
+                    page.messages.first().map(|message| message.offset)
+                };
+                let recovered = switchboard_broker::recovered(since, &position, next_held);
                 Ok(History {
                     messages: page.messages,
                     position,

@@ -179,85 +179,6 @@ fn cmd(args: &[&str]) -> redis::Cmd {
     command
 }
 
-#[tokio::test]
-async fn a_room_with_history_has_a_position_and_reads_of_zero_messages_work() {
-    let server = Server::start().await;
-    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
-    start(&broker, Arc::new(Recorder::default())).await;
-    let fresh = broker
-        .position("room")
-        .await
-        .expect("position of a new room");
-    assert_eq!(fresh.offset, 0);
-    for n in 1..=3 {
-        broker
-            .publish("room", json!(n), None)
-            .await
-            .expect("publish");
-    }
-    // XREVRANGE … COUNT 0 answers a null: the position of a room with history used to fail.
-    // The epoch is the first publish's (reading the new room stored none).
-    let position = broker.position("room").await.expect("position");
-    assert_eq!(position.offset, 3);
-    let epoch = position.epoch.clone();
-    let none = broker
-        .history(
-            "room",
-            HistoryQuery {
-                since: None,
-                limit: Some(0),
-                max_bytes: None,
-            },
-        )
-        .await
-        .expect("history limit 0");
-    assert!(none.messages.is_empty());
-    assert_eq!(none.position, position);
-    let none = broker
-        .history(
-            "room",
-            HistoryQuery {
-                since: Some(StreamPosition {
-                    offset: 1,
-                    epoch: epoch.clone(),
-                }),
-                limit: Some(0),
-                max_bytes: None,
-            },
-        )
-        .await
-        .expect("history since, limit 0");
-    assert!(none.messages.is_empty());
-    let newest = broker
-        .history(
-            "room",
-            HistoryQuery {
-                since: None,
-                limit: Some(2),
-                max_bytes: None,
-            },
-        )
-        .await
-        .expect("newest two");
-    assert_eq!(offsets(&newest.messages), [2, 3]);
-    let since = broker
-        .history(
-            "room",
-            HistoryQuery {
-                since: Some(StreamPosition {
-                    offset: 1,
-                    epoch: epoch.clone(),
-                }),
-                limit: None,
-                max_bytes: None,
-            },
-        )
-        .await
-        .expect("since 1");
-    assert_eq!(offsets(&since.messages), [2, 3]);
-    assert!(since.recovered);
-}
-
 /// What the shard's task does with a replay, in line.
 async fn replay_all(broker: &RedisBroker, rooms: &mut HashMap<String, Option<StreamPosition>>) {
     let snapshot: Vec<_> = rooms
@@ -697,67 +618,6 @@ fn page(since: Option<(u64, &str)>, limit: Option<usize>, max_bytes: usize) -> H
         limit,
         max_bytes: Some(max_bytes),
     }
-}
-
-#[tokio::test]
-async fn history_reads_are_pages_bounded_by_bytes_that_cover_everything_once() {
-    let server = Server::start().await;
-    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
-    start(&broker, Arc::new(Recorder::default())).await;
-    // Ten payloads of about 10 KB each (stored as MessagePack: a little more than the string).
-    let mut epoch = String::new();
-    for n in 1..=10 {
-        let message = broker
-            .publish("big", json!(format!("{n:0>10000}")), None)
-            .await
-            .expect("publish");
-        epoch = message.epoch.clone();
-    }
-
-    let first = broker
-        .history("big", page(Some((0, &epoch)), None, 35_000))
-        .await
-        .expect("first page");
-    assert_eq!(offsets(&first.messages), [1, 2, 3]);
-    assert!(first.more);
-    assert!(first.recovered, "offset 0 recovers from the first message");
-
-    let mut seen = offsets(&first.messages);
-    let mut more = first.more;
-    while more {
-        let last = *seen.last().expect("a page moves on");
-        let next = broker
-            .history("big", page(Some((last, &epoch)), None, 35_000))
-            .await
-            .expect("next page");
-        assert!(next.messages.len() <= 3 && !next.messages.is_empty());
-        assert!(next.recovered);
-        seen.extend(offsets(&next.messages));
-        more = next.more;
-    }
-    assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
-
-    // A budget below one payload still moves on by one.
-    let one = broker
-        .history("big", page(Some((7, &epoch)), None, 10))
-        .await
-        .expect("one");
-    assert_eq!(offsets(&one.messages), [8]);
-    assert!(one.more);
-
-    // Without `since`: the newest `limit`, from the oldest of them.
-    let newest = broker
-        .history("big", page(None, Some(5), 25_000))
-        .await
-        .expect("newest");
-    assert_eq!(offsets(&newest.messages), [6, 7]);
-    assert!(newest.more);
-    let whole = broker
-        .history("big", page(None, Some(2), 1 << 20))
-        .await
-        .expect("newest two");
-    assert_eq!(offsets(&whole.messages), [9, 10]);
-    assert!(!whole.more);
 }
 
 #[tokio::test]
@@ -1382,4 +1242,32 @@ async fn a_node_started_under_the_id_of_a_node_of_an_earlier_version_reaps_its_o
     assert!(left.is_empty(), "liveness left: {left:?}");
     let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x:*"])).await;
     assert_eq!(left, ["sb:n:x:reaped"]);
+}
+
+// ----- the conformance suite --------------------------------------------------------------------
+
+mod conformance {
+    use switchboard_broker::conformance::Cluster;
+
+    use super::*;
+
+    /// Brokers on one fresh `redis-server`.
+    struct OneShard(Server);
+
+    #[async_trait]
+    impl Cluster for OneShard {
+        async fn broker(&self, node: &str) -> Arc<dyn Broker> {
+            Arc::new(broker(&self.0, node, Duration::from_secs(30)).0)
+        }
+
+        async fn trim_history(&self, room: &str, keep: usize) {
+            let keep = keep.to_string();
+            let log = keys::room_log(room);
+            self.0
+                .query::<()>(cmd(&["XTRIM", &log, "MAXLEN", &keep]))
+                .await;
+        }
+    }
+
+    switchboard_broker::conformance_tests!(async { OneShard(Server::start().await) });
 }

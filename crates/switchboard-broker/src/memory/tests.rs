@@ -178,85 +178,6 @@ async fn settle() {
 // ----- offsets and epochs -----------------------------------------------------------------------
 
 #[tokio::test]
-async fn offsets_start_at_one_and_grow_by_one_per_room() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-
-    let first = broker
-        .publish("a", json!({"text": "hi"}), Some(sender("alice", "s1")))
-        .await
-        .unwrap();
-    assert_eq!(first.room, "a");
-    assert_eq!(first.offset, 1);
-    assert_eq!(first.data, json!({"text": "hi"}));
-    assert_eq!(first.from, Some(sender("alice", "s1")));
-    assert!(!first.epoch.is_empty());
-
-    let second = broker.publish("a", json!(2), None).await.unwrap();
-    let third = broker.publish("a", json!(3), None).await.unwrap();
-    assert_eq!((second.offset, third.offset), (2, 3));
-    assert_eq!(second.epoch, first.epoch);
-    assert_eq!(third.epoch, first.epoch);
-    assert_eq!(second.from, None);
-
-    // Another room counts on its own.
-    let other = broker.publish("b", json!("x"), None).await.unwrap();
-    assert_eq!(other.offset, 1);
-    assert_ne!(other.epoch, first.epoch);
-
-    assert_eq!(
-        broker.position("a").await.unwrap(),
-        StreamPosition {
-            offset: 3,
-            epoch: first.epoch.clone()
-        }
-    );
-    assert_eq!(broker.position("b").await.unwrap().offset, 1);
-}
-
-#[tokio::test]
-async fn unpublished_room_is_at_offset_zero_and_its_first_subscriber_recovers_the_first_publish() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-
-    let before = broker.position("fresh").await.unwrap();
-    assert_eq!(before.offset, 0);
-    assert!(!before.epoch.is_empty());
-    // The epoch of a room without state is not stored: the first publish makes the room's own.
-    let message = broker.publish("fresh", json!(1), None).await.unwrap();
-    assert_eq!(message.offset, 1);
-
-    // A client that subscribed at {0, epoch} recovers the first message all the same.
-
-    let history = broker
-        .history("fresh", since(0, &before.epoch))
-        .await
-        .unwrap();
-    assert!(history.recovered);
-    assert_eq!(offsets(&history), vec![1]);
-    assert_eq!(
-        history.position,
-        StreamPosition {
-            offset: 1,
-            epoch: message.epoch.clone()
-        }
-    );
-}
-
-#[tokio::test]
-async fn history_of_unpublished_room_is_empty_at_offset_zero() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-    let history = broker.history("nothing", newest(None)).await.unwrap();
-    assert!(history.messages.is_empty());
-    assert!(!history.recovered);
-    assert_eq!(history.position.offset, 0);
-    assert_eq!(broker.position("nothing").await.unwrap().offset, 0);
-
-    let epoch = history.position.epoch;
-    let recovered = broker.history("nothing", since(0, &epoch)).await.unwrap();
-    assert!(recovered.recovered);
-    assert!(recovered.messages.is_empty());
-}
-
-#[tokio::test]
 async fn wipe_history_changes_the_epoch_and_restarts_offsets() {
     let bus = MemoryBus::new(MemoryConfig::default());
     let broker = bus.broker("n1");
@@ -420,80 +341,6 @@ async fn concurrent_publishes_are_delivered_in_offset_order() {
 // ----- history ----------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn history_without_since_returns_the_newest_limit() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-    let epoch = publish_n(&broker, "r", 5).await;
-    let position = StreamPosition {
-        offset: 5,
-        epoch: epoch.clone(),
-    };
-
-    let two = broker.history("r", newest(Some(2))).await.unwrap();
-    assert_eq!(offsets(&two), vec![4, 5]);
-    assert_eq!(two.messages[0].data, json!({"n": 4}));
-    assert_eq!(two.position, position);
-    assert!(!two.recovered);
-
-    let all = broker.history("r", newest(None)).await.unwrap();
-    assert_eq!(offsets(&all), vec![1, 2, 3, 4, 5]);
-    assert!(all.messages.iter().all(|message| message.epoch == epoch));
-
-    assert_eq!(
-        offsets(&broker.history("r", newest(Some(10))).await.unwrap()),
-        vec![1, 2, 3, 4, 5]
-    );
-    assert!(
-        broker
-            .history("r", newest(Some(0)))
-            .await
-            .unwrap()
-            .messages
-            .is_empty()
-    );
-}
-
-#[tokio::test]
-async fn history_since_returns_later_messages_and_recovers() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-    let epoch = publish_n(&broker, "r", 5).await;
-
-    let history = broker.history("r", since(2, &epoch)).await.unwrap();
-    assert!(history.recovered);
-    assert_eq!(offsets(&history), vec![3, 4, 5]);
-    assert_eq!(history.messages[0].data, json!({"n": 3}));
-    assert_eq!(
-        history.position,
-        StreamPosition {
-            offset: 5,
-            epoch: epoch.clone()
-        }
-    );
-
-    // With `since`, the limit keeps the oldest, and `recovered` ignores the limit.
-    let limited = broker
-        .history(
-            "r",
-            HistoryQuery {
-                limit: Some(2),
-                ..since(2, &epoch)
-            },
-        )
-        .await
-        .unwrap();
-    assert!(limited.recovered);
-    assert_eq!(offsets(&limited), vec![3, 4]);
-
-    let from_start = broker.history("r", since(0, &epoch)).await.unwrap();
-    assert!(from_start.recovered);
-    assert_eq!(offsets(&from_start), vec![1, 2, 3, 4, 5]);
-
-    // Up to date: nothing missed, fully recovered.
-    let current = broker.history("r", since(5, &epoch)).await.unwrap();
-    assert!(current.recovered);
-    assert!(current.messages.is_empty());
-}
-
-#[tokio::test]
 async fn history_since_another_epoch_is_not_recovered() {
     let broker = MemoryBroker::new("n1", MemoryConfig::default());
     let epoch = publish_n(&broker, "r", 3).await;
@@ -555,21 +402,6 @@ async fn nothing_seen_before_a_wipe_is_not_recovered_after_it() {
     let from_start = broker.history("r", since(0, &fresh.epoch)).await.unwrap();
     assert!(from_start.recovered);
     assert_eq!(offsets(&from_start), vec![1]);
-}
-
-#[tokio::test]
-async fn history_since_a_future_offset_is_not_recovered() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-    let epoch = publish_n(&broker, "r", 3).await;
-
-    let history = broker.history("r", since(4, &epoch)).await.unwrap();
-    assert!(!history.recovered);
-    assert!(history.messages.is_empty());
-    assert_eq!(history.position.offset, 3);
-
-    let far = broker.history("r", since(u64::MAX, &epoch)).await.unwrap();
-    assert!(!far.recovered);
-    assert!(far.messages.is_empty());
 }
 
 #[tokio::test]
@@ -1085,27 +917,6 @@ async fn presence_is_per_room_and_per_session() {
 // ----- nodes ------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn heartbeat_records_nodes() {
-    let bus = MemoryBus::new(MemoryConfig::default());
-    let (n1, _) = started(&bus, "n1").await;
-    let (n2, _) = started(&bus, "n2").await;
-    assert!(n1.is_healthy());
-
-    // A node that never sent a heartbeat is not listed.
-    assert!(n1.nodes().await.unwrap().is_empty());
-
-    n1.heartbeat(&node_info("n1", 3, 10)).await.unwrap();
-    assert_eq!(n2.nodes().await.unwrap(), vec![node_info("n1", 3, 10)]);
-
-    n2.heartbeat(&node_info("n2", 0, 11)).await.unwrap();
-    // A later heartbeat replaces the earlier figures.
-    n1.heartbeat(&node_info("n1", 7, 12)).await.unwrap();
-    let mut nodes = n1.nodes().await.unwrap();
-    nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    assert_eq!(nodes, vec![node_info("n1", 7, 12), node_info("n2", 0, 11)]);
-}
-
-#[tokio::test]
 async fn deregister_node_removes_its_sessions_presence_subscriptions_and_liveness() {
     let bus = MemoryBus::new(MemoryConfig::default());
     let (n1, rec1) = started(&bus, "n1").await;
@@ -1202,109 +1013,6 @@ async fn deregister_node_removes_its_sessions_presence_subscriptions_and_livenes
 
 // ----- bounded pages and reads without state ----------------------------------------------------
 
-/// Publishes `n` messages whose JSON payload is `size` bytes each.
-async fn publish_sized(broker: &MemoryBroker, room: &str, n: u64, size: usize) -> String {
-    let mut epoch = String::new();
-    for _ in 0..n {
-        // A JSON string of `size` bytes: the quotes and `size - 2` letters.
-        let message = broker
-            .publish(room, json!("x".repeat(size - 2)), None)
-            .await
-            .unwrap();
-        epoch = message.epoch.clone();
-    }
-    epoch
-}
-
-fn paged(
-    since_offset: Option<(u64, &str)>,
-    limit: Option<usize>,
-    max_bytes: usize,
-) -> HistoryQuery {
-    HistoryQuery {
-        since: since_offset.map(|(offset, epoch)| StreamPosition {
-            offset,
-            epoch: epoch.to_owned(),
-        }),
-        limit,
-        max_bytes: Some(max_bytes),
-    }
-}
-
-#[tokio::test]
-async fn history_pages_stop_at_the_byte_budget_and_say_so() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-    let epoch = publish_sized(&broker, "r", 10, 100).await;
-
-    // 350 bytes hold three messages of 100 bytes.
-    let first = broker
-        .history("r", paged(Some((0, &epoch)), None, 350))
-        .await
-        .unwrap();
-    assert_eq!(offsets(&first), vec![1, 2, 3]);
-    assert!(first.more);
-    assert!(first.recovered);
-
-    // Paging on from the last offset received gives every message exactly once.
-    let mut seen = offsets(&first);
-    let mut last = *seen.last().unwrap();
-    loop {
-        let page = broker
-            .history("r", paged(Some((last, &epoch)), None, 350))
-            .await
-            .unwrap();
-        assert!(page.messages.len() <= 3);
-        seen.extend(offsets(&page));
-        if !page.more {
-            break;
-        }
-        last = *seen.last().unwrap();
-    }
-    assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
-
-    // A budget smaller than one message still returns one, so paging moves on.
-    let one = broker
-        .history("r", paged(Some((4, &epoch)), None, 10))
-        .await
-        .unwrap();
-    assert_eq!(offsets(&one), vec![5]);
-    assert!(one.more);
-
-    // The count limit also says `more`; an exact fit to the end does not.
-    let counted = broker
-        .history("r", paged(Some((0, &epoch)), Some(4), usize::MAX))
-        .await
-        .unwrap();
-    assert_eq!(offsets(&counted), vec![1, 2, 3, 4]);
-    assert!(counted.more);
-    let to_the_end = broker
-        .history("r", paged(Some((6, &epoch)), Some(4), 400))
-        .await
-        .unwrap();
-    assert_eq!(offsets(&to_the_end), vec![7, 8, 9, 10]);
-    assert!(!to_the_end.more);
-}
-
-#[tokio::test]
-async fn history_without_since_pages_forward_from_the_oldest_of_the_newest_limit() {
-    let broker = MemoryBroker::new("n1", MemoryConfig::default());
-    let epoch = publish_sized(&broker, "r", 10, 100).await;
-
-    // The newest 6 are 5..=10; the page starts at 5, and the client pages on with `since`.
-    let first = broker
-        .history("r", paged(None, Some(6), 250))
-        .await
-        .unwrap();
-    assert_eq!(offsets(&first), vec![5, 6]);
-    assert!(first.more);
-    let rest = broker
-        .history("r", paged(Some((6, &epoch)), Some(6), 10_000))
-        .await
-        .unwrap();
-    assert_eq!(offsets(&rest), vec![7, 8, 9, 10]);
-    assert!(!rest.more);
-}
-
 #[tokio::test]
 async fn reading_rooms_without_state_creates_none() {
     let bus = MemoryBus::new(MemoryConfig::default());
@@ -1332,4 +1040,34 @@ async fn reading_rooms_without_state_creates_none() {
     // Publishing creates the stream, as before.
     broker.publish("a", json!(1), None).await.unwrap();
     assert_eq!(state.streams.len(), 1);
+}
+
+// ----- the conformance suite --------------------------------------------------------------------
+
+mod conformance {
+    use super::*;
+    use crate::conformance::Cluster;
+
+    struct Bus(MemoryBus);
+
+    #[async_trait]
+    impl Cluster for Bus {
+        async fn broker(&self, node: &str) -> Arc<dyn Broker> {
+            Arc::new(self.0.broker(node))
+        }
+
+        async fn trim_history(&self, room: &str, keep: usize) {
+            let stream = self
+                .0
+                .state
+                .existing_stream(room)
+                .expect("a room with state");
+            let mut stream = stream.lock();
+            while stream.history.len() > keep {
+                stream.history.pop_front();
+            }
+        }
+    }
+
+    crate::conformance_tests!(async { Bus(MemoryBus::new(MemoryConfig::default())) });
 }

@@ -33,7 +33,8 @@ if ARGV[2] == 'newest' then
 end
 local entries = {}
 local expired = 0
-if count == 0 then
+-- Nothing after: also keeps an offset too big for a stream ID (Lua prints it as 1e+19) out of XRANGE.
+if count == 0 or after >= offset then
   return {offset, epoch, entries, 0, 0}
 end
 local used = 0
