@@ -27,9 +27,19 @@ fi
 # debug assertions on, so an arithmetic overflow is a crash too.
 flags=(--sanitizer none --debug-assertions)
 cargo +nightly fuzz build "${flags[@]}"
+mkdir -p target/logs
 for target in "${targets[@]}"; do
   mkdir -p "target/corpus/$target"
   echo "fuzz/run.sh: $target for ${seconds}s" >&2
-  cargo +nightly fuzz run "${flags[@]}" "$target" "target/corpus/$target" "corpus/$target" -- \
-    -max_total_time="$seconds" -rss_limit_mb=1024 -print_final_stats=1
+  # libFuzzer prints a line per new input: its log goes to a file, and only the run's figures (or,
+  # on a failure, the end of the log) to the terminal.
+  log="target/logs/$target.log"
+  if ! cargo +nightly fuzz run "${flags[@]}" "$target" "target/corpus/$target" "corpus/$target" -- \
+    -max_total_time="$seconds" -rss_limit_mb=1024 -print_final_stats=1 >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "fuzz/run.sh: $target failed (log: fuzz/$log)" >&2
+    exit 1
+  fi
+  executions=$(sed -n 's/^stat::number_of_executed_units: //p' "$log")
+  echo "fuzz/run.sh: $target: ${executions:-?} executions in ${seconds}s, no crash" >&2
 done
