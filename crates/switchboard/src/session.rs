@@ -201,9 +201,13 @@ where
             }
         };
         let rooms: Vec<String> = session.subscriptions.keys().cloned().collect();
-        if let Err(panic) = AssertUnwindSafe(session.finish(exit)).catch_unwind().await {
+        // Boxed: the clean-up runs once, and inline its state would enlarge every idle session.
+        if let Err(panic) = AssertUnwindSafe(Box::pin(session.finish(exit)))
+            .catch_unwind()
+            .await
+        {
             session_panicked(&node, "closing", panic.as_ref());
-            session.forget(&rooms).await;
+            Box::pin(session.forget(&rooms)).await;
         }
         node.metrics.connections.dec();
     }

@@ -17,8 +17,10 @@ use tokio_util::either::Either;
 
 use crate::node::Node;
 
-/// A connection on the public port: plain TCP, or TLS over it.
-pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+/// A connection on the public port: plain TCP, or TLS over it. The TLS state is boxed: inline it
+/// would make every plain connection carry its 1.2 KiB too (hyper boxes the upgraded IO at the
+/// size of the larger variant).
+pub type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// The loaded certificate chain and key, checked at start.
 #[derive(Debug, Clone)]
@@ -116,7 +118,7 @@ pub async fn accept(
     };
     let acceptor = TlsAcceptor::from(tls.config.clone());
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => Some(Either::Right(stream)),
+        Ok(Ok(stream)) => Some(Either::Right(Box::new(stream))),
         Ok(Err(error)) => {
             node.metrics
                 .handshakes
