@@ -7,7 +7,7 @@
 #            processes of the harness, each from its own 127.0.0.x source addresses.
 # Each case: the harness opens the connections at $RATE per second (default 4,000), waits until
 # every worker has all of its own open, holds them $HOLD_SECS (default 10), and reads every
-# server's RSS and open sockets before and at the end of the hold. While they are held, this
+# server's RSS and the connections it holds before and at the end of the hold. While they are held, this
 # script also reads each node's own switchboard_connections gauge.
 # After the harness closes the connections (all at once), it prints what the nodes logged and,
 # for the cluster, how many session registry entries were left in Redis.

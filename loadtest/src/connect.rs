@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::cli::ConnectArgs;
 use crate::html::{self, Page};
-use crate::procfs::{rss_bytes, socket_count};
+use crate::procfs::{connection_count, rss_bytes};
 use crate::report::{ConnectResult, ServerFigures, WorkerFigures, emit, ms, round3};
 use crate::worker::{self, HOLD, Report, Share, TICK};
 use crate::ws::url_addr;
@@ -141,13 +141,22 @@ struct Done {
     closed_tick: u64,
 }
 
+/// Each `--pid` server's RSS and the connections it holds on the URLs' ports.
+fn server_figures(args: &ConnectArgs) -> Result<Vec<(u64, u64)>> {
+    let ports = args
+        .urls
+        .iter()
+        .map(|url| Ok(url_addr(url)?.port()))
+        .collect::<Result<Vec<_>>>()?;
+    args.pids
+        .iter()
+        .map(|(_, pid)| Ok((rss_bytes(*pid)?, connection_count(*pid, &ports)?)))
+        .collect()
+}
+
 pub async fn run(args: ConnectArgs) -> Result<()> {
     args.check()?;
-    let servers_before = args
-        .pids
-        .iter()
-        .map(|(_, pid)| Ok((rss_bytes(*pid)?, socket_count(*pid)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let servers_before = server_figures(&args)?;
     let started = Instant::now();
     let started_unix_us = worker::unix_us();
     let exe = std::env::current_exe().context("finding this executable")?;
@@ -306,11 +315,7 @@ async fn drive(
     }
     eprintln!("every worker holding; holding {}s", args.hold_secs);
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
-    let servers_after = args
-        .pids
-        .iter()
-        .map(|(_, pid)| Ok((rss_bytes(*pid)?, socket_count(*pid)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let servers_after = server_figures(args)?;
     // Closing stdin tells each worker to close its connections and report.
     for worker in workers.iter_mut() {
         worker.stdin = None;

@@ -1,7 +1,7 @@
-//! What /proc says about processes and the machine: a process's resident memory and open
-//! sockets, and CPU time sampled before and after a window.
+//! What /proc says about processes and the machine: a process's resident memory and the
+//! connections it holds, and CPU time sampled before and after a window.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{Context, Result};
 
@@ -25,20 +25,50 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kib * 1024)
 }
 
-/// Sockets a process holds open (entries of /proc/PID/fd that are sockets): listeners, client
-/// connections and its own outgoing ones.
-pub fn socket_count(pid: u32) -> Result<u64> {
-    let entries = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("reading /proc/{pid}/fd"))?;
-    Ok(entries
+/// Established TCP connections a process holds whose local port is one of `ports`: its clients'
+/// connections to the tested URLs, without its listeners, its own outgoing connections (Redis) or
+/// short-lived ones on other ports (probes of its internal port), whose coming and going would
+/// otherwise blur the count.
+pub fn connection_count(pid: u32, ports: &[u16]) -> Result<u64> {
+    let inodes: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("reading /proc/{pid}/fd"))?
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| {
+        .filter_map(|target| {
+            let target = target.to_str()?;
             target
-                .as_os_str()
-                .as_encoded_bytes()
-                .starts_with(b"socket:")
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
         })
-        .count() as u64)
+        .collect();
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        // Columns: sl local_address rem_address st … inode (the tenth); state 01 is ESTABLISHED.
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(&"01"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let port = local
+                .rsplit(':')
+                .next()
+                .and_then(|port| u16::from_str_radix(port, 16).ok());
+            if port.is_some_and(|port| ports.contains(&port))
+                && inode
+                    .parse::<u64>()
+                    .is_ok_and(|inode| inodes.contains(&inode))
+            {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
 }
 
 /// CPU counters at one moment: of each watched process, of the whole machine and of every

@@ -98,7 +98,8 @@ pub struct ServerFigures {
     pub pid: u32,
     pub rss_before_bytes: u64,
     pub rss_after_bytes: u64,
-    /// Sockets in /proc/PID/fd: the growth is the connections this process holds.
+    /// Established connections on the tested URLs' ports: the growth is the connections this
+    /// process holds.
     pub sockets_before: u64,
     pub sockets_after: u64,
     /// RSS growth over socket growth.
