@@ -463,22 +463,7 @@ impl RedisProcess {
             .stderr(Stdio::null())
             .spawn()
             .context("spawning redis-server (install the redis-server package)")?;
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if self.cli(&["PING"]).await.is_ok_and(|reply| reply == "PONG") {
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("redis-server exited with {status}");
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("redis-server on port {} did not answer", self.port);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_redis(self.port, self.child.insert(child)).await
     }
 
     pub fn url(&self) -> String {
@@ -487,19 +472,7 @@ impl RedisProcess {
 
     /// Runs `redis-cli` against this server and returns its trimmed output.
     pub async fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = tokio::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .context("running redis-cli")?;
-        if !output.status.success() {
-            bail!(
-                "redis-cli failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        redis_cli(self.port, args).await
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -515,6 +488,44 @@ impl RedisProcess {
         self.kill();
         self.spawn().await
     }
+}
+
+/// Waits until the redis-server `child` listening on `port` answers PING; fails when it exits or
+/// stays silent past the deadline.
+pub async fn wait_for_redis(port: u16, child: &mut Child) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if redis_cli(port, &["PING"])
+            .await
+            .is_ok_and(|reply| reply == "PONG")
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("redis-server exited with {status}");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("redis-server on port {port} did not answer");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `redis-cli` against the server on `port` and returns its trimmed output.
+pub async fn redis_cli(port: u16, args: &[&str]) -> Result<String> {
+    let output = tokio::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .await
+        .context("running redis-cli")?;
+    if !output.status.success() {
+        bail!(
+            "redis-cli failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 impl Drop for RedisProcess {

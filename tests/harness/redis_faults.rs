@@ -5,14 +5,13 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::DEADLINE;
+use crate::{redis_cli, wait_for_redis};
 
 /// A `redis-server` on a free loopback port with its own directory, which keeps `dump.rdb`
 /// across [`SnapshotRedis::restart`]. It saves only when told (`SAVE`). Killed by pid and its
@@ -80,22 +79,7 @@ impl SnapshotRedis {
             .stderr(Stdio::null())
             .spawn()
             .context("spawning redis-server (install the redis-server package)")?;
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if self.cli(&["PING"]).await.is_ok_and(|reply| reply == "PONG") {
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("redis-server exited with {status}");
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("redis-server on port {} did not answer", self.port);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_redis(self.port, self.child.insert(child)).await
     }
 
     pub fn url(&self) -> String {
@@ -104,19 +88,7 @@ impl SnapshotRedis {
 
     /// Runs `redis-cli` against this server and returns its trimmed output.
     pub async fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = tokio::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .context("running redis-cli")?;
-        if !output.status.success() {
-            bail!(
-                "redis-cli failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        redis_cli(self.port, args).await
     }
 
     /// Kills the server with SIGKILL, as a crash would: nothing since the last `SAVE` is kept.
