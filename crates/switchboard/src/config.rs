@@ -1,6 +1,8 @@
 //! Configuration: command-line flags, each with a `SWITCHBOARD_*` environment variable, and an
 //! optional TOML file whose keys are the flags' long names. A flag or variable wins over the file,
-//! the file over the default. docs/configuration.md lists every option.
+//! the file over the default. docs/configuration.md lists every option. Each option is declared
+//! once, in `options!` below: flag, variable, file key, help text and default together (see
+//! config/declare.rs for what that generates).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
+
+use declare::options;
 
 /// Exit status for a configuration error (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -22,6 +26,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// The name the flag takes, for the help text's default.
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.to_possible_value() {
+            Some(value) => f.write_str(value.get_name()),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JwtAlgorithm {
@@ -30,6 +44,7 @@ pub enum JwtAlgorithm {
     Es256,
 }
 
+options! {
 /// Every option as given; `None` where neither the command line, the environment nor the file set it.
 #[derive(Parser, Deserialize, Debug, Clone, Default)]
 #[command(
@@ -45,71 +60,71 @@ pub struct Options {
     /// TOML file with options (keys are the long flag names, e.g. `max-connections = 5000`).
     #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
     #[serde(skip)]
-    pub config: Option<PathBuf>,
+    pub config: PathBuf;
 
-    /// Public address: WebSocket clients connect to ws://ADDR/ws [default: 127.0.0.1:8080].
+    /// Public address: WebSocket clients connect to ws://ADDR/ws.
     #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
+    pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080));
 
-    /// Internal address: /metrics, /healthz, /readyz and /api/* [default: 127.0.0.1:9090].
+    /// Internal address: /metrics, /healthz, /readyz and /api/*.
     #[arg(long, env = "SWITCHBOARD_INTERNAL_LISTEN", value_name = "ADDR")]
-    pub internal_listen: Option<SocketAddr>,
+    pub internal_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9090));
 
     /// PEM file with the public port's certificate chain (leaf first); with --tls-key, clients
-    /// connect with wss:// (and the demo page is https). Unset: plain ws:// [default: none].
+    /// connect with wss:// (and the demo page is https). Unset: plain ws://.
     #[arg(long, env = "SWITCHBOARD_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
+    pub tls_cert: PathBuf, default "none";
 
-    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1) [default: none].
+    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "SWITCHBOARD_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
+    pub tls_key: PathBuf, default "none";
 
-    /// This node's id, unique in the cluster [default: generated, node-<random>].
+    /// This node's id, unique in the cluster.
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
-    pub node_id: Option<String>,
+    pub node_id: String, default "generated, node-<random>";
 
     /// Redis shards for a cluster (comma-separated redis:// URLs, or rediss:// for TLS). Unset:
     /// the embedded broker.
     #[arg(long, env = "SWITCHBOARD_REDIS", value_name = "URLS")]
-    pub redis: Option<String>,
+    pub redis: String;
 
     /// PEM file with the CA certificates that rediss:// shards' certificates must chain to,
     /// instead of the built-in Mozilla roots (for a private CA).
     #[arg(long, env = "SWITCHBOARD_REDIS_CA_FILE", value_name = "FILE")]
-    pub redis_ca_file: Option<PathBuf>,
+    pub redis_ca_file: PathBuf;
 
     /// A node that has not reported for this long is dead: the cluster drops its sessions and
-    /// presence. It reports every third of this [default: 15000].
+    /// presence. It reports every third of this.
     #[arg(long, env = "SWITCHBOARD_NODE_TTL_MS", value_name = "MS")]
-    pub node_ttl_ms: Option<u64>,
+    pub node_ttl_ms: u64 = 15_000;
 
     /// HS256 secret; setting it (or --jwt-public-key) turns authentication on.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: String;
 
     /// PEM file with the RSA or EC public key that verifies RS256 / ES256 tokens.
     #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY", value_name = "FILE")]
-    pub jwt_public_key: Option<PathBuf>,
+    pub jwt_public_key: PathBuf;
 
-    /// Token algorithm [default: hs256 with a secret, rs256 or es256 by the public key's type].
+    /// Token algorithm.
     #[arg(long, env = "SWITCHBOARD_JWT_ALGORITHM")]
-    pub jwt_algorithm: Option<JwtAlgorithm>,
+    pub jwt_algorithm: JwtAlgorithm, default "hs256 with a secret, rs256 or es256 by the public key's type";
 
     /// Required `iss` claim, if set; set it whenever the key is shared (an identity provider's).
     #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
+    pub jwt_issuer: String;
 
     /// Required `aud` claim, if set; set it whenever the key signs tokens for other services.
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
+    pub jwt_audience: String;
 
-    /// Clock-skew leeway for `exp` and `nbf`, in seconds (0..=60) [default: 30].
+    /// Clock-skew leeway for `exp` and `nbf`, in seconds (0..=60).
     #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY_SECS", value_name = "SECS")]
-    pub jwt_leeway_secs: Option<u64>,
+    pub jwt_leeway_secs: u64 = 30;
 
     /// Bearer key the server API (/api/*) requires. Unset: the API is open (keep the internal port private).
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: String;
 
     /// Origins allowed to open WebSockets (comma-separated, e.g. https://app.example.com). Unset: any.
     #[arg(
@@ -118,7 +133,7 @@ pub struct Options {
         value_delimiter = ',',
         value_name = "ORIGINS"
     )]
-    pub allowed_origins: Option<Vec<String>>,
+    pub allowed_origins: Vec<String>;
 
     /// Load balancers or proxies (comma-separated addresses or CIDRs, e.g. 10.0.0.0/8) whose
     /// X-Forwarded-For header names the client in logs. Unset: the TCP peer is the client.
@@ -128,142 +143,142 @@ pub struct Options {
         value_delimiter = ',',
         value_name = "CIDRS"
     )]
-    pub trusted_proxies: Option<Vec<String>>,
+    pub trusted_proxies: Vec<String>;
 
-    /// Most connections (handshaking or open) at once; more wait in the kernel's accept backlog
-    /// [default: the open-files limit less 512].
+    /// Most connections (handshaking or open) at once; more wait in the kernel's accept backlog.
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<usize>,
+    pub max_connections: usize, default "the open-files limit less 512";
 
     /// Most connections open at once from one client address (the peer, or the client named by
-    /// a trusted proxy); more get HTTP 429. 0 turns the limit off [default: 1000].
+    /// a trusted proxy); more get HTTP 429. 0 turns the limit off.
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
-    pub max_connections_per_ip: Option<usize>,
+    pub max_connections_per_ip: usize = 1000;
 
     /// New connections per second from one client address; more get HTTP 429 with Retry-After.
-    /// 0 turns the limit off [default: 50].
+    /// 0 turns the limit off.
     #[arg(long, env = "SWITCHBOARD_CONNECT_RATE_PER_IP", value_name = "PER_SEC")]
-    pub connect_rate_per_ip: Option<u32>,
+    pub connect_rate_per_ip: u32 = 50;
 
-    /// New connections one client address may open at once above --connect-rate-per-ip [default: 200].
+    /// New connections one client address may open at once above --connect-rate-per-ip.
     #[arg(long, env = "SWITCHBOARD_CONNECT_BURST_PER_IP", value_name = "N")]
-    pub connect_burst_per_ip: Option<u32>,
+    pub connect_burst_per_ip: u32 = 200;
 
     /// New connections per second for the whole node; more wait their turn (within the
-    /// handshake timeout) instead of being refused. 0 turns the pacing off [default: 2000].
+    /// handshake timeout) instead of being refused. 0 turns the pacing off.
     #[arg(long, env = "SWITCHBOARD_ACCEPT_RATE", value_name = "PER_SEC")]
-    pub accept_rate: Option<u32>,
+    pub accept_rate: u32 = 2000;
 
-    /// New connections the node takes at once above --accept-rate before they wait [default: 1000].
+    /// New connections the node takes at once above --accept-rate before they wait.
     #[arg(long, env = "SWITCHBOARD_ACCEPT_BURST", value_name = "N")]
-    pub accept_burst: Option<u32>,
+    pub accept_burst: u32 = 1000;
 
-    /// A client must finish the HTTP upgrade within this many milliseconds [default: 10000].
+    /// A client must finish the HTTP upgrade within this many milliseconds.
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
-    pub handshake_timeout_ms: Option<u64>,
+    pub handshake_timeout_ms: u64 = 10_000;
 
-    /// Largest frame or message a client may send, in bytes; larger closes with 1009 [default: 1048576].
+    /// Largest frame or message a client may send, in bytes; larger closes with 1009.
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", value_name = "BYTES")]
-    pub max_message_size: Option<usize>,
+    pub max_message_size: usize = 1 << 20;
 
     /// Most bytes waiting to be written to one client; a reader that falls further behind is
     /// closed with 1013. At least twice max-message-size, so one large frame being read does not
-    /// close a reader when the next arrives [default: 4 × max-message-size].
+    /// close a reader when the next arrives.
     #[arg(long, env = "SWITCHBOARD_MAX_QUEUE_BYTES", value_name = "BYTES")]
-    pub max_queue_bytes: Option<usize>,
+    pub max_queue_bytes: usize, default "4 × max-message-size";
 
     /// Most rooms one session may be subscribed to; one more `subscribe` gets
-    /// `error limit_exceeded` [default: 128].
+    /// `error limit_exceeded`.
     #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS", value_name = "N")]
-    pub max_subscriptions: Option<usize>,
+    pub max_subscriptions: usize = 128;
 
     /// Frames per second one connection may send, WebSocket pings and pongs included; 0 turns the
-    /// limit off [default: 100].
+    /// limit off.
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", value_name = "PER_SEC")]
-    pub rate_limit: Option<u32>,
+    pub rate_limit: u32 = 100;
 
-    /// Frames a connection may send in a burst above the rate [default: 200].
+    /// Frames a connection may send in a burst above the rate.
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_BURST", value_name = "N")]
-    pub rate_limit_burst: Option<u32>,
+    pub rate_limit_burst: u32 = 200;
 
-    /// Rate-limited frames tolerated within 10 seconds before the connection is closed with 1008 [default: 50].
+    /// Rate-limited frames tolerated within 10 seconds before the connection is closed with 1008.
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_STRIKES", value_name = "N")]
-    pub rate_limit_strikes: Option<u32>,
+    pub rate_limit_strikes: u32 = 50;
 
-    /// Undecodable frames tolerated within a minute before the connection is closed with 1008 [default: 10].
+    /// Undecodable frames tolerated within a minute before the connection is closed with 1008.
     #[arg(long, env = "SWITCHBOARD_MAX_BAD_FRAMES", value_name = "N")]
-    pub max_bad_frames: Option<u32>,
+    pub max_bad_frames: u32 = 10;
 
-    /// Interval of the server's WebSocket pings, also sent to clients in `welcome` [default: 25000].
+    /// Interval of the server's WebSocket pings, also sent to clients in `welcome`.
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_MS", value_name = "MS")]
-    pub heartbeat_ms: Option<u64>,
+    pub heartbeat_ms: u64 = 25_000;
 
-    /// A client that sends nothing (not even a pong) for this long is closed [default: 60000].
+    /// A client that sends nothing (not even a pong) for this long is closed.
     #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_MS", value_name = "MS")]
-    pub idle_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: u64 = 60_000;
 
     /// A client of the internal port must send a request's headers within this many
-    /// milliseconds, or its connection is closed; also bounds idle keep-alive [default: 10000].
+    /// milliseconds, or its connection is closed; also bounds idle keep-alive.
     #[arg(
         long,
         env = "SWITCHBOARD_INTERNAL_HEADER_TIMEOUT_MS",
         value_name = "MS"
     )]
-    pub internal_header_timeout_ms: Option<u64>,
+    pub internal_header_timeout_ms: u64 = 10_000;
 
-    /// Most connections open at once on the internal port; more are closed at once [default: 256].
+    /// Most connections open at once on the internal port; more are closed at once.
     #[arg(long, env = "SWITCHBOARD_INTERNAL_MAX_CONNECTIONS", value_name = "N")]
-    pub internal_max_connections: Option<usize>,
+    pub internal_max_connections: usize = 256;
 
     /// On SIGTERM/SIGINT, sessions are closed with 1001 in batches spread over this many
-    /// milliseconds [default: 10000].
+    /// milliseconds.
     #[arg(long, env = "SWITCHBOARD_DRAIN_GRACE_MS", value_name = "MS")]
-    pub drain_grace_ms: Option<u64>,
+    pub drain_grace_ms: u64 = 10_000;
 
     /// On SIGTERM/SIGINT, /readyz answers 503 at once but the node keeps accepting and serving
     /// normally for this many milliseconds before it drains, so that a load balancer polling
     /// /readyz stops sending it new connections first. Use it without a preStop hook; set it to
-    /// at least the balancer's checks to mark a server down (HAProxy: fall × inter) [default: 0].
+    /// at least the balancer's checks to mark a server down (HAProxy: fall × inter).
     #[arg(long, env = "SWITCHBOARD_DRAIN_DELAY_MS", value_name = "MS")]
-    pub drain_delay_ms: Option<u64>,
+    pub drain_delay_ms: u64 = 0;
 
-    /// Messages of history kept per room, for `history` and `since` recovery [default: 100].
+    /// Messages of history kept per room, for `history` and `since` recovery.
     #[arg(long, env = "SWITCHBOARD_HISTORY_SIZE", value_name = "N")]
-    pub history_size: Option<usize>,
+    pub history_size: usize = 100;
 
-    /// Seconds a message stays in history [default: 300].
+    /// Seconds a message stays in history.
     #[arg(long, env = "SWITCHBOARD_HISTORY_TTL_SECS", value_name = "SECS")]
-    pub history_ttl_secs: Option<u64>,
+    pub history_ttl_secs: u64 = 300;
 
-    /// Seconds a room's offset and epoch outlive its last publish once nobody subscribes [default: 86400].
+    /// Seconds a room's offset and epoch outlive its last publish once nobody subscribes.
     #[arg(long, env = "SWITCHBOARD_STREAM_TTL_SECS", value_name = "SECS")]
-    pub stream_ttl_secs: Option<u64>,
+    pub stream_ttl_secs: u64 = 86_400;
 
-    /// After the last local subscriber leaves, keep receiving the room this long in case another joins [default: 2000].
+    /// After the last local subscriber leaves, keep receiving the room this long in case another joins.
     #[arg(long, env = "SWITCHBOARD_ROOM_LINGER_MS", value_name = "MS")]
-    pub room_linger_ms: Option<u64>,
+    pub room_linger_ms: u64 = 2_000;
 
-    /// Bytes of the per-connection read buffer; small keeps idle connections cheap [default: 4096].
+    /// Bytes of the per-connection read buffer; small keeps idle connections cheap.
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_SIZE", value_name = "BYTES")]
-    pub read_buffer_size: Option<usize>,
+    pub read_buffer_size: usize = 4096;
 
     /// Bytes of outgoing frames coalesced into one socket write when a connection has several
-    /// queued; 0 writes every frame on its own. Once used, a connection keeps a buffer this large [default: 4096].
+    /// queued; 0 writes every frame on its own. Once used, a connection keeps a buffer this large.
     #[arg(long, env = "SWITCHBOARD_WRITE_BUFFER_SIZE", value_name = "BYTES")]
-    pub write_buffer_size: Option<usize>,
+    pub write_buffer_size: usize = 4096;
 
     /// Serve the demo page at / on the public port and publish this node's figures to the
-    /// read-only room $sys.stats every second (`--demo false` turns both off) [default: true].
+    /// read-only room $sys.stats every second (`--demo false` turns both off).
     #[arg(long, env = "SWITCHBOARD_DEMO", value_name = "BOOL", action = clap::ArgAction::Set)]
-    pub demo: Option<bool>,
+    pub demo: bool = true;
 
-    /// Log format [default: text].
+    /// Log format.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
+    pub log_format: LogFormat = LogFormat::Text;
 
-    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `switchboard=debug`) [default: info].
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `switchboard=debug`).
     #[arg(long, env = "SWITCHBOARD_LOG", value_name = "FILTER")]
-    pub log: Option<String>,
+    pub log: String = String::from("info");
+}
 }
 
 /// Authentication settings, when on.
@@ -364,63 +379,6 @@ fn invalid(option: &'static str, message: impl Into<String>) -> ConfigError {
 const RESERVED_FILES: u64 = 512;
 
 impl Options {
-    /// Fills every option the command line and environment left unset from `file`.
-    pub fn or(self, file: Options) -> Options {
-        Options {
-            config: self.config,
-            listen: self.listen.or(file.listen),
-            internal_listen: self.internal_listen.or(file.internal_listen),
-            tls_cert: self.tls_cert.or(file.tls_cert),
-            tls_key: self.tls_key.or(file.tls_key),
-            node_id: self.node_id.or(file.node_id),
-            redis: self.redis.or(file.redis),
-            redis_ca_file: self.redis_ca_file.or(file.redis_ca_file),
-            node_ttl_ms: self.node_ttl_ms.or(file.node_ttl_ms),
-            jwt_secret: self.jwt_secret.or(file.jwt_secret),
-            jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
-            jwt_algorithm: self.jwt_algorithm.or(file.jwt_algorithm),
-            jwt_issuer: self.jwt_issuer.or(file.jwt_issuer),
-            jwt_audience: self.jwt_audience.or(file.jwt_audience),
-            jwt_leeway_secs: self.jwt_leeway_secs.or(file.jwt_leeway_secs),
-            api_key: self.api_key.or(file.api_key),
-            allowed_origins: self.allowed_origins.or(file.allowed_origins),
-            trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
-            max_connections: self.max_connections.or(file.max_connections),
-            max_connections_per_ip: self.max_connections_per_ip.or(file.max_connections_per_ip),
-            connect_rate_per_ip: self.connect_rate_per_ip.or(file.connect_rate_per_ip),
-            connect_burst_per_ip: self.connect_burst_per_ip.or(file.connect_burst_per_ip),
-            accept_rate: self.accept_rate.or(file.accept_rate),
-            accept_burst: self.accept_burst.or(file.accept_burst),
-            handshake_timeout_ms: self.handshake_timeout_ms.or(file.handshake_timeout_ms),
-            internal_header_timeout_ms: self
-                .internal_header_timeout_ms
-                .or(file.internal_header_timeout_ms),
-            internal_max_connections: self
-                .internal_max_connections
-                .or(file.internal_max_connections),
-            max_message_size: self.max_message_size.or(file.max_message_size),
-            max_queue_bytes: self.max_queue_bytes.or(file.max_queue_bytes),
-            max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
-            rate_limit: self.rate_limit.or(file.rate_limit),
-            rate_limit_burst: self.rate_limit_burst.or(file.rate_limit_burst),
-            rate_limit_strikes: self.rate_limit_strikes.or(file.rate_limit_strikes),
-            max_bad_frames: self.max_bad_frames.or(file.max_bad_frames),
-            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
-            idle_timeout_ms: self.idle_timeout_ms.or(file.idle_timeout_ms),
-            drain_grace_ms: self.drain_grace_ms.or(file.drain_grace_ms),
-            drain_delay_ms: self.drain_delay_ms.or(file.drain_delay_ms),
-            history_size: self.history_size.or(file.history_size),
-            history_ttl_secs: self.history_ttl_secs.or(file.history_ttl_secs),
-            stream_ttl_secs: self.stream_ttl_secs.or(file.stream_ttl_secs),
-            room_linger_ms: self.room_linger_ms.or(file.room_linger_ms),
-            read_buffer_size: self.read_buffer_size.or(file.read_buffer_size),
-            write_buffer_size: self.write_buffer_size.or(file.write_buffer_size),
-            demo: self.demo.or(file.demo),
-            log_format: self.log_format.or(file.log_format),
-            log: self.log.or(file.log),
-        }
-    }
-
     fn read_file(path: &Path) -> Result<Options, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -445,7 +403,8 @@ impl Options {
     }
 
     fn validate(self) -> Result<Config, ConfigError> {
-        let node_id = match self.node_id {
+        let given = self.given();
+        let node_id = match given.node_id {
             Some(id)
                 if id.is_empty()
                     || id.len() > 64
@@ -461,7 +420,7 @@ impl Options {
             Some(id) => id,
             None => format!("node-{:08x}", rand::random::<u32>()),
         };
-        let redis = match self.redis {
+        let redis = match given.redis {
             Some(urls) => {
                 let shards: Vec<String> = urls
                     .split(',')
@@ -487,7 +446,7 @@ impl Options {
             }
             None => None,
         };
-        let redis_ca = match self.redis_ca_file {
+        let redis_ca = match given.redis_ca_file {
             Some(_)
                 if !redis
                     .iter()
@@ -502,7 +461,7 @@ impl Options {
             Some(path) => Some(read_ca_file(&path)?),
             None => None,
         };
-        let tls = match (&self.tls_cert, &self.tls_key) {
+        let tls = match (&given.tls_cert, &given.tls_key) {
             (Some(cert), Some(key)) => Some(
                 crate::tls::Tls::load(cert, key)
                     .map_err(|error| invalid(error.option, error.message))?,
@@ -511,11 +470,11 @@ impl Options {
             (None, Some(_)) => return Err(invalid("tls-cert", "--tls-key needs --tls-cert")),
             (None, None) => None,
         };
-        let leeway = self.jwt_leeway_secs.unwrap_or(30);
+        let leeway = given.jwt_leeway_secs;
         if leeway > 60 {
             return Err(invalid("jwt-leeway-secs", "must be at most 60"));
         }
-        let jwt_key = match (self.jwt_secret, self.jwt_public_key) {
+        let jwt_key = match (given.jwt_secret, given.jwt_public_key) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "jwt-secret",
@@ -537,9 +496,9 @@ impl Options {
         let jwt = match jwt_key {
             None => {
                 let given = [
-                    ("jwt-algorithm", self.jwt_algorithm.is_some()),
-                    ("jwt-issuer", self.jwt_issuer.is_some()),
-                    ("jwt-audience", self.jwt_audience.is_some()),
+                    ("jwt-algorithm", given.jwt_algorithm.is_some()),
+                    ("jwt-issuer", given.jwt_issuer.is_some()),
+                    ("jwt-audience", given.jwt_audience.is_some()),
                 ];
                 if let Some((option, _)) = given.into_iter().find(|(_, set)| *set) {
                     return Err(invalid(
@@ -550,7 +509,7 @@ impl Options {
                 None
             }
             Some(key) => {
-                let algorithm = match (&key, self.jwt_algorithm) {
+                let algorithm = match (&key, given.jwt_algorithm) {
                     (JwtKey::Secret(_), None | Some(JwtAlgorithm::Hs256)) => JwtAlgorithm::Hs256,
                     (JwtKey::Secret(_), Some(_)) => {
                         return Err(invalid(
@@ -576,16 +535,16 @@ impl Options {
                 Some(JwtConfig {
                     key,
                     algorithm,
-                    issuer: self.jwt_issuer,
-                    audience: self.jwt_audience,
+                    issuer: given.jwt_issuer,
+                    audience: given.jwt_audience,
                     leeway: Duration::from_secs(leeway),
                 })
             }
         };
-        if self.api_key.as_deref().is_some_and(str::is_empty) {
+        if given.api_key.as_deref().is_some_and(str::is_empty) {
             return Err(invalid("api-key", "must not be empty"));
         }
-        let allowed_origins = match self.allowed_origins {
+        let allowed_origins = match given.allowed_origins {
             Some(origins) => {
                 let origins: Vec<String> = origins
                     .into_iter()
@@ -600,7 +559,7 @@ impl Options {
             None => None,
         };
         let mut trusted_proxies = Vec::new();
-        for entry in self.trusted_proxies.iter().flatten() {
+        for entry in given.trusted_proxies.iter().flatten() {
             let entry = entry.trim();
             if entry.is_empty() {
                 continue;
@@ -616,7 +575,7 @@ impl Options {
                 })?;
             trusted_proxies.push(network);
         }
-        let max_connections = match self.max_connections {
+        let max_connections = match given.max_connections {
             Some(0) => return Err(invalid("max-connections", "must be at least 1")),
             Some(n) => n,
             None => {
@@ -624,24 +583,23 @@ impl Options {
                 soft.saturating_sub(RESERVED_FILES).max(64) as usize
             }
         };
-        let positive = |option: &'static str, value: Option<u64>, default: u64| match value {
-            Some(0) => Err(invalid(option, "must be greater than 0")),
-            Some(value) => Ok(value),
-            None => Ok(default),
+        let positive = |option: &'static str, value: u64| match value {
+            0 => Err(invalid(option, "must be greater than 0")),
+            value => Ok(value),
         };
-        let heartbeat_ms = positive("heartbeat-ms", self.heartbeat_ms, 25_000)?;
-        let idle_timeout_ms = positive("idle-timeout-ms", self.idle_timeout_ms, 60_000)?;
+        let heartbeat_ms = positive("heartbeat-ms", given.heartbeat_ms)?;
+        let idle_timeout_ms = positive("idle-timeout-ms", given.idle_timeout_ms)?;
         if idle_timeout_ms <= heartbeat_ms {
             return Err(invalid(
                 "idle-timeout-ms",
                 "must be longer than heartbeat-ms, or live clients are closed between pings",
             ));
         }
-        let max_message_size = self.max_message_size.unwrap_or(1 << 20);
+        let max_message_size = given.max_message_size;
         if max_message_size < 256 {
             return Err(invalid("max-message-size", "must be at least 256 bytes"));
         }
-        let max_queue_bytes = self
+        let max_queue_bytes = given
             .max_queue_bytes
             .unwrap_or(max_message_size.saturating_mul(4));
         if max_queue_bytes < max_message_size.saturating_mul(2) {
@@ -653,26 +611,26 @@ impl Options {
                 ),
             ));
         }
-        let max_subscriptions = self.max_subscriptions.unwrap_or(128);
+        let max_subscriptions = given.max_subscriptions;
         if max_subscriptions == 0 {
             return Err(invalid("max-subscriptions", "must be at least 1"));
         }
-        let read_buffer_size = self.read_buffer_size.unwrap_or(4096);
+        let read_buffer_size = given.read_buffer_size;
         if !(256..=1 << 20).contains(&read_buffer_size) {
             return Err(invalid(
                 "read-buffer-size",
                 "must be between 256 and 1048576",
             ));
         }
-        let write_buffer_size = self.write_buffer_size.unwrap_or(4096);
+        let write_buffer_size = given.write_buffer_size;
         if write_buffer_size > 1 << 20 {
             return Err(invalid("write-buffer-size", "must be at most 1048576"));
         }
-        let rate_limit_burst = self.rate_limit_burst.unwrap_or(200);
-        let rate_limit_strikes = self.rate_limit_strikes.unwrap_or(50);
-        let max_bad_frames = self.max_bad_frames.unwrap_or(10);
-        let connect_burst_per_ip = self.connect_burst_per_ip.unwrap_or(200);
-        let accept_burst = self.accept_burst.unwrap_or(1000);
+        let rate_limit_burst = given.rate_limit_burst;
+        let rate_limit_strikes = given.rate_limit_strikes;
+        let max_bad_frames = given.max_bad_frames;
+        let connect_burst_per_ip = given.connect_burst_per_ip;
+        let accept_burst = given.accept_burst;
         for (option, value) in [
             ("rate-limit-burst", rate_limit_burst),
             ("rate-limit-strikes", rate_limit_strikes),
@@ -684,33 +642,29 @@ impl Options {
                 return Err(invalid(option, "must be at least 1"));
             }
         }
-        let internal_max_connections = self.internal_max_connections.unwrap_or(256);
+        let internal_max_connections = given.internal_max_connections;
         if internal_max_connections == 0 {
             return Err(invalid("internal-max-connections", "must be at least 1"));
         }
-        let node_ttl_ms = self.node_ttl_ms.unwrap_or(15_000);
+        let node_ttl_ms = given.node_ttl_ms;
         if node_ttl_ms < 300 {
             return Err(invalid("node-ttl-ms", "must be at least 300"));
         }
-        let history_ttl_secs = positive("history-ttl-secs", self.history_ttl_secs, 300)?;
-        let stream_ttl_secs = positive("stream-ttl-secs", self.stream_ttl_secs, 86_400)?;
+        let history_ttl_secs = positive("history-ttl-secs", given.history_ttl_secs)?;
+        let stream_ttl_secs = positive("stream-ttl-secs", given.stream_ttl_secs)?;
         if stream_ttl_secs < history_ttl_secs {
             return Err(invalid(
                 "stream-ttl-secs",
                 "must be at least history-ttl-secs, or offsets would be forgotten before their messages",
             ));
         }
-        let log = self.log.unwrap_or_else(|| "info".to_owned());
+        let log = given.log;
         if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
             return Err(invalid("log", format!("{log:?} is not a log filter")));
         }
         Ok(Config {
-            listen: self
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            internal_listen: self
-                .internal_listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            listen: given.listen,
+            internal_listen: given.internal_listen,
             tls,
             node_id,
             instance: format!("{:016x}", rand::random::<u64>()),
@@ -718,45 +672,43 @@ impl Options {
             redis_ca,
             node_ttl: Duration::from_millis(node_ttl_ms),
             jwt,
-            api_key: self.api_key,
+            api_key: given.api_key,
             allowed_origins,
             trusted_proxies,
             max_connections,
             handshake_timeout: Duration::from_millis(positive(
                 "handshake-timeout-ms",
-                self.handshake_timeout_ms,
-                10_000,
+                given.handshake_timeout_ms,
             )?),
             internal_header_timeout: Duration::from_millis(positive(
                 "internal-header-timeout-ms",
-                self.internal_header_timeout_ms,
-                10_000,
+                given.internal_header_timeout_ms,
             )?),
             internal_max_connections,
-            max_connections_per_ip: self.max_connections_per_ip.unwrap_or(1000),
-            connect_rate_per_ip: self.connect_rate_per_ip.unwrap_or(50),
+            max_connections_per_ip: given.max_connections_per_ip,
+            connect_rate_per_ip: given.connect_rate_per_ip,
             connect_burst_per_ip,
-            accept_rate: self.accept_rate.unwrap_or(2000),
+            accept_rate: given.accept_rate,
             accept_burst,
             max_message_size,
             max_queue_bytes,
             max_subscriptions,
-            rate_limit: self.rate_limit.unwrap_or(100),
+            rate_limit: given.rate_limit,
             rate_limit_burst,
             rate_limit_strikes,
             max_bad_frames,
             heartbeat: Duration::from_millis(heartbeat_ms),
             idle_timeout: Duration::from_millis(idle_timeout_ms),
-            drain_grace: Duration::from_millis(self.drain_grace_ms.unwrap_or(10_000)),
-            drain_delay: Duration::from_millis(self.drain_delay_ms.unwrap_or(0)),
-            history_size: self.history_size.unwrap_or(100),
+            drain_grace: Duration::from_millis(given.drain_grace_ms),
+            drain_delay: Duration::from_millis(given.drain_delay_ms),
+            history_size: given.history_size,
             history_ttl: Duration::from_secs(history_ttl_secs),
             stream_ttl: Duration::from_secs(stream_ttl_secs),
-            room_linger: Duration::from_millis(self.room_linger_ms.unwrap_or(2_000)),
+            room_linger: Duration::from_millis(given.room_linger_ms),
             read_buffer_size,
             write_buffer_size,
-            demo: self.demo.unwrap_or(true),
-            log_format: self.log_format.unwrap_or_default(),
+            demo: given.demo,
+            log_format: given.log_format,
             log,
         })
     }
@@ -770,6 +722,8 @@ fn read_ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
         .map_err(|error| invalid("redis-ca-file", format!("{}: {error}", path.display())))?;
     Ok(pem)
 }
+
+mod declare;
 
 #[cfg(test)]
 mod tests;
