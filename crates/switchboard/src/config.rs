@@ -726,4 +726,6 @@ fn read_ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
 mod declare;
 
 #[cfg(test)]
+mod docs_tests;
+#[cfg(test)]
 mod tests;

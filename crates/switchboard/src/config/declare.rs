@@ -121,6 +121,13 @@ macro_rules! options {
                 }
             }
 
+            /// The options whose default is a value, by field name, with that value as the help
+            /// text shows it (for the test that holds docs/configuration.md to them).
+            #[cfg(test)]
+            fn value_defaults() -> Vec<(&'static str, String)> {
+                vec![$($((stringify!($field), $default.to_string()),)?)*]
+            }
+
             /// These options, with the defaults that are values filled in.
             fn given(self) -> Given {
                 Given {
