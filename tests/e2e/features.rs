@@ -15,6 +15,7 @@ use switchboard_client::{
     Client, ClientError, ConnectOptions, ErrorCode, Event, PresenceNotice, ReconnectPolicy,
     RoomMessage, Sender, StreamPosition, SubscribeOptions,
 };
+use switchboard_e2e::client::{error_of, expect_reply, position, request, subscribe_frame};
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
 use switchboard_protocol::api::{
     ApiError, BroadcastResponse, DisconnectRequest, DisconnectResponse, NodesResponse,
@@ -110,39 +111,10 @@ async fn next_binary(client: &mut RawClient) -> Result<ServerFrame> {
     }
 }
 
-/// Sends a request on a raw client and returns the next frame.
-async fn request(client: &mut RawClient, frame: ClientFrame) -> Result<ServerFrame> {
-    client.send_frame(&frame).await?;
-    client.next_frame().await
-}
-
-fn expect_reply(frame: ServerFrame) -> Result<Reply> {
-    match frame {
-        ServerFrame::Reply(reply) => Ok(reply),
-        other => bail!("expected a reply, got {other:?}"),
-    }
-}
-
 fn expect_room_message(frame: ServerFrame) -> Result<Arc<RoomMessage>> {
     match frame {
         ServerFrame::Message(message) => Ok(message),
         other => bail!("expected a message, got {other:?}"),
-    }
-}
-
-fn subscribe_frame(room: &str, id: u64, since: Option<StreamPosition>) -> ClientFrame {
-    ClientFrame::Subscribe {
-        room: room.to_owned(),
-        id: Some(id),
-        since,
-        presence_events: false,
-    }
-}
-
-fn position(offset: u64, epoch: &str) -> StreamPosition {
-    StreamPosition {
-        offset,
-        epoch: epoch.to_owned(),
     }
 }
 
@@ -1202,20 +1174,6 @@ async fn api_key_guards_the_api_but_not_the_probes() -> Result<()> {
 // 8. Ping and request ids
 // ---------------------------------------------------------------------------------------------
 
-fn expect_error(frame: ServerFrame, id: Option<u64>, code: ErrorCode) -> Result<()> {
-    match frame {
-        ServerFrame::Error(error) => {
-            ensure!(
-                error.id == id && error.code == code,
-                "expected error {code} with id {id:?}, got {error:?}"
-            );
-            ensure!(!error.message.is_empty(), "empty error message");
-            Ok(())
-        }
-        other => bail!("expected error {code}, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
@@ -1237,7 +1195,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
             },
         )
         .await?;
-        expect_error(frame, Some(7), ErrorCode::NotSubscribed)?;
+        error_of(frame, Some(7), ErrorCode::NotSubscribed)?;
 
         let reply = expect_reply(request(&mut client, subscribe_frame("here", 8, None)).await?)?;
         assert_eq!((reply.id, reply.room.as_deref()), (8, Some("here")));
@@ -1245,7 +1203,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
         assert!(reply.epoch.is_some());
 
         let frame = request(&mut client, subscribe_frame("here", 9, None)).await?;
-        expect_error(frame, Some(9), ErrorCode::AlreadySubscribed)?;
+        error_of(frame, Some(9), ErrorCode::AlreadySubscribed)?;
 
         let reply = expect_reply(
             request(
@@ -1322,7 +1280,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
             },
         )
         .await?;
-        expect_error(frame, Some(15), ErrorCode::NotSubscribed)?;
+        error_of(frame, Some(15), ErrorCode::NotSubscribed)?;
 
         // An unknown type still gets its id back.
         let dance = match codec.encode(&json!({"type": "dance", "id": 16})) {
@@ -1331,7 +1289,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
             Err(error) => bail!(error),
         };
         client.send_message(dance).await?;
-        expect_error(client.next_frame().await?, Some(16), ErrorCode::UnknownType)?;
+        error_of(client.next_frame().await?, Some(16), ErrorCode::UnknownType)?;
 
         // A successful request without an id gets no answer: the next frame is the pong of
         // the following ping.
@@ -1379,7 +1337,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
                 id: None,
             })
             .await?;
-        expect_error(client.next_frame().await?, None, ErrorCode::NotSubscribed)?;
+        error_of(client.next_frame().await?, None, ErrorCode::NotSubscribed)?;
     }
 
     // The SDK surfaces the same errors.

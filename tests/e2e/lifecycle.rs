@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
+use switchboard_e2e::client::close_code;
 use switchboard_e2e::{
     DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
 };
@@ -261,10 +262,6 @@ fn welcome_fields(frame: ServerFrame) -> Result<(String, String, String, String,
     }
 }
 
-fn close_code(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> Option<u16> {
-    frame.map(|frame| u16::from(frame.code))
-}
-
 /// An SDK client that never reconnects.
 async fn sdk_client(node: &NodeProcess, user: &str) -> Result<Client> {
     let options = ConnectOptions {
@@ -319,8 +316,8 @@ async fn sigterm_drains_every_client_with_1001_and_exits_0() -> Result<()> {
     let mut waiters = Vec::new();
     for mut client in raw {
         waiters.push(tokio::spawn(async move {
-            let frame = client.expect_close().await?;
-            Ok::<_, anyhow::Error>((close_code(frame), started.elapsed()))
+            let code = close_code(&mut client).await?;
+            Ok::<_, anyhow::Error>((Some(code), started.elapsed()))
         }));
     }
     for client in sdk {
@@ -433,13 +430,9 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
 
     // Then the drain, as without a delay: both closed with 1001, none before the delay ran out.
     for (name, mut client) in [("the first client", reader), ("the late client", late)] {
-        let frame = client.expect_close().await?;
+        let code = close_code(&mut client).await?;
         let after = signalled.elapsed();
-        assert_eq!(
-            close_code(frame),
-            Some(close::GOING_AWAY),
-            "{name} was not closed with 1001"
-        );
+        assert_eq!(code, close::GOING_AWAY, "{name} was not closed with 1001");
         assert!(
             after >= DELAY,
             "{name} was closed {after:?} after SIGTERM, within the {DELAY:?} drain delay"
@@ -468,14 +461,13 @@ async fn sigint_drains_and_exits_0() -> Result<()> {
     }
     let waiters: Vec<_> = clients
         .into_iter()
-        .map(|mut client| tokio::spawn(async move { client.expect_close().await }))
+        .map(|mut client| tokio::spawn(async move { close_code(&mut client).await }))
         .collect();
 
     send_signal(node.pid(), "INT")?;
     wait_not_ready(&mut node, Duration::from_secs(1)).await?;
     for waiter in waiters {
-        let frame = waiter.await??;
-        assert_eq!(close_code(frame), Some(close::GOING_AWAY));
+        assert_eq!(waiter.await??, close::GOING_AWAY);
     }
     let status = node.wait_exit(Duration::from_secs(8)).await?;
     assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
@@ -827,8 +819,7 @@ async fn json_logs_carry_the_session_span() -> Result<()> {
             break;
         }
     }
-    let frame = client.expect_close().await?;
-    assert_eq!(close_code(frame), Some(close::POLICY));
+    assert_eq!(close_code(&mut client).await?, close::POLICY);
 
     let about_session = |line: &Value| {
         let span_matches = |span: &Value| {

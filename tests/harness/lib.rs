@@ -19,8 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod auth;
 pub mod certs;
+pub mod client;
 pub mod haproxy;
+pub mod memory;
 pub mod redis_faults;
 
 /// How long any single expected event may take before a test fails.
