@@ -15,14 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchboard_client::{Client, ClientError, ConnectOptions, SubscribeOptions};
+use switchboard_e2e::api::{api, api_ok, api_presence, api_publish, api_send, readyz};
 use switchboard_e2e::certs::TestCerts;
+use switchboard_e2e::client::position;
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess, wait_until};
-use switchboard_protocol::api::{
-    ApiError, BroadcastResponse, NodesResponse, PresenceResponse, PublishResponse, SendResponse,
-};
+use switchboard_protocol::api::{ApiError, BroadcastResponse, NodesResponse, PublishResponse};
 use switchboard_protocol::{
     ClientFrame, Codec, ErrorCode, ErrorFrame, Member, PresenceNotice, Reply, RoomMessage, Sender,
     ServerFrame, StreamPosition,
@@ -337,84 +336,9 @@ fn offsets_and_data(messages: &[Arc<RoomMessage>]) -> Vec<(u64, Value)> {
         .collect()
 }
 
-fn position(offset: u64, epoch: &str) -> StreamPosition {
-    StreamPosition {
-        offset,
-        epoch: epoch.to_owned(),
-    }
-}
-
-/// Calls the server API; returns the status and the body as JSON.
-async fn api(
-    node: &NodeProcess,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value)> {
-    let http = reqwest::Client::new();
-    let url = node.http_url(path);
-    let request = match method {
-        "GET" => http.get(url),
-        "POST" => http.post(url).json(&body.unwrap_or(Value::Null)),
-        other => bail!("no method {other}"),
-    };
-    let response = request
-        .timeout(DEADLINE)
-        .send()
-        .await
-        .with_context(|| format!("{method} {path}"))?;
-    let status = response.status().as_u16();
-    let text = response.text().await?;
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok((status, value))
-}
-
-/// Calls the server API and decodes a 200 answer.
-async fn api_ok<T: DeserializeOwned>(
-    node: &NodeProcess,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<T> {
-    let (status, value) = api(node, method, path, body).await?;
-    ensure!(status == 200, "{method} {path}: {status} {value}");
-    serde_json::from_value(value).with_context(|| format!("{method} {path}"))
-}
-
-async fn api_publish(node: &NodeProcess, room: &str, data: Value) -> Result<PublishResponse> {
-    api_ok(
-        node,
-        "POST",
-        "/api/publish",
-        Some(json!({"room": room, "data": data})),
-    )
-    .await
-}
-
-async fn api_send(node: &NodeProcess, user: &str, data: Value) -> Result<u64> {
-    let answer: SendResponse = api_ok(
-        node,
-        "POST",
-        "/api/send",
-        Some(json!({"user": user, "data": data})),
-    )
-    .await?;
-    Ok(answer.sessions)
-}
-
-async fn api_presence(node: &NodeProcess, room: &str) -> Result<BTreeSet<(String, String)>> {
-    let answer: PresenceResponse =
-        api_ok(node, "GET", &format!("/api/presence/{room}"), None).await?;
-    Ok(pairs(&answer.members))
-}
-
 async fn api_nodes(node: &NodeProcess) -> Result<BTreeSet<String>> {
     let answer: NodesResponse = api_ok(node, "GET", "/api/nodes", None).await?;
     Ok(answer.nodes.into_iter().map(|node| node.id).collect())
-}
-
-async fn readyz(node: &NodeProcess) -> Result<u16> {
-    Ok(api(node, "GET", "/readyz", None).await?.0)
 }
 
 /// How many Redis connections are subscribed to the room's channel.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::api::api_publish;
 use switchboard_e2e::client::{
     answer, connect_small_buffer, connect_user, subscribe_frame, user_url,
 };
@@ -18,28 +19,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 const MIB: usize = 1 << 20;
 const LIMIT_REFUSALS: &str = "switchboard_limit_refusals_total";
 
-async fn api_publish(node: &NodeProcess, room: &str, data: &Value) -> Result<reqwest::Response> {
-    Ok(reqwest::Client::new()
-        .post(node.http_url("/api/publish"))
-        .json(&json!({"room": room, "data": data}))
-        .send()
-        .await?)
-}
-
 /// Publishes `count` messages of about `size` bytes to `room`; returns the room's epoch.
 async fn publish_large(node: &NodeProcess, room: &str, count: u64, size: usize) -> Result<String> {
     let mut epoch = String::new();
     for n in 1..=count {
         let data = json!({"n": n, "pad": "p".repeat(size)});
-        let response = api_publish(node, room, &data).await?;
-        ensure!(
-            response.status().is_success(),
-            "publish {n}: {}",
-            response.status()
-        );
-        let body: Value = response.json().await?;
-        ensure!(body["offset"] == n, "publish {n} got {body}");
-        epoch = body["epoch"].as_str().context("an epoch")?.to_owned();
+        let body = api_publish(node, room, data).await?;
+        ensure!(body.offset == n, "publish {n} got {body:?}");
+        epoch = body.epoch;
     }
     Ok(epoch)
 }
@@ -528,8 +515,7 @@ async fn reading_fresh_rooms_leaves_no_redis_key() -> Result<()> {
     ensure!(first.offset == Some(0));
     drop(client);
     for n in 1..=3 {
-        let response = api_publish(&node, "later", &json!(n)).await?;
-        ensure!(response.status().is_success());
+        api_publish(&node, "later", json!(n)).await?;
     }
     let mut back = connect_user(&node, "reader").await?;
     back.send_frame(&ClientFrame::Subscribe {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
+use switchboard_e2e::api::readyz_within;
 use switchboard_e2e::client::close_code;
 use switchboard_e2e::{
     DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
@@ -207,20 +208,14 @@ fn send_signal(pid: u32, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// How long one HTTP request may take: a draining node must still answer its probes promptly.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
+        .timeout(HTTP_TIMEOUT)
         .build()
         .expect("http client")
-}
-
-async fn readyz(node: &NodeProcess) -> Result<u16> {
-    Ok(http()
-        .get(node.http_url("/readyz"))
-        .send()
-        .await?
-        .status()
-        .as_u16())
 }
 
 /// Polls `/readyz` until it answers 503, which must happen within `within` and while the
@@ -228,7 +223,7 @@ async fn readyz(node: &NodeProcess) -> Result<u16> {
 async fn wait_not_ready(node: &mut NodeProcess, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        let status = readyz(node)
+        let status = readyz_within(node, HTTP_TIMEOUT)
             .await
             .context("/readyz stopped answering before it reported 503")?;
         if status == 503 {
@@ -309,7 +304,11 @@ async fn sigterm_drains_every_client_with_1001_and_exits_0() -> Result<()> {
     for index in 0..SDK {
         sdk.push(sdk_client(&node, &format!("sdk-{index}")).await?);
     }
-    assert_eq!(readyz(&node).await?, 200, "ready before the signal");
+    assert_eq!(
+        readyz_within(&node, HTTP_TIMEOUT).await?,
+        200,
+        "ready before the signal"
+    );
 
     // Every client reads until its close, concurrently, noting when it came.
     let started = Instant::now();
@@ -397,7 +396,11 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
         })
         .await?;
     expect_reply(&mut reader, 1).await?;
-    assert_eq!(readyz(&node).await?, 200, "ready before the signal");
+    assert_eq!(
+        readyz_within(&node, HTTP_TIMEOUT).await?,
+        200,
+        "ready before the signal"
+    );
 
     let signalled = Instant::now();
     node.terminate();
@@ -426,7 +429,11 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
         ServerFrame::Message(message) => assert_eq!(message.data, json!("still serving")),
         other => bail!("expected the message published during the delay, got {other:?}"),
     }
-    assert_eq!(readyz(&node).await?, 503, "ready again during the delay");
+    assert_eq!(
+        readyz_within(&node, HTTP_TIMEOUT).await?,
+        503,
+        "ready again during the delay"
+    );
 
     // Then the drain, as without a delay: both closed with 1001, none before the delay ran out.
     for (name, mut client) in [("the first client", reader), ("the late client", late)] {
