@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{
     close_code, connect, connect_small_buffer, expect_error, expect_message, expect_ping_pong,
-    open, publish, refused, subscribe, until_tcp_closed,
+    open, publish, refused, subscribe, subscribe_frame, until_tcp_closed,
 };
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
 use switchboard_protocol::api::PublishResponse;
@@ -602,12 +602,7 @@ async fn a_room_outside_the_token_is_forbidden() -> Result<()> {
     let mut client = connect(&url_with_token(&node, &limited), Codec::Json).await?;
 
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "admin".into(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame("admin", 1, None))
         .await?;
     expect_error(&mut client, Some(1), ErrorCode::Forbidden).await?;
     client
@@ -1130,14 +1125,7 @@ async fn requests_with_bad_fields_get_their_error_codes() -> Result<()> {
 
     let long_room = "r".repeat(257);
     for (id, room) in [(1, ""), (2, long_room.as_str()), (3, "bad\nroom")] {
-        client
-            .send_frame(&ClientFrame::Subscribe {
-                room: room.to_owned(),
-                id: Some(id),
-                since: None,
-                presence_events: false,
-            })
-            .await?;
+        client.send_frame(&subscribe_frame(room, id, None)).await?;
         expect_error(&mut client, Some(id), ErrorCode::BadFrame)
             .await
             .with_context(|| format!("subscribe to {room:?}"))?;
@@ -1167,12 +1155,7 @@ async fn requests_with_bad_fields_get_their_error_codes() -> Result<()> {
     expect_error(&mut client, Some(6), ErrorCode::NotSubscribed).await?;
     subscribe(&mut client, "twice", 7).await?;
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "twice".into(),
-            id: Some(8),
-            since: None,
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame("twice", 8, None))
         .await?;
     expect_error(&mut client, Some(8), ErrorCode::AlreadySubscribed).await?;
     // An id that is not an unsigned integer cannot be echoed.

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, bail, ensure};
 use serde_json::{Value, json};
-use switchboard_e2e::client::expect_ping_pong;
+use switchboard_e2e::client::{expect_ping_pong, subscribe_frame};
 use switchboard_e2e::memory::process_memory;
 use switchboard_e2e::{NodeProcess, RawClient};
 use switchboard_protocol::msgpack::MAX_DATA_DEPTH;
@@ -91,14 +91,7 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
     let url = node.ws_url();
     let (mut reader, _) = RawClient::connect(&url, Codec::Json).await?;
-    reader
-        .send_frame(&ClientFrame::Subscribe {
-            room: "deep".into(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    reader.send_frame(&subscribe_frame("deep", 1, None)).await?;
     ensure!(matches!(reader.next_frame().await?, ServerFrame::Reply(reply) if reply.id == 1));
 
     // As deep as a `history` reply (three levels around `data`) can carry, and no deeper.

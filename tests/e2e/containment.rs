@@ -227,12 +227,11 @@ async fn a_recovery_nobody_reads_ends_with_1013() -> Result<()> {
     let epoch = publish_large(&node, "r", 200, 60_000).await?;
     let mut client = connect_small_buffer(&node, &user_url(&node, "stuck")).await?;
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "r".to_owned(),
-            id: Some(1),
-            since: Some(StreamPosition { offset: 0, epoch }),
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame(
+            "r",
+            1,
+            Some(StreamPosition { offset: 0, epoch }),
+        ))
         .await?;
     node.wait_metric("switchboard_slow_consumer_closes_total", 1.0)
         .await?;
@@ -549,12 +548,7 @@ async fn one_subscription_past_the_limit_is_refused_and_the_connection_stays_ope
         subscribe(&mut client, &format!("room-{n}"), n).await?;
     }
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "room-4".to_owned(),
-            id: Some(4),
-            since: None,
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame("room-4", 4, None))
         .await?;
     match answer(&mut client, 4).await? {
         ServerFrame::Error(error) => {

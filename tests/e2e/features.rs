@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use serde_json::{Value, json};
 use switchboard_client::{
     Client, ClientError, ConnectOptions, ErrorCode, Event, PresenceNotice, ReconnectPolicy,
@@ -93,20 +93,11 @@ async fn assert_quiet(client: &Client, who: &str) -> Result<()> {
 
 /// The next frame on a raw client, which must be a binary (MessagePack) frame.
 async fn next_binary(client: &mut RawClient) -> Result<ServerFrame> {
-    loop {
-        let message = tokio::time::timeout(DEADLINE, client.socket.next())
-            .await
-            .context("no frame in time")?
-            .context("connection ended")??;
-        match message {
-            Message::Binary(bytes) => {
-                return Codec::MsgPack
-                    .decode(&bytes)
-                    .map_err(|error| anyhow::anyhow!(error));
-            }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            other => bail!("expected a binary frame, got {other:?}"),
-        }
+    match client.next_message().await? {
+        Message::Binary(bytes) => Codec::MsgPack
+            .decode(&bytes)
+            .map_err(|error| anyhow::anyhow!(error)),
+        other => bail!("expected a binary frame, got {other:?}"),
     }
 }
 

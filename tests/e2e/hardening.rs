@@ -337,17 +337,9 @@ async fn a_dot_star_room_pattern_stays_within_its_segment() -> Result<()> {
 
     expect_reply(subscribe(&mut scoped, "user.alice.inbox", 1).await?)?;
     for (room, id) in [("user.alice2", 2), ("user.alice", 3), ("user.alice.", 4)] {
-        expect_forbidden(
-            &mut scoped,
-            ClientFrame::Subscribe {
-                room: room.to_owned(),
-                id: Some(id),
-                since: None,
-                presence_events: false,
-            },
-        )
-        .await
-        .with_context(|| format!("user.alice.* and {room}"))?;
+        expect_forbidden(&mut scoped, subscribe_frame(room, id, None))
+            .await
+            .with_context(|| format!("user.alice.* and {room}"))?;
     }
     expect_forbidden(
         &mut scoped,

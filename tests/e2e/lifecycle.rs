@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
 use switchboard_e2e::api::readyz_within;
-use switchboard_e2e::client::close_code;
+use switchboard_e2e::client::{close_code, subscribe_frame};
 use switchboard_e2e::{
     DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
 };
@@ -387,14 +387,7 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
     let mut node =
         NodeProcess::start(&["--drain-delay-ms", "1500", "--drain-grace-ms", "200"]).await?;
     let (mut reader, _) = RawClient::connect(&node.ws_url(), Codec::Json).await?;
-    reader
-        .send_frame(&ClientFrame::Subscribe {
-            room: "news".into(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    reader.send_frame(&subscribe_frame("news", 1, None)).await?;
     expect_reply(&mut reader, 1).await?;
     assert_eq!(
         readyz_within(&node, HTTP_TIMEOUT).await?,
@@ -1009,7 +1002,7 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
             .and_then(|value| value.to_str().ok()),
         Some("switchboard.v1.json")
     );
-    let first = first_message(&mut client).await?;
+    let first = client.next_message().await?;
     let Message::Text(text) = first else {
         bail!("the first JSON frame is not a text frame: {first:?}");
     };
@@ -1035,7 +1028,7 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
             .and_then(|value| value.to_str().ok()),
         Some("switchboard.v1.msgpack")
     );
-    let first = first_message(&mut client).await?;
+    let first = client.next_message().await?;
     let Message::Binary(bytes) = first else {
         bail!("the first msgpack frame is not binary: {first:?}");
     };
@@ -1057,7 +1050,7 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
         response.headers().get("sec-websocket-protocol").is_none(),
         "a subprotocol was chosen though none was offered"
     );
-    let first = first_message(&mut client).await?;
+    let first = client.next_message().await?;
     let Message::Text(text) = first else {
         bail!("the first frame without a subprotocol is not text: {first:?}");
     };
@@ -1071,19 +1064,4 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
         "anonymous user id: {welcome}"
     );
     Ok(())
-}
-
-/// The first data message on a fresh connection (control frames skipped).
-async fn first_message(client: &mut RawClient) -> Result<Message> {
-    use futures_util::StreamExt;
-    loop {
-        let message = tokio::time::timeout(DEADLINE, client.socket.next())
-            .await
-            .context("no first frame in time")?
-            .context("connection ended before the first frame")??;
-        match message {
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            other => return Ok(other),
-        }
-    }
 }

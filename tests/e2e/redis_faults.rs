@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::client::subscribe_frame;
 use switchboard_e2e::redis_faults::{Forwarder, SnapshotRedis};
 use switchboard_e2e::{NodeProcess, RawClient, wait_until};
 use switchboard_protocol::{
@@ -400,14 +401,7 @@ async fn a_subscribe_redis_does_not_answer_leaves_no_subscription_behind() -> Re
     };
     let sleeping = stall(&redis).await?;
     let id = peer.id();
-    let answer = peer
-        .ask(ClientFrame::Subscribe {
-            room: ROOM.to_owned(),
-            id: Some(id),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    let answer = peer.ask(subscribe_frame(ROOM, id, None)).await?;
     let Err(error) = answer else {
         bail!("a subscribe Redis did not answer succeeded: {answer:?}");
     };

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
 use switchboard_e2e::api::{api_ok_within, api_presence_within, api_send_within, readyz_within};
+use switchboard_e2e::client::subscribe_frame;
 use switchboard_e2e::{NodeProcess, RawClient, RedisProcess};
 use switchboard_protocol::api::NodesResponse;
 use switchboard_protocol::{ClientFrame, Codec, ServerFrame};
@@ -178,12 +179,11 @@ async fn open(node: &NodeProcess, first: usize, count: usize) -> Result<Vec<RawC
                     "not a welcome: {welcome:?}"
                 );
                 client
-                    .send_frame(&ClientFrame::Subscribe {
-                        room: format!("room-{}", index % ROOMS),
-                        id: Some(1),
-                        since: None,
-                        presence_events: false,
-                    })
+                    .send_frame(&subscribe_frame(
+                        &format!("room-{}", index % ROOMS),
+                        1,
+                        None,
+                    ))
                     .await?;
                 match client.next_frame().await? {
                     ServerFrame::Reply(reply) if reply.id == 1 => Ok(client),

@@ -389,23 +389,28 @@ impl RawClient {
         self.send_message(message).await
     }
 
-    /// The next data frame, decoded; fails on close, error or after [`DEADLINE`].
-    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+    /// The next text, binary or close message, control frames skipped; fails when the connection
+    /// fails or ends, or when each message takes longer than [`DEADLINE`].
+    pub async fn next_message(&mut self) -> Result<Message> {
         loop {
             let message = tokio::time::timeout(DEADLINE, self.socket.next())
                 .await
                 .context("no frame in time")?
                 .context("connection ended")??;
             match message {
-                Message::Text(text) => {
-                    return Codec::Json.decode(text.as_bytes()).map_err(|e| anyhow!(e));
-                }
-                Message::Binary(bytes) => {
-                    return Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e));
-                }
-                Message::Close(frame) => bail!("closed: {frame:?}"),
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                other => return Ok(other),
             }
+        }
+    }
+
+    /// The next data frame, decoded; fails on close, error or after [`DEADLINE`].
+    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+        match self.next_message().await? {
+            Message::Text(text) => Codec::Json.decode(text.as_bytes()).map_err(|e| anyhow!(e)),
+            Message::Binary(bytes) => Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e)),
+            Message::Close(frame) => bail!("closed: {frame:?}"),
+            other => bail!("unexpected message {other:?}"),
         }
     }
 
