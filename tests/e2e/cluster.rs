@@ -9,9 +9,8 @@
 //! de-duplication) hides a duplicate; a duplicate would come before the next expected frame,
 //! so tests check whole sequences, then that nothing else is queued (a ping round trip).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -20,12 +19,10 @@ use switchboard_client::{Client, ClientError, ConnectOptions, SubscribeOptions};
 use switchboard_e2e::api::{api, api_ok, api_presence, api_publish, api_send, readyz};
 use switchboard_e2e::certs::TestCerts;
 use switchboard_e2e::client::position;
-use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess, wait_until};
+use switchboard_e2e::peer::{Peer, offsets_and_data};
+use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, wait_until};
 use switchboard_protocol::api::{ApiError, BroadcastResponse, NodesResponse, PublishResponse};
-use switchboard_protocol::{
-    ClientFrame, Codec, ErrorCode, ErrorFrame, Member, PresenceNotice, Reply, RoomMessage, Sender,
-    ServerFrame, StreamPosition,
-};
+use switchboard_protocol::{ErrorCode, PresenceNotice, Sender, ServerFrame};
 
 /// The node TTL every test runs with: a node silent this long is dead.
 const NODE_TTL: Duration = Duration::from_millis(1500);
@@ -94,246 +91,8 @@ impl Cluster {
     }
 }
 
-/// A raw WebSocket session (JSON) that answers requests by id and keeps every other frame, in
-/// arrival order, for [`Peer::next`].
-struct Peer {
-    raw: RawClient,
-    session: String,
-    user: String,
-    pending: VecDeque<ServerFrame>,
-    next_id: u64,
-}
-
-impl Peer {
-    async fn connect(node: &NodeProcess, user: &str) -> Result<Peer> {
-        let url = format!("{}?user={user}", node.ws_url());
-        let (raw, welcome) = RawClient::connect(&url, Codec::Json).await?;
-        let ServerFrame::Welcome {
-            session,
-            user: welcomed,
-            node: node_id,
-            ..
-        } = welcome
-        else {
-            bail!("not a welcome: {welcome:?}");
-        };
-        ensure!(welcomed == user, "welcomed as {welcomed}, expected {user}");
-        ensure!(
-            node_id == node.node_id,
-            "welcomed by {node_id}, expected {}",
-            node.node_id
-        );
-        Ok(Peer {
-            raw,
-            session,
-            user: user.to_owned(),
-            pending: VecDeque::new(),
-            next_id: 0,
-        })
-    }
-
-    fn id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
-    fn sender(&self) -> Sender {
-        Sender {
-            user: self.user.clone(),
-            session: self.session.clone(),
-        }
-    }
-
-    fn member(&self) -> (String, String) {
-        (self.user.clone(), self.session.clone())
-    }
-
-    /// Sends a request and waits for its `reply` or `error`; other frames are kept.
-    async fn ask(&mut self, frame: ClientFrame) -> Result<Result<Reply, ErrorFrame>> {
-        let id = frame.id().context("a request needs an id")?;
-        self.raw.send_frame(&frame).await?;
-        loop {
-            match self.raw.next_frame().await? {
-                ServerFrame::Reply(reply) if reply.id == id => return Ok(Ok(reply)),
-                ServerFrame::Error(error) if error.id == Some(id) => return Ok(Err(error)),
-                other => self.pending.push_back(other),
-            }
-        }
-    }
-
-    async fn request(&mut self, frame: ClientFrame) -> Result<Reply> {
-        let kind = frame.kind();
-        self.ask(frame).await?.map_err(|error| {
-            anyhow!(
-                "{}'s {kind} failed: {} {}",
-                self.user,
-                error.code,
-                error.message
-            )
-        })
-    }
-
-    async fn subscribe_with(
-        &mut self,
-        room: &str,
-        since: Option<StreamPosition>,
-        presence_events: bool,
-    ) -> Result<Reply> {
-        let id = self.id();
-        self.request(ClientFrame::Subscribe {
-            room: room.to_owned(),
-            id: Some(id),
-            since,
-            presence_events,
-        })
-        .await
-    }
-
-    /// Subscribes; returns the room's position.
-    async fn subscribe(&mut self, room: &str) -> Result<StreamPosition> {
-        let reply = self.subscribe_with(room, None, false).await?;
-        ensure!(reply.room.as_deref() == Some(room), "reply for {reply:?}");
-        ensure!(
-            reply.recovered.is_none(),
-            "recovered without since: {reply:?}"
-        );
-        Ok(StreamPosition {
-            offset: reply.offset.context("subscribe reply without offset")?,
-            epoch: reply.epoch.context("subscribe reply without epoch")?,
-        })
-    }
-
-    async fn unsubscribe(&mut self, room: &str) -> Result<()> {
-        let id = self.id();
-        self.request(ClientFrame::Unsubscribe {
-            room: room.to_owned(),
-            id: Some(id),
-        })
-        .await
-        .map(drop)
-    }
-
-    fn publish_frame(&mut self, room: &str, data: Value) -> ClientFrame {
-        let id = self.id();
-        ClientFrame::Publish {
-            room: room.to_owned(),
-            data,
-            id: Some(id),
-        }
-    }
-
-    /// Publishes; returns the message's offset.
-    async fn publish(&mut self, room: &str, data: Value) -> Result<u64> {
-        let frame = self.publish_frame(room, data);
-        let reply = self.request(frame).await?;
-        reply.offset.context("publish reply without offset")
-    }
-
-    /// Sends to a user; returns how many sessions the server says it reached.
-    async fn send(&mut self, to: &str, data: Value) -> Result<u64> {
-        let id = self.id();
-        let reply = self
-            .request(ClientFrame::Send {
-                to: to.to_owned(),
-                data,
-                id: Some(id),
-            })
-            .await?;
-        reply.sessions.context("send reply without sessions")
-    }
-
-    async fn presence(&mut self, room: &str) -> Result<BTreeSet<(String, String)>> {
-        let id = self.id();
-        let reply = self
-            .request(ClientFrame::Presence {
-                room: room.to_owned(),
-                id,
-            })
-            .await?;
-        Ok(pairs(
-            &reply.members.context("presence reply without members")?,
-        ))
-    }
-
-    /// The next frame that is not an answer to a request.
-    async fn next(&mut self) -> Result<ServerFrame> {
-        match self.pending.pop_front() {
-            Some(frame) => Ok(frame),
-            None => self
-                .raw
-                .next_frame()
-                .await
-                .with_context(|| format!("{} waiting for a frame", self.user)),
-        }
-    }
-
-    async fn take(&mut self, count: usize) -> Result<Vec<ServerFrame>> {
-        let mut frames = Vec::with_capacity(count);
-        for _ in 0..count {
-            frames.push(self.next().await?);
-        }
-        Ok(frames)
-    }
-
-    /// The next `count` frames, which must all be room messages.
-    async fn messages(&mut self, count: usize) -> Result<Vec<Arc<RoomMessage>>> {
-        let mut messages = Vec::with_capacity(count);
-        for _ in 0..count {
-            let frame = self.next().await.with_context(|| {
-                format!(
-                    "{} expected {count} room messages, got {:?}",
-                    self.user,
-                    offsets_and_data(&messages)
-                )
-            })?;
-            match frame {
-                ServerFrame::Message(message) => messages.push(message),
-                other => bail!("{} expected a room message, got {other:?}", self.user),
-            }
-        }
-        Ok(messages)
-    }
-
-    /// Asserts that nothing is waiting for this session: a ping round trip is the barrier (the
-    /// server writes everything already queued for a session before it reads the next frame).
-    async fn quiet(&mut self) -> Result<()> {
-        if let Some(frame) = self.pending.front() {
-            bail!("{} should have received nothing, got {frame:?}", self.user);
-        }
-        let id = self.id();
-        self.raw
-            .send_frame(&ClientFrame::Ping { id: Some(id) })
-            .await?;
-        match self.raw.next_frame().await? {
-            ServerFrame::Pong { id: Some(pong) } if pong == id => Ok(()),
-            other => bail!("{} should have received nothing, got {other:?}", self.user),
-        }
-    }
-
-    /// Closes the connection normally.
-    async fn close(mut self) -> Result<()> {
-        self.raw.socket.close(None).await?;
-        Ok(())
-    }
-}
-
-fn pairs(members: &[Member]) -> BTreeSet<(String, String)> {
-    members
-        .iter()
-        .map(|member| (member.user.clone(), member.session.clone()))
-        .collect()
-}
-
 fn set<const N: usize>(members: [(String, String); N]) -> BTreeSet<(String, String)> {
     members.into_iter().collect()
-}
-
-/// (offset, data) of each message, for comparing sequences.
-fn offsets_and_data(messages: &[Arc<RoomMessage>]) -> Vec<(u64, Value)> {
-    messages
-        .iter()
-        .map(|message| (message.offset, message.data.clone()))
-        .collect()
 }
 
 async fn api_nodes(node: &NodeProcess) -> Result<BTreeSet<String>> {

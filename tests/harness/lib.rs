@@ -25,6 +25,7 @@ pub mod certs;
 pub mod client;
 pub mod haproxy;
 pub mod memory;
+pub mod peer;
 pub mod redis_faults;
 
 /// How long any single expected event may take before a test fails.
