@@ -20,7 +20,7 @@ use switchboard_e2e::api::{api, api_ok, api_presence, api_publish, api_send, rea
 use switchboard_e2e::certs::TestCerts;
 use switchboard_e2e::client::position;
 use switchboard_e2e::peer::{Peer, offsets_and_data};
-use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, wait_until};
+use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, free_port, wait_until};
 use switchboard_protocol::api::{ApiError, BroadcastResponse, NodesResponse, PublishResponse};
 use switchboard_protocol::{ErrorCode, PresenceNotice, Sender, ServerFrame};
 
@@ -1163,9 +1163,7 @@ impl TlsRedis {
         let mut last_error = None;
         // A port found free may be taken before redis-server binds it: then try another.
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = free_port()?;
             let mut child = Command::new("redis-server")
                 .args(["--port", "0", "--tls-port", &port.to_string()])
                 .args(["--bind", "127.0.0.1", "--tls-auth-clients", "no"])

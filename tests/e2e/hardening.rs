@@ -2,8 +2,7 @@
 //! token edge cases, segment-safe room patterns, WebSocket control frames under the rate limit,
 //! and no token (nor API key) in any log line, the node's or HAProxy's.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,8 +14,10 @@ use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{
     connect, expect_ping_pong, expect_reply, open, refused, request_answer, subscribe_frame,
 };
-use switchboard_e2e::haproxy::{Backend, HaproxyProcess};
-use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
+use switchboard_e2e::haproxy::{Backend, HaproxyProcess, haproxy_command};
+use switchboard_e2e::{
+    DEADLINE, NodeProcess, RawClient, collect_lines, free_port, wait_until, workspace_file,
+};
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, JSON_PROTOCOL, ServerFrame, close};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -611,29 +612,6 @@ impl Drop for K8sHaproxy {
     }
 }
 
-fn collect_lines(stream: impl Read + Send + 'static, logs: &Arc<Mutex<Vec<String>>>) {
-    let logs = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            logs.lock().expect("logs lock").push(line);
-        }
-    });
-}
-
-fn workspace_file(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|workspace| workspace.join(path))
-        .unwrap_or_default()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The `log-format` lines of a HAProxy config.
 fn log_formats(config: &str) -> Vec<String> {
     config
@@ -672,24 +650,19 @@ async fn the_kubernetes_haproxy_config_logs_no_query_string_either() -> Result<(
     // Run it. Without nodes in DNS every request gets HAProxy's 503, logged all the same.
     let public_port = free_port()?;
     let stats_port = free_port()?;
-    let mut command = Command::new("haproxy");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SB_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
+    let env = [
+        ("SB_NODES_DNS", "switchboard-headless.invalid".to_owned()),
+        ("SB_NODE_SLOTS", "2".to_owned()),
+        ("SB_PUBLIC_BIND", format!("127.0.0.1:{public_port}")),
+        ("SB_STATS_BIND", format!("127.0.0.1:{stats_port}")),
+        ("SB_MAXCONN", "200".to_owned()),
+        ("SB_FRONTEND_MAXCONN", "100".to_owned()),
+        ("SB_SERVER_MAXCONN", "100".to_owned()),
+    ]
+    .map(|(key, value)| (key.to_owned(), value));
+    let mut child = haproxy_command(&env)
         .arg("-f")
         .arg(workspace_file("k8s/base/haproxy.cfg"))
-        .envs([
-            ("SB_NODES_DNS", "switchboard-headless.invalid".to_owned()),
-            ("SB_NODE_SLOTS", "2".to_owned()),
-            ("SB_PUBLIC_BIND", format!("127.0.0.1:{public_port}")),
-            ("SB_STATS_BIND", format!("127.0.0.1:{stats_port}")),
-            ("SB_MAXCONN", "200".to_owned()),
-            ("SB_FRONTEND_MAXCONN", "100".to_owned()),
-            ("SB_SERVER_MAXCONN", "100".to_owned()),
-        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

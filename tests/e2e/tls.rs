@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use switchboard_e2e::certs::TestCerts;
 use switchboard_e2e::client::{expect_message, publish, subscribe, until_tcp_closed};
 use switchboard_e2e::haproxy::{self, Backend, HaproxyProcess};
-use switchboard_e2e::{DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake};
+use switchboard_e2e::{
+    DEADLINE, Handshake, NodeProcess, RawClient, binary, free_port, raw_handshake,
+};
 use switchboard_protocol::Codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -340,9 +342,7 @@ async fn wss_through_haproxy_with_the_tls_frontend() -> Result<()> {
         public: node.public,
         internal: node.internal,
     };
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let tls_port = free_port()?;
     let tls_env = vec![
         ("SB_TLS_PEM".to_owned(), certs.path("server-bundle.pem")?),
         ("SB_TLS_BIND".to_owned(), format!("127.0.0.1:{tls_port}")),

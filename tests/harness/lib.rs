@@ -1,7 +1,7 @@
 //! Harness for end-to-end tests: starts the real `switchboard` binary on ports the OS picks,
 //! talks to it over real sockets, and kills it (by pid) when the test ends, pass or fail.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -314,6 +314,33 @@ where
     Ok(())
 }
 
+/// A loopback port that was free a moment ago; whoever binds it next may lose a race for it, so
+/// callers that spawn a server on it retry with another on failure.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A file of this workspace, by its path from the workspace root.
+pub fn workspace_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|workspace| workspace.join(path))
+        .unwrap_or_default()
+}
+
+/// Appends each line `stream` yields to `logs`, from a thread of its own, until the stream ends.
+pub fn collect_lines(stream: impl Read + Send + 'static, logs: &Arc<Mutex<Vec<String>>>) {
+    let logs = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            logs.lock().expect("logs lock").push(line);
+        }
+    });
+}
+
 /// A raw WebSocket client for tests that need to send what the SDK never would.
 pub struct RawClient {
     pub socket: Socket,
@@ -442,9 +469,7 @@ impl RedisProcess {
     pub async fn start() -> Result<RedisProcess> {
         let mut last_error = None;
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = free_port()?;
             let mut redis = RedisProcess { child: None, port };
             match redis.spawn().await {
                 Ok(()) => return Ok(redis),

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{redis_cli, wait_for_redis};
+use crate::{free_port, redis_cli, wait_for_redis};
 
 /// A `redis-server` on a free loopback port with its own directory, which keeps `dump.rdb`
 /// across [`SnapshotRedis::restart`]. It saves only when told (`SAVE`). Killed by pid and its
@@ -26,9 +26,7 @@ pub struct SnapshotRedis {
 impl SnapshotRedis {
     /// Starts an empty server; with `replica_of`, a replica of the server on that port.
     pub async fn start(replica_of: Option<u16>) -> Result<SnapshotRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port()?;
         let dir = std::env::temp_dir().join(format!(
             "switchboard-redis-{}-{port}-{:08x}",
             std::process::id(),
