@@ -480,25 +480,20 @@ impl RedisProcess {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning redis-server (install the redis-server package)")?;
-        wait_for_redis(self.port, self.child.insert(child)).await
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ]);
+        spawn_redis(&mut command, self.port, &mut self.child).await
     }
 
     pub fn url(&self) -> String {
@@ -512,10 +507,7 @@ impl RedisProcess {
 
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_redis(&mut self.child);
     }
 
     /// Starts the server again on the same port, empty.
@@ -525,9 +517,17 @@ impl RedisProcess {
     }
 }
 
-/// Waits until the redis-server `child` listening on `port` answers PING; fails when it exits or
-/// stays silent past the deadline.
-pub async fn wait_for_redis(port: u16, child: &mut Child) -> Result<()> {
+/// Spawns `command` (a redis-server told to listen on `port`) with its output discarded into
+/// `slot`, then waits until it answers PING; fails when it exits first or stays silent past
+/// [`DEADLINE`].
+pub async fn spawn_redis(command: &mut Command, port: u16, slot: &mut Option<Child>) -> Result<()> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning redis-server (install the redis-server package)")?;
+    let child = slot.insert(child);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         if redis_cli(port, &["PING"])
@@ -543,6 +543,14 @@ pub async fn wait_for_redis(port: u16, child: &mut Child) -> Result<()> {
             bail!("redis-server on port {port} did not answer");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills the redis-server in `slot`, if any, with SIGKILL and reaps it.
+pub fn kill_redis(slot: &mut Option<Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
