@@ -2,7 +2,7 @@
 //! token edge cases, segment-safe room patterns, WebSocket control frames under the rate limit,
 //! and no token (nor API key) in any log line, the node's or HAProxy's.
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,10 +14,8 @@ use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{
     connect, expect_ping_pong, expect_reply, open, refused, request_answer, subscribe_frame,
 };
-use switchboard_e2e::haproxy::{Backend, HaproxyProcess, haproxy_command};
-use switchboard_e2e::{
-    DEADLINE, NodeProcess, RawClient, collect_lines, free_port, wait_until, workspace_file,
-};
+use switchboard_e2e::haproxy::{Backend, HaproxyProcess, haproxy_command, spawn_logged};
+use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, free_port, wait_until, workspace_file};
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, JSON_PROTOCOL, ServerFrame, close};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -660,17 +658,11 @@ async fn the_kubernetes_haproxy_config_logs_no_query_string_either() -> Result<(
         ("SB_SERVER_MAXCONN", "100".to_owned()),
     ]
     .map(|(key, value)| (key.to_owned(), value));
-    let mut child = haproxy_command(&env)
-        .arg("-f")
-        .arg(workspace_file("k8s/base/haproxy.cfg"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning haproxy (install the haproxy package)")?;
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    collect_lines(child.stdout.take().context("stdout")?, &logs);
-    collect_lines(child.stderr.take().context("stderr")?, &logs);
+    let (child, logs) = spawn_logged(
+        haproxy_command(&env)
+            .arg("-f")
+            .arg(workspace_file("k8s/base/haproxy.cfg")),
+    )?;
     let mut haproxy = K8sHaproxy { child, logs };
     let healthz = format!("http://127.0.0.1:{stats_port}/healthz");
     wait_until("the Kubernetes haproxy to start", || {

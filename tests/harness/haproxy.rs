@@ -120,17 +120,7 @@ impl HaproxyProcess {
         public_port: u16,
         stats_port: u16,
     ) -> Result<HaproxyProcess> {
-        let mut child = haproxy_command(env)
-            .arg("-f")
-            .arg(config_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning haproxy (install the haproxy package)")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        collect_lines(child.stdout.take().context("stdout")?, &logs);
-        collect_lines(child.stderr.take().context("stderr")?, &logs);
+        let (child, logs) = spawn_logged(haproxy_command(env).arg("-f").arg(config_path()))?;
         let mut haproxy = HaproxyProcess {
             child,
             public: SocketAddr::from(([127, 0, 0, 1], public_port)),
@@ -256,6 +246,21 @@ pub fn parse_servers(csv: &str) -> Result<BTreeMap<String, String>> {
             ))
         })
         .collect())
+}
+
+/// Spawns `command` (a `haproxy`) with its stdout and stderr collected, line by line, in the
+/// returned logs.
+pub fn spawn_logged(command: &mut Command) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning haproxy (install the haproxy package)")?;
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    collect_lines(child.stdout.take().context("stdout")?, &logs);
+    collect_lines(child.stderr.take().context("stderr")?, &logs);
+    Ok((child, logs))
 }
 
 /// `haproxy` with exactly the given `SB_*` variables (none inherited from the test's
