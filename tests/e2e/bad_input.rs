@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{
     close_code, connect, connect_small_buffer, expect_error, expect_message, expect_ping_pong,
-    open, publish, refused, subscribe, subscribe_frame, until_tcp_closed,
+    open, publish, publish_frame, refused, subscribe, subscribe_frame, until_tcp_closed,
 };
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
 use switchboard_protocol::api::PublishResponse;
@@ -647,20 +647,12 @@ async fn publishing_outside_the_publish_claim_is_forbidden() -> Result<()> {
 
     // No publish claim at all: subscribing is allowed, publishing is not.
     reader
-        .send_frame(&ClientFrame::Publish {
-            room: "chat.lobby".into(),
-            data: json!("from reader"),
-            id: Some(3),
-        })
+        .send_frame(&publish_frame("chat.lobby", json!("from reader"), 3))
         .await?;
     expect_error(&mut reader, Some(3), ErrorCode::Forbidden).await?;
     // A publish claim that does not match.
     writer
-        .send_frame(&ClientFrame::Publish {
-            room: "chat.lobby".into(),
-            data: json!("from writer"),
-            id: Some(4),
-        })
+        .send_frame(&publish_frame("chat.lobby", json!("from writer"), 4))
         .await?;
     expect_error(&mut writer, Some(4), ErrorCode::Forbidden).await?;
 
@@ -1130,13 +1122,7 @@ async fn requests_with_bad_fields_get_their_error_codes() -> Result<()> {
             .await
             .with_context(|| format!("subscribe to {room:?}"))?;
     }
-    client
-        .send_frame(&ClientFrame::Publish {
-            room: String::new(),
-            data: json!(1),
-            id: Some(4),
-        })
-        .await?;
+    client.send_frame(&publish_frame("", json!(1), 4)).await?;
     expect_error(&mut client, Some(4), ErrorCode::BadFrame).await?;
     client
         .send_frame(&ClientFrame::Send {

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, bail, ensure};
 use serde_json::{Value, json};
-use switchboard_e2e::client::{expect_ping_pong, subscribe_frame};
+use switchboard_e2e::client::{expect_ping_pong, publish_frame, subscribe_frame};
 use switchboard_e2e::memory::process_memory;
 use switchboard_e2e::{NodeProcess, RawClient};
 use switchboard_protocol::msgpack::MAX_DATA_DEPTH;
@@ -99,22 +99,14 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
     for codec in Codec::ALL {
         let (mut writer, _) = RawClient::connect(&url, codec).await?;
         writer
-            .send_frame(&ClientFrame::Publish {
-                room: "deep".into(),
-                data: nested(MAX_DATA_DEPTH + 1),
-                id: Some(2),
-            })
+            .send_frame(&publish_frame("deep", nested(MAX_DATA_DEPTH + 1), 2))
             .await?;
         match writer.next_frame().await? {
             ServerFrame::Error(error) if error.code == ErrorCode::BadFrame => {}
             other => bail!("{codec:?}: expected bad_frame for data too deep, got {other:?}"),
         }
         writer
-            .send_frame(&ClientFrame::Publish {
-                room: "deep".into(),
-                data: deepest.clone(),
-                id: Some(3),
-            })
+            .send_frame(&publish_frame("deep", deepest.clone(), 3))
             .await?;
         match writer.next_frame().await? {
             ServerFrame::Reply(reply) if reply.id == 3 => {}

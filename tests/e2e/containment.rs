@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::api::api_publish;
 use switchboard_e2e::client::{
-    answer, connect_small_buffer, connect_user, subscribe_frame, user_url,
+    answer, connect_small_buffer, connect_user, publish_frame, subscribe_frame, user_url,
 };
 use switchboard_e2e::memory::process_memory;
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess, wait_until};
@@ -250,11 +250,7 @@ async fn frames_over_the_limit_are_refused_at_publish_and_send() -> Result<()> {
     // the sender) does not.
     let data = json!("x".repeat(4000));
     client
-        .send_frame(&ClientFrame::Publish {
-            room: "r".to_owned(),
-            data: data.clone(),
-            id: Some(1),
-        })
+        .send_frame(&publish_frame("r", data.clone(), 1))
         .await?;
     match answer(&mut client, 1).await? {
         ServerFrame::Error(error) => ensure!(error.code == ErrorCode::TooLarge, "{error:?}"),
@@ -273,11 +269,7 @@ async fn frames_over_the_limit_are_refused_at_publish_and_send() -> Result<()> {
     }
     // Still open, and a message that fits goes through.
     client
-        .send_frame(&ClientFrame::Publish {
-            room: "r".to_owned(),
-            data: json!("x".repeat(3000)),
-            id: Some(3),
-        })
+        .send_frame(&publish_frame("r", json!("x".repeat(3000)), 3))
         .await?;
     let published = reply(&mut client, 3).await?;
     ensure!(published.offset == Some(1), "{published:?}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use switchboard_e2e::client::{connect_user, subscribe};
+use switchboard_e2e::client::{connect_user, publish_frame, subscribe};
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess};
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, ServerFrame};
 
@@ -176,11 +176,7 @@ async fn demo_false_turns_off_the_page_and_the_stats() -> Result<()> {
 
     // Still read-only.
     watcher
-        .send_frame(&ClientFrame::Publish {
-            room: STATS_ROOM.to_owned(),
-            data: json!({}),
-            id: Some(3),
-        })
+        .send_frame(&publish_frame(STATS_ROOM, json!({}), 3))
         .await?;
     match watcher.next_frame().await? {
         ServerFrame::Error(error) if error.id == Some(3) => {
@@ -197,11 +193,11 @@ async fn clients_cannot_publish_to_system_rooms() -> Result<()> {
     let mut mallory = connect_user(&node, "mallory").await?;
     for (id, room) in [(1, STATS_ROOM), (2, "$sys.other"), (3, "$sys.")] {
         mallory
-            .send_frame(&ClientFrame::Publish {
-                room: room.to_owned(),
-                data: json!({"node": "fake", "connections": 1_000_000}),
-                id: Some(id),
-            })
+            .send_frame(&publish_frame(
+                room,
+                json!({"node": "fake", "connections": 1_000_000}),
+                id,
+            ))
             .await?;
         match mallory.next_frame().await? {
             ServerFrame::Error(error) if error.id == Some(id) => {
@@ -217,11 +213,7 @@ async fn clients_cannot_publish_to_system_rooms() -> Result<()> {
     }
     // A room that merely looks alike is an ordinary room.
     mallory
-        .send_frame(&ClientFrame::Publish {
-            room: "$system".to_owned(),
-            data: json!("fine"),
-            id: Some(4),
-        })
+        .send_frame(&publish_frame("$system", json!("fine"), 4))
         .await?;
     match mallory.next_frame().await? {
         ServerFrame::Reply(reply) if reply.id == 4 => {}
@@ -265,12 +257,8 @@ async fn a_token_that_allows_every_room_still_cannot_publish_to_system_rooms() -
     let url = format!("{}?token={token}", node.ws_url());
     let (mut root, _) = RawClient::connect(&url, Codec::Json).await?;
     subscribe_stats(&mut root).await?;
-    root.send_frame(&ClientFrame::Publish {
-        room: STATS_ROOM.to_owned(),
-        data: json!({"node": "fake"}),
-        id: Some(2),
-    })
-    .await?;
+    root.send_frame(&publish_frame(STATS_ROOM, json!({"node": "fake"}), 2))
+        .await?;
     // Stats messages may come first; the error answers the publish.
     loop {
         match root.next_frame().await? {

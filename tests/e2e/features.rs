@@ -14,7 +14,9 @@ use switchboard_client::{
     RoomMessage, Sender, StreamPosition, SubscribeOptions,
 };
 use switchboard_e2e::api::{api_get, api_post, api_publish};
-use switchboard_e2e::client::{error_of, expect_reply, position, request, subscribe_frame};
+use switchboard_e2e::client::{
+    error_of, expect_reply, position, publish_frame, request, subscribe_frame,
+};
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
 use switchboard_protocol::api::{
     ApiError, BroadcastResponse, DisconnectRequest, DisconnectResponse, NodesResponse,
@@ -1144,17 +1146,8 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
         let frame = request(&mut client, subscribe_frame("here", 9, None)).await?;
         error_of(frame, Some(9), ErrorCode::AlreadySubscribed)?;
 
-        let reply = expect_reply(
-            request(
-                &mut client,
-                ClientFrame::Publish {
-                    room: other_room.clone(),
-                    data: json!("x"),
-                    id: Some(10),
-                },
-            )
-            .await?,
-        )?;
+        let reply =
+            expect_reply(request(&mut client, publish_frame(&other_room, json!("x"), 10)).await?)?;
         assert_eq!((reply.id, reply.offset), (10, Some(1)));
 
         let reply = expect_reply(

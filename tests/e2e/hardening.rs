@@ -12,7 +12,8 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
 use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{
-    connect, expect_ping_pong, expect_reply, open, refused, request_answer, subscribe_frame,
+    connect, expect_ping_pong, expect_reply, open, publish_frame, refused, request_answer,
+    subscribe_frame,
 };
 use switchboard_e2e::haproxy::{Backend, HaproxyProcess, haproxy_command, spawn_logged};
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, free_port, wait_until, workspace_file};
@@ -91,17 +92,7 @@ async fn assert_delivers(
     id: u64,
 ) -> Result<()> {
     let data = json!({"still": "serving", "id": id});
-    expect_reply(
-        request_answer(
-            publisher,
-            ClientFrame::Publish {
-                room: room.to_owned(),
-                data: data.clone(),
-                id: Some(id),
-            },
-        )
-        .await?,
-    )?;
+    expect_reply(request_answer(publisher, publish_frame(room, data.clone(), id)).await?)?;
     loop {
         match subscriber.next_frame().await? {
             ServerFrame::Message(message) if message.room == room && message.data == data => {
@@ -340,15 +331,7 @@ async fn a_dot_star_room_pattern_stays_within_its_segment() -> Result<()> {
             .await
             .with_context(|| format!("user.alice.* and {room}"))?;
     }
-    expect_forbidden(
-        &mut scoped,
-        ClientFrame::Publish {
-            room: "user.alice2.inbox".into(),
-            data: json!(1),
-            id: Some(5),
-        },
-    )
-    .await?;
+    expect_forbidden(&mut scoped, publish_frame("user.alice2.inbox", json!(1), 5)).await?;
     // The raw prefix keeps its old, documented meaning.
     expect_reply(subscribe(&mut raw, "user.alice2", 6).await?)?;
     expect_reply(subscribe(&mut raw, "user.alice.inbox", 7).await?)?;

@@ -12,11 +12,11 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
 use switchboard_e2e::api::readyz_within;
-use switchboard_e2e::client::{close_code, subscribe_frame};
+use switchboard_e2e::client::{close_code, publish_frame, subscribe_frame};
 use switchboard_e2e::{
     DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
 };
-use switchboard_protocol::{ClientFrame, Codec, ServerFrame, close};
+use switchboard_protocol::{Codec, ServerFrame, close};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -411,12 +411,8 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
     let (mut late, _) = RawClient::connect(&node.ws_url(), Codec::Json)
         .await
         .context("a handshake after /readyz turned 503, during the drain delay")?;
-    late.send_frame(&ClientFrame::Publish {
-        room: "news".into(),
-        data: json!("still serving"),
-        id: Some(2),
-    })
-    .await?;
+    late.send_frame(&publish_frame("news", json!("still serving"), 2))
+        .await?;
     expect_reply(&mut late, 2).await?;
     match reader.next_frame().await? {
         ServerFrame::Message(message) => assert_eq!(message.data, json!("still serving")),

@@ -103,6 +103,15 @@ pub fn subscribe_frame(room: &str, id: u64, since: Option<StreamPosition>) -> Cl
     }
 }
 
+/// A `publish` frame with request id `id`.
+pub fn publish_frame(room: &str, data: Value, id: u64) -> ClientFrame {
+    ClientFrame::Publish {
+        room: room.to_owned(),
+        data,
+        id: Some(id),
+    }
+}
+
 pub fn position(offset: u64, epoch: &str) -> StreamPosition {
     StreamPosition {
         offset,
@@ -194,13 +203,7 @@ pub async fn subscribe(client: &mut RawClient, room: &str, id: u64) -> Result<Re
 /// Publishes `data` to `room`; the next frame must be the reply to `id`, and it must carry the
 /// message's offset, which is returned.
 pub async fn publish(client: &mut RawClient, room: &str, data: Value, id: u64) -> Result<u64> {
-    client
-        .send_frame(&ClientFrame::Publish {
-            room: room.to_owned(),
-            data,
-            id: Some(id),
-        })
-        .await?;
+    client.send_frame(&publish_frame(room, data, id)).await?;
     match client.next_frame().await? {
         ServerFrame::Reply(reply) if reply.id == id => reply.offset.context("publish reply offset"),
         other => bail!("expected the publish reply {id}, got {other:?}"),

@@ -12,7 +12,7 @@ use switchboard_protocol::{
     ClientFrame, Codec, ErrorFrame, Member, Reply, RoomMessage, Sender, ServerFrame, StreamPosition,
 };
 
-use crate::client::user_url;
+use crate::client::{publish_frame, user_url};
 use crate::{NodeProcess, RawClient};
 
 /// A raw WebSocket session (JSON) that answers requests by id and keeps every other frame, in
@@ -138,12 +138,7 @@ impl Peer {
     }
 
     pub fn publish_frame(&mut self, room: &str, data: Value) -> ClientFrame {
-        let id = self.id();
-        ClientFrame::Publish {
-            room: room.to_owned(),
-            data,
-            id: Some(id),
-        }
+        publish_frame(room, data, self.id())
     }
 
     /// Publishes; returns the message's offset.
