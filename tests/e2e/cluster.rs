@@ -20,7 +20,7 @@ use switchboard_e2e::api::{api, api_ok, api_presence, api_publish, api_send, rea
 use switchboard_e2e::certs::TestCerts;
 use switchboard_e2e::client::position;
 use switchboard_e2e::peer::{Peer, offsets_and_data};
-use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, free_port, wait_until};
+use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, free_port, send_signal, wait_until};
 use switchboard_protocol::api::{ApiError, BroadcastResponse, NodesResponse, PublishResponse};
 use switchboard_protocol::{ErrorCode, PresenceNotice, Sender, ServerFrame};
 
@@ -144,14 +144,6 @@ fn messages_received(shard: usize) -> String {
 
 fn reconnects(shard: usize) -> String {
     format!("switchboard_redis_reconnects_total{{shard=\"{shard}\"}}")
-}
-
-fn signal(pid: u32, signal: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill {signal} {pid}");
-    Ok(())
 }
 
 /// Waits until `probe` returns `expected`; fails with the last value seen after [`DEADLINE`].
@@ -636,7 +628,7 @@ async fn a_killed_node_leaves_presence_registry_and_the_node_list() -> Result<()
     assert_eq!(numsub(cluster.redis(), room).await?, 3);
 
     let mut victim = cluster.nodes.pop().context("three nodes")?;
-    signal(victim.pid(), "-9")?;
+    send_signal(victim.pid(), "9")?;
     let killed = Instant::now();
     victim.wait_exit(DEADLINE).await?;
     drop(victim);
@@ -1027,7 +1019,7 @@ async fn a_node_paused_past_its_ttl_comes_back_whole() -> Result<()> {
     let both = set([watcher.member(), sleeper.member()]);
     assert_eq!(api_presence(a, room).await?, both);
 
-    signal(b.pid(), "-STOP")?;
+    send_signal(b.pid(), "STOP")?;
     let resumed = async {
         wait_for("the paused node's user", 0, || {
             api_send(a, "sleeper", json!("asleep"))
@@ -1044,7 +1036,7 @@ async fn a_node_paused_past_its_ttl_comes_back_whole() -> Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    signal(b.pid(), "-CONT")?;
+    send_signal(b.pid(), "CONT")?;
     resumed?;
 
     wait_for("the resumed node's user", 1, || {

@@ -14,7 +14,7 @@ use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
 use switchboard_e2e::api::readyz_within;
 use switchboard_e2e::client::{close_code, publish_frame, subscribe_frame};
 use switchboard_e2e::{
-    DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
+    DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, send_signal, wait_until,
 };
 use switchboard_protocol::{Codec, ServerFrame, close};
 use tokio::time::Instant;
@@ -196,16 +196,6 @@ fn assert_config_error(finished: &Finished, option: &str) {
         "the error line does not name {option}: {}",
         lines[0]
     );
-}
-
-/// Sends a signal by name (e.g. `INT`) to a process.
-fn send_signal(pid: u32, name: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()?;
-    ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
 }
 
 /// How long one HTTP request may take: a draining node must still answer its probes promptly.

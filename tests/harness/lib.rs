@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use switchboard_protocol::{ClientFrame, Codec, Encoded, ServerFrame};
@@ -201,7 +201,7 @@ impl NodeProcess {
 
     /// Sends SIGTERM (a drain).
     pub fn terminate(&self) {
-        signal(self.pid(), libc::SIGTERM);
+        send_signal(self.pid(), "TERM").expect("SIGTERM sent");
     }
 
     /// Kills the process (SIGKILL), as a crash would, and reaps it.
@@ -276,15 +276,14 @@ impl Drop for NodeProcess {
     }
 }
 
-fn signal(pid: u32, signal: libc::c_int) {
+/// Sends the signal `name` (`TERM`, `INT`, `STOP`, `9`, ...) to `pid` with `kill`.
+pub fn send_signal(pid: u32, name: &str) -> Result<()> {
     let status = Command::new("kill")
-        .arg(format!("-{signal}"))
+        .arg(format!("-{name}"))
         .arg(pid.to_string())
-        .status();
-    assert!(
-        status.is_ok_and(|status| status.success()),
-        "kill -{signal} {pid}"
-    );
+        .status()?;
+    ensure!(status.success(), "kill -{name} {pid}");
+    Ok(())
 }
 
 /// Finds `sample` (name with labels, exactly as exposed) in Prometheus text.
