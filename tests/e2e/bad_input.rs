@@ -4,13 +4,18 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use switchboard_e2e::{DEADLINE, Handshake, NodeProcess, RawClient, raw_handshake, wait_until};
+use switchboard_e2e::auth::{token_signed_with, unix_now};
+use switchboard_e2e::client::{
+    close_code, connect, connect_small_buffer, expect_error, expect_message, expect_ping_pong,
+    open, publish, publish_frame, refused, subscribe, subscribe_frame, until_tcp_closed,
+};
+use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
 use switchboard_protocol::api::PublishResponse;
 use switchboard_protocol::{
     ClientFrame, Codec, ErrorCode, JSON_PROTOCOL, MSGPACK_PROTOCOL, ServerFrame, close,
@@ -18,10 +23,7 @@ use switchboard_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 /// The HS256 secret of the nodes started with authentication on.
 const SECRET: &str = "bad-input-e2e-secret-0123456789";
@@ -29,22 +31,6 @@ const SECRET: &str = "bad-input-e2e-secret-0123456789";
 // ---------------------------------------------------------------------------------------------
 // Tokens
 // ---------------------------------------------------------------------------------------------
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
-
-fn token_signed_with(secret: &str, claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("token encodes")
-}
 
 fn token(claims: &Value) -> String {
     token_signed_with(SECRET, claims)
@@ -79,46 +65,6 @@ fn url_with_token(node: &NodeProcess, token: &str) -> String {
 // Clients
 // ---------------------------------------------------------------------------------------------
 
-/// Opens a WebSocket that must be accepted and reads its `welcome`.
-async fn open(
-    url: &str,
-    protocol: Option<&str>,
-    headers: &[(&str, &str)],
-) -> Result<(RawClient, ServerFrame, Option<String>)> {
-    match raw_handshake(url, protocol, headers).await? {
-        Handshake::Open(client, response) => {
-            let mut client = *client;
-            let chosen = response
-                .headers()
-                .get("Sec-WebSocket-Protocol")
-                .map(|value| value.to_str().unwrap_or_default().to_owned());
-            let welcome = client.next_frame().await?;
-            ensure!(
-                matches!(welcome, ServerFrame::Welcome { .. }),
-                "the first frame is not a welcome: {welcome:?}"
-            );
-            Ok((client, welcome, chosen))
-        }
-        Handshake::Refused { status, body } => bail!("handshake refused: {status} {body}"),
-    }
-}
-
-async fn connect(url: &str, codec: Codec) -> Result<RawClient> {
-    Ok(RawClient::connect(url, codec).await?.0)
-}
-
-/// Opens a WebSocket that must be refused; returns the HTTP status and body.
-async fn refused(
-    url: &str,
-    protocol: Option<&str>,
-    headers: &[(&str, &str)],
-) -> Result<(u16, String)> {
-    match raw_handshake(url, protocol, headers).await? {
-        Handshake::Open(..) => bail!("handshake to {url} accepted, expected a refusal"),
-        Handshake::Refused { status, body } => Ok((status, body)),
-    }
-}
-
 fn welcome_user(welcome: &ServerFrame) -> &str {
     match welcome {
         ServerFrame::Welcome { user, .. } => user,
@@ -130,67 +76,6 @@ fn welcome_protocol(welcome: &ServerFrame) -> &str {
     match welcome {
         ServerFrame::Welcome { protocol, .. } => protocol,
         _ => "",
-    }
-}
-
-/// The next frame must be an `error` with this code and id.
-async fn expect_error(client: &mut RawClient, id: Option<u64>, code: ErrorCode) -> Result<String> {
-    match client.next_frame().await? {
-        ServerFrame::Error(error) if error.code == code && error.id == id => Ok(error.message),
-        other => bail!("expected error {code} with id {id:?}, got {other:?}"),
-    }
-}
-
-/// Sends a `ping` and expects its `pong`: the connection is open and answering.
-async fn expect_ping_pong(client: &mut RawClient, id: u64) -> Result<()> {
-    client
-        .send_frame(&ClientFrame::Ping { id: Some(id) })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Pong { id: Some(got) } if got == id => Ok(()),
-        other => bail!("expected pong {id}, got {other:?}"),
-    }
-}
-
-async fn subscribe(client: &mut RawClient, room: &str, id: u64) -> Result<()> {
-    client
-        .send_frame(&ClientFrame::Subscribe {
-            room: room.to_owned(),
-            id: Some(id),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Reply(reply) if reply.id == id && reply.room.as_deref() == Some(room) => {
-            Ok(())
-        }
-        other => bail!("expected the subscribe reply {id} for {room}, got {other:?}"),
-    }
-}
-
-/// Publishes and returns the offset of the reply.
-async fn publish(client: &mut RawClient, room: &str, data: Value, id: u64) -> Result<u64> {
-    client
-        .send_frame(&ClientFrame::Publish {
-            room: room.to_owned(),
-            data,
-            id: Some(id),
-        })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Reply(reply) if reply.id == id => reply.offset.context("publish reply offset"),
-        other => bail!("expected the publish reply {id}, got {other:?}"),
-    }
-}
-
-/// The next frame must be a room message in `room` with `data`; returns it.
-async fn expect_message(client: &mut RawClient, room: &str, data: &Value) -> Result<u64> {
-    match client.next_frame().await? {
-        ServerFrame::Message(message) if message.room == room && &message.data == data => {
-            Ok(message.offset)
-        }
-        other => bail!("expected a message {data} in {room}, got {other:?}"),
     }
 }
 
@@ -237,15 +122,6 @@ async fn keep_reading(client: &mut RawClient, duration: Duration) -> Result<()> 
             Ok(None) => bail!("connection ended while reading"),
         }
     }
-}
-
-/// The close code the server sent.
-async fn close_code(client: &mut RawClient) -> Result<u16> {
-    let frame = client
-        .expect_close()
-        .await?
-        .context("close frame without a code")?;
-    Ok(frame.code.into())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -726,12 +602,7 @@ async fn a_room_outside_the_token_is_forbidden() -> Result<()> {
     let mut client = connect(&url_with_token(&node, &limited), Codec::Json).await?;
 
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "admin".into(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame("admin", 1, None))
         .await?;
     expect_error(&mut client, Some(1), ErrorCode::Forbidden).await?;
     client
@@ -776,20 +647,12 @@ async fn publishing_outside_the_publish_claim_is_forbidden() -> Result<()> {
 
     // No publish claim at all: subscribing is allowed, publishing is not.
     reader
-        .send_frame(&ClientFrame::Publish {
-            room: "chat.lobby".into(),
-            data: json!("from reader"),
-            id: Some(3),
-        })
+        .send_frame(&publish_frame("chat.lobby", json!("from reader"), 3))
         .await?;
     expect_error(&mut reader, Some(3), ErrorCode::Forbidden).await?;
     // A publish claim that does not match.
     writer
-        .send_frame(&ClientFrame::Publish {
-            room: "chat.lobby".into(),
-            data: json!("from writer"),
-            id: Some(4),
-        })
+        .send_frame(&publish_frame("chat.lobby", json!("from writer"), 4))
         .await?;
     expect_error(&mut writer, Some(4), ErrorCode::Forbidden).await?;
 
@@ -957,32 +820,6 @@ async fn too_many_bad_frames_close_with_1008() -> Result<()> {
     assert_serves(&mut node, &url, &[]).await
 }
 
-/// A client connected over a socket with a small receive buffer, so it stops the server's
-/// writes soon after it stops reading.
-async fn connect_small_buffer(node: &NodeProcess) -> Result<RawClient> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(16 * 1024)?;
-    let stream = socket.connect(node.public).await?;
-    let mut request = node.ws_url().into_client_request()?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(JSON_PROTOCOL),
-    );
-    let (socket, _) = tokio::time::timeout(
-        DEADLINE,
-        tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)),
-    )
-    .await??;
-    let mut client = RawClient {
-        socket,
-        codec: Codec::Json,
-    };
-    match client.next_frame().await? {
-        ServerFrame::Welcome { .. } => Ok(client),
-        other => bail!("the first frame is not a welcome: {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_closed_with_1013_and_a_fast_reader_gets_everything() -> Result<()> {
     const SLOW_CLOSES: &str = "switchboard_slow_consumer_closes_total";
@@ -991,7 +828,7 @@ async fn a_slow_reader_is_closed_with_1013_and_a_fast_reader_gets_everything() -
         NodeProcess::start(&["--max-message-size", "32768", "--max-queue-bytes", "65536"]).await?;
     let url = node.ws_url();
     let room = "firehose";
-    let mut slow = connect_small_buffer(&node).await?;
+    let mut slow = connect_small_buffer(&node, &node.ws_url()).await?;
     subscribe(&mut slow, room, 1).await?;
     let mut fast = connect(&url, Codec::Json).await?;
     subscribe(&mut fast, room, 1).await?;
@@ -1170,20 +1007,6 @@ async fn a_silent_peer_is_closed_after_the_idle_timeout() -> Result<()> {
     assert_serves(&mut node, &url, &[]).await
 }
 
-/// Reads until the server ends the TCP connection (EOF or reset), ignoring what it sends.
-async fn until_tcp_closed(stream: &mut TcpStream) -> Result<()> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
-            .await
-            .context("the server kept the connection open")?
-        {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(_) => {}
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_handshake_that_never_finishes_is_cut_off() -> Result<()> {
     let mut node = NodeProcess::start(&["--handshake-timeout-ms", "500"]).await?;
@@ -1294,25 +1117,12 @@ async fn requests_with_bad_fields_get_their_error_codes() -> Result<()> {
 
     let long_room = "r".repeat(257);
     for (id, room) in [(1, ""), (2, long_room.as_str()), (3, "bad\nroom")] {
-        client
-            .send_frame(&ClientFrame::Subscribe {
-                room: room.to_owned(),
-                id: Some(id),
-                since: None,
-                presence_events: false,
-            })
-            .await?;
+        client.send_frame(&subscribe_frame(room, id, None)).await?;
         expect_error(&mut client, Some(id), ErrorCode::BadFrame)
             .await
             .with_context(|| format!("subscribe to {room:?}"))?;
     }
-    client
-        .send_frame(&ClientFrame::Publish {
-            room: String::new(),
-            data: json!(1),
-            id: Some(4),
-        })
-        .await?;
+    client.send_frame(&publish_frame("", json!(1), 4)).await?;
     expect_error(&mut client, Some(4), ErrorCode::BadFrame).await?;
     client
         .send_frame(&ClientFrame::Send {
@@ -1331,12 +1141,7 @@ async fn requests_with_bad_fields_get_their_error_codes() -> Result<()> {
     expect_error(&mut client, Some(6), ErrorCode::NotSubscribed).await?;
     subscribe(&mut client, "twice", 7).await?;
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "twice".into(),
-            id: Some(8),
-            since: None,
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame("twice", 8, None))
         .await?;
     expect_error(&mut client, Some(8), ErrorCode::AlreadySubscribed).await?;
     // An id that is not an unsigned integer cannot be echoed.

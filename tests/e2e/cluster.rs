@@ -9,24 +9,20 @@
 //! de-duplication) hides a duplicate; a duplicate would come before the next expected frame,
 //! so tests check whole sequences, then that nothing else is queued (a ping round trip).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchboard_client::{Client, ClientError, ConnectOptions, SubscribeOptions};
+use switchboard_e2e::api::{api, api_ok, api_presence, api_publish, api_send, readyz};
 use switchboard_e2e::certs::TestCerts;
-use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess, wait_until};
-use switchboard_protocol::api::{
-    ApiError, BroadcastResponse, NodesResponse, PresenceResponse, PublishResponse, SendResponse,
-};
-use switchboard_protocol::{
-    ClientFrame, Codec, ErrorCode, ErrorFrame, Member, PresenceNotice, Reply, RoomMessage, Sender,
-    ServerFrame, StreamPosition,
-};
+use switchboard_e2e::client::position;
+use switchboard_e2e::peer::{Peer, offsets_and_data};
+use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, free_port, send_signal, wait_until};
+use switchboard_protocol::api::{ApiError, BroadcastResponse, NodesResponse, PublishResponse};
+use switchboard_protocol::{ErrorCode, PresenceNotice, Sender, ServerFrame};
 
 /// The node TTL every test runs with: a node silent this long is dead.
 const NODE_TTL: Duration = Duration::from_millis(1500);
@@ -95,326 +91,13 @@ impl Cluster {
     }
 }
 
-/// A raw WebSocket session (JSON) that answers requests by id and keeps every other frame, in
-/// arrival order, for [`Peer::next`].
-struct Peer {
-    raw: RawClient,
-    session: String,
-    user: String,
-    pending: VecDeque<ServerFrame>,
-    next_id: u64,
-}
-
-impl Peer {
-    async fn connect(node: &NodeProcess, user: &str) -> Result<Peer> {
-        let url = format!("{}?user={user}", node.ws_url());
-        let (raw, welcome) = RawClient::connect(&url, Codec::Json).await?;
-        let ServerFrame::Welcome {
-            session,
-            user: welcomed,
-            node: node_id,
-            ..
-        } = welcome
-        else {
-            bail!("not a welcome: {welcome:?}");
-        };
-        ensure!(welcomed == user, "welcomed as {welcomed}, expected {user}");
-        ensure!(
-            node_id == node.node_id,
-            "welcomed by {node_id}, expected {}",
-            node.node_id
-        );
-        Ok(Peer {
-            raw,
-            session,
-            user: user.to_owned(),
-            pending: VecDeque::new(),
-            next_id: 0,
-        })
-    }
-
-    fn id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
-    fn sender(&self) -> Sender {
-        Sender {
-            user: self.user.clone(),
-            session: self.session.clone(),
-        }
-    }
-
-    fn member(&self) -> (String, String) {
-        (self.user.clone(), self.session.clone())
-    }
-
-    /// Sends a request and waits for its `reply` or `error`; other frames are kept.
-    async fn ask(&mut self, frame: ClientFrame) -> Result<Result<Reply, ErrorFrame>> {
-        let id = frame.id().context("a request needs an id")?;
-        self.raw.send_frame(&frame).await?;
-        loop {
-            match self.raw.next_frame().await? {
-                ServerFrame::Reply(reply) if reply.id == id => return Ok(Ok(reply)),
-                ServerFrame::Error(error) if error.id == Some(id) => return Ok(Err(error)),
-                other => self.pending.push_back(other),
-            }
-        }
-    }
-
-    async fn request(&mut self, frame: ClientFrame) -> Result<Reply> {
-        let kind = frame.kind();
-        self.ask(frame).await?.map_err(|error| {
-            anyhow!(
-                "{}'s {kind} failed: {} {}",
-                self.user,
-                error.code,
-                error.message
-            )
-        })
-    }
-
-    async fn subscribe_with(
-        &mut self,
-        room: &str,
-        since: Option<StreamPosition>,
-        presence_events: bool,
-    ) -> Result<Reply> {
-        let id = self.id();
-        self.request(ClientFrame::Subscribe {
-            room: room.to_owned(),
-            id: Some(id),
-            since,
-            presence_events,
-        })
-        .await
-    }
-
-    /// Subscribes; returns the room's position.
-    async fn subscribe(&mut self, room: &str) -> Result<StreamPosition> {
-        let reply = self.subscribe_with(room, None, false).await?;
-        ensure!(reply.room.as_deref() == Some(room), "reply for {reply:?}");
-        ensure!(
-            reply.recovered.is_none(),
-            "recovered without since: {reply:?}"
-        );
-        Ok(StreamPosition {
-            offset: reply.offset.context("subscribe reply without offset")?,
-            epoch: reply.epoch.context("subscribe reply without epoch")?,
-        })
-    }
-
-    async fn unsubscribe(&mut self, room: &str) -> Result<()> {
-        let id = self.id();
-        self.request(ClientFrame::Unsubscribe {
-            room: room.to_owned(),
-            id: Some(id),
-        })
-        .await
-        .map(drop)
-    }
-
-    fn publish_frame(&mut self, room: &str, data: Value) -> ClientFrame {
-        let id = self.id();
-        ClientFrame::Publish {
-            room: room.to_owned(),
-            data,
-            id: Some(id),
-        }
-    }
-
-    /// Publishes; returns the message's offset.
-    async fn publish(&mut self, room: &str, data: Value) -> Result<u64> {
-        let frame = self.publish_frame(room, data);
-        let reply = self.request(frame).await?;
-        reply.offset.context("publish reply without offset")
-    }
-
-    /// Sends to a user; returns how many sessions the server says it reached.
-    async fn send(&mut self, to: &str, data: Value) -> Result<u64> {
-        let id = self.id();
-        let reply = self
-            .request(ClientFrame::Send {
-                to: to.to_owned(),
-                data,
-                id: Some(id),
-            })
-            .await?;
-        reply.sessions.context("send reply without sessions")
-    }
-
-    async fn presence(&mut self, room: &str) -> Result<BTreeSet<(String, String)>> {
-        let id = self.id();
-        let reply = self
-            .request(ClientFrame::Presence {
-                room: room.to_owned(),
-                id,
-            })
-            .await?;
-        Ok(pairs(
-            &reply.members.context("presence reply without members")?,
-        ))
-    }
-
-    /// The next frame that is not an answer to a request.
-    async fn next(&mut self) -> Result<ServerFrame> {
-        match self.pending.pop_front() {
-            Some(frame) => Ok(frame),
-            None => self
-                .raw
-                .next_frame()
-                .await
-                .with_context(|| format!("{} waiting for a frame", self.user)),
-        }
-    }
-
-    async fn take(&mut self, count: usize) -> Result<Vec<ServerFrame>> {
-        let mut frames = Vec::with_capacity(count);
-        for _ in 0..count {
-            frames.push(self.next().await?);
-        }
-        Ok(frames)
-    }
-
-    /// The next `count` frames, which must all be room messages.
-    async fn messages(&mut self, count: usize) -> Result<Vec<Arc<RoomMessage>>> {
-        let mut messages = Vec::with_capacity(count);
-        for _ in 0..count {
-            let frame = self.next().await.with_context(|| {
-                format!(
-                    "{} expected {count} room messages, got {:?}",
-                    self.user,
-                    offsets_and_data(&messages)
-                )
-            })?;
-            match frame {
-                ServerFrame::Message(message) => messages.push(message),
-                other => bail!("{} expected a room message, got {other:?}", self.user),
-            }
-        }
-        Ok(messages)
-    }
-
-    /// Asserts that nothing is waiting for this session: a ping round trip is the barrier (the
-    /// server writes everything already queued for a session before it reads the next frame).
-    async fn quiet(&mut self) -> Result<()> {
-        if let Some(frame) = self.pending.front() {
-            bail!("{} should have received nothing, got {frame:?}", self.user);
-        }
-        let id = self.id();
-        self.raw
-            .send_frame(&ClientFrame::Ping { id: Some(id) })
-            .await?;
-        match self.raw.next_frame().await? {
-            ServerFrame::Pong { id: Some(pong) } if pong == id => Ok(()),
-            other => bail!("{} should have received nothing, got {other:?}", self.user),
-        }
-    }
-
-    /// Closes the connection normally.
-    async fn close(mut self) -> Result<()> {
-        self.raw.socket.close(None).await?;
-        Ok(())
-    }
-}
-
-fn pairs(members: &[Member]) -> BTreeSet<(String, String)> {
-    members
-        .iter()
-        .map(|member| (member.user.clone(), member.session.clone()))
-        .collect()
-}
-
 fn set<const N: usize>(members: [(String, String); N]) -> BTreeSet<(String, String)> {
     members.into_iter().collect()
-}
-
-/// (offset, data) of each message, for comparing sequences.
-fn offsets_and_data(messages: &[Arc<RoomMessage>]) -> Vec<(u64, Value)> {
-    messages
-        .iter()
-        .map(|message| (message.offset, message.data.clone()))
-        .collect()
-}
-
-fn position(offset: u64, epoch: &str) -> StreamPosition {
-    StreamPosition {
-        offset,
-        epoch: epoch.to_owned(),
-    }
-}
-
-/// Calls the server API; returns the status and the body as JSON.
-async fn api(
-    node: &NodeProcess,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value)> {
-    let http = reqwest::Client::new();
-    let url = node.http_url(path);
-    let request = match method {
-        "GET" => http.get(url),
-        "POST" => http.post(url).json(&body.unwrap_or(Value::Null)),
-        other => bail!("no method {other}"),
-    };
-    let response = request
-        .timeout(DEADLINE)
-        .send()
-        .await
-        .with_context(|| format!("{method} {path}"))?;
-    let status = response.status().as_u16();
-    let text = response.text().await?;
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok((status, value))
-}
-
-/// Calls the server API and decodes a 200 answer.
-async fn api_ok<T: DeserializeOwned>(
-    node: &NodeProcess,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<T> {
-    let (status, value) = api(node, method, path, body).await?;
-    ensure!(status == 200, "{method} {path}: {status} {value}");
-    serde_json::from_value(value).with_context(|| format!("{method} {path}"))
-}
-
-async fn api_publish(node: &NodeProcess, room: &str, data: Value) -> Result<PublishResponse> {
-    api_ok(
-        node,
-        "POST",
-        "/api/publish",
-        Some(json!({"room": room, "data": data})),
-    )
-    .await
-}
-
-async fn api_send(node: &NodeProcess, user: &str, data: Value) -> Result<u64> {
-    let answer: SendResponse = api_ok(
-        node,
-        "POST",
-        "/api/send",
-        Some(json!({"user": user, "data": data})),
-    )
-    .await?;
-    Ok(answer.sessions)
-}
-
-async fn api_presence(node: &NodeProcess, room: &str) -> Result<BTreeSet<(String, String)>> {
-    let answer: PresenceResponse =
-        api_ok(node, "GET", &format!("/api/presence/{room}"), None).await?;
-    Ok(pairs(&answer.members))
 }
 
 async fn api_nodes(node: &NodeProcess) -> Result<BTreeSet<String>> {
     let answer: NodesResponse = api_ok(node, "GET", "/api/nodes", None).await?;
     Ok(answer.nodes.into_iter().map(|node| node.id).collect())
-}
-
-async fn readyz(node: &NodeProcess) -> Result<u16> {
-    Ok(api(node, "GET", "/readyz", None).await?.0)
 }
 
 /// How many Redis connections are subscribed to the room's channel.
@@ -461,14 +144,6 @@ fn messages_received(shard: usize) -> String {
 
 fn reconnects(shard: usize) -> String {
     format!("switchboard_redis_reconnects_total{{shard=\"{shard}\"}}")
-}
-
-fn signal(pid: u32, signal: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill {signal} {pid}");
-    Ok(())
 }
 
 /// Waits until `probe` returns `expected`; fails with the last value seen after [`DEADLINE`].
@@ -953,7 +628,7 @@ async fn a_killed_node_leaves_presence_registry_and_the_node_list() -> Result<()
     assert_eq!(numsub(cluster.redis(), room).await?, 3);
 
     let mut victim = cluster.nodes.pop().context("three nodes")?;
-    signal(victim.pid(), "-9")?;
+    send_signal(victim.pid(), "9")?;
     let killed = Instant::now();
     victim.wait_exit(DEADLINE).await?;
     drop(victim);
@@ -1344,7 +1019,7 @@ async fn a_node_paused_past_its_ttl_comes_back_whole() -> Result<()> {
     let both = set([watcher.member(), sleeper.member()]);
     assert_eq!(api_presence(a, room).await?, both);
 
-    signal(b.pid(), "-STOP")?;
+    send_signal(b.pid(), "STOP")?;
     let resumed = async {
         wait_for("the paused node's user", 0, || {
             api_send(a, "sleeper", json!("asleep"))
@@ -1361,7 +1036,7 @@ async fn a_node_paused_past_its_ttl_comes_back_whole() -> Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    signal(b.pid(), "-CONT")?;
+    send_signal(b.pid(), "CONT")?;
     resumed?;
 
     wait_for("the resumed node's user", 1, || {
@@ -1480,9 +1155,7 @@ impl TlsRedis {
         let mut last_error = None;
         // A port found free may be taken before redis-server binds it: then try another.
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = free_port()?;
             let mut child = Command::new("redis-server")
                 .args(["--port", "0", "--tls-port", &port.to_string()])
                 .args(["--bind", "127.0.0.1", "--tls-auth-clients", "no"])

@@ -3,23 +3,14 @@
 //! connection open, and does not make the node reserve memory; both codecs accept the same depth,
 //! so whatever one client may publish, a client of the other codec can read, in history too.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::client::{expect_ping_pong, publish_frame, subscribe_frame};
+use switchboard_e2e::memory::process_memory;
 use switchboard_e2e::{NodeProcess, RawClient};
 use switchboard_protocol::msgpack::MAX_DATA_DEPTH;
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
-
-/// One of the node's memory figures from /proc/PID/status, in bytes.
-fn memory(node: &NodeProcess, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))?;
-    let line = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .with_context(|| format!("{field} in /proc/PID/status"))?;
-    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse()?;
-    Ok(kib * 1024)
-}
 
 /// A MessagePack `publish` frame (map of `type`, `room`, `id`, `data`) whose `data` is `data`.
 fn msgpack_publish(id: u8, data: &[u8]) -> Vec<u8> {
@@ -50,24 +41,14 @@ async fn expect_bad_frame(client: &mut RawClient, needle: &str) -> Result<()> {
     }
 }
 
-async fn expect_pong(client: &mut RawClient, id: u64) -> Result<()> {
-    client
-        .send_frame(&ClientFrame::Ping { id: Some(id) })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Pong { id: Some(got) } if got == id => Ok(()),
-        other => bail!("expected pong {id}, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn hostile_msgpack_frames_are_bad_frames_and_reserve_no_memory() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
     let url = node.ws_url();
     let (mut client, _) = RawClient::connect(&url, Codec::MsgPack).await?;
-    expect_pong(&mut client, 1).await?;
-    let peak_before = memory(&node, "VmPeak")?;
-    let rss_before = memory(&node, "VmHWM")?;
+    expect_ping_pong(&mut client, 1).await?;
+    let peak_before = process_memory(&node, "VmPeak")?;
+    let rss_before = process_memory(&node, "VmHWM")?;
 
     // 1000 nested arrays, each declaring 2^32 - 1 elements: 5 KB, far under the message limit.
     // rmp-serde would reserve up to 1 MiB per level (about 1 GiB) before finding the frame short.
@@ -88,10 +69,10 @@ async fn hostile_msgpack_frames_are_bad_frames_and_reserve_no_memory() -> Result
             .await?;
         expect_bad_frame(&mut client, needle).await?;
     }
-    expect_pong(&mut client, 6).await?;
+    expect_ping_pong(&mut client, 6).await?;
 
-    let peak_growth = memory(&node, "VmPeak")?.saturating_sub(peak_before);
-    let rss_growth = memory(&node, "VmHWM")?.saturating_sub(rss_before);
+    let peak_growth = process_memory(&node, "VmPeak")?.saturating_sub(peak_before);
+    let rss_growth = process_memory(&node, "VmHWM")?.saturating_sub(rss_before);
     ensure!(
         peak_growth < 64 << 20,
         "virtual memory peak grew by {} MiB",
@@ -110,14 +91,7 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
     let url = node.ws_url();
     let (mut reader, _) = RawClient::connect(&url, Codec::Json).await?;
-    reader
-        .send_frame(&ClientFrame::Subscribe {
-            room: "deep".into(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    reader.send_frame(&subscribe_frame("deep", 1, None)).await?;
     ensure!(matches!(reader.next_frame().await?, ServerFrame::Reply(reply) if reply.id == 1));
 
     // As deep as a `history` reply (three levels around `data`) can carry, and no deeper.
@@ -125,22 +99,14 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
     for codec in Codec::ALL {
         let (mut writer, _) = RawClient::connect(&url, codec).await?;
         writer
-            .send_frame(&ClientFrame::Publish {
-                room: "deep".into(),
-                data: nested(MAX_DATA_DEPTH + 1),
-                id: Some(2),
-            })
+            .send_frame(&publish_frame("deep", nested(MAX_DATA_DEPTH + 1), 2))
             .await?;
         match writer.next_frame().await? {
             ServerFrame::Error(error) if error.code == ErrorCode::BadFrame => {}
             other => bail!("{codec:?}: expected bad_frame for data too deep, got {other:?}"),
         }
         writer
-            .send_frame(&ClientFrame::Publish {
-                room: "deep".into(),
-                data: deepest.clone(),
-                id: Some(3),
-            })
+            .send_frame(&publish_frame("deep", deepest.clone(), 3))
             .await?;
         match writer.next_frame().await? {
             ServerFrame::Reply(reply) if reply.id == 3 => {}

@@ -7,96 +7,28 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::api::api_publish;
+use switchboard_e2e::client::{
+    answer, connect_small_buffer, connect_user, publish_frame, subscribe_frame, user_url,
+};
+use switchboard_e2e::memory::process_memory;
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess, wait_until};
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, Reply, ServerFrame, StreamPosition};
-use tokio_tungstenite::MaybeTlsStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const MIB: usize = 1 << 20;
 const LIMIT_REFUSALS: &str = "switchboard_limit_refusals_total";
-
-/// A client whose socket takes little before the node's writes block: a reader that does not
-/// read really holds the node's writes back, as over a real network.
-async fn connect_small_buffer(node: &NodeProcess, user: &str) -> Result<RawClient> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(16 * 1024)?;
-    let stream = socket.connect(node.public).await?;
-    let mut request = format!("{}?user={user}", node.ws_url()).into_client_request()?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(Codec::Json.protocol()),
-    );
-    let (socket, _) = tokio::time::timeout(
-        DEADLINE,
-        tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)),
-    )
-    .await??;
-    let mut client = RawClient {
-        socket,
-        codec: Codec::Json,
-    };
-    match client.next_frame().await? {
-        ServerFrame::Welcome { .. } => Ok(client),
-        other => bail!("the first frame is not a welcome: {other:?}"),
-    }
-}
-
-async fn connect(node: &NodeProcess, user: &str) -> Result<RawClient> {
-    let url = format!("{}?user={user}", node.ws_url());
-    Ok(RawClient::connect(&url, Codec::Json).await?.0)
-}
-
-/// The node's resident memory, from /proc.
-fn rss_bytes(node: &NodeProcess) -> Result<usize> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))?;
-    let kib: usize = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .context("no VmRSS in /proc/PID/status")?;
-    Ok(kib * 1024)
-}
-
-async fn api_publish(node: &NodeProcess, room: &str, data: &Value) -> Result<reqwest::Response> {
-    Ok(reqwest::Client::new()
-        .post(node.http_url("/api/publish"))
-        .json(&json!({"room": room, "data": data}))
-        .send()
-        .await?)
-}
 
 /// Publishes `count` messages of about `size` bytes to `room`; returns the room's epoch.
 async fn publish_large(node: &NodeProcess, room: &str, count: u64, size: usize) -> Result<String> {
     let mut epoch = String::new();
     for n in 1..=count {
         let data = json!({"n": n, "pad": "p".repeat(size)});
-        let response = api_publish(node, room, &data).await?;
-        ensure!(
-            response.status().is_success(),
-            "publish {n}: {}",
-            response.status()
-        );
-        let body: Value = response.json().await?;
-        ensure!(body["offset"] == n, "publish {n} got {body}");
-        epoch = body["epoch"].as_str().context("an epoch")?.to_owned();
+        let body = api_publish(node, room, data).await?;
+        ensure!(body.offset == n, "publish {n} got {body:?}");
+        epoch = body.epoch;
     }
     Ok(epoch)
-}
-
-/// The next reply (or error) to request `id`, skipping anything else.
-async fn answer(client: &mut RawClient, id: u64) -> Result<ServerFrame> {
-    loop {
-        match client.next_frame().await? {
-            ServerFrame::Reply(reply) if reply.id == id => return Ok(ServerFrame::Reply(reply)),
-            ServerFrame::Error(error) if error.id == Some(id) => {
-                return Ok(ServerFrame::Error(error));
-            }
-            _ => {}
-        }
-    }
 }
 
 async fn reply(client: &mut RawClient, id: u64) -> Result<Reply> {
@@ -107,21 +39,14 @@ async fn reply(client: &mut RawClient, id: u64) -> Result<Reply> {
 }
 
 async fn subscribe(client: &mut RawClient, room: &str, id: u64) -> Result<Reply> {
-    client
-        .send_frame(&ClientFrame::Subscribe {
-            room: room.to_owned(),
-            id: Some(id),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    client.send_frame(&subscribe_frame(room, id, None)).await?;
     reply(client, id).await
 }
 
 /// Waits a little after the last change so the node has done what it will do, then reads RSS.
 async fn settled_rss(node: &NodeProcess) -> Result<usize> {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    rss_bytes(node)
+    Ok(usize::try_from(process_memory(node, "VmRSS")?)?)
 }
 
 // ----- 1. every answer bounded -----------------------------------------------------------------
@@ -153,7 +78,8 @@ async fn history_and_recovery_for_clients_that_never_read_keep_the_node_small() 
     let baseline = settled_rss(&node).await?;
     let mut idle = Vec::new();
     for n in 0..4 {
-        let mut client = connect_small_buffer(&node, &format!("hoarder-{n}")).await?;
+        let mut client =
+            connect_small_buffer(&node, &user_url(&node, &format!("hoarder-{n}"))).await?;
         client
             .send_frame(&ClientFrame::History {
                 room: room.to_owned(),
@@ -178,7 +104,8 @@ async fn history_and_recovery_for_clients_that_never_read_keep_the_node_small() 
     );
 
     for n in 0..4 {
-        let mut client = connect_small_buffer(&node, &format!("recoverer-{n}")).await?;
+        let mut client =
+            connect_small_buffer(&node, &user_url(&node, &format!("recoverer-{n}"))).await?;
         client
             .send_frame(&ClientFrame::Subscribe {
                 room: room.to_owned(),
@@ -206,7 +133,7 @@ async fn history_and_recovery_for_clients_that_never_read_keep_the_node_small() 
     );
 
     // A reader pages through the whole history: every message once, every frame within the limit.
-    let mut reader = connect(&node, "reader").await?;
+    let mut reader = connect_user(&node, "reader").await?;
     let mut seen = Vec::new();
     let mut since = None;
     for id in 1..=200 {
@@ -242,7 +169,7 @@ async fn history_and_recovery_for_clients_that_never_read_keep_the_node_small() 
 
     // The same node still serves: recovery for a client that reads is complete and in order,
     // and a live message follows it exactly once.
-    let mut resumer = connect(&node, "resumer").await?;
+    let mut resumer = connect_user(&node, "resumer").await?;
     resumer
         .send_frame(&ClientFrame::Subscribe {
             room: room.to_owned(),
@@ -298,14 +225,13 @@ async fn a_recovery_nobody_reads_ends_with_1013() -> Result<()> {
     ])
     .await?;
     let epoch = publish_large(&node, "r", 200, 60_000).await?;
-    let mut client = connect_small_buffer(&node, "stuck").await?;
+    let mut client = connect_small_buffer(&node, &user_url(&node, "stuck")).await?;
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "r".to_owned(),
-            id: Some(1),
-            since: Some(StreamPosition { offset: 0, epoch }),
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame(
+            "r",
+            1,
+            Some(StreamPosition { offset: 0, epoch }),
+        ))
         .await?;
     node.wait_metric("switchboard_slow_consumer_closes_total", 1.0)
         .await?;
@@ -319,16 +245,12 @@ async fn a_recovery_nobody_reads_ends_with_1013() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_over_the_limit_are_refused_at_publish_and_send() -> Result<()> {
     let node = NodeProcess::start(&["--max-message-size", "4096"]).await?;
-    let mut client = connect(&node, "writer").await?;
+    let mut client = connect_user(&node, "writer").await?;
     // The client frame fits the limit; the frame subscribers would get (with offset, epoch and
     // the sender) does not.
     let data = json!("x".repeat(4000));
     client
-        .send_frame(&ClientFrame::Publish {
-            room: "r".to_owned(),
-            data: data.clone(),
-            id: Some(1),
-        })
+        .send_frame(&publish_frame("r", data.clone(), 1))
         .await?;
     match answer(&mut client, 1).await? {
         ServerFrame::Error(error) => ensure!(error.code == ErrorCode::TooLarge, "{error:?}"),
@@ -347,11 +269,7 @@ async fn frames_over_the_limit_are_refused_at_publish_and_send() -> Result<()> {
     }
     // Still open, and a message that fits goes through.
     client
-        .send_frame(&ClientFrame::Publish {
-            room: "r".to_owned(),
-            data: json!("x".repeat(3000)),
-            id: Some(3),
-        })
+        .send_frame(&publish_frame("r", json!("x".repeat(3000)), 3))
         .await?;
     let published = reply(&mut client, 3).await?;
     ensure!(published.offset == Some(1), "{published:?}");
@@ -414,9 +332,9 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
     const BIG: usize = MIB - 512;
     let node = NodeProcess::start(&[]).await?;
     let big = "b".repeat(BIG);
-    let mut victim = connect_small_buffer(&node, "victim").await?;
+    let mut victim = connect_small_buffer(&node, &user_url(&node, "victim")).await?;
     subscribe(&mut victim, "lobby", 1).await?;
-    let mut attacker = connect(&node, "attacker").await?;
+    let mut attacker = connect_user(&node, "attacker").await?;
     let filled = fill_socket(&node, "victim").await?;
 
     for (id, data) in [(1, json!(big)), (2, json!("small"))] {
@@ -471,7 +389,7 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
     );
 
     // A victim that never reads: the queue (4 MiB by default) overflows and it is closed with 1013.
-    let mut sleeper = connect_small_buffer(&node, "sleeper").await?;
+    let mut sleeper = connect_small_buffer(&node, &user_url(&node, "sleeper")).await?;
     for id in 10..30 {
         attacker
             .send_frame(&ClientFrame::Send {
@@ -535,7 +453,7 @@ async fn reading_fresh_rooms_leaves_no_redis_key() -> Result<()> {
     let url = redis.url();
     let node = NodeProcess::start(&["--redis", &url, "--room-linger-ms", "100"]).await?;
     node.wait_ready().await?;
-    let mut client = connect(&node, "reader").await?;
+    let mut client = connect_user(&node, "reader").await?;
     let keys = async || -> Result<Vec<String>> {
         let listed = redis.cli(&["--scan"]).await?;
         let mut keys: Vec<String> = listed.lines().map(str::to_owned).collect();
@@ -588,10 +506,9 @@ async fn reading_fresh_rooms_leaves_no_redis_key() -> Result<()> {
     ensure!(first.offset == Some(0));
     drop(client);
     for n in 1..=3 {
-        let response = api_publish(&node, "later", &json!(n)).await?;
-        ensure!(response.status().is_success());
+        api_publish(&node, "later", json!(n)).await?;
     }
-    let mut back = connect(&node, "reader").await?;
+    let mut back = connect_user(&node, "reader").await?;
     back.send_frame(&ClientFrame::Subscribe {
         room: "later".to_owned(),
         id: Some(1),
@@ -618,17 +535,12 @@ async fn reading_fresh_rooms_leaves_no_redis_key() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_subscription_past_the_limit_is_refused_and_the_connection_stays_open() -> Result<()> {
     let node = NodeProcess::start(&["--max-subscriptions", "3"]).await?;
-    let mut client = connect(&node, "collector").await?;
+    let mut client = connect_user(&node, "collector").await?;
     for n in 1..=3 {
         subscribe(&mut client, &format!("room-{n}"), n).await?;
     }
     client
-        .send_frame(&ClientFrame::Subscribe {
-            room: "room-4".to_owned(),
-            id: Some(4),
-            since: None,
-            presence_events: false,
-        })
+        .send_frame(&subscribe_frame("room-4", 4, None))
         .await?;
     match answer(&mut client, 4).await? {
         ServerFrame::Error(error) => {
@@ -661,11 +573,11 @@ async fn a_presence_reply_never_passes_the_size_limit() -> Result<()> {
     let mut members = Vec::new();
     for n in 0..40 {
         // Long user ids: 40 members take about 6 KB.
-        let mut client = connect(&node, &format!("{n:0>100}")).await?;
+        let mut client = connect_user(&node, &format!("{n:0>100}")).await?;
         subscribe(&mut client, "crowd", 1).await?;
         members.push(client);
     }
-    let mut asker = connect(&node, "asker").await?;
+    let mut asker = connect_user(&node, "asker").await?;
     asker
         .send_frame(&ClientFrame::Presence {
             room: "crowd".to_owned(),

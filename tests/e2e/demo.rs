@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::client::{connect_user, publish_frame, subscribe};
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, RedisProcess};
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, ServerFrame};
 
@@ -31,25 +32,10 @@ fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
-async fn client(node: &NodeProcess, user: &str) -> Result<RawClient> {
-    let url = format!("{}?user={user}", node.ws_url());
-    Ok(RawClient::connect(&url, Codec::Json).await?.0)
-}
-
 /// Subscribes to the stats room and waits for the reply.
 async fn subscribe_stats(client: &mut RawClient) -> Result<()> {
-    client
-        .send_frame(&ClientFrame::Subscribe {
-            room: STATS_ROOM.to_owned(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Reply(reply) if reply.id == 1 => Ok(()),
-        other => bail!("expected the subscribe reply, got {other:?}"),
-    }
+    subscribe(client, STATS_ROOM, 1).await?;
+    Ok(())
 }
 
 /// The next stats message's data, with the time it arrived.
@@ -177,7 +163,7 @@ async fn demo_false_turns_off_the_page_and_the_stats() -> Result<()> {
 
     // Two stats intervals pass without a stats message, then a ping round trip shows nothing
     // was queued before it.
-    let mut watcher = client(&by_flag, "watcher").await?;
+    let mut watcher = connect_user(&by_flag, "watcher").await?;
     subscribe_stats(&mut watcher).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     watcher
@@ -190,11 +176,7 @@ async fn demo_false_turns_off_the_page_and_the_stats() -> Result<()> {
 
     // Still read-only.
     watcher
-        .send_frame(&ClientFrame::Publish {
-            room: STATS_ROOM.to_owned(),
-            data: json!({}),
-            id: Some(3),
-        })
+        .send_frame(&publish_frame(STATS_ROOM, json!({}), 3))
         .await?;
     match watcher.next_frame().await? {
         ServerFrame::Error(error) if error.id == Some(3) => {
@@ -208,14 +190,14 @@ async fn demo_false_turns_off_the_page_and_the_stats() -> Result<()> {
 #[tokio::test]
 async fn clients_cannot_publish_to_system_rooms() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
-    let mut mallory = client(&node, "mallory").await?;
+    let mut mallory = connect_user(&node, "mallory").await?;
     for (id, room) in [(1, STATS_ROOM), (2, "$sys.other"), (3, "$sys.")] {
         mallory
-            .send_frame(&ClientFrame::Publish {
-                room: room.to_owned(),
-                data: json!({"node": "fake", "connections": 1_000_000}),
-                id: Some(id),
-            })
+            .send_frame(&publish_frame(
+                room,
+                json!({"node": "fake", "connections": 1_000_000}),
+                id,
+            ))
             .await?;
         match mallory.next_frame().await? {
             ServerFrame::Error(error) if error.id == Some(id) => {
@@ -231,11 +213,7 @@ async fn clients_cannot_publish_to_system_rooms() -> Result<()> {
     }
     // A room that merely looks alike is an ordinary room.
     mallory
-        .send_frame(&ClientFrame::Publish {
-            room: "$system".to_owned(),
-            data: json!("fine"),
-            id: Some(4),
-        })
+        .send_frame(&publish_frame("$system", json!("fine"), 4))
         .await?;
     match mallory.next_frame().await? {
         ServerFrame::Reply(reply) if reply.id == 4 => {}
@@ -279,12 +257,8 @@ async fn a_token_that_allows_every_room_still_cannot_publish_to_system_rooms() -
     let url = format!("{}?token={token}", node.ws_url());
     let (mut root, _) = RawClient::connect(&url, Codec::Json).await?;
     subscribe_stats(&mut root).await?;
-    root.send_frame(&ClientFrame::Publish {
-        room: STATS_ROOM.to_owned(),
-        data: json!({"node": "fake"}),
-        id: Some(2),
-    })
-    .await?;
+    root.send_frame(&publish_frame(STATS_ROOM, json!({"node": "fake"}), 2))
+        .await?;
     // Stats messages may come first; the error answers the publish.
     loop {
         match root.next_frame().await? {
@@ -303,7 +277,7 @@ async fn a_token_that_allows_every_room_still_cannot_publish_to_system_rooms() -
 #[tokio::test]
 async fn stats_arrive_once_a_second_with_the_node_id_and_its_figures() -> Result<()> {
     let node = NodeProcess::start(&["--node-id", "demo-a"]).await?;
-    let mut watcher = client(&node, "watcher").await?;
+    let mut watcher = connect_user(&node, "watcher").await?;
     subscribe_stats(&mut watcher).await?;
 
     let (first, first_at) = next_stats(&mut watcher).await?;
@@ -319,7 +293,7 @@ async fn stats_arrive_once_a_second_with_the_node_id_and_its_figures() -> Result
     ensure!(first["uptime_secs"].as_u64().is_some(), "{first}");
 
     // A second client connects and sends a burst: the next figures count both.
-    let mut talker = client(&node, "talker").await?;
+    let mut talker = connect_user(&node, "talker").await?;
     for id in 0..20 {
         talker
             .send_frame(&ClientFrame::Ping { id: Some(id) })
@@ -370,7 +344,7 @@ async fn every_node_of_a_cluster_publishes_to_the_one_room() -> Result<()> {
         node.wait_ready().await?;
         nodes.push(node);
     }
-    let mut watcher = client(&nodes[0], "watcher").await?;
+    let mut watcher = connect_user(&nodes[0], "watcher").await?;
     subscribe_stats(&mut watcher).await?;
     let mut heard = BTreeSet::new();
     let deadline = Instant::now() + DEADLINE;

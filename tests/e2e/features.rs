@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use futures_util::{FutureExt, StreamExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use futures_util::FutureExt;
 use serde_json::{Value, json};
 use switchboard_client::{
     Client, ClientError, ConnectOptions, ErrorCode, Event, PresenceNotice, ReconnectPolicy,
     RoomMessage, Sender, StreamPosition, SubscribeOptions,
+};
+use switchboard_e2e::api::{api_get, api_post, api_publish};
+use switchboard_e2e::client::{
+    error_of, expect_reply, position, publish_frame, request, subscribe_frame,
 };
 use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, wait_until};
 use switchboard_protocol::api::{
@@ -93,33 +95,11 @@ async fn assert_quiet(client: &Client, who: &str) -> Result<()> {
 
 /// The next frame on a raw client, which must be a binary (MessagePack) frame.
 async fn next_binary(client: &mut RawClient) -> Result<ServerFrame> {
-    loop {
-        let message = tokio::time::timeout(DEADLINE, client.socket.next())
-            .await
-            .context("no frame in time")?
-            .context("connection ended")??;
-        match message {
-            Message::Binary(bytes) => {
-                return Codec::MsgPack
-                    .decode(&bytes)
-                    .map_err(|error| anyhow::anyhow!(error));
-            }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            other => bail!("expected a binary frame, got {other:?}"),
-        }
-    }
-}
-
-/// Sends a request on a raw client and returns the next frame.
-async fn request(client: &mut RawClient, frame: ClientFrame) -> Result<ServerFrame> {
-    client.send_frame(&frame).await?;
-    client.next_frame().await
-}
-
-fn expect_reply(frame: ServerFrame) -> Result<Reply> {
-    match frame {
-        ServerFrame::Reply(reply) => Ok(reply),
-        other => bail!("expected a reply, got {other:?}"),
+    match client.next_message().await? {
+        Message::Binary(bytes) => Codec::MsgPack
+            .decode(&bytes)
+            .map_err(|error| anyhow::anyhow!(error)),
+        other => bail!("expected a binary frame, got {other:?}"),
     }
 }
 
@@ -128,62 +108,6 @@ fn expect_room_message(frame: ServerFrame) -> Result<Arc<RoomMessage>> {
         ServerFrame::Message(message) => Ok(message),
         other => bail!("expected a message, got {other:?}"),
     }
-}
-
-fn subscribe_frame(room: &str, id: u64, since: Option<StreamPosition>) -> ClientFrame {
-    ClientFrame::Subscribe {
-        room: room.to_owned(),
-        id: Some(id),
-        since,
-        presence_events: false,
-    }
-}
-
-fn position(offset: u64, epoch: &str) -> StreamPosition {
-    StreamPosition {
-        offset,
-        epoch: epoch.to_owned(),
-    }
-}
-
-/// POSTs JSON to the server API and decodes a 200 answer.
-async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
-    http: &reqwest::Client,
-    node: &NodeProcess,
-    path: &str,
-    body: &B,
-) -> Result<T> {
-    let response = http.post(node.http_url(path)).json(body).send().await?;
-    let status = response.status();
-    let text = response.text().await?;
-    ensure!(status == 200, "POST {path}: {status} {text}");
-    serde_json::from_str(&text).with_context(|| format!("POST {path} answered {text}"))
-}
-
-/// GETs JSON from the server API and decodes a 200 answer.
-async fn get<T: DeserializeOwned>(
-    http: &reqwest::Client,
-    node: &NodeProcess,
-    path: &str,
-) -> Result<T> {
-    let response = http.get(node.http_url(path)).send().await?;
-    let status = response.status();
-    let text = response.text().await?;
-    ensure!(status == 200, "GET {path}: {status} {text}");
-    serde_json::from_str(&text).with_context(|| format!("GET {path} answered {text}"))
-}
-
-async fn api_publish(
-    http: &reqwest::Client,
-    node: &NodeProcess,
-    room: &str,
-    data: Value,
-) -> Result<PublishResponse> {
-    let body = PublishRequest {
-        room: room.to_owned(),
-        data,
-    };
-    post(http, node, "/api/publish", &body).await
 }
 
 fn sender(client: &Client) -> Option<Sender> {
@@ -409,7 +333,6 @@ async fn presence_lists_members_and_announces_joins_and_leaves() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_returns_the_newest_or_the_later_messages() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
-    let http = reqwest::Client::new();
     let alice = connect(&node, "alice", Codec::Json).await?;
     let bob = connect(&node, "bob", Codec::MsgPack).await?;
 
@@ -422,7 +345,7 @@ async fn history_returns_the_newest_or_the_later_messages() -> Result<()> {
     for n in 1..=10u64 {
         let data = json!({"n": n});
         if n % 2 == 0 {
-            let published = api_publish(&http, &node, "archive", data).await?;
+            let published = api_publish(&node, "archive", data).await?;
             assert_eq!(published.offset, n);
             assert_eq!(
                 epoch.get_or_insert_with(|| published.epoch.clone()),
@@ -589,7 +512,7 @@ async fn since_recovery_delivers_every_missed_message_once_at_the_seam() -> Resu
     let mut epoch = None;
     let published = Arc::new(Mutex::new(HashMap::new()));
     for n in 1..=5u64 {
-        let answer = api_publish(&http, &node, SEAM_ROOM, json!({"n": n})).await?;
+        let answer = api_publish(&node, SEAM_ROOM, json!({"n": n})).await?;
         assert_eq!(answer.offset, n);
         assert_eq!(
             epoch.get_or_insert_with(|| answer.epoch.clone()),
@@ -606,7 +529,7 @@ async fn since_recovery_delivers_every_missed_message_once_at_the_seam() -> Resu
 
     // Missed while away.
     for n in 6..=15u64 {
-        api_publish(&http, &node, SEAM_ROOM, json!({"n": n})).await?;
+        api_publish(&node, SEAM_ROOM, json!({"n": n})).await?;
         published.lock().expect("lock").insert(n, json!({"n": n}));
     }
 
@@ -676,7 +599,6 @@ async fn since_recovery_delivers_every_missed_message_once_at_the_seam() -> Resu
 async fn sdk_resubscribes_and_recovers_after_a_server_disconnect() -> Result<()> {
     const ROOM: &str = "ticker";
     let node = NodeProcess::start(&[]).await?;
-    let http = reqwest::Client::new();
     let options = ConnectOptions {
         user: Some("rita".into()),
         codec: Codec::MsgPack,
@@ -697,7 +619,7 @@ async fn sdk_resubscribes_and_recovers_after_a_server_disconnect() -> Result<()>
     // The room's epoch is made by its first publish.
     let mut epoch = String::new();
     for n in 1..=3u64 {
-        api_publish(&http, &node, ROOM, json!({"n": n})).await?;
+        api_publish(&node, ROOM, json!({"n": n})).await?;
         let message = next_message(&client).await?;
         assert_eq!((message.offset, &message.data), (n, &json!({"n": n})));
         epoch.clone_from(&message.epoch);
@@ -708,7 +630,7 @@ async fn sdk_resubscribes_and_recovers_after_a_server_disconnect() -> Result<()>
         code: Some(3000),
         reason: Some("kicked for a test".into()),
     };
-    let answer: DisconnectResponse = post(&http, &node, "/api/disconnect", &disconnect).await?;
+    let answer: DisconnectResponse = api_post(&node, "/api/disconnect", &disconnect).await?;
     assert_eq!(answer.sessions, 1);
     assert_eq!(
         next(&client).await?,
@@ -719,7 +641,7 @@ async fn sdk_resubscribes_and_recovers_after_a_server_disconnect() -> Result<()>
     );
     // Published during the outage (the client waits 800 ms before reconnecting).
     for n in 4..=8u64 {
-        api_publish(&http, &node, ROOM, json!({"n": n})).await?;
+        api_publish(&node, ROOM, json!({"n": n})).await?;
     }
     assert_eq!(
         next(&client).await?,
@@ -745,7 +667,7 @@ async fn sdk_resubscribes_and_recovers_after_a_server_disconnect() -> Result<()>
         assert_eq!(message.epoch, epoch);
         assert_eq!(message.data, json!({"n": n}));
     }
-    api_publish(&http, &node, ROOM, json!({"n": 9})).await?;
+    api_publish(&node, ROOM, json!({"n": 9})).await?;
     assert_eq!(next_message(&client).await?.offset, 9);
     assert_quiet(&client, "rita").await?;
     Ok(())
@@ -796,10 +718,9 @@ async fn resume(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_fails_for_a_too_old_offset_or_a_wrong_epoch() -> Result<()> {
     let node = NodeProcess::start(&["--history-size", "5"]).await?;
-    let http = reqwest::Client::new();
     let mut epoch = String::new();
     for n in 1..=20u64 {
-        let published = api_publish(&http, &node, "short", json!({"n": n})).await?;
+        let published = api_publish(&node, "short", json!({"n": n})).await?;
         assert_eq!(published.offset, n);
         epoch = published.epoch;
     }
@@ -809,7 +730,7 @@ async fn recovery_fails_for_a_too_old_offset_or_a_wrong_epoch() -> Result<()> {
     assert_eq!(reply.recovered, Some(false));
     assert_eq!(reply.offset, Some(20));
     assert_eq!(reply.epoch.as_deref(), Some(epoch.as_str()));
-    api_publish(&http, &node, "short", json!({"n": 21})).await?;
+    api_publish(&node, "short", json!({"n": 21})).await?;
     assert_eq!(expect_room_message(old.next_frame().await?)?.offset, 21);
 
     // A wrong epoch: recovered false, nothing replayed, the reply carries the real epoch.
@@ -839,13 +760,10 @@ async fn recovery_fails_for_a_too_old_offset_or_a_wrong_epoch() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_fails_once_history_expired() -> Result<()> {
     let node = NodeProcess::start(&["--history-ttl-secs", "1"]).await?;
-    let http = reqwest::Client::new();
     let client = connect(&node, "reader", Codec::Json).await?;
     let mut epoch = String::new();
     for n in 1..=3u64 {
-        epoch = api_publish(&http, &node, "brief", json!({"n": n}))
-            .await?
-            .epoch;
+        epoch = api_publish(&node, "brief", json!({"n": n})).await?.epoch;
     }
     assert_eq!(client.history("brief", None, None).await?.messages.len(), 3);
     wait_until("history to expire", || {
@@ -880,13 +798,9 @@ async fn recovery_fails_once_history_expired() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 /// Waits until `GET /api/nodes` lists this node, and only it, with `connections` sessions.
-async fn wait_node_connections(
-    http: &reqwest::Client,
-    node: &NodeProcess,
-    connections: u64,
-) -> Result<()> {
+async fn wait_node_connections(node: &NodeProcess, connections: u64) -> Result<()> {
     let result = wait_until(&format!("/api/nodes to report {connections}"), || async {
-        get::<NodesResponse>(http, node, "/api/nodes")
+        api_get::<NodesResponse>(node, "/api/nodes")
             .await
             .is_ok_and(|answer| {
                 answer.nodes.len() == 1 && answer.nodes[0].connections == connections
@@ -895,10 +809,10 @@ async fn wait_node_connections(
     .await;
     if result.is_err() {
         // The node heartbeats every 5 s; DEADLINE (10 s) covers two of them.
-        let answer: NodesResponse = get(http, node, "/api/nodes").await?;
+        let answer: NodesResponse = api_get(node, "/api/nodes").await?;
         bail!("/api/nodes never reported {connections} connections: {answer:?}");
     }
-    let answer: NodesResponse = get(http, node, "/api/nodes").await?;
+    let answer: NodesResponse = api_get(node, "/api/nodes").await?;
     let [info] = answer.nodes.as_slice() else {
         bail!("expected one node: {answer:?}");
     };
@@ -937,7 +851,7 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
 
     // Publish: subscribers get it without `from`.
     let data = json!({"headline": "switchboard ships", "tags": ["rust", 1]});
-    let published = api_publish(&http, &node, "news", data.clone()).await?;
+    let published = api_publish(&node, "news", data.clone()).await?;
     assert_eq!(published.offset, 1);
     let expected = RoomMessage {
         room: "news".into(),
@@ -955,7 +869,7 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
         user: "bob".into(),
         data: json!({"dm": true}),
     };
-    let answer: SendResponse = post(&http, &node, "/api/send", &send).await?;
+    let answer: SendResponse = api_post(&node, "/api/send", &send).await?;
     assert_eq!(answer.sessions, 1);
     assert_eq!(
         next(&bob).await?,
@@ -968,13 +882,12 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
         user: "nobody".into(),
         data: json!(null),
     };
-    let answer: SendResponse = post(&http, &node, "/api/send", &nobody).await?;
+    let answer: SendResponse = api_post(&node, "/api/send", &nobody).await?;
     assert_eq!(answer.sessions, 0);
     assert_quiet(&alice, "alice (send was for bob)").await?;
 
     // Broadcast: every session, subscribed or not.
-    let answer: BroadcastResponse = post(
-        &http,
+    let answer: BroadcastResponse = api_post(
         &node,
         "/api/broadcast",
         &json!({"data": {"notice": "maintenance"}}),
@@ -991,16 +904,16 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
     }
 
     // Presence over the API.
-    let members: PresenceResponse = get(&http, &node, "/api/presence/news").await?;
+    let members: PresenceResponse = api_get(&node, "/api/presence/news").await?;
     assert_eq!(members_of(&members.members), pairs(&[&alice, &bob]));
-    let members: PresenceResponse = get(&http, &node, "/api/presence/quiet-room").await?;
+    let members: PresenceResponse = api_get(&node, "/api/presence/quiet-room").await?;
     assert!(members.members.is_empty());
 
     // Nodes: this node with its connection count (refreshed by a 5 s heartbeat).
     let (mut dan_one, _) = raw(&node, "dan", Codec::Json).await?;
     let (mut dan_two, _) = raw(&node, "dan", Codec::MsgPack).await?;
     let (mut erin, _) = raw(&node, "erin", Codec::Json).await?;
-    wait_node_connections(&http, &node, 6).await?;
+    wait_node_connections(&node, 6).await?;
 
     // Disconnect: every session of the user, with the given code and reason.
     let request = DisconnectRequest {
@@ -1008,7 +921,7 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
         code: Some(4000),
         reason: Some("bye dan".into()),
     };
-    let answer: DisconnectResponse = post(&http, &node, "/api/disconnect", &request).await?;
+    let answer: DisconnectResponse = api_post(&node, "/api/disconnect", &request).await?;
     assert_eq!(answer.sessions, 2);
     for client in [&mut dan_one, &mut dan_two] {
         let frame = client.expect_close().await?.context("no close frame")?;
@@ -1021,7 +934,7 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
         code: None,
         reason: None,
     };
-    let answer: DisconnectResponse = post(&http, &node, "/api/disconnect", &request).await?;
+    let answer: DisconnectResponse = api_post(&node, "/api/disconnect", &request).await?;
     assert_eq!(answer.sessions, 1);
     let frame = erin.expect_close().await?.context("no close frame")?;
     assert_eq!(u16::from(frame.code), 1000);
@@ -1030,7 +943,7 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
         code: Some(4001),
         reason: None,
     };
-    let answer: DisconnectResponse = post(&http, &node, "/api/disconnect", &request).await?;
+    let answer: DisconnectResponse = api_post(&node, "/api/disconnect", &request).await?;
     assert_eq!(answer.sessions, 0);
     // Only 1000, 1008 and 3000-4999 may be asked for.
     let response = http
@@ -1047,7 +960,7 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
             .is_ok_and(|value| value == 3.0)
     })
     .await?;
-    wait_node_connections(&http, &node, 3).await?;
+    wait_node_connections(&node, 3).await?;
 
     // Probes and metrics.
     for path in ["/healthz", "/readyz"] {
@@ -1202,20 +1115,6 @@ async fn api_key_guards_the_api_but_not_the_probes() -> Result<()> {
 // 8. Ping and request ids
 // ---------------------------------------------------------------------------------------------
 
-fn expect_error(frame: ServerFrame, id: Option<u64>, code: ErrorCode) -> Result<()> {
-    match frame {
-        ServerFrame::Error(error) => {
-            ensure!(
-                error.id == id && error.code == code,
-                "expected error {code} with id {id:?}, got {error:?}"
-            );
-            ensure!(!error.message.is_empty(), "empty error message");
-            Ok(())
-        }
-        other => bail!("expected error {code}, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
@@ -1237,7 +1136,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
             },
         )
         .await?;
-        expect_error(frame, Some(7), ErrorCode::NotSubscribed)?;
+        error_of(frame, Some(7), ErrorCode::NotSubscribed)?;
 
         let reply = expect_reply(request(&mut client, subscribe_frame("here", 8, None)).await?)?;
         assert_eq!((reply.id, reply.room.as_deref()), (8, Some("here")));
@@ -1245,19 +1144,10 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
         assert!(reply.epoch.is_some());
 
         let frame = request(&mut client, subscribe_frame("here", 9, None)).await?;
-        expect_error(frame, Some(9), ErrorCode::AlreadySubscribed)?;
+        error_of(frame, Some(9), ErrorCode::AlreadySubscribed)?;
 
-        let reply = expect_reply(
-            request(
-                &mut client,
-                ClientFrame::Publish {
-                    room: other_room.clone(),
-                    data: json!("x"),
-                    id: Some(10),
-                },
-            )
-            .await?,
-        )?;
+        let reply =
+            expect_reply(request(&mut client, publish_frame(&other_room, json!("x"), 10)).await?)?;
         assert_eq!((reply.id, reply.offset), (10, Some(1)));
 
         let reply = expect_reply(
@@ -1322,7 +1212,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
             },
         )
         .await?;
-        expect_error(frame, Some(15), ErrorCode::NotSubscribed)?;
+        error_of(frame, Some(15), ErrorCode::NotSubscribed)?;
 
         // An unknown type still gets its id back.
         let dance = match codec.encode(&json!({"type": "dance", "id": 16})) {
@@ -1331,7 +1221,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
             Err(error) => bail!(error),
         };
         client.send_message(dance).await?;
-        expect_error(client.next_frame().await?, Some(16), ErrorCode::UnknownType)?;
+        error_of(client.next_frame().await?, Some(16), ErrorCode::UnknownType)?;
 
         // A successful request without an id gets no answer: the next frame is the pong of
         // the following ping.
@@ -1379,7 +1269,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
                 id: None,
             })
             .await?;
-        expect_error(client.next_frame().await?, None, ErrorCode::NotSubscribed)?;
+        error_of(client.next_frame().await?, None, ErrorCode::NotSubscribed)?;
     }
 
     // The SDK surfaces the same errors.
@@ -1405,7 +1295,6 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deliveries_are_counted_once_per_subscriber() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
-    let http = reqwest::Client::new();
     let subscribers = [
         connect(&node, "s1", Codec::Json).await?,
         connect(&node, "s2", Codec::Json).await?,
@@ -1423,7 +1312,7 @@ async fn deliveries_are_counted_once_per_subscriber() -> Result<()> {
         if n % 2 == 0 {
             outsider.publish("counted", json!({"n": n})).await?;
         } else {
-            api_publish(&http, &node, "counted", json!({"n": n})).await?;
+            api_publish(&node, "counted", json!({"n": n})).await?;
         }
     }
     for subscriber in &subscribers {
@@ -1448,7 +1337,7 @@ async fn deliveries_are_counted_once_per_subscriber() -> Result<()> {
 
     // A room with one subscriber counts one more per message.
     subscribers[0].subscribe("solo").await?;
-    api_publish(&http, &node, "solo", json!("one")).await?;
+    api_publish(&node, "solo", json!("one")).await?;
     assert_eq!(next_message(&subscribers[0]).await?.room, "solo");
     assert_eq!(node.metric(ROOM_DELIVERIES).await?, 21.0);
 
@@ -1463,7 +1352,7 @@ async fn deliveries_are_counted_once_per_subscriber() -> Result<()> {
         2.0
     );
     let answer: BroadcastResponse =
-        post(&http, &node, "/api/broadcast", &json!({"data": "all"})).await?;
+        api_post(&node, "/api/broadcast", &json!({"data": "all"})).await?;
     assert_eq!(answer.nodes, 1);
     for client in subscribers.iter().chain([&outsider]) {
         assert_eq!(next(client).await?, Event::Broadcast { data: json!("all") });

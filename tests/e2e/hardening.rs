@@ -2,17 +2,21 @@
 //! token edge cases, segment-safe room patterns, WebSocket control frames under the rate limit,
 //! and no token (nor API key) in any log line, the node's or HAProxy's.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
-use switchboard_e2e::haproxy::{Backend, HaproxyProcess};
-use switchboard_e2e::{DEADLINE, Handshake, NodeProcess, RawClient, raw_handshake, wait_until};
+use switchboard_e2e::auth::{token_signed_with, unix_now};
+use switchboard_e2e::client::{
+    connect, expect_ping_pong, expect_reply, open, publish_frame, refused, request_answer,
+    subscribe_frame,
+};
+use switchboard_e2e::haproxy::{Backend, HaproxyProcess, haproxy_command, spawn_logged};
+use switchboard_e2e::{DEADLINE, NodeProcess, RawClient, free_port, wait_until, workspace_file};
 use switchboard_protocol::{ClientFrame, Codec, ErrorCode, JSON_PROTOCOL, ServerFrame, close};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,20 +25,8 @@ use tokio_tungstenite::tungstenite::Message;
 /// The HS256 secret of the nodes started with authentication on.
 const SECRET: &str = "hardening-e2e-secret-0123456789";
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
-
 fn token(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token encodes")
+    token_signed_with(SECRET, claims)
 }
 
 fn user_token(user: &str, extra: Value) -> String {
@@ -50,54 +42,27 @@ fn with_token(url: &str, token: &str) -> String {
     format!("{url}?token={token}")
 }
 
-async fn connect(url: &str) -> Result<RawClient> {
-    Ok(RawClient::connect(url, Codec::Json).await?.0)
-}
-
+/// Connects with JSON and waits for the `welcome`; returns the client and its user.
 async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<(RawClient, String)> {
-    match raw_handshake(url, Some(JSON_PROTOCOL), headers).await? {
-        Handshake::Open(client, _) => {
-            let mut client = *client;
-            match client.next_frame().await? {
-                ServerFrame::Welcome { user, .. } => Ok((client, user)),
-                other => bail!("the first frame is not a welcome: {other:?}"),
-            }
-        }
-        Handshake::Refused { status, body } => bail!("handshake refused: {status} {body}"),
+    match open(url, Some(JSON_PROTOCOL), headers).await? {
+        (client, ServerFrame::Welcome { user, .. }, _) => Ok((client, user)),
+        (_, other, _) => bail!("the first frame is not a welcome: {other:?}"),
     }
 }
 
 async fn refused_status(url: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
-    match raw_handshake(url, Some(JSON_PROTOCOL), headers).await? {
-        Handshake::Open(..) => bail!("handshake to {url} accepted, expected a refusal"),
-        Handshake::Refused { status, body } => Ok((status, body)),
-    }
-}
-
-/// Sends a request and returns its answer (`reply` or `error`), skipping anything else.
-async fn request(client: &mut RawClient, frame: ClientFrame) -> Result<ServerFrame> {
-    let id = frame.id().context("requests carry an id")?;
-    client.send_frame(&frame).await?;
-    loop {
-        match client.next_frame().await? {
-            ServerFrame::Reply(reply) if reply.id == id => return Ok(ServerFrame::Reply(reply)),
-            ServerFrame::Error(error) if error.id == Some(id) => {
-                return Ok(ServerFrame::Error(error));
-            }
-            _ => {}
-        }
-    }
+    refused(url, Some(JSON_PROTOCOL), headers).await
 }
 
 async fn expect_forbidden(client: &mut RawClient, frame: ClientFrame) -> Result<()> {
-    match request(client, frame).await? {
+    match request_answer(client, frame).await? {
         ServerFrame::Error(error) if error.code == ErrorCode::Forbidden => Ok(()),
         other => bail!("expected error forbidden, got {other:?}"),
     }
 }
 
 async fn send(client: &mut RawClient, to: &str, data: Value, id: u64) -> Result<ServerFrame> {
-    request(
+    request_answer(
         client,
         ClientFrame::Send {
             to: to.to_owned(),
@@ -109,39 +74,13 @@ async fn send(client: &mut RawClient, to: &str, data: Value, id: u64) -> Result<
 }
 
 async fn subscribe(client: &mut RawClient, room: &str, id: u64) -> Result<ServerFrame> {
-    request(
-        client,
-        ClientFrame::Subscribe {
-            room: room.to_owned(),
-            id: Some(id),
-            since: None,
-            presence_events: false,
-        },
-    )
-    .await
-}
-
-async fn expect_reply(answer: ServerFrame) -> Result<switchboard_protocol::Reply> {
-    match answer {
-        ServerFrame::Reply(reply) => Ok(reply),
-        other => bail!("expected a reply, got {other:?}"),
-    }
+    request_answer(client, subscribe_frame(room, id, None)).await
 }
 
 async fn expect_direct(client: &mut RawClient, data: &Value) -> Result<()> {
     match client.next_frame().await? {
         ServerFrame::Direct { data: got, .. } if &got == data => Ok(()),
         other => bail!("expected direct {data}, got {other:?}"),
-    }
-}
-
-async fn expect_ping_pong(client: &mut RawClient, id: u64) -> Result<()> {
-    client
-        .send_frame(&ClientFrame::Ping { id: Some(id) })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Pong { id: Some(got) } if got == id => Ok(()),
-        other => bail!("expected pong {id}, got {other:?}"),
     }
 }
 
@@ -153,18 +92,7 @@ async fn assert_delivers(
     id: u64,
 ) -> Result<()> {
     let data = json!({"still": "serving", "id": id});
-    expect_reply(
-        request(
-            publisher,
-            ClientFrame::Publish {
-                room: room.to_owned(),
-                data: data.clone(),
-                id: Some(id),
-            },
-        )
-        .await?,
-    )
-    .await?;
+    expect_reply(request_answer(publisher, publish_frame(room, data.clone(), id)).await?)?;
     loop {
         match subscriber.next_frame().await? {
             ServerFrame::Message(message) if message.room == room && message.data == data => {
@@ -184,13 +112,28 @@ async fn assert_delivers(
 async fn with_auth_on_send_needs_a_matching_send_claim() -> Result<()> {
     let node = NodeProcess::start(&["--jwt-secret", SECRET]).await?;
     let url = node.ws_url();
-    let mut bob = connect(&with_token(&url, &user_token("bob", json!({})))).await?;
-    let mut team = connect(&with_token(&url, &user_token("team.carol", json!({})))).await?;
-    let mut silent = connect(&with_token(&url, &user_token("mallory", json!({})))).await?;
-    let mut sender = connect(&with_token(
-        &url,
-        &user_token("alice", json!({"send": ["bob", "team.*"]})),
-    ))
+    let mut bob = connect(
+        &with_token(&url, &user_token("bob", json!({}))),
+        Codec::Json,
+    )
+    .await?;
+    let mut team = connect(
+        &with_token(&url, &user_token("team.carol", json!({}))),
+        Codec::Json,
+    )
+    .await?;
+    let mut silent = connect(
+        &with_token(&url, &user_token("mallory", json!({}))),
+        Codec::Json,
+    )
+    .await?;
+    let mut sender = connect(
+        &with_token(
+            &url,
+            &user_token("alice", json!({"send": ["bob", "team.*"]})),
+        ),
+        Codec::Json,
+    )
     .await?;
 
     // No send claim: refused, and nothing reaches bob.
@@ -208,10 +151,10 @@ async fn with_auth_on_send_needs_a_matching_send_claim() -> Result<()> {
         );
     }
     // The claim's exact name and its segment pattern are allowed.
-    let reply = expect_reply(send(&mut sender, "bob", json!("hi bob"), 5).await?).await?;
+    let reply = expect_reply(send(&mut sender, "bob", json!("hi bob"), 5).await?)?;
     ensure!(reply.sessions == Some(1), "{reply:?}");
     expect_direct(&mut bob, &json!("hi bob")).await?;
-    let reply = expect_reply(send(&mut sender, "team.carol", json!("hi team"), 6).await?).await?;
+    let reply = expect_reply(send(&mut sender, "team.carol", json!("hi team"), 6).await?)?;
     ensure!(reply.sessions == Some(1), "{reply:?}");
     expect_direct(&mut team, &json!("hi team")).await?;
 
@@ -231,9 +174,9 @@ async fn with_auth_on_send_needs_a_matching_send_claim() -> Result<()> {
 #[tokio::test]
 async fn with_auth_off_send_stays_allowed() -> Result<()> {
     let node = NodeProcess::start(&[]).await?;
-    let mut bob = connect(&format!("{}?user=bob", node.ws_url())).await?;
-    let mut alice = connect(&format!("{}?user=alice", node.ws_url())).await?;
-    let reply = expect_reply(send(&mut alice, "bob", json!("open"), 1).await?).await?;
+    let mut bob = connect(&format!("{}?user=bob", node.ws_url()), Codec::Json).await?;
+    let mut alice = connect(&format!("{}?user=alice", node.ws_url()), Codec::Json).await?;
+    let reply = expect_reply(send(&mut alice, "bob", json!("open"), 1).await?)?;
     ensure!(reply.sessions == Some(1), "{reply:?}");
     expect_direct(&mut bob, &json!("open")).await
 }
@@ -348,7 +291,7 @@ async fn a_token_valid_until_the_end_of_time_neither_panics_nor_wraps() -> Resul
     ])
     .await?;
     let forever = token(&json!({"sub": "forever", "exp": u64::MAX, "rooms": ["*"]}));
-    let mut client = connect(&with_token(&node.ws_url(), &forever)).await?;
+    let mut client = connect(&with_token(&node.ws_url(), &forever), Codec::Json).await?;
     let until = tokio::time::Instant::now() + Duration::from_secs(1);
     let mut id = 0;
     while tokio::time::Instant::now() < until {
@@ -379,35 +322,19 @@ async fn a_dot_star_room_pattern_stays_within_its_segment() -> Result<()> {
     let scoped = token(&json!({"sub": "alice", "exp": unix_now() + 3600,
         "rooms": ["user.alice.*"], "publish": ["user.alice.*"]}));
     let raw = token(&json!({"sub": "alice", "exp": unix_now() + 3600, "rooms": ["user.alice*"]}));
-    let mut scoped = connect(&with_token(&url, &scoped)).await?;
-    let mut raw = connect(&with_token(&url, &raw)).await?;
+    let mut scoped = connect(&with_token(&url, &scoped), Codec::Json).await?;
+    let mut raw = connect(&with_token(&url, &raw), Codec::Json).await?;
 
-    expect_reply(subscribe(&mut scoped, "user.alice.inbox", 1).await?).await?;
+    expect_reply(subscribe(&mut scoped, "user.alice.inbox", 1).await?)?;
     for (room, id) in [("user.alice2", 2), ("user.alice", 3), ("user.alice.", 4)] {
-        expect_forbidden(
-            &mut scoped,
-            ClientFrame::Subscribe {
-                room: room.to_owned(),
-                id: Some(id),
-                since: None,
-                presence_events: false,
-            },
-        )
-        .await
-        .with_context(|| format!("user.alice.* and {room}"))?;
+        expect_forbidden(&mut scoped, subscribe_frame(room, id, None))
+            .await
+            .with_context(|| format!("user.alice.* and {room}"))?;
     }
-    expect_forbidden(
-        &mut scoped,
-        ClientFrame::Publish {
-            room: "user.alice2.inbox".into(),
-            data: json!(1),
-            id: Some(5),
-        },
-    )
-    .await?;
+    expect_forbidden(&mut scoped, publish_frame("user.alice2.inbox", json!(1), 5)).await?;
     // The raw prefix keeps its old, documented meaning.
-    expect_reply(subscribe(&mut raw, "user.alice2", 6).await?).await?;
-    expect_reply(subscribe(&mut raw, "user.alice.inbox", 7).await?).await?;
+    expect_reply(subscribe(&mut raw, "user.alice2", 6).await?)?;
+    expect_reply(subscribe(&mut raw, "user.alice.inbox", 7).await?)?;
     assert_delivers(&mut scoped, &mut raw, "user.alice.inbox", 8).await
 }
 
@@ -420,10 +347,10 @@ async fn a_websocket_ping_flood_is_closed_with_1008_while_others_keep_receiving(
     // The default limits: 100 frames/s, a burst of 200, 50 strikes.
     let node = NodeProcess::start(&[]).await?;
     let url = node.ws_url();
-    let mut subscriber = connect(&url).await?;
-    expect_reply(subscribe(&mut subscriber, "calm", 1).await?).await?;
-    let mut publisher = connect(&url).await?;
-    let mut flooder = connect(&url).await?;
+    let mut subscriber = connect(&url, Codec::Json).await?;
+    expect_reply(subscribe(&mut subscriber, "calm", 1).await?)?;
+    let mut publisher = connect(&url, Codec::Json).await?;
+    let mut flooder = connect(&url, Codec::Json).await?;
 
     // 5,000 WebSocket pings, 100 to a write; after each write a protocol `ping` whose answer
     // shows the node has read the batch (so the node never closes on unread bytes, which would
@@ -476,7 +403,7 @@ async fn a_websocket_ping_flood_is_closed_with_1008_while_others_keep_receiving(
 
     assert_delivers(&mut publisher, &mut subscriber, "calm", 2).await?;
     expect_ping_pong(&mut subscriber, 3).await?;
-    let mut newcomer = connect(&url).await?;
+    let mut newcomer = connect(&url, Codec::Json).await?;
     expect_ping_pong(&mut newcomer, 4).await
 }
 
@@ -495,7 +422,7 @@ async fn heartbeat_pongs_of_an_idle_client_are_not_held_against_it() -> Result<(
         "1",
     ])
     .await?;
-    let mut client = connect(&node.ws_url()).await?;
+    let mut client = connect(&node.ws_url(), Codec::Json).await?;
     // Reading answers the node's pings (tungstenite replies with pongs).
     let until = tokio::time::Instant::now() + Duration::from_millis(1500);
     while let Ok(next) = tokio::time::timeout_at(until, client.socket.next()).await {
@@ -666,29 +593,6 @@ impl Drop for K8sHaproxy {
     }
 }
 
-fn collect_lines(stream: impl Read + Send + 'static, logs: &Arc<Mutex<Vec<String>>>) {
-    let logs = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            logs.lock().expect("logs lock").push(line);
-        }
-    });
-}
-
-fn workspace_file(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|workspace| workspace.join(path))
-        .unwrap_or_default()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The `log-format` lines of a HAProxy config.
 fn log_formats(config: &str) -> Vec<String> {
     config
@@ -727,32 +631,21 @@ async fn the_kubernetes_haproxy_config_logs_no_query_string_either() -> Result<(
     // Run it. Without nodes in DNS every request gets HAProxy's 503, logged all the same.
     let public_port = free_port()?;
     let stats_port = free_port()?;
-    let mut command = Command::new("haproxy");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SB_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
-        .arg("-f")
-        .arg(workspace_file("k8s/base/haproxy.cfg"))
-        .envs([
-            ("SB_NODES_DNS", "switchboard-headless.invalid".to_owned()),
-            ("SB_NODE_SLOTS", "2".to_owned()),
-            ("SB_PUBLIC_BIND", format!("127.0.0.1:{public_port}")),
-            ("SB_STATS_BIND", format!("127.0.0.1:{stats_port}")),
-            ("SB_MAXCONN", "200".to_owned()),
-            ("SB_FRONTEND_MAXCONN", "100".to_owned()),
-            ("SB_SERVER_MAXCONN", "100".to_owned()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning haproxy (install the haproxy package)")?;
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    collect_lines(child.stdout.take().context("stdout")?, &logs);
-    collect_lines(child.stderr.take().context("stderr")?, &logs);
+    let env = [
+        ("SB_NODES_DNS", "switchboard-headless.invalid".to_owned()),
+        ("SB_NODE_SLOTS", "2".to_owned()),
+        ("SB_PUBLIC_BIND", format!("127.0.0.1:{public_port}")),
+        ("SB_STATS_BIND", format!("127.0.0.1:{stats_port}")),
+        ("SB_MAXCONN", "200".to_owned()),
+        ("SB_FRONTEND_MAXCONN", "100".to_owned()),
+        ("SB_SERVER_MAXCONN", "100".to_owned()),
+    ]
+    .map(|(key, value)| (key.to_owned(), value));
+    let (child, logs) = spawn_logged(
+        haproxy_command(&env)
+            .arg("-f")
+            .arg(workspace_file("k8s/base/haproxy.cfg")),
+    )?;
     let mut haproxy = K8sHaproxy { child, logs };
     let healthz = format!("http://127.0.0.1:{stats_port}/healthz");
     wait_until("the Kubernetes haproxy to start", || {

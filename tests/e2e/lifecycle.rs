@@ -11,10 +11,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_client::{Client, ConnectOptions, Event, ReconnectPolicy};
+use switchboard_e2e::api::readyz_within;
+use switchboard_e2e::client::{close_code, publish_frame, subscribe_frame};
 use switchboard_e2e::{
-    DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, wait_until,
+    DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake, send_signal, wait_until,
 };
-use switchboard_protocol::{ClientFrame, Codec, ServerFrame, close};
+use switchboard_protocol::{Codec, ServerFrame, close};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -196,30 +198,14 @@ fn assert_config_error(finished: &Finished, option: &str) {
     );
 }
 
-/// Sends a signal by name (e.g. `INT`) to a process.
-fn send_signal(pid: u32, name: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()?;
-    ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
-}
+/// How long one HTTP request may take: a draining node must still answer its probes promptly.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
+        .timeout(HTTP_TIMEOUT)
         .build()
         .expect("http client")
-}
-
-async fn readyz(node: &NodeProcess) -> Result<u16> {
-    Ok(http()
-        .get(node.http_url("/readyz"))
-        .send()
-        .await?
-        .status()
-        .as_u16())
 }
 
 /// Polls `/readyz` until it answers 503, which must happen within `within` and while the
@@ -227,7 +213,7 @@ async fn readyz(node: &NodeProcess) -> Result<u16> {
 async fn wait_not_ready(node: &mut NodeProcess, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        let status = readyz(node)
+        let status = readyz_within(node, HTTP_TIMEOUT)
             .await
             .context("/readyz stopped answering before it reported 503")?;
         if status == 503 {
@@ -259,10 +245,6 @@ fn welcome_fields(frame: ServerFrame) -> Result<(String, String, String, String,
         } => Ok((session, user, node, protocol, heartbeat_ms)),
         other => bail!("expected welcome, got {other:?}"),
     }
-}
-
-fn close_code(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> Option<u16> {
-    frame.map(|frame| u16::from(frame.code))
 }
 
 /// An SDK client that never reconnects.
@@ -312,15 +294,19 @@ async fn sigterm_drains_every_client_with_1001_and_exits_0() -> Result<()> {
     for index in 0..SDK {
         sdk.push(sdk_client(&node, &format!("sdk-{index}")).await?);
     }
-    assert_eq!(readyz(&node).await?, 200, "ready before the signal");
+    assert_eq!(
+        readyz_within(&node, HTTP_TIMEOUT).await?,
+        200,
+        "ready before the signal"
+    );
 
     // Every client reads until its close, concurrently, noting when it came.
     let started = Instant::now();
     let mut waiters = Vec::new();
     for mut client in raw {
         waiters.push(tokio::spawn(async move {
-            let frame = client.expect_close().await?;
-            Ok::<_, anyhow::Error>((close_code(frame), started.elapsed()))
+            let code = close_code(&mut client).await?;
+            Ok::<_, anyhow::Error>((Some(code), started.elapsed()))
         }));
     }
     for client in sdk {
@@ -391,16 +377,13 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
     let mut node =
         NodeProcess::start(&["--drain-delay-ms", "1500", "--drain-grace-ms", "200"]).await?;
     let (mut reader, _) = RawClient::connect(&node.ws_url(), Codec::Json).await?;
-    reader
-        .send_frame(&ClientFrame::Subscribe {
-            room: "news".into(),
-            id: Some(1),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    reader.send_frame(&subscribe_frame("news", 1, None)).await?;
     expect_reply(&mut reader, 1).await?;
-    assert_eq!(readyz(&node).await?, 200, "ready before the signal");
+    assert_eq!(
+        readyz_within(&node, HTTP_TIMEOUT).await?,
+        200,
+        "ready before the signal"
+    );
 
     let signalled = Instant::now();
     node.terminate();
@@ -418,28 +401,24 @@ async fn a_drain_delay_keeps_serving_after_readyz_fails_then_drains() -> Result<
     let (mut late, _) = RawClient::connect(&node.ws_url(), Codec::Json)
         .await
         .context("a handshake after /readyz turned 503, during the drain delay")?;
-    late.send_frame(&ClientFrame::Publish {
-        room: "news".into(),
-        data: json!("still serving"),
-        id: Some(2),
-    })
-    .await?;
+    late.send_frame(&publish_frame("news", json!("still serving"), 2))
+        .await?;
     expect_reply(&mut late, 2).await?;
     match reader.next_frame().await? {
         ServerFrame::Message(message) => assert_eq!(message.data, json!("still serving")),
         other => bail!("expected the message published during the delay, got {other:?}"),
     }
-    assert_eq!(readyz(&node).await?, 503, "ready again during the delay");
+    assert_eq!(
+        readyz_within(&node, HTTP_TIMEOUT).await?,
+        503,
+        "ready again during the delay"
+    );
 
     // Then the drain, as without a delay: both closed with 1001, none before the delay ran out.
     for (name, mut client) in [("the first client", reader), ("the late client", late)] {
-        let frame = client.expect_close().await?;
+        let code = close_code(&mut client).await?;
         let after = signalled.elapsed();
-        assert_eq!(
-            close_code(frame),
-            Some(close::GOING_AWAY),
-            "{name} was not closed with 1001"
-        );
+        assert_eq!(code, close::GOING_AWAY, "{name} was not closed with 1001");
         assert!(
             after >= DELAY,
             "{name} was closed {after:?} after SIGTERM, within the {DELAY:?} drain delay"
@@ -468,14 +447,13 @@ async fn sigint_drains_and_exits_0() -> Result<()> {
     }
     let waiters: Vec<_> = clients
         .into_iter()
-        .map(|mut client| tokio::spawn(async move { client.expect_close().await }))
+        .map(|mut client| tokio::spawn(async move { close_code(&mut client).await }))
         .collect();
 
     send_signal(node.pid(), "INT")?;
     wait_not_ready(&mut node, Duration::from_secs(1)).await?;
     for waiter in waiters {
-        let frame = waiter.await??;
-        assert_eq!(close_code(frame), Some(close::GOING_AWAY));
+        assert_eq!(waiter.await??, close::GOING_AWAY);
     }
     let status = node.wait_exit(Duration::from_secs(8)).await?;
     assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
@@ -827,8 +805,7 @@ async fn json_logs_carry_the_session_span() -> Result<()> {
             break;
         }
     }
-    let frame = client.expect_close().await?;
-    assert_eq!(close_code(frame), Some(close::POLICY));
+    assert_eq!(close_code(&mut client).await?, close::POLICY);
 
     let about_session = |line: &Value| {
         let span_matches = |span: &Value| {
@@ -1011,7 +988,7 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
             .and_then(|value| value.to_str().ok()),
         Some("switchboard.v1.json")
     );
-    let first = first_message(&mut client).await?;
+    let first = client.next_message().await?;
     let Message::Text(text) = first else {
         bail!("the first JSON frame is not a text frame: {first:?}");
     };
@@ -1037,7 +1014,7 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
             .and_then(|value| value.to_str().ok()),
         Some("switchboard.v1.msgpack")
     );
-    let first = first_message(&mut client).await?;
+    let first = client.next_message().await?;
     let Message::Binary(bytes) = first else {
         bail!("the first msgpack frame is not binary: {first:?}");
     };
@@ -1059,7 +1036,7 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
         response.headers().get("sec-websocket-protocol").is_none(),
         "a subprotocol was chosen though none was offered"
     );
-    let first = first_message(&mut client).await?;
+    let first = client.next_message().await?;
     let Message::Text(text) = first else {
         bail!("the first frame without a subprotocol is not text: {first:?}");
     };
@@ -1073,19 +1050,4 @@ async fn welcome_is_the_first_frame_with_every_field() -> Result<()> {
         "anonymous user id: {welcome}"
     );
     Ok(())
-}
-
-/// The first data message on a fresh connection (control frames skipped).
-async fn first_message(client: &mut RawClient) -> Result<Message> {
-    use futures_util::StreamExt;
-    loop {
-        let message = tokio::time::timeout(DEADLINE, client.socket.next())
-            .await
-            .context("no first frame in time")?
-            .context("connection ended before the first frame")??;
-        match message {
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            other => return Ok(other),
-        }
-    }
 }

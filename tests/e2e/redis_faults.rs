@@ -5,16 +5,15 @@
 //! duplicate), and clients that resume with `since` are told they cannot recover instead of
 //! `recovered: true` with a gap. A publish whose answer comes too late is `unknown_outcome`.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use switchboard_e2e::client::{position, subscribe_frame};
+use switchboard_e2e::peer::Peer;
 use switchboard_e2e::redis_faults::{Forwarder, SnapshotRedis};
-use switchboard_e2e::{NodeProcess, RawClient, wait_until};
-use switchboard_protocol::{
-    ClientFrame, Codec, ErrorCode, ErrorFrame, Reply, RoomMessage, ServerFrame, StreamPosition,
-};
+use switchboard_e2e::{NodeProcess, wait_until};
+use switchboard_protocol::{ErrorCode, ErrorFrame, Reply, StreamPosition};
 
 const ROOM: &str = "ledger";
 
@@ -32,109 +31,16 @@ async fn start_node(redis_url: &str) -> Result<NodeProcess> {
     Ok(node)
 }
 
-/// A raw JSON WebSocket session that answers requests by id and keeps other frames in order.
-struct Peer {
-    raw: RawClient,
-    user: String,
-    pending: VecDeque<ServerFrame>,
-    next_id: u64,
+/// Publishes `data` to the room; returns its `reply` or `error`.
+async fn publish(peer: &mut Peer, data: Value) -> Result<Result<Reply, ErrorFrame>> {
+    let frame = peer.publish_frame(ROOM, data);
+    peer.ask(frame).await
 }
 
-impl Peer {
-    async fn connect(node: &NodeProcess, user: &str) -> Result<Peer> {
-        let url = format!("{}?user={user}", node.ws_url());
-        let (raw, welcome) = RawClient::connect(&url, Codec::Json).await?;
-        ensure!(
-            matches!(welcome, ServerFrame::Welcome { .. }),
-            "not a welcome: {welcome:?}"
-        );
-        Ok(Peer {
-            raw,
-            user: user.to_owned(),
-            pending: VecDeque::new(),
-            next_id: 0,
-        })
-    }
-
-    async fn ask(&mut self, frame: ClientFrame) -> Result<Result<Reply, ErrorFrame>> {
-        let id = frame.id().context("a request needs an id")?;
-        self.raw.send_frame(&frame).await?;
-        loop {
-            match self.raw.next_frame().await? {
-                ServerFrame::Reply(reply) if reply.id == id => return Ok(Ok(reply)),
-                ServerFrame::Error(error) if error.id == Some(id) => return Ok(Err(error)),
-                other => self.pending.push_back(other),
-            }
-        }
-    }
-
-    fn id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
-    async fn subscribe(&mut self, since: Option<StreamPosition>) -> Result<Reply> {
-        let id = self.id();
-        self.ask(ClientFrame::Subscribe {
-            room: ROOM.to_owned(),
-            id: Some(id),
-            since,
-            presence_events: false,
-        })
-        .await?
-        .map_err(|error| anyhow::anyhow!("{} subscribe: {error:?}", self.user))
-    }
-
-    async fn publish(&mut self, data: Value) -> Result<Result<Reply, ErrorFrame>> {
-        let id = self.id();
-        self.ask(ClientFrame::Publish {
-            room: ROOM.to_owned(),
-            data,
-            id: Some(id),
-        })
-        .await
-    }
-
-    async fn published(&mut self, data: Value) -> Result<StreamPosition> {
-        let reply = self
-            .publish(data)
-            .await?
-            .map_err(|error| anyhow::anyhow!("publish: {error:?}"))?;
-        Ok(StreamPosition {
-            offset: reply.offset.context("no offset")?,
-            epoch: reply.epoch.context("no epoch")?,
-        })
-    }
-
-    async fn message(&mut self) -> Result<std::sync::Arc<RoomMessage>> {
-        let frame = match self.pending.pop_front() {
-            Some(frame) => frame,
-            None => self
-                .raw
-                .next_frame()
-                .await
-                .with_context(|| format!("{} waiting for a message", self.user))?,
-        };
-        match frame {
-            ServerFrame::Message(message) => Ok(message),
-            other => bail!("{} expected a room message, got {other:?}", self.user),
-        }
-    }
-
-    /// Nothing is waiting for this session (a ping round trip is the barrier).
-    async fn quiet(&mut self) -> Result<()> {
-        if let Some(frame) = self.pending.front() {
-            bail!("{} should have received nothing, got {frame:?}", self.user);
-        }
-        let id = self.id();
-        self.raw
-            .send_frame(&ClientFrame::Ping { id: Some(id) })
-            .await?;
-        match self.raw.next_frame().await? {
-            ServerFrame::Pong { id: Some(pong) } if pong == id => Ok(()),
-            other => bail!("{} should have received nothing, got {other:?}", self.user),
-        }
-    }
+/// Publishes `data` to the room, which must succeed; returns the message's position.
+async fn published(peer: &mut Peer, data: Value) -> Result<StreamPosition> {
+    let frame = peer.publish_frame(ROOM, data);
+    position_of(&peer.request(frame).await?)
 }
 
 fn position_of(reply: &Reply) -> Result<StreamPosition> {
@@ -159,17 +65,17 @@ async fn before_the_fault(
     between: impl AsyncFnOnce() -> Result<()>,
 ) -> Result<Before> {
     let mut early = Peer::connect(node, "early").await?;
-    let early_position = position_of(&early.subscribe(None).await?)?;
+    let early_position = position_of(&early.subscribe_with(ROOM, None, false).await?)?;
     ensure!(early_position.offset == 0, "{early_position:?}");
     drop(early);
     let mut stayed = Peer::connect(node, "stayed").await?;
-    stayed.subscribe(None).await?;
+    stayed.subscribe_with(ROOM, None, false).await?;
     let mut publisher = Peer::connect(node, "publisher").await?;
-    let first = publisher.published(json!(1)).await?;
-    publisher.published(json!(2)).await?;
+    let first = published(&mut publisher, json!(1)).await?;
+    published(&mut publisher, json!(2)).await?;
     between().await?;
-    publisher.published(json!(3)).await?;
-    let seen = publisher.published(json!(4)).await?;
+    published(&mut publisher, json!(3)).await?;
+    let seen = published(&mut publisher, json!(4)).await?;
     ensure!(seen.offset == 4 && seen.epoch == first.epoch, "{seen:?}");
     for expected in 1..=4 {
         let message = stayed.message().await?;
@@ -196,7 +102,7 @@ async fn after_the_fault(node: &NodeProcess, mut before: Before) -> Result<()> {
     })
     .await?;
     node.wait_ready().await?;
-    let after = before.publisher.published(json!("after")).await?;
+    let after = published(&mut before.publisher, json!("after")).await?;
     ensure!(
         after.epoch != before.seen.epoch,
         "a stream that went back kept its epoch: {after:?} after {:?}",
@@ -222,7 +128,9 @@ async fn after_the_fault(node: &NodeProcess, mut before: Before) -> Result<()> {
         },
     ] {
         let mut resumer = Peer::connect(node, "resumer").await?;
-        let reply = resumer.subscribe(Some(seen.clone())).await?;
+        let reply = resumer
+            .subscribe_with(ROOM, Some(seen.clone()), false)
+            .await?;
         ensure!(reply.recovered == Some(false), "since {seen:?}: {reply:?}");
         ensure!(position_of(&reply)?.epoch == after.epoch, "{reply:?}");
         resumer.quiet().await?;
@@ -230,7 +138,9 @@ async fn after_the_fault(node: &NodeProcess, mut before: Before) -> Result<()> {
     // The client that had seen nothing yet (offset 0, before the fault) is not told that the
     // new epoch is all it missed: a whole epoch of messages passed while it was away.
     let mut early = Peer::connect(node, "early").await?;
-    let reply = early.subscribe(Some(before.early.clone())).await?;
+    let reply = early
+        .subscribe_with(ROOM, Some(before.early.clone()), false)
+        .await?;
     ensure!(
         reply.recovered == Some(false),
         "since {:?}: {reply:?}",
@@ -240,10 +150,7 @@ async fn after_the_fault(node: &NodeProcess, mut before: Before) -> Result<()> {
     // While a client that saw only the new epoch recovers it.
     let mut fresh = Peer::connect(node, "fresh").await?;
     let reply = fresh
-        .subscribe(Some(StreamPosition {
-            offset: 0,
-            epoch: after.epoch.clone(),
-        }))
+        .subscribe_with(ROOM, Some(position(0, &after.epoch)), false)
         .await?;
     ensure!(reply.recovered == Some(true), "{reply:?}");
     let message = fresh.message().await?;
@@ -340,14 +247,14 @@ async fn a_publish_answered_too_late_is_unknown_outcome_and_did_happen() -> Resu
     let redis = SnapshotRedis::start(None).await?;
     let node = start_node(&redis.url()).await?;
     let mut stayed = Peer::connect(&node, "stayed").await?;
-    stayed.subscribe(None).await?;
+    stayed.subscribe_with(ROOM, None, false).await?;
     let mut publisher = Peer::connect(&node, "publisher").await?;
-    publisher.published(json!("warm-up")).await?;
+    published(&mut publisher, json!("warm-up")).await?;
     ensure!(stayed.message().await?.data == json!("warm-up"));
 
     // Redis holds every command for longer than the node's 2 s command timeout.
     let sleeping = stall(&redis).await?;
-    let answer = publisher.publish(json!("late")).await?;
+    let answer = publish(&mut publisher, json!("late")).await?;
     let Err(error) = answer else {
         bail!("a publish Redis answered after 4 s succeeded: {answer:?}");
     };
@@ -380,7 +287,7 @@ async fn a_publish_answered_too_late_is_unknown_outcome_and_did_happen() -> Resu
             .is_ok_and(|up| up == 0.0)
     })
     .await?;
-    let answer = publisher.publish(json!("never")).await?;
+    let answer = publish(&mut publisher, json!("never")).await?;
     let Err(error) = answer else {
         bail!("a publish without Redis succeeded: {answer:?}");
     };
@@ -400,14 +307,7 @@ async fn a_subscribe_redis_does_not_answer_leaves_no_subscription_behind() -> Re
     };
     let sleeping = stall(&redis).await?;
     let id = peer.id();
-    let answer = peer
-        .ask(ClientFrame::Subscribe {
-            room: ROOM.to_owned(),
-            id: Some(id),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
+    let answer = peer.ask(subscribe_frame(ROOM, id, None)).await?;
     let Err(error) = answer else {
         bail!("a subscribe Redis did not answer succeeded: {answer:?}");
     };
@@ -418,7 +318,7 @@ async fn a_subscribe_redis_does_not_answer_leaves_no_subscription_behind() -> Re
     ensure!(numsub().await?.ends_with("\n0"), "{}", numsub().await?);
     peer.quiet().await?;
     // The node and the session carry on: the same subscribe now works.
-    peer.subscribe(None).await?;
+    peer.subscribe_with(ROOM, None, false).await?;
     ensure!(numsub().await?.ends_with("\n1"), "{}", numsub().await?);
     Ok(())
 }

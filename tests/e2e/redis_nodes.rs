@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
+use switchboard_e2e::api::{api_ok_within, api_presence_within, api_send_within, readyz_within};
+use switchboard_e2e::client::subscribe_frame;
 use switchboard_e2e::{NodeProcess, RawClient, RedisProcess};
-use switchboard_protocol::api::{NodesResponse, PresenceResponse, SendResponse};
+use switchboard_protocol::api::NodesResponse;
 use switchboard_protocol::{ClientFrame, Codec, ServerFrame};
 
 /// Generous: the machine running the tests is shared and slow.
@@ -70,33 +72,9 @@ async fn node(redis: &RedisProcess, id: &str, node_ttl: Duration) -> Result<Node
     Ok(node)
 }
 
-async fn get<T: serde::de::DeserializeOwned>(node: &NodeProcess, path: &str) -> Result<T> {
-    let response = reqwest::Client::new()
-        .get(node.http_url(path))
-        .timeout(LONG)
-        .send()
-        .await
-        .with_context(|| format!("GET {path}"))?;
-    ensure!(
-        response.status() == 200,
-        "GET {path}: {}",
-        response.status()
-    );
-    Ok(response.json().await?)
-}
-
-async fn readyz(node: &NodeProcess) -> Result<u16> {
-    let response = reqwest::Client::new()
-        .get(node.http_url("/readyz"))
-        .timeout(LONG)
-        .send()
-        .await?;
-    Ok(response.status().as_u16())
-}
-
 /// The instances `/api/nodes` (asked of `observer`) lists for node id `id`.
 async fn instances(observer: &NodeProcess, id: &str) -> Result<Vec<String>> {
-    let answer: NodesResponse = get(observer, "/api/nodes").await?;
+    let answer: NodesResponse = api_ok_within(observer, "GET", "/api/nodes", None, LONG).await?;
     Ok(answer
         .nodes
         .into_iter()
@@ -120,27 +98,6 @@ async fn instance(observer: &NodeProcess, id: &str) -> Result<String> {
         listed[0]
     );
     Ok(listed[0].clone())
-}
-
-async fn presence(node: &NodeProcess, room: &str) -> Result<BTreeSet<(String, String)>> {
-    let answer: PresenceResponse = get(node, &format!("/api/presence/{room}")).await?;
-    Ok(answer
-        .members
-        .into_iter()
-        .map(|member| (member.user, member.session))
-        .collect())
-}
-
-/// How many sessions `/api/send` reaches for `user`: the registry's live entries.
-async fn sessions_of(node: &NodeProcess, user: &str) -> Result<u64> {
-    let response = reqwest::Client::new()
-        .post(node.http_url("/api/send"))
-        .json(&json!({"user": user, "data": "hi"}))
-        .timeout(LONG)
-        .send()
-        .await?;
-    ensure!(response.status() == 200, "send: {}", response.status());
-    Ok(response.json::<SendResponse>().await?.sessions)
 }
 
 async fn scard(redis: &RedisProcess, key: &str) -> Result<u64> {
@@ -222,12 +179,11 @@ async fn open(node: &NodeProcess, first: usize, count: usize) -> Result<Vec<RawC
                     "not a welcome: {welcome:?}"
                 );
                 client
-                    .send_frame(&ClientFrame::Subscribe {
-                        room: format!("room-{}", index % ROOMS),
-                        id: Some(1),
-                        since: None,
-                        presence_events: false,
-                    })
+                    .send_frame(&subscribe_frame(
+                        &format!("room-{}", index % ROOMS),
+                        1,
+                        None,
+                    ))
                     .await?;
                 match client.next_frame().await? {
                     ServerFrame::Reply(reply) if reply.id == 1 => Ok(client),
@@ -273,7 +229,7 @@ async fn reaped_in_short_calls(
 ) -> Result<()> {
     poll(&format!("{name} reaped"), LONG, async || {
         ensure!(
-            readyz(healthy).await? == 200,
+            readyz_within(healthy, LONG).await? == 200,
             "a healthy node lost readiness while {name} was reaped"
         );
         let nodes = redis.cli(&["SMEMBERS", "sb:nodes"]).await?;
@@ -466,12 +422,12 @@ async fn a_node_restarted_under_its_id_replaces_its_predecessor_at_once() -> Res
         .collect();
     expected.insert(("watcher".into(), watcher.session.clone()));
     poll("presence without the old sessions", LONG, async || {
-        Ok(presence(&other, "lobby").await? == expected)
+        Ok(api_presence_within(&other, "lobby", LONG).await? == expected)
     })
     .await?;
     for user in users {
         ensure!(
-            sessions_of(&other, user).await? == 1,
+            api_send_within(&other, user, json!("hi"), LONG).await? == 1,
             "{user} has more than the new session in the registry"
         );
     }
@@ -538,9 +494,9 @@ async fn two_live_processes_with_one_id_both_keep_their_entries() -> Result<()> 
     .into();
     let settled = async || -> Result<bool> {
         Ok(instances(&other, "node-a").await?.len() == 2
-            && presence(&other, "lobby").await? == expected
-            && sessions_of(&other, "ann").await? == 1
-            && sessions_of(&other, "bob").await? == 1)
+            && api_presence_within(&other, "lobby", LONG).await? == expected
+            && api_send_within(&other, "ann", json!("hi"), LONG).await? == 1
+            && api_send_within(&other, "bob", json!("hi"), LONG).await? == 1)
     };
     poll("both processes listed with their sessions", LONG, settled).await?;
     // And it stays so over several TTLs: neither keeps removing the other.

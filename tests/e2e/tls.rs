@@ -9,9 +9,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::certs::TestCerts;
+use switchboard_e2e::client::{expect_message, publish, subscribe, until_tcp_closed};
 use switchboard_e2e::haproxy::{self, Backend, HaproxyProcess};
-use switchboard_e2e::{DEADLINE, Handshake, NodeProcess, RawClient, binary, raw_handshake};
-use switchboard_protocol::{ClientFrame, Codec, ServerFrame};
+use switchboard_e2e::{
+    DEADLINE, Handshake, NodeProcess, RawClient, binary, free_port, raw_handshake,
+};
+use switchboard_protocol::Codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -28,23 +31,6 @@ fn wss_url(node: &NodeProcess) -> String {
     format!("wss://{}/ws", node.public)
 }
 
-async fn subscribe(client: &mut RawClient, room: &str, id: u64) -> Result<()> {
-    client
-        .send_frame(&ClientFrame::Subscribe {
-            room: room.to_owned(),
-            id: Some(id),
-            since: None,
-            presence_events: false,
-        })
-        .await?;
-    match client.next_frame().await? {
-        ServerFrame::Reply(reply) if reply.id == id && reply.room.as_deref() == Some(room) => {
-            Ok(())
-        }
-        other => bail!("expected the subscribe reply {id} for {room}, got {other:?}"),
-    }
-}
-
 /// Publishes `data` from `from` and checks that `to` (subscribed) receives it at the offset the
 /// publisher was told.
 async fn round_trip(
@@ -53,26 +39,13 @@ async fn round_trip(
     room: &str,
     data: Value,
 ) -> Result<()> {
-    from.send_frame(&ClientFrame::Publish {
-        room: room.to_owned(),
-        data: data.clone(),
-        id: Some(7),
-    })
-    .await?;
-    let offset = match from.next_frame().await? {
-        ServerFrame::Reply(reply) if reply.id == 7 => reply.offset.context("publish offset")?,
-        other => bail!("expected the publish reply, got {other:?}"),
-    };
-    match to.next_frame().await? {
-        ServerFrame::Message(message) => {
-            ensure!(
-                (message.room.as_str(), &message.data, message.offset) == (room, &data, offset),
-                "got {message:?}, expected {data} in {room} at {offset}"
-            );
-            Ok(())
-        }
-        other => bail!("expected a message in {room}, got {other:?}"),
-    }
+    let offset = publish(from, room, data.clone(), 7).await?;
+    let received = expect_message(to, room, &data).await?;
+    ensure!(
+        received == offset,
+        "received offset {received}, published {offset}"
+    );
+    Ok(())
 }
 
 /// Two wss clients (one per codec) subscribe and publish to each other: the node still serves.
@@ -97,20 +70,6 @@ async fn assert_serves_wss(certs: &TestCerts, url: &str, room: &str) -> Result<(
         json!([1, 2, 3]),
     )
     .await
-}
-
-/// Reads until the server ends the TCP connection (EOF or reset), ignoring what it sends.
-async fn until_tcp_closed(stream: &mut TcpStream) -> Result<()> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
-            .await
-            .context("the server kept the connection open")?
-        {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(_) => {}
-        }
-    }
 }
 
 /// The node serves wss:// with the configured certificate: JSON and MessagePack clients verify
@@ -383,9 +342,7 @@ async fn wss_through_haproxy_with_the_tls_frontend() -> Result<()> {
         public: node.public,
         internal: node.internal,
     };
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let tls_port = free_port()?;
     let tls_env = vec![
         ("SB_TLS_PEM".to_owned(), certs.path("server-bundle.pem")?),
         ("SB_TLS_BIND".to_owned(), format!("127.0.0.1:{tls_port}")),

@@ -3,7 +3,6 @@
 //! time; killed (by pid) on drop.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,14 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::{DEADLINE, wait_until};
+use crate::{DEADLINE, collect_lines, free_port, wait_until, workspace_file};
 
 /// `deploy/haproxy/haproxy.cfg` in this workspace.
 pub fn config_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|workspace| workspace.join("deploy/haproxy/haproxy.cfg"))
-        .unwrap_or_default()
+    workspace_file("deploy/haproxy/haproxy.cfg")
 }
 
 /// Where a node serves clients and where HAProxy checks its `/readyz`.
@@ -124,17 +120,7 @@ impl HaproxyProcess {
         public_port: u16,
         stats_port: u16,
     ) -> Result<HaproxyProcess> {
-        let mut child = haproxy_command(env)
-            .arg("-f")
-            .arg(config_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning haproxy (install the haproxy package)")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        collect_lines(child.stdout.take().context("stdout")?, &logs);
-        collect_lines(child.stderr.take().context("stderr")?, &logs);
+        let (child, logs) = spawn_logged(haproxy_command(env).arg("-f").arg(config_path()))?;
         let mut haproxy = HaproxyProcess {
             child,
             public: SocketAddr::from(([127, 0, 0, 1], public_port)),
@@ -262,9 +248,24 @@ pub fn parse_servers(csv: &str) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
+/// Spawns `command` (a `haproxy`) with its stdout and stderr collected, line by line, in the
+/// returned logs.
+pub fn spawn_logged(command: &mut Command) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning haproxy (install the haproxy package)")?;
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    collect_lines(child.stdout.take().context("stdout")?, &logs);
+    collect_lines(child.stderr.take().context("stderr")?, &logs);
+    Ok((child, logs))
+}
+
 /// `haproxy` with exactly the given `SB_*` variables (none inherited from the test's
 /// environment).
-fn haproxy_command(env: &[(String, String)]) -> Command {
+pub fn haproxy_command(env: &[(String, String)]) -> Command {
     let mut command = Command::new("haproxy");
     for (key, _) in std::env::vars() {
         if key.starts_with("SB_") {
@@ -273,20 +274,4 @@ fn haproxy_command(env: &[(String, String)]) -> Command {
     }
     command.envs(env.iter().map(|(key, value)| (key, value)));
     command
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn collect_lines(stream: impl Read + Send + 'static, logs: &Arc<Mutex<Vec<String>>>) {
-    let logs = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            logs.lock().expect("logs lock").push(line);
-        }
-    });
 }

@@ -1,14 +1,14 @@
 //! Harness for end-to-end tests: starts the real `switchboard` binary on ports the OS picks,
 //! talks to it over real sockets, and kills it (by pid) when the test ends, pass or fail.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use switchboard_protocol::{ClientFrame, Codec, Encoded, ServerFrame};
@@ -19,8 +19,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod api;
+pub mod auth;
 pub mod certs;
+pub mod client;
 pub mod haproxy;
+pub mod memory;
+pub mod peer;
 pub mod redis_faults;
 
 /// How long any single expected event may take before a test fails.
@@ -196,7 +201,7 @@ impl NodeProcess {
 
     /// Sends SIGTERM (a drain).
     pub fn terminate(&self) {
-        signal(self.pid(), libc::SIGTERM);
+        send_signal(self.pid(), "TERM").expect("SIGTERM sent");
     }
 
     /// Kills the process (SIGKILL), as a crash would, and reaps it.
@@ -271,15 +276,14 @@ impl Drop for NodeProcess {
     }
 }
 
-fn signal(pid: u32, signal: libc::c_int) {
+/// Sends the signal `name` (`TERM`, `INT`, `STOP`, `9`, ...) to `pid` with `kill`.
+pub fn send_signal(pid: u32, name: &str) -> Result<()> {
     let status = Command::new("kill")
-        .arg(format!("-{signal}"))
+        .arg(format!("-{name}"))
         .arg(pid.to_string())
-        .status();
-    assert!(
-        status.is_ok_and(|status| status.success()),
-        "kill -{signal} {pid}"
-    );
+        .status()?;
+    ensure!(status.success(), "kill -{name} {pid}");
+    Ok(())
 }
 
 /// Finds `sample` (name with labels, exactly as exposed) in Prometheus text.
@@ -307,6 +311,33 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// A loopback port that was free a moment ago; whoever binds it next may lose a race for it, so
+/// callers that spawn a server on it retry with another on failure.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A file of this workspace, by its path from the workspace root.
+pub fn workspace_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|workspace| workspace.join(path))
+        .unwrap_or_default()
+}
+
+/// Appends each line `stream` yields to `logs`, from a thread of its own, until the stream ends.
+pub fn collect_lines(stream: impl Read + Send + 'static, logs: &Arc<Mutex<Vec<String>>>) {
+    let logs = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            logs.lock().expect("logs lock").push(line);
+        }
+    });
 }
 
 /// A raw WebSocket client for tests that need to send what the SDK never would.
@@ -385,23 +416,28 @@ impl RawClient {
         self.send_message(message).await
     }
 
-    /// The next data frame, decoded; fails on close, error or after [`DEADLINE`].
-    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+    /// The next text, binary or close message, control frames skipped; fails when the connection
+    /// fails or ends, or when each message takes longer than [`DEADLINE`].
+    pub async fn next_message(&mut self) -> Result<Message> {
         loop {
             let message = tokio::time::timeout(DEADLINE, self.socket.next())
                 .await
                 .context("no frame in time")?
                 .context("connection ended")??;
             match message {
-                Message::Text(text) => {
-                    return Codec::Json.decode(text.as_bytes()).map_err(|e| anyhow!(e));
-                }
-                Message::Binary(bytes) => {
-                    return Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e));
-                }
-                Message::Close(frame) => bail!("closed: {frame:?}"),
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                other => return Ok(other),
             }
+        }
+    }
+
+    /// The next data frame, decoded; fails on close, error or after [`DEADLINE`].
+    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+        match self.next_message().await? {
+            Message::Text(text) => Codec::Json.decode(text.as_bytes()).map_err(|e| anyhow!(e)),
+            Message::Binary(bytes) => Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e)),
+            Message::Close(frame) => bail!("closed: {frame:?}"),
+            other => bail!("unexpected message {other:?}"),
         }
     }
 
@@ -432,9 +468,7 @@ impl RedisProcess {
     pub async fn start() -> Result<RedisProcess> {
         let mut last_error = None;
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = free_port()?;
             let mut redis = RedisProcess { child: None, port };
             match redis.spawn().await {
                 Ok(()) => return Ok(redis),
@@ -445,25 +479,20 @@ impl RedisProcess {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning redis-server (install the redis-server package)")?;
-        wait_for_redis(self.port, self.child.insert(child)).await
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ]);
+        spawn_redis(&mut command, self.port, &mut self.child).await
     }
 
     pub fn url(&self) -> String {
@@ -477,10 +506,7 @@ impl RedisProcess {
 
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_redis(&mut self.child);
     }
 
     /// Starts the server again on the same port, empty.
@@ -490,9 +516,17 @@ impl RedisProcess {
     }
 }
 
-/// Waits until the redis-server `child` listening on `port` answers PING; fails when it exits or
-/// stays silent past the deadline.
-pub async fn wait_for_redis(port: u16, child: &mut Child) -> Result<()> {
+/// Spawns `command` (a redis-server told to listen on `port`) with its output discarded into
+/// `slot`, then waits until it answers PING; fails when it exits first or stays silent past
+/// [`DEADLINE`].
+pub async fn spawn_redis(command: &mut Command, port: u16, slot: &mut Option<Child>) -> Result<()> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning redis-server (install the redis-server package)")?;
+    let child = slot.insert(child);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         if redis_cli(port, &["PING"])
@@ -508,6 +542,14 @@ pub async fn wait_for_redis(port: u16, child: &mut Child) -> Result<()> {
             bail!("redis-server on port {port} did not answer");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills the redis-server in `slot`, if any, with SIGKILL and reaps it.
+pub fn kill_redis(slot: &mut Option<Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

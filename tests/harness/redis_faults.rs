@@ -3,7 +3,7 @@
 //! primary died, and a TCP forwarder that re-points the nodes' one shard URL to another server.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{redis_cli, wait_for_redis};
+use crate::{free_port, kill_redis, redis_cli, spawn_redis};
 
 /// A `redis-server` on a free loopback port with its own directory, which keeps `dump.rdb`
 /// across [`SnapshotRedis::restart`]. It saves only when told (`SAVE`). Killed by pid and its
@@ -26,9 +26,7 @@ pub struct SnapshotRedis {
 impl SnapshotRedis {
     /// Starts an empty server; with `replica_of`, a replica of the server on that port.
     pub async fn start(replica_of: Option<u16>) -> Result<SnapshotRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port()?;
         let dir = std::env::temp_dir().join(format!(
             "switchboard-redis-{}-{port}-{:08x}",
             std::process::id(),
@@ -73,13 +71,7 @@ impl SnapshotRedis {
         if let Some(primary) = self.replica_of {
             command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning redis-server (install the redis-server package)")?;
-        wait_for_redis(self.port, self.child.insert(child)).await
+        spawn_redis(&mut command, self.port, &mut self.child).await
     }
 
     pub fn url(&self) -> String {
@@ -93,10 +85,7 @@ impl SnapshotRedis {
 
     /// Kills the server with SIGKILL, as a crash would: nothing since the last `SAVE` is kept.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_redis(&mut self.child);
     }
 
     /// Kills the server and starts it again on the same port from its last snapshot.
@@ -109,9 +98,7 @@ impl SnapshotRedis {
     /// now on never arrive here), as a replica whose link broke would.
     pub async fn detach(&mut self) -> Result<()> {
         // A port nothing listens on: the replica keeps its data and retries in vain.
-        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let nowhere = free_port()?;
         self.cli(&["REPLICAOF", "127.0.0.1", &nowhere.to_string()])
             .await?;
         self.replica_of = Some(nowhere);
