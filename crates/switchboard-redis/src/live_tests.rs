@@ -7,7 +7,13 @@ use std::process::{Child, Command, Stdio};
 use serde_json::json;
 use switchboard_protocol::PresenceNotice;
 
+use futures_util::StreamExt;
+use redis::Value;
+use switchboard_broker::PresenceEvent;
+
 use super::*;
+use crate::envelope::Envelope;
+use crate::mirror::RESTORE_BATCH;
 
 /// A throwaway `redis-server` without persistence.
 struct Server {

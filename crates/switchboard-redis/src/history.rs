@@ -1,0 +1,133 @@
+//! History reads: the READ script and its answer.
+
+use std::sync::Arc;
+
+use redis::Value;
+use switchboard_broker::{BrokerError, BrokerResult};
+use switchboard_protocol::{RoomMessage, StreamPosition};
+
+use crate::{Inner, envelope, epoch_digits, keys, millis, scripts};
+
+/// One history entry as read: offset, stored payload.
+pub(crate) type LogEntry = (u64, Vec<u8>);
+
+/// One page of history as [`Inner::read`] returns it.
+pub(crate) struct ReadPage {
+    pub(crate) position: StreamPosition,
+    pub(crate) messages: Vec<Arc<RoomMessage>>,
+    /// Entries after the requested offset had passed the history TTL (so the page may not start
+    /// the gap).
+    pub(crate) expired: bool,
+    pub(crate) more: bool,
+}
+
+impl Inner {
+    /// One page of a room's history (see the READ script).
+    pub(crate) async fn read(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        count: i64,
+        max_bytes: Option<usize>,
+    ) -> BrokerResult<ReadPage> {
+        let shard = self.shard(room);
+        let budget = max_bytes.map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX));
+        let mode = if since.is_some() { "since" } else { "newest" };
+        let value: Value = self
+            .call(shard, "read", async |connection| {
+                scripts::READ
+                    .key(keys::room_meta(room))
+                    .key(keys::room_log(room))
+                    .arg(millis(self.config.stream_ttl))
+                    .arg(mode)
+                    .arg(since.unwrap_or(0))
+                    .arg(count)
+                    .arg(budget)
+                    .arg(millis(self.config.history_ttl))
+                    .invoke_async(connection)
+                    .await
+            })
+            .await?;
+        let (mut position, entries, more, expired) =
+            parse_read(value).map_err(BrokerError::Internal)?;
+        if position.offset == 0 && position.epoch.len() == 8 {
+            // A room without state: an epoch of the shard's generation, stored nowhere (reads
+            // create nothing).
+            position.epoch.push_str(&epoch_digits());
+        }
+        let mut messages = Vec::with_capacity(entries.len());
+        for (offset, payload) in entries {
+            let stored: envelope::Stored =
+                envelope::unpack(&payload).map_err(BrokerError::Internal)?;
+            messages.push(Arc::new(RoomMessage {
+                room: room.to_owned(),
+                data: stored.data,
+                offset,
+                epoch: position.epoch.clone(),
+                from: stored.from,
+            }));
+        }
+        Ok(ReadPage {
+            position,
+            messages,
+            expired,
+            more,
+        })
+    }
+}
+
+/// Parses the READ script's `{offset, epoch, entries, more, expired}`.
+pub(crate) fn parse_read(
+    value: Value,
+) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool), String> {
+    let Value::Array(mut parts) = value else {
+        return Err("READ: not an array".into());
+    };
+    if parts.len() != 5 {
+        return Err("READ: expected 5 parts".into());
+    }
+    let expired: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
+    let more: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
+    let entries = parts.pop().unwrap_or(Value::Nil);
+    let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
+    let offset: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
+        .map_err(|error| error.to_string())?;
+    let entries = match entries {
+        Value::Array(entries) => entries,
+        // What a range with COUNT 0 answers; the script avoids it, but it means "none".
+        Value::Nil => Vec::new(),
+        _ => return Err("READ: entries not an array".into()),
+    };
+    let mut parsed = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut entry) = entry else {
+            return Err("READ: entry not an array".into());
+        };
+        let fields = entry.pop().unwrap_or(Value::Nil);
+        let id: String = redis::from_redis_value(entry.pop().unwrap_or(Value::Nil))
+            .map_err(|error| error.to_string())?;
+        let offset = id
+            .split_once('-')
+            .and_then(|(offset, _)| offset.parse().ok())
+            .ok_or("READ: bad entry id")?;
+        let fields: Vec<Vec<u8>> =
+            redis::from_redis_value(fields).map_err(|error| error.to_string())?;
+        let payload = fields
+            .chunks(2)
+            .find_map(|pair| match pair {
+                [name, value] if name == b"p" => Some(value.clone()),
+                _ => None,
+            })
+            .ok_or("READ: entry without payload")?;
+        parsed.push((offset, payload));
+    }
+    Ok((
+        StreamPosition { offset, epoch },
+        parsed,
+        more == 1,
+        expired == 1,
+    ))
+}
