@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use redis::Value;
-use switchboard_broker::{BrokerError, BrokerResult};
+use switchboard_broker::{BrokerError, BrokerResult, History, HistoryQuery};
 use switchboard_protocol::{RoomMessage, StreamPosition};
 
 use crate::{Inner, envelope, epoch_digits, keys, millis, scripts};
@@ -130,4 +130,51 @@ pub(crate) fn parse_read(
         more == 1,
         expired == 1,
     ))
+}
+
+impl Inner {
+    pub(crate) async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
+        let count = query.limit.map_or(-1, |limit| limit as i64);
+        match &query.since {
+            None => {
+                let count = query.limit.unwrap_or(self.config.history_size) as i64;
+                let page = self.read(room, None, count, query.max_bytes).await?;
+                Ok(History {
+                    messages: page.messages,
+                    position: page.position,
+                    recovered: false,
+                    more: page.more,
+                })
+            }
+            Some(since) => {
+                let page = self
+                    .read(room, Some(since.offset), count, query.max_bytes)
+                    .await?;
+                let position = page.position;
+                // Offset 0 is "nothing seen yet": any epoch of the shard's generation recovers from
+                // the room's first message.
+                if !switchboard_broker::resumable(since, &position) {
+                    return Ok(History {
+                        messages: Vec::new(),
+                        position,
+                        recovered: false,
+                        more: false,
+                    });
+                }
+                // An expired entry skipped on the way may have been the next one.
+                let next_held = if page.expired {
+                    None
+                } else {
+                    page.messages.first().map(|message| message.offset)
+                };
+                let recovered = switchboard_broker::recovered(since, &position, next_held);
+                Ok(History {
+                    messages: page.messages,
+                    position,
+                    recovered,
+                    more: page.more,
+                })
+            }
+        }
+    }
 }

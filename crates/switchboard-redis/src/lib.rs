@@ -28,8 +28,6 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
-use hashring::HashRing;
 use parking_lot::Mutex;
 use prometheus::Registry;
 use serde_json::Value as Json;
@@ -39,16 +37,14 @@ use switchboard_broker::{
 };
 use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::mirror::Pending;
-use crate::reaper::{Reap, reap_dead_nodes, reap_predecessors};
-use crate::ring::{VIRTUAL_NODES, VirtualNode};
-use crate::shard::{Shard, shard_client};
+use crate::reaper::{reap_dead_nodes, reap_predecessors};
+use crate::ring::Ring;
+use crate::shard::Shard;
 pub use crate::shard::{check_ca_pem, redacted};
-use crate::subscriber::{Control, run_shard};
-use crate::writes::Write;
+use crate::subscriber::run_shard;
 
 /// Longest a single Redis call may take before it counts as unavailable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -82,8 +78,7 @@ struct Inner {
     /// The name of this node in Redis: `node id @ instance id`.
     incarnation: String,
     shards: Vec<Shard>,
-    ring: HashRing<VirtualNode>,
-    shard_of_url: HashMap<String, usize>,
+    ring: Ring,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     metrics: Metrics,
     /// This node's registry entries, written again when a shard comes back without them.
@@ -123,51 +118,15 @@ impl RedisBroker {
         // another dependency ever enable a second provider. Err: one is installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Metrics::new(registry).map_err(|error| error.to_string())?;
-        let mut ring = HashRing::new();
+        let mut ring = Ring::new();
         let mut shards = Vec::new();
-        let mut shard_of_url = HashMap::new();
         for (index, url) in config.shards.iter().enumerate() {
-            let shown = redacted(url);
-            if shard_of_url.insert(url.clone(), index).is_some() {
-                return Err(format!("shard {shown} is listed twice"));
+            if !ring.add(url, index) {
+                return Err(format!("shard {} is listed twice", redacted(url)));
             }
-            for replica in 0..VIRTUAL_NODES {
-                ring.add(VirtualNode {
-                    url: url.clone(),
-                    replica,
-                });
-            }
-            let client = shard_client(url, config.ca_pem.as_deref())
-                .map_err(|error| format!("{shown}: {error}"))?;
-            // From the client's connection info, which carries the TLS roots (a URL would not).
-            let manager = Manager::new(client.get_connection_info().clone())
-                .map_err(|error| format!("{shown}: {error}"))?;
-            let pool = Pool::builder(manager)
-                .config(PoolConfig {
-                    max_size: 16,
-                    timeouts: Timeouts {
-                        wait: Some(COMMAND_TIMEOUT),
-                        create: Some(COMMAND_TIMEOUT),
-                        recycle: Some(COMMAND_TIMEOUT),
-                    },
-                    ..PoolConfig::default()
-                })
-                .runtime(Runtime::Tokio1)
-                .build()
-                .map_err(|error| format!("{shown}: {error}"))?;
-            let (control, control_rx) = mpsc::unbounded_channel();
-            let label = index.to_string();
-            metrics.up.with_label_values(&[&label]).set(0);
-            shards.push(Shard {
-                shared: Mutex::new(None),
-                label,
-                client,
-                pool,
-                control,
-                control_rx: Mutex::new(Some(control_rx)),
-                up: AtomicBool::new(false),
-                writer: OnceLock::new(),
-            });
+            let shard = Shard::new(index, url, config.ca_pem.as_deref())?;
+            metrics.up.with_label_values(&[&shard.label]).set(0);
+            shards.push(shard);
         }
         Ok(RedisBroker {
             inner: Arc::new_cyclic(|this| Inner {
@@ -176,7 +135,6 @@ impl RedisBroker {
                 config,
                 shards,
                 ring,
-                shard_of_url,
                 handler: OnceLock::new(),
                 metrics,
                 sessions: Mutex::new(HashMap::new()),
@@ -264,75 +222,15 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
-        let shard = self.inner.shard(room);
-        let (done, answer) = oneshot::channel();
-        shard
-            .control
-            .send(Control::Subscribe {
-                room: room.to_owned(),
-                done,
-            })
-            .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
-        match tokio::time::timeout(COMMAND_TIMEOUT * 2, answer).await {
-            Ok(Ok(result)) => result,
-            _ => Err(BrokerError::Unavailable("redis subscribe timed out".into())),
-        }
+        self.inner.subscribe_room(room).await
     }
 
     async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
-        self.inner
-            .shard(room)
-            .control
-            .send(Control::Unsubscribe {
-                room: room.to_owned(),
-            })
-            .map_err(|_| BrokerError::Unavailable("broker stopped".into()))
+        self.inner.unsubscribe_room(room).await
     }
 
     async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
-        let count = query.limit.map_or(-1, |limit| limit as i64);
-        match &query.since {
-            None => {
-                let count = query.limit.unwrap_or(self.inner.config.history_size) as i64;
-                let page = self.inner.read(room, None, count, query.max_bytes).await?;
-                Ok(History {
-                    messages: page.messages,
-                    position: page.position,
-                    recovered: false,
-                    more: page.more,
-                })
-            }
-            Some(since) => {
-                let page = self
-                    .inner
-                    .read(room, Some(since.offset), count, query.max_bytes)
-                    .await?;
-                let position = page.position;
-                // Offset 0 is "nothing seen yet": any epoch of the shard's generation recovers from
-                // the room's first message.
-                if !switchboard_broker::resumable(since, &position) {
-                    return Ok(History {
-                        messages: Vec::new(),
-                        position,
-                        recovered: false,
-                        more: false,
-                    });
-                }
-                // An expired entry skipped on the way may have been the next one.
-                let next_held = if page.expired {
-                    None
-                } else {
-                    page.messages.first().map(|message| message.offset)
-                };
-                let recovered = switchboard_broker::recovered(since, &position, next_held);
-                Ok(History {
-                    messages: page.messages,
-                    position,
-                    recovered,
-                    more: page.more,
-                })
-            }
-        }
+        self.inner.history(room, query).await
     }
 
     async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
@@ -376,63 +274,19 @@ impl Broker for RedisBroker {
     }
 
     async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
-        let inner = &self.inner;
-        inner
-            .sessions
-            .lock()
-            .insert(record.session.clone(), record.clone());
-        // Awaited: the session's welcome, and so any send to it, comes after its entry.
-        let result = inner
-            .write(
-                inner.shard_index(&record.user),
-                Write::Register {
-                    user: record.user.clone(),
-                    session: record.session.clone(),
-                },
-            )
-            .await;
-        if result.is_err() {
-            inner.sessions.lock().remove(&record.session);
-        }
-        result
+        self.inner.register_session(record).await
     }
 
     async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
-        let inner = &self.inner;
-        inner.sessions.lock().remove(&record.session);
-        let result = inner.unregister(record).await;
-        if result.is_err() {
-            inner
-                .pending
-                .lock()
-                .sessions
-                .insert(record.session.clone(), record.clone());
-        }
-        result
+        self.inner.unregister_session(record).await
     }
 
     async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let inner = &self.inner;
-        let key = (room.to_owned(), member.session.clone());
-        inner.members.lock().insert(key.clone(), member.clone());
-        inner.pending.lock().leaves.remove(&key);
-        let result = inner.join(room, member).await;
-        if result.is_err() {
-            inner.pending.lock().joins.insert(key);
-        }
-        result
+        self.inner.join_presence(room, member).await
     }
 
     async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let inner = &self.inner;
-        let key = (room.to_owned(), member.session.clone());
-        inner.members.lock().remove(&key);
-        inner.pending.lock().joins.remove(&key);
-        let result = inner.leave(room, member).await;
-        if result.is_err() {
-            inner.pending.lock().leaves.insert(key, member.clone());
-        }
-        result
+        self.inner.leave_presence(room, member).await
     }
 
     async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
@@ -464,49 +318,7 @@ impl Broker for RedisBroker {
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
-        let inner = &self.inner;
-        *inner.liveness.lock() = Some(node.clone());
-        let packed = envelope::pack(node).map_err(BrokerError::Internal)?;
-        let mut result = Ok(());
-        for (index, shard) in inner.shards.iter().enumerate() {
-            let written = inner
-                .call(shard, "heartbeat", async |connection| {
-                    redis::pipe()
-                        .cmd("SET")
-                        .arg(keys::node_alive(inner.node()))
-                        .arg(&packed)
-                        .arg("PX")
-                        .arg(millis(inner.config.node_ttl))
-                        .arg("GET")
-                        .cmd("SADD")
-                        .arg(keys::NODES)
-                        .arg(inner.node())
-                        .ignore()
-                        .query_async::<(Option<Vec<u8>>,)>(connection)
-                        .await
-                })
-                .await;
-            match written {
-                // The key had expired: this node was silent past its TTL (paused, starved, cut
-                // off) and the others may have reaped its sessions and presence, which nothing
-                // else would ever write back. (After a lost connection, the pub/sub task
-                // restores instead, once it is back.)
-                Ok((None,))
-                    if inner.heartbeated.load(Ordering::SeqCst)
-                        && shard.up.load(Ordering::SeqCst) =>
-                {
-                    tracing::warn!(shard = %shard.label, "this node's liveness had expired; writing its entries back");
-                    if let Err(error) = inner.restore(index, Some(node.clone())).await {
-                        result = Err(error);
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => result = Err(error),
-            }
-        }
-        inner.heartbeated.store(true, Ordering::SeqCst);
-        inner.retry_pending().await;
-        result
+        self.inner.heartbeat(node).await
     }
 
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
@@ -545,21 +357,7 @@ impl Broker for RedisBroker {
     }
 
     async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
-        let inner = &self.inner;
-        // This node is known to Redis by its incarnation.
-        let node = if node == inner.config.node_id {
-            inner.node()
-        } else {
-            node
-        };
-        let mut result = Ok(());
-        for shard in &inner.shards {
-            if let Err(error) = inner.reap(shard, node, Reap::Forced).await {
-                result = Err(error);
-            }
-            let _ = shard.control.send(Control::Stop);
-        }
-        result
+        self.inner.deregister_node(node).await
     }
 
     fn is_healthy(&self) -> bool {
@@ -573,20 +371,6 @@ impl Broker for RedisBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_show_in_shard_urls() {
-        assert_eq!(
-            redacted("redis://:s3cret@10.0.0.1:6379/0"),
-            "redis://:***@10.0.0.1:6379/0"
-        );
-        assert_eq!(
-            redacted("rediss://user:s3cret@cache.example.com:6380"),
-            "rediss://user:***@cache.example.com:6380"
-        );
-        assert_eq!(redacted("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
-        assert!(!redacted("redis://:s3cret@[bad").contains("s3cret"));
-    }
 
     #[test]
     fn the_ring_spreads_keys_and_ignores_shard_order() {

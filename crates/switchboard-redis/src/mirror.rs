@@ -268,3 +268,104 @@ impl Inner {
         }
     }
 }
+
+impl Inner {
+    pub(crate) async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        self.sessions
+            .lock()
+            .insert(record.session.clone(), record.clone());
+        // Awaited: the session's welcome, and so any send to it, comes after its entry.
+        let result = self
+            .write(
+                self.shard_index(&record.user),
+                Write::Register {
+                    user: record.user.clone(),
+                    session: record.session.clone(),
+                },
+            )
+            .await;
+        if result.is_err() {
+            self.sessions.lock().remove(&record.session);
+        }
+        result
+    }
+
+    pub(crate) async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        self.sessions.lock().remove(&record.session);
+        let result = self.unregister(record).await;
+        if result.is_err() {
+            self.pending
+                .lock()
+                .sessions
+                .insert(record.session.clone(), record.clone());
+        }
+        result
+    }
+
+    pub(crate) async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let key = (room.to_owned(), member.session.clone());
+        self.members.lock().insert(key.clone(), member.clone());
+        self.pending.lock().leaves.remove(&key);
+        let result = self.join(room, member).await;
+        if result.is_err() {
+            self.pending.lock().joins.insert(key);
+        }
+        result
+    }
+
+    pub(crate) async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let key = (room.to_owned(), member.session.clone());
+        self.members.lock().remove(&key);
+        self.pending.lock().joins.remove(&key);
+        let result = self.leave(room, member).await;
+        if result.is_err() {
+            self.pending.lock().leaves.insert(key, member.clone());
+        }
+        result
+    }
+
+    pub(crate) async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
+        *self.liveness.lock() = Some(node.clone());
+        let packed = envelope::pack(node).map_err(BrokerError::Internal)?;
+        let mut result = Ok(());
+        for (index, shard) in self.shards.iter().enumerate() {
+            let written = self
+                .call(shard, "heartbeat", async |connection| {
+                    redis::pipe()
+                        .cmd("SET")
+                        .arg(keys::node_alive(self.node()))
+                        .arg(&packed)
+                        .arg("PX")
+                        .arg(millis(self.config.node_ttl))
+                        .arg("GET")
+                        .cmd("SADD")
+                        .arg(keys::NODES)
+                        .arg(self.node())
+                        .ignore()
+                        .query_async::<(Option<Vec<u8>>,)>(connection)
+                        .await
+                })
+                .await;
+            match written {
+                // The key had expired: this node was silent past its TTL (paused, starved, cut
+                // off) and the others may have reaped its sessions and presence, which nothing
+                // else would ever write back. (After a lost connection, the pub/sub task
+                // restores instead, once it is back.)
+                Ok((None,))
+                    if self.heartbeated.load(Ordering::SeqCst)
+                        && shard.up.load(Ordering::SeqCst) =>
+                {
+                    tracing::warn!(shard = %shard.label, "this node's liveness had expired; writing its entries back");
+                    if let Err(error) = self.restore(index, Some(node.clone())).await {
+                        result = Err(error);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => result = Err(error),
+            }
+        }
+        self.heartbeated.store(true, Ordering::SeqCst);
+        self.retry_pending().await;
+        result
+    }
+}

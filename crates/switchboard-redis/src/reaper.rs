@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use switchboard_broker::BrokerResult;
 
 use crate::shard::Shard;
+use crate::subscriber::Control;
 use crate::{Inner, MAX_BACKOFF, MIN_BACKOFF, keys, scripts};
 
 /// Removes the sessions and presence of nodes whose liveness key expired, on every shard.
@@ -130,5 +131,24 @@ impl Inner {
                 return Ok(());
             }
         }
+    }
+}
+
+impl Inner {
+    pub(crate) async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
+        // This node is known to Redis by its incarnation.
+        let node = if node == self.config.node_id {
+            self.node()
+        } else {
+            node
+        };
+        let mut result = Ok(());
+        for shard in &self.shards {
+            if let Err(error) = self.reap(shard, node, Reap::Forced).await {
+                result = Err(error);
+            }
+            let _ = shard.control.send(Control::Stop);
+        }
+        result
     }
 }

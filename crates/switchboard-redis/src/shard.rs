@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool_redis::Pool;
+use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, RedisResult, TlsCertificates};
@@ -37,7 +37,7 @@ pub fn check_ca_pem(pem: &[u8]) -> Result<(), String> {
 
 /// The client of one shard: a `rediss://` shard verifies its certificate against `ca_pem` when
 /// given, else against the built-in roots.
-pub(crate) fn shard_client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Client> {
+fn shard_client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Client> {
     match ca_pem {
         Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
             url,
@@ -89,6 +89,40 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
+    /// Shard `index` at `url`: its client, its command pool (connecting lazily) and the control
+    /// channel of its pub/sub task.
+    pub(crate) fn new(index: usize, url: &str, ca_pem: Option<&[u8]>) -> Result<Shard, String> {
+        let shown = redacted(url);
+        let client = shard_client(url, ca_pem).map_err(|error| format!("{shown}: {error}"))?;
+        // From the client's connection info, which carries the TLS roots (a URL would not).
+        let manager = Manager::new(client.get_connection_info().clone())
+            .map_err(|error| format!("{shown}: {error}"))?;
+        let pool = Pool::builder(manager)
+            .config(PoolConfig {
+                max_size: 16,
+                timeouts: Timeouts {
+                    wait: Some(COMMAND_TIMEOUT),
+                    create: Some(COMMAND_TIMEOUT),
+                    recycle: Some(COMMAND_TIMEOUT),
+                },
+                ..PoolConfig::default()
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|error| format!("{shown}: {error}"))?;
+        let (control, control_rx) = mpsc::unbounded_channel();
+        Ok(Shard {
+            shared: Mutex::new(None),
+            label: index.to_string(),
+            client,
+            pool,
+            control,
+            control_rx: Mutex::new(Some(control_rx)),
+            up: AtomicBool::new(false),
+            writer: OnceLock::new(),
+        })
+    }
+
     /// A multiplexed connection shared by every call to this shard. It comes from the pool once
     /// and is reused until a call finds it broken: taking one from the pool per call would cost
     /// the pool's health check (a round trip) every time.
@@ -192,5 +226,24 @@ impl Inner {
             .iter()
             .find(|shard| shard.up.load(Ordering::SeqCst))
             .ok_or_else(|| BrokerError::Unavailable("no Redis shard is up".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show_in_shard_urls() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redacted("rediss://user:s3cret@cache.example.com:6380"),
+            "rediss://user:***@cache.example.com:6380"
+        );
+        assert_eq!(redacted("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert!(!redacted("redis://:s3cret@[bad").contains("s3cret"));
     }
 }

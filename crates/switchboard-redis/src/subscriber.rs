@@ -397,3 +397,30 @@ pub(crate) async fn wait_refusing(
         }
     }
 }
+
+impl Inner {
+    pub(crate) async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
+        let shard = self.shard(room);
+        let (done, answer) = oneshot::channel();
+        shard
+            .control
+            .send(Control::Subscribe {
+                room: room.to_owned(),
+                done,
+            })
+            .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+        match tokio::time::timeout(COMMAND_TIMEOUT * 2, answer).await {
+            Ok(Ok(result)) => result,
+            _ => Err(BrokerError::Unavailable("redis subscribe timed out".into())),
+        }
+    }
+
+    pub(crate) async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
+        self.shard(room)
+            .control
+            .send(Control::Unsubscribe {
+                room: room.to_owned(),
+            })
+            .map_err(|_| BrokerError::Unavailable("broker stopped".into()))
+    }
+}
