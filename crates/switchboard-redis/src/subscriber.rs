@@ -6,7 +6,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::{RedisError, Value};
+use redis::aio::{PubSubSink, PubSubStream};
+use redis::{Msg, RedisError, Value};
 use switchboard_broker::{
     BrokerError, BrokerHandler, BrokerResult, DirectMessage, PresenceChange, PresenceEvent,
 };
@@ -194,28 +195,22 @@ pub(crate) async fn run_shard(
     index: usize,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
-    let mut rooms: HashMap<String, Option<StreamPosition>> = HashMap::new();
-    // Rooms being replayed after a reconnect, with their live messages held until then.
-    let mut replaying: HashMap<String, Vec<Arc<RoomMessage>>> = HashMap::new();
-    let mut round = 0;
+    let mut task = Subscriber {
+        index,
+        rooms: HashMap::new(),
+        replaying: HashMap::new(),
+        round: 0,
+    };
     let mut replay_task: Option<tokio::task::AbortHandle> = None;
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let shard = &inner.shards[index];
-        let connect = async {
-            let pubsub = shard.client.get_async_pubsub().await?;
-            let (mut sink, stream) = pubsub.split();
-            let mut channels = vec![keys::inbox(inner.node()), keys::BROADCAST.to_owned()];
-            channels.extend(rooms.keys().map(|room| keys::room_channel(room)));
-            sink.subscribe(channels).await?;
-            Ok::<_, RedisError>((sink, stream))
-        };
-        let (mut sink, mut stream) = match tokio::time::timeout(COMMAND_TIMEOUT, connect).await {
-            Ok(Ok(connection)) => connection,
-            failed => {
-                if let Ok(Err(error)) = failed {
+        let (mut sink, mut stream) = match task.connect(&inner).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                if let Some(error) = error {
                     // Once per outage at warn (e.g. a certificate that does not verify), then
                     // quieter while the back-off retries.
                     if backoff == MIN_BACKOFF {
@@ -230,7 +225,7 @@ pub(crate) async fn run_shard(
                     .with_label_values(&[&shard.label])
                     .inc();
                 drop(inner);
-                if !wait_refusing(&mut control, &mut rooms, backoff).await {
+                if !wait_refusing(&mut control, &mut task.rooms, backoff).await {
                     return;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -238,31 +233,7 @@ pub(crate) async fn run_shard(
             }
         };
         if connected_before {
-            inner
-                .metrics
-                .reconnects
-                .with_label_values(&[&shard.label])
-                .inc();
-            let info = inner.liveness.lock().clone();
-            if let Err(error) = inner.restore(index, info).await {
-                tracing::warn!(shard = %shard.label, %error, "cannot restore this node's entries");
-            }
-            round += 1;
-            replaying = rooms
-                .keys()
-                .map(|room| (room.clone(), Vec::new()))
-                .collect();
-            let replay = tokio::spawn(replay(
-                weak.clone(),
-                index,
-                round,
-                rooms
-                    .iter()
-                    .map(|(room, position)| (room.clone(), position.clone()))
-                    .collect(),
-            ));
-            replay_task = Some(replay.abort_handle());
-            tracing::info!(shard = %shard.label, rooms = rooms.len(), "redis shard reconnected");
+            replay_task = Some(task.resume(&weak, &inner).await);
         }
         connected_before = true;
         backoff = MIN_BACKOFF;
@@ -271,85 +242,16 @@ pub(crate) async fn run_shard(
         let mut ping = tokio::time::interval(inner.config.node_ttl / 3);
         ping.tick().await;
         let stop = loop {
-            tokio::select! {
+            let next = tokio::select! {
                 biased;
-                command = control.recv() => match command {
-                    None | Some(Control::Stop) => break true,
-                    Some(Control::Subscribe { room, done }) => {
-                        if done.is_closed() {
-                            continue; // the caller gave up waiting
-                        }
-                        let subscribed = tokio::time::timeout(
-                            COMMAND_TIMEOUT,
-                            sink.subscribe(keys::room_channel(&room)),
-                        )
-                        .await;
-                        if matches!(subscribed, Ok(Ok(()))) {
-                            let new = !rooms.contains_key(&room);
-                            rooms.entry(room.clone()).or_insert(None);
-                            if done.send(Ok(())).is_err() && new {
-                                // The caller gave up meanwhile and counts the room as not
-                                // subscribed: leave no SUBSCRIBE behind that nothing would remove.
-                                rooms.remove(&room);
-                                let unsubscribed = tokio::time::timeout(
-                                    COMMAND_TIMEOUT,
-                                    sink.unsubscribe(keys::room_channel(&room)),
-                                )
-                                .await;
-                                if !matches!(unsubscribed, Ok(Ok(()))) {
-                                    break false;
-                                }
-                            }
-                        } else {
-                            let _ = done.send(Err(BrokerError::Unavailable(
-                                "redis shard connection lost".into(),
-                            )));
-                            break false;
-                        }
-                    }
-                    Some(Control::Unsubscribe { room }) => {
-                        rooms.remove(&room);
-                        replaying.remove(&room);
-                        let unsubscribed = tokio::time::timeout(
-                            COMMAND_TIMEOUT,
-                            sink.unsubscribe(keys::room_channel(&room)),
-                        )
-                        .await;
-                        if !matches!(unsubscribed, Ok(Ok(()))) {
-                            break false;
-                        }
-                    }
-                    Some(Control::Replayed { round: of, room, messages, done }) => {
-                        if of != round || !replaying.contains_key(&room) {
-                            continue; // from an earlier connection, or unsubscribed since
-                        }
-                        for message in messages {
-                            inner.deliver(&mut rooms, message);
-                        }
-                        if done {
-                            for message in replaying.remove(&room).unwrap_or_default() {
-                                inner.deliver(&mut rooms, message);
-                            }
-                        }
-                    }
-                },
-                message = stream.next() => {
-                    let Some(message) = message else { break false };
-                    inner.metrics.messages.with_label_values(&[&shard.label]).inc();
-                    if let Err(error) =
-                        inner.dispatch(&mut rooms, &mut replaying, message.get_channel_name(), message.get_payload_bytes())
-                    {
-                        tracing::warn!(shard = %shard.label, %error, "undecodable pub/sub message");
-                    }
-                }
-                _ = ping.tick() => {
-                    // On a subscribed RESP2 connection the answer is `["pong", ""]`, not `PONG`:
-                    // any answer will do.
-                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await;
-                    if !matches!(pong, Ok(Ok(_))) {
-                        break false;
-                    }
-                }
+                command = control.recv() => task.on_control(&inner, &mut sink, command).await,
+                message = stream.next() => task.on_message(&inner, message),
+                _ = ping.tick() => on_ping(&mut sink).await,
+            };
+            match next {
+                Next::Continue => {}
+                Next::Reconnect => break false,
+                Next::Stop => break true,
             }
         };
         shard.up.store(false, Ordering::SeqCst);
@@ -359,7 +261,7 @@ pub(crate) async fn run_shard(
         }
         // Live messages held for an unfinished replay are dropped, not delivered ahead of what
         // came before them: the room's position was not moved, so the next replay reads them.
-        replaying.clear();
+        task.replaying.clear();
         if stop {
             return;
         }
@@ -369,6 +271,202 @@ pub(crate) async fn run_shard(
             .with_label_values(&[&shard.label])
             .inc();
         tracing::warn!(shard = %shard.label, "redis pub/sub connection lost; reconnecting");
+    }
+}
+
+/// What the connected loop of [`run_shard`] does after handling one event.
+enum Next {
+    Continue,
+    /// The connection is lost or broken: reconnect.
+    Reconnect,
+    /// The broker is stopping.
+    Stop,
+}
+
+/// The state of one shard's pub/sub task, kept across reconnects.
+struct Subscriber {
+    index: usize,
+    /// The rooms subscribed, with the newest position received (for replay).
+    rooms: HashMap<String, Option<StreamPosition>>,
+    /// Rooms being replayed after a reconnect, with their live messages held until then.
+    replaying: HashMap<String, Vec<Arc<RoomMessage>>>,
+    /// The replay round: one per reconnect.
+    round: u64,
+}
+
+impl Subscriber {
+    /// Opens the pub/sub connection and subscribes everything the node needs. `Err(None)`: it
+    /// did not finish within the command timeout.
+    async fn connect(
+        &self,
+        inner: &Inner,
+    ) -> Result<(PubSubSink, PubSubStream), Option<RedisError>> {
+        let shard = &inner.shards[self.index];
+        let connect = async {
+            let pubsub = shard.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            let mut channels = vec![keys::inbox(inner.node()), keys::BROADCAST.to_owned()];
+            channels.extend(self.rooms.keys().map(|room| keys::room_channel(room)));
+            sink.subscribe(channels).await?;
+            Ok::<_, RedisError>((sink, stream))
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, connect).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(Some(error)),
+            Err(_) => Err(None),
+        }
+    }
+
+    /// After a reconnect: writes this node's entries back and starts replaying every room,
+    /// holding the rooms' live messages until their replay is done. Returns the replay task.
+    async fn resume(&mut self, weak: &Weak<Inner>, inner: &Inner) -> tokio::task::AbortHandle {
+        let shard = &inner.shards[self.index];
+        inner
+            .metrics
+            .reconnects
+            .with_label_values(&[&shard.label])
+            .inc();
+        let info = inner.liveness.lock().clone();
+        if let Err(error) = inner.restore(self.index, info).await {
+            tracing::warn!(shard = %shard.label, %error, "cannot restore this node's entries");
+        }
+        self.round += 1;
+        self.replaying = self
+            .rooms
+            .keys()
+            .map(|room| (room.clone(), Vec::new()))
+            .collect();
+        let replay = tokio::spawn(replay(
+            weak.clone(),
+            self.index,
+            self.round,
+            self.rooms
+                .iter()
+                .map(|(room, position)| (room.clone(), position.clone()))
+                .collect(),
+        ));
+        tracing::info!(shard = %shard.label, rooms = self.rooms.len(), "redis shard reconnected");
+        replay.abort_handle()
+    }
+
+    async fn on_control(
+        &mut self,
+        inner: &Inner,
+        sink: &mut PubSubSink,
+        command: Option<Control>,
+    ) -> Next {
+        match command {
+            None | Some(Control::Stop) => Next::Stop,
+            Some(Control::Subscribe { room, done }) => self.on_subscribe(sink, room, done).await,
+            Some(Control::Unsubscribe { room }) => self.on_unsubscribe(sink, room).await,
+            Some(Control::Replayed {
+                round,
+                room,
+                messages,
+                done,
+            }) => {
+                self.on_replayed(inner, round, room, messages, done);
+                Next::Continue
+            }
+        }
+    }
+
+    async fn on_subscribe(
+        &mut self,
+        sink: &mut PubSubSink,
+        room: String,
+        done: oneshot::Sender<BrokerResult<()>>,
+    ) -> Next {
+        if done.is_closed() {
+            return Next::Continue; // the caller gave up waiting
+        }
+        let subscribed =
+            tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(keys::room_channel(&room))).await;
+        if !matches!(subscribed, Ok(Ok(()))) {
+            let _ = done.send(Err(BrokerError::Unavailable(
+                "redis shard connection lost".into(),
+            )));
+            return Next::Reconnect;
+        }
+        let new = !self.rooms.contains_key(&room);
+        self.rooms.entry(room.clone()).or_insert(None);
+        if done.send(Ok(())).is_err() && new {
+            // The caller gave up meanwhile and counts the room as not subscribed: leave no
+            // SUBSCRIBE behind that nothing would remove.
+            self.rooms.remove(&room);
+            return unsubscribe(sink, &room).await;
+        }
+        Next::Continue
+    }
+
+    async fn on_unsubscribe(&mut self, sink: &mut PubSubSink, room: String) -> Next {
+        self.rooms.remove(&room);
+        self.replaying.remove(&room);
+        unsubscribe(sink, &room).await
+    }
+
+    /// A page of a room's replay: delivered, then, after its last, the live messages held.
+    fn on_replayed(
+        &mut self,
+        inner: &Inner,
+        round: u64,
+        room: String,
+        messages: Vec<Arc<RoomMessage>>,
+        done: bool,
+    ) {
+        if round != self.round || !self.replaying.contains_key(&room) {
+            return; // from an earlier connection, or unsubscribed since
+        }
+        for message in messages {
+            inner.deliver(&mut self.rooms, message);
+        }
+        if done {
+            for message in self.replaying.remove(&room).unwrap_or_default() {
+                inner.deliver(&mut self.rooms, message);
+            }
+        }
+    }
+
+    fn on_message(&mut self, inner: &Inner, message: Option<Msg>) -> Next {
+        let Some(message) = message else {
+            return Next::Reconnect;
+        };
+        let shard = &inner.shards[self.index];
+        inner
+            .metrics
+            .messages
+            .with_label_values(&[&shard.label])
+            .inc();
+        if let Err(error) = inner.dispatch(
+            &mut self.rooms,
+            &mut self.replaying,
+            message.get_channel_name(),
+            message.get_payload_bytes(),
+        ) {
+            tracing::warn!(shard = %shard.label, %error, "undecodable pub/sub message");
+        }
+        Next::Continue
+    }
+}
+
+async fn unsubscribe(sink: &mut PubSubSink, room: &str) -> Next {
+    let unsubscribed =
+        tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(keys::room_channel(room))).await;
+    if matches!(unsubscribed, Ok(Ok(()))) {
+        Next::Continue
+    } else {
+        Next::Reconnect
+    }
+}
+
+/// Checks the connection is alive: on a subscribed RESP2 connection the answer is
+/// `["pong", ""]`, not `PONG`: any answer will do.
+async fn on_ping(sink: &mut PubSubSink) -> Next {
+    let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await;
+    if matches!(pong, Ok(Ok(_))) {
+        Next::Continue
+    } else {
+        Next::Reconnect
     }
 }
 
