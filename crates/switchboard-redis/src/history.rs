@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use redis::Value;
+use redis::{ParsingError, Value};
 use switchboard_broker::{BrokerError, BrokerResult, History, HistoryQuery};
 use switchboard_protocol::{RoomMessage, StreamPosition};
 
@@ -48,8 +48,7 @@ impl Inner {
                     .await
             })
             .await?;
-        let (mut position, entries, more, expired) =
-            parse_read(value).map_err(BrokerError::Internal)?;
+        let (mut position, entries, more, expired) = parse_read(value)?;
         if position.offset == 0 && position.epoch.len() == 8 {
             // A room without state: an epoch of the shard's generation, stored nowhere (reads
             // create nothing).
@@ -57,8 +56,7 @@ impl Inner {
         }
         let mut messages = Vec::with_capacity(entries.len());
         for (offset, payload) in entries {
-            let stored: envelope::Stored =
-                envelope::unpack(&payload).map_err(BrokerError::Internal)?;
+            let stored: envelope::Stored = envelope::unpack(&payload)?;
             messages.push(Arc::new(RoomMessage {
                 room: room.to_owned(),
                 data: stored.data,
@@ -76,52 +74,71 @@ impl Inner {
     }
 }
 
+/// Why the READ script's answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("READ: not an array")]
+    NotAnArray,
+    #[error("READ: expected 5 parts")]
+    Parts,
+    #[error("READ: entries not an array")]
+    EntriesNotAnArray,
+    #[error("READ: entry not an array")]
+    EntryNotAnArray,
+    #[error("READ: bad entry id")]
+    BadEntryId,
+    #[error("READ: entry without payload")]
+    NoPayload,
+    #[error(transparent)]
+    Value(#[from] ParsingError),
+}
+
+impl From<ReadError> for BrokerError {
+    fn from(error: ReadError) -> Self {
+        BrokerError::Internal(error.to_string())
+    }
+}
+
 /// Parses the READ script's `{offset, epoch, entries, more, expired}`.
 pub(crate) fn parse_read(
     value: Value,
-) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool), String> {
+) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool), ReadError> {
     let Value::Array(mut parts) = value else {
-        return Err("READ: not an array".into());
+        return Err(ReadError::NotAnArray);
     };
     if parts.len() != 5 {
-        return Err("READ: expected 5 parts".into());
+        return Err(ReadError::Parts);
     }
-    let expired: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
-        .map_err(|error| error.to_string())?;
-    let more: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
-        .map_err(|error| error.to_string())?;
+    let expired: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))?;
+    let more: i64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))?;
     let entries = parts.pop().unwrap_or(Value::Nil);
-    let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
-        .map_err(|error| error.to_string())?;
-    let offset: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))
-        .map_err(|error| error.to_string())?;
+    let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))?;
+    let offset: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))?;
     let entries = match entries {
         Value::Array(entries) => entries,
         // What a range with COUNT 0 answers; the script avoids it, but it means "none".
         Value::Nil => Vec::new(),
-        _ => return Err("READ: entries not an array".into()),
+        _ => return Err(ReadError::EntriesNotAnArray),
     };
     let mut parsed = Vec::with_capacity(entries.len());
     for entry in entries {
         let Value::Array(mut entry) = entry else {
-            return Err("READ: entry not an array".into());
+            return Err(ReadError::EntryNotAnArray);
         };
         let fields = entry.pop().unwrap_or(Value::Nil);
-        let id: String = redis::from_redis_value(entry.pop().unwrap_or(Value::Nil))
-            .map_err(|error| error.to_string())?;
+        let id: String = redis::from_redis_value(entry.pop().unwrap_or(Value::Nil))?;
         let offset = id
             .split_once('-')
             .and_then(|(offset, _)| offset.parse().ok())
-            .ok_or("READ: bad entry id")?;
-        let fields: Vec<Vec<u8>> =
-            redis::from_redis_value(fields).map_err(|error| error.to_string())?;
+            .ok_or(ReadError::BadEntryId)?;
+        let fields: Vec<Vec<u8>> = redis::from_redis_value(fields)?;
         let payload = fields
             .chunks(2)
             .find_map(|pair| match pair {
                 [name, value] if name == b"p" => Some(value.clone()),
                 _ => None,
             })
-            .ok_or("READ: entry without payload")?;
+            .ok_or(ReadError::NoPayload)?;
         parsed.push((offset, payload));
     }
     Ok((

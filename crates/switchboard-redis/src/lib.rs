@@ -43,7 +43,7 @@ use crate::mirror::Pending;
 use crate::reaper::{reap_dead_nodes, reap_predecessors};
 use crate::ring::Ring;
 use crate::shard::Shard;
-pub use crate::shard::{check_ca_pem, redacted};
+pub use crate::shard::{CaError, SetupError, check_ca_pem, redacted};
 use crate::subscriber::run_shard;
 
 /// Longest a single Redis call may take before it counts as unavailable.
@@ -110,19 +110,19 @@ fn millis(duration: Duration) -> u64 {
 
 impl RedisBroker {
     /// Builds the broker; connects lazily, so a node starts (not ready) while Redis is down.
-    pub fn new(config: RedisConfig, registry: &Registry) -> Result<Self, String> {
+    pub fn new(config: RedisConfig, registry: &Registry) -> Result<Self, SetupError> {
         if config.shards.is_empty() {
-            return Err("no Redis shard configured".into());
+            return Err(SetupError::NoShard);
         }
         // rustls picks the process-wide provider; naming ring keeps that choice explicit should
         // another dependency ever enable a second provider. Err: one is installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let metrics = Metrics::new(registry).map_err(|error| error.to_string())?;
+        let metrics = Metrics::new(registry)?;
         let mut ring = Ring::new();
         let mut shards = Vec::new();
         for (index, url) in config.shards.iter().enumerate() {
             if !ring.add(url, index) {
-                return Err(format!("shard {} is listed twice", redacted(url)));
+                return Err(SetupError::ListedTwice(redacted(url)));
             }
             let shard = Shard::new(index, url, config.ca_pem.as_deref())?;
             metrics.up.with_label_values(&[&shard.label]).set(0);
@@ -195,7 +195,7 @@ impl Broker for RedisBroker {
     ) -> BrokerResult<Arc<RoomMessage>> {
         let inner = &self.inner;
         let stored = envelope::Stored { data, from };
-        let payload = envelope::pack(&stored).map_err(BrokerError::Internal)?;
+        let payload = envelope::pack(&stored)?;
         let shard = inner.shard(room);
         let (offset, epoch): (u64, String) = inner
             .call_write(shard, "publish", async |connection| {
@@ -242,15 +242,14 @@ impl Broker for RedisBroker {
             user: message.user.clone(),
             data: message.data,
             from: message.from,
-        })
-        .map_err(BrokerError::Internal)?;
+        })?;
         self.inner
             .send_to_user(&message.user, envelope, "send")
             .await
     }
 
     async fn broadcast(&self, data: Json) -> BrokerResult<u64> {
-        let payload = envelope::broadcast(&data).map_err(BrokerError::Internal)?;
+        let payload = envelope::broadcast(&data)?;
         let shard = self.inner.up_shard()?;
         self.inner
             .call(shard, "broadcast", async |connection| {
@@ -268,8 +267,7 @@ impl Broker for RedisBroker {
             user: user.to_owned(),
             code,
             reason: reason.to_owned(),
-        })
-        .map_err(BrokerError::Internal)?;
+        })?;
         self.inner.send_to_user(user, envelope, "disconnect").await
     }
 
@@ -415,6 +413,16 @@ mod tests {
             stream_ttl: Duration::from_secs(600),
             node_ttl: Duration::from_secs(3),
         };
-        assert!(RedisBroker::new(config, &Registry::new()).is_err());
+        let Err(error) = RedisBroker::new(config, &Registry::new()) else {
+            panic!("a shard listed twice is accepted")
+        };
+        assert!(
+            matches!(&error, SetupError::ListedTwice(shard) if shard == "redis://127.0.0.1:1"),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "shard redis://127.0.0.1:1 is listed twice"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
-use switchboard_broker::{BrokerError, BrokerResult, SessionRecord};
+use switchboard_broker::{BrokerResult, SessionRecord};
 use switchboard_protocol::Member;
 use switchboard_protocol::api::NodeInfo;
 
@@ -31,7 +31,7 @@ pub(crate) const RESTORE_ATTEMPTS: u32 = 3;
 impl Inner {
     /// The stored presence value: `node \n user \n packed member`.
     pub(crate) fn presence_value(&self, member: &Member) -> BrokerResult<Vec<u8>> {
-        let packed = envelope::pack(member).map_err(BrokerError::Internal)?;
+        let packed = envelope::pack(member)?;
         Ok([
             self.node().as_bytes(),
             b"\n",
@@ -57,7 +57,7 @@ impl Inner {
     ) -> BrokerResult<()> {
         let shard = &self.shards[index];
         if let Some(info) = node_info {
-            let packed = envelope::pack(&info).map_err(BrokerError::Internal)?;
+            let packed = envelope::pack(&info)?;
             let mut pipe = redis::pipe();
             pipe.cmd("SET")
                 .arg(keys::node_alive(self.node()))
@@ -326,7 +326,7 @@ impl Inner {
 
     pub(crate) async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
         *self.liveness.lock() = Some(node.clone());
-        let packed = envelope::pack(node).map_err(BrokerError::Internal)?;
+        let packed = envelope::pack(node)?;
         let mut result = Ok(());
         for (index, shard) in self.shards.iter().enumerate() {
             let written = self

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{BuildError, Manager, Pool, PoolConfig, Runtime, Timeouts};
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, RedisResult, TlsCertificates};
@@ -18,19 +18,45 @@ use crate::subscriber::Control;
 use crate::writes::Writer;
 use crate::{COMMAND_TIMEOUT, Inner};
 
+/// Why `--redis-ca-file` is not a usable set of CA certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("not a PEM certificate file: {0}")]
+    NotPem(#[source] rustls::pki_types::pem::Error),
+    #[error("unusable certificate: {0}")]
+    Unusable(#[source] rustls::Error),
+    #[error("holds no PEM certificate")]
+    Empty,
+}
+
+/// Why the broker could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("no Redis shard configured")]
+    NoShard,
+    /// The shard's URL, redacted.
+    #[error("shard {0} is listed twice")]
+    ListedTwice(String),
+    /// A shard (its URL redacted) whose URL or TLS set-up the Redis client refuses.
+    #[error("{shard}: {source}")]
+    Client { shard: String, source: RedisError },
+    /// A shard (its URL redacted) whose connection pool could not be built.
+    #[error("{shard}: {source}")]
+    Pool { shard: String, source: BuildError },
+    #[error(transparent)]
+    Metrics(#[from] prometheus::Error),
+}
+
 /// Checks that `pem` holds at least one certificate and that every one is a usable trust anchor,
 /// so that a bad `--redis-ca-file` stops the node at start rather than every TLS connect.
-pub fn check_ca_pem(pem: &[u8]) -> Result<(), String> {
+pub fn check_ca_pem(pem: &[u8]) -> Result<(), CaError> {
     let mut roots = RootCertStore::empty();
     for certificate in CertificateDer::pem_slice_iter(pem) {
-        let certificate =
-            certificate.map_err(|error| format!("not a PEM certificate file: {error}"))?;
-        roots
-            .add(certificate)
-            .map_err(|error| format!("unusable certificate: {error}"))?;
+        let certificate = certificate.map_err(CaError::NotPem)?;
+        roots.add(certificate).map_err(CaError::Unusable)?;
     }
     if roots.is_empty() {
-        return Err("holds no PEM certificate".into());
+        return Err(CaError::Empty);
     }
     Ok(())
 }
@@ -91,12 +117,14 @@ pub(crate) struct Shard {
 impl Shard {
     /// Shard `index` at `url`: its client, its command pool (connecting lazily) and the control
     /// channel of its pub/sub task.
-    pub(crate) fn new(index: usize, url: &str, ca_pem: Option<&[u8]>) -> Result<Shard, String> {
-        let shown = redacted(url);
-        let client = shard_client(url, ca_pem).map_err(|error| format!("{shown}: {error}"))?;
+    pub(crate) fn new(index: usize, url: &str, ca_pem: Option<&[u8]>) -> Result<Shard, SetupError> {
+        let client_error = |source| SetupError::Client {
+            shard: redacted(url),
+            source,
+        };
+        let client = shard_client(url, ca_pem).map_err(client_error)?;
         // From the client's connection info, which carries the TLS roots (a URL would not).
-        let manager = Manager::new(client.get_connection_info().clone())
-            .map_err(|error| format!("{shown}: {error}"))?;
+        let manager = Manager::new(client.get_connection_info().clone()).map_err(client_error)?;
         let pool = Pool::builder(manager)
             .config(PoolConfig {
                 max_size: 16,
@@ -109,7 +137,10 @@ impl Shard {
             })
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|error| format!("{shown}: {error}"))?;
+            .map_err(|source| SetupError::Pool {
+                shard: redacted(url),
+                source,
+            })?;
         let (control, control_rx) = mpsc::unbounded_channel();
         Ok(Shard {
             shared: Mutex::new(None),

@@ -14,7 +14,7 @@ use switchboard_broker::{
 use switchboard_protocol::{RoomMessage, StreamPosition};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::envelope::{self, Envelope};
+use crate::envelope::{self, Envelope, EnvelopeError};
 use crate::{COMMAND_TIMEOUT, Inner, MAX_BACKOFF, MIN_BACKOFF, keys};
 
 pub(crate) enum Control {
@@ -52,7 +52,7 @@ impl Inner {
         replaying: &mut HashMap<String, Vec<Arc<RoomMessage>>>,
         channel: &str,
         payload: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), EnvelopeError> {
         let Some(handler) = self.handler() else {
             return Ok(());
         };
