@@ -9,7 +9,7 @@ use switchboard_protocol::{RoomMessage, StreamPosition};
 use crate::{Inner, envelope, epoch_digits, keys, millis, scripts};
 
 /// One history entry as read: offset, stored payload.
-pub(crate) type LogEntry = (u64, Vec<u8>);
+type LogEntry = (u64, Vec<u8>);
 
 /// One page of history as [`Inner::read`] returns it.
 pub(crate) struct ReadPage {
@@ -76,7 +76,7 @@ impl Inner {
 
 /// Why the READ script's answer could not be read.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ReadError {
+enum ReadError {
     #[error("READ: not an array")]
     NotAnArray,
     #[error("READ: expected 5 parts")]
@@ -100,9 +100,7 @@ impl From<ReadError> for BrokerError {
 }
 
 /// Parses the READ script's `{offset, epoch, entries, more, expired}`.
-pub(crate) fn parse_read(
-    value: Value,
-) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool), ReadError> {
+fn parse_read(value: Value) -> Result<(StreamPosition, Vec<LogEntry>, bool, bool), ReadError> {
     let Value::Array(mut parts) = value else {
         return Err(ReadError::NotAnArray);
     };

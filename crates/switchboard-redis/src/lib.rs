@@ -6,6 +6,13 @@
 //! kept by a task that reconnects with back-off, subscribes again to everything the node needs,
 //! writes this node's registry and presence entries again, and replays from history what the
 //! node's rooms published while the connection was down. docs/architecture.md has the schema.
+//!
+//! One module per job: `ring` (which shard holds a key), `shard` (a shard's client, TLS, command
+//! connection and bounded calls), `subscriber` (the pub/sub task and replay), `history` (the READ
+//! script), `mirror` (this node's sessions, presence and liveness, written back after Redis lost
+//! them; failed writes retried), `writes` (those writes batched per shard), `reaper` (dead nodes
+//! and earlier incarnations), `metrics`, `envelope` (the pub/sub payloads), `keys` and `scripts`.
+//! This file holds [`RedisBroker`] and its `Broker` impl, which delegates to them.
 
 #[doc(hidden)]
 pub mod envelope;

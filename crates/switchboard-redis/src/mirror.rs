@@ -26,7 +26,7 @@ pub(crate) struct Pending {
 pub(crate) const RESTORE_BATCH: usize = 500;
 /// Tries of each restore batch before the restore gives up (the next reconnect or expired
 /// heartbeat restores again).
-pub(crate) const RESTORE_ATTEMPTS: u32 = 3;
+const RESTORE_ATTEMPTS: u32 = 3;
 
 impl Inner {
     /// The stored presence value: `node \n user \n packed member`.
@@ -130,7 +130,7 @@ impl Inner {
 
     /// Sends the writes `batch` makes (from the entries still held when it is called) through
     /// the shard's writer, and again, up to [`RESTORE_ATTEMPTS`] times, while any fails.
-    pub(crate) async fn restore_batch(
+    async fn restore_batch(
         &self,
         index: usize,
         batch: impl Fn() -> BrokerResult<Vec<Write>>,
@@ -153,7 +153,7 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn unregister(&self, record: &SessionRecord) -> BrokerResult<()> {
+    async fn unregister(&self, record: &SessionRecord) -> BrokerResult<()> {
         let write = Write::Unregister {
             user: record.user.clone(),
             session: record.session.clone(),
@@ -161,7 +161,7 @@ impl Inner {
         self.write(self.shard_index(&record.user), write).await
     }
 
-    pub(crate) async fn join(&self, room: &str, member: &Member) -> BrokerResult<()> {
+    async fn join(&self, room: &str, member: &Member) -> BrokerResult<()> {
         let write = Write::Join {
             room: room.to_owned(),
             session: member.session.clone(),
@@ -171,7 +171,7 @@ impl Inner {
         self.write(self.shard_index(room), write).await
     }
 
-    pub(crate) async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
+    async fn leave(&self, room: &str, member: &Member) -> BrokerResult<()> {
         let write = Write::Leave {
             room: room.to_owned(),
             session: member.session.clone(),
@@ -185,7 +185,7 @@ impl Inner {
     /// and presence for as long as this node lives, if Redis kept its data. All are queued at
     /// once, so they go in as few batches as the writers make, and nothing is tried on a shard
     /// that is down.
-    pub(crate) async fn retry_pending(&self) {
+    async fn retry_pending(&self) {
         let Pending {
             sessions,
             joins,
@@ -267,9 +267,7 @@ impl Inner {
             }
         }
     }
-}
 
-impl Inner {
     pub(crate) async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
         self.sessions
             .lock()

@@ -132,9 +132,7 @@ impl Inner {
             }
         }
     }
-}
 
-impl Inner {
     pub(crate) async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
         // This node is known to Redis by its incarnation.
         let node = if node == self.config.node_id {

@@ -76,7 +76,7 @@ fn shard_client(url: &str, ca_pem: Option<&[u8]>) -> RedisResult<redis::Client> 
     }
 }
 
-pub(crate) fn redis_error(error: RedisError) -> BrokerError {
+fn redis_error(error: RedisError) -> BrokerError {
     if error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
@@ -157,7 +157,7 @@ impl Shard {
     /// A multiplexed connection shared by every call to this shard. It comes from the pool once
     /// and is reused until a call finds it broken: taking one from the pool per call would cost
     /// the pool's health check (a round trip) every time.
-    pub(crate) async fn connection(&self) -> BrokerResult<MultiplexedConnection> {
+    async fn connection(&self) -> BrokerResult<MultiplexedConnection> {
         if let Some(connection) = self.shared.lock().clone() {
             return Ok(connection);
         }
@@ -176,7 +176,7 @@ impl Shard {
 }
 
 impl Inner {
-    pub(crate) fn error(&self, shard: &Shard, op: &str, error: BrokerError) -> BrokerError {
+    fn error(&self, shard: &Shard, op: &str, error: BrokerError) -> BrokerError {
         self.metrics.errors.with_label_values(&[&shard.label]).inc();
         tracing::debug!(shard = %shard.label, op, %error, "redis call failed");
         error

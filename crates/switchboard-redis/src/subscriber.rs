@@ -37,16 +37,16 @@ pub(crate) enum Control {
 }
 
 /// Payload bytes read per page when replaying a room after a reconnect.
-pub(crate) const REPLAY_PAGE_BYTES: usize = 1 << 20;
+const REPLAY_PAGE_BYTES: usize = 1 << 20;
 
 impl Inner {
-    pub(crate) fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
+    fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
         self.handler.get()
     }
 
     /// Hands one pub/sub payload to the node. A room message of a room being replayed waits in
     /// `replaying` until the replay has delivered what came before it.
-    pub(crate) fn dispatch(
+    fn dispatch(
         &self,
         rooms: &mut HashMap<String, Option<StreamPosition>>,
         replaying: &mut HashMap<String, Vec<Arc<RoomMessage>>>,
@@ -148,13 +148,13 @@ impl Inner {
 
 /// Rooms replayed at once after a reconnect: enough to hide round trips, few enough that a
 /// reconnect of a node with many rooms does not flood the shard.
-pub(crate) const REPLAY_CONCURRENCY: usize = 8;
+const REPLAY_CONCURRENCY: usize = 8;
 
 /// After a reconnect: reads what each room published while the connection was down, outside
 /// the shard's pub/sub task, and hands it to that task page by page, so live messages of every
 /// other room keep flowing however slow the reads are. The task delivers the pages, then the
 /// live messages of the room that came meanwhile: a room's messages stay in offset order.
-pub(crate) async fn replay(
+async fn replay(
     weak: Weak<Inner>,
     index: usize,
     round: u64,
@@ -472,7 +472,7 @@ async fn on_ping(sink: &mut PubSubSink) -> Next {
 
 /// Waits out a back-off while the shard is down, answering subscribes with `Unavailable`.
 /// Returns false when the broker is stopping.
-pub(crate) async fn wait_refusing(
+async fn wait_refusing(
     control: &mut mpsc::UnboundedReceiver<Control>,
     rooms: &mut HashMap<String, Option<StreamPosition>>,
     backoff: Duration,
