@@ -265,6 +265,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bad_ca_file_says_what_is_wrong_with_it() {
+        for (pem, expected) in [
+            (&b""[..], "holds no PEM certificate"),
+            (b"not a certificate\n", "holds no PEM certificate"),
+            (
+                b"-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+                "not a PEM certificate file: ",
+            ),
+            (
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "unusable certificate: ",
+            ),
+        ] {
+            let error = check_ca_pem(pem).unwrap_err();
+            let variant_fits = match &error {
+                CaError::Empty => expected == "holds no PEM certificate",
+                CaError::NotPem(_) => expected.starts_with("not a PEM"),
+                CaError::Unusable(_) => expected.starts_with("unusable"),
+            };
+            assert!(variant_fits, "{error:?}");
+            assert!(error.to_string().starts_with(expected), "{error}");
+        }
+    }
+
+    #[test]
     fn passwords_never_show_in_shard_urls() {
         assert_eq!(
             redacted("redis://:s3cret@10.0.0.1:6379/0"),
