@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use switchboard_protocol::{
-    ClientFrame, Codec, Encoded, ErrorCode, ErrorFrame, Reply, ServerFrame, StreamPosition, close,
+    ClientFrame, Codec, EncodeError, Encoded, ErrorCode, ErrorFrame, Reply, ServerFrame,
+    StreamPosition, close,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -143,7 +144,7 @@ fn close_details(frame: Option<CloseFrame>) -> (Option<u16>, String) {
     })
 }
 
-fn encode(codec: Codec, frame: &ClientFrame) -> Result<Message, String> {
+fn encode(codec: Codec, frame: &ClientFrame) -> Result<Message, EncodeError> {
     Ok(match codec.encode(frame)? {
         Encoded::Text(text) => Message::Text(text.into()),
         Encoded::Binary(bytes) => Message::Binary(bytes.into()),

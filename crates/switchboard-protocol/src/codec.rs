@@ -34,6 +34,24 @@ impl Encoded {
     }
 }
 
+/// Why a frame could not be encoded: a value serde cannot write in the codec.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    MsgPack(#[from] rmp_serde::encode::Error),
+}
+
+/// Why bytes did not decode as a value of the type asked for (the message is the codec's own).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    MsgPack(#[from] crate::msgpack::MsgPackError),
+}
+
 /// Why a client frame was refused, with the request id when it could still be read, so the
 /// `error` frame can carry it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,15 +105,11 @@ impl Codec {
         self == Codec::Json
     }
 
-    pub fn encode<T: Serialize + ?Sized>(self, frame: &T) -> Result<Encoded, String> {
-        match self {
-            Codec::Json => serde_json::to_string(frame)
-                .map(Encoded::Text)
-                .map_err(|error| error.to_string()),
-            Codec::MsgPack => rmp_serde::to_vec_named(frame)
-                .map(Encoded::Binary)
-                .map_err(|error| error.to_string()),
-        }
+    pub fn encode<T: Serialize + ?Sized>(self, frame: &T) -> Result<Encoded, EncodeError> {
+        Ok(match self {
+            Codec::Json => Encoded::Text(serde_json::to_string(frame)?),
+            Codec::MsgPack => Encoded::Binary(rmp_serde::to_vec_named(frame)?),
+        })
     }
 
     /// Bytes `value` takes encoded with this codec, counted without building the encoding.
@@ -113,29 +127,25 @@ impl Codec {
         let mut count = Count(0);
         // A writer that never fails: the only errors left are values serde cannot encode, which
         // `encode` reports when the frame is really written.
-        let _ = match self {
-            Codec::Json => {
-                serde_json::to_writer(&mut count, value).map_err(|error| error.to_string())
-            }
-            Codec::MsgPack => {
-                rmp_serde::encode::write_named(&mut count, value).map_err(|error| error.to_string())
-            }
+        let _: Result<(), EncodeError> = match self {
+            Codec::Json => serde_json::to_writer(&mut count, value).map_err(Into::into),
+            Codec::MsgPack => rmp_serde::encode::write_named(&mut count, value).map_err(Into::into),
         };
         count.0
     }
 
-    pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, String> {
-        match self {
-            Codec::Json => serde_json::from_slice(payload).map_err(|error| error.to_string()),
-            Codec::MsgPack => crate::msgpack::from_slice(payload),
-        }
+    pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, ParseError> {
+        Ok(match self {
+            Codec::Json => serde_json::from_slice(payload)?,
+            Codec::MsgPack => crate::msgpack::from_slice(payload)?,
+        })
     }
 
     /// Decodes a client frame, classifying failures as `unknown_type` or `bad_frame`.
     pub fn decode_client(self, payload: &[u8]) -> Result<ClientFrame, DecodeError> {
         let message = match self.decode::<ClientFrame>(payload) {
             Ok(frame) => return checked_data_depth(frame),
-            Err(message) => message,
+            Err(error) => error.to_string(),
         };
         match self.decode::<FrameProbe>(payload) {
             Ok(FrameProbe {

@@ -10,7 +10,7 @@ mod codec;
 mod frames;
 pub mod msgpack;
 
-pub use codec::{Codec, DecodeError, Encoded};
+pub use codec::{Codec, DecodeError, EncodeError, Encoded, ParseError};
 pub use frames::*;
 
 /// Subprotocol name of the JSON codec.

@@ -19,15 +19,36 @@ pub const MAX_DEPTH: usize = 127;
 /// message), and must stay within [`MAX_DEPTH`] for clients to decode it.
 pub const MAX_DATA_DEPTH: usize = MAX_DEPTH - 3;
 
+/// Why untrusted MessagePack bytes were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MsgPackError {
+    #[error("MessagePack nested deeper than {} arrays and maps", MAX_DEPTH)]
+    TooDeep,
+    /// A container declaring more items than there are bytes left (each takes at least one).
+    #[error("MessagePack {kind} declares {items} items but only {left} bytes follow")]
+    TooManyItems {
+        kind: &'static str,
+        items: u64,
+        left: usize,
+    },
+    #[error("MessagePack value needs {wanted} bytes but only {left} follow")]
+    Truncated { wanted: u64, left: usize },
+    #[error("MessagePack marker 0xc1 is never used")]
+    ReservedMarker,
+    /// Well-formed MessagePack that is not a value of the type asked for.
+    #[error(transparent)]
+    Decode(#[from] rmp_serde::decode::Error),
+}
+
 /// Decodes MessagePack from untrusted bytes: [`check`] first, then rmp-serde.
-pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, MsgPackError> {
     check(bytes)?;
-    rmp_serde::from_slice(bytes).map_err(|error| error.to_string())
+    Ok(rmp_serde::from_slice(bytes)?)
 }
 
 /// Checks that `bytes` start with one complete MessagePack value nested at most [`MAX_DEPTH`]
 /// deep, whose every declared length fits in the bytes that follow it.
-pub fn check(bytes: &[u8]) -> Result<(), String> {
+pub fn check(bytes: &[u8]) -> Result<(), MsgPackError> {
     let mut rest = bytes;
     // Items still to read in each open container, innermost last.
     let mut open: Vec<u64> = Vec::new();
@@ -36,16 +57,15 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
             Header::Scalar => 0,
             Header::Container(kind, items) => {
                 if open.len() >= MAX_DEPTH {
-                    return Err(format!(
-                        "MessagePack nested deeper than {MAX_DEPTH} arrays and maps"
-                    ));
+                    return Err(MsgPackError::TooDeep);
                 }
                 // Every item takes at least one byte, so a longer declaration is a lie.
                 if items > rest.len() as u64 {
-                    return Err(format!(
-                        "MessagePack {kind} declares {items} items but only {} bytes follow",
-                        rest.len()
-                    ));
+                    return Err(MsgPackError::TooManyItems {
+                        kind,
+                        items,
+                        left: rest.len(),
+                    });
                 }
                 items
             }
@@ -75,11 +95,11 @@ enum Header {
     Container(&'static str, u64),
 }
 
-fn read_header(rest: &mut &[u8]) -> Result<Header, String> {
+fn read_header(rest: &mut &[u8]) -> Result<Header, MsgPackError> {
     let marker = Marker::from_u8(take(rest, 1)?[0]);
     let skip = match marker {
         Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => 0,
-        Marker::Reserved => return Err("MessagePack marker 0xc1 is never used".to_owned()),
+        Marker::Reserved => return Err(MsgPackError::ReservedMarker),
         Marker::U8 | Marker::I8 => 1,
         Marker::U16 | Marker::I16 => 2,
         Marker::U32 | Marker::I32 | Marker::F32 => 4,
@@ -112,13 +132,13 @@ fn read_header(rest: &mut &[u8]) -> Result<Header, String> {
 }
 
 /// A big-endian length of `width` bytes.
-fn length(rest: &mut &[u8], width: usize) -> Result<u64, String> {
+fn length(rest: &mut &[u8], width: usize) -> Result<u64, MsgPackError> {
     Ok(take(rest, width)?
         .iter()
         .fold(0, |length, byte| length << 8 | u64::from(*byte)))
 }
 
-fn take<'a>(rest: &mut &'a [u8], count: usize) -> Result<&'a [u8], String> {
+fn take<'a>(rest: &mut &'a [u8], count: usize) -> Result<&'a [u8], MsgPackError> {
     if count > rest.len() {
         return Err(truncated(count as u64, rest.len()));
     }
@@ -127,8 +147,8 @@ fn take<'a>(rest: &mut &'a [u8], count: usize) -> Result<&'a [u8], String> {
     Ok(taken)
 }
 
-fn truncated(wanted: u64, left: usize) -> String {
-    format!("MessagePack value needs {wanted} bytes but only {left} follow")
+fn truncated(wanted: u64, left: usize) -> MsgPackError {
+    MsgPackError::Truncated { wanted, left }
 }
 
 #[cfg(test)]
@@ -146,7 +166,8 @@ mod tests {
     fn depth_is_limited_like_serde_json() {
         assert!(check(&nested_arrays(MAX_DEPTH)).is_ok());
         let error = check(&nested_arrays(MAX_DEPTH + 1)).unwrap_err();
-        assert!(error.contains("deeper than 127"), "{error}");
+        assert!(matches!(error, MsgPackError::TooDeep), "{error:?}");
+        assert!(error.to_string().contains("deeper than 127"), "{error}");
 
         for depth in 1..=200 {
             let text = "[".repeat(depth) + &"]".repeat(depth);
@@ -188,7 +209,7 @@ mod tests {
             (&[], "needs 1 bytes"),
             (&[0xc1], "0xc1"),
         ] {
-            let error = check(bytes).unwrap_err();
+            let error = check(bytes).unwrap_err().to_string();
             assert!(error.contains(needle), "{bytes:x?}: {error}");
         }
     }

@@ -4,6 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use switchboard_broker::BrokerError;
+use switchboard_protocol::msgpack::MsgPackError;
 use switchboard_protocol::{PresenceNotice, RoomMessage, Sender};
 
 /// A room message's data and sender, as stored in history and published (MessagePack).
@@ -39,13 +41,42 @@ pub enum Envelope {
     Broadcast(Value),
 }
 
-pub fn pack<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    rmp_serde::to_vec_named(value).map_err(|error| error.to_string())
+/// Why a payload could not be packed, or a payload from Redis could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error(transparent)]
+    Pack(#[from] rmp_serde::encode::Error),
+    #[error(transparent)]
+    Unpack(#[from] MsgPackError),
+    #[error("unknown envelope version")]
+    UnknownVersion,
+    #[error("unexpected envelope kind {0:?}")]
+    UnexpectedKind(char),
+    #[error("truncated envelope")]
+    Truncated,
+    #[error("bad offset")]
+    BadOffset,
+    #[error("bad presence event")]
+    BadPresenceEvent,
+    #[error(transparent)]
+    Utf8(#[from] std::str::Utf8Error),
+}
+
+/// What this node packed or read from Redis not being what it should be is the broker's own
+/// failure, as before these errors had types.
+impl From<EnvelopeError> for BrokerError {
+    fn from(error: EnvelopeError) -> Self {
+        BrokerError::Internal(error.to_string())
+    }
+}
+
+pub fn pack<T: Serialize>(value: &T) -> Result<Vec<u8>, EnvelopeError> {
+    Ok(rmp_serde::to_vec_named(value)?)
 }
 
 /// With the clients' depth and length checks: whoever can write to Redis can send these bytes.
-pub fn unpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    switchboard_protocol::msgpack::from_slice(bytes)
+pub fn unpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, EnvelopeError> {
+    Ok(switchboard_protocol::msgpack::from_slice(bytes)?)
 }
 
 /// `1j<session>\n<user>` or `1l…`: built by the presence scripts too.
@@ -53,22 +84,22 @@ pub fn presence_event(join: bool, session: &str, user: &str) -> Vec<u8> {
     format!("1{}{session}\n{user}", if join { 'j' } else { 'l' }).into_bytes()
 }
 
-pub fn direct(message: &Direct) -> Result<Vec<u8>, String> {
+pub fn direct(message: &Direct) -> Result<Vec<u8>, EnvelopeError> {
     Ok([b"1d".as_slice(), &pack(message)?].concat())
 }
 
-pub fn disconnect(message: &Disconnect) -> Result<Vec<u8>, String> {
+pub fn disconnect(message: &Disconnect) -> Result<Vec<u8>, EnvelopeError> {
     Ok([b"1x".as_slice(), &pack(message)?].concat())
 }
 
-pub fn broadcast(data: &Value) -> Result<Vec<u8>, String> {
+pub fn broadcast(data: &Value) -> Result<Vec<u8>, EnvelopeError> {
     Ok([b"1b".as_slice(), &pack(data)?].concat())
 }
 
 /// Decodes a payload received on `room`'s channel (`room` is `None` on other channels).
-pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, String> {
+pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, EnvelopeError> {
     let [b'1', kind, rest @ ..] = payload else {
-        return Err("unknown envelope version".into());
+        return Err(EnvelopeError::UnknownVersion);
     };
     match (kind, room) {
         (b'm', Some(room)) => {
@@ -77,8 +108,8 @@ pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, String> {
             let offset = std::str::from_utf8(offset)
                 .ok()
                 .and_then(|offset| offset.parse().ok())
-                .ok_or("bad offset")?;
-            let epoch = String::from_utf8(epoch.to_vec()).map_err(|error| error.to_string())?;
+                .ok_or(EnvelopeError::BadOffset)?;
+            let epoch = std::str::from_utf8(epoch)?.to_owned();
             let stored: Stored = unpack(stored)?;
             Ok(Envelope::Room(RoomMessage {
                 room: room.to_owned(),
@@ -89,8 +120,10 @@ pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, String> {
             }))
         }
         (b'j' | b'l', Some(room)) => {
-            let text = std::str::from_utf8(rest).map_err(|error| error.to_string())?;
-            let (session, user) = text.split_once('\n').ok_or("bad presence event")?;
+            let text = std::str::from_utf8(rest)?;
+            let (session, user) = text
+                .split_once('\n')
+                .ok_or(EnvelopeError::BadPresenceEvent)?;
             let notice = PresenceNotice {
                 room: room.to_owned(),
                 user: user.to_owned(),
@@ -105,15 +138,15 @@ pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, String> {
         (b'd', None) => Ok(Envelope::Direct(unpack(rest)?)),
         (b'x', None) => Ok(Envelope::Disconnect(unpack(rest)?)),
         (b'b', None) => Ok(Envelope::Broadcast(unpack(rest)?)),
-        _ => Err(format!("unexpected envelope kind {:?}", *kind as char)),
+        _ => Err(EnvelopeError::UnexpectedKind(*kind as char)),
     }
 }
 
-fn split_once(bytes: &[u8], separator: u8) -> Result<(&[u8], &[u8]), String> {
+fn split_once(bytes: &[u8], separator: u8) -> Result<(&[u8], &[u8]), EnvelopeError> {
     let index = bytes
         .iter()
         .position(|byte| *byte == separator)
-        .ok_or("truncated envelope")?;
+        .ok_or(EnvelopeError::Truncated)?;
     Ok((&bytes[..index], &bytes[index + 1..]))
 }
 
@@ -184,6 +217,10 @@ mod tests {
         let Err(error) = decode(None, &deep) else {
             panic!("too deep")
         };
-        assert!(error.contains("deeper than"), "{error}");
+        assert!(
+            matches!(error, EnvelopeError::Unpack(MsgPackError::TooDeep)),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("deeper than"), "{error}");
     }
 }

@@ -4,10 +4,18 @@
 
 use std::process::{Child, Command, Stdio};
 
+use futures_util::StreamExt;
+use redis::Value;
 use serde_json::json;
+use switchboard_broker::PresenceEvent;
 use switchboard_protocol::PresenceNotice;
+use tokio::sync::oneshot;
 
 use super::*;
+use crate::envelope::Envelope;
+use crate::mirror::RESTORE_BATCH;
+use crate::reaper::Reap;
+use crate::subscriber::Control;
 
 /// A throwaway `redis-server` without persistence.
 struct Server {

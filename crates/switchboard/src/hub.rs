@@ -64,7 +64,8 @@ impl FrameCache {
 
 /// Encodes a server frame as the WebSocket message of its codec.
 pub fn encode(codec: Codec, frame: &ServerFrame) -> Result<Message, String> {
-    Ok(match codec.encode(frame)? {
+    let encoded = codec.encode(frame).map_err(|error| error.to_string())?;
+    Ok(match encoded {
         Encoded::Text(text) => Message::Text(text.into()),
         Encoded::Binary(bytes) => Message::Binary(bytes.into()),
     })

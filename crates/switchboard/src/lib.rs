@@ -78,7 +78,7 @@ impl Server {
                     },
                     metrics.registry(),
                 )
-                .map_err(StartError::Config)?,
+                .map_err(|error| StartError::Config(error.to_string()))?,
             ),
             None => Arc::new(MemoryBroker::new(
                 &config.node_id,
