@@ -29,7 +29,7 @@ mod shard;
 mod subscriber;
 mod writes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -47,7 +47,7 @@ use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
 
 use crate::metrics::Metrics;
 use crate::mirror::Pending;
-use crate::reaper::{reap_dead_nodes, reap_predecessors};
+use crate::reaper::{reap_dead_nodes, reap_predecessors, reap_predecessors_once};
 use crate::ring::Ring;
 use crate::shard::Shard;
 pub use crate::shard::{CaError, SetupError, check_ca_pem, redacted};
@@ -190,7 +190,12 @@ impl Broker for RedisBroker {
             }
         }
         tokio::spawn(reap_dead_nodes(Arc::downgrade(inner)));
-        tokio::spawn(reap_predecessors(Arc::downgrade(inner)));
+        // Awaited once before the node takes sessions, so that watchers see the old sessions
+        // leave before the returning clients join; a shard that does not answer is retried in
+        // the background.
+        let mut done = HashSet::new();
+        reap_predecessors_once(inner, &mut done).await;
+        tokio::spawn(reap_predecessors(Arc::downgrade(inner), done));
         Ok(())
     }
 

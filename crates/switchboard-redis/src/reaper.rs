@@ -54,42 +54,48 @@ pub(crate) async fn reap_dead_nodes(weak: Weak<Inner>) {
 
 /// Reaps, on every shard, the earlier incarnations of this node's id: a process restarted under
 /// the same id (a container restart keeps the pod name) removes its predecessor's sessions and
-/// presence at once rather than after the node TTL. Retried until every shard has answered.
-pub(crate) async fn reap_predecessors(weak: Weak<Inner>) {
-    let mut done = HashSet::new();
+/// presence at once rather than after the node TTL. One pass over the shards, skipping those in
+/// `done` and adding those that answered.
+pub(crate) async fn reap_predecessors_once(inner: &Inner, done: &mut HashSet<usize>) {
+    for (index, shard) in inner.shards.iter().enumerate() {
+        if done.contains(&index) {
+            continue;
+        }
+        let nodes: BrokerResult<Vec<String>> = inner
+            .call(shard, "reap", async |connection| {
+                redis::cmd("SMEMBERS")
+                    .arg(keys::NODES)
+                    .query_async(connection)
+                    .await
+            })
+            .await;
+        let Ok(nodes) = nodes else { continue };
+        let mut reaped = true;
+        for node in nodes {
+            if node != inner.node() && keys::is_incarnation_of(&node, &inner.config.node_id) {
+                tracing::info!(shard = %shard.label, %node, "reaping an earlier incarnation of this node");
+                reaped &= inner.reap(shard, &node, Reap::Replaced).await.is_ok();
+            }
+        }
+        if reaped {
+            done.insert(index);
+        }
+    }
+}
+
+/// Repeats [`reap_predecessors_once`] with backoff until every shard has answered.
+pub(crate) async fn reap_predecessors(weak: Weak<Inner>, mut done: HashSet<usize>) {
     let mut backoff = MIN_BACKOFF;
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        for (index, shard) in inner.shards.iter().enumerate() {
-            if done.contains(&index) {
-                continue;
-            }
-            let nodes: BrokerResult<Vec<String>> = inner
-                .call(shard, "reap", async |connection| {
-                    redis::cmd("SMEMBERS")
-                        .arg(keys::NODES)
-                        .query_async(connection)
-                        .await
-                })
-                .await;
-            let Ok(nodes) = nodes else { continue };
-            let mut reaped = true;
-            for node in nodes {
-                if node != inner.node() && keys::is_incarnation_of(&node, &inner.config.node_id) {
-                    tracing::info!(shard = %shard.label, %node, "reaping an earlier incarnation of this node");
-                    reaped &= inner.reap(shard, &node, Reap::Replaced).await.is_ok();
-                }
-            }
-            if reaped {
-                done.insert(index);
-            }
-        }
         if done.len() == inner.shards.len() {
             return;
         }
         drop(inner);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        let Some(inner) = weak.upgrade() else { return };
+        reap_predecessors_once(&inner, &mut done).await;
     }
 }
 
