@@ -16,7 +16,7 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
 use switchboard::auth::{Authenticator, valid_user};
 use switchboard::config::{JwtAlgorithm, JwtConfig, JwtKey};
-use switchboard::server::{bearer, choose_codec, client_ip, header_has_token, query_param};
+use switchboard::admission::{bearer, choose_codec, client_ip, header_has_token, query_param};
 
 const SECRET: &str = "fuzz-secret-0123456789abcdef";
 

@@ -4,6 +4,7 @@
 //! [`Server::bind`] binds both ports (port 0 works, for tests) and [`Server::run`] serves until
 //! the shutdown future resolves, then drains.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
