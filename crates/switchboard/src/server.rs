@@ -11,26 +11,18 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
-use switchboard_protocol::Codec;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{
-    bearer, choose_codec, client_ip, header_has_token, is_trusted, query_param,
-};
-use crate::auth::AuthError;
+use crate::admission::{self, AdmitContext, Refusal, WS_PATH, client_ip, is_trusted};
 use crate::config::Config;
 use crate::demo;
-use crate::frontdoor::{FrontDoor, IpSlot, Refusal};
+use crate::frontdoor::{FrontDoor, IpSlot};
 use crate::node::Node;
 use crate::session::{self, Admission};
-
-/// The path WebSocket clients connect to.
-pub const WS_PATH: &str = "/ws";
 
 /// A connection refused for its address gets this long to send the request the 429 answers:
 /// short, so that a flood of refused connections cannot hold many of `--max-connections`.
@@ -109,7 +101,7 @@ async fn handle_connection(
                 if let Some(stream) =
                     crate::tls::accept(&node, stream, remote, refusal_deadline).await
                 {
-                    answer_refusal(node, stream, refusal).await;
+                    answer_refusal(node, stream, refusal.into()).await;
                 }
                 return;
             }
@@ -165,10 +157,10 @@ async fn handle_connection(
     }
 }
 
-/// Answers whatever the connection asks with the refusal's 429.
+/// Answers whatever the connection asks with the front door's refusal (a 429).
 async fn answer_refusal(node: Arc<Node>, stream: crate::tls::Stream, refusal: Refusal) {
     let service = service_fn(move |_request| {
-        let response = too_many(&node, &refusal);
+        let response = refuse(&node, refusal.clone());
         async move { Ok::<_, Infallible>(response) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
@@ -177,20 +169,6 @@ async fn answer_refusal(node: Arc<Node>, stream: crate::tls::Stream, refusal: Re
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(stream), service);
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, connection).await;
-}
-
-fn too_many(node: &Node, refusal: &Refusal) -> Response<Body> {
-    let mut response = refuse(
-        node,
-        refusal.result,
-        StatusCode::TOO_MANY_REQUESTS,
-        refusal.message,
-    );
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(refusal.retry_after_secs),
-    );
-    response
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {
@@ -206,11 +184,16 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
     response
 }
 
-/// Refuses a handshake, counting it under `result`.
-fn refuse(node: &Node, result: &'static str, status: StatusCode, text: &str) -> Response<Body> {
-    node.metrics.handshakes.with_label_values(&[result]).inc();
-    tracing::debug!(result, %status, text, "handshake refused");
-    plain(status, text)
+/// Answers a refused request; a refused handshake is counted under its result and logged.
+fn refuse(node: &Node, refusal: Refusal) -> Response<Body> {
+    if let Some(result) = refusal.result {
+        node.metrics.handshakes.with_label_values(&[result]).inc();
+        let (status, text) = (refusal.status, &*refusal.text);
+        tracing::debug!(result, %status, text, "handshake refused");
+    }
+    let mut response = plain(refusal.status, &refusal.text);
+    response.headers_mut().extend(refusal.headers);
+    response
 }
 
 fn handle_request(
@@ -228,153 +211,40 @@ fn handle_request(
         if held.slot.is_none() && !is_trusted(&client, trusted) {
             match door.admit(client) {
                 Ok(slot) => held.slot = Some(slot),
-                Err(refusal) => return too_many(node, &refusal),
+                Err(refusal) => return refuse(node, refusal.into()),
             }
         }
     }
-    if request.uri().path() != WS_PATH {
-        if node.config.demo
-            && let Some(response) =
-                demo::respond(request.method(), request.uri().path(), request.headers())
-        {
-            return response;
-        }
-        return plain(
-            StatusCode::NOT_FOUND,
-            "not found: WebSocket clients connect to /ws",
-        );
-    }
-    if request.method() != http::Method::GET {
-        return refuse(
-            node,
-            "bad_request",
-            StatusCode::METHOD_NOT_ALLOWED,
-            "the WebSocket handshake is a GET",
-        );
-    }
-    let headers = request.headers();
-    let is_upgrade = header_has_token(headers, header::CONNECTION, "upgrade")
-        && header_has_token(headers, header::UPGRADE, "websocket");
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return refuse(
-            node,
-            "bad_request",
-            StatusCode::BAD_REQUEST,
-            "not a WebSocket upgrade request (Sec-WebSocket-Key missing)",
-        );
-    };
-    if !is_upgrade {
-        return refuse(
-            node,
-            "bad_request",
-            StatusCode::BAD_REQUEST,
-            "not a WebSocket upgrade request (Connection: Upgrade and Upgrade: websocket expected)",
-        );
-    }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|version| version != "13")
+    if node.config.demo
+        && request.uri().path() != WS_PATH
+        && let Some(response) =
+            demo::respond(request.method(), request.uri().path(), request.headers())
     {
-        let mut response = refuse(
-            node,
-            "bad_request",
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported WebSocket version: 13 expected",
-        );
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
         return response;
     }
-    if node.is_draining() {
-        return refuse(
-            node,
-            "draining",
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this node is draining: connect to another",
-        );
-    }
-    if let Some(allowed) = &node.config.allowed_origins {
-        let origin = headers
-            .get(header::ORIGIN)
-            .and_then(|origin| origin.to_str().ok())
-            .map(|origin| origin.trim_end_matches('/'));
-        if !origin.is_some_and(|origin| allowed.iter().any(|allowed| allowed == origin)) {
-            return refuse(
-                node,
-                "forbidden_origin",
-                StatusCode::FORBIDDEN,
-                "origin not allowed",
-            );
-        }
-    }
-    let offered = match choose_codec(headers) {
-        Ok(offered) => offered,
-        Err(()) => {
-            return refuse(
-                node,
-                "unsupported_protocol",
-                StatusCode::BAD_REQUEST,
-                "unsupported subprotocol: offer switchboard.v1.json or switchboard.v1.msgpack",
-            );
-        }
+    let context = AdmitContext {
+        config: &node.config,
+        auth: &node.auth,
+        draining: node.is_draining(),
     };
-    let query = request.uri().query();
-    // An empty `?token=` is no token: it must not hide the Authorization header.
-    let token = query_param(query, "token")
-        .filter(|token| !token.is_empty())
-        .or_else(|| bearer(headers).map(str::to_owned));
-    let user = query_param(query, "user");
-    let identity = match node.auth.authenticate(token.as_deref(), user.as_deref()) {
-        Ok(identity) => identity,
-        Err(error @ AuthError::BadUser) => {
-            return refuse(
-                node,
-                "bad_request",
-                StatusCode::BAD_REQUEST,
-                &error.to_string(),
-            );
-        }
-        Err(error) => {
-            return refuse(
-                node,
-                "unauthorized",
-                StatusCode::UNAUTHORIZED,
-                &error.to_string(),
-            );
-        }
+    let admitted = match admission::admit(&request, &context) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse(node, refusal),
     };
     let (permit, slot) = {
         let mut held = held.lock();
         (held.permit.take(), held.slot.take())
     };
     let Some(permit) = permit else {
-        return refuse(
-            node,
-            "bad_request",
-            StatusCode::BAD_REQUEST,
-            "one upgrade per connection",
-        );
+        return refuse(node, Refusal::second_upgrade());
     };
 
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let response_headers = response.headers_mut();
-    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    if let Some(codec) = offered {
-        response_headers.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(codec.protocol()),
-        );
-    }
+    *response.headers_mut() = admitted.headers;
     let admission = Admission {
-        identity,
-        codec: offered.unwrap_or(Codec::Json),
+        identity: admitted.identity,
+        codec: admitted.codec,
         remote,
         client,
     };
