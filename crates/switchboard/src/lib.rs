@@ -108,7 +108,8 @@ impl Server {
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
     ) -> Result<Server, StartError> {
-        let auth = Authenticator::new(config.jwt.as_ref()).map_err(StartError::Config)?;
+        let auth = Authenticator::new(config.jwt.as_ref())
+            .map_err(|error| StartError::Config(error.to_string()))?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
