@@ -2,7 +2,9 @@
 //! hyper does), then the node's own reading of subprotocols, X-Forwarded-For, `?token=`,
 //! `?user=` and `Authorization`, and the token itself. A `?claims=` parameter is signed with the
 //! test key, so that the claims' decoding and validation is reached too, not only the signature
-//! check. Nothing may panic; a user that gets in is a valid user id.
+//! check. The whole decision, `admit`, is run on the request too, with authentication off and on,
+//! with and without an origin allow-list, draining or not. Nothing may panic; a user that gets in
+//! is a valid user id; a refusal is a 4xx or 5xx, counted unless it is the 404 of another path.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -11,12 +13,14 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
+use switchboard::admission::{
+    AdmitContext, admit, bearer, choose_codec, client_ip, header_has_token, query_param,
+};
 use switchboard::auth::{Authenticator, valid_user};
-use switchboard::config::{JwtAlgorithm, JwtConfig, JwtKey};
-use switchboard::server::{bearer, choose_codec, client_ip, header_has_token, query_param};
+use switchboard::config::{Config, JwtAlgorithm, JwtConfig, JwtKey, Options};
 
 const SECRET: &str = "fuzz-secret-0123456789abcdef";
 
@@ -32,6 +36,19 @@ static JWT: LazyLock<Authenticator> = LazyLock::new(|| {
 });
 static OPEN: LazyLock<Authenticator> =
     LazyLock::new(|| Authenticator::new(None).expect("no key is valid"));
+static ANY_ORIGIN: LazyLock<Config> = LazyLock::new(|| {
+    Options::default()
+        .resolve()
+        .expect("the defaults are valid")
+});
+static ONE_ORIGIN: LazyLock<Config> = LazyLock::new(|| {
+    Options {
+        allowed_origins: Some(vec!["https://app.test".to_owned()]),
+        ..Options::default()
+    }
+    .resolve()
+    .expect("one origin is valid")
+});
 static TRUSTED: LazyLock<Vec<ipnet::IpNet>> = LazyLock::new(|| {
     ["10.0.0.0/8", "::1/128"]
         .iter()
@@ -86,5 +103,50 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(identity) = JWT.authenticate(Some(&signed(&claims)), None)
     {
         assert!(valid_user(&identity.user), "{:?}", identity.user);
+    }
+
+    let (Some(method), Some(path)) = (request.method, request.path) else {
+        return;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return;
+    };
+    let mut builder = Request::builder().method(method).uri(path);
+    if let Some(request_headers) = builder.headers_mut() {
+        *request_headers = headers;
+    }
+    let Ok(request) = builder.body(()) else {
+        return;
+    };
+    for (config, auth) in [(&*ANY_ORIGIN, &*OPEN), (&*ONE_ORIGIN, &*JWT)] {
+        for draining in [false, true] {
+            let context = AdmitContext {
+                config,
+                auth,
+                draining,
+            };
+            match admit(&request, &context) {
+                Ok(admitted) => {
+                    assert!(!draining, "a draining node admitted a handshake");
+                    assert!(
+                        valid_user(&admitted.identity.user),
+                        "{:?}",
+                        admitted.identity.user
+                    );
+                    assert!(admitted.headers.contains_key(header::SEC_WEBSOCKET_ACCEPT));
+                }
+                Err(refusal) => {
+                    assert!(
+                        refusal.status.is_client_error() || refusal.status.is_server_error(),
+                        "{refusal:?}"
+                    );
+                    assert_eq!(
+                        refusal.result.is_none(),
+                        refusal.status == StatusCode::NOT_FOUND,
+                        "{refusal:?}"
+                    );
+                }
+            }
+        }
     }
 });

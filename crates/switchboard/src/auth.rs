@@ -71,9 +71,20 @@ pub enum AuthError {
     #[error("the token has expired")]
     Expired,
     #[error("invalid token: {0}")]
-    Invalid(String),
+    Invalid(jsonwebtoken::errors::Error),
+    #[error("invalid token: sub must be 1 to {MAX_USER_LEN} bytes without control characters")]
+    BadSub,
     #[error("invalid user id: must be 1 to {MAX_USER_LEN} bytes without control characters")]
     BadUser,
+}
+
+/// Why the configured verification key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("EC public key: {0}")]
+    Ec(jsonwebtoken::errors::Error),
+    #[error("RSA public key: {0}")]
+    Rsa(jsonwebtoken::errors::Error),
 }
 
 #[derive(Deserialize)]
@@ -97,7 +108,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// Fails when the configured key cannot be parsed.
-    pub fn new(config: Option<&JwtConfig>) -> Result<Self, String> {
+    pub fn new(config: Option<&JwtConfig>) -> Result<Self, KeyError> {
         let Some(config) = config else {
             return Ok(Authenticator { jwt: None });
         };
@@ -107,12 +118,11 @@ impl Authenticator {
                 Algorithm::HS256,
             ),
             (JwtKey::PublicKeyPem(pem), JwtAlgorithm::Es256) => (
-                DecodingKey::from_ec_pem(pem).map_err(|error| format!("EC public key: {error}"))?,
+                DecodingKey::from_ec_pem(pem).map_err(KeyError::Ec)?,
                 Algorithm::ES256,
             ),
             (JwtKey::PublicKeyPem(pem), _) => (
-                DecodingKey::from_rsa_pem(pem)
-                    .map_err(|error| format!("RSA public key: {error}"))?,
+                DecodingKey::from_rsa_pem(pem).map_err(KeyError::Rsa)?,
                 Algorithm::RS256,
             ),
         };
@@ -176,13 +186,11 @@ impl Authenticator {
         let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(error.to_string()),
+                _ => AuthError::Invalid(error),
             })?
             .claims;
         if !valid_user(&claims.sub) {
-            return Err(AuthError::Invalid(format!(
-                "sub must be 1 to {MAX_USER_LEN} bytes without control characters"
-            )));
+            return Err(AuthError::BadSub);
         }
         Ok(Identity {
             user: claims.sub,
@@ -441,6 +449,41 @@ mod tests {
             auth.authenticate(Some("not.a.jwt"), None),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_sub_that_is_no_valid_user_id_is_refused_with_its_own_error() {
+        let auth = authenticator();
+        let exp = unix_now_secs() + 60;
+        for sub in ["", "a\nb", &"x".repeat(MAX_USER_LEN + 1)] {
+            let error = auth
+                .authenticate(Some(&token(json!({"sub": sub, "exp": exp}))), None)
+                .unwrap_err();
+            assert_eq!(error, AuthError::BadSub, "{sub:?}");
+            assert_eq!(
+                error.to_string(),
+                "invalid token: sub must be 1 to 128 bytes without control characters"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_public_key_names_its_kind() {
+        for (algorithm, prefix) in [
+            (JwtAlgorithm::Rs256, "RSA public key: "),
+            (JwtAlgorithm::Es256, "EC public key: "),
+        ] {
+            let error = Authenticator::new(Some(&JwtConfig {
+                key: JwtKey::PublicKeyPem(b"not a PEM".to_vec()),
+                algorithm,
+                issuer: None,
+                audience: None,
+                leeway: Duration::from_secs(5),
+            }))
+            .err()
+            .expect("refused");
+            assert!(error.to_string().starts_with(prefix), "{error}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! [`Server::bind`] binds both ports (port 0 works, for tests) and [`Server::run`] serves until
 //! the shutdown future resolves, then drains.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -107,7 +108,8 @@ impl Server {
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
     ) -> Result<Server, StartError> {
-        let auth = Authenticator::new(config.jwt.as_ref()).map_err(StartError::Config)?;
+        let auth = Authenticator::new(config.jwt.as_ref())
+            .map_err(|error| StartError::Config(error.to_string()))?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
