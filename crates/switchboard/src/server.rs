@@ -37,8 +37,8 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// `accept()` until its session ends, so at most `max_connections` are open; the rest wait in the
 /// kernel's backlog.
 pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(node.config.max_connections));
-    let door = FrontDoor::new(&node.config, node.metrics.clone());
+    let permits = Arc::new(Semaphore::new(node.config().max_connections));
+    let door = FrontDoor::new(node.config(), node.metrics().clone());
     let mut backoff = Duration::from_millis(1);
     loop {
         let permit = tokio::select! {
@@ -90,12 +90,12 @@ async fn handle_connection(
     remote: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    let timeout = node.config.handshake_timeout;
+    let timeout = node.config().handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     // A peer that is not a trusted proxy is the client: its address is admitted before it takes
     // a turn in the node-wide pace, so that one address's flood cannot crowd out everyone
     // else's handshakes. Behind a trusted proxy the client is known only from the request.
-    let slot = if is_trusted(&remote.ip(), &node.config.trusted_proxies) {
+    let slot = if is_trusted(&remote.ip(), &node.config().trusted_proxies) {
         None
     } else {
         match door.admit(remote.ip()) {
@@ -116,7 +116,7 @@ async fn handle_connection(
         .await
         .is_err()
     {
-        node.metrics
+        node.metrics()
             .handshakes
             .with_label_values(&["queue_timeout"])
             .inc();
@@ -145,7 +145,7 @@ async fn handle_connection(
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             if error.is_timeout() {
-                node.metrics
+                node.metrics()
                     .handshakes
                     .with_label_values(&["timeout"])
                     .inc();
@@ -153,7 +153,7 @@ async fn handle_connection(
             tracing::debug!(%error, %remote, "handshake connection failed");
         }
         Err(_) => {
-            node.metrics
+            node.metrics()
                 .handshakes
                 .with_label_values(&["timeout"])
                 .inc();
@@ -205,7 +205,7 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
 
 /// Refuses a handshake, counting it under `result`.
 fn refuse(node: &Node, result: &'static str, status: StatusCode, text: &str) -> Response<Body> {
-    node.metrics.handshakes.with_label_values(&[result]).inc();
+    node.metrics().handshakes.with_label_values(&[result]).inc();
     tracing::debug!(result, %status, text, "handshake refused");
     plain(status, text)
 }
@@ -295,7 +295,7 @@ fn handle_request(
     remote: SocketAddr,
     held: &Arc<Mutex<Held>>,
 ) -> Response<Body> {
-    let trusted = &node.config.trusted_proxies;
+    let trusted = &node.config().trusted_proxies;
     let client = client_ip(remote.ip(), request.headers(), trusted);
     {
         let mut held = held.lock();
@@ -308,7 +308,7 @@ fn handle_request(
         }
     }
     if request.uri().path() != WS_PATH {
-        if node.config.demo
+        if node.config().demo
             && let Some(response) =
                 demo::respond(request.method(), request.uri().path(), request.headers())
         {
@@ -370,7 +370,7 @@ fn handle_request(
             "this node is draining: connect to another",
         );
     }
-    if let Some(allowed) = &node.config.allowed_origins {
+    if let Some(allowed) = &node.config().allowed_origins {
         let origin = headers
             .get(header::ORIGIN)
             .and_then(|origin| origin.to_str().ok())
@@ -401,7 +401,7 @@ fn handle_request(
         .filter(|token| !token.is_empty())
         .or_else(|| bearer(headers).map(str::to_owned));
     let user = query_param(query, "user");
-    let identity = match node.auth.authenticate(token.as_deref(), user.as_deref()) {
+    let identity = match node.auth().authenticate(token.as_deref(), user.as_deref()) {
         Ok(identity) => identity,
         Err(error @ AuthError::BadUser) => {
             return refuse(
@@ -465,11 +465,11 @@ fn handle_request(
                 return;
             }
         };
-        node.metrics.handshakes.with_label_values(&["ok"]).inc();
+        node.metrics().handshakes.with_label_values(&["ok"]).inc();
         let ws = WebSocketStream::from_raw_socket(
             TokioIo::new(upgraded),
             Role::Server,
-            Some(websocket_config(&node.config)),
+            Some(websocket_config(node.config())),
         )
         .await;
         session::run(node, ws, admission).await;

@@ -29,14 +29,11 @@ use tracing::Instrument;
 
 use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::{SessionHandle, encode};
-use crate::node::{Node, is_system_room, valid_room};
+use crate::node::{Joined, Node, is_system_room, valid_room};
 use crate::queue::{CloseRequest, Outbound, OutboundQueue};
 
 /// Most history messages one `history` request returns.
 const MAX_HISTORY_LIMIT: usize = 1000;
-/// Most messages one page of `since` recovery reads, so the frames' own fields (room, offset,
-/// epoch, sender) add a bounded amount to the page's byte budget.
-const RECOVERY_PAGE_MESSAGES: usize = 256;
 /// How long the server tries to deliver its close frame before dropping the connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -119,7 +116,7 @@ struct Guards {
 
 impl Guards {
     fn new(node: &Node) -> Self {
-        let config = &node.config;
+        let config = node.config();
         let rate = NonZeroU32::new(config.rate_limit).map(|per_second| {
             let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(per_second);
             RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
@@ -174,8 +171,8 @@ where
             user: Arc::from(admission.identity.user.as_str()),
             codec: admission.codec,
             queue: OutboundQueue::new(
-                node.config.max_queue_bytes,
-                node.metrics.queue_bytes.clone(),
+                node.config().max_queue_bytes,
+                node.metrics().queue_bytes.clone(),
             ),
         });
         let mut session = Session {
@@ -189,7 +186,7 @@ where
             last_inbound: Instant::now(),
             batch: Vec::new(),
         };
-        node.metrics.connections.inc();
+        node.metrics().connections.inc();
         tracing::debug!(codec = admission.codec.protocol(), "session open");
         // A panic (a bug) must not leave the session in the hub, the registry or presence: it
         // ends the connection with 1011 and the normal clean-up runs.
@@ -209,14 +206,14 @@ where
             session_panicked(&node, "closing", panic.as_ref());
             Box::pin(session.forget(&rooms)).await;
         }
-        node.metrics.connections.dec();
+        node.metrics().connections.dec();
     }
     .instrument(span)
     .await;
 }
 
 fn session_panicked(node: &Node, during: &str, panic: &(dyn Any + Send)) {
-    node.metrics.session_panics.inc();
+    node.metrics().session_panics.inc();
     let message = panic
         .downcast_ref::<&str>()
         .copied()
@@ -254,9 +251,11 @@ where
     }
 
     async fn serve(&mut self) -> Exit {
-        self.node.hub.add_session(self.handle.clone());
-        if let Err(error) = self.node.broker.register_session(&self.record()).await {
-            self.node.broker_error("register_session", error);
+        let registered = self
+            .node
+            .register_session(&self.handle, &self.record())
+            .await;
+        if registered.is_err() {
             return close_with(close::TRY_AGAIN_LATER, "broker unavailable, retry later");
         }
         let welcome = ServerFrame::Welcome {
@@ -264,12 +263,12 @@ where
             user: self.identity.user.clone(),
             node: self.node.id().to_owned(),
             protocol: self.handle.codec.protocol().to_owned(),
-            heartbeat_ms: self.node.config.heartbeat.as_millis() as u64,
+            heartbeat_ms: self.node.config().heartbeat.as_millis() as u64,
         };
         if let Err(exit) = self.write_frames(vec![welcome]).await {
             return exit;
         }
-        let period = self.node.config.heartbeat;
+        let period = self.node.config().heartbeat;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -300,7 +299,7 @@ where
             self.batch = batch;
             return Ok(());
         }
-        let metrics = &self.node.metrics;
+        let metrics = &self.node.metrics();
         let mut messages = Vec::with_capacity(batch.len());
         let mut room_frames = 0;
         for item in batch.drain(..) {
@@ -343,7 +342,7 @@ where
         self.handle.queue.release(taken.bytes);
         if let (Ok(()), true, Some(oldest)) = (&result, wrote, taken.oldest) {
             self.node
-                .metrics
+                .metrics()
                 .queue_wait_seconds
                 .observe(oldest.elapsed().as_secs_f64());
         }
@@ -374,15 +373,15 @@ where
                 });
                 return Err(Exit::Close(close));
             }
-            () = tokio::time::sleep(self.node.config.idle_timeout) => {
-                self.node.metrics.slow_closes.inc();
+            () = tokio::time::sleep(self.node.config().idle_timeout) => {
+                self.node.metrics().slow_closes.inc();
                 tracing::info!("closing a peer that stopped reading");
                 return Err(close_with(close::TRY_AGAIN_LATER, "too slow to read: write timed out"));
             }
         };
         match result {
             Ok(()) => {
-                self.node.metrics.bytes_out.inc_by(bytes as u64);
+                self.node.metrics().bytes_out.inc_by(bytes as u64);
                 Ok(())
             }
             Err(error) => {
@@ -399,13 +398,13 @@ where
             match encode(self.handle.codec, frame) {
                 Ok(message) => {
                     self.node
-                        .metrics
+                        .metrics()
                         .frames_out
                         .with_label_values(&[frame.kind()])
                         .inc();
                     if let ServerFrame::Error(error) = frame {
                         self.node
-                            .metrics
+                            .metrics()
                             .errors_sent
                             .with_label_values(&[error.code.as_str()])
                             .inc();
@@ -422,12 +421,12 @@ where
     }
 
     async fn on_heartbeat(&mut self) -> Result<(), Exit> {
-        if self.last_inbound.elapsed() > self.node.config.idle_timeout {
+        if self.last_inbound.elapsed() > self.node.config().idle_timeout {
             tracing::info!("closing an idle connection");
             return Err(close_with(close::NORMAL, "idle timeout"));
         }
         if let Some(expires_at) = self.identity.expires_at
-            && unix_now_secs() > expires_at.saturating_add(self.node.auth.leeway_secs())
+            && unix_now_secs() > expires_at.saturating_add(self.node.auth().leeway_secs())
         {
             return Err(close_with(close::POLICY, "token expired"));
         }
@@ -440,7 +439,7 @@ where
         &mut self,
         incoming: Option<Result<Message, WsError>>,
     ) -> Result<(), Exit> {
-        let metrics = self.node.metrics.clone();
+        let metrics = self.node.metrics().clone();
         let message = match incoming {
             None => return Err(Exit::Gone),
             Some(Ok(message)) => message,
@@ -519,7 +518,7 @@ where
         if rate.check().is_ok() {
             return Ok(false);
         }
-        node.metrics.rate_limited.with_label_values(&[kind]).inc();
+        node.metrics().rate_limited.with_label_values(&[kind]).inc();
         if guards.strikes.check().is_err() {
             tracing::info!(kind, "closing: sustained rate-limit abuse");
             return Err(close_with(close::POLICY, "rate limit exceeded"));
@@ -618,10 +617,10 @@ where
                 format!("already subscribed to {room:?}"),
             );
         }
-        let max = self.node.config.max_subscriptions;
+        let max = self.node.config().max_subscriptions;
         if self.subscriptions.len() >= max {
             self.node
-                .metrics
+                .metrics()
                 .limit_refusals
                 .with_label_values(&["subscriptions"])
                 .inc();
@@ -631,61 +630,44 @@ where
             );
         }
         let node = self.node.clone();
-        if let Err(broker_error) = node.acquire_room(&room).await {
-            return error(ErrorCode::Unavailable, broker_error.to_string());
-        }
-        // Live messages queue from here on; the history read below covers everything before.
-        node.hub.join(&room, &self.handle, presence_events);
-        let recovery = match &since {
-            Some(since) => {
-                let query = self.recovery_page(since.clone());
-                node.broker.history(&room, query).await.map(|history| {
-                    let (messages, more) = if history.recovered {
-                        (history.messages, history.more)
-                    } else {
-                        (Vec::new(), false)
+        let member = self.member();
+        let subscriptions = &mut self.subscriptions;
+        let joined = node
+            .join_room(
+                &room,
+                &self.handle,
+                &member,
+                presence_events,
+                since.as_ref(),
+                |joined| {
+                    let subscription = match (&since, joined.recovered) {
+                        // Everything after `since` comes from history, page by page, before any
+                        // live message.
+                        (Some(since), Some(true)) => Subscription {
+                            offset: since.offset,
+                            epoch: joined.position.epoch.clone(),
+                            recovering: Some(0),
+                        },
+                        _ => Subscription {
+                            offset: joined.position.offset,
+                            epoch: joined.position.epoch.clone(),
+                            recovering: None,
+                        },
                     };
-                    (history.position, Some(history.recovered), messages, more)
-                })
-            }
-            None => node
-                .broker
-                .position(&room)
-                .await
-                .map(|position| (position, None, Vec::new(), false)),
-        };
-        let (position, recovered, missed, more) = match recovery {
-            Ok(recovery) => recovery,
-            Err(broker_error) => {
-                let op = if since.is_some() {
-                    "history"
-                } else {
-                    "position"
-                };
-                let broker_error = node.broker_error(op, broker_error);
-                node.hub.leave(&room, &self.handle);
-                node.release_room(&room).await;
-                return error(ErrorCode::Unavailable, broker_error.to_string());
-            }
+                    subscriptions.insert(room.clone(), subscription);
+                },
+            )
+            .await;
+        let Joined {
+            position,
+            recovered,
+            missed,
+            more,
+        } = match joined {
+            Ok(joined) => joined,
+            Err(broker_error) => return error(ErrorCode::Unavailable, broker_error.to_string()),
         };
         let recovering = recovered == Some(true);
-        let subscription = match (&since, recovering) {
-            // Everything after `since` comes from history, page by page, before any live message.
-            (Some(since), true) => Subscription {
-                offset: since.offset,
-                epoch: position.epoch.clone(),
-                recovering: Some(0),
-            },
-            _ => Subscription {
-                offset: position.offset,
-                epoch: position.epoch.clone(),
-                recovering: None,
-            },
-        };
-        self.subscriptions.insert(room.clone(), subscription);
-        if let Err(broker_error) = node.broker.join_presence(&room, &self.member()).await {
-            node.broker_error("join_presence", broker_error);
-        }
         let reply = id.map(|id| {
             ServerFrame::Reply(Reply {
                 id,
@@ -736,10 +718,7 @@ where
                         return Err(close_with(close::INTERNAL, "internal error"));
                     }
                 };
-                if !node
-                    .hub
-                    .push(&self.handle, Outbound::Room { message, frame }, queued_at)
-                {
+                if !node.push(&self.handle, Outbound::Room { message, frame }, queued_at) {
                     return Err(Exit::Close(self.closing_request()));
                 }
             }
@@ -765,11 +744,9 @@ where
                 offset: subscription.offset,
                 epoch: subscription.epoch.clone(),
             };
-            let query = self.recovery_page(since);
-            let history = match node.broker.history(room, query).await {
+            let history = match node.recovery_history(room, since).await {
                 Ok(history) => history,
-                Err(error) => {
-                    node.broker_error("history", error);
+                Err(_) => {
                     return Err(close_with(
                         close::TRY_AGAIN_LATER,
                         "broker unavailable during recovery, resume with since",
@@ -788,17 +765,6 @@ where
         }
     }
 
-    /// One page of recovery after `since`: a quarter of the outbound queue's bound at most, so a
-    /// page always fits beside what is queued.
-    fn recovery_page(&self, since: StreamPosition) -> HistoryQuery {
-        let config = &self.node.config;
-        HistoryQuery {
-            since: Some(since),
-            limit: Some(RECOVERY_PAGE_MESSAGES),
-            max_bytes: Some(config.max_message_size.min(config.max_queue_bytes / 4)),
-        }
-    }
-
     /// The close the outbound queue asked for (it overflowed or was closed meanwhile).
     fn closing_request(&self) -> CloseRequest {
         self.handle.queue.close_request().unwrap_or(CloseRequest {
@@ -814,23 +780,10 @@ where
                 format!("not subscribed to {room:?}"),
             ));
         }
-        let member = self.member();
-        Self::leave_room(&self.node, &self.handle, &member, &room).await;
+        self.node
+            .leave_room(&room, &self.handle, &self.member())
+            .await;
         Ok(Reply::default())
-    }
-
-    /// Leaves a room everywhere. Takes no `&self`: the connection type need not be `Sync`.
-    async fn leave_room(
-        node: &Arc<Node>,
-        handle: &Arc<SessionHandle>,
-        member: &Member,
-        room: &str,
-    ) {
-        node.hub.leave(room, handle);
-        node.release_room(room).await;
-        if let Err(error) = node.broker.leave_presence(room, member).await {
-            node.broker_error("leave_presence", error);
-        }
     }
 
     async fn publish(&mut self, room: String, data: Value) -> Result<Reply, (ErrorCode, String)> {
@@ -891,12 +844,11 @@ where
             data,
             from: Some(sender),
         };
-        let sessions = self.node.broker.send(message).await.map_err(|error| {
-            (
-                ErrorCode::Unavailable,
-                self.node.broker_error("send", error).to_string(),
-            )
-        })?;
+        let sessions = self
+            .node
+            .send(message)
+            .await
+            .map_err(|error| (ErrorCode::Unavailable, error.to_string()))?;
         Ok(Reply {
             sessions: Some(sessions),
             ..Reply::default()
@@ -905,15 +857,14 @@ where
 
     async fn presence(&mut self, room: String) -> Result<Reply, (ErrorCode, String)> {
         self.check_subscribe_permission(&room)?;
-        let members = self.node.broker.presence(&room).await.map_err(|error| {
-            (
-                ErrorCode::Unavailable,
-                self.node.broker_error("presence", error).to_string(),
-            )
-        })?;
+        let members = self
+            .node
+            .presence(&room)
+            .await
+            .map_err(|error| (ErrorCode::Unavailable, error.to_string()))?;
         Ok(fit_presence_reply(
             self.handle.codec,
-            self.node.config.max_message_size,
+            self.node.config().max_message_size,
             members,
         ))
     }
@@ -925,23 +876,17 @@ where
         limit: Option<u32>,
     ) -> Result<Reply, (ErrorCode, String)> {
         self.check_subscribe_permission(&room)?;
-        let limit = limit.map_or(self.node.config.history_size, |limit| limit as usize);
+        let limit = limit.map_or(self.node.config().history_size, |limit| limit as usize);
         let query = HistoryQuery {
             since,
             limit: Some(limit.min(MAX_HISTORY_LIMIT)),
-            max_bytes: Some(self.node.config.max_message_size),
+            max_bytes: Some(self.node.config().max_message_size),
         };
         let history = self
             .node
-            .broker
             .history(&room, query)
             .await
-            .map_err(|error| {
-                (
-                    ErrorCode::Unavailable,
-                    self.node.broker_error("history", error).to_string(),
-                )
-            })?;
+            .map_err(|error| (ErrorCode::Unavailable, error.to_string()))?;
         let reply = Reply {
             messages: Some(history.messages),
             offset: Some(history.position.offset),
@@ -949,13 +894,17 @@ where
             more: history.more,
             ..Reply::default()
         };
-        fit_history_reply(self.handle.codec, self.node.config.max_message_size, reply)
+        fit_history_reply(
+            self.handle.codec,
+            self.node.config().max_message_size,
+            reply,
+        )
     }
 
     /// Sends the close frame (if the server is closing) and removes the session everywhere.
     async fn finish(&mut self, exit: Exit) {
         if let Exit::Close(request) = &exit {
-            self.node.metrics.close_sent(request.code);
+            self.node.metrics().close_sent(request.code);
             tracing::debug!(code = request.code, reason = %request.reason, "closing session");
             let frame = CloseFrame {
                 code: CloseCode::from(request.code),
@@ -966,34 +915,22 @@ where
         let member = self.member();
         let rooms: Vec<String> = self.subscriptions.keys().cloned().collect();
         for room in rooms {
-            Self::leave_room(&self.node, &self.handle, &member, &room).await;
+            self.node.leave_room(&room, &self.handle, &member).await;
             self.subscriptions.remove(&room);
         }
-        self.node.hub.remove_session(&self.handle);
-        if let Err(error) = self.node.broker.unregister_session(&self.record()).await {
-            self.node.broker_error("unregister_session", error);
-        }
+        self.node
+            .unregister_session(&self.handle, &self.record())
+            .await;
         tracing::debug!("session closed");
     }
 
-    /// After `finish` panicked: repeats what is safe to repeat (the hub, presence in `rooms`, the
-    /// registry). Upstream room subscriptions are not released again: releasing one twice would
-    /// take it from another session; at worst the node keeps receiving a room nobody reads here.
+    /// After `finish` panicked: see [`Node::forget_session`].
     async fn forget(&mut self, rooms: &[String]) {
-        for room in rooms {
-            self.node.hub.leave(room, &self.handle);
-        }
         self.subscriptions.clear();
-        self.node.hub.remove_session(&self.handle);
-        let member = self.member();
-        for room in rooms {
-            if let Err(error) = self.node.broker.leave_presence(room, &member).await {
-                self.node.broker_error("leave_presence", error);
-            }
-        }
-        if let Err(error) = self.node.broker.unregister_session(&self.record()).await {
-            self.node.broker_error("unregister_session", error);
-        }
+        let (member, record) = (self.member(), self.record());
+        self.node
+            .forget_session(&self.handle, rooms, &member, &record)
+            .await;
     }
 }
 
