@@ -15,7 +15,7 @@ use switchboard_protocol::{Codec, Member, RoomMessage, Sender, ServerFrame, Stre
 
 use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
-use crate::hub::{Hub, SessionHandle};
+use crate::hub::{Hub, SessionHandle, encode};
 use crate::metered::MeteredBroker;
 use crate::metrics::Metrics;
 use crate::queue::Outbound;
@@ -272,9 +272,18 @@ impl Node {
         let _ = self.broker.unregister_session(record).await;
     }
 
-    /// Queues recovered messages for `session`, as the hub queues live ones.
-    pub fn push(&self, session: &SessionHandle, item: Outbound, queued_at: Instant) -> bool {
-        self.hub.push(session, item, queued_at)
+    /// Queues a recovered room message for `session`, encoded for its codec, as the hub queues
+    /// live ones: whether it was queued, or why it cannot be encoded.
+    pub fn push_message(
+        &self,
+        session: &SessionHandle,
+        message: Arc<RoomMessage>,
+        queued_at: Instant,
+    ) -> Result<bool, String> {
+        let frame = encode(session.codec, &ServerFrame::Message(message.clone()))?;
+        Ok(self
+            .hub
+            .push(session, Outbound::Room { message, frame }, queued_at))
     }
 
     /// One page of `since` recovery: a quarter of the outbound queue's bound at most, so a page
