@@ -18,18 +18,21 @@ use super::{Exit, close_with};
 use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::SessionHandle;
 use crate::node::{Joined, Node, is_system_room, valid_room};
-use crate::queue::CloseRequest;
+use crate::queue::{CloseRequest, OutboundQueue};
 
 /// Most history messages one `history` request returns.
 const MAX_HISTORY_LIMIT: usize = 1000;
 
-/// What a transport does for the core, which writes nothing itself.
+/// What a transport does for the core, which writes nothing itself. The transport owns the
+/// session's [`Core`] (one struct per session, so an idle session is no larger for the split).
 pub(super) trait Transport {
+    fn core(&mut self) -> &mut Core;
+
     /// Encodes and writes frames answering the client, ahead of anything queued.
-    async fn write_frames(&mut self, core: &Core, frames: Vec<ServerFrame>) -> Result<(), Exit>;
+    async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit>;
 
     /// Writes the next batch of the session's queue, room messages through [`Core::admit`].
-    async fn flush_queue(&mut self, core: &mut Core) -> Result<(), Exit>;
+    async fn flush_queue(&mut self) -> Result<(), Exit>;
 }
 
 /// Why a request was refused: the `error` frame's code and message.
@@ -209,14 +212,13 @@ impl Core {
     }
 
     /// Handles one request; returns the frames to write (reply or error first). A recovering
-    /// `subscribe` writes its reply and the missed messages through `transport` meanwhile.
+    /// `subscribe` writes its reply and the missed messages through the transport meanwhile.
     pub(super) async fn handle<T: Transport>(
-        &mut self,
-        frame: ClientFrame,
         transport: &mut T,
+        frame: ClientFrame,
     ) -> Result<Vec<ServerFrame>, Exit> {
         let id = frame.id();
-        Ok(match (self.answer(frame).await, id) {
+        Ok(match (transport.core().answer(frame).await, id) {
             (Ok(Answer::Pong), id) => vec![ServerFrame::Pong { id }],
             (Ok(Answer::Reply(reply)), Some(id)) => vec![ServerFrame::Reply(Reply { id, ..reply })],
             (Ok(Answer::Reply(_)), None) => Vec::new(),
@@ -231,9 +233,9 @@ impl Core {
             ) => {
                 if let Some(id) = id {
                     let reply = ServerFrame::Reply(Reply { id, ..reply });
-                    transport.write_frames(self, vec![reply]).await?;
+                    transport.write_frames(vec![reply]).await?;
                 }
-                self.recover(transport, &room, missed, more).await?;
+                recover(transport, &room, missed, more).await?;
                 Vec::new()
             }
             (Err(error), id) => vec![ServerFrame::error(id, error.code(), error.to_string())],
@@ -349,89 +351,6 @@ impl Core {
         } else {
             Ok(Answer::Reply(reply))
         }
-    }
-
-    /// Writes what a `since` subscription missed, starting with `missed` (the first page read),
-    /// through the outbound queue, one page at a time: the node holds at most the queue's bound
-    /// plus one page for this session, and a client that does not read is closed with 1013 as
-    /// for live messages. Live messages of the room that come before the pages are skipped
-    /// meanwhile and brought by a later page, so the client gets every message once, in order.
-    async fn recover<T: Transport>(
-        &mut self,
-        transport: &mut T,
-        room: &str,
-        mut missed: Vec<Arc<RoomMessage>>,
-        mut more: bool,
-    ) -> Result<(), Exit> {
-        let node = self.node.clone();
-        loop {
-            // Make room for the page (a quarter of the queue), then queue it whole.
-            let handle = self.handle.clone();
-            let queue = &handle.queue;
-            while queue.bytes() > queue.max_bytes() / 2 && !queue.is_empty() {
-                transport.flush_queue(self).await?;
-            }
-            let last = missed.last().map(|message| message.offset);
-            let queued_at = Instant::now();
-            for message in missed.drain(..) {
-                match node.push_message(&self.handle, message, queued_at) {
-                    Ok(true) => {}
-                    Ok(false) => return Err(Exit::Close(self.closing_request())),
-                    Err(error) => {
-                        tracing::error!(%error, "cannot encode frame");
-                        return Err(close_with(close::INTERNAL, "internal error"));
-                    }
-                }
-            }
-            while let Some(last) = last
-                && self
-                    .subscriptions
-                    .get(room)
-                    .is_some_and(|sub| sub.offset < last)
-                && !self.handle.queue.is_empty()
-            {
-                transport.flush_queue(self).await?;
-            }
-            let Some(subscription) = self.subscriptions.get_mut(room) else {
-                return Ok(());
-            };
-            let skipped = subscription.recovering.unwrap_or(0);
-            if !more && skipped <= subscription.offset {
-                subscription.recovering = None;
-                return Ok(());
-            }
-            subscription.recovering = Some(0);
-            let since = StreamPosition {
-                offset: subscription.offset,
-                epoch: subscription.epoch.clone(),
-            };
-            let history = match node.recovery_history(room, since).await {
-                Ok(history) => history,
-                Err(_) => {
-                    return Err(close_with(
-                        close::TRY_AGAIN_LATER,
-                        "broker unavailable during recovery, resume with since",
-                    ));
-                }
-            };
-            if !history.recovered {
-                tracing::info!(%room, "history moved on during recovery");
-                return Err(close_with(
-                    close::TRY_AGAIN_LATER,
-                    "too slow to recover: resume with since",
-                ));
-            }
-            missed = history.messages;
-            more = history.more;
-        }
-    }
-
-    /// The close the outbound queue asked for (it overflowed or was closed meanwhile).
-    fn closing_request(&self) -> CloseRequest {
-        self.handle.queue.close_request().unwrap_or(CloseRequest {
-            code: close::TRY_AGAIN_LATER,
-            reason: "too slow to read: outbound queue full".to_owned(),
-        })
     }
 
     async fn unsubscribe(&mut self, room: String) -> Result<Answer, RequestError> {
@@ -565,6 +484,90 @@ impl Core {
     }
 }
 
+/// Writes what a `since` subscription missed, starting with `missed` (the first page read),
+/// through the outbound queue, one page at a time: the node holds at most the queue's bound plus
+/// one page for this session, and a client that does not read is closed with 1013 as for live
+/// messages. Live messages of the room that come before the pages are skipped meanwhile and
+/// brought by a later page, so the client gets every message once, in order.
+async fn recover<T: Transport>(
+    transport: &mut T,
+    room: &str,
+    mut missed: Vec<Arc<RoomMessage>>,
+    mut more: bool,
+) -> Result<(), Exit> {
+    let core = transport.core();
+    let node = core.node.clone();
+    let handle = core.handle.clone();
+    let queue = &handle.queue;
+    loop {
+        // Make room for the page (a quarter of the queue), then queue it whole.
+        while queue.bytes() > queue.max_bytes() / 2 && !queue.is_empty() {
+            transport.flush_queue().await?;
+        }
+        let last = missed.last().map(|message| message.offset);
+        let queued_at = Instant::now();
+        for message in missed.drain(..) {
+            match node.push_message(&handle, message, queued_at) {
+                Ok(true) => {}
+                Ok(false) => return Err(Exit::Close(closing_request(queue))),
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode frame");
+                    return Err(close_with(close::INTERNAL, "internal error"));
+                }
+            }
+        }
+        while let Some(last) = last
+            && transport
+                .core()
+                .subscriptions
+                .get(room)
+                .is_some_and(|sub| sub.offset < last)
+            && !queue.is_empty()
+        {
+            transport.flush_queue().await?;
+        }
+        let Some(subscription) = transport.core().subscriptions.get_mut(room) else {
+            return Ok(());
+        };
+        let skipped = subscription.recovering.unwrap_or(0);
+        if !more && skipped <= subscription.offset {
+            subscription.recovering = None;
+            return Ok(());
+        }
+        subscription.recovering = Some(0);
+        let since = StreamPosition {
+            offset: subscription.offset,
+            epoch: subscription.epoch.clone(),
+        };
+        let history = match node.recovery_history(room, since).await {
+            Ok(history) => history,
+            Err(_) => {
+                return Err(close_with(
+                    close::TRY_AGAIN_LATER,
+                    "broker unavailable during recovery, resume with since",
+                ));
+            }
+        };
+        if !history.recovered {
+            tracing::info!(%room, "history moved on during recovery");
+            return Err(close_with(
+                close::TRY_AGAIN_LATER,
+                "too slow to recover: resume with since",
+            ));
+        }
+        missed = history.messages;
+        more = history.more;
+    }
+}
+
+/// The close the outbound queue asked for (it overflowed or was closed meanwhile).
+fn closing_request(queue: &OutboundQueue) -> CloseRequest {
+    queue.close_request().unwrap_or(CloseRequest {
+        code: close::TRY_AGAIN_LATER,
+        reason: "too slow to read: outbound queue full".to_owned(),
+    })
+}
+
 /// A `presence` reply with as many members as fit in one frame of `limit` bytes (with any id),
 /// marked `more` when some were left out: a crowded room must not make a frame over the limit.
 fn fit_presence_reply(codec: Codec, limit: usize, mut members: Vec<Member>) -> Reply {
@@ -643,7 +646,6 @@ mod tests {
     use super::*;
     use crate::auth::Authenticator;
     use crate::metrics::Metrics;
-    use crate::queue::OutboundQueue;
 
     fn reply_with(count: u64, size: usize) -> Reply {
         let messages = (1..=count)

@@ -61,11 +61,6 @@ pub fn read_error_close(error: &WsError) -> Option<CloseRequest> {
 
 struct Session<S> {
     core: Core,
-    socket: Socket<S>,
-}
-
-/// The transport half of a session: what the core writes through.
-struct Socket<S> {
     ws: WebSocketStream<S>,
     guards: Guards,
     /// A heartbeat ping went out and its pong has not come back: that one pong is free.
@@ -95,13 +90,11 @@ where
         });
         let mut session = Session {
             core: Core::new(node.clone(), handle, admission.identity),
-            socket: Socket {
-                ws,
-                guards: Guards::default(),
-                awaiting_pong: false,
-                last_inbound: Instant::now(),
-                batch: Vec::new(),
-            },
+            ws,
+            guards: Guards::default(),
+            awaiting_pong: false,
+            last_inbound: Instant::now(),
+            batch: Vec::new(),
         };
         node.metrics().connections.inc();
         tracing::debug!(codec = admission.codec.protocol(), "session open");
@@ -148,8 +141,7 @@ where
             Ok(welcome) => welcome,
             Err(exit) => return exit,
         };
-        let socket = &mut self.socket;
-        if let Err(exit) = socket.write_frames(&self.core, vec![welcome]).await {
+        if let Err(exit) = self.write_frames(vec![welcome]).await {
             return exit;
         }
         let period = self.core.node.config().heartbeat;
@@ -159,8 +151,8 @@ where
             let queue = &self.core.handle.queue;
             let step = tokio::select! {
                 biased;
-                () = queue.ready() => self.socket.flush_queue(&mut self.core).await,
-                incoming = self.socket.ws.next() => {
+                () = queue.ready() => self.flush_queue().await,
+                incoming = self.ws.next() => {
                     // Boxed so the rarely used request path does not grow every idle session.
                     Box::pin(self.on_incoming(incoming)).await
                 }
@@ -173,16 +165,15 @@ where
     }
 
     async fn on_heartbeat(&mut self) -> Result<(), Exit> {
-        if self.socket.last_inbound.elapsed() > self.core.node.config().idle_timeout {
+        if self.last_inbound.elapsed() > self.core.node.config().idle_timeout {
             tracing::info!("closing an idle connection");
             return Err(close_with(close::NORMAL, "idle timeout"));
         }
         if self.core.token_expired() {
             return Err(close_with(close::POLICY, "token expired"));
         }
-        self.socket.awaiting_pong = true;
-        self.socket
-            .write_messages(&self.core, vec![Message::Ping(Default::default())])
+        self.awaiting_pong = true;
+        self.write_messages(vec![Message::Ping(Default::default())])
             .await
     }
 
@@ -199,7 +190,7 @@ where
                 return Err(read_error_close(&error).map_or(Exit::Gone, Exit::Close));
             }
         };
-        self.socket.last_inbound = Instant::now();
+        self.last_inbound = Instant::now();
         let codec = self.core.handle.codec;
         let payload = match &message {
             Message::Text(text) if codec == Codec::Json => text.as_bytes(),
@@ -216,7 +207,7 @@ where
                     .bad_frame(None, ErrorCode::BadFrame, text.to_owned())
                     .await;
             }
-            Message::Pong(_) if std::mem::take(&mut self.socket.awaiting_pong) => return Ok(()),
+            Message::Pong(_) if std::mem::take(&mut self.awaiting_pong) => return Ok(()),
             Message::Ping(_) | Message::Pong(_) => {
                 // Control frames cost a read and a pong each: a flood of them is abuse like any
                 // other. A limited ping gets no pong now (tungstenite keeps the latest pending).
@@ -224,11 +215,11 @@ where
                     return Ok(());
                 }
                 // tungstenite queued the pong to a ping; flushing sends it.
-                return self.socket.write_messages(&self.core, Vec::new()).await;
+                return self.write_messages(Vec::new()).await;
             }
             Message::Close(_) => {
                 // tungstenite queued the close reply; flushing sends it.
-                let _ = self.socket.write_messages(&self.core, Vec::new()).await;
+                let _ = self.write_messages(Vec::new()).await;
                 return Err(Exit::Gone);
             }
             Message::Frame(_) => return Ok(()),
@@ -242,21 +233,19 @@ where
             }
         };
         metrics.frames_in.with_label_values(&[frame.kind()]).inc();
-        let over_rate = self.over_rate("data")?;
-        let (core, socket) = (&mut self.core, &mut self.socket);
-        if over_rate {
+        if self.over_rate("data")? {
             let error = ServerFrame::error(
                 frame.id(),
                 ErrorCode::RateLimited,
                 "too many frames: slow down",
             );
-            return socket.write_frames(core, vec![error]).await;
+            return self.write_frames(vec![error]).await;
         }
-        let frames = core.handle(frame, socket).await?;
+        let frames = Core::handle(self, frame).await?;
         if frames.is_empty() {
             Ok(())
         } else {
-            socket.write_frames(core, frames).await
+            self.write_frames(frames).await
         }
     }
 
@@ -264,8 +253,7 @@ where
     /// refused, `Err` (close with 1008) once the client keeps going over it.
     fn over_rate(&mut self, kind: &'static str) -> Result<bool, Exit> {
         let node = &self.core.node;
-        self.socket
-            .guards
+        self.guards
             .over_rate(node.config(), node.metrics(), kind)
             .map_err(Exit::Close)
     }
@@ -277,12 +265,11 @@ where
         code: ErrorCode,
         message: String,
     ) -> Result<(), Exit> {
-        self.socket
-            .guards
+        self.guards
             .bad_frame(self.core.node.config())
             .map_err(Exit::Close)?;
-        let frames = vec![ServerFrame::error(id, code, message)];
-        self.socket.write_frames(&self.core, frames).await
+        self.write_frames(vec![ServerFrame::error(id, code, message)])
+            .await
     }
 
     /// Sends the close frame (if the server is closing) and removes the session everywhere.
@@ -294,20 +281,20 @@ where
                 code: CloseCode::from(request.code),
                 reason: request.reason.as_str().into(),
             };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.ws.close(Some(frame))).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
         }
         self.core.close().await;
         tracing::debug!("session closed");
     }
 }
 
-impl<S> Socket<S>
+impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     /// Writes and flushes, giving up if the session is closed meanwhile or the peer takes no
     /// bytes for the idle timeout (a reader that stopped reading may never drain its socket).
-    async fn write_messages(&mut self, core: &Core, messages: Vec<Message>) -> Result<(), Exit> {
+    async fn write_messages(&mut self, messages: Vec<Message>) -> Result<(), Exit> {
         let bytes: usize = messages.iter().map(Message::len).sum();
         let ws = &mut self.ws;
         let write = async {
@@ -322,22 +309,22 @@ where
         let result = tokio::select! {
             biased;
             result = write => result,
-            () = core.handle.queue.closing() => {
-                let close = core.handle.queue.close_request().unwrap_or(CloseRequest {
+            () = self.core.handle.queue.closing() => {
+                let close = self.core.handle.queue.close_request().unwrap_or(CloseRequest {
                     code: close::NORMAL,
                     reason: String::new(),
                 });
                 return Err(Exit::Close(close));
             }
-            () = tokio::time::sleep(core.node.config().idle_timeout) => {
-                core.node.metrics().slow_closes.inc();
+            () = tokio::time::sleep(self.core.node.config().idle_timeout) => {
+                self.core.node.metrics().slow_closes.inc();
                 tracing::info!("closing a peer that stopped reading");
                 return Err(close_with(close::TRY_AGAIN_LATER, "too slow to read: write timed out"));
             }
         };
         match result {
             Ok(()) => {
-                core.node.metrics().bytes_out.inc_by(bytes as u64);
+                self.core.node.metrics().bytes_out.inc_by(bytes as u64);
                 Ok(())
             }
             Err(error) => {
@@ -348,15 +335,19 @@ where
     }
 }
 
-impl<S> Transport for Socket<S>
+impl<S> Transport for Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    async fn write_frames(&mut self, core: &Core, frames: Vec<ServerFrame>) -> Result<(), Exit> {
-        let metrics = core.node.metrics();
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit> {
+        let metrics = self.core.node.metrics();
         let mut messages = Vec::with_capacity(frames.len());
         for frame in &frames {
-            match encode(core.handle.codec, frame) {
+            match encode(self.core.handle.codec, frame) {
                 Ok(message) => {
                     metrics.frames_out.with_label_values(&[frame.kind()]).inc();
                     if let ServerFrame::Error(error) = frame {
@@ -373,12 +364,12 @@ where
                 }
             }
         }
-        self.write_messages(core, messages).await
+        self.write_messages(messages).await
     }
 
-    async fn flush_queue(&mut self, core: &mut Core) -> Result<(), Exit> {
+    async fn flush_queue(&mut self) -> Result<(), Exit> {
         let mut batch = std::mem::take(&mut self.batch);
-        let taken = match core.handle.queue.take(&mut batch) {
+        let taken = match self.core.handle.queue.take(&mut batch) {
             Ok(taken) => taken,
             Err(close) => return Err(Exit::Close(close)),
         };
@@ -391,27 +382,28 @@ where
         for item in batch.drain(..) {
             match item {
                 Outbound::Room { message, frame } => {
-                    if core.admit(&message) {
+                    if self.core.admit(&message) {
                         room_frames += 1;
                         messages.push(frame);
                     }
                 }
                 Outbound::Frame { kind, frame } => {
-                    let frames_out = &core.node.metrics().frames_out;
+                    let frames_out = &self.core.node.metrics().frames_out;
                     frames_out.with_label_values(&[kind]).inc();
                     messages.push(frame);
                 }
             }
         }
         // One update per batch: the counter is shared by every session of the node.
-        let message_frames_out = &core.node.metrics().message_frames_out;
+        let message_frames_out = &self.core.node.metrics().message_frames_out;
         message_frames_out.inc_by(room_frames);
         self.batch = batch;
         let wrote = !messages.is_empty();
-        let result = self.write_messages(core, messages).await;
-        core.handle.queue.release(taken.bytes);
+        let result = self.write_messages(messages).await;
+        self.core.handle.queue.release(taken.bytes);
         if let (Ok(()), true, Some(oldest)) = (&result, wrote, taken.oldest) {
-            core.node
+            self.core
+                .node
                 .metrics()
                 .queue_wait_seconds
                 .observe(oldest.elapsed().as_secs_f64());
