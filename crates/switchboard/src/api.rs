@@ -17,7 +17,7 @@ use switchboard_protocol::api::{
 use switchboard_protocol::close;
 
 use crate::auth::{MAX_USER_LEN, bearer_token, valid_user};
-use crate::node::{Node, valid_room};
+use crate::node::{INVALID_ROOM, Node, valid_room};
 
 /// An API failure: a status and the `{code, message}` body.
 pub struct Failure {
@@ -158,9 +158,7 @@ fn check_room(room: &str) -> Result<(), Failure> {
     if valid_room(room) {
         Ok(())
     } else {
-        Err(Failure::bad_request(
-            "room names are 1 to 256 bytes without control characters",
-        ))
+        Err(Failure::bad_request(INVALID_ROOM))
     }
 }
 

@@ -518,6 +518,9 @@ pub fn is_system_room(room: &str) -> bool {
     room.starts_with(SYSTEM_ROOM_PREFIX)
 }
 
+/// Why a room name is refused, in a session's `error` frame and the server API's 400 alike.
+pub const INVALID_ROOM: &str = "room names are 1 to 256 bytes without control characters";
+
 /// Room names are 1 to 256 bytes without control characters.
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty() && room.len() <= MAX_ROOM_LEN && !room.chars().any(char::is_control)

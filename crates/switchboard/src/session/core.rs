@@ -17,7 +17,7 @@ use switchboard_protocol::{
 use super::{Exit, close_with};
 use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::SessionHandle;
-use crate::node::{Joined, Node, is_system_room, valid_room};
+use crate::node::{INVALID_ROOM, Joined, Node, is_system_room, valid_room};
 use crate::queue::{CloseRequest, OutboundQueue};
 
 /// Most history messages one `history` request returns.
@@ -38,7 +38,7 @@ pub(super) trait Transport {
 /// Why a request was refused: the `error` frame's code and message.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {
-    #[error("room names are 1 to 256 bytes without control characters")]
+    #[error("{}", INVALID_ROOM)]
     BadRoom,
     #[error("user ids are 1 to {} bytes without control characters", MAX_USER_LEN)]
     BadUser,
