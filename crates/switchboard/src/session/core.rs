@@ -279,7 +279,7 @@ impl Core {
         }
     }
 
-    /// Subscribes; with `since`, the answer says what to recover (see [`Core::recover`]).
+    /// Subscribes; with `since`, the answer says what to recover (see [`recover`]).
     async fn subscribe(
         &mut self,
         room: String,

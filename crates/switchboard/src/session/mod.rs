@@ -1,6 +1,6 @@
-//! One client connection. Request handling ([`core`]) takes decoded frames and knows nothing of
-//! the transport; the abuse limits ([`guards`]) count frames whatever carries them; the WebSocket
-//! loop ([`websocket`]) is one adapter around both. One task per session reads client frames,
+//! One client connection. Request handling (`core.rs`) takes decoded frames and knows nothing of
+//! the transport; the abuse limits (`guards.rs`) count frames whatever carries them; the WebSocket
+//! loop (`websocket.rs`) is one adapter around both. One task per session reads client frames,
 //! answers requests and writes the session's outbound queue, so a request's reply and a `since`
 //! recovery are written before any live message queued behind them, and per-room offsets drop
 //! anything written already.
