@@ -17,7 +17,7 @@ use switchboard_protocol::api::{
 use switchboard_protocol::close;
 
 use crate::auth::{MAX_USER_LEN, bearer_token, valid_user};
-use crate::node::{Node, valid_room};
+use crate::node::{INVALID_ROOM, Node, valid_room};
 
 /// An API failure: a status and the `{code, message}` body.
 pub struct Failure {
@@ -77,7 +77,7 @@ type ApiResult<T> = Result<Json<T>, Failure>;
 
 pub fn router(node: Arc<Node>) -> Router {
     // A published payload may be as large as a client's; the JSON around it needs a little more.
-    let body_limit = node.config.max_message_size + 64 * 1024;
+    let body_limit = node.config().max_message_size + 64 * 1024;
     let api = Router::new()
         .route("/publish", post(publish))
         .route("/send", post(send))
@@ -117,7 +117,7 @@ fn same_key(given: &[u8], expected: &[u8]) -> bool {
 }
 
 async fn require_api_key(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &node.config.api_key {
+    if let Some(expected) = &node.config().api_key {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -139,7 +139,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.is_ready();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node.metrics.render(),
+        node.metrics().render(),
     )
         .into_response()
 }
@@ -158,9 +158,7 @@ fn check_room(room: &str) -> Result<(), Failure> {
     if valid_room(room) {
         Ok(())
     } else {
-        Err(Failure::bad_request(
-            "room names are 1 to 256 bytes without control characters",
-        ))
+        Err(Failure::bad_request(INVALID_ROOM))
     }
 }
 
@@ -202,11 +200,7 @@ async fn send(
         data: request.data,
         from: None,
     };
-    let sessions = node
-        .broker
-        .send(message)
-        .await
-        .map_err(|error| node.broker_error("send", error))?;
+    let sessions = node.send(message).await?;
     Ok(Json(SendResponse { sessions }))
 }
 
@@ -217,11 +211,7 @@ async fn broadcast(
     let Json(request) = body?;
     node.check_broadcast_frame(&request.data)
         .map_err(Failure::too_large)?;
-    let nodes = node
-        .broker
-        .broadcast(request.data)
-        .await
-        .map_err(|error| node.broker_error("broadcast", error))?;
+    let nodes = node.broadcast(request.data).await?;
     Ok(Json(BroadcastResponse { nodes }))
 }
 
@@ -240,11 +230,7 @@ async fn disconnect(
     let reason = request
         .reason
         .unwrap_or_else(|| "disconnected by the server".to_owned());
-    let sessions = node
-        .broker
-        .disconnect(&request.user, code, &reason)
-        .await
-        .map_err(|error| node.broker_error("disconnect", error))?;
+    let sessions = node.disconnect(&request.user, code, &reason).await?;
     Ok(Json(DisconnectResponse { sessions }))
 }
 
@@ -253,19 +239,11 @@ async fn presence(
     Path(room): Path<String>,
 ) -> ApiResult<PresenceResponse> {
     check_room(&room)?;
-    let members = node
-        .broker
-        .presence(&room)
-        .await
-        .map_err(|error| node.broker_error("presence", error))?;
+    let members = node.presence(&room).await?;
     Ok(Json(PresenceResponse { members }))
 }
 
 async fn nodes(State(node): State<Arc<Node>>) -> ApiResult<NodesResponse> {
-    let nodes = node
-        .broker
-        .nodes()
-        .await
-        .map_err(|error| node.broker_error("nodes", error))?;
+    let nodes = node.nodes().await?;
     Ok(Json(NodesResponse { nodes }))
 }

@@ -27,7 +27,7 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// at most [`CLOSE_GRACE`] and drops whatever connections remain.
 pub async fn serve_internal(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
     let app = api::router(node.clone());
-    let places = Arc::new(Semaphore::new(node.config.internal_max_connections));
+    let places = Arc::new(Semaphore::new(node.config().internal_max_connections));
     let connections = TaskTracker::new();
     let force = CancellationToken::new();
     let mut backoff = Duration::from_millis(1);
@@ -51,7 +51,7 @@ pub async fn serve_internal(node: Arc<Node>, listener: TcpListener, stop: Cancel
         // Closed at once rather than queued: a probe gets a fast failure, not a hang, and the
         // connections holding the places end within the header timeout once idle.
         let Ok(place) = places.clone().try_acquire_owned() else {
-            node.metrics.internal_refused.inc();
+            node.metrics().internal_refused.inc();
             drop(stream);
             continue;
         };
@@ -87,10 +87,10 @@ async fn serve_connection(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    let _open = GaugeGuard::new(&node.metrics.internal_connections);
+    let _open = GaugeGuard::new(&node.metrics().internal_connections);
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(node.config.internal_header_timeout)
+        .header_read_timeout(node.config().internal_header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
     let mut connection = std::pin::pin!(connection);

@@ -4,17 +4,19 @@
 //! [`Server::bind`] binds both ports (port 0 works, for tests) and [`Server::run`] serves until
 //! the shutdown future resolves, then drains.
 
+// Public: what the binary, the examples, the fuzz targets and the tests use.
 pub mod admission;
-pub mod api;
+mod api;
 pub mod auth;
 pub mod config;
 pub mod demo;
-pub mod frontdoor;
-pub mod hub;
-pub mod internal;
-pub mod metrics;
+mod frontdoor;
+mod hub;
+mod internal;
+mod metered;
+mod metrics;
 pub mod node;
-pub mod queue;
+mod queue;
 pub mod server;
 pub mod session;
 pub mod tls;
@@ -122,8 +124,7 @@ impl Server {
             source,
         })?;
         let node = Arc::new(Node::new(config, broker, metrics, auth, public_addr));
-        node.broker
-            .start(node.hub.clone())
+        node.start()
             .await
             .map_err(|error| StartError::Broker(error.to_string()))?;
         Ok(Server {
@@ -138,7 +139,7 @@ impl Server {
     }
 
     pub fn public_addr(&self) -> SocketAddr {
-        self.node.public_addr
+        self.node.public_addr()
     }
 
     pub fn internal_addr(&self) -> std::io::Result<SocketAddr> {
@@ -170,24 +171,24 @@ impl Server {
         ));
         let heartbeat_task = tokio::spawn(report_liveness(node.clone()));
         let stats_task = node
-            .config
+            .config()
             .demo
             .then(|| tokio::spawn(demo::stats::publish_stats(node.clone())));
 
         shutdown.await;
-        let delay = node.config.drain_delay;
+        let delay = node.config().drain_delay;
         if !delay.is_zero() {
             node.start_leaving();
             tracing::info!(
-                sessions = node.hub.session_count(),
+                sessions = node.session_count(),
                 delay_ms = delay.as_millis() as u64,
                 "not ready; serving until the drain starts"
             );
             tokio::time::sleep(delay).await;
         }
         tracing::info!(
-            sessions = node.hub.session_count(),
-            grace_ms = node.config.drain_grace.as_millis() as u64,
+            sessions = node.session_count(),
+            grace_ms = node.config().drain_grace.as_millis() as u64,
             "draining"
         );
         node.start_draining();
@@ -198,9 +199,8 @@ impl Server {
         let _ = public_task.await;
         drain_sessions(&node).await;
         heartbeat_task.abort();
-        if let Err(error) = node.broker.deregister_node(node.id()).await {
-            node.broker_error("deregister_node", error);
-        }
+        // A failure is counted and warned about; the node list forgets this node after its TTL.
+        let _ = node.leave_cluster().await;
         stop_internal.cancel();
         internal_task.await?;
         tracing::info!("stopped");
@@ -210,12 +210,11 @@ impl Server {
 
 /// Reports this node's liveness and figures to the broker every third of the node TTL.
 async fn report_liveness(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(node.config.node_ttl / 3);
+    let mut tick = tokio::time::interval(node.config().node_ttl / 3);
     loop {
         tick.tick().await;
-        if let Err(error) = node.broker.heartbeat(&node.info()).await {
-            node.broker_error("heartbeat", error);
-        }
+        // A failure is counted and warned about; the next tick tries again.
+        let _ = node.heartbeat().await;
         node.is_ready();
     }
 }
@@ -223,8 +222,8 @@ async fn report_liveness(node: Arc<Node>) {
 /// Closes every session with 1001, spread over the grace period so that clients do not all
 /// reconnect to the other nodes at the same instant, then waits for them to finish.
 async fn drain_sessions(node: &Node) {
-    let sessions = node.hub.sessions();
-    let steps = (node.config.drain_grace.as_millis() / DRAIN_STEP.as_millis()).max(1) as usize;
+    let sessions = node.sessions();
+    let steps = (node.config().drain_grace.as_millis() / DRAIN_STEP.as_millis()).max(1) as usize;
     let per_step = sessions.len().div_ceil(steps).max(1);
     for (index, batch) in sessions.chunks(per_step).enumerate() {
         if index > 0 {
@@ -238,12 +237,12 @@ async fn drain_sessions(node: &Node) {
         }
     }
     let deadline = tokio::time::Instant::now() + DRAIN_SLACK;
-    while node.hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
+    while node.session_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if node.hub.session_count() > 0 {
+    if node.session_count() > 0 {
         tracing::warn!(
-            sessions = node.hub.session_count(),
+            sessions = node.session_count(),
             "sessions still open after the drain"
         );
     }

@@ -64,10 +64,10 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     let node = server.node();
-    let tls = node.config.tls.as_ref();
+    let tls = node.config().tls.as_ref();
     if let Some(tls) = tls {
         log_certificate(tls);
-        if let Err(error) = node.metrics.register_tls_expiry(tls.not_after) {
+        if let Err(error) = node.metrics().register_tls_expiry(tls.not_after) {
             tracing::warn!(%error, "cannot export the TLS certificate's expiry");
         }
     }
@@ -76,7 +76,7 @@ async fn serve(config: Config) -> ExitCode {
         .internal_addr()
         .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
     // The demo URL leads the line: it is what `cargo run` users open.
-    let demo = if node.config.demo {
+    let demo = if node.config().demo {
         format!(
             "demo page {}, ",
             demo::page_url(server.public_addr(), tls.is_some())
@@ -88,9 +88,9 @@ async fn serve(config: Config) -> ExitCode {
         node = node.id(),
         public = %server.public_addr(),
         %internal,
-        auth = node.auth.enabled(),
-        demo = node.config.demo,
-        max_connections = node.config.max_connections,
+        auth = node.auth().enabled(),
+        demo = node.config().demo,
+        max_connections = node.config().max_connections,
         tls = tls.is_some(),
         "switchboard listening: {demo}WebSocket {ws_scheme}://{}/ws, metrics and API http://{}",
         server.public_addr(),
@@ -98,7 +98,7 @@ async fn serve(config: Config) -> ExitCode {
     );
     // Someone at a terminal (`cargo run`) gets the page's address on a line of its own; log
     // collectors, which read a pipe, only get the log line above.
-    if node.config.demo && std::io::stdout().is_terminal() {
+    if node.config().demo && std::io::stdout().is_terminal() {
         println!(
             "Demo page: {} (open it in two tabs)",
             demo::page_url(server.public_addr(), tls.is_some())

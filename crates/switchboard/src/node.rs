@@ -1,33 +1,35 @@
-//! The Node wires the Hub (local sessions) to the Broker (everything across nodes). It receives a
-//! room from the broker only while a local session is subscribed to it, plus a short linger.
+//! The Node wires the Hub (local sessions) to the Broker (everything across nodes), and is the
+//! only way sessions and the server API reach either. It receives a room from the broker only
+//! while a local session is subscribed to it, plus a short linger.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use serde_json::Value;
-use switchboard_broker::{Broker, BrokerError, BrokerResult};
+use switchboard_broker::{Broker, BrokerResult, DirectMessage, HistoryQuery, SessionRecord};
 use switchboard_protocol::api::NodeInfo;
-use switchboard_protocol::{Codec, RoomMessage, Sender, ServerFrame};
+use switchboard_protocol::{Codec, Member, RoomMessage, Sender, ServerFrame, StreamPosition};
 
 use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Hub, SessionHandle, encode};
+use crate::metered::MeteredBroker;
 use crate::metrics::Metrics;
+use crate::queue::Outbound;
 
-/// At most one "broker call failed" warning per operation in this period: an outage fails every
-/// session's calls at once, and `switchboard_broker_errors_total` counts each of them anyway.
-const BROKER_WARNING_PERIOD: Duration = Duration::from_secs(1);
+/// Most messages one page of `since` recovery reads, so the frames' own fields (room, offset,
+/// epoch, sender) add a bounded amount to the page's byte budget.
+const RECOVERY_PAGE_MESSAGES: usize = 256;
 
 pub struct Node {
-    pub config: Config,
-    pub hub: Arc<Hub>,
-    pub broker: Arc<dyn Broker>,
-    pub metrics: Arc<Metrics>,
-    pub auth: Authenticator,
+    config: Config,
+    hub: Arc<Hub>,
+    broker: MeteredBroker,
+    metrics: Arc<Metrics>,
+    auth: Authenticator,
     /// Rooms this node receives from the broker, with how many local subscriptions hold each.
     upstream: DashMap<Arc<str>, Arc<Upstream>>,
     /// Set on SIGTERM: `/readyz` fails (before the drain when there is a drain delay).
@@ -35,34 +37,8 @@ pub struct Node {
     /// Set when the drain starts: new handshakes are refused.
     draining: AtomicBool,
     /// The public address clients reach this node at, as `GET /api/nodes` reports it.
-    pub public_addr: SocketAddr,
-    pub started_at: u64,
-    broker_warnings: parking_lot::Mutex<WarningThrottle>,
-}
-
-/// Per broker operation: when it was last warned about, and failures not warned about since.
-#[derive(Default)]
-struct WarningThrottle(HashMap<&'static str, (Instant, u64)>);
-
-impl WarningThrottle {
-    /// Whether a failure of `op` at `now` is warned about, and if so how many failures of `op`
-    /// went unmentioned since the previous warning.
-    fn should_warn(&mut self, op: &'static str, now: Instant) -> Option<u64> {
-        match self.0.get_mut(op) {
-            Some((last, unmentioned)) if now.duration_since(*last) < BROKER_WARNING_PERIOD => {
-                *unmentioned += 1;
-                None
-            }
-            Some((last, unmentioned)) => {
-                *last = now;
-                Some(std::mem::take(unmentioned))
-            }
-            None => {
-                self.0.insert(op, (now, 0));
-                Some(0)
-            }
-        }
-    }
+    public_addr: SocketAddr,
+    started_at: u64,
 }
 
 struct Upstream {
@@ -78,6 +54,18 @@ struct UpstreamState {
     removed: bool,
 }
 
+/// What joining a room read from the broker for the subscribe reply.
+pub struct Joined {
+    /// The room's position: after the recovered messages with `since`, else its newest message.
+    pub position: StreamPosition,
+    /// With `since`: whether the messages after it could all be recovered.
+    pub recovered: Option<bool>,
+    /// The first page of messages after `since`, when recovered.
+    pub missed: Vec<Arc<RoomMessage>>,
+    /// More recovered messages follow `missed`.
+    pub more: bool,
+}
+
 impl Node {
     pub fn new(
         config: Config,
@@ -88,8 +76,8 @@ impl Node {
     ) -> Self {
         Node {
             hub: Arc::new(Hub::new(metrics.clone())),
+            broker: MeteredBroker::new(broker, metrics.clone()),
             config,
-            broker,
             metrics,
             auth,
             upstream: DashMap::new(),
@@ -97,12 +85,45 @@ impl Node {
             draining: AtomicBool::new(false),
             public_addr,
             started_at: unix_now_millis(),
-            broker_warnings: parking_lot::Mutex::new(WarningThrottle::default()),
         }
+    }
+
+    /// Starts the broker, which delivers to this node's hub from now on.
+    pub async fn start(&self) -> BrokerResult<()> {
+        self.broker.start(self.hub.clone()).await
     }
 
     pub fn id(&self) -> &str {
         &self.config.node_id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    /// When the node started, in milliseconds since the Unix epoch.
+    pub fn started_at(&self) -> u64 {
+        self.started_at
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.hub.session_count()
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
+        self.hub.sessions()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -131,18 +152,189 @@ impl Node {
         ready
     }
 
-    /// Counts a failed broker call by operation and passes the error on.
-    pub fn broker_error(&self, op: &'static str, error: BrokerError) -> BrokerError {
-        self.metrics.broker_errors.with_label_values(&[op]).inc();
-        let warn = self.broker_warnings.lock().should_warn(op, Instant::now());
-        if let Some(also_failed) = warn {
-            tracing::warn!(%error, op, also_failed, "broker call failed");
+    pub fn broker_healthy(&self) -> bool {
+        self.broker.is_healthy()
+    }
+
+    /// Reports this node's liveness and figures to the cluster.
+    pub async fn heartbeat(&self) -> BrokerResult<()> {
+        self.broker.heartbeat(&self.info()).await
+    }
+
+    /// Takes this node out of the cluster's node list, at the end of a drain.
+    pub async fn leave_cluster(&self) -> BrokerResult<()> {
+        self.broker.deregister_node(self.id()).await
+    }
+
+    /// Makes a new session reachable: in the hub, then in the cluster's registry. On an error
+    /// the session is still in the hub; [`Node::unregister_session`] removes it.
+    pub async fn register_session(
+        &self,
+        session: &Arc<SessionHandle>,
+        record: &SessionRecord,
+    ) -> BrokerResult<()> {
+        self.hub.add_session(session.clone());
+        self.broker.register_session(record).await
+    }
+
+    /// Removes an ended session from the hub and the cluster's registry.
+    pub async fn unregister_session(&self, session: &SessionHandle, record: &SessionRecord) {
+        self.hub.remove_session(session);
+        // A failure is counted and warned about by the metered broker; the registry's entry
+        // expires with this node's liveness.
+        let _ = self.broker.unregister_session(record).await;
+    }
+
+    /// Joins `session` to `room`: the broker delivers the room to this node, the hub to the
+    /// session, and the room's position (with `since`, the messages after it) is read for the
+    /// reply. `joined` runs once the read succeeded, before the presence join, so the session
+    /// records the room before anything else can fail. On an error, nothing is left joined.
+    pub async fn join_room(
+        self: &Arc<Self>,
+        room: &str,
+        session: &Arc<SessionHandle>,
+        member: &Member,
+        presence_events: bool,
+        since: Option<&StreamPosition>,
+        joined: impl FnOnce(&Joined),
+    ) -> BrokerResult<Joined> {
+        self.acquire_room(room).await?;
+        // Live messages queue from here on; the history read below covers everything before.
+        self.hub.join(room, session, presence_events);
+        let read = match since {
+            Some(since) => self
+                .recovery_history(room, since.clone())
+                .await
+                .map(|history| {
+                    let (messages, more) = if history.recovered {
+                        (history.messages, history.more)
+                    } else {
+                        (Vec::new(), false)
+                    };
+                    Joined {
+                        position: history.position,
+                        recovered: Some(history.recovered),
+                        missed: messages,
+                        more,
+                    }
+                }),
+            None => self.broker.position(room).await.map(|position| Joined {
+                position,
+                recovered: None,
+                missed: Vec::new(),
+                more: false,
+            }),
+        };
+        let read = match read {
+            Ok(read) => read,
+            Err(error) => {
+                self.hub.leave(room, session);
+                self.release_room(room).await;
+                return Err(error);
+            }
+        };
+        joined(&read);
+        // A failure is counted and warned about; the session stays subscribed without presence.
+        let _ = self.broker.join_presence(room, member).await;
+        Ok(read)
+    }
+
+    /// Takes `session` out of `room` everywhere.
+    pub async fn leave_room(
+        self: &Arc<Self>,
+        room: &str,
+        session: &SessionHandle,
+        member: &Member,
+    ) {
+        self.hub.leave(room, session);
+        self.release_room(room).await;
+        let _ = self.broker.leave_presence(room, member).await;
+    }
+
+    /// After a session's clean-up panicked: repeats what is safe to repeat (the hub, presence in
+    /// `rooms`, the registry). Upstream room subscriptions are not released again: releasing one
+    /// twice would take it from another session; at worst the node keeps receiving a room nobody
+    /// reads here.
+    pub async fn forget_session(
+        &self,
+        session: &SessionHandle,
+        rooms: &[String],
+        member: &Member,
+        record: &SessionRecord,
+    ) {
+        for room in rooms {
+            self.hub.leave(room, session);
         }
-        error
+        self.hub.remove_session(session);
+        for room in rooms {
+            let _ = self.broker.leave_presence(room, member).await;
+        }
+        let _ = self.broker.unregister_session(record).await;
+    }
+
+    /// Queues a recovered room message for `session`, encoded for its codec, as the hub queues
+    /// live ones: whether it was queued, or why it cannot be encoded.
+    pub fn push_message(
+        &self,
+        session: &SessionHandle,
+        message: Arc<RoomMessage>,
+        queued_at: Instant,
+    ) -> Result<bool, String> {
+        let frame = encode(session.codec, &ServerFrame::Message(message.clone()))?;
+        Ok(self
+            .hub
+            .push(session, Outbound::Room { message, frame }, queued_at))
+    }
+
+    /// One page of `since` recovery: a quarter of the outbound queue's bound at most, so a page
+    /// always fits beside what is queued.
+    pub async fn recovery_history(
+        &self,
+        room: &str,
+        since: StreamPosition,
+    ) -> BrokerResult<switchboard_broker::History> {
+        let query = HistoryQuery {
+            since: Some(since),
+            limit: Some(RECOVERY_PAGE_MESSAGES),
+            max_bytes: Some(
+                self.config
+                    .max_message_size
+                    .min(self.config.max_queue_bytes / 4),
+            ),
+        };
+        self.broker.history(room, query).await
+    }
+
+    pub async fn history(
+        &self,
+        room: &str,
+        query: HistoryQuery,
+    ) -> BrokerResult<switchboard_broker::History> {
+        self.broker.history(room, query).await
+    }
+
+    pub async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
+        self.broker.send(message).await
+    }
+
+    pub async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
+        self.broker.broadcast(data).await
+    }
+
+    pub async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64> {
+        self.broker.disconnect(user, code, reason).await
+    }
+
+    pub async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
+        self.broker.presence(room).await
+    }
+
+    pub async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
+        self.broker.nodes().await
     }
 
     /// Makes sure the broker delivers `room` to this node, for one more local subscription.
-    pub async fn acquire_room(&self, room: &str) -> BrokerResult<()> {
+    async fn acquire_room(&self, room: &str) -> BrokerResult<()> {
         loop {
             let upstream = self
                 .upstream
@@ -164,7 +356,7 @@ impl Node {
                         self.upstream
                             .remove_if(room, |_, entry| Arc::ptr_eq(entry, &upstream));
                     }
-                    return Err(self.broker_error("subscribe", error));
+                    return Err(error);
                 }
                 state.subscribed = true;
             }
@@ -174,7 +366,7 @@ impl Node {
     }
 
     /// One local subscription of `room` ended; after the linger, stop receiving it if none is left.
-    pub async fn release_room(self: &Arc<Self>, room: &str) {
+    async fn release_room(self: &Arc<Self>, room: &str) {
         let Some(upstream) = self.upstream.get(room).map(|entry| entry.clone()) else {
             return;
         };
@@ -194,10 +386,8 @@ impl Node {
             }
             // Unsubscribe before leaving the map: a joiner still finds this entry, waits for the
             // lock, sees `removed` and subscribes anew after this unsubscribe.
-            if state.subscribed
-                && let Err(error) = node.broker.unsubscribe_room(&room).await
-            {
-                node.broker_error("unsubscribe", error);
+            if state.subscribed {
+                let _ = node.broker.unsubscribe_room(&room).await;
             }
             state.removed = true;
             node.upstream
@@ -210,19 +400,14 @@ impl Node {
         self.upstream.len()
     }
 
-    /// Publishes through the broker, timing it for the publish latency histogram.
+    /// Publishes through the broker, timed for the publish latency histogram.
     pub async fn publish(
         &self,
         room: &str,
         data: Value,
         from: Option<Sender>,
     ) -> BrokerResult<Arc<RoomMessage>> {
-        let started = Instant::now();
-        let result = self.broker.publish(room, data, from).await;
-        self.metrics
-            .publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result.map_err(|error| self.broker_error("publish", error))
+        self.broker.publish(room, data, from).await
     }
 
     /// This node's figures, for the broker's node list.
@@ -333,35 +518,10 @@ pub fn is_system_room(room: &str) -> bool {
     room.starts_with(SYSTEM_ROOM_PREFIX)
 }
 
+/// Why a room name is refused, in a session's `error` frame and the server API's 400 alike.
+pub const INVALID_ROOM: &str = "room names are 1 to 256 bytes without control characters";
+
 /// Room names are 1 to 256 bytes without control characters.
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty() && room.len() <= MAX_ROOM_LEN && !room.chars().any(char::is_control)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_failures_are_warned_about_once_a_period_per_operation_with_a_count() {
-        let mut throttle = WarningThrottle::default();
-        let start = Instant::now();
-        assert_eq!(throttle.should_warn("publish", start), Some(0));
-        for millis in [1, 10, 999] {
-            let at = start + Duration::from_millis(millis);
-            assert_eq!(throttle.should_warn("publish", at), None);
-        }
-        assert_eq!(
-            throttle.should_warn("subscribe", start + Duration::from_millis(5)),
-            Some(0),
-            "another operation has its own period"
-        );
-        let next = start + BROKER_WARNING_PERIOD;
-        assert_eq!(throttle.should_warn("publish", next), Some(3));
-        assert_eq!(throttle.should_warn("publish", next), None);
-        assert_eq!(
-            throttle.should_warn("publish", next + BROKER_WARNING_PERIOD),
-            Some(1)
-        );
-    }
 }

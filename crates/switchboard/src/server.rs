@@ -32,8 +32,8 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// `accept()` until its session ends, so at most `max_connections` are open; the rest wait in the
 /// kernel's backlog.
 pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(node.config.max_connections));
-    let door = FrontDoor::new(&node.config, node.metrics.clone());
+    let permits = Arc::new(Semaphore::new(node.config().max_connections));
+    let door = FrontDoor::new(node.config(), node.metrics().clone());
     let mut backoff = Duration::from_millis(1);
     loop {
         let permit = tokio::select! {
@@ -85,12 +85,12 @@ async fn handle_connection(
     remote: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    let timeout = node.config.handshake_timeout;
+    let timeout = node.config().handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     // A peer that is not a trusted proxy is the client: its address is admitted before it takes
     // a turn in the node-wide pace, so that one address's flood cannot crowd out everyone
     // else's handshakes. Behind a trusted proxy the client is known only from the request.
-    let slot = if is_trusted(&remote.ip(), &node.config.trusted_proxies) {
+    let slot = if is_trusted(&remote.ip(), &node.config().trusted_proxies) {
         None
     } else {
         match door.admit(remote.ip()) {
@@ -111,7 +111,7 @@ async fn handle_connection(
         .await
         .is_err()
     {
-        node.metrics
+        node.metrics()
             .handshakes
             .with_label_values(&["queue_timeout"])
             .inc();
@@ -140,7 +140,7 @@ async fn handle_connection(
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             if error.is_timeout() {
-                node.metrics
+                node.metrics()
                     .handshakes
                     .with_label_values(&["timeout"])
                     .inc();
@@ -148,7 +148,7 @@ async fn handle_connection(
             tracing::debug!(%error, %remote, "handshake connection failed");
         }
         Err(_) => {
-            node.metrics
+            node.metrics()
                 .handshakes
                 .with_label_values(&["timeout"])
                 .inc();
@@ -187,7 +187,7 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
 /// Answers a refused request; a refused handshake is counted under its result and logged.
 fn refuse(node: &Node, refusal: Refusal) -> Response<Body> {
     if let Some(result) = refusal.result {
-        node.metrics.handshakes.with_label_values(&[result]).inc();
+        node.metrics().handshakes.with_label_values(&[result]).inc();
         let (status, text) = (refusal.status, &*refusal.text);
         tracing::debug!(result, %status, text, "handshake refused");
     }
@@ -203,7 +203,7 @@ fn handle_request(
     remote: SocketAddr,
     held: &Arc<Mutex<Held>>,
 ) -> Response<Body> {
-    let trusted = &node.config.trusted_proxies;
+    let trusted = &node.config().trusted_proxies;
     let client = client_ip(remote.ip(), request.headers(), trusted);
     {
         let mut held = held.lock();
@@ -215,7 +215,7 @@ fn handle_request(
             }
         }
     }
-    if node.config.demo
+    if node.config().demo
         && request.uri().path() != WS_PATH
         && let Some(response) =
             demo::respond(request.method(), request.uri().path(), request.headers())
@@ -223,8 +223,8 @@ fn handle_request(
         return response;
     }
     let context = AdmitContext {
-        config: &node.config,
-        auth: &node.auth,
+        config: node.config(),
+        auth: node.auth(),
         draining: node.is_draining(),
     };
     let admitted = match admission::admit(&request, &context) {
@@ -260,11 +260,11 @@ fn handle_request(
                 return;
             }
         };
-        node.metrics.handshakes.with_label_values(&["ok"]).inc();
+        node.metrics().handshakes.with_label_values(&["ok"]).inc();
         let ws = WebSocketStream::from_raw_socket(
             TokioIo::new(upgraded),
             Role::Server,
-            Some(websocket_config(&node.config)),
+            Some(websocket_config(node.config())),
         )
         .await;
         session::run(node, ws, admission).await;

@@ -113,14 +113,14 @@ pub async fn accept(
     remote: SocketAddr,
     deadline: Instant,
 ) -> Option<Stream> {
-    let Some(tls) = &node.config.tls else {
+    let Some(tls) = &node.config().tls else {
         return Some(Either::Left(stream));
     };
     let acceptor = TlsAcceptor::from(tls.config.clone());
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => Some(Either::Right(Box::new(stream))),
         Ok(Err(error)) => {
-            node.metrics
+            node.metrics()
                 .handshakes
                 .with_label_values(&["tls_error"])
                 .inc();
@@ -128,7 +128,7 @@ pub async fn accept(
             None
         }
         Err(_) => {
-            node.metrics
+            node.metrics()
                 .handshakes
                 .with_label_values(&["timeout"])
                 .inc();

@@ -80,7 +80,6 @@ impl Running {
     /// Sessions of `user` in the cluster's registry, as a backend's `send` counts them.
     async fn registered_sessions(&self, user: &str) -> u64 {
         self.node
-            .broker
             .send(DirectMessage {
                 user: user.to_owned(),
                 data: json!("probe"),
@@ -187,7 +186,7 @@ async fn a_node_receives_a_room_only_while_it_has_subscribers() {
     assert_eq!(node_b.node.upstream_rooms(), 0, "b has no subscriber");
     on_b.publish("room", json!("from b")).await.unwrap();
     assert_eq!(next_message(&on_a).await.data, json!("from b"));
-    let b_deliveries = node_b.node.metrics.room_deliveries.get();
+    let b_deliveries = node_b.node.metrics().room_deliveries.get();
     assert_eq!(b_deliveries, 0, "b was not sent the room's message");
 
     on_b.subscribe("room").await.unwrap();
@@ -204,10 +203,10 @@ async fn a_node_receives_a_room_only_while_it_has_subscribers() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let before = node_a.node.metrics.room_deliveries.get();
+    let before = node_a.node.metrics().room_deliveries.get();
     on_b.publish("room", json!("only b")).await.unwrap();
     assert_eq!(next_message(&on_b).await.data, json!("only b"));
-    assert_eq!(node_a.node.metrics.room_deliveries.get(), before);
+    assert_eq!(node_a.node.metrics().room_deliveries.get(), before);
 
     on_a.subscribe("room").await.unwrap();
     assert_eq!(node_a.node.upstream_rooms(), 1, "a subscribes again");
@@ -298,7 +297,7 @@ async fn a_panic_while_serving_closes_with_1011_and_leaves_no_trace() {
     alice.subscribe("room").await.unwrap();
     assert_eq!(bob.presence("room").await.unwrap().len(), 2);
     assert_eq!(running.registered_sessions("alice").await, 1);
-    assert_eq!(running.node.hub.session_count(), 2);
+    assert_eq!(running.node.session_count(), 2);
 
     faulty.panic_once("publish");
     assert!(
@@ -308,9 +307,7 @@ async fn a_panic_while_serving_closes_with_1011_and_leaves_no_trace() {
     assert_eq!(disconnect_code(&alice).await, Some(1011));
 
     running
-        .wait_until("the hub to forget alice", |node| {
-            node.hub.session_count() == 1
-        })
+        .wait_until("the hub to forget alice", |node| node.session_count() == 1)
         .await;
     assert_eq!(running.registered_sessions("alice").await, 0);
     let members = bob.presence("room").await.unwrap();
@@ -318,7 +315,7 @@ async fn a_panic_while_serving_closes_with_1011_and_leaves_no_trace() {
         members.iter().map(|m| m.user.as_str()).collect::<Vec<_>>(),
         ["bob"]
     );
-    assert_eq!(running.node.metrics.session_panics.get(), 1);
+    assert_eq!(running.node.metrics().session_panics.get(), 1);
 
     // The node keeps serving: bob publishes and receives, and newcomers are welcome.
     bob.publish("room", json!("still here")).await.unwrap();
@@ -339,24 +336,22 @@ async fn a_panic_while_closing_still_removes_the_session() {
     bob.subscribe("room").await.unwrap();
     let alice = running.client("alice").await;
     alice.subscribe("room").await.unwrap();
-    assert_eq!(running.node.hub.session_count(), 2);
+    assert_eq!(running.node.session_count(), 2);
 
     faulty.panic_once("leave_presence");
     alice.close().await;
 
     running
-        .wait_until("the hub to forget alice", |node| {
-            node.hub.session_count() == 1
-        })
+        .wait_until("the hub to forget alice", |node| node.session_count() == 1)
         .await;
-    assert_eq!(running.node.metrics.session_panics.get(), 1);
+    assert_eq!(running.node.metrics().session_panics.get(), 1);
     assert_eq!(running.registered_sessions("alice").await, 0);
     let members = bob.presence("room").await.unwrap();
     assert_eq!(
         members.iter().map(|m| m.user.as_str()).collect::<Vec<_>>(),
         ["bob"]
     );
-    assert_eq!(running.node.metrics.connections.get(), 1);
+    assert_eq!(running.node.metrics().connections.get(), 1);
 
     bob.publish("room", json!("after")).await.unwrap();
     assert_eq!(next_data(&bob).await, json!("after"));

@@ -38,7 +38,7 @@ fn rate(now: u64, before: u64, elapsed: Duration) -> f64 {
 pub async fn publish_stats(node: Arc<Node>) {
     let mut tick = tokio::time::interval(STATS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let metrics = node.metrics.clone();
+    let metrics = node.metrics().clone();
     let mut last = (
         Instant::now(),
         total(&metrics.frames_in),
@@ -54,14 +54,14 @@ pub async fn publish_stats(node: Arc<Node>) {
         let elapsed = now.0 - last.0;
         let data = json!({
             "node": node.id(),
-            "connections": node.hub.session_count(),
+            "connections": node.session_count(),
             "messages_in_per_sec": rate(now.1, last.1, elapsed),
             "messages_out_per_sec": rate(now.2, last.2, elapsed),
-            "uptime_secs": unix_now_millis().saturating_sub(node.started_at) / 1000,
+            "uptime_secs": unix_now_millis().saturating_sub(node.started_at()) / 1000,
             "interval_ms": STATS_INTERVAL.as_millis() as u64,
         });
         last = now;
-        if !node.broker.is_healthy() {
+        if !node.broker_healthy() {
             continue;
         }
         // A failure is counted and logged by `publish`; the next tick tries again.

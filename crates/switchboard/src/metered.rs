@@ -1,0 +1,216 @@
+//! The node's only handle on the broker: every call that fails is counted in
+//! `switchboard_broker_errors_total{op}` and warned about (throttled) here, once for all callers,
+//! so a new call cannot forget its metric. Room delivery (broker → hub) does not pass through it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use switchboard_broker::{
+    Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
+    SessionRecord,
+};
+use switchboard_protocol::api::NodeInfo;
+use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
+
+use crate::metrics::Metrics;
+
+/// At most one "broker call failed" warning per operation in this period: an outage fails every
+/// session's calls at once, and `switchboard_broker_errors_total` counts each of them anyway.
+const BROKER_WARNING_PERIOD: Duration = Duration::from_secs(1);
+
+pub struct MeteredBroker {
+    inner: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+    warnings: parking_lot::Mutex<WarningThrottle>,
+}
+
+/// Per broker operation: when it was last warned about, and failures not warned about since.
+#[derive(Default)]
+struct WarningThrottle(HashMap<&'static str, (Instant, u64)>);
+
+impl WarningThrottle {
+    /// Whether a failure of `op` at `now` is warned about, and if so how many failures of `op`
+    /// went unmentioned since the previous warning.
+    fn should_warn(&mut self, op: &'static str, now: Instant) -> Option<u64> {
+        match self.0.get_mut(op) {
+            Some((last, unmentioned)) if now.duration_since(*last) < BROKER_WARNING_PERIOD => {
+                *unmentioned += 1;
+                None
+            }
+            Some((last, unmentioned)) => {
+                *last = now;
+                Some(std::mem::take(unmentioned))
+            }
+            None => {
+                self.0.insert(op, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl MeteredBroker {
+    pub fn new(inner: Arc<dyn Broker>, metrics: Arc<Metrics>) -> Self {
+        MeteredBroker {
+            inner,
+            metrics,
+            warnings: parking_lot::Mutex::new(WarningThrottle::default()),
+        }
+    }
+
+    /// Counts a failed call of `op` and passes the result on.
+    fn metered<T>(&self, op: &'static str, result: BrokerResult<T>) -> BrokerResult<T> {
+        result.map_err(|error| self.failed(op, error))
+    }
+
+    fn failed(&self, op: &'static str, error: BrokerError) -> BrokerError {
+        self.metrics.broker_errors.with_label_values(&[op]).inc();
+        let warn = self.warnings.lock().should_warn(op, Instant::now());
+        if let Some(also_failed) = warn {
+            tracing::warn!(%error, op, also_failed, "broker call failed");
+        }
+        error
+    }
+
+    /// Not counted: a broker that cannot start stops the node, with its own message.
+    pub async fn start(&self, handler: Arc<dyn BrokerHandler>) -> BrokerResult<()> {
+        self.inner.start(handler).await
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.inner.is_healthy()
+    }
+
+    /// Also timed, failed or not, for the publish latency histogram.
+    pub async fn publish(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+    ) -> BrokerResult<Arc<RoomMessage>> {
+        let started = Instant::now();
+        let result = self.inner.publish(room, data, from).await;
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metered("publish", result)
+    }
+
+    pub async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
+        self.metered("subscribe", self.inner.subscribe_room(room).await)
+    }
+
+    pub async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
+        self.metered("unsubscribe", self.inner.unsubscribe_room(room).await)
+    }
+
+    pub async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
+        self.metered("history", self.inner.history(room, query).await)
+    }
+
+    pub async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
+        self.metered("position", self.inner.position(room).await)
+    }
+
+    pub async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
+        self.metered("send", self.inner.send(message).await)
+    }
+
+    pub async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
+        self.metered("broadcast", self.inner.broadcast(data).await)
+    }
+
+    pub async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64> {
+        let result = self.inner.disconnect(user, code, reason).await;
+        self.metered("disconnect", result)
+    }
+
+    pub async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        let result = self.inner.register_session(record).await;
+        self.metered("register_session", result)
+    }
+
+    pub async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
+        let result = self.inner.unregister_session(record).await;
+        self.metered("unregister_session", result)
+    }
+
+    pub async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let result = self.inner.join_presence(room, member).await;
+        self.metered("join_presence", result)
+    }
+
+    pub async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
+        let result = self.inner.leave_presence(room, member).await;
+        self.metered("leave_presence", result)
+    }
+
+    pub async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
+        self.metered("presence", self.inner.presence(room).await)
+    }
+
+    pub async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
+        self.metered("heartbeat", self.inner.heartbeat(node).await)
+    }
+
+    pub async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
+        self.metered("nodes", self.inner.nodes().await)
+    }
+
+    pub async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
+        self.metered("deregister_node", self.inner.deregister_node(node).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_broker::FaultyBroker;
+
+    use super::*;
+
+    #[test]
+    fn broker_failures_are_warned_about_once_a_period_per_operation_with_a_count() {
+        let mut throttle = WarningThrottle::default();
+        let start = Instant::now();
+        assert_eq!(throttle.should_warn("publish", start), Some(0));
+        for millis in [1, 10, 999] {
+            let at = start + Duration::from_millis(millis);
+            assert_eq!(throttle.should_warn("publish", at), None);
+        }
+        assert_eq!(
+            throttle.should_warn("subscribe", start + Duration::from_millis(5)),
+            Some(0),
+            "another operation has its own period"
+        );
+        let next = start + BROKER_WARNING_PERIOD;
+        assert_eq!(throttle.should_warn("publish", next), Some(3));
+        assert_eq!(throttle.should_warn("publish", next), None);
+        assert_eq!(
+            throttle.should_warn("publish", next + BROKER_WARNING_PERIOD),
+            Some(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn every_failed_call_is_counted_by_operation() {
+        let faulty = Arc::new(FaultyBroker::new(Arc::new(
+            switchboard_broker::MemoryBroker::new("n", Default::default()),
+        )));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let broker = MeteredBroker::new(faulty.clone(), metrics.clone());
+        let count = |op: &str| metrics.broker_errors.with_label_values(&[op]).get();
+        broker.subscribe_room("r").await.unwrap();
+        assert_eq!(count("subscribe"), 0);
+        faulty.set_down(true);
+        assert!(broker.subscribe_room("r").await.is_err());
+        assert!(broker.position("r").await.is_err());
+        assert!(broker.position("r").await.is_err());
+        assert!(broker.publish("r", Value::Null, None).await.is_err());
+        assert_eq!(count("subscribe"), 1);
+        assert_eq!(count("position"), 2);
+        assert_eq!(count("publish"), 1);
+        assert_eq!(metrics.publish_seconds.get_sample_count(), 1);
+    }
+}

@@ -1,0 +1,904 @@
+//! Request handling, whatever carries the frames: a decoded [`ClientFrame`] in, a reply or a
+//! [`RequestError`] out, and the per-room subscription state that keeps every room message
+//! written once and in order. Room messages reach the client only through the session's queue;
+//! a transport supplies the two writes the core cannot do itself ([`Transport`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use switchboard_broker::{BrokerError, DirectMessage, HistoryQuery, SessionRecord};
+use switchboard_protocol::{
+    ClientFrame, Codec, ErrorCode, Member, Reply, RoomMessage, Sender, ServerFrame, StreamPosition,
+    close,
+};
+
+use super::{Exit, close_with};
+use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
+use crate::hub::SessionHandle;
+use crate::node::{INVALID_ROOM, Joined, Node, is_system_room, valid_room};
+use crate::queue::{CloseRequest, OutboundQueue};
+
+/// Most history messages one `history` request returns.
+const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// What a transport does for the core, which writes nothing itself. The transport owns the
+/// session's [`Core`] (one struct per session, so an idle session is no larger for the split).
+pub(super) trait Transport {
+    fn core(&mut self) -> &mut Core;
+
+    /// Encodes and writes frames answering the client, ahead of anything queued.
+    async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit>;
+
+    /// Writes the next batch of the session's queue, room messages through [`Core::admit`].
+    async fn flush_queue(&mut self) -> Result<(), Exit>;
+}
+
+/// Why a request was refused: the `error` frame's code and message.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RequestError {
+    #[error("{}", INVALID_ROOM)]
+    BadRoom,
+    #[error("user ids are 1 to {} bytes without control characters", MAX_USER_LEN)]
+    BadUser,
+    #[error("the token does not allow room {0:?}")]
+    RoomForbidden(String),
+    #[error("room {0:?} is read-only: only the nodes publish to $sys. rooms")]
+    SystemRoom(String),
+    #[error("the token does not allow publishing to {0:?}")]
+    PublishForbidden(String),
+    #[error("the token does not allow sending to {0:?}")]
+    SendForbidden(String),
+    #[error("already subscribed to {0:?}")]
+    AlreadySubscribed(String),
+    #[error("not subscribed to {0:?}")]
+    NotSubscribed(String),
+    #[error("a session may be subscribed to at most {0} rooms (--max-subscriptions)")]
+    TooManySubscriptions(usize),
+    /// A frame over the message size limit; the message says which and by how much.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A broker call failed: nothing was done.
+    #[error("{0}")]
+    Unavailable(BrokerError),
+    /// A publish failed; its outcome may be unknown.
+    #[error("{0}")]
+    PublishFailed(BrokerError),
+}
+
+impl RequestError {
+    pub(super) fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::BadRoom | RequestError::BadUser => ErrorCode::BadFrame,
+            RequestError::RoomForbidden(_)
+            | RequestError::SystemRoom(_)
+            | RequestError::PublishForbidden(_)
+            | RequestError::SendForbidden(_) => ErrorCode::Forbidden,
+            RequestError::AlreadySubscribed(_) => ErrorCode::AlreadySubscribed,
+            RequestError::NotSubscribed(_) => ErrorCode::NotSubscribed,
+            RequestError::TooManySubscriptions(_) => ErrorCode::LimitExceeded,
+            RequestError::TooLarge(_) => ErrorCode::TooLarge,
+            RequestError::PublishFailed(BrokerError::UnknownOutcome(_)) => {
+                ErrorCode::UnknownOutcome
+            }
+            RequestError::Unavailable(_) | RequestError::PublishFailed(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// What a request came to, when it was not refused.
+pub(super) enum Answer {
+    Reply(Reply),
+    Pong,
+    /// A `subscribe` with `since` that recovers: the reply, then what the room missed, starting
+    /// with the first page already read.
+    Recover {
+        reply: Reply,
+        room: String,
+        missed: Vec<Arc<RoomMessage>>,
+        more: bool,
+    },
+}
+
+/// A session's view of one room it subscribed to.
+struct Subscription {
+    /// The newest offset written (or covered by the subscribe reply): anything at or below it
+    /// is a duplicate.
+    offset: u64,
+    epoch: String,
+    /// While `since` recovery pages through history: the highest live offset skipped because it
+    /// came before the messages in between (history holds it, and a later page brings it), or
+    /// `u64::MAX` for a live message of another epoch.
+    recovering: Option<u64>,
+}
+
+/// One session's request state.
+pub(super) struct Core {
+    pub(super) node: Arc<Node>,
+    pub(super) handle: Arc<SessionHandle>,
+    identity: Identity,
+    subscriptions: HashMap<String, Subscription>,
+}
+
+impl Core {
+    pub(super) fn new(node: Arc<Node>, handle: Arc<SessionHandle>, identity: Identity) -> Self {
+        Core {
+            node,
+            handle,
+            identity,
+            subscriptions: HashMap::new(),
+        }
+    }
+
+    fn record(&self) -> SessionRecord {
+        SessionRecord {
+            session: self.handle.id.to_string(),
+            user: self.identity.user.clone(),
+            node: self.node.id().to_owned(),
+            connected_at: unix_now_millis(),
+        }
+    }
+
+    fn member(&self) -> Member {
+        Member {
+            user: self.identity.user.clone(),
+            session: self.handle.id.to_string(),
+            info: self.identity.info.clone(),
+        }
+    }
+
+    fn sender(&self) -> Sender {
+        Sender {
+            user: self.identity.user.clone(),
+            session: self.handle.id.to_string(),
+        }
+    }
+
+    /// Registers the session in the node and the cluster; the `welcome` frame to write first,
+    /// or the close when the cluster cannot take it.
+    pub(super) async fn open(&self) -> Result<ServerFrame, Exit> {
+        let registered = self
+            .node
+            .register_session(&self.handle, &self.record())
+            .await;
+        if registered.is_err() {
+            return Err(close_with(
+                close::TRY_AGAIN_LATER,
+                "broker unavailable, retry later",
+            ));
+        }
+        Ok(ServerFrame::Welcome {
+            session: self.handle.id.to_string(),
+            user: self.identity.user.clone(),
+            node: self.node.id().to_owned(),
+            protocol: self.handle.codec.protocol().to_owned(),
+            heartbeat_ms: self.node.config().heartbeat.as_millis() as u64,
+        })
+    }
+
+    /// Whether the token the session was opened with has expired (past the leeway).
+    pub(super) fn token_expired(&self) -> bool {
+        self.identity.expires_at.is_some_and(|expires_at| {
+            unix_now_secs() > expires_at.saturating_add(self.node.auth().leeway_secs())
+        })
+    }
+
+    /// Whether a room message taken from the queue is written: not when it is at or below its
+    /// subscription's offset (written already, or covered by the subscribe reply), nor for a
+    /// room no longer subscribed, nor while `since` recovery has yet to bring the messages
+    /// before it.
+    pub(super) fn admit(&mut self, message: &RoomMessage) -> bool {
+        let Some(subscription) = self.subscriptions.get_mut(message.room.as_str()) else {
+            return false;
+        };
+        let same_epoch = message.epoch == subscription.epoch;
+        if same_epoch && message.offset <= subscription.offset {
+            return false;
+        }
+        if let Some(skipped) = &mut subscription.recovering
+            && !(same_epoch && message.offset == subscription.offset + 1)
+        {
+            *skipped = if same_epoch {
+                (*skipped).max(message.offset)
+            } else {
+                u64::MAX
+            };
+            return false;
+        }
+        subscription.offset = message.offset;
+        subscription.epoch.clone_from(&message.epoch);
+        true
+    }
+
+    /// Handles one request; returns the frames to write (reply or error first). A recovering
+    /// `subscribe` writes its reply and the missed messages through the transport meanwhile.
+    pub(super) async fn handle<T: Transport>(
+        transport: &mut T,
+        frame: ClientFrame,
+    ) -> Result<Vec<ServerFrame>, Exit> {
+        let id = frame.id();
+        Ok(match (transport.core().answer(frame).await, id) {
+            (Ok(Answer::Pong), id) => vec![ServerFrame::Pong { id }],
+            (Ok(Answer::Reply(reply)), Some(id)) => vec![ServerFrame::Reply(Reply { id, ..reply })],
+            (Ok(Answer::Reply(_)), None) => Vec::new(),
+            (
+                Ok(Answer::Recover {
+                    reply,
+                    room,
+                    missed,
+                    more,
+                }),
+                id,
+            ) => {
+                if let Some(id) = id {
+                    let reply = ServerFrame::Reply(Reply { id, ..reply });
+                    transport.write_frames(vec![reply]).await?;
+                }
+                recover(transport, &room, missed, more).await?;
+                Vec::new()
+            }
+            (Err(error), id) => vec![ServerFrame::error(id, error.code(), error.to_string())],
+        })
+    }
+
+    /// Answers one request, without writing anything.
+    pub(super) async fn answer(&mut self, frame: ClientFrame) -> Result<Answer, RequestError> {
+        match frame {
+            ClientFrame::Subscribe {
+                room,
+                since,
+                presence_events,
+                ..
+            } => self.subscribe(room, since, presence_events).await,
+            ClientFrame::Unsubscribe { room, .. } => self.unsubscribe(room).await,
+            ClientFrame::Publish { room, data, .. } => self.publish(room, data).await,
+            ClientFrame::Send { to, data, .. } => self.send(to, data).await,
+            ClientFrame::Presence { room, .. } => self.presence(room).await,
+            ClientFrame::History {
+                room, since, limit, ..
+            } => self.history(room, since, limit).await,
+            ClientFrame::Ping { .. } => Ok(Answer::Pong),
+        }
+    }
+
+    fn check_room(&self, room: &str) -> Result<(), RequestError> {
+        if valid_room(room) {
+            Ok(())
+        } else {
+            Err(RequestError::BadRoom)
+        }
+    }
+
+    fn check_subscribe_permission(&self, room: &str) -> Result<(), RequestError> {
+        self.check_room(room)?;
+        if self.identity.rooms.allows(room) {
+            Ok(())
+        } else {
+            Err(RequestError::RoomForbidden(room.to_owned()))
+        }
+    }
+
+    /// Subscribes; with `since`, the answer says what to recover (see [`recover`]).
+    async fn subscribe(
+        &mut self,
+        room: String,
+        since: Option<StreamPosition>,
+        presence_events: bool,
+    ) -> Result<Answer, RequestError> {
+        self.check_subscribe_permission(&room)?;
+        if self.subscriptions.contains_key(&room) {
+            return Err(RequestError::AlreadySubscribed(room));
+        }
+        let max = self.node.config().max_subscriptions;
+        if self.subscriptions.len() >= max {
+            self.node
+                .metrics()
+                .limit_refusals
+                .with_label_values(&["subscriptions"])
+                .inc();
+            return Err(RequestError::TooManySubscriptions(max));
+        }
+        let node = self.node.clone();
+        let member = self.member();
+        let subscriptions = &mut self.subscriptions;
+        let Joined {
+            position,
+            recovered,
+            missed,
+            more,
+        } = node
+            .join_room(
+                &room,
+                &self.handle,
+                &member,
+                presence_events,
+                since.as_ref(),
+                |joined| {
+                    let subscription = match (&since, joined.recovered) {
+                        // Everything after `since` comes from history, page by page, before any
+                        // live message.
+                        (Some(since), Some(true)) => Subscription {
+                            offset: since.offset,
+                            epoch: joined.position.epoch.clone(),
+                            recovering: Some(0),
+                        },
+                        _ => Subscription {
+                            offset: joined.position.offset,
+                            epoch: joined.position.epoch.clone(),
+                            recovering: None,
+                        },
+                    };
+                    subscriptions.insert(room.clone(), subscription);
+                },
+            )
+            .await
+            .map_err(RequestError::Unavailable)?;
+        let reply = Reply {
+            room: Some(room.clone()),
+            offset: Some(position.offset),
+            epoch: Some(position.epoch),
+            recovered,
+            ..Reply::default()
+        };
+        if recovered == Some(true) {
+            Ok(Answer::Recover {
+                reply,
+                room,
+                missed,
+                more,
+            })
+        } else {
+            Ok(Answer::Reply(reply))
+        }
+    }
+
+    async fn unsubscribe(&mut self, room: String) -> Result<Answer, RequestError> {
+        if self.subscriptions.remove(&room).is_none() {
+            return Err(RequestError::NotSubscribed(room));
+        }
+        self.node
+            .leave_room(&room, &self.handle, &self.member())
+            .await;
+        Ok(Answer::Reply(Reply::default()))
+    }
+
+    async fn publish(&mut self, room: String, data: Value) -> Result<Answer, RequestError> {
+        self.check_room(&room)?;
+        if is_system_room(&room) {
+            return Err(RequestError::SystemRoom(room));
+        }
+        if !self.identity.publish.allows(&room) {
+            return Err(RequestError::PublishForbidden(room));
+        }
+        let sender = self.sender();
+        self.node
+            .check_room_frame(&room, &data, Some(&sender))
+            .map_err(RequestError::TooLarge)?;
+        let message = self
+            .node
+            .publish(&room, data, Some(sender))
+            .await
+            .map_err(RequestError::PublishFailed)?;
+        Ok(Answer::Reply(Reply {
+            offset: Some(message.offset),
+            epoch: Some(message.epoch.clone()),
+            ..Reply::default()
+        }))
+    }
+
+    async fn send(&mut self, to: String, data: Value) -> Result<Answer, RequestError> {
+        if !valid_user(&to) {
+            return Err(RequestError::BadUser);
+        }
+        if !self.identity.send.allows(&to) {
+            return Err(RequestError::SendForbidden(to));
+        }
+        let sender = self.sender();
+        self.node
+            .check_direct_frame(&data, Some(&sender))
+            .map_err(RequestError::TooLarge)?;
+        let message = DirectMessage {
+            user: to,
+            data,
+            from: Some(sender),
+        };
+        let sessions = self
+            .node
+            .send(message)
+            .await
+            .map_err(RequestError::Unavailable)?;
+        Ok(Answer::Reply(Reply {
+            sessions: Some(sessions),
+            ..Reply::default()
+        }))
+    }
+
+    async fn presence(&mut self, room: String) -> Result<Answer, RequestError> {
+        self.check_subscribe_permission(&room)?;
+        let members = self
+            .node
+            .presence(&room)
+            .await
+            .map_err(RequestError::Unavailable)?;
+        Ok(Answer::Reply(fit_presence_reply(
+            self.handle.codec,
+            self.node.config().max_message_size,
+            members,
+        )))
+    }
+
+    async fn history(
+        &mut self,
+        room: String,
+        since: Option<StreamPosition>,
+        limit: Option<u32>,
+    ) -> Result<Answer, RequestError> {
+        self.check_subscribe_permission(&room)?;
+        let config = self.node.config();
+        let limit = limit.map_or(config.history_size, |limit| limit as usize);
+        let query = HistoryQuery {
+            since,
+            limit: Some(limit.min(MAX_HISTORY_LIMIT)),
+            max_bytes: Some(config.max_message_size),
+        };
+        let history = self
+            .node
+            .history(&room, query)
+            .await
+            .map_err(RequestError::Unavailable)?;
+        let reply = Reply {
+            messages: Some(history.messages),
+            offset: Some(history.position.offset),
+            epoch: Some(history.position.epoch),
+            more: history.more,
+            ..Reply::default()
+        };
+        fit_history_reply(self.handle.codec, config.max_message_size, reply).map(Answer::Reply)
+    }
+
+    /// The rooms the session is subscribed to, for the clean-up after a panic.
+    pub(super) fn rooms(&self) -> Vec<String> {
+        self.subscriptions.keys().cloned().collect()
+    }
+
+    /// Leaves every room and removes the session from the node and the cluster.
+    pub(super) async fn close(&mut self) {
+        let member = self.member();
+        for room in self.rooms() {
+            self.node.leave_room(&room, &self.handle, &member).await;
+            self.subscriptions.remove(&room);
+        }
+        self.node
+            .unregister_session(&self.handle, &self.record())
+            .await;
+    }
+
+    /// After `close` panicked: see [`Node::forget_session`].
+    pub(super) async fn forget(&mut self, rooms: &[String]) {
+        self.subscriptions.clear();
+        let (member, record) = (self.member(), self.record());
+        self.node
+            .forget_session(&self.handle, rooms, &member, &record)
+            .await;
+    }
+}
+
+/// Writes what a `since` subscription missed, starting with `missed` (the first page read),
+/// through the outbound queue, one page at a time: the node holds at most the queue's bound plus
+/// one page for this session, and a client that does not read is closed with 1013 as for live
+/// messages. Live messages of the room that come before the pages are skipped meanwhile and
+/// brought by a later page, so the client gets every message once, in order.
+async fn recover<T: Transport>(
+    transport: &mut T,
+    room: &str,
+    mut missed: Vec<Arc<RoomMessage>>,
+    mut more: bool,
+) -> Result<(), Exit> {
+    let core = transport.core();
+    let node = core.node.clone();
+    let handle = core.handle.clone();
+    let queue = &handle.queue;
+    loop {
+        // Make room for the page (a quarter of the queue), then queue it whole.
+        while queue.bytes() > queue.max_bytes() / 2 && !queue.is_empty() {
+            transport.flush_queue().await?;
+        }
+        let last = missed.last().map(|message| message.offset);
+        let queued_at = Instant::now();
+        for message in missed.drain(..) {
+            match node.push_message(&handle, message, queued_at) {
+                Ok(true) => {}
+                Ok(false) => return Err(Exit::Close(closing_request(queue))),
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode frame");
+                    return Err(close_with(close::INTERNAL, "internal error"));
+                }
+            }
+        }
+        while let Some(last) = last
+            && transport
+                .core()
+                .subscriptions
+                .get(room)
+                .is_some_and(|sub| sub.offset < last)
+            && !queue.is_empty()
+        {
+            transport.flush_queue().await?;
+        }
+        let Some(subscription) = transport.core().subscriptions.get_mut(room) else {
+            return Ok(());
+        };
+        let skipped = subscription.recovering.unwrap_or(0);
+        if !more && skipped <= subscription.offset {
+            subscription.recovering = None;
+            return Ok(());
+        }
+        subscription.recovering = Some(0);
+        let since = StreamPosition {
+            offset: subscription.offset,
+            epoch: subscription.epoch.clone(),
+        };
+        let history = match node.recovery_history(room, since).await {
+            Ok(history) => history,
+            Err(_) => {
+                return Err(close_with(
+                    close::TRY_AGAIN_LATER,
+                    "broker unavailable during recovery, resume with since",
+                ));
+            }
+        };
+        if !history.recovered {
+            tracing::info!(%room, "history moved on during recovery");
+            return Err(close_with(
+                close::TRY_AGAIN_LATER,
+                "too slow to recover: resume with since",
+            ));
+        }
+        missed = history.messages;
+        more = history.more;
+    }
+}
+
+/// The close the outbound queue asked for (it overflowed or was closed meanwhile).
+fn closing_request(queue: &OutboundQueue) -> CloseRequest {
+    queue.close_request().unwrap_or(CloseRequest {
+        code: close::TRY_AGAIN_LATER,
+        reason: "too slow to read: outbound queue full".to_owned(),
+    })
+}
+
+/// A `presence` reply with as many members as fit in one frame of `limit` bytes (with any id),
+/// marked `more` when some were left out: a crowded room must not make a frame over the limit.
+fn fit_presence_reply(codec: Codec, limit: usize, mut members: Vec<Member>) -> Reply {
+    let empty = Reply {
+        id: u64::MAX,
+        members: Some(Vec::new()),
+        more: true,
+        ..Reply::default()
+    };
+    let mut used = codec.encoded_len(&ServerFrame::Reply(empty));
+    let mut fits = 0;
+    for member in &members {
+        // As for history: its encoding, a separator, and room for MessagePack's array header.
+        let cost = codec.encoded_len(member) + 1;
+        if used + cost + 4 > limit {
+            break;
+        }
+        used += cost;
+        fits += 1;
+    }
+    let more = fits < members.len();
+    members.truncate(fits);
+    Reply {
+        members: Some(members),
+        more,
+        ..Reply::default()
+    }
+}
+
+/// Cuts a `history` reply's messages to what fits in one frame of `limit` bytes (with any id),
+/// marking it `more` when it cut. A first message that does not fit alone (only possible for
+/// messages published before the limit was lowered) is an error naming its offset.
+fn fit_history_reply(codec: Codec, limit: usize, mut reply: Reply) -> Result<Reply, RequestError> {
+    let messages = reply.messages.take().unwrap_or_default();
+    // Measured with the largest id, so the real reply is no larger.
+    let measure = |reply: &Reply| {
+        codec.encoded_len(&ServerFrame::Reply(Reply {
+            id: u64::MAX,
+            ..reply.clone()
+        }))
+    };
+    let mut empty = reply.clone();
+    empty.messages = Some(Vec::new());
+    empty.more = true;
+    let mut used = measure(&empty);
+    let mut fits = 0;
+    for message in &messages {
+        // A message in the array costs its own encoding plus at most a separator; MessagePack's
+        // array header grows by at most 4 bytes past 15 elements.
+        let cost = codec.encoded_len(message) + 1;
+        if used + cost + 4 > limit {
+            break;
+        }
+        used += cost;
+        fits += 1;
+    }
+    if fits == 0 && !messages.is_empty() {
+        return Err(RequestError::TooLarge(format!(
+            "the message at offset {} does not fit in a frame of the {limit}-byte message size limit",
+            messages[0].offset
+        )));
+    }
+    let cut = fits < messages.len();
+    let mut messages = messages;
+    messages.truncate(fits);
+    reply.messages = Some(messages);
+    reply.more |= cut;
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use switchboard_broker::{FaultyBroker, MemoryBroker, MemoryConfig};
+
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::metrics::Metrics;
+
+    fn reply_with(count: u64, size: usize) -> Reply {
+        let messages = (1..=count)
+            .map(|offset| {
+                Arc::new(RoomMessage {
+                    room: "r".to_owned(),
+                    data: json!("x".repeat(size)),
+                    offset,
+                    epoch: "0123456789abcdef".to_owned(),
+                    from: None,
+                })
+            })
+            .collect();
+        Reply {
+            id: 7,
+            messages: Some(messages),
+            offset: Some(count),
+            epoch: Some("0123456789abcdef".to_owned()),
+            ..Reply::default()
+        }
+    }
+
+    /// A session's core on a node of its own, on the memory broker behind a `FaultyBroker`.
+    fn core_with(options: crate::config::Options) -> (Core, Arc<FaultyBroker>) {
+        let config = crate::config::Options {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..options
+        }
+        .resolve()
+        .unwrap();
+        let broker = Arc::new(FaultyBroker::new(Arc::new(MemoryBroker::new(
+            "n",
+            MemoryConfig::default(),
+        ))));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let auth = Authenticator::new(None).unwrap();
+        let identity = auth.authenticate(None, Some("alice")).unwrap();
+        let queue = OutboundQueue::new(config.max_queue_bytes, metrics.queue_bytes.clone());
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let node = Arc::new(Node::new(config, broker.clone(), metrics, auth, addr));
+        let handle = Arc::new(SessionHandle {
+            id: Arc::from("0123456789abcdef"),
+            user: Arc::from("alice"),
+            codec: Codec::Json,
+            queue,
+        });
+        (Core::new(node, handle, identity), broker)
+    }
+
+    fn core() -> Core {
+        core_with(crate::config::Options::default()).0
+    }
+
+    fn subscribe(room: &str) -> ClientFrame {
+        ClientFrame::Subscribe {
+            id: Some(1),
+            room: room.to_owned(),
+            since: None,
+            presence_events: false,
+        }
+    }
+
+    fn publish(room: &str, data: Value) -> ClientFrame {
+        ClientFrame::Publish {
+            id: Some(2),
+            room: room.to_owned(),
+            data,
+        }
+    }
+
+    fn refusal(answer: Result<Answer, RequestError>) -> RequestError {
+        match answer {
+            Ok(_) => panic!("expected a refusal"),
+            Err(error) => error,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_room_name_is_a_bad_frame_whatever_the_request() {
+        let mut core = core();
+        for room in ["", "a\nb", &"r".repeat(257)] {
+            for frame in [subscribe(room), publish(room, json!(1))] {
+                let error = refusal(core.answer(frame).await);
+                assert!(matches!(error, RequestError::BadRoom), "{error:?}");
+                assert_eq!(error.code(), ErrorCode::BadFrame);
+                assert_eq!(
+                    error.to_string(),
+                    "room names are 1 to 256 bytes without control characters"
+                );
+            }
+        }
+        assert!(core.rooms().is_empty());
+    }
+
+    #[tokio::test]
+    async fn subscribing_past_the_limit_is_refused_and_counted() {
+        let (mut core, _) = core_with(crate::config::Options {
+            max_subscriptions: Some(2),
+            ..Default::default()
+        });
+        for room in ["a", "b"] {
+            assert!(matches!(
+                core.answer(subscribe(room)).await,
+                Ok(Answer::Reply(_))
+            ));
+        }
+        let error = refusal(core.answer(subscribe("c")).await);
+        assert_eq!(error.code(), ErrorCode::LimitExceeded);
+        assert_eq!(
+            error.to_string(),
+            "a session may be subscribed to at most 2 rooms (--max-subscriptions)"
+        );
+        let refusals = &core.node.metrics().limit_refusals;
+        assert_eq!(refusals.with_label_values(&["subscriptions"]).get(), 1);
+        let again = refusal(core.answer(subscribe("a")).await);
+        assert_eq!(again.code(), ErrorCode::AlreadySubscribed);
+        assert_eq!(
+            core.node.upstream_rooms(),
+            2,
+            "the refused room was not joined"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publish_over_the_message_size_limit_is_too_large_and_takes_no_offset() {
+        let (mut core, _) = core_with(crate::config::Options {
+            max_message_size: Some(1024),
+            ..Default::default()
+        });
+        let error = refusal(core.answer(publish("r", json!("x".repeat(2000)))).await);
+        assert_eq!(error.code(), ErrorCode::TooLarge);
+        assert!(
+            error.to_string().contains("1024-byte message size limit"),
+            "{error}"
+        );
+        let Ok(Answer::Reply(reply)) = core.answer(publish("r", json!("small"))).await else {
+            panic!("a small publish is accepted");
+        };
+        assert_eq!(reply.offset, Some(1));
+    }
+
+    #[tokio::test]
+    async fn publishing_to_a_system_room_is_forbidden_and_unsubscribing_needs_a_subscription() {
+        let mut core = core();
+        let error = refusal(core.answer(publish("$sys.stats", json!(1))).await);
+        assert_eq!(error.code(), ErrorCode::Forbidden);
+        let frame = ClientFrame::Unsubscribe {
+            id: Some(3),
+            room: "r".to_owned(),
+        };
+        let error = refusal(core.answer(frame).await);
+        assert_eq!(error.code(), ErrorCode::NotSubscribed);
+        assert_eq!(error.to_string(), "not subscribed to \"r\"");
+    }
+
+    #[tokio::test]
+    async fn a_subscribe_the_broker_fails_is_unavailable_and_leaves_nothing_joined() {
+        let (mut core, broker) = core_with(crate::config::Options::default());
+        broker.set_down(true);
+        let error = refusal(core.answer(subscribe("r")).await);
+        assert_eq!(error.code(), ErrorCode::Unavailable);
+        assert!(core.rooms().is_empty());
+        assert_eq!(core.node.upstream_rooms(), 0);
+        let errors = &core.node.metrics().broker_errors;
+        assert_eq!(errors.with_label_values(&["subscribe"]).get(), 1);
+        broker.set_down(false);
+        assert!(matches!(
+            core.answer(subscribe("r")).await,
+            Ok(Answer::Reply(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn room_messages_are_admitted_once_in_order_and_only_while_subscribed() {
+        let mut core = core();
+        let message = |room: &str, offset| RoomMessage {
+            room: room.to_owned(),
+            data: json!(offset),
+            offset,
+            epoch: String::new(),
+            from: None,
+        };
+        let Ok(Answer::Reply(reply)) = core.answer(publish("r", json!(0))).await else {
+            panic!("published");
+        };
+        let epoch = reply.epoch.unwrap();
+        let at = |offset| RoomMessage {
+            epoch: epoch.clone(),
+            ..message("r", offset)
+        };
+        assert!(!core.admit(&at(2)), "not subscribed");
+        let Ok(Answer::Reply(reply)) = core.answer(subscribe("r")).await else {
+            panic!("subscribed");
+        };
+        assert_eq!(reply.offset, Some(1));
+        assert!(!core.admit(&at(1)), "covered by the reply");
+        assert!(core.admit(&at(2)));
+        assert!(!core.admit(&at(2)), "written already");
+        assert!(core.admit(&at(3)));
+        assert!(!core.admit(&message("other", 1)));
+    }
+
+    #[test]
+    fn a_history_reply_is_cut_to_the_size_limit_and_says_more() {
+        for codec in Codec::ALL {
+            let limit = 4096;
+            let reply = fit_history_reply(codec, limit, reply_with(10, 1000)).unwrap();
+            let kept = reply.messages.as_ref().unwrap().len();
+            assert!((1..10).contains(&kept), "{codec:?} kept {kept}");
+            assert!(reply.more);
+            let frame = ServerFrame::Reply(Reply {
+                id: u64::MAX,
+                ..reply
+            });
+            assert!(codec.encode(&frame).unwrap().len() <= limit);
+
+            let whole = fit_history_reply(codec, limit, reply_with(2, 100)).unwrap();
+            assert_eq!(whole.messages.unwrap().len(), 2);
+            assert!(!whole.more);
+        }
+    }
+
+    #[test]
+    fn a_presence_reply_is_cut_to_the_size_limit_and_says_more() {
+        let members: Vec<Member> = (0..100)
+            .map(|n| Member {
+                user: format!("user-{n}"),
+                session: format!("{n:016x}"),
+                info: Some(json!({"name": "x".repeat(100)})),
+            })
+            .collect();
+        for codec in Codec::ALL {
+            let reply = fit_presence_reply(codec, 4096, members.clone());
+            let kept = reply.members.as_ref().unwrap().len();
+            assert!((1..100).contains(&kept), "{codec:?} kept {kept}");
+            assert!(reply.more);
+            let frame = ServerFrame::Reply(Reply {
+                id: u64::MAX,
+                ..reply
+            });
+            assert!(codec.encode(&frame).unwrap().len() <= 4096);
+            let all = fit_presence_reply(codec, 1 << 20, members.clone());
+            assert_eq!(all.members.unwrap().len(), 100);
+            assert!(!all.more);
+        }
+    }
+
+    #[test]
+    fn a_stored_message_larger_than_the_limit_is_refused_by_offset() {
+        let error = fit_history_reply(Codec::Json, 512, reply_with(1, 1000)).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::TooLarge);
+        let message = error.to_string();
+        assert!(message.contains("offset 1"), "{message}");
+    }
+}
