@@ -16,7 +16,7 @@ use switchboard_protocol::api::{
 };
 use switchboard_protocol::close;
 
-use crate::auth::{MAX_USER_LEN, bearer_token, valid_user};
+use crate::auth::{INVALID_USER, bearer_token, valid_user};
 use crate::node::{INVALID_ROOM, Node, valid_room};
 
 /// An API failure: a status and the `{code, message}` body.
@@ -164,9 +164,7 @@ fn check_room(room: &str) -> Result<(), Failure> {
 
 fn check_user(user: &str) -> Result<(), Failure> {
     if !valid_user(user) {
-        Err(Failure::bad_request(format!(
-            "user ids are 1 to {MAX_USER_LEN} bytes without control characters"
-        )))
+        Err(Failure::bad_request(INVALID_USER))
     } else {
         Ok(())
     }

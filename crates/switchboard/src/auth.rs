@@ -203,6 +203,9 @@ impl Authenticator {
     }
 }
 
+/// Why a user id is refused, in a session's `error` frame and the server API's 400 alike.
+pub const INVALID_USER: &str = "user ids are 1 to 128 bytes without control characters";
+
 /// User ids are 1 to 128 bytes without control characters (they are keys and line-separated
 /// fields in the cluster's records).
 pub fn valid_user(user: &str) -> bool {
@@ -231,6 +234,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn the_user_id_refusal_states_the_limit_valid_user_applies() {
+        let longest = "u".repeat(MAX_USER_LEN);
+        assert!(valid_user(&longest) && !valid_user(&format!("{longest}u")));
+        assert!(INVALID_USER.contains(&format!("1 to {MAX_USER_LEN} bytes")));
+    }
 
     const SECRET: &str = "0123456789abcdef-test-secret";
 

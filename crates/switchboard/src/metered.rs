@@ -1,8 +1,10 @@
-//! The node's only handle on the broker: every call that fails is counted in
+//! The node's only handle on the broker: every call is timed in
+//! `switchboard_broker_call_duration_seconds{op}`, and every call that fails is counted in
 //! `switchboard_broker_errors_total{op}` and warned about (throttled) here, once for all callers,
-//! so a new call cannot forget its metric. Room delivery (broker → hub) does not pass through it.
+//! so a new call cannot forget its metrics. Room delivery (broker → hub) does not pass through it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,8 +62,18 @@ impl MeteredBroker {
         }
     }
 
-    /// Counts a failed call of `op` and passes the result on.
-    fn metered<T>(&self, op: &'static str, result: BrokerResult<T>) -> BrokerResult<T> {
+    /// Times a call of `op`, counts it if it fails, and passes its result on.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = BrokerResult<T>>,
+    ) -> BrokerResult<T> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .broker_call_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
         result.map_err(|error| self.failed(op, error))
     }
 
@@ -83,7 +95,7 @@ impl MeteredBroker {
         self.inner.is_healthy()
     }
 
-    /// Also timed, failed or not, for the publish latency histogram.
+    /// Also timed in the publish latency histogram, which predates the per-operation one.
     pub async fn publish(
         &self,
         room: &str,
@@ -91,76 +103,81 @@ impl MeteredBroker {
         from: Option<Sender>,
     ) -> BrokerResult<Arc<RoomMessage>> {
         let started = Instant::now();
-        let result = self.inner.publish(room, data, from).await;
+        let result = self
+            .call("publish", self.inner.publish(room, data, from))
+            .await;
         self.metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.metered("publish", result)
+        result
     }
 
     pub async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
-        self.metered("subscribe", self.inner.subscribe_room(room).await)
+        self.call("subscribe", self.inner.subscribe_room(room))
+            .await
     }
 
     pub async fn unsubscribe_room(&self, room: &str) -> BrokerResult<()> {
-        self.metered("unsubscribe", self.inner.unsubscribe_room(room).await)
+        self.call("unsubscribe", self.inner.unsubscribe_room(room))
+            .await
     }
 
     pub async fn history(&self, room: &str, query: HistoryQuery) -> BrokerResult<History> {
-        self.metered("history", self.inner.history(room, query).await)
+        self.call("history", self.inner.history(room, query)).await
     }
 
     pub async fn position(&self, room: &str) -> BrokerResult<StreamPosition> {
-        self.metered("position", self.inner.position(room).await)
+        self.call("position", self.inner.position(room)).await
     }
 
     pub async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
-        self.metered("send", self.inner.send(message).await)
+        self.call("send", self.inner.send(message)).await
     }
 
     pub async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
-        self.metered("broadcast", self.inner.broadcast(data).await)
+        self.call("broadcast", self.inner.broadcast(data)).await
     }
 
     pub async fn disconnect(&self, user: &str, code: u16, reason: &str) -> BrokerResult<u64> {
-        let result = self.inner.disconnect(user, code, reason).await;
-        self.metered("disconnect", result)
+        self.call("disconnect", self.inner.disconnect(user, code, reason))
+            .await
     }
 
     pub async fn register_session(&self, record: &SessionRecord) -> BrokerResult<()> {
-        let result = self.inner.register_session(record).await;
-        self.metered("register_session", result)
+        self.call("register_session", self.inner.register_session(record))
+            .await
     }
 
     pub async fn unregister_session(&self, record: &SessionRecord) -> BrokerResult<()> {
-        let result = self.inner.unregister_session(record).await;
-        self.metered("unregister_session", result)
+        self.call("unregister_session", self.inner.unregister_session(record))
+            .await
     }
 
     pub async fn join_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let result = self.inner.join_presence(room, member).await;
-        self.metered("join_presence", result)
+        self.call("join_presence", self.inner.join_presence(room, member))
+            .await
     }
 
     pub async fn leave_presence(&self, room: &str, member: &Member) -> BrokerResult<()> {
-        let result = self.inner.leave_presence(room, member).await;
-        self.metered("leave_presence", result)
+        self.call("leave_presence", self.inner.leave_presence(room, member))
+            .await
     }
 
     pub async fn presence(&self, room: &str) -> BrokerResult<Vec<Member>> {
-        self.metered("presence", self.inner.presence(room).await)
+        self.call("presence", self.inner.presence(room)).await
     }
 
     pub async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()> {
-        self.metered("heartbeat", self.inner.heartbeat(node).await)
+        self.call("heartbeat", self.inner.heartbeat(node)).await
     }
 
     pub async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
-        self.metered("nodes", self.inner.nodes().await)
+        self.call("nodes", self.inner.nodes()).await
     }
 
     pub async fn deregister_node(&self, node: &str) -> BrokerResult<()> {
-        self.metered("deregister_node", self.inner.deregister_node(node).await)
+        self.call("deregister_node", self.inner.deregister_node(node))
+            .await
     }
 }
 
@@ -212,5 +229,14 @@ mod tests {
         assert_eq!(count("position"), 2);
         assert_eq!(count("publish"), 1);
         assert_eq!(metrics.publish_seconds.get_sample_count(), 1);
+        let timed = |op: &str| {
+            metrics
+                .broker_call_seconds
+                .with_label_values(&[op])
+                .get_sample_count()
+        };
+        assert_eq!(timed("subscribe"), 2, "failed calls are timed too");
+        assert_eq!(timed("position"), 2);
+        assert_eq!(timed("publish"), 1);
     }
 }

@@ -2,7 +2,8 @@
 //! from small fixed sets (frame types, close codes, results), never from user input.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use switchboard_protocol::close;
 
@@ -26,6 +27,7 @@ pub struct Metrics {
     pub queue_bytes: IntGauge,
     pub rooms: IntGauge,
     pub broker_errors: IntCounterVec,
+    pub broker_call_seconds: HistogramVec,
     pub limit_refusals: IntCounterVec,
     pub ready: IntGauge,
     pub accept_waits: IntCounter,
@@ -92,6 +94,18 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(publish_seconds.clone()))?;
+        let broker_call_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "switchboard_broker_call_duration_seconds",
+                "Time of every broker call the node makes, failed or not, by operation.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                2.5,
+            ]),
+            &["op"],
+        )?;
+        registry.register(Box::new(broker_call_seconds.clone()))?;
         let queue_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "switchboard_queue_wait_seconds",
@@ -209,6 +223,7 @@ impl Metrics {
             frames_out,
             deliveries,
             publish_seconds,
+            broker_call_seconds,
             queue_wait_seconds,
             registry,
         })

@@ -15,7 +15,7 @@ use switchboard_protocol::{
 };
 
 use super::{Exit, close_with};
-use crate::auth::{Identity, MAX_USER_LEN, unix_now_millis, unix_now_secs, valid_user};
+use crate::auth::{INVALID_USER, Identity, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::SessionHandle;
 use crate::node::{INVALID_ROOM, Joined, Node, is_system_room, valid_room};
 use crate::queue::{CloseRequest, OutboundQueue};
@@ -40,7 +40,7 @@ pub(super) trait Transport {
 pub(super) enum RequestError {
     #[error("{}", INVALID_ROOM)]
     BadRoom,
-    #[error("user ids are 1 to {} bytes without control characters", MAX_USER_LEN)]
+    #[error("{}", INVALID_USER)]
     BadUser,
     #[error("the token does not allow room {0:?}")]
     RoomForbidden(String),
