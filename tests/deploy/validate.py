@@ -111,7 +111,7 @@ def documented_metrics():
 
 def source_metric_names():
     names = set()
-    for rel in ["crates/switchboard/src/metrics.rs", "crates/switchboard-redis/src/lib.rs"]:
+    for rel in ["crates/switchboard/src/metrics.rs", "crates/switchboard-redis/src/metrics.rs"]:
         names |= set(re.findall(r'"(switchboard_[a-z0-9_]+)"', read(*rel.split("/"))))
     return names
 

@@ -11,6 +11,18 @@ use crate::shard::Shard;
 use crate::subscriber::Control;
 use crate::{Inner, MAX_BACKOFF, MIN_BACKOFF, keys, scripts};
 
+/// Every node incarnation `shard` lists, alive or not yet reaped.
+async fn listed_nodes(inner: &Inner, shard: &Shard) -> BrokerResult<Vec<String>> {
+    inner
+        .call(shard, "reap", async |connection| {
+            redis::cmd("SMEMBERS")
+                .arg(keys::NODES)
+                .query_async(connection)
+                .await
+        })
+        .await
+}
+
 /// Removes the sessions and presence of nodes whose liveness key expired, on every shard.
 pub(crate) async fn reap_dead_nodes(weak: Weak<Inner>) {
     loop {
@@ -20,14 +32,7 @@ pub(crate) async fn reap_dead_nodes(weak: Weak<Inner>) {
             if !shard.up.load(Ordering::SeqCst) {
                 continue;
             }
-            let nodes: BrokerResult<Vec<String>> = inner
-                .call(shard, "reap", async |connection| {
-                    redis::cmd("SMEMBERS")
-                        .arg(keys::NODES)
-                        .query_async(connection)
-                        .await
-                })
-                .await;
+            let nodes = listed_nodes(&inner, shard).await;
             for node in nodes.unwrap_or_default() {
                 if node == inner.node() {
                     // Alive by definition; if its key expired, its next heartbeat fixes that.
@@ -61,14 +66,7 @@ pub(crate) async fn reap_predecessors_once(inner: &Inner, done: &mut HashSet<usi
         if done.contains(&index) {
             continue;
         }
-        let nodes: BrokerResult<Vec<String>> = inner
-            .call(shard, "reap", async |connection| {
-                redis::cmd("SMEMBERS")
-                    .arg(keys::NODES)
-                    .query_async(connection)
-                    .await
-            })
-            .await;
+        let nodes = listed_nodes(inner, shard).await;
         let Ok(nodes) = nodes else { continue };
         let mut reaped = true;
         for node in nodes {

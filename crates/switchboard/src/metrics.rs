@@ -7,6 +7,12 @@ use prometheus::{
 };
 use switchboard_protocol::close;
 
+/// Buckets of the broker call histogram, up to the Redis command timeout (2 s); the publish
+/// histogram has all but the last.
+const BROKER_CALL_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+];
+
 pub struct Metrics {
     registry: Registry,
     pub connections: IntGauge,
@@ -89,9 +95,7 @@ impl Metrics {
                 "switchboard_publish_duration_seconds",
                 "Time for the broker to accept a publish (offset assigned, history appended, fanned out).",
             )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]),
+            .buckets(BROKER_CALL_BUCKETS[..BROKER_CALL_BUCKETS.len() - 1].to_vec()),
         )?;
         registry.register(Box::new(publish_seconds.clone()))?;
         let broker_call_seconds = HistogramVec::new(
@@ -99,10 +103,7 @@ impl Metrics {
                 "switchboard_broker_call_duration_seconds",
                 "Time of every broker call the node makes, failed or not, by operation.",
             )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                2.5,
-            ]),
+            .buckets(BROKER_CALL_BUCKETS.to_vec()),
             &["op"],
         )?;
         registry.register(Box::new(broker_call_seconds.clone()))?;

@@ -400,7 +400,7 @@ impl Node {
         self.upstream.len()
     }
 
-    /// Publishes through the broker, timed for the publish latency histogram.
+    /// Publishes through the broker.
     pub async fn publish(
         &self,
         room: &str,
