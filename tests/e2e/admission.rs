@@ -466,22 +466,18 @@ async fn the_internal_connection_cap_closes_extra_connections_until_places_free(
         stream.write_all(b"GET /metrics HTTP/1.1\r\n").await?;
         holders.push(stream);
     }
-    // The places are taken: an extra connection is closed at once, not left hanging.
-    let started = Instant::now();
+    // The places are taken: an extra connection is closed at once, not left hanging. Shown
+    // without a clock: one left waiting for a place would be served when the holders time out,
+    // and so answered.
     let mut extra = TcpStream::connect(node.internal).await?;
     let _ = extra
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await;
-    let answer = read_until_closed(&mut extra, Duration::from_secs(2)).await?;
+    let answer = read_until_closed(&mut extra, DEADLINE).await?;
     assert!(
         answer.is_empty(),
         "answered over the cap: {:?}",
         String::from_utf8_lossy(&answer)
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the refusal took {:?}",
-        started.elapsed()
     );
     // The holders time out, and the port serves again.
     wait_until("/healthz after the holders time out", || async {
