@@ -17,7 +17,7 @@ use switchboard_protocol::api::{
 use switchboard_protocol::close;
 
 use crate::auth::{INVALID_USER, bearer_token, valid_user};
-use crate::node::{INVALID_ROOM, Node, valid_room};
+use crate::node::{INVALID_ROOM, Node, TooLarge, valid_room};
 
 /// An API failure: a status and the `{code, message}` body.
 pub struct Failure {
@@ -40,8 +40,12 @@ impl Failure {
     }
 
     /// The frame recipients would get is over the message size limit.
-    fn too_large(message: String) -> Self {
-        Failure::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    fn too_large(error: TooLarge) -> Self {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            error.to_string(),
+        )
     }
 }
 

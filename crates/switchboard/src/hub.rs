@@ -7,7 +7,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{BrokerHandler, DirectMessage, PresenceChange, PresenceEvent};
-use switchboard_protocol::{Codec, Encoded, RoomMessage, ServerFrame};
+use switchboard_protocol::{Codec, EncodeError, Encoded, RoomMessage, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::metrics::Metrics;
@@ -63,9 +63,8 @@ impl FrameCache {
 }
 
 /// Encodes a server frame as the WebSocket message of its codec.
-pub fn encode(codec: Codec, frame: &ServerFrame) -> Result<Message, String> {
-    let encoded = codec.encode(frame).map_err(|error| error.to_string())?;
-    Ok(match encoded {
+pub fn encode(codec: Codec, frame: &ServerFrame) -> Result<Message, EncodeError> {
+    Ok(match codec.encode(frame)? {
         Encoded::Text(text) => Message::Text(text.into()),
         Encoded::Binary(bytes) => Message::Binary(bytes.into()),
     })

@@ -11,7 +11,9 @@ use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{Broker, BrokerResult, DirectMessage, HistoryQuery, SessionRecord};
 use switchboard_protocol::api::NodeInfo;
-use switchboard_protocol::{Codec, Member, RoomMessage, Sender, ServerFrame, StreamPosition};
+use switchboard_protocol::{
+    Codec, EncodeError, Member, RoomMessage, Sender, ServerFrame, StreamPosition,
+};
 
 use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
@@ -279,7 +281,7 @@ impl Node {
         session: &SessionHandle,
         message: Arc<RoomMessage>,
         queued_at: Instant,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, EncodeError> {
         let frame = encode(session.codec, &ServerFrame::Message(message.clone()))?;
         Ok(self
             .hub
@@ -439,11 +441,19 @@ fn frame_len_with(skeleton: &ServerFrame, data: &Value) -> usize {
 /// An epoch as long as any a broker makes (16 hex digits), for measuring frames before publishing.
 const EPOCH_BOUND: &str = "0000000000000000";
 
-/// Why a frame was refused as too large for the message size limit.
-pub fn too_large_message(bytes: usize, limit: usize) -> String {
-    format!(
+/// Why a frame would pass the message size limit (`error too_large`, API 413).
+#[derive(Debug, thiserror::Error)]
+pub enum TooLarge {
+    /// A publish, send or broadcast whose frame recipients would receive is too large.
+    #[error(
         "the frame recipients would receive is {bytes} bytes, over the {limit}-byte message size limit"
-    )
+    )]
+    Frame { bytes: usize, limit: usize },
+    /// A stored message that does not fit a `history` reply of its own.
+    #[error(
+        "the message at offset {offset} does not fit in a frame of the {limit}-byte message size limit"
+    )]
+    Stored { offset: u64, limit: usize },
 }
 
 impl Node {
@@ -456,7 +466,7 @@ impl Node {
         room: &str,
         data: &Value,
         from: Option<&Sender>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TooLarge> {
         let skeleton = ServerFrame::Message(Arc::new(RoomMessage {
             room: room.to_owned(),
             data: Value::Null,
@@ -468,7 +478,7 @@ impl Node {
     }
 
     /// Checks that the `direct` frame for `data` fits the message size limit.
-    pub fn check_direct_frame(&self, data: &Value, from: Option<&Sender>) -> Result<(), String> {
+    pub fn check_direct_frame(&self, data: &Value, from: Option<&Sender>) -> Result<(), TooLarge> {
         let skeleton = ServerFrame::Direct {
             data: Value::Null,
             from: from.cloned(),
@@ -477,7 +487,7 @@ impl Node {
     }
 
     /// Checks that the `broadcast` frame for `data` fits the message size limit.
-    pub fn check_broadcast_frame(&self, data: &Value) -> Result<(), String> {
+    pub fn check_broadcast_frame(&self, data: &Value) -> Result<(), TooLarge> {
         let skeleton = ServerFrame::Broadcast { data: Value::Null };
         self.check_frame(&skeleton, data, 0)
     }
@@ -487,7 +497,7 @@ impl Node {
         skeleton: &ServerFrame,
         data: &Value,
         headroom: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), TooLarge> {
         let limit = self.config.max_message_size;
         let bytes = frame_len_with(skeleton, data) + headroom;
         if bytes <= limit {
@@ -497,7 +507,7 @@ impl Node {
                 .limit_refusals
                 .with_label_values(&["message_size"])
                 .inc();
-            Err(too_large_message(bytes, limit))
+            Err(TooLarge::Frame { bytes, limit })
         }
     }
 }

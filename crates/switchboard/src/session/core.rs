@@ -17,7 +17,7 @@ use switchboard_protocol::{
 use super::{Exit, close_with};
 use crate::auth::{INVALID_USER, Identity, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::SessionHandle;
-use crate::node::{INVALID_ROOM, Joined, Node, is_system_room, valid_room};
+use crate::node::{INVALID_ROOM, Joined, Node, TooLarge, is_system_room, valid_room};
 use crate::queue::{CloseRequest, OutboundQueue};
 
 /// Most history messages one `history` request returns.
@@ -57,8 +57,8 @@ pub(super) enum RequestError {
     #[error("a session may be subscribed to at most {0} rooms (--max-subscriptions)")]
     TooManySubscriptions(usize),
     /// A frame over the message size limit; the message says which and by how much.
-    #[error("{0}")]
-    TooLarge(String),
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     /// A broker call failed: nothing was done.
     #[error("{0}")]
     Unavailable(BrokerError),
@@ -625,10 +625,10 @@ fn fit_history_reply(codec: Codec, limit: usize, mut reply: Reply) -> Result<Rep
         fits += 1;
     }
     if fits == 0 && !messages.is_empty() {
-        return Err(RequestError::TooLarge(format!(
-            "the message at offset {} does not fit in a frame of the {limit}-byte message size limit",
-            messages[0].offset
-        )));
+        return Err(RequestError::TooLarge(TooLarge::Stored {
+            offset: messages[0].offset,
+            limit,
+        }));
     }
     let cut = fits < messages.len();
     let mut messages = messages;
