@@ -1129,6 +1129,8 @@ async fn requests_with_bad_fields_get_their_error_codes() -> Result<()> {
             to: String::new(),
             data: json!(1),
             id: Some(5),
+            persist: false,
+            key: None,
         })
         .await?;
     expect_error(&mut client, Some(5), ErrorCode::BadFrame).await?;

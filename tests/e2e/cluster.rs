@@ -279,7 +279,7 @@ async fn room_messages_reach_only_subscribed_nodes_exactly_once() -> Result<()> 
 
 fn expect_direct(frame: &ServerFrame) -> Result<(Value, Option<Sender>)> {
     match frame {
-        ServerFrame::Direct { data, from } => Ok((data.clone(), from.clone())),
+        ServerFrame::Direct { data, from, .. } => Ok((data.clone(), from.clone())),
         other => bail!("expected a direct message, got {other:?}"),
     }
 }

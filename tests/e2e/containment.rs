@@ -261,6 +261,8 @@ async fn frames_over_the_limit_are_refused_at_publish_and_send() -> Result<()> {
             to: "writer".to_owned(),
             data: json!("x".repeat(4050)),
             id: Some(2),
+            persist: false,
+            key: None,
         })
         .await?;
     match answer(&mut client, 2).await? {
@@ -343,6 +345,8 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
                 to: "victim".to_owned(),
                 data,
                 id: Some(id),
+                persist: false,
+                key: None,
             })
             .await?;
         let sent = reply(&mut attacker, id).await?;
@@ -354,6 +358,7 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
                 room: "lobby".to_owned(),
                 data,
                 id: Some(id),
+                key: None,
             })
             .await?;
         reply(&mut attacker, id).await?;
@@ -396,6 +401,8 @@ async fn a_victim_still_reading_a_large_frame_is_not_closed_by_the_next() -> Res
                 to: "sleeper".to_owned(),
                 data: json!(big),
                 id: Some(id),
+                persist: false,
+                key: None,
             })
             .await?;
         reply(&mut attacker, id).await?;

@@ -433,6 +433,7 @@ fn spawn_publisher(
             let body = PublishRequest {
                 room: SEAM_ROOM.to_owned(),
                 data: data.clone(),
+                key: None,
             };
             let response = http.post(&url).json(&body).send().await?;
             ensure!(response.status() == 200, "publish: {}", response.status());
@@ -868,6 +869,8 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
     let send = SendRequest {
         user: "bob".into(),
         data: json!({"dm": true}),
+        persist: false,
+        key: None,
     };
     let answer: SendResponse = api_post(&node, "/api/send", &send).await?;
     assert_eq!(answer.sessions, 1);
@@ -881,6 +884,8 @@ async fn server_api_publishes_sends_broadcasts_and_disconnects() -> Result<()> {
     let nobody = SendRequest {
         user: "nobody".into(),
         data: json!(null),
+        persist: false,
+        key: None,
     };
     let answer: SendResponse = api_post(&node, "/api/send", &nobody).await?;
     assert_eq!(answer.sessions, 0);
@@ -1157,6 +1162,8 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
                     to: "nobody".into(),
                     data: json!(1),
                     id: Some(11),
+                    persist: false,
+                    key: None,
                 },
             )
             .await?,
@@ -1230,6 +1237,7 @@ async fn ping_pongs_and_request_ids_are_echoed() -> Result<()> {
                 room: other_room.clone(),
                 data: json!("no id"),
                 id: None,
+                key: None,
             })
             .await?;
         client

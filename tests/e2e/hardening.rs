@@ -68,6 +68,8 @@ async fn send(client: &mut RawClient, to: &str, data: Value, id: u64) -> Result<
             to: to.to_owned(),
             data,
             id: Some(id),
+            persist: false,
+            key: None,
         },
     )
     .await

@@ -242,6 +242,7 @@ fn welcome_fields(frame: ServerFrame) -> Result<(String, String, String, String,
             node,
             protocol,
             heartbeat_ms,
+            ..
         } => Ok((session, user, node, protocol, heartbeat_ms)),
         other => bail!("expected welcome, got {other:?}"),
     }

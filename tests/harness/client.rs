@@ -109,6 +109,7 @@ pub fn publish_frame(room: &str, data: Value, id: u64) -> ClientFrame {
         room: room.to_owned(),
         data,
         id: Some(id),
+        key: None,
     }
 }
 

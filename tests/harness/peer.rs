@@ -156,6 +156,8 @@ impl Peer {
                 to: to.to_owned(),
                 data,
                 id: Some(id),
+                persist: false,
+                key: None,
             })
             .await?;
         reply.sessions.context("send reply without sessions")

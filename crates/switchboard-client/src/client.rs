@@ -181,6 +181,7 @@ impl Client {
                 room,
                 data,
                 id: Some(id),
+                key: None,
             })
             .await?;
         reply.offset.ok_or_else(|| missing("offset"))
@@ -195,6 +196,8 @@ impl Client {
                 to,
                 data,
                 id: Some(id),
+                persist: false,
+                key: None,
             })
             .await?;
         reply.sessions.ok_or_else(|| missing("sessions"))

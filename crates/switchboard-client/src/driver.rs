@@ -460,7 +460,7 @@ impl Driver {
                     self.emit(Event::Message(message));
                 }
             }
-            ServerFrame::Direct { data, from } => self.emit(Event::Direct { data, from }),
+            ServerFrame::Direct { data, from, .. } => self.emit(Event::Direct { data, from }),
             ServerFrame::Broadcast { data } => self.emit(Event::Broadcast { data }),
             ServerFrame::Join(notice) => self.emit(Event::Join(notice)),
             ServerFrame::Leave(notice) => self.emit(Event::Leave(notice)),

@@ -139,6 +139,7 @@ impl Peer {
             node: "n1".into(),
             protocol: self.codec.protocol().into(),
             heartbeat_ms,
+            inbox: Default::default(),
         })
         .await;
     }

@@ -239,12 +239,33 @@ mod tests {
                 room: "chat".into(),
                 data: json!({"text": "hi", "n": [1, 2.5, null, true]}),
                 id: Some(3),
+                key: None,
+            },
+            ClientFrame::Publish {
+                room: "chat".into(),
+                data: json!(1),
+                id: None,
+                key: Some("k-1".into()),
             },
             ClientFrame::Send {
                 to: "bob".into(),
                 data: json!("hello"),
                 id: None,
+                persist: false,
+                key: None,
             },
+            ClientFrame::Send {
+                to: "bob".into(),
+                data: json!({"text": "kept"}),
+                id: Some(4),
+                persist: true,
+                key: Some("k-2".into()),
+            },
+            ClientFrame::Ack {
+                seq: 12,
+                id: Some(5),
+            },
+            ClientFrame::Ack { seq: 0, id: None },
             ClientFrame::Presence {
                 room: "chat".into(),
                 id: 5,
@@ -284,6 +305,11 @@ mod tests {
                 node: "n1".into(),
                 protocol: JSON_PROTOCOL.into(),
                 heartbeat_ms: 25_000,
+                inbox: InboxState {
+                    seq: 9,
+                    acked: 4,
+                    epoch: "e2".into(),
+                },
             },
             ServerFrame::Message(message.clone()),
             ServerFrame::Message(Arc::new(RoomMessage {
@@ -292,11 +318,18 @@ mod tests {
             })),
             ServerFrame::Direct {
                 data: json!([1, 2]),
-                from: Some(sender),
+                from: Some(sender.clone()),
+                seq: None,
             },
             ServerFrame::Direct {
                 data: json!(null),
                 from: None,
+                seq: None,
+            },
+            ServerFrame::Direct {
+                data: json!("kept"),
+                from: Some(sender),
+                seq: Some(u64::MAX),
             },
             ServerFrame::Broadcast {
                 data: json!({"maintenance": true}),
@@ -314,6 +347,13 @@ mod tests {
             ServerFrame::Reply(Reply {
                 id: 2,
                 sessions: Some(2),
+                ..Reply::default()
+            }),
+            ServerFrame::Reply(Reply {
+                id: 2,
+                sessions: Some(0),
+                seq: Some(3),
+                duplicate: true,
                 ..Reply::default()
             }),
             ServerFrame::Reply(Reply {
@@ -344,6 +384,7 @@ mod tests {
         let frame = ServerFrame::Direct {
             data: json!({"text": "héllo", "n": [1, 2.5, null]}),
             from: None,
+            seq: Some(1),
         };
         for codec in Codec::ALL {
             assert_eq!(
@@ -419,6 +460,83 @@ mod tests {
                 presence_events: false
             }
         );
+    }
+
+    #[test]
+    fn inbox_fields_have_the_protocol_shape_and_are_left_out_when_unused() {
+        let json = |frame: &ServerFrame| -> serde_json::Value {
+            let Encoded::Text(text) = Codec::Json.encode(frame).unwrap() else {
+                panic!("json is text")
+            };
+            serde_json::from_str(&text).unwrap()
+        };
+        let plain = ServerFrame::Direct {
+            data: json!(1),
+            from: None,
+            seq: None,
+        };
+        assert_eq!(json(&plain), json!({"type": "direct", "data": 1}));
+        let kept = ServerFrame::Direct {
+            data: json!(1),
+            from: None,
+            seq: Some(7),
+        };
+        assert_eq!(json(&kept), json!({"type": "direct", "data": 1, "seq": 7}));
+        let reply = ServerFrame::Reply(Reply {
+            id: 1,
+            sessions: Some(1),
+            ..Reply::default()
+        });
+        assert_eq!(
+            json(&reply),
+            json!({"type": "reply", "id": 1, "sessions": 1})
+        );
+        let repeated = ServerFrame::Reply(Reply {
+            id: 1,
+            sessions: Some(1),
+            seq: Some(2),
+            duplicate: true,
+            ..Reply::default()
+        });
+        assert_eq!(
+            json(&repeated),
+            json!({"type": "reply", "id": 1, "sessions": 1, "seq": 2, "duplicate": true})
+        );
+        for codec in Codec::ALL {
+            let frame = |value: serde_json::Value| encode_value(codec, &value);
+            let send = json!({"type": "send", "to": "bob", "data": 1, "persist": true, "key": "k"});
+            assert_eq!(
+                codec.decode_client(&frame(send)).unwrap(),
+                ClientFrame::Send {
+                    to: "bob".into(),
+                    data: json!(1),
+                    id: None,
+                    persist: true,
+                    key: Some("k".into()),
+                }
+            );
+            let plain = json!({"type": "send", "to": "bob", "data": 1});
+            assert!(matches!(
+                codec.decode_client(&frame(plain)).unwrap(),
+                ClientFrame::Send {
+                    persist: false,
+                    key: None,
+                    ..
+                }
+            ));
+            let ack = json!({"type": "ack", "seq": 3, "id": 9});
+            assert_eq!(
+                codec.decode_client(&frame(ack)).unwrap(),
+                ClientFrame::Ack {
+                    seq: 3,
+                    id: Some(9)
+                }
+            );
+            let error = codec
+                .decode_client(&frame(json!({"type": "ack", "id": 4})))
+                .unwrap_err();
+            assert_eq!((error.code, error.id), (ErrorCode::BadFrame, Some(4)));
+        }
     }
 
     #[test]
@@ -552,6 +670,7 @@ mod tests {
             room: "r".into(),
             data: json!([float, 0.1, 1e-300, f64::MAX, 5e-324]),
             id: None,
+            key: None,
         };
         let msgpack = Codec::MsgPack.encode(&frame).unwrap();
         let Encoded::Binary(bytes) = msgpack else {

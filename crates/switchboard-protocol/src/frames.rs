@@ -50,10 +50,24 @@ pub enum ClientFrame {
         data: Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+        /// Idempotency key: a repeat within the window answers the first result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     Send {
         to: String,
         data: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Append to the recipient's inbox before answering.
+        #[serde(default, skip_serializing_if = "is_false")]
+        persist: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+    /// Acknowledges every inbox message of the user up to `seq`.
+    Ack {
+        seq: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
@@ -83,6 +97,7 @@ impl ClientFrame {
             | ClientFrame::Unsubscribe { id, .. }
             | ClientFrame::Publish { id, .. }
             | ClientFrame::Send { id, .. }
+            | ClientFrame::Ack { id, .. }
             | ClientFrame::Ping { id } => *id,
             ClientFrame::Presence { id, .. } | ClientFrame::History { id, .. } => Some(*id),
         }
@@ -95,6 +110,7 @@ impl ClientFrame {
             ClientFrame::Unsubscribe { .. } => "unsubscribe",
             ClientFrame::Publish { .. } => "publish",
             ClientFrame::Send { .. } => "send",
+            ClientFrame::Ack { .. } => "ack",
             ClientFrame::Presence { .. } => "presence",
             ClientFrame::History { .. } => "history",
             ClientFrame::Ping { .. } => "ping",
@@ -108,6 +124,7 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "unsubscribe",
     "publish",
     "send",
+    "ack",
     "presence",
     "history",
     "ping",
@@ -155,6 +172,21 @@ pub struct Reply {
     /// with `since` set to the last offset received.
     #[serde(default, skip_serializing_if = "is_false")]
     pub more: bool,
+    /// A persisted `send`: the message's seq in the recipient's inbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// A keyed `publish` or `send` repeated within the idempotency window: nothing new was
+    /// created, the rest of the reply is the first one's.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub duplicate: bool,
+}
+
+/// Where a user's inbox stands: the newest seq, the acknowledged one, and the epoch they count in.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct InboxState {
+    pub seq: u64,
+    pub acked: u64,
+    pub epoch: String,
 }
 
 /// Stable, machine-readable error codes.
@@ -234,12 +266,18 @@ pub enum ServerFrame {
         node: String,
         protocol: String,
         heartbeat_ms: u64,
+        /// The user's inbox; its unacknowledged messages follow the welcome.
+        #[serde(default)]
+        inbox: InboxState,
     },
     Message(Arc<RoomMessage>),
     Direct {
         data: Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<Sender>,
+        /// Only persisted messages carry their inbox seq.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     Broadcast {
         data: Value,

@@ -186,6 +186,7 @@ async fn publish(
     Ok(Json(PublishResponse {
         offset: message.offset,
         epoch: message.epoch.clone(),
+        duplicate: false,
     }))
 }
 
@@ -203,7 +204,11 @@ async fn send(
         from: None,
     };
     let sessions = node.send(message).await?;
-    Ok(Json(SendResponse { sessions }))
+    Ok(Json(SendResponse {
+        sessions,
+        seq: None,
+        duplicate: false,
+    }))
 }
 
 async fn broadcast(

@@ -238,6 +238,7 @@ impl BrokerHandler for Hub {
         let frame = ServerFrame::Direct {
             data: message.data.clone(),
             from: message.from.clone(),
+            seq: None,
         };
         self.push_frame("direct", frame, sessions.iter());
     }

@@ -482,6 +482,7 @@ impl Node {
         let skeleton = ServerFrame::Direct {
             data: Value::Null,
             from: from.cloned(),
+            seq: None,
         };
         self.check_frame(&skeleton, data, 0)
     }

@@ -174,6 +174,7 @@ impl Core {
             node: self.node.id().to_owned(),
             protocol: self.handle.codec.protocol().to_owned(),
             heartbeat_ms: self.node.config().heartbeat.as_millis() as u64,
+            inbox: Default::default(),
         })
     }
 
@@ -253,6 +254,7 @@ impl Core {
             } => self.subscribe(room, since, presence_events).await,
             ClientFrame::Unsubscribe { room, .. } => self.unsubscribe(room).await,
             ClientFrame::Publish { room, data, .. } => self.publish(room, data).await,
+            ClientFrame::Ack { .. } => Ok(Answer::Reply(Reply::default())),
             ClientFrame::Send { to, data, .. } => self.send(to, data).await,
             ClientFrame::Presence { room, .. } => self.presence(room).await,
             ClientFrame::History {
@@ -714,6 +716,7 @@ mod tests {
             id: Some(2),
             room: room.to_owned(),
             data,
+            key: None,
         }
     }
 
