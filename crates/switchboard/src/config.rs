@@ -249,6 +249,20 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_HISTORY_TTL_SECS", value_name = "SECS")]
     pub history_ttl_secs: u64 = 300;
 
+    /// Messages kept per user inbox (persisted `send`); past it the oldest unacknowledged are
+    /// dropped and counted, so one flooded user cannot grow without bound.
+    #[arg(long, env = "SWITCHBOARD_INBOX_SIZE", value_name = "N")]
+    pub inbox_size: usize = 1000;
+
+    /// Seconds a persisted direct message stays in its user's inbox.
+    #[arg(long, env = "SWITCHBOARD_INBOX_TTL_SECS", value_name = "SECS")]
+    pub inbox_ttl_secs: u64 = 604_800;
+
+    /// Seconds a `key` of a publish or persisted send is remembered: a repeat within it answers
+    /// the first result with `duplicate: true`.
+    #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_WINDOW_SECS", value_name = "SECS")]
+    pub idempotency_window_secs: u64 = 300;
+
     /// Seconds a room's offset and epoch outlive its last publish once nobody subscribes.
     #[arg(long, env = "SWITCHBOARD_STREAM_TTL_SECS", value_name = "SECS")]
     pub stream_ttl_secs: u64 = 86_400;
@@ -343,6 +357,9 @@ pub struct Config {
     pub history_size: usize,
     pub history_ttl: Duration,
     pub stream_ttl: Duration,
+    pub inbox_size: usize,
+    pub inbox_ttl: Duration,
+    pub idempotency_window: Duration,
     pub room_linger: Duration,
     pub read_buffer_size: usize,
     pub write_buffer_size: usize,
@@ -658,6 +675,13 @@ impl Options {
                 "must be at least history-ttl-secs, or offsets would be forgotten before their messages",
             ));
         }
+        let inbox_size = given.inbox_size;
+        if inbox_size == 0 {
+            return Err(invalid("inbox-size", "must be at least 1"));
+        }
+        let inbox_ttl_secs = positive("inbox-ttl-secs", given.inbox_ttl_secs)?;
+        let idempotency_window_secs =
+            positive("idempotency-window-secs", given.idempotency_window_secs)?;
         let log = given.log;
         if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
             return Err(invalid("log", format!("{log:?} is not a log filter")));
@@ -704,6 +728,9 @@ impl Options {
             history_size: given.history_size,
             history_ttl: Duration::from_secs(history_ttl_secs),
             stream_ttl: Duration::from_secs(stream_ttl_secs),
+            inbox_size,
+            inbox_ttl: Duration::from_secs(inbox_ttl_secs),
+            idempotency_window: Duration::from_secs(idempotency_window_secs),
             room_linger: Duration::from_millis(given.room_linger_ms),
             read_buffer_size,
             write_buffer_size,

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub dropped: IntCounterVec,
     pub slow_closes: IntCounter,
+    pub inbox_dropped: IntCounter,
     pub closes: IntCounterVec,
     pub errors_sent: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -153,6 +154,10 @@ impl Metrics {
             slow_closes: counter(
                 "switchboard_slow_consumer_closes_total",
                 "Sessions closed with 1013 because their outbound queue overflowed.",
+            )?,
+            inbox_dropped: counter(
+                "switchboard_inbox_dropped_total",
+                "Unacknowledged inbox messages dropped to keep a user's inbox within --inbox-size, counted by the node whose persisted send dropped them.",
             )?,
             closes: counter_vec(
                 "switchboard_closes_total",

@@ -454,6 +454,39 @@ fn zero_durations_are_rejected() {
 }
 
 #[test]
+fn inbox_limits_and_the_idempotency_window_must_be_positive() {
+    let config = resolve(Options::default());
+    assert_eq!(config.inbox_size, 1000);
+    assert_eq!(config.inbox_ttl, Duration::from_secs(604_800));
+    assert_eq!(config.idempotency_window, Duration::from_secs(300));
+    for (options, option) in [
+        (
+            Options {
+                inbox_size: Some(0),
+                ..Options::default()
+            },
+            "inbox-size",
+        ),
+        (
+            Options {
+                inbox_ttl_secs: Some(0),
+                ..Options::default()
+            },
+            "inbox-ttl-secs",
+        ),
+        (
+            Options {
+                idempotency_window_secs: Some(0),
+                ..Options::default()
+            },
+            "idempotency-window-secs",
+        ),
+    ] {
+        expect_invalid(options, option);
+    }
+}
+
+#[test]
 fn jwt_secret_must_be_at_least_16_bytes() {
     let text = expect_invalid(
         Options {
