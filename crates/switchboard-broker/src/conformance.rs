@@ -605,6 +605,7 @@ pub async fn send_reaches_the_nodes_of_the_users_sessions(cluster: &dyn Cluster)
         user: "alice".into(),
         data: json!({"hello": true}),
         from: Some(sender("bob", "s4")),
+        seq: None,
     };
     assert_eq!(n3.send(message.clone()).await.unwrap(), 3);
     assert_eq!(
@@ -620,6 +621,7 @@ pub async fn send_reaches_the_nodes_of_the_users_sessions(cluster: &dyn Cluster)
         user: "carol".into(),
         data: json!(0),
         from: None,
+        seq: None,
     };
     assert_eq!(n1.send(unknown).await.unwrap(), 0);
 
@@ -639,6 +641,7 @@ pub async fn send_reaches_the_nodes_of_the_users_sessions(cluster: &dyn Cluster)
         user: "bob".into(),
         data: json!("bob"),
         from: None,
+        seq: None,
     };
     assert_eq!(n1.send(to_bob.clone()).await.unwrap(), 1);
     assert_eq!(
@@ -780,6 +783,7 @@ pub async fn heartbeat_lists_nodes_and_deregister_removes_them(cluster: &dyn Clu
         user: "bob".into(),
         data: json!(1),
         from: None,
+        seq: None,
     };
     assert_eq!(n2.send(to_bob).await.unwrap(), 0);
     assert_eq!(n2.presence("r").await.unwrap(), vec![member("alice", "s2")]);

@@ -9,8 +9,8 @@ use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
 
 use crate::{
-    Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
-    SessionRecord,
+    Acked, Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
+    Inbox, Published, Sent, SessionRecord,
 };
 
 /// Wraps a broker and, while `set_down(true)`, fails every call with `Unavailable` and reports
@@ -91,6 +91,42 @@ impl Broker for FaultyBroker {
     async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
         self.check("send")?;
         self.inner.send(message).await
+    }
+
+    async fn publish_keyed(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+        key: &str,
+    ) -> BrokerResult<Published> {
+        self.check("publish_keyed")?;
+        self.inner.publish_keyed(room, data, from, key).await
+    }
+
+    async fn send_persisted(
+        &self,
+        message: DirectMessage,
+        key: Option<&str>,
+    ) -> BrokerResult<Sent> {
+        self.check("send_persisted")?;
+        self.inner.send_persisted(message, key).await
+    }
+
+    async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked> {
+        self.check("ack")?;
+        self.inner.ack(user, seq).await
+    }
+
+    async fn inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BrokerResult<Inbox> {
+        self.check("inbox")?;
+        self.inner.inbox(user, after, limit, max_bytes).await
     }
 
     async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
@@ -213,6 +249,7 @@ mod tests {
             user: "alice".into(),
             data: json!("hi"),
             from: None,
+            seq: None,
         }
     }
 
@@ -285,6 +322,10 @@ mod tests {
         assert_unavailable(broker.history("r", HistoryQuery::default()).await);
         assert_unavailable(broker.position("r").await);
         assert_unavailable(broker.send(direct()).await);
+        assert_unavailable(broker.publish_keyed("r", json!(2), None, "k").await);
+        assert_unavailable(broker.send_persisted(direct(), Some("k")).await);
+        assert_unavailable(broker.ack("alice", 0).await);
+        assert_unavailable(broker.inbox("alice", 0, 10, 1000).await);
         assert_unavailable(broker.broadcast(json!(0)).await);
         assert_unavailable(broker.disconnect("alice", 1000, "").await);
         assert_unavailable(broker.register_session(&record()).await);
@@ -306,6 +347,14 @@ mod tests {
         assert_eq!(broker.presence("r").await.unwrap(), vec![member()]);
         assert!(broker.presence("q").await.unwrap().is_empty());
         assert_eq!(broker.send(direct()).await.unwrap(), 1);
+        assert!(
+            broker
+                .inbox("alice", 0, 10, 1000)
+                .await
+                .unwrap()
+                .pending
+                .is_empty()
+        );
         assert_eq!(broker.nodes().await.unwrap(), vec![node()]);
         // "q" was not subscribed; "r" still is.
         broker.publish("q", json!(1), None).await.unwrap();
@@ -357,6 +406,34 @@ mod tests {
             }
             async fn send(&self, _message: DirectMessage) -> BrokerResult<u64> {
                 Ok(0)
+            }
+            async fn publish_keyed(
+                &self,
+                _room: &str,
+                _data: Value,
+                _from: Option<Sender>,
+                _key: &str,
+            ) -> BrokerResult<Published> {
+                Err(BrokerError::Internal("sick".into()))
+            }
+            async fn send_persisted(
+                &self,
+                _message: DirectMessage,
+                _key: Option<&str>,
+            ) -> BrokerResult<Sent> {
+                Err(BrokerError::Internal("sick".into()))
+            }
+            async fn ack(&self, _user: &str, _seq: u64) -> BrokerResult<Acked> {
+                Err(BrokerError::Internal("sick".into()))
+            }
+            async fn inbox(
+                &self,
+                _user: &str,
+                _after: u64,
+                _limit: usize,
+                _max_bytes: usize,
+            ) -> BrokerResult<Inbox> {
+                Err(BrokerError::Internal("sick".into()))
             }
             async fn broadcast(&self, _data: Value) -> BrokerResult<u64> {
                 Ok(0)

@@ -127,6 +127,75 @@ pub struct DirectMessage {
     pub user: String,
     pub data: Value,
     pub from: Option<Sender>,
+    /// The message's seq in the user's inbox: `None` for a plain send, set by the broker for a
+    /// persisted one.
+    pub seq: Option<u64>,
+}
+
+/// Position of a user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InboxPosition {
+    /// The seq of the newest message stored (0: none yet in this epoch).
+    pub seq: u64,
+    /// Everything up to this seq is acknowledged.
+    pub acked: u64,
+    /// The inbox's epoch: `seq` never goes back within one. Made like room epochs (see
+    /// [`GENERATION_DIGITS`]); an inbox without state has a fresh one of the current generation
+    /// that is not stored.
+    pub epoch: String,
+}
+
+/// One stored direct message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxEntry {
+    pub seq: u64,
+    pub data: Value,
+    pub from: Option<Sender>,
+    /// Milliseconds since the Unix epoch when it was stored.
+    pub at: u64,
+}
+
+/// A page of a user's unacknowledged messages after a seq, in seq order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbox {
+    pub position: InboxPosition,
+    pub pending: Vec<InboxEntry>,
+    /// The page stopped at its limit or byte budget before the newest pending message: read on
+    /// after the last seq in `pending`.
+    pub more: bool,
+}
+
+/// What a persisted send did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    /// How many sessions the registry lists for the user.
+    pub sessions: u64,
+    pub seq: u64,
+    pub epoch: String,
+    /// A repeat of an earlier send with the same key within the idempotency window: the fields
+    /// above are that send's, and nothing was stored or delivered.
+    pub duplicate: bool,
+    /// Unacknowledged messages dropped by this append to keep the inbox size.
+    pub dropped: u64,
+}
+
+/// What a keyed publish did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// The message as delivered (for a duplicate: the first publish's message).
+    pub message: Arc<RoomMessage>,
+    /// A repeat of an earlier publish with the same key to the same room within the
+    /// idempotency window: nothing was published.
+    pub duplicate: bool,
+}
+
+/// What an `ack` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acked {
+    /// Recorded (or already covered by an earlier ack): the position after it.
+    Done(InboxPosition),
+    /// The seq is beyond the inbox's seq: nothing was recorded.
+    BeyondSeq(InboxPosition),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +259,38 @@ pub trait Broker: Send + Sync + 'static {
     /// Delivers to every session of `message.user` on every node. Returns how many sessions the
     /// registry lists for the user.
     async fn send(&self, message: DirectMessage) -> BrokerResult<u64>;
+
+    /// Like [`Broker::publish`], once per `key` and room within the idempotency window: a repeat
+    /// publishes nothing and answers the first message with `duplicate: true`.
+    async fn publish_keyed(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+        key: &str,
+    ) -> BrokerResult<Published>;
+
+    /// Appends to `message.user`'s inbox (the next seq; dropping the oldest unacknowledged
+    /// messages beyond the inbox size) and delivers like [`Broker::send`], with `seq` set. With a
+    /// `key`, once per key and user within the idempotency window: a repeat stores and delivers
+    /// nothing and answers the first result with `duplicate: true`.
+    async fn send_persisted(&self, message: DirectMessage, key: Option<&str>)
+    -> BrokerResult<Sent>;
+
+    /// Acknowledges everything up to `seq` in `user`'s inbox: the acked seq becomes
+    /// max(acked, seq), and those messages are no longer pending.
+    async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked>;
+
+    /// A page of `user`'s pending messages: seq above max(`after`, acked), oldest first, at most
+    /// `limit` and stopping before `max_bytes` of stored payload (at least one when one is
+    /// there). Messages older than the inbox TTL are not returned. Reading creates nothing.
+    async fn inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BrokerResult<Inbox>;
 
     /// Delivers to every node. Returns how many nodes it reached.
     async fn broadcast(&self, data: Value) -> BrokerResult<u64>;

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -12,8 +12,9 @@ use switchboard_protocol::{Codec, Member, PresenceNotice, RoomMessage, Sender, S
 use tokio::time::Instant;
 
 use crate::{
-    Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, PresenceChange,
-    PresenceEvent, SessionRecord, recovered, resumable,
+    Acked, Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, Inbox,
+    InboxEntry, InboxPosition, PresenceChange, PresenceEvent, Published, Sent, SessionRecord,
+    recovered, resumable,
 };
 
 /// Limits of the embedded broker's room history.
@@ -26,6 +27,13 @@ pub struct MemoryConfig {
     /// How long a room's offset and epoch outlive its last publish once no node subscribes to it;
     /// after that the room starts over at offset 0 with a new epoch.
     pub stream_ttl: Duration,
+    /// Messages kept per user inbox; beyond it the oldest unacknowledged are dropped.
+    pub inbox_size: usize,
+    /// How long an inbox message is kept; an inbox untouched (no send, no ack) for this long is
+    /// forgotten, and starts over at seq 0 with a new epoch.
+    pub inbox_ttl: Duration,
+    /// How long a publish or persisted send key is remembered.
+    pub idempotency_window: Duration,
 }
 
 impl Default for MemoryConfig {
@@ -34,6 +42,9 @@ impl Default for MemoryConfig {
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             stream_ttl: Duration::from_secs(86_400),
+            inbox_size: 1000,
+            inbox_ttl: Duration::from_secs(604_800),
+            idempotency_window: Duration::from_secs(300),
         }
     }
 }
@@ -59,7 +70,82 @@ struct BusState {
     registry: Mutex<HashMap<String, HashMap<String, String>>>,
     /// room → session → member; a BTreeMap keeps listings stable.
     presence: Mutex<HashMap<String, BTreeMap<String, Member>>>,
+    /// user → inbox, each behind its own lock, held through delivery so that delivery order is
+    /// seq order.
+    inboxes: DashMap<String, Arc<Mutex<UserInbox>>>,
+    /// Keys of keyed publishes and persisted sends, with when they were first used and what they
+    /// answered. Held through the keyed call, so that two calls with one key never both act.
+    keys: Mutex<HashMap<IdempotencyKey, (Instant, Remembered)>>,
     sweeper_started: AtomicBool,
+}
+
+/// An idempotency key is scoped to its room or user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IdempotencyKey {
+    Room { room: String, key: String },
+    User { user: String, key: String },
+}
+
+/// The first answer to a key.
+enum Remembered {
+    Published(Arc<RoomMessage>),
+    Sent(Sent),
+}
+
+struct UserInbox {
+    epoch: String,
+    seq: u64,
+    acked: u64,
+    /// Unacknowledged messages in seq order, with when they were stored.
+    entries: VecDeque<(InboxEntry, Instant)>,
+    last_activity: Instant,
+}
+
+impl UserInbox {
+    fn new(epoch: String) -> Self {
+        UserInbox {
+            epoch,
+            seq: 0,
+            acked: 0,
+            entries: VecDeque::new(),
+            last_activity: Instant::now(),
+        }
+    }
+
+    fn position(&self) -> InboxPosition {
+        InboxPosition {
+            seq: self.seq,
+            acked: self.acked,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    fn idle(&self, config: &MemoryConfig, now: Instant) -> bool {
+        now.duration_since(self.last_activity) >= config.inbox_ttl
+    }
+
+    /// Drops expired messages, then the oldest beyond `keep`; returns how many it dropped for
+    /// the size (expired ones are gone anyway).
+    fn evict(&mut self, config: &MemoryConfig, keep: usize, now: Instant) -> u64 {
+        while let Some((_, at)) = self.entries.front() {
+            if now.duration_since(*at) < config.inbox_ttl {
+                break;
+            }
+            self.entries.pop_front();
+        }
+        let mut dropped = 0;
+        while self.entries.len() > keep {
+            self.entries.pop_front();
+            dropped += 1;
+        }
+        dropped
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 struct NodeSlot {
@@ -119,6 +205,8 @@ impl MemoryBus {
                 nodes: RwLock::new(Vec::new()),
                 registry: Mutex::new(HashMap::new()),
                 presence: Mutex::new(HashMap::new()),
+                inboxes: DashMap::new(),
+                keys: Mutex::new(HashMap::new()),
                 sweeper_started: AtomicBool::new(false),
                 generation: Mutex::new(new_generation()),
             }),
@@ -139,11 +227,13 @@ impl MemoryBus {
         }
     }
 
-    /// Forgets every room's offsets and history, as a wiped history store would: every room gets
-    /// a new epoch on its next use.
+    /// Forgets every room's offsets and history, every inbox and every idempotency key, as a
+    /// wiped store would: every room and inbox gets a new epoch on its next use.
     pub fn wipe_history(&self) {
         *self.state.generation.lock() = new_generation();
         self.state.streams.clear();
+        self.state.inboxes.clear();
+        self.state.keys.lock().clear();
     }
 }
 
@@ -165,6 +255,103 @@ impl BusState {
             .entry(room.to_owned())
             .or_insert_with(|| Arc::new(Mutex::new(Stream::new(self.new_epoch()))))
             .clone()
+    }
+
+    fn publish(&self, room: &str, data: Value, from: Option<Sender>) -> Arc<RoomMessage> {
+        let stream = self.stream(room);
+        let mut stream = stream.lock();
+        let now = Instant::now();
+        stream.offset += 1;
+        stream.last_activity = now;
+        let message = Arc::new(RoomMessage {
+            room: room.to_owned(),
+            data,
+            offset: stream.offset,
+            epoch: stream.epoch.clone(),
+            from,
+        });
+        if self.config.history_size > 0 {
+            stream.history.push_back((message.clone(), now));
+        }
+        stream.evict(&self.config, now);
+        for handler in self.room_nodes(room) {
+            handler.room_message(message.clone());
+        }
+        message
+    }
+
+    /// A user's inbox, if it has one that is not idle past its TTL: only a persisted send
+    /// creates one.
+    fn existing_inbox(&self, user: &str) -> Option<Arc<Mutex<UserInbox>>> {
+        let inbox = self.inboxes.get(user)?.clone();
+        let idle = inbox.lock().idle(&self.config, Instant::now());
+        (!idle).then_some(inbox)
+    }
+
+    fn inbox(&self, user: &str) -> Arc<Mutex<UserInbox>> {
+        let inbox = self
+            .inboxes
+            .entry(user.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(UserInbox::new(self.new_epoch()))))
+            .clone();
+        {
+            let mut held = inbox.lock();
+            if held.idle(&self.config, Instant::now()) {
+                *held = UserInbox::new(self.new_epoch());
+            }
+        }
+        inbox
+    }
+
+    fn unstored_inbox_position(&self) -> InboxPosition {
+        InboxPosition {
+            seq: 0,
+            acked: 0,
+            epoch: self.new_epoch(),
+        }
+    }
+
+    /// Delivers to every node hosting `user`; returns how many sessions the registry lists.
+    fn deliver_direct(&self, message: DirectMessage) -> u64 {
+        let message = Arc::new(message);
+        let mut sessions = 0;
+        for (node, count) in self.user_nodes(&message.user) {
+            if let Some(handler) = self.handler_of(&node) {
+                handler.direct(message.clone());
+                sessions += count;
+            }
+        }
+        sessions
+    }
+
+    /// Appends to the user's inbox and delivers, under the inbox's lock.
+    fn append(&self, mut message: DirectMessage) -> Sent {
+        let inbox = self.inbox(&message.user);
+        let mut inbox = inbox.lock();
+        let now = Instant::now();
+        inbox.seq += 1;
+        inbox.last_activity = now;
+        let keep = self.config.inbox_size.saturating_sub(1);
+        let dropped = inbox.evict(&self.config, keep, now);
+        let seq = inbox.seq;
+        if self.config.inbox_size > 0 {
+            let entry = InboxEntry {
+                seq,
+                data: message.data.clone(),
+                from: message.from.clone(),
+                at: unix_millis(),
+            };
+            inbox.entries.push_back((entry, now));
+        }
+        message.seq = Some(seq);
+        let sessions = self.deliver_direct(message);
+        Sent {
+            sessions,
+            seq,
+            epoch: inbox.epoch.clone(),
+            duplicate: false,
+            dropped,
+        }
     }
 
     fn room_nodes(&self, room: &str) -> Vec<Arc<dyn BrokerHandler>> {
@@ -225,6 +412,22 @@ impl BusState {
             let idle = now.duration_since(stream.last_activity) >= self.config.stream_ttl;
             !(idle && stream.history.is_empty() && !self.subscriptions.contains_key(room))
         });
+        self.inboxes
+            .retain(|_, inbox| !inbox.lock().idle(&self.config, now));
+        self.keys
+            .lock()
+            .retain(|_, (at, _)| now.duration_since(*at) < self.config.idempotency_window);
+    }
+
+    /// The remembered answer to `key`, if it was used within the window.
+    fn remembered<'a>(
+        &self,
+        keys: &'a HashMap<IdempotencyKey, (Instant, Remembered)>,
+        key: &IdempotencyKey,
+    ) -> Option<&'a Remembered> {
+        keys.get(key)
+            .filter(|(at, _)| Instant::now().duration_since(*at) < self.config.idempotency_window)
+            .map(|(_, remembered)| remembered)
     }
 }
 
@@ -276,27 +479,127 @@ impl Broker for MemoryBroker {
         data: Value,
         from: Option<Sender>,
     ) -> BrokerResult<Arc<RoomMessage>> {
+        Ok(self.state().publish(room, data, from))
+    }
+
+    async fn publish_keyed(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+        key: &str,
+    ) -> BrokerResult<Published> {
         let state = self.state();
-        let stream = state.stream(room);
-        let mut stream = stream.lock();
-        let now = Instant::now();
-        stream.offset += 1;
-        stream.last_activity = now;
-        let message = Arc::new(RoomMessage {
+        let key = IdempotencyKey::Room {
             room: room.to_owned(),
-            data,
-            offset: stream.offset,
-            epoch: stream.epoch.clone(),
-            from,
-        });
-        if state.config.history_size > 0 {
-            stream.history.push_back((message.clone(), now));
+            key: key.to_owned(),
+        };
+        let mut keys = state.keys.lock();
+        if let Some(Remembered::Published(message)) = state.remembered(&keys, &key) {
+            return Ok(Published {
+                message: message.clone(),
+                duplicate: true,
+            });
         }
-        stream.evict(&state.config, now);
-        for handler in state.room_nodes(room) {
-            handler.room_message(message.clone());
+        let message = state.publish(room, data, from);
+        keys.insert(
+            key,
+            (Instant::now(), Remembered::Published(message.clone())),
+        );
+        Ok(Published {
+            message,
+            duplicate: false,
+        })
+    }
+
+    async fn send_persisted(
+        &self,
+        message: DirectMessage,
+        key: Option<&str>,
+    ) -> BrokerResult<Sent> {
+        let state = self.state();
+        let Some(key) = key else {
+            return Ok(state.append(message));
+        };
+        let key = IdempotencyKey::User {
+            user: message.user.clone(),
+            key: key.to_owned(),
+        };
+        let mut keys = state.keys.lock();
+        if let Some(Remembered::Sent(first)) = state.remembered(&keys, &key) {
+            return Ok(Sent {
+                duplicate: true,
+                dropped: 0,
+                ..first.clone()
+            });
         }
-        Ok(message)
+        let sent = state.append(message);
+        keys.insert(key, (Instant::now(), Remembered::Sent(sent.clone())));
+        Ok(sent)
+    }
+
+    async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked> {
+        let state = self.state();
+        let Some(inbox) = state.existing_inbox(user) else {
+            let position = state.unstored_inbox_position();
+            return Ok(if seq == 0 {
+                Acked::Done(position)
+            } else {
+                Acked::BeyondSeq(position)
+            });
+        };
+        let mut inbox = inbox.lock();
+        if seq > inbox.seq {
+            return Ok(Acked::BeyondSeq(inbox.position()));
+        }
+        inbox.acked = inbox.acked.max(seq);
+        inbox.last_activity = Instant::now();
+        let acked = inbox.acked;
+        while inbox
+            .entries
+            .front()
+            .is_some_and(|(entry, _)| entry.seq <= acked)
+        {
+            inbox.entries.pop_front();
+        }
+        Ok(Acked::Done(inbox.position()))
+    }
+
+    async fn inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BrokerResult<Inbox> {
+        let state = self.state();
+        let Some(inbox) = state.existing_inbox(user) else {
+            return Ok(Inbox {
+                position: state.unstored_inbox_position(),
+                pending: Vec::new(),
+                more: false,
+            });
+        };
+        let mut inbox = inbox.lock();
+        inbox.evict(&state.config, usize::MAX, Instant::now());
+        let after = after.max(inbox.acked);
+        let mut pending = Vec::new();
+        let mut used = 0usize;
+        let mut more = false;
+        for (entry, _) in inbox.entries.iter().filter(|(entry, _)| entry.seq > after) {
+            let size = Codec::Json.encoded_len(&entry.data);
+            if pending.len() == limit || (!pending.is_empty() && used + size > max_bytes) {
+                more = true;
+                break;
+            }
+            used += size;
+            pending.push(entry.clone());
+        }
+        Ok(Inbox {
+            position: inbox.position(),
+            pending,
+            more,
+        })
     }
 
     async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
@@ -407,16 +710,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
-        let state = self.state();
-        let message = Arc::new(message);
-        let mut sessions = 0;
-        for (node, count) in state.user_nodes(&message.user) {
-            if let Some(handler) = state.handler_of(&node) {
-                handler.direct(message.clone());
-                sessions += count;
-            }
-        }
-        Ok(sessions)
+        Ok(self.state().deliver_direct(message))
     }
 
     async fn broadcast(&self, data: Value) -> BrokerResult<u64> {

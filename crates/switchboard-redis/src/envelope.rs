@@ -22,6 +22,10 @@ pub struct Direct {
     pub data: Value,
     #[serde(default)]
     pub from: Option<Sender>,
+    /// The inbox seq of a persisted send. Absent from a plain send's envelope, so that one
+    /// is as before and an envelope of an earlier version decodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -190,6 +194,7 @@ mod tests {
             user: "bob".into(),
             data: json!(1),
             from: None,
+            seq: None,
         })
         .unwrap();
         assert!(matches!(decode(None, &payload).unwrap(), Envelope::Direct(d) if d.user == "bob"));

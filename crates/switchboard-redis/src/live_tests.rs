@@ -108,6 +108,9 @@ fn incarnation(
         history_ttl: Duration::from_secs(60),
         stream_ttl: Duration::from_secs(600),
         node_ttl,
+        inbox_size: 100,
+        inbox_ttl: Duration::from_secs(600),
+        idempotency_window: Duration::from_secs(600),
     };
     (
         RedisBroker::new(config, &registry).expect("a broker"),
@@ -770,6 +773,9 @@ async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_
             stream_ttl: Duration::from_secs(600),
             node_ttl: Duration::from_secs(3),
             instance: "1".into(),
+            inbox_size: 100,
+            inbox_ttl: Duration::from_secs(600),
+            idempotency_window: Duration::from_secs(600),
         },
         &registry,
     )
@@ -997,6 +1003,9 @@ async fn a_slow_replay_holds_up_no_other_live_delivery() {
         stream_ttl: Duration::from_secs(600),
         node_ttl: Duration::from_secs(3),
         instance: "1".into(),
+        inbox_size: 100,
+        inbox_ttl: Duration::from_secs(600),
+        idempotency_window: Duration::from_secs(600),
     };
     let node = RedisBroker::new(config(proxy.url(), "node"), &Registry::new()).expect("a broker");
     let received = Arc::new(Recorder::default());

@@ -74,6 +74,7 @@ impl Inner {
                 user: direct.user,
                 data: direct.data,
                 from: direct.from,
+                seq: direct.seq,
             })),
             Envelope::Disconnect(disconnect) => {
                 handler.disconnect(&disconnect.user, disconnect.code, &disconnect.reason)

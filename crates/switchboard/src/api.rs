@@ -202,6 +202,7 @@ async fn send(
         user: request.user,
         data: request.data,
         from: None,
+        seq: None,
     };
     let sessions = node.send(message).await?;
     Ok(Json(SendResponse {

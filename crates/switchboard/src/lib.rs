@@ -78,6 +78,9 @@ impl Server {
                         history_ttl: config.history_ttl,
                         stream_ttl: config.stream_ttl,
                         node_ttl: config.node_ttl,
+                        inbox_size: 1000,
+                        inbox_ttl: std::time::Duration::from_secs(604_800),
+                        idempotency_window: std::time::Duration::from_secs(300),
                     },
                     metrics.registry(),
                 )
@@ -89,6 +92,7 @@ impl Server {
                     history_size: config.history_size,
                     history_ttl: config.history_ttl,
                     stream_ttl: config.stream_ttl,
+                    ..MemoryConfig::default()
                 },
             )),
         };

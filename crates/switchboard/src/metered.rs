@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use switchboard_broker::{
-    Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
-    SessionRecord,
+    Acked, Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
+    Inbox, Published, Sent, SessionRecord,
 };
 use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
@@ -112,6 +112,31 @@ impl MeteredBroker {
         result
     }
 
+    /// Timed in the publish latency histogram too, like `publish`.
+    #[expect(
+        dead_code,
+        reason = "the node's keyed publish (issue 13) is wired on another branch"
+    )]
+    pub async fn publish_keyed(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+        key: &str,
+    ) -> BrokerResult<Published> {
+        let started = Instant::now();
+        let result = self
+            .call(
+                "publish_keyed",
+                self.inner.publish_keyed(room, data, from, key),
+            )
+            .await;
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
     pub async fn subscribe_room(&self, room: &str) -> BrokerResult<()> {
         self.call("subscribe", self.inner.subscribe_room(room))
             .await
@@ -132,6 +157,42 @@ impl MeteredBroker {
 
     pub async fn send(&self, message: DirectMessage) -> BrokerResult<u64> {
         self.call("send", self.inner.send(message)).await
+    }
+
+    #[expect(
+        dead_code,
+        reason = "the node's inbox (issue 13) is wired on another branch"
+    )]
+    pub async fn send_persisted(
+        &self,
+        message: DirectMessage,
+        key: Option<&str>,
+    ) -> BrokerResult<Sent> {
+        self.call("send_persisted", self.inner.send_persisted(message, key))
+            .await
+    }
+
+    #[expect(
+        dead_code,
+        reason = "the node's inbox (issue 13) is wired on another branch"
+    )]
+    pub async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked> {
+        self.call("ack", self.inner.ack(user, seq)).await
+    }
+
+    #[expect(
+        dead_code,
+        reason = "the node's inbox (issue 13) is wired on another branch"
+    )]
+    pub async fn inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BrokerResult<Inbox> {
+        self.call("inbox", self.inner.inbox(user, after, limit, max_bytes))
+            .await
     }
 
     pub async fn broadcast(&self, data: Value) -> BrokerResult<u64> {

@@ -84,6 +84,7 @@ impl Running {
                 user: user.to_owned(),
                 data: json!("probe"),
                 from: None,
+                seq: None,
             })
             .await
             .unwrap()

@@ -75,6 +75,7 @@ fn config(history_size: usize, history_ttl: Duration, stream_ttl: Duration) -> M
         history_size,
         history_ttl,
         stream_ttl,
+        ..MemoryConfig::default()
     }
 }
 
@@ -691,6 +692,7 @@ async fn send_reaches_only_nodes_hosting_the_user() {
         user: "alice".into(),
         data: json!({"hello": true}),
         from: Some(sender("bob", "s4")),
+        seq: None,
     };
     assert_eq!(n3.send(message.clone()).await.unwrap(), 3);
     // One call per hosting node; the node fans out to its own sessions.
@@ -702,6 +704,7 @@ async fn send_reaches_only_nodes_hosting_the_user() {
         user: "carol".into(),
         data: json!(1),
         from: None,
+        seq: None,
     };
     assert_eq!(n1.send(unknown).await.unwrap(), 0);
     assert!(rec1.is_empty() && rec2.is_empty() && rec3.is_empty());
@@ -953,6 +956,7 @@ async fn deregister_node_removes_its_sessions_presence_subscriptions_and_livenes
             user: "alice".into(),
             data: json!(1),
             from: None,
+            seq: None,
         })
         .await
         .unwrap(),
@@ -963,6 +967,7 @@ async fn deregister_node_removes_its_sessions_presence_subscriptions_and_livenes
             user: "bob".into(),
             data: json!(1),
             from: None,
+            seq: None,
         })
         .await
         .unwrap(),
@@ -993,6 +998,7 @@ async fn deregister_node_removes_its_sessions_presence_subscriptions_and_livenes
                 user: "alice".into(),
                 data: json!(1),
                 from: None,
+                seq: None,
             }),
             Event::Room(RoomMessage {
                 room: "r".into(),

@@ -404,6 +404,7 @@ impl Core {
             user: to,
             data,
             from: Some(sender),
+            seq: None,
         };
         let sessions = self
             .node
