@@ -12,12 +12,18 @@ use axum::{Json, Router};
 use switchboard_broker::{BrokerError, DirectMessage};
 use switchboard_protocol::api::{
     ApiError, BroadcastRequest, BroadcastResponse, DisconnectRequest, DisconnectResponse,
-    NodesResponse, PresenceResponse, PublishRequest, PublishResponse, SendRequest, SendResponse,
+    InboxMessage, InboxResponse, NodesResponse, PresenceResponse, PublishRequest, PublishResponse,
+    SendRequest, SendResponse,
 };
 use switchboard_protocol::close;
 
 use crate::auth::{INVALID_USER, bearer_token, valid_user};
-use crate::node::{INVALID_ROOM, Node, TooLarge, valid_room};
+use crate::node::{INVALID_KEY, INVALID_ROOM, Node, TooLarge, valid_key, valid_room};
+
+/// Most pending messages `GET /api/inbox/{user}` lists, and the stored bytes it stops before:
+/// the answer stays bounded whatever the inbox size.
+const API_INBOX_LIMIT: usize = 1000;
+const API_INBOX_BYTES: usize = 4 << 20;
 
 /// An API failure: a status and the `{code, message}` body.
 pub struct Failure {
@@ -88,6 +94,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/broadcast", post(broadcast))
         .route("/disconnect", post(disconnect))
         .route("/presence/{room}", get(presence))
+        .route("/inbox/{user}", get(inbox))
         .route("/nodes", get(nodes))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
@@ -166,6 +173,14 @@ fn check_room(room: &str) -> Result<(), Failure> {
     }
 }
 
+fn check_key(key: Option<&str>) -> Result<(), Failure> {
+    if key.is_some_and(|key| !valid_key(key)) {
+        Err(Failure::bad_request(INVALID_KEY))
+    } else {
+        Ok(())
+    }
+}
+
 fn check_user(user: &str) -> Result<(), Failure> {
     if !valid_user(user) {
         Err(Failure::bad_request(INVALID_USER))
@@ -182,11 +197,23 @@ async fn publish(
     check_room(&request.room)?;
     node.check_room_frame(&request.room, &request.data, None)
         .map_err(Failure::too_large)?;
-    let message = node.publish(&request.room, request.data, None).await?;
+    check_key(request.key.as_deref())?;
+    let (message, duplicate) = match &request.key {
+        Some(key) => {
+            let published = node
+                .publish_keyed(&request.room, request.data, None, key)
+                .await?;
+            (published.message, published.duplicate)
+        }
+        None => (
+            node.publish(&request.room, request.data, None).await?,
+            false,
+        ),
+    };
     Ok(Json(PublishResponse {
         offset: message.offset,
         epoch: message.epoch.clone(),
-        duplicate: false,
+        duplicate,
     }))
 }
 
@@ -196,7 +223,11 @@ async fn send(
 ) -> ApiResult<SendResponse> {
     let Json(request) = body?;
     check_user(&request.user)?;
-    node.check_direct_frame(&request.data, None)
+    check_key(request.key.as_deref())?;
+    if request.key.is_some() && !request.persist {
+        return Err(Failure::bad_request("a key on send needs persist: true"));
+    }
+    node.check_direct_frame(&request.data, None, request.persist)
         .map_err(Failure::too_large)?;
     let message = DirectMessage {
         user: request.user,
@@ -204,11 +235,46 @@ async fn send(
         from: None,
         seq: None,
     };
+    if request.persist {
+        let sent = node.send_persisted(message, request.key.as_deref()).await?;
+        return Ok(Json(SendResponse {
+            sessions: sent.sessions,
+            seq: Some(sent.seq),
+            duplicate: sent.duplicate,
+        }));
+    }
     let sessions = node.send(message).await?;
     Ok(Json(SendResponse {
         sessions,
         seq: None,
         duplicate: false,
+    }))
+}
+
+async fn inbox(
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+) -> ApiResult<InboxResponse> {
+    check_user(&user)?;
+    let inbox = node
+        .inbox(&user, 0, API_INBOX_LIMIT, API_INBOX_BYTES)
+        .await?;
+    let pending = inbox
+        .pending
+        .into_iter()
+        .map(|entry| InboxMessage {
+            seq: entry.seq,
+            data: entry.data,
+            from: entry.from,
+            at: entry.at,
+        })
+        .collect();
+    Ok(Json(InboxResponse {
+        seq: inbox.position.seq,
+        acked: inbox.position.acked,
+        epoch: inbox.position.epoch,
+        pending,
+        more: inbox.more,
     }))
 }
 

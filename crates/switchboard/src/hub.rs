@@ -238,9 +238,31 @@ impl BrokerHandler for Hub {
         let frame = ServerFrame::Direct {
             data: message.data.clone(),
             from: message.from.clone(),
-            seq: None,
+            seq: message.seq,
         };
-        self.push_frame("direct", frame, sessions.iter());
+        let Some(seq) = message.seq else {
+            self.push_frame("direct", frame, sessions.iter());
+            return;
+        };
+        let mut cache = FrameCache::new(frame);
+        let mut delivered = 0;
+        let queued_at = Instant::now();
+        for session in &sessions {
+            if let Some(frame) = cache.get(session.codec) {
+                let item = Outbound::Direct {
+                    seq,
+                    stored: false,
+                    frame,
+                };
+                if self.push(session, item, queued_at) {
+                    delivered += 1;
+                }
+            }
+        }
+        self.metrics
+            .deliveries
+            .with_label_values(&["direct"])
+            .inc_by(delivered);
     }
 
     fn broadcast(&self, data: Arc<Value>) {

@@ -78,9 +78,9 @@ impl Server {
                         history_ttl: config.history_ttl,
                         stream_ttl: config.stream_ttl,
                         node_ttl: config.node_ttl,
-                        inbox_size: 1000,
-                        inbox_ttl: std::time::Duration::from_secs(604_800),
-                        idempotency_window: std::time::Duration::from_secs(300),
+                        inbox_size: config.inbox_size,
+                        inbox_ttl: config.inbox_ttl,
+                        idempotency_window: config.idempotency_window,
                     },
                     metrics.registry(),
                 )
@@ -92,7 +92,9 @@ impl Server {
                     history_size: config.history_size,
                     history_ttl: config.history_ttl,
                     stream_ttl: config.stream_ttl,
-                    ..MemoryConfig::default()
+                    inbox_size: config.inbox_size,
+                    inbox_ttl: config.inbox_ttl,
+                    idempotency_window: config.idempotency_window,
                 },
             )),
         };

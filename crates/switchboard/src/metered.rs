@@ -113,10 +113,6 @@ impl MeteredBroker {
     }
 
     /// Timed in the publish latency histogram too, like `publish`.
-    #[expect(
-        dead_code,
-        reason = "the node's keyed publish (issue 13) is wired on another branch"
-    )]
     pub async fn publish_keyed(
         &self,
         room: &str,
@@ -159,10 +155,6 @@ impl MeteredBroker {
         self.call("send", self.inner.send(message)).await
     }
 
-    #[expect(
-        dead_code,
-        reason = "the node's inbox (issue 13) is wired on another branch"
-    )]
     pub async fn send_persisted(
         &self,
         message: DirectMessage,
@@ -172,18 +164,10 @@ impl MeteredBroker {
             .await
     }
 
-    #[expect(
-        dead_code,
-        reason = "the node's inbox (issue 13) is wired on another branch"
-    )]
     pub async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked> {
         self.call("ack", self.inner.ack(user, seq)).await
     }
 
-    #[expect(
-        dead_code,
-        reason = "the node's inbox (issue 13) is wired on another branch"
-    )]
     pub async fn inbox(
         &self,
         user: &str,

@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 use serde_json::Value;
-use switchboard_broker::{Broker, BrokerResult, DirectMessage, HistoryQuery, SessionRecord};
+use switchboard_broker::{
+    Acked, Broker, BrokerResult, DirectMessage, HistoryQuery, Inbox, InboxEntry, Published, Sent,
+    SessionRecord,
+};
 use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{
     Codec, EncodeError, Member, RoomMessage, Sender, ServerFrame, StreamPosition,
@@ -319,6 +322,65 @@ impl Node {
         self.broker.send(message).await
     }
 
+    /// Appends to the recipient's inbox and delivers; counts what the append dropped to keep
+    /// the inbox size.
+    pub async fn send_persisted(
+        &self,
+        message: DirectMessage,
+        key: Option<&str>,
+    ) -> BrokerResult<Sent> {
+        let sent = self.broker.send_persisted(message, key).await?;
+        self.metrics.inbox_dropped.inc_by(sent.dropped);
+        Ok(sent)
+    }
+
+    pub async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked> {
+        self.broker.ack(user, seq).await
+    }
+
+    pub async fn inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BrokerResult<Inbox> {
+        self.broker.inbox(user, after, limit, max_bytes).await
+    }
+
+    /// One page of the inbox delivery after `welcome`, bounded as a page of `since` recovery.
+    pub async fn inbox_page(&self, user: &str, after: u64) -> BrokerResult<Inbox> {
+        let max_bytes = self
+            .config
+            .max_message_size
+            .min(self.config.max_queue_bytes / 4);
+        self.broker
+            .inbox(user, after, RECOVERY_PAGE_MESSAGES, max_bytes)
+            .await
+    }
+
+    /// Queues a stored inbox message for `session`, as the hub queues live persisted ones.
+    pub fn push_direct(
+        &self,
+        session: &SessionHandle,
+        entry: InboxEntry,
+        queued_at: Instant,
+    ) -> Result<bool, EncodeError> {
+        let seq = entry.seq;
+        let frame = ServerFrame::Direct {
+            data: entry.data,
+            from: entry.from,
+            seq: Some(seq),
+        };
+        let frame = encode(session.codec, &frame)?;
+        let item = Outbound::Direct {
+            seq,
+            stored: true,
+            frame,
+        };
+        Ok(self.hub.push(session, item, queued_at))
+    }
+
     pub async fn broadcast(&self, data: Value) -> BrokerResult<u64> {
         self.broker.broadcast(data).await
     }
@@ -402,6 +464,17 @@ impl Node {
         self.upstream.len()
     }
 
+    /// Publishes through the broker, once per `key` within the idempotency window.
+    pub async fn publish_keyed(
+        &self,
+        room: &str,
+        data: Value,
+        from: Option<Sender>,
+        key: &str,
+    ) -> BrokerResult<Published> {
+        self.broker.publish_keyed(room, data, from, key).await
+    }
+
     /// Publishes through the broker.
     pub async fn publish(
         &self,
@@ -477,12 +550,18 @@ impl Node {
         self.check_frame(&skeleton, data, HISTORY_REPLY_HEADROOM)
     }
 
-    /// Checks that the `direct` frame for `data` fits the message size limit.
-    pub fn check_direct_frame(&self, data: &Value, from: Option<&Sender>) -> Result<(), TooLarge> {
+    /// Checks that the `direct` frame for `data` fits the message size limit (with the largest
+    /// seq when it is persisted).
+    pub fn check_direct_frame(
+        &self,
+        data: &Value,
+        from: Option<&Sender>,
+        persisted: bool,
+    ) -> Result<(), TooLarge> {
         let skeleton = ServerFrame::Direct {
             data: Value::Null,
             from: from.cloned(),
-            seq: None,
+            seq: persisted.then_some(u64::MAX),
         };
         self.check_frame(&skeleton, data, 0)
     }
@@ -516,6 +595,17 @@ impl Node {
 /// Bytes a `history` reply adds around one room message (its type, id, position and `more`),
 /// reserved when a message is published so that any message fits a reply of its own.
 pub const HISTORY_REPLY_HEADROOM: usize = 128;
+
+/// Longest idempotency key accepted, so remembering keys costs a bounded amount per request.
+pub const MAX_KEY_LEN: usize = 64;
+
+/// Why an idempotency key is refused, in a session's `error` frame and the server API's 400 alike.
+pub const INVALID_KEY: &str = "keys are 1 to 64 bytes";
+
+/// Idempotency keys are 1 to 64 bytes.
+pub fn valid_key(key: &str) -> bool {
+    (1..=MAX_KEY_LEN).contains(&key.len())
+}
 
 /// Longest room name accepted, to keep keys and frames bounded.
 pub const MAX_ROOM_LEN: usize = 256;

@@ -22,6 +22,14 @@ pub enum Outbound {
         message: Arc<RoomMessage>,
         frame: Message,
     },
+    /// A persisted direct message; the writer checks its seq against what the session wrote of
+    /// the user's inbox, so one is never written twice at the seam of the inbox delivery.
+    /// `stored`: read from the inbox (else delivered live).
+    Direct {
+        seq: u64,
+        stored: bool,
+        frame: Message,
+    },
     /// Any other frame (direct, broadcast, join, leave), with its type for metrics.
     Frame { kind: &'static str, frame: Message },
 }
@@ -29,7 +37,9 @@ pub enum Outbound {
 impl Outbound {
     fn len(&self) -> usize {
         match self {
-            Outbound::Room { frame, .. } | Outbound::Frame { frame, .. } => frame.len(),
+            Outbound::Room { frame, .. }
+            | Outbound::Direct { frame, .. }
+            | Outbound::Frame { frame, .. } => frame.len(),
         }
     }
 }

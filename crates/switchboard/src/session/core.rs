@@ -8,16 +8,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
-use switchboard_broker::{BrokerError, DirectMessage, HistoryQuery, SessionRecord};
+use switchboard_broker::{
+    Acked, BrokerError, DirectMessage, HistoryQuery, InboxEntry, SessionRecord,
+};
 use switchboard_protocol::{
-    ClientFrame, Codec, ErrorCode, Member, Reply, RoomMessage, Sender, ServerFrame, StreamPosition,
-    close,
+    ClientFrame, Codec, ErrorCode, InboxState, Member, Reply, RoomMessage, Sender, ServerFrame,
+    StreamPosition, close,
 };
 
 use super::{Exit, close_with};
 use crate::auth::{INVALID_USER, Identity, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::SessionHandle;
-use crate::node::{INVALID_ROOM, Joined, Node, TooLarge, is_system_room, valid_room};
+use crate::node::{
+    INVALID_KEY, INVALID_ROOM, Joined, Node, TooLarge, is_system_room, valid_key, valid_room,
+};
 use crate::queue::{CloseRequest, OutboundQueue};
 
 /// Most history messages one `history` request returns.
@@ -42,6 +46,12 @@ pub(super) enum RequestError {
     BadRoom,
     #[error("{}", INVALID_USER)]
     BadUser,
+    #[error("{}", INVALID_KEY)]
+    BadKey,
+    #[error("a key on send needs persist: true")]
+    KeyWithoutPersist,
+    #[error("ack of seq {seq} is beyond the inbox's seq {inbox}")]
+    AckBeyondSeq { seq: u64, inbox: u64 },
     #[error("the token does not allow room {0:?}")]
     RoomForbidden(String),
     #[error("room {0:?} is read-only: only the nodes publish to $sys. rooms")]
@@ -70,7 +80,11 @@ pub(super) enum RequestError {
 impl RequestError {
     pub(super) fn code(&self) -> ErrorCode {
         match self {
-            RequestError::BadRoom | RequestError::BadUser => ErrorCode::BadFrame,
+            RequestError::BadRoom
+            | RequestError::BadUser
+            | RequestError::BadKey
+            | RequestError::KeyWithoutPersist
+            | RequestError::AckBeyondSeq { .. } => ErrorCode::BadFrame,
             RequestError::RoomForbidden(_)
             | RequestError::SystemRoom(_)
             | RequestError::PublishForbidden(_)
@@ -119,6 +133,22 @@ pub(super) struct Core {
     pub(super) handle: Arc<SessionHandle>,
     identity: Identity,
     subscriptions: HashMap<String, Subscription>,
+    /// The newest inbox seq written (or acknowledged before the session opened): a persisted
+    /// direct at or below it is a duplicate.
+    inbox: u64,
+    /// While the inbox delivery after `welcome` pages through the inbox: the highest live seq
+    /// skipped (a later page brings it); [`INBOX_DELIVERED`] once it is done.
+    inbox_skipped: u64,
+}
+
+/// `Core::inbox_skipped` once the inbox delivery is over.
+const INBOX_DELIVERED: u64 = u64::MAX;
+
+/// What opening a session read of the user's inbox: the first page to deliver after `welcome`.
+pub(super) struct Opened {
+    pub(super) welcome: ServerFrame,
+    pub(super) pending: Vec<InboxEntry>,
+    pub(super) more: bool,
 }
 
 impl Core {
@@ -128,6 +158,8 @@ impl Core {
             handle,
             identity,
             subscriptions: HashMap::new(),
+            inbox: 0,
+            inbox_skipped: 0,
         }
     }
 
@@ -155,27 +187,59 @@ impl Core {
         }
     }
 
-    /// Registers the session in the node and the cluster; the `welcome` frame to write first,
-    /// or the close when the cluster cannot take it.
-    pub(super) async fn open(&self) -> Result<ServerFrame, Exit> {
+    /// Registers the session in the node and the cluster, then reads the user's inbox: the
+    /// `welcome` frame to write first and the inbox's first page, or the close when the cluster
+    /// cannot take it. Registered first, so a persisted direct sent meanwhile is queued live and
+    /// the seam with the pages drops or skips it ([`Core::admit_direct`]).
+    pub(super) async fn open(&mut self) -> Result<Opened, Exit> {
+        let unavailable = || close_with(close::TRY_AGAIN_LATER, "broker unavailable, retry later");
         let registered = self
             .node
             .register_session(&self.handle, &self.record())
             .await;
         if registered.is_err() {
-            return Err(close_with(
-                close::TRY_AGAIN_LATER,
-                "broker unavailable, retry later",
-            ));
+            return Err(unavailable());
         }
-        Ok(ServerFrame::Welcome {
+        let inbox = self
+            .node
+            .inbox_page(&self.identity.user, 0)
+            .await
+            .map_err(|_| unavailable())?;
+        let position = inbox.position;
+        self.inbox = position.acked;
+        let welcome = ServerFrame::Welcome {
             session: self.handle.id.to_string(),
             user: self.identity.user.clone(),
             node: self.node.id().to_owned(),
             protocol: self.handle.codec.protocol().to_owned(),
             heartbeat_ms: self.node.config().heartbeat.as_millis() as u64,
-            inbox: Default::default(),
+            inbox: InboxState {
+                seq: position.seq,
+                acked: position.acked,
+                epoch: position.epoch,
+            },
+        };
+        Ok(Opened {
+            welcome,
+            pending: inbox.pending,
+            more: inbox.more,
         })
+    }
+
+    /// Whether a persisted direct taken from the queue is written: not at or below the newest
+    /// seq written, nor a live one while the inbox delivery has yet to bring the messages
+    /// before it (the inbox holds it, and a later page brings it). Seqs may skip: messages
+    /// acknowledged by another session, or dropped to keep the inbox size, are not delivered.
+    pub(super) fn admit_direct(&mut self, seq: u64, stored: bool) -> bool {
+        if seq <= self.inbox {
+            return false;
+        }
+        if !stored && self.inbox_skipped != INBOX_DELIVERED {
+            self.inbox_skipped = self.inbox_skipped.max(seq);
+            return false;
+        }
+        self.inbox = seq;
+        true
     }
 
     /// Whether the token the session was opened with has expired (past the leeway).
@@ -253,9 +317,17 @@ impl Core {
                 ..
             } => self.subscribe(room, since, presence_events).await,
             ClientFrame::Unsubscribe { room, .. } => self.unsubscribe(room).await,
-            ClientFrame::Publish { room, data, .. } => self.publish(room, data).await,
-            ClientFrame::Ack { .. } => Ok(Answer::Reply(Reply::default())),
-            ClientFrame::Send { to, data, .. } => self.send(to, data).await,
+            ClientFrame::Publish {
+                room, data, key, ..
+            } => self.publish(room, data, key).await,
+            ClientFrame::Send {
+                to,
+                data,
+                persist,
+                key,
+                ..
+            } => self.send(to, data, persist, key).await,
+            ClientFrame::Ack { seq, .. } => self.ack(seq).await,
             ClientFrame::Presence { room, .. } => self.presence(room).await,
             ClientFrame::History {
                 room, since, limit, ..
@@ -365,8 +437,16 @@ impl Core {
         Ok(Answer::Reply(Reply::default()))
     }
 
-    async fn publish(&mut self, room: String, data: Value) -> Result<Answer, RequestError> {
+    async fn publish(
+        &mut self,
+        room: String,
+        data: Value,
+        key: Option<String>,
+    ) -> Result<Answer, RequestError> {
         self.check_room(&room)?;
+        if key.as_deref().is_some_and(|key| !valid_key(key)) {
+            return Err(RequestError::BadKey);
+        }
         if is_system_room(&room) {
             return Err(RequestError::SystemRoom(room));
         }
@@ -377,28 +457,54 @@ impl Core {
         self.node
             .check_room_frame(&room, &data, Some(&sender))
             .map_err(RequestError::TooLarge)?;
-        let message = self
-            .node
-            .publish(&room, data, Some(sender))
-            .await
-            .map_err(RequestError::PublishFailed)?;
+        let (message, duplicate) = match key {
+            Some(key) => {
+                let published = self
+                    .node
+                    .publish_keyed(&room, data, Some(sender), &key)
+                    .await
+                    .map_err(RequestError::PublishFailed)?;
+                (published.message, published.duplicate)
+            }
+            None => {
+                let message = self
+                    .node
+                    .publish(&room, data, Some(sender))
+                    .await
+                    .map_err(RequestError::PublishFailed)?;
+                (message, false)
+            }
+        };
         Ok(Answer::Reply(Reply {
             offset: Some(message.offset),
             epoch: Some(message.epoch.clone()),
+            duplicate,
             ..Reply::default()
         }))
     }
 
-    async fn send(&mut self, to: String, data: Value) -> Result<Answer, RequestError> {
+    async fn send(
+        &mut self,
+        to: String,
+        data: Value,
+        persist: bool,
+        key: Option<String>,
+    ) -> Result<Answer, RequestError> {
         if !valid_user(&to) {
             return Err(RequestError::BadUser);
         }
+        match (&key, persist) {
+            (Some(key), _) if !valid_key(key) => return Err(RequestError::BadKey),
+            (Some(_), false) => return Err(RequestError::KeyWithoutPersist),
+            _ => {}
+        }
+        // A persisted send needs no more than a plain one: the token's `send` claim.
         if !self.identity.send.allows(&to) {
             return Err(RequestError::SendForbidden(to));
         }
         let sender = self.sender();
         self.node
-            .check_direct_frame(&data, Some(&sender))
+            .check_direct_frame(&data, Some(&sender), persist)
             .map_err(RequestError::TooLarge)?;
         let message = DirectMessage {
             user: to,
@@ -406,6 +512,20 @@ impl Core {
             from: Some(sender),
             seq: None,
         };
+        if persist {
+            // Like a publish, its outcome may be unknown on a timeout: retry with the key.
+            let sent = self
+                .node
+                .send_persisted(message, key.as_deref())
+                .await
+                .map_err(RequestError::PublishFailed)?;
+            return Ok(Answer::Reply(Reply {
+                sessions: Some(sent.sessions),
+                seq: Some(sent.seq),
+                duplicate: sent.duplicate,
+                ..Reply::default()
+            }));
+        }
         let sessions = self
             .node
             .send(message)
@@ -415,6 +535,17 @@ impl Core {
             sessions: Some(sessions),
             ..Reply::default()
         }))
+    }
+
+    async fn ack(&mut self, seq: u64) -> Result<Answer, RequestError> {
+        match self.node.ack(&self.identity.user, seq).await {
+            Ok(Acked::Done(_)) => Ok(Answer::Reply(Reply::default())),
+            Ok(Acked::BeyondSeq(position)) => Err(RequestError::AckBeyondSeq {
+                seq,
+                inbox: position.seq,
+            }),
+            Err(error) => Err(RequestError::Unavailable(error)),
+        }
     }
 
     async fn presence(&mut self, room: String) -> Result<Answer, RequestError> {
@@ -560,6 +691,61 @@ async fn recover<T: Transport>(
         }
         missed = history.messages;
         more = history.more;
+    }
+}
+
+/// Writes the user's unacknowledged inbox messages after `welcome`, starting with `pending`
+/// (the first page read), through the outbound queue one page at a time, as [`recover`] does for
+/// a room: live persisted directs that come before the pages are skipped and brought by a later
+/// page, so the client gets every message once, in seq order.
+pub(super) async fn deliver_inbox<T: Transport>(
+    transport: &mut T,
+    mut pending: Vec<InboxEntry>,
+    mut more: bool,
+) -> Result<(), Exit> {
+    let core = transport.core();
+    let node = core.node.clone();
+    let handle = core.handle.clone();
+    let user = core.identity.user.clone();
+    let queue = &handle.queue;
+    loop {
+        while queue.bytes() > queue.max_bytes() / 2 && !queue.is_empty() {
+            transport.flush_queue().await?;
+        }
+        let Some(last) = pending.last().map(|entry| entry.seq) else {
+            // Nothing (more) pending: a live one skipped meanwhile was acknowledged or dropped.
+            transport.core().inbox_skipped = INBOX_DELIVERED;
+            return Ok(());
+        };
+        let queued_at = Instant::now();
+        for entry in pending.drain(..) {
+            match node.push_direct(&handle, entry, queued_at) {
+                Ok(true) => {}
+                Ok(false) => return Err(Exit::Close(closing_request(queue))),
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode frame");
+                    return Err(close_with(close::INTERNAL, "internal error"));
+                }
+            }
+        }
+        while transport.core().inbox < last && !queue.is_empty() {
+            transport.flush_queue().await?;
+        }
+        let core = transport.core();
+        if !more && core.inbox_skipped <= core.inbox {
+            core.inbox_skipped = INBOX_DELIVERED;
+            return Ok(());
+        }
+        core.inbox_skipped = 0;
+        let after = core.inbox;
+        let Ok(inbox) = node.inbox_page(&user, after).await else {
+            return Err(close_with(
+                close::TRY_AGAIN_LATER,
+                "broker unavailable during inbox delivery, reconnect",
+            ));
+        };
+        pending = inbox.pending;
+        more = inbox.more;
     }
 }
 
@@ -851,6 +1037,85 @@ mod tests {
         assert!(!core.admit(&at(2)), "written already");
         assert!(core.admit(&at(3)));
         assert!(!core.admit(&message("other", 1)));
+    }
+
+    fn send(to: &str, persist: bool, key: Option<&str>) -> ClientFrame {
+        ClientFrame::Send {
+            to: to.to_owned(),
+            data: json!("hi"),
+            id: Some(4),
+            persist,
+            key: key.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn persisted_sends_count_seqs_repeat_by_key_and_acks_stop_at_the_inbox_seq() {
+        let mut core = core();
+        let Ok(Answer::Reply(first)) = core.answer(send("bob", true, Some("k1"))).await else {
+            panic!("persisted");
+        };
+        assert_eq!((first.seq, first.duplicate), (Some(1), false));
+        let Ok(Answer::Reply(again)) = core.answer(send("bob", true, Some("k1"))).await else {
+            panic!("repeated");
+        };
+        assert_eq!((again.seq, again.duplicate), (Some(1), true));
+        let Ok(Answer::Reply(plain)) = core.answer(send("bob", false, None)).await else {
+            panic!("plain");
+        };
+        assert_eq!((plain.seq, plain.duplicate), (None, false));
+        for frame in [
+            send("bob", true, Some("")),
+            send("bob", true, Some(&"k".repeat(65))),
+            send("bob", false, Some("k2")),
+        ] {
+            let error = refusal(core.answer(frame).await);
+            assert_eq!(error.code(), ErrorCode::BadFrame, "{error}");
+        }
+        let Ok(Answer::Reply(keyed)) = core.answer(send("bob", true, Some(&"k".repeat(64)))).await
+        else {
+            panic!("a 64-byte key is accepted");
+        };
+        assert_eq!(keyed.seq, Some(2));
+        let error = refusal(core.answer(ClientFrame::Ack { seq: 1, id: None }).await);
+        assert_eq!(
+            error.to_string(),
+            "ack of seq 1 is beyond the inbox's seq 0",
+            "alice's own inbox is empty"
+        );
+        let publish_keyed = |key: &str| ClientFrame::Publish {
+            id: Some(2),
+            room: "r".to_owned(),
+            data: json!(1),
+            key: Some(key.to_owned()),
+        };
+        let Ok(Answer::Reply(first)) = core.answer(publish_keyed("p")).await else {
+            panic!("published");
+        };
+        let Ok(Answer::Reply(again)) = core.answer(publish_keyed("p")).await else {
+            panic!("published again");
+        };
+        assert_eq!((first.offset, first.duplicate), (Some(1), false));
+        assert_eq!((again.offset, again.duplicate), (Some(1), true));
+        let error = refusal(core.answer(publish_keyed(&"p".repeat(65))).await);
+        assert_eq!(error.to_string(), "keys are 1 to 64 bytes");
+    }
+
+    #[test]
+    fn persisted_directs_are_admitted_once_and_live_ones_wait_for_the_inbox_delivery() {
+        let mut core = core();
+        core.inbox = 2;
+        assert!(
+            !core.admit_direct(2, true),
+            "acknowledged before the session"
+        );
+        assert!(!core.admit_direct(4, false), "live during the delivery");
+        assert!(core.admit_direct(3, true));
+        assert!(core.admit_direct(5, true), "seqs may skip");
+        assert_eq!(core.inbox_skipped, 4);
+        core.inbox_skipped = INBOX_DELIVERED;
+        assert!(!core.admit_direct(5, false), "written already");
+        assert!(core.admit_direct(6, false));
     }
 
     #[test]

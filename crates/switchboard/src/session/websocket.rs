@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::core::{Core, Transport};
+use super::core::{Core, Transport, deliver_inbox};
 use super::guards::Guards;
 use super::{Admission, Exit, close_with, new_session_id};
 use crate::hub::{SessionHandle, encode};
@@ -137,11 +137,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn serve(&mut self) -> Exit {
-        let welcome = match self.core.open().await {
-            Ok(welcome) => welcome,
+        let opened = match self.core.open().await {
+            Ok(opened) => opened,
             Err(exit) => return exit,
         };
-        if let Err(exit) = self.write_frames(vec![welcome]).await {
+        if let Err(exit) = self.write_frames(vec![opened.welcome]).await {
+            return exit;
+        }
+        // Boxed: it runs once, and inline its state would enlarge every idle session.
+        if let Err(exit) = Box::pin(deliver_inbox(self, opened.pending, opened.more)).await {
             return exit;
         }
         let period = self.core.node.config().heartbeat;
@@ -384,6 +388,13 @@ where
                 Outbound::Room { message, frame } => {
                     if self.core.admit(&message) {
                         room_frames += 1;
+                        messages.push(frame);
+                    }
+                }
+                Outbound::Direct { seq, stored, frame } => {
+                    if self.core.admit_direct(seq, stored) {
+                        let frames_out = &self.core.node.metrics().frames_out;
+                        frames_out.with_label_values(&["direct"]).inc();
                         messages.push(frame);
                     }
                 }
