@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 use switchboard_protocol::{
-    ClientFrame, Codec, ErrorFrame, Member, Reply, RoomMessage, Sender, ServerFrame, StreamPosition,
+    ClientFrame, Codec, ErrorFrame, InboxState, Member, Reply, RoomMessage, Sender, ServerFrame,
+    StreamPosition,
 };
 
 use crate::client::{publish_frame, user_url};
@@ -21,6 +22,8 @@ pub struct Peer {
     pub raw: RawClient,
     pub session: String,
     pub user: String,
+    /// The user's inbox as the `welcome` said.
+    pub inbox: InboxState,
     pending: VecDeque<ServerFrame>,
     next_id: u64,
 }
@@ -34,6 +37,7 @@ impl Peer {
             session,
             user: welcomed,
             node: node_id,
+            inbox,
             ..
         } = welcome
         else {
@@ -49,6 +53,7 @@ impl Peer {
             raw,
             session,
             user: user.to_owned(),
+            inbox,
             pending: VecDeque::new(),
             next_id: 0,
         })
