@@ -4,6 +4,8 @@
 //! `redis-server`; raw sessions ([`Peer`]) are used so that a duplicate or a gap shows up as the
 //! wrong next frame, and every test ends with a ping barrier that nothing else was queued.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::api::{api, api_get, api_post};
@@ -198,6 +200,92 @@ async fn an_ack_from_one_device_stops_redelivery_to_the_other() -> Result<()> {
     ensure!(directs(&mut laptop, 1).await? == numbered(3..=3));
     laptop.quiet().await?;
     phone.quiet().await
+}
+
+#[tokio::test]
+async fn the_embedded_broker_delivers_the_inbox_on_connect_until_acknowledged() -> Result<()> {
+    let node = NodeProcess::start(&[]).await?;
+    let mut alice = Peer::connect(&node, "alice").await?;
+    for n in 1..=3u64 {
+        persist(&mut alice, "bob", json!({"n": n}), None).await?;
+    }
+    let mut bob = Peer::connect(&node, "bob").await?;
+    ensure!(
+        (bob.inbox.seq, bob.inbox.acked) == (3, 0),
+        "{:?}",
+        bob.inbox
+    );
+    ensure!(directs(&mut bob, 3).await? == numbered(1..=3));
+    ack(&mut bob, 2).await?;
+    bob.close().await?;
+
+    let mut bob = Peer::connect(&node, "bob").await?;
+    ensure!(
+        (bob.inbox.seq, bob.inbox.acked) == (3, 2),
+        "{:?}",
+        bob.inbox
+    );
+    ensure!(directs(&mut bob, 1).await? == numbered(3..=3));
+    let reply = persist(&mut alice, "bob", json!({"n": 4}), None).await?;
+    ensure!(
+        reply.seq == Some(4) && reply.sessions == Some(1),
+        "{reply:?}"
+    );
+    ensure!(directs(&mut bob, 1).await? == numbered(4..=4));
+    bob.quiet().await?;
+    alice.quiet().await
+}
+
+/// Persisted sends keep coming, from several senders at once, while the user connects: stored
+/// ones come from the inbox (in many small pages: a small message size limit), later ones live,
+/// and the seam between them has neither a gap nor a repeat.
+#[tokio::test]
+async fn messages_sent_while_the_user_connects_come_once_in_order() -> Result<()> {
+    const BEFORE: u64 = 100;
+    const SENDERS: u64 = 8;
+    const EACH: u64 = 40;
+    const TOTAL: u64 = BEFORE + SENDERS * EACH;
+    // Pages of about three messages; a queue large enough for every live burst, so that only the
+    // seam is tested here.
+    let args = ["--max-message-size", "1024", "--max-queue-bytes", "1048576"];
+    let node = Arc::new(NodeProcess::start(&args).await?);
+    let send = |node: Arc<NodeProcess>, n: u64| async move {
+        let body =
+            json!({"user": "dave", "data": {"n": n, "pad": "x".repeat(300)}, "persist": true});
+        let sent: SendResponse = api_post(&node, "/api/send", &body).await?;
+        sent.seq.context("no seq")
+    };
+    for n in 1..=BEFORE {
+        send(node.clone(), n).await?;
+    }
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                for n in 0..EACH {
+                    send(node.clone(), BEFORE + 1 + sender * EACH + n).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let mut dave = Peer::connect(&node, "dave").await?;
+    let got = directs(&mut dave, TOTAL as usize).await?;
+    for sender in senders {
+        sender.await??;
+    }
+    let seqs: Vec<u64> = got.iter().map(|(seq, _)| *seq).collect();
+    ensure!(seqs == (1..=TOTAL).collect::<Vec<_>>(), "got seqs {seqs:?}");
+    let mut numbers: Vec<u64> = got
+        .iter()
+        .filter_map(|(_, data)| data["n"].as_u64())
+        .collect();
+    numbers.sort_unstable();
+    ensure!(
+        numbers == (1..=TOTAL).collect::<Vec<_>>(),
+        "data lost or repeated"
+    );
+    dave.quiet().await
 }
 
 #[tokio::test]
