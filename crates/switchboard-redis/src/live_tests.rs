@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use redis::Value;
 use serde_json::json;
 use switchboard_broker::PresenceEvent;
+use switchboard_broker::conformance::Limits;
 use switchboard_protocol::PresenceNotice;
 use tokio::sync::oneshot;
 
@@ -98,6 +99,18 @@ fn incarnation(
     instance: &str,
     node_ttl: Duration,
 ) -> (RedisBroker, Registry) {
+    limited(server, node, instance, node_ttl, Limits::GENEROUS)
+}
+
+/// A broker of node `node` as the process with instance id `instance`, with the inbox and
+/// idempotency limits of a conformance test.
+fn limited(
+    server: &Server,
+    node: &str,
+    instance: &str,
+    node_ttl: Duration,
+    limits: Limits,
+) -> (RedisBroker, Registry) {
     let registry = Registry::new();
     let config = RedisConfig {
         shards: vec![server.url()],
@@ -108,9 +121,9 @@ fn incarnation(
         history_ttl: Duration::from_secs(60),
         stream_ttl: Duration::from_secs(600),
         node_ttl,
-        inbox_size: 100,
-        inbox_ttl: Duration::from_secs(600),
-        idempotency_window: Duration::from_secs(600),
+        inbox_size: limits.inbox_size,
+        inbox_ttl: limits.inbox_ttl,
+        idempotency_window: limits.idempotency_window,
     };
     (
         RedisBroker::new(config, &registry).expect("a broker"),
@@ -1268,13 +1281,13 @@ mod conformance {
 
     use super::*;
 
-    /// Brokers on one fresh `redis-server`.
-    struct OneShard(Server);
+    /// Brokers on one fresh `redis-server`, with the test's limits.
+    struct OneShard(Server, Limits);
 
     #[async_trait]
     impl Cluster for OneShard {
         async fn broker(&self, node: &str) -> Arc<dyn Broker> {
-            Arc::new(broker(&self.0, node, Duration::from_secs(30)).0)
+            Arc::new(limited(&self.0, node, "1", Duration::from_secs(30), self.1).0)
         }
 
         async fn trim_history(&self, room: &str, keep: usize) {
@@ -1286,5 +1299,7 @@ mod conformance {
         }
     }
 
-    switchboard_broker::conformance_tests!(async { OneShard(Server::start().await) });
+    switchboard_broker::conformance_tests!(|limits: Limits| async move {
+        OneShard(Server::start().await, limits)
+    });
 }
