@@ -7,8 +7,8 @@ use std::process::{Child, Command, Stdio};
 use futures_util::StreamExt;
 use redis::Value;
 use serde_json::json;
-use switchboard_broker::PresenceEvent;
 use switchboard_broker::conformance::Limits;
+use switchboard_broker::{Acked, PresenceEvent};
 use switchboard_protocol::PresenceNotice;
 use tokio::sync::oneshot;
 
@@ -770,6 +770,86 @@ async fn a_stream_left_by_another_server_generation_starts_a_new_epoch() {
         .expect("history");
     assert!(!zero_foreign.recovered);
     assert!(zero_foreign.messages.is_empty());
+}
+
+#[tokio::test]
+async fn an_inbox_left_by_another_server_generation_starts_a_new_epoch() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    start(&broker, Arc::new(Recorder::default())).await;
+    let keys_now = async || -> Vec<String> {
+        let mut keys: Vec<String> = server.query(redis::cmd("KEYS").arg("*").clone()).await;
+        keys.sort();
+        keys
+    };
+    let before = keys_now().await;
+    let unstored = broker.inbox("alice", 0, 10, 1 << 20).await.expect("inbox");
+    assert!(matches!(broker.ack("alice", 0).await, Ok(Acked::Done(_))));
+    assert!(matches!(
+        broker.ack("alice", 2).await,
+        Ok(Acked::BeyondSeq(_))
+    ));
+    assert_eq!(keys_now().await, before, "no key made by reads and acks");
+
+    let message = DirectMessage {
+        user: "alice".into(),
+        data: json!("m"),
+        from: None,
+        seq: None,
+    };
+    let mut seen = None;
+    for _ in 0..3 {
+        seen = Some(
+            broker
+                .send_persisted(message.clone(), Some("k"))
+                .await
+                .expect("send"),
+        );
+    }
+    let seen = seen.expect("sent");
+    assert_eq!((seen.seq, seen.duplicate), (1, true));
+    assert!(switchboard_broker::same_generation(
+        &seen.epoch,
+        &unstored.position.epoch
+    ));
+    // The inbox lives for the inbox TTL from its last write, its key for the window.
+    for key in [
+        keys::user_inbox_meta("alice"),
+        keys::user_inbox_log("alice"),
+    ] {
+        let ttl: i64 = server.query(cmd(&["PTTL", &key])).await;
+        assert!(ttl > 0 && ttl <= 3_600_000, "{key}: {ttl}");
+    }
+    let ttl: i64 = server
+        .query(cmd(&["PTTL", &keys::send_key("alice", "k")]))
+        .await;
+    assert!(ttl > 0 && ttl <= 3_600_000, "key: {ttl}");
+
+    // What a restart from a snapshot, or a promoted replica, leaves: the inbox under an epoch
+    // another server process made.
+    let foreign = format!("ffffffff{}", &seen.epoch[8..]);
+    server
+        .query::<()>(cmd(&[
+            "HSET",
+            &keys::user_inbox_meta("alice"),
+            "e",
+            &foreign,
+        ]))
+        .await;
+    let read = broker.inbox("alice", 0, 10, 1 << 20).await.expect("inbox");
+    assert_eq!((read.position.seq, read.position.acked), (0, 0));
+    assert!(read.pending.is_empty());
+    assert_ne!(read.position.epoch, foreign);
+    let next = broker
+        .send_persisted(message.clone(), None)
+        .await
+        .expect("send");
+    assert_eq!(next.seq, 1);
+    assert_ne!(next.epoch, foreign);
+    assert_ne!(
+        next.epoch, seen.epoch,
+        "a seq is never given twice in one epoch"
+    );
 }
 
 #[tokio::test]
