@@ -13,12 +13,51 @@ use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{Member, PresenceNotice, RoomMessage, Sender, StreamPosition};
 
 use crate::{
-    Broker, BrokerHandler, DirectMessage, History, HistoryQuery, PresenceChange, PresenceEvent,
-    SessionRecord,
+    Acked, Broker, BrokerHandler, DirectMessage, History, HistoryQuery, InboxEntry, PresenceChange,
+    PresenceEvent, Sent, SessionRecord, same_generation,
 };
 
 /// Time a broker gets to deliver an event or come up: long, because the test machine is loaded.
 const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The inbox and idempotency limits the brokers of a test's cluster are configured with: the
+/// macro [`conformance_tests!`](crate::conformance_tests) hands them to the function that makes
+/// the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub inbox_size: usize,
+    pub inbox_ttl: Duration,
+    pub idempotency_window: Duration,
+}
+
+impl Limits {
+    /// Far beyond what any test reaches or lasts.
+    pub const GENEROUS: Limits = Limits {
+        inbox_size: 1000,
+        inbox_ttl: Duration::from_secs(3600),
+        idempotency_window: Duration::from_secs(3600),
+    };
+    /// Three messages per inbox.
+    pub const SMALL_INBOX: Limits = Limits {
+        inbox_size: 3,
+        ..Limits::GENEROUS
+    };
+    /// Inbox messages (and idle inboxes) expire after 5 s.
+    pub const SHORT_TTL: Limits = Limits {
+        inbox_ttl: Duration::from_secs(5),
+        ..Limits::GENEROUS
+    };
+    /// Keys are remembered for 2 s.
+    pub const SHORT_WINDOW: Limits = Limits {
+        idempotency_window: Duration::from_secs(2),
+        ..Limits::GENEROUS
+    };
+
+    /// The limits a test listed with them, else [`Limits::GENEROUS`].
+    pub fn given(listed: &[Limits]) -> Limits {
+        listed.first().copied().unwrap_or(Limits::GENEROUS)
+    }
+}
 
 /// The brokers of one cluster, made by the implementation under test.
 #[async_trait]
@@ -789,8 +828,435 @@ pub async fn heartbeat_lists_nodes_and_deregister_removes_them(cluster: &dyn Clu
     assert_eq!(n2.presence("r").await.unwrap(), vec![member("alice", "s2")]);
 }
 
-/// Defines one `#[tokio::test]` per conformance function, each on a cluster `$cluster` makes
-/// (an async expression evaluating to a value that implements [`Cluster`]).
+/// A plain send to `user` from `broker`, awaited at `recorder` (a node hosting one of the user's
+/// sessions): every direct message sent to the user earlier has then arrived too, so a check that
+/// something did not arrive after this is not premature.
+async fn direct_barrier(broker: &dyn Broker, recorder: &Recorder, user: &str) {
+    let message = direct(user, json!("barrier"));
+    broker.send(message.clone()).await.unwrap();
+    let events = recorder.take_exactly(1, "direct barrier").await;
+    assert_eq!(events, vec![Event::Direct(message)]);
+}
+
+fn direct(user: &str, data: Value) -> DirectMessage {
+    DirectMessage {
+        user: user.to_owned(),
+        data,
+        from: None,
+        seq: None,
+    }
+}
+
+fn seqs(entries: &[InboxEntry]) -> Vec<u64> {
+    entries.iter().map(|entry| entry.seq).collect()
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_millis() as u64
+}
+
+/// A persisted send appends to the user's inbox under the next seq (1, 2, 3 in one epoch) and
+/// reaches every node hosting the user's sessions with that seq, in seq order; the inbox holds
+/// what was sent, from whom and when. A user who never had one has an inbox at seq 0 in an epoch
+/// of the current generation, and reading it stores nothing.
+pub async fn persisted_sends_number_the_inbox_and_deliver_with_seq(cluster: &dyn Cluster) {
+    let (n1, rec1) = started(cluster, "n1").await;
+    let (n2, rec2) = started(cluster, "n2").await;
+    let (n3, _) = started(cluster, "n3").await;
+    n1.register_session(&session("alice", "s1", "n1"))
+        .await
+        .unwrap();
+    n2.register_session(&session("alice", "s2", "n2"))
+        .await
+        .unwrap();
+
+    let empty = n3.inbox("alice", 0, 100, 1 << 20).await.unwrap();
+    assert_eq!((empty.position.seq, empty.position.acked), (0, 0));
+    assert!(empty.pending.is_empty() && !empty.more);
+
+    let before = unix_millis();
+    let mut epoch = None;
+    let mut sent = Vec::new();
+    for i in 1..=3u64 {
+        let message = DirectMessage {
+            from: Some(sender("bob", "s9")),
+            ..direct("alice", json!({ "n": i }))
+        };
+        let answer = n3.send_persisted(message.clone(), None).await.unwrap();
+        let epoch = epoch.get_or_insert_with(|| answer.epoch.clone());
+        assert_eq!(
+            answer,
+            Sent {
+                sessions: 2,
+                seq: i,
+                epoch: epoch.clone(),
+                duplicate: false,
+                dropped: 0,
+            }
+        );
+        sent.push(Event::Direct(DirectMessage {
+            seq: Some(i),
+            ..message
+        }));
+    }
+    let epoch = epoch.expect("an epoch");
+    assert!(
+        same_generation(&empty.position.epoch, &epoch),
+        "an inbox without state is in the current generation: {} then {epoch}",
+        empty.position.epoch
+    );
+    assert_eq!(rec1.take_exactly(3, "n1").await, sent);
+    assert_eq!(rec2.take_exactly(3, "n2").await, sent);
+
+    let inbox = n1.inbox("alice", 0, 100, 1 << 20).await.unwrap();
+    assert_eq!(
+        (
+            inbox.position.seq,
+            inbox.position.acked,
+            &inbox.position.epoch
+        ),
+        (3, 0, &epoch)
+    );
+    assert!(!inbox.more);
+    assert_eq!(seqs(&inbox.pending), vec![1, 2, 3]);
+    let after = unix_millis();
+    for (i, entry) in inbox.pending.iter().enumerate() {
+        assert_eq!(entry.data, json!({ "n": i + 1 }));
+        assert_eq!(entry.from, Some(sender("bob", "s9")));
+        // Stamped by the broker's clock (Redis's, for Redis), allowed a little skew.
+        assert!(
+            entry.at + 5_000 >= before && entry.at <= after + 5_000,
+            "stored at {} outside {before}..{after}",
+            entry.at
+        );
+    }
+
+    // A user without sessions gets an inbox all the same; nobody is reached.
+    let to_carol = n3
+        .send_persisted(direct("carol", json!("later")), None)
+        .await
+        .unwrap();
+    assert_eq!((to_carol.sessions, to_carol.seq), (0, 1));
+    let carol = n2.inbox("carol", 0, 100, 1 << 20).await.unwrap();
+    assert_eq!(seqs(&carol.pending), vec![1]);
+    assert_eq!(carol.position.epoch, to_carol.epoch);
+    direct_barrier(&*n3, &rec1, "alice").await;
+}
+
+/// An inbox page holds the messages above both `after` and the acked seq, oldest first, stopping
+/// at `limit` or before its payloads pass `max_bytes` (at least one message), with `more`.
+pub async fn inbox_pages_after_the_acked_seq(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let (n2, _) = started(cluster, "n2").await;
+    let text = "x".repeat(1000);
+    for i in 1..=5u64 {
+        let sent = n1
+            .send_persisted(direct("alice", json!({ "n": i, "text": text })), None)
+            .await
+            .unwrap();
+        assert_eq!(sent.seq, i);
+    }
+    let Acked::Done(position) = n2.ack("alice", 2).await.unwrap() else {
+        panic!("ack 2 of 5 refused")
+    };
+    assert_eq!((position.seq, position.acked), (5, 2));
+
+    let page = |after: u64, limit: usize, max_bytes: usize| {
+        let n2 = n2.clone();
+        async move { n2.inbox("alice", after, limit, max_bytes).await.unwrap() }
+    };
+    let all = page(0, 100, 1 << 20).await;
+    assert_eq!((seqs(&all.pending), all.more), (vec![3, 4, 5], false));
+    assert_eq!((all.position.seq, all.position.acked), (5, 2));
+    let after = page(3, 100, 1 << 20).await;
+    assert_eq!((seqs(&after.pending), after.more), (vec![4, 5], false));
+    let counted = page(0, 2, 1 << 20).await;
+    assert_eq!((seqs(&counted.pending), counted.more), (vec![3, 4], true));
+    let read_on = page(4, 2, 1 << 20).await;
+    assert_eq!((seqs(&read_on.pending), read_on.more), (vec![5], false));
+    // Each payload is a little over 1000 bytes as stored.
+    let by_bytes = page(0, 100, 2500).await;
+    assert_eq!((seqs(&by_bytes.pending), by_bytes.more), (vec![3, 4], true));
+    let at_least_one = page(0, 100, 1).await;
+    assert_eq!(
+        (seqs(&at_least_one.pending), at_least_one.more),
+        (vec![3], true)
+    );
+    let none = page(5, 100, 1 << 20).await;
+    assert!(none.pending.is_empty() && !none.more);
+}
+
+/// An ack is cumulative, per user, seen from every node: acked becomes max(acked, seq) and never
+/// goes back; an ack beyond the inbox's seq records nothing and says where the inbox is.
+pub async fn ack_is_cumulative_never_goes_back_and_not_beyond_seq(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let (n2, _) = started(cluster, "n2").await;
+    // An inbox without state is at seq 0: acking 0 is fine, anything more is beyond it.
+    assert!(matches!(
+        n1.ack("alice", 0).await.unwrap(),
+        Acked::Done(position) if (position.seq, position.acked) == (0, 0)
+    ));
+    assert!(matches!(
+        n1.ack("alice", 1).await.unwrap(),
+        Acked::BeyondSeq(position) if (position.seq, position.acked) == (0, 0)
+    ));
+    let mut epoch = String::new();
+    for _ in 0..3 {
+        epoch = n1
+            .send_persisted(direct("alice", json!("m")), None)
+            .await
+            .unwrap()
+            .epoch;
+    }
+    let at = |seq: u64, acked: u64| crate::InboxPosition {
+        seq,
+        acked,
+        epoch: epoch.clone(),
+    };
+    assert_eq!(n1.ack("alice", 2).await.unwrap(), Acked::Done(at(3, 2)));
+    assert_eq!(n2.ack("alice", 1).await.unwrap(), Acked::Done(at(3, 2)));
+    assert_eq!(
+        n2.ack("alice", 4).await.unwrap(),
+        Acked::BeyondSeq(at(3, 2))
+    );
+    assert_eq!(
+        seqs(&n2.inbox("alice", 0, 10, 1 << 20).await.unwrap().pending),
+        vec![3]
+    );
+    assert_eq!(n2.ack("alice", 3).await.unwrap(), Acked::Done(at(3, 3)));
+    let inbox = n1.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert!(inbox.pending.is_empty());
+    assert_eq!(inbox.position, at(3, 3));
+    // Another user's inbox is untouched.
+    assert!(matches!(
+        n1.ack("bob", 1).await.unwrap(),
+        Acked::BeyondSeq(position) if position.seq == 0
+    ));
+    // Sending on continues the seq; acked stays.
+    let next = n2
+        .send_persisted(direct("alice", json!("m")), None)
+        .await
+        .unwrap();
+    assert_eq!((next.seq, next.epoch.as_str()), (4, epoch.as_str()));
+    let inbox = n1.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert_eq!((seqs(&inbox.pending), inbox.position), (vec![4], at(4, 3)));
+}
+
+/// Beyond the inbox size (3 here) an append drops the oldest unacknowledged messages and says
+/// how many; acknowledged ones are not counted, since they are no longer held.
+pub async fn the_inbox_size_drops_the_oldest_unacknowledged(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let send = |n: u64| {
+        let n1 = n1.clone();
+        async move {
+            n1.send_persisted(direct("alice", json!(n)), None)
+                .await
+                .unwrap()
+        }
+    };
+    for n in 1..=3 {
+        assert_eq!(send(n).await.dropped, 0);
+    }
+    let fourth = send(4).await;
+    assert_eq!((fourth.seq, fourth.dropped), (4, 1));
+    let inbox = n1.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(seqs(&inbox.pending), vec![2, 3, 4]);
+    assert_eq!(
+        inbox
+            .pending
+            .iter()
+            .map(|entry| entry.data.clone())
+            .collect::<Vec<_>>(),
+        vec![json!(2), json!(3), json!(4)]
+    );
+    assert!(matches!(n1.ack("alice", 2).await.unwrap(), Acked::Done(_)));
+    assert_eq!(send(5).await.dropped, 0, "2 was acked: 3, 4, 5 fit");
+    assert_eq!(send(6).await.dropped, 1);
+    let inbox = n1.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(seqs(&inbox.pending), vec![4, 5, 6]);
+    assert_eq!((inbox.position.seq, inbox.position.acked), (6, 2));
+}
+
+/// Inbox messages older than the inbox TTL (5 s here) are no longer returned; an inbox untouched
+/// for that long is forgotten, and starts over at seq 0 in a new epoch.
+pub async fn inbox_messages_expire_after_the_ttl(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let first = n1
+        .send_persisted(direct("alice", json!("old")), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = n1
+        .send_persisted(direct("alice", json!("new")), None)
+        .await
+        .unwrap();
+    assert_eq!((first.seq, second.seq), (1, 2));
+    // Past the TTL of the first, within the TTL of the second.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let inbox = n1.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(seqs(&inbox.pending), vec![2]);
+    assert_eq!(inbox.pending[0].data, json!("new"));
+    assert_eq!(
+        (inbox.position.seq, &inbox.position.epoch),
+        (2, &first.epoch)
+    );
+
+    // Reading is no activity: 5 s after the last send, the inbox is gone.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let gone = n1.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert!(gone.pending.is_empty());
+    assert_eq!((gone.position.seq, gone.position.acked), (0, 0));
+    let again = n1
+        .send_persisted(direct("alice", json!("again")), None)
+        .await
+        .unwrap();
+    assert_eq!(again.seq, 1);
+    assert_ne!(
+        again.epoch, first.epoch,
+        "a seq is never reused in one epoch"
+    );
+}
+
+/// A repeat of a keyed publish to the same room within the window publishes nothing: it answers
+/// the first message with `duplicate`, from any node. The same key in another room, or another
+/// key, is a new publish.
+pub async fn a_keyed_publish_is_done_once_per_room_and_key(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let (n2, rec2) = started(cluster, "n2").await;
+    n2.subscribe_room("r").await.unwrap();
+    let first = n1
+        .publish_keyed("r", json!("once"), Some(sender("alice", "s1")), "k1")
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(
+        (first.message.offset, &first.message.data),
+        (1, &json!("once"))
+    );
+    let repeat = n2
+        .publish_keyed("r", json!("twice"), Some(sender("alice", "s2")), "k1")
+        .await
+        .unwrap();
+    assert!(repeat.duplicate);
+    assert_eq!(repeat.message, first.message);
+    assert_eq!(
+        rec2.take_exactly(1, "the first publish").await,
+        vec![Event::Room((*first.message).clone())]
+    );
+    assert_eq!(n1.position("r").await.unwrap().offset, 1);
+
+    let other_key = n1.publish_keyed("r", json!(2), None, "k2").await.unwrap();
+    assert_eq!((other_key.duplicate, other_key.message.offset), (false, 2));
+    let other_room = n1.publish_keyed("r2", json!(1), None, "k1").await.unwrap();
+    assert_eq!(
+        (other_room.duplicate, other_room.message.offset),
+        (false, 1)
+    );
+    let plain = n1.publish("r", json!(3), None).await.unwrap();
+    assert_eq!(plain.offset, 3);
+    let events = rec2
+        .take_exactly(2, "the other key and the plain publish")
+        .await;
+    assert_eq!(room_offsets(&events), vec![2, 3]);
+    barrier(&*n1, &rec2, "r").await;
+}
+
+/// A repeat of a keyed persisted send to the same user within the window stores and delivers
+/// nothing: it answers the first result with `duplicate` (and nothing dropped). The same key for
+/// another user, or as a room publish key, is new.
+pub async fn a_keyed_persisted_send_is_done_once_per_user_and_key(cluster: &dyn Cluster) {
+    let (n1, rec1) = started(cluster, "n1").await;
+    let (n2, _) = started(cluster, "n2").await;
+    n1.register_session(&session("alice", "s1", "n1"))
+        .await
+        .unwrap();
+    let first = n2
+        .send_persisted(direct("alice", json!("once")), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!((first.seq, first.sessions, first.duplicate), (1, 1, false));
+    let repeat = n1
+        .send_persisted(direct("alice", json!("twice")), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        repeat,
+        Sent {
+            duplicate: true,
+            ..first.clone()
+        }
+    );
+    assert_eq!(
+        rec1.take_exactly(1, "the first send").await,
+        vec![Event::Direct(DirectMessage {
+            seq: Some(1),
+            ..direct("alice", json!("once"))
+        })]
+    );
+    direct_barrier(&*n2, &rec1, "alice").await;
+    let inbox = n2.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(seqs(&inbox.pending), vec![1]);
+    assert_eq!(inbox.position.seq, 1);
+
+    let other_user = n2
+        .send_persisted(direct("bob", json!(1)), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!((other_user.seq, other_user.duplicate), (1, false));
+    let room = n2
+        .publish_keyed("alice", json!(1), None, "k1")
+        .await
+        .unwrap();
+    assert!(!room.duplicate, "room and user keys are apart");
+    let other_key = n2
+        .send_persisted(direct("alice", json!(2)), Some("k2"))
+        .await
+        .unwrap();
+    assert_eq!((other_key.seq, other_key.duplicate), (2, false));
+}
+
+/// A key is remembered for the idempotency window (2 s here) only: a repeat after it is new.
+pub async fn a_key_is_new_again_after_the_window(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let publish = n1.publish_keyed("r", json!(1), None, "k").await.unwrap();
+    let send = n1
+        .send_persisted(direct("alice", json!(1)), Some("k"))
+        .await
+        .unwrap();
+    assert!(
+        n1.publish_keyed("r", json!(1), None, "k")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    assert!(
+        n1.send_persisted(direct("alice", json!(1)), Some("k"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let publish_again = n1.publish_keyed("r", json!(2), None, "k").await.unwrap();
+    assert_eq!(
+        (publish_again.duplicate, publish_again.message.offset),
+        (false, publish.message.offset + 1)
+    );
+    let send_again = n1
+        .send_persisted(direct("alice", json!(2)), Some("k"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (send_again.duplicate, send_again.seq),
+        (false, send.seq + 1)
+    );
+}
+
+/// Defines one `#[tokio::test]` per conformance function, each on a cluster made by `$cluster`,
+/// a function (or closure) taking the test's [`Limits`] to an async expression evaluating to a
+/// value that implements [`Cluster`].
 #[macro_export]
 macro_rules! conformance_tests {
     ($cluster:expr) => {
@@ -806,13 +1272,24 @@ macro_rules! conformance_tests {
             broadcast_reaches_every_started_node,
             disconnect_reaches_the_nodes_of_the_users_sessions,
             heartbeat_lists_nodes_and_deregister_removes_them,
+            persisted_sends_number_the_inbox_and_deliver_with_seq,
+            inbox_pages_after_the_acked_seq,
+            ack_is_cumulative_never_goes_back_and_not_beyond_seq,
+            the_inbox_size_drops_the_oldest_unacknowledged(SMALL_INBOX),
+            inbox_messages_expire_after_the_ttl(SHORT_TTL),
+            a_keyed_publish_is_done_once_per_room_and_key,
+            a_keyed_persisted_send_is_done_once_per_user_and_key,
+            a_key_is_new_again_after_the_window(SHORT_WINDOW),
         );
     };
-    (@each $cluster:expr; $($name:ident),* $(,)?) => {
+    (@each $cluster:expr; $($name:ident $(($limits:ident))?),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let cluster = $cluster.await;
+                let limits = $crate::conformance::Limits::given(
+                    &[$($crate::conformance::Limits::$limits)?],
+                );
+                let cluster = ($cluster)(limits).await;
                 $crate::conformance::$name(&cluster).await;
             }
         )*

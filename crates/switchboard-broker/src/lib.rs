@@ -31,7 +31,8 @@ pub enum BrokerError {
     #[error("broker error: {0}")]
     Internal(String),
     /// A write was sent but its answer did not come in time (or the connection broke after
-    /// sending it): it may or may not have been done. Only `publish` reports this.
+    /// sending it): it may or may not have been done. Only `publish`, `publish_keyed`,
+    /// `send_persisted` and `ack` report this (a retry with the same key is then safe).
     #[error("outcome unknown: {0}")]
     UnknownOutcome(String),
 }
@@ -227,7 +228,7 @@ pub trait BrokerHandler: Send + Sync + 'static {
 
 /// Everything that crosses nodes. Every method that fails returns an error and has done nothing
 /// (or, for publish, nothing a client can observe as a gap: the offset is not reused), except a
-/// publish that fails with [`BrokerError::UnknownOutcome`], which may have been done.
+/// write that fails with [`BrokerError::UnknownOutcome`], which may have been done.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Starts delivering this node's events to `handler`. Called once, before anything else.

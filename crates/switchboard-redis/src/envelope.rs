@@ -92,6 +92,25 @@ pub fn direct(message: &Direct) -> Result<Vec<u8>, EnvelopeError> {
     Ok([b"1d".as_slice(), &pack(message)?].concat())
 }
 
+/// The seq a persisted send's envelope is packed with: MessagePack writes it as `0xcf` and 8
+/// bytes, big-endian, at the very end (`seq` is the last field), and lua/inbox_send.lua writes
+/// the seq it assigns over those 8 bytes.
+const SEQ_PLACEHOLDER: u64 = u64::MAX;
+
+/// The envelope of a persisted send, its seq left for the inbox script to write in.
+pub fn persisted_direct(
+    user: String,
+    data: Value,
+    from: Option<Sender>,
+) -> Result<Vec<u8>, EnvelopeError> {
+    direct(&Direct {
+        user,
+        data,
+        from,
+        seq: Some(SEQ_PLACEHOLDER),
+    })
+}
+
 pub fn disconnect(message: &Disconnect) -> Result<Vec<u8>, EnvelopeError> {
     Ok([b"1x".as_slice(), &pack(message)?].concat())
 }
@@ -202,6 +221,71 @@ mod tests {
         assert!(
             matches!(decode(None, &payload).unwrap(), Envelope::Broadcast(v) if v == json!("all"))
         );
+    }
+
+    #[test]
+    fn a_persisted_sends_seq_is_written_over_the_last_eight_bytes() {
+        let sender = Sender {
+            user: "carol".into(),
+            session: "s9".into(),
+        };
+        let payload = persisted_direct("bob".into(), json!({"x": 1}), Some(sender)).unwrap();
+        assert_eq!(
+            payload[payload.len() - 9..],
+            [0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
+        // What lua/inbox_send.lua does.
+        let seq: u64 = 70_000;
+        let patched = [&payload[..payload.len() - 8], &seq.to_be_bytes()].concat();
+        let Envelope::Direct(direct) = decode(None, &patched).unwrap() else {
+            panic!("a direct message")
+        };
+        assert_eq!(
+            (
+                direct.user.as_str(),
+                direct.data,
+                direct.from.map(|from| from.user),
+                direct.seq
+            ),
+            (
+                "bob",
+                json!({"x": 1}),
+                Some("carol".to_owned()),
+                Some(70_000)
+            )
+        );
+    }
+
+    #[test]
+    fn a_direct_envelope_without_seq_decodes_and_a_plain_one_has_none() {
+        #[derive(Serialize)]
+        struct Earlier {
+            user: String,
+            data: Value,
+            from: Option<Sender>,
+        }
+        let earlier = [
+            b"1d".as_slice(),
+            &pack(&Earlier {
+                user: "bob".into(),
+                data: json!(1),
+                from: None,
+            })
+            .unwrap(),
+        ]
+        .concat();
+        let plain = direct(&Direct {
+            user: "bob".into(),
+            data: json!(1),
+            from: None,
+            seq: None,
+        })
+        .unwrap();
+        assert_eq!(plain, earlier, "a plain send's envelope is as before");
+        let Envelope::Direct(direct) = decode(None, &earlier).unwrap() else {
+            panic!("a direct message")
+        };
+        assert_eq!(direct.seq, None);
     }
 
     #[test]

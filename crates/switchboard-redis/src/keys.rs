@@ -35,6 +35,28 @@ pub fn user_sessions(user: &str) -> String {
     format!("{PREFIX}u:{user}")
 }
 
+/// Hash `{e: epoch, s: seq, a: acked}` of a user's inbox.
+pub fn user_inbox_meta(user: &str) -> String {
+    format!("{PREFIX}ui:{user}:meta")
+}
+
+/// Stream of a user's unacknowledged inbox messages; entry id `<seq>-0`, fields `p` (payload)
+/// and `t` (ms).
+pub fn user_inbox_log(user: &str) -> String {
+    format!("{PREFIX}ui:{user}:log")
+}
+
+/// A keyed publish's idempotency key (value `offset:epoch`), on the room's shard. The key's
+/// length comes first, so no two (key, room) pairs share a name.
+pub fn publish_key(room: &str, key: &str) -> String {
+    format!("{PREFIX}ik:r:{}:{key}:{room}", key.len())
+}
+
+/// A keyed persisted send's idempotency key (value `sessions:seq:epoch`), on the user's shard.
+pub fn send_key(user: &str, key: &str) -> String {
+    format!("{PREFIX}ik:u:{}:{key}:{user}", key.len())
+}
+
 /// A node's liveness key (value: its packed figures), expiring after the node TTL.
 pub fn node_alive(node: &str) -> String {
     format!("{PREFIX}n:{node}")

@@ -9,14 +9,15 @@
 //!
 //! One module per job: `ring` (which shard holds a key), `shard` (a shard's client, TLS, command
 //! connection and bounded calls), `subscriber` (the pub/sub task and replay), `history` (the READ
-//! script), `mirror` (this node's sessions, presence and liveness, written back after Redis lost
-//! them; failed writes retried), `writes` (those writes batched per shard), `reaper` (dead nodes
-//! and earlier incarnations), `metrics`, `envelope` (the pub/sub payloads), `keys` and `scripts`.
+//! script), `inbox` (the user inbox and keyed publishes), `mirror` (this node's sessions,
+//! presence and liveness, written back after Redis lost them; failed writes retried), `writes`
+//! (those writes batched per shard), `reaper` (dead nodes and earlier incarnations), `metrics`, `envelope` (the pub/sub payloads), `keys` and `scripts`.
 //! This file holds [`RedisBroker`] and its `Broker` impl, which delegates to them.
 
 #[doc(hidden)]
 pub mod envelope;
 mod history;
+mod inbox;
 mod keys;
 #[cfg(test)]
 mod live_tests;
@@ -112,9 +113,6 @@ struct Inner {
 pub struct RedisBroker {
     inner: Arc<Inner>,
 }
-
-/// Interim answer of the inbox calls until their scripts land in the next commits.
-const INBOX_NOT_YET: BrokerError = BrokerError::Unavailable(String::new());
 
 /// The random half of an epoch (the scripts prefix the shard's generation).
 fn epoch_digits() -> String {
@@ -278,8 +276,7 @@ impl Broker for RedisBroker {
         from: Option<Sender>,
         key: &str,
     ) -> BrokerResult<Published> {
-        let _ = (room, data, from, key);
-        Err(INBOX_NOT_YET)
+        self.inner.publish_keyed(room, data, from, key).await
     }
 
     async fn send_persisted(
@@ -287,13 +284,11 @@ impl Broker for RedisBroker {
         message: DirectMessage,
         key: Option<&str>,
     ) -> BrokerResult<Sent> {
-        let _ = (message, key);
-        Err(INBOX_NOT_YET)
+        self.inner.send_persisted(message, key).await
     }
 
     async fn ack(&self, user: &str, seq: u64) -> BrokerResult<Acked> {
-        let _ = (user, seq);
-        Err(INBOX_NOT_YET)
+        self.inner.ack(user, seq).await
     }
 
     async fn inbox(
@@ -303,8 +298,7 @@ impl Broker for RedisBroker {
         limit: usize,
         max_bytes: usize,
     ) -> BrokerResult<Inbox> {
-        let _ = (user, after, limit, max_bytes);
-        Err(INBOX_NOT_YET)
+        self.inner.inbox(user, after, limit, max_bytes).await
     }
 
     async fn broadcast(&self, data: Json) -> BrokerResult<u64> {

@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use futures_util::StreamExt;
 use redis::Value;
 use serde_json::json;
-use switchboard_broker::PresenceEvent;
+use switchboard_broker::conformance::Limits;
+use switchboard_broker::{Acked, PresenceEvent};
 use switchboard_protocol::PresenceNotice;
 use tokio::sync::oneshot;
 
@@ -98,6 +99,18 @@ fn incarnation(
     instance: &str,
     node_ttl: Duration,
 ) -> (RedisBroker, Registry) {
+    limited(server, node, instance, node_ttl, Limits::GENEROUS)
+}
+
+/// A broker of node `node` as the process with instance id `instance`, with the inbox and
+/// idempotency limits of a conformance test.
+fn limited(
+    server: &Server,
+    node: &str,
+    instance: &str,
+    node_ttl: Duration,
+    limits: Limits,
+) -> (RedisBroker, Registry) {
     let registry = Registry::new();
     let config = RedisConfig {
         shards: vec![server.url()],
@@ -108,9 +121,9 @@ fn incarnation(
         history_ttl: Duration::from_secs(60),
         stream_ttl: Duration::from_secs(600),
         node_ttl,
-        inbox_size: 100,
-        inbox_ttl: Duration::from_secs(600),
-        idempotency_window: Duration::from_secs(600),
+        inbox_size: limits.inbox_size,
+        inbox_ttl: limits.inbox_ttl,
+        idempotency_window: limits.idempotency_window,
     };
     (
         RedisBroker::new(config, &registry).expect("a broker"),
@@ -760,6 +773,86 @@ async fn a_stream_left_by_another_server_generation_starts_a_new_epoch() {
 }
 
 #[tokio::test]
+async fn an_inbox_left_by_another_server_generation_starts_a_new_epoch() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    start(&broker, Arc::new(Recorder::default())).await;
+    let keys_now = async || -> Vec<String> {
+        let mut keys: Vec<String> = server.query(redis::cmd("KEYS").arg("*").clone()).await;
+        keys.sort();
+        keys
+    };
+    let before = keys_now().await;
+    let unstored = broker.inbox("alice", 0, 10, 1 << 20).await.expect("inbox");
+    assert!(matches!(broker.ack("alice", 0).await, Ok(Acked::Done(_))));
+    assert!(matches!(
+        broker.ack("alice", 2).await,
+        Ok(Acked::BeyondSeq(_))
+    ));
+    assert_eq!(keys_now().await, before, "no key made by reads and acks");
+
+    let message = DirectMessage {
+        user: "alice".into(),
+        data: json!("m"),
+        from: None,
+        seq: None,
+    };
+    let mut seen = None;
+    for _ in 0..3 {
+        seen = Some(
+            broker
+                .send_persisted(message.clone(), Some("k"))
+                .await
+                .expect("send"),
+        );
+    }
+    let seen = seen.expect("sent");
+    assert_eq!((seen.seq, seen.duplicate), (1, true));
+    assert!(switchboard_broker::same_generation(
+        &seen.epoch,
+        &unstored.position.epoch
+    ));
+    // The inbox lives for the inbox TTL from its last write, its key for the window.
+    for key in [
+        keys::user_inbox_meta("alice"),
+        keys::user_inbox_log("alice"),
+    ] {
+        let ttl: i64 = server.query(cmd(&["PTTL", &key])).await;
+        assert!(ttl > 0 && ttl <= 3_600_000, "{key}: {ttl}");
+    }
+    let ttl: i64 = server
+        .query(cmd(&["PTTL", &keys::send_key("alice", "k")]))
+        .await;
+    assert!(ttl > 0 && ttl <= 3_600_000, "key: {ttl}");
+
+    // What a restart from a snapshot, or a promoted replica, leaves: the inbox under an epoch
+    // another server process made.
+    let foreign = format!("ffffffff{}", &seen.epoch[8..]);
+    server
+        .query::<()>(cmd(&[
+            "HSET",
+            &keys::user_inbox_meta("alice"),
+            "e",
+            &foreign,
+        ]))
+        .await;
+    let read = broker.inbox("alice", 0, 10, 1 << 20).await.expect("inbox");
+    assert_eq!((read.position.seq, read.position.acked), (0, 0));
+    assert!(read.pending.is_empty());
+    assert_ne!(read.position.epoch, foreign);
+    let next = broker
+        .send_persisted(message.clone(), None)
+        .await
+        .expect("send");
+    assert_eq!(next.seq, 1);
+    assert_ne!(next.epoch, foreign);
+    assert_ne!(
+        next.epoch, seen.epoch,
+        "a seq is never given twice in one epoch"
+    );
+}
+
+#[tokio::test]
 async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_pages() {
     let server = Server::start().await;
     let registry = Registry::new();
@@ -1268,13 +1361,13 @@ mod conformance {
 
     use super::*;
 
-    /// Brokers on one fresh `redis-server`.
-    struct OneShard(Server);
+    /// Brokers on one fresh `redis-server`, with the test's limits.
+    struct OneShard(Server, Limits);
 
     #[async_trait]
     impl Cluster for OneShard {
         async fn broker(&self, node: &str) -> Arc<dyn Broker> {
-            Arc::new(broker(&self.0, node, Duration::from_secs(30)).0)
+            Arc::new(limited(&self.0, node, "1", Duration::from_secs(30), self.1).0)
         }
 
         async fn trim_history(&self, room: &str, keep: usize) {
@@ -1286,5 +1379,7 @@ mod conformance {
         }
     }
 
-    switchboard_broker::conformance_tests!(async { OneShard(Server::start().await) });
+    switchboard_broker::conformance_tests!(|limits: Limits| async move {
+        OneShard(Server::start().await, limits)
+    });
 }

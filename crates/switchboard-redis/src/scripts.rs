@@ -5,7 +5,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Assigns the next offset of a room, appends to its history and publishes (lua/publish.lua).
+/// Assigns the next offset of a room, appends to its history and publishes (lua/publish.lua);
+/// with an idempotency key, once per key within the window.
 /// Prefixed with lua/generation.lua, which reads the Redis process's generation into `gen`.
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -33,8 +34,42 @@ pub static LEAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 pub static PRESENCE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/presence.lua")));
 
-/// Sends an envelope to every live node hosting a user (lua/send.lua).
-pub static SEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/send.lua")));
+/// Sends an envelope to every live node hosting a user (lua/send.lua). Prefixed with
+/// lua/deliver.lua, which defines the delivery INBOX_SEND shares.
+pub static SEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/deliver.lua"),
+        include_str!("lua/send.lua"),
+    ))
+});
+
+/// A persisted send: checks its idempotency key, appends to the user's inbox under the next seq
+/// and delivers like SEND, in one round trip (lua/inbox_send.lua). Prefixed with
+/// lua/generation.lua and lua/deliver.lua.
+pub static INBOX_SEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/generation.lua"),
+        include_str!("lua/deliver.lua"),
+        include_str!("lua/inbox_send.lua"),
+    ))
+});
+
+/// Acknowledges a user's inbox up to a seq (lua/ack.lua). Prefixed with lua/generation.lua.
+pub static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/generation.lua"),
+        include_str!("lua/ack.lua"),
+    ))
+});
+
+/// Reads a page of a user's pending inbox messages (lua/inbox_read.lua). Prefixed with
+/// lua/generation.lua.
+pub static INBOX_READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/generation.lua"),
+        include_str!("lua/inbox_read.lua"),
+    ))
+});
 
 /// How many index entries one REAP call handles: a call's cost must not grow with the size of
 /// the node, or reaping a big node blocks the shard (and every node's pub/sub pings with it).

@@ -1052,7 +1052,7 @@ async fn reading_rooms_without_state_creates_none() {
 
 mod conformance {
     use super::*;
-    use crate::conformance::Cluster;
+    use crate::conformance::{Cluster, Limits};
 
     struct Bus(MemoryBus);
 
@@ -1075,5 +1075,12 @@ mod conformance {
         }
     }
 
-    crate::conformance_tests!(async { Bus(MemoryBus::new(MemoryConfig::default())) });
+    crate::conformance_tests!(|limits: Limits| async move {
+        Bus(MemoryBus::new(MemoryConfig {
+            inbox_size: limits.inbox_size,
+            inbox_ttl: limits.inbox_ttl,
+            idempotency_window: limits.idempotency_window,
+            ..MemoryConfig::default()
+        }))
+    });
 }
