@@ -28,7 +28,7 @@ impl Inner {
         let payload = envelope::pack(&stored)?;
         let shard = self.shard(room);
         let (offset, epoch, duplicate, first): (u64, String, u8, Option<Vec<u8>>) = self
-            .call_write(shard, "publish", async |connection| {
+            .call_write(shard, "publish_keyed", async |connection| {
                 scripts::PUBLISH
                     .key(keys::room_meta(room))
                     .key(keys::room_log(room))

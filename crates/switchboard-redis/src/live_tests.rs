@@ -853,6 +853,46 @@ async fn an_inbox_left_by_another_server_generation_starts_a_new_epoch() {
 }
 
 #[tokio::test]
+async fn inbox_pages_read_in_several_fetches_cover_every_message_once() {
+    let server = Server::start().await;
+    let (broker, _) = broker(&server, "n", Duration::from_secs(3));
+    start(&broker, Arc::new(Recorder::default())).await;
+    for n in 1..=40u64 {
+        let message = DirectMessage {
+            user: "alice".into(),
+            data: json!({ "n": n, "text": "y".repeat(100) }),
+            from: None,
+            seq: None,
+        };
+        broker.send_persisted(message, None).await.expect("send");
+    }
+    let all = broker.inbox("alice", 0, 100, 1 << 20).await.expect("inbox");
+    assert_eq!(all.pending.len(), 40);
+    assert!(!all.more);
+    for (limit, max_bytes) in [(7, 1 << 20), (100, 1000), (5, 300)] {
+        let mut after = 0;
+        let mut read = Vec::new();
+        loop {
+            let page = broker
+                .inbox("alice", after, limit, max_bytes)
+                .await
+                .expect("inbox");
+            assert!(!page.pending.is_empty() && page.pending.len() <= limit);
+            read.extend(page.pending.iter().map(|entry| entry.seq));
+            after = page.pending.last().expect("an entry").seq;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(
+            read,
+            (1..=40).collect::<Vec<_>>(),
+            "limit {limit}, {max_bytes} bytes"
+        );
+    }
+}
+
+#[tokio::test]
 async fn expiry_is_judged_by_redis_time_on_every_entry_and_paging_skips_expired_pages() {
     let server = Server::start().await;
     let registry = Registry::new();

@@ -1048,6 +1048,139 @@ async fn reading_rooms_without_state_creates_none() {
     assert_eq!(state.streams.len(), 1);
 }
 
+// ----- the inbox and idempotency keys ------------------------------------------------------------
+
+fn inbox_config(inbox_ttl: Duration, idempotency_window: Duration) -> MemoryConfig {
+    MemoryConfig {
+        inbox_ttl,
+        idempotency_window,
+        ..MemoryConfig::default()
+    }
+}
+
+fn to(user: &str, data: Value) -> DirectMessage {
+    DirectMessage {
+        user: user.to_owned(),
+        data,
+        from: None,
+        seq: None,
+    }
+}
+
+#[tokio::test]
+async fn reading_and_acking_inboxes_without_state_creates_none() {
+    let bus = MemoryBus::new(MemoryConfig::default());
+    let (broker, _) = started(&bus, "n1").await;
+    for user in ["alice", "bob"] {
+        broker.inbox(user, 0, 10, 1 << 20).await.unwrap();
+        broker.ack(user, 0).await.unwrap();
+        broker.ack(user, 3).await.unwrap();
+    }
+    assert_eq!(
+        bus.state.inboxes.len(),
+        0,
+        "no inbox without a persisted send"
+    );
+    broker
+        .send_persisted(to("alice", json!(1)), None)
+        .await
+        .unwrap();
+    assert_eq!(bus.state.inboxes.len(), 1);
+    assert!(
+        bus.state.keys.lock().is_empty(),
+        "an unkeyed send keeps no key"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn sweep_forgets_idle_inboxes_and_expired_keys() {
+    let bus = MemoryBus::new(inbox_config(
+        Duration::from_secs(10),
+        Duration::from_secs(3),
+    ));
+    let (broker, _) = started(&bus, "n1").await;
+    broker
+        .send_persisted(to("alice", json!(1)), Some("k"))
+        .await
+        .unwrap();
+    broker
+        .send_persisted(to("bob", json!(1)), None)
+        .await
+        .unwrap();
+    broker
+        .publish_keyed("r", json!(1), None, "k")
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    bus.state.sweep();
+    assert!(bus.state.keys.lock().is_empty(), "keys outlive no window");
+    assert_eq!(bus.state.inboxes.len(), 2);
+    // An ack keeps alice's inbox as a send would; bob's is idle for the TTL.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(matches!(
+        broker.ack("alice", 1).await.unwrap(),
+        Acked::Done(_)
+    ));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    bus.state.sweep();
+    assert_eq!(bus.state.inboxes.len(), 1);
+    assert!(bus.state.inboxes.contains_key("alice"));
+    let alice = broker.inbox("alice", 0, 10, 1 << 20).await.unwrap();
+    assert_eq!((alice.position.seq, alice.position.acked), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inbox_message_expires_exactly_at_the_ttl() {
+    let bus = MemoryBus::new(inbox_config(
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    ));
+    let (broker, _) = started(&bus, "n1").await;
+    broker
+        .send_persisted(to("alice", json!(1)), None)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(4)).await;
+    broker
+        .send_persisted(to("alice", json!(2)), None)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_millis(5_999)).await;
+    let pending = |inbox: Inbox| {
+        inbox
+            .pending
+            .iter()
+            .map(|entry| entry.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        pending(broker.inbox("alice", 0, 10, 1 << 20).await.unwrap()),
+        [1, 2]
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        pending(broker.inbox("alice", 0, 10, 1 << 20).await.unwrap()),
+        [2]
+    );
+}
+
+#[tokio::test]
+async fn wipe_history_forgets_inboxes_and_keys() {
+    let bus = MemoryBus::new(MemoryConfig::default());
+    let (broker, _) = started(&bus, "n1").await;
+    let first = broker
+        .send_persisted(to("alice", json!(1)), Some("k"))
+        .await
+        .unwrap();
+    bus.wipe_history();
+    let again = broker
+        .send_persisted(to("alice", json!(1)), Some("k"))
+        .await
+        .unwrap();
+    assert_eq!((again.seq, again.duplicate), (1, false));
+    assert!(!crate::same_generation(&first.epoch, &again.epoch));
+}
+
 // ----- the conformance suite --------------------------------------------------------------------
 
 mod conformance {

@@ -6,7 +6,7 @@
 -- inbox without state answers `{0, 0, generation and the digits, {}, 0}` and is not created; one
 -- another generation of the server made is forgotten (see inbox_send.lua) and answers the same.
 -- Reading refreshes no TTL: only sends and acks keep an inbox. Entries are fetched a few at a
--- time, so a log of large payloads is never loaded whole.
+-- time, sized by what the budget has left, so a log of large payloads is never loaded whole.
 -- Runs after generation.lua, which sets `gen`.
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if epoch and string.sub(epoch, 1, 8) ~= gen then
@@ -31,8 +31,14 @@ end
 local used = 0
 local cursor = '(' .. after .. '-0'
 while true do
-  -- One more than the page still needs, to tell whether more follows.
-  local want = math.min(16, count - #entries + 1)
+  -- Sized by what the budget has left (one entry to start with), and at most one more than the
+  -- count still needs, to tell whether more follows.
+  local want = 1
+  if #entries > 0 then
+    local average = math.max(used / #entries, 1)
+    want = math.max(1, math.min(16, math.floor((budget - used) / average)))
+  end
+  want = math.min(want, count - #entries + 1)
   local page = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', want)
   for _, entry in ipairs(page) do
     local fields = entry[2]
