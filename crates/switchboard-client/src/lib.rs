@@ -6,6 +6,13 @@
 //! matched to their answers by id; everything else the server sends arrives as an [`Event`]
 //! from [`Client::next_event`].
 //!
+//! Persisted direct messages ([`send_persisted`](Client::send_persisted)) are stored in the
+//! recipient's inbox; the unacknowledged ones follow every `welcome` and arrive, like live ones,
+//! as [`Event::PersistedDirect`] with their `seq`, until acknowledged with
+//! [`ack`](Client::ack) or [`ConnectOptions::auto_ack`]. With [`ConnectOptions::retry`] a
+//! publish or persisted send whose connection dropped before its answer is sent again after the
+//! reconnect with the same idempotency key, so it is carried out once.
+//!
 //! When the connection drops the client reconnects with jittered exponential back-off
 //! ([`ReconnectPolicy`]) and resubscribes every room from the last position it saw, so no
 //! message is missed or delivered twice while history holds them. It stops for good after
@@ -34,6 +41,7 @@ mod client;
 mod driver;
 mod error;
 mod event;
+mod inbox;
 mod options;
 mod rooms;
 #[cfg(test)]
@@ -43,6 +51,7 @@ pub use backoff::ReconnectPolicy;
 pub use client::{Client, HistoryReply, SubscribeOptions, Subscription};
 pub use error::ClientError;
 pub use event::Event;
+pub use inbox::{InboxPosition, MAX_KEY_BYTES, PublishOptions, Published, SendOptions, Sent};
 pub use options::ConnectOptions;
 pub use switchboard_protocol::{
     Codec, ErrorCode, ErrorFrame, Member, PresenceNotice, RoomMessage, Sender, StreamPosition,
