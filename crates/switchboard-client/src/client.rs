@@ -63,7 +63,9 @@ pub struct Client {
 
 struct Inner {
     commands: mpsc::UnboundedSender<Command>,
-    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    /// The events, and (with automatic acks) the seq of the persisted direct handed out last.
+    events: tokio::sync::Mutex<(mpsc::UnboundedReceiver<Event>, Option<u64>)>,
+    auto_ack: bool,
     session: Arc<Mutex<SessionInfo>>,
     next_id: Arc<AtomicU64>,
     request_timeout: Duration,
@@ -95,6 +97,7 @@ impl Client {
         let next_id = Arc::new(AtomicU64::new(1));
         let request_timeout = config.request_timeout;
         let (retry, retry_window) = (config.retry, config.retry_window);
+        let auto_ack = config.auto_ack;
         let driver = Driver::new(
             config,
             command_receiver,
@@ -106,7 +109,8 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 commands,
-                events: tokio::sync::Mutex::new(events),
+                events: tokio::sync::Mutex::new((events, None)),
+                auto_ack,
                 session,
                 next_id,
                 request_timeout,
@@ -147,9 +151,23 @@ impl Client {
     }
 
     /// The next event, in arrival order; `None` after [`Event::Closed`]. Clones share one
-    /// stream: each event goes to one caller.
+    /// stream: each event goes to one caller. With
+    /// [`auto_ack`](ConnectOptions::auto_ack), a call after an [`Event::PersistedDirect`]
+    /// acknowledges it.
     pub async fn next_event(&self) -> Option<Event> {
-        self.inner.events.lock().await.recv().await
+        let mut events = self.inner.events.lock().await;
+        let (receiver, handed_out) = &mut *events;
+        // Asking for more means the application is done with the persisted direct it took last.
+        if let Some(seq) = handed_out.take() {
+            let _ = self.inner.commands.send(Command::Handled(seq));
+        }
+        let event = receiver.recv().await;
+        if self.inner.auto_ack
+            && let Some(Event::PersistedDirect { seq, .. }) = &event
+        {
+            *handed_out = Some(*seq);
+        }
+        event
     }
 
     /// Subscribes to a room; its messages arrive as [`Event::Message`].

@@ -63,6 +63,8 @@ pub(crate) enum Command {
     Send(Outbound),
     /// The caller stopped waiting (timeout or dropped future): forget the request.
     Cancel(u64),
+    /// The application is done with the persisted direct `seq` (automatic acks).
+    Handled(u64),
     /// Close normally, stop reconnecting, then acknowledge.
     Close(oneshot::Sender<()>),
 }
@@ -424,6 +426,14 @@ impl Driver {
                     Some(Command::Cancel(id)) => {
                         self.pending.remove(&id);
                     }
+                    Some(Command::Handled(seq)) => {
+                        self.inbox.handled(seq);
+                        if let Some(ack) = self.auto_ack()
+                            && let Err(error) = sink.send(ack).await
+                        {
+                            return dropped(error);
+                        }
+                    }
                     Some(Command::Close(ack)) => {
                         close_normally(&mut sink, &mut stream).await;
                         return Ended::ClosedByApp(ack);
@@ -675,18 +685,11 @@ impl Driver {
         }
     }
 
-    /// Hands out a persisted direct new to this client, then acknowledges it when asked to.
+    /// Hands out a persisted direct new to this client.
     fn on_persisted_direct(&mut self, data: serde_json::Value, from: Option<Sender>, seq: u64) {
-        if !self.inbox.accept(seq) {
-            return;
-        }
-        self.share_inbox();
-        self.emit(Event::PersistedDirect { data, from, seq });
-        if self.config.auto_ack {
-            self.inbox.handled(seq);
-            if let Some(ack) = self.auto_ack() {
-                self.outgoing.push(ack);
-            }
+        if self.inbox.accept(seq) {
+            self.share_inbox();
+            self.emit(Event::PersistedDirect { data, from, seq });
         }
     }
 
@@ -750,6 +753,8 @@ impl Driver {
                     result = &mut reconnect => break result,
                     command = self.commands.recv() => match command {
                         Some(Command::Send(outbound)) => self.hold(outbound),
+                        // Acknowledged after the welcome.
+                        Some(Command::Handled(seq)) => self.inbox.handled(seq),
                         Some(Command::Cancel(id)) => self.queued.retain(
                             |outbound| !matches!(outbound, Outbound::Request { id: queued, .. } if *queued == id),
                         ),

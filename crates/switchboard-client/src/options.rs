@@ -26,9 +26,11 @@ pub struct ConnectOptions {
     pub origin: Option<String>,
     /// Any other handshake headers, as (name, value).
     pub headers: Vec<(String, String)>,
-    /// Acknowledge each persisted direct message once it was handed out as an
-    /// [`Event::PersistedDirect`](crate::Event::PersistedDirect) (default false): one cumulative
-    /// `ack` of the highest seq handed out, at most one in flight.
+    /// Acknowledge each persisted direct message once the application is done with it (default
+    /// false): when it asks [`Client::next_event`](crate::Client::next_event) for the event after
+    /// its [`Event::PersistedDirect`](crate::Event::PersistedDirect), as a `while let` loop does
+    /// once the body handling it has run. One cumulative `ack` of the highest seq done with, at
+    /// most one in flight; what is done with meanwhile goes in the next one.
     pub auto_ack: bool,
     /// Retry keyed publishes and persisted sends through a reconnect (default false): each
     /// carries an idempotency key (the caller's or a generated one) and is sent again with it

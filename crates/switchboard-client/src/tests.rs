@@ -1009,6 +1009,7 @@ async fn the_inbox_after_welcome_is_handed_out_once_and_auto_acked_one_at_a_time
     peer.send_json(json!({"type": "direct", "data": "plain"}))
         .await;
     peer.send_json(persisted(3)).await;
+    // Each is acknowledged once the test asks for the event after it: it is done with it.
     for seq in [2, 3, 4] {
         assert_eq!(event(&client).await, persisted_event(seq));
     }
@@ -1069,19 +1070,33 @@ async fn the_inbox_after_welcome_is_handed_out_once_and_auto_acked_one_at_a_time
     );
     assert_eq!(client.inbox(), Some(position(4, 4, "i1")));
 
-    // An ack the server refuses is an error event.
+    // Not acknowledged while the application has not asked for the next event.
     peer.send_json(persisted(5)).await;
     assert_eq!(event(&client).await, persisted_event(5));
-    let ack = peer.recv_json().await;
-    peer.send_json(json!({"type": "error", "id": ack["id"], "code": "bad_frame", "message": "ack 5 beyond seq 4"}))
-        .await;
-    assert!(matches!(
-        event(&client).await,
-        Event::Error(ErrorFrame {
-            code: ErrorCode::BadFrame,
-            ..
-        })
-    ));
+    let (pinged, ()) = tokio::join!(client.ping(), async {
+        let ping = peer.recv_json().await;
+        assert_eq!(ping["type"], "ping", "{ping}");
+        peer.send_json(json!({"type": "pong", "id": ping["id"]}))
+            .await;
+    });
+    pinged.expect("pong");
+    // An ack the server refuses is an error event.
+    let (refused, ()) = tokio::join!(event(&client), async {
+        let ack = peer.recv_json().await;
+        assert_eq!(ack["seq"], 5, "{ack}");
+        peer.send_json(json!({"type": "error", "id": ack["id"], "code": "bad_frame", "message": "ack 5 beyond seq 4"}))
+            .await;
+    });
+    assert!(
+        matches!(
+            refused,
+            Event::Error(ErrorFrame {
+                code: ErrorCode::BadFrame,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
 
     // A new epoch starts over from its own acked.
     drop_connection(&client, peer).await;
@@ -1094,10 +1109,21 @@ async fn the_inbox_after_welcome_is_handed_out_once_and_auto_acked_one_at_a_time
     ));
     peer.send_json(persisted(1)).await;
     assert_eq!(event(&client).await, persisted_event(1));
-    let ack = peer.recv_json().await;
+    let (marker, ()) = tokio::join!(event(&client), async {
+        let ack = peer.recv_json().await;
+        assert_eq!(
+            (ack["type"].as_str(), ack["seq"].as_u64()),
+            (Some("ack"), Some(1))
+        );
+        peer.send_json(json!({"type": "direct", "data": "end"}))
+            .await;
+    });
     assert_eq!(
-        (ack["type"].as_str(), ack["seq"].as_u64()),
-        (Some("ack"), Some(1))
+        marker,
+        Event::Direct {
+            data: json!("end"),
+            from: None
+        }
     );
 }
 
