@@ -343,6 +343,7 @@ export declare class Client {
   send(user: string, data: Json, options?: { persist?: false }): Promise<{ sessions: number }>;
   /** Persisted: stored in the recipient's inbox first. */
   send(user: string, data: Json, options: SendOptions & { persist: true }): Promise<PersistedSendReply>;
+  send(user: string, data: Json, options?: SendOptions): Promise<{ sessions: number } | PersistedSendReply>;
   /**
    * Acknowledges every inbox message up to `seq` (cumulative, per user: no session of the user
    * gets them again). A seq beyond the inbox's latest is refused with `bad_frame`.
