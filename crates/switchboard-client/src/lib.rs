@@ -13,6 +13,26 @@
 //! publish or persisted send whose connection dropped before its answer is sent again after the
 //! reconnect with the same idempotency key, so it is carried out once.
 //!
+//! ```no_run
+//! # async fn inbox() -> Result<(), switchboard_client::ClientError> {
+//! use switchboard_client::{Client, ConnectOptions, Event, SendOptions};
+//!
+//! let options = ConnectOptions { auto_ack: true, retry: true, ..ConnectOptions::default() };
+//! let client = Client::connect("ws://127.0.0.1:8080/ws", options).await?;
+//! let sent = client
+//!     .send_persisted("bob", serde_json::json!({"text": "hi"}), SendOptions::default())
+//!     .await?;
+//! println!("stored as #{} (reached {} sessions now)", sent.seq, sent.sessions);
+//! while let Some(event) = client.next_event().await {
+//!     if let Event::PersistedDirect { data, seq, .. } = event {
+//!         // Acknowledged when the loop asks for the next event.
+//!         println!("#{seq}: {data}");
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! When the connection drops the client reconnects with jittered exponential back-off
 //! ([`ReconnectPolicy`]) and resubscribes every room from the last position it saw, so no
 //! message is missed or delivered twice while history holds them. It stops for good after
