@@ -34,7 +34,9 @@ pub struct ConnectOptions {
     pub auto_ack: bool,
     /// Retry keyed publishes and persisted sends through a reconnect (default false): each
     /// carries an idempotency key (the caller's or a generated one) and is sent again with it
-    /// after a reconnect when its connection dropped before the answer.
+    /// after a reconnect when its connection dropped before the answer. Such a request fails
+    /// with [`ClientError::Timeout`] once `retry_window` has passed, or
+    /// [`ClientError::Closed`] when the client stops for good first.
     pub retry: bool,
     /// How long a retried request waits for its answer in all, reconnects included, instead of
     /// `request_timeout` (default 60 s). Keep it well below the server's
