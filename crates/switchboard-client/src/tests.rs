@@ -1185,3 +1185,33 @@ async fn manual_ack_and_bad_keys() {
         }
     );
 }
+
+#[tokio::test]
+async fn a_retried_request_gives_up_after_the_retry_window_and_is_not_sent_again() {
+    let mut server = TestServer::start().await;
+    let options = ConnectOptions {
+        retry: true,
+        retry_window: Duration::from_millis(300),
+        ..options()
+    };
+    let (client, mut peer) = server.connect(options, "s1").await;
+    let (result, ()) = tokio::join!(
+        client.publish_with("chat", json!(1), PublishOptions::default()),
+        async {
+            assert_eq!(peer.recv_json().await["type"], "publish");
+            drop_connection(&client, peer).await;
+            // The next node takes the connection but stays silent past the window.
+            let mut peer = server.accept().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            peer.welcome("s2", 25_000).await;
+            let (pinged, ()) = tokio::join!(client.ping(), async {
+                let next = peer.recv_json().await;
+                assert_eq!(next["type"], "ping", "given up, so not re-sent: {next}");
+                peer.send_json(json!({"type": "pong", "id": next["id"]}))
+                    .await;
+            });
+            pinged.expect("pong");
+        }
+    );
+    assert!(matches!(result, Err(ClientError::Timeout)), "{result:?}");
+}
