@@ -282,8 +282,10 @@ class Subscription extends Emitter {
  *   after a reconnect until this time plus `retryWindowMs`
  */
 
-/** What the client knows of the user's inbox, and the highest seq it delivered in that epoch. */
-/** @typedef {{seq: number, acked: number, epoch: string, delivered: number}} InboxState */
+/**
+ * What the client knows of the user's inbox, and the highest seq it delivered in that epoch.
+ * @typedef {{seq: number, acked: number, epoch: string, delivered: number}} InboxState
+ */
 
 /** A connection to switchboard that reconnects and resubscribes by itself. */
 export class Client extends Emitter {
@@ -327,8 +329,10 @@ export class Client extends Emitter {
   #urls;
   /** Which of `#urls` the current (or next) attempt uses: every attempt after the first moves on. */
   #urlIndex = 0;
-  /** Keyed requests whose connection dropped before their answer, in the order first sent. */
-  /** @type {Pending[]} */
+  /**
+   * Keyed requests whose connection dropped before their answer, in the order first sent.
+   * @type {Pending[]}
+   */
   #retrying = [];
   /** @type {InboxState | null} */
   #inbox = null;
