@@ -558,7 +558,8 @@ impl Driver {
                     self.emit(Event::Message(message));
                 }
             }
-            ServerFrame::Direct { data, from } => match self.extras(payload).seq {
+            // `..`: the protocol crate is gaining `seq` here; it is read from `extras` until then.
+            ServerFrame::Direct { data, from, .. } => match self.extras(payload).seq {
                 None => self.emit(Event::Direct { data, from }),
                 Some(seq) => self.on_persisted_direct(data, from, seq),
             },
