@@ -242,21 +242,8 @@ impl Client {
         options: PublishOptions,
     ) -> Result<Published, ClientError> {
         let retry = options.retry.unwrap_or(self.inner.retry);
+        let key = inbox::key_for(options.key, retry)?;
         let room = room.into();
-        let Some(key) = inbox::key_for(options.key, retry)? else {
-            let reply = self
-                .reply(|id| ClientFrame::Publish {
-                    room,
-                    data,
-                    id: Some(id),
-                })
-                .await?;
-            return Ok(Published {
-                offset: reply.offset.ok_or_else(|| missing("offset"))?,
-                epoch: reply.epoch.ok_or_else(|| missing("epoch"))?,
-                duplicate: false,
-            });
-        };
         let (reply, extras) = self
             .keyed(
                 |id| InboxFrame::Publish {

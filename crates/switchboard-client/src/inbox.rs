@@ -78,7 +78,8 @@ pub(crate) enum InboxFrame {
         room: String,
         data: Value,
         id: u64,
-        key: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     Send {
         to: String,
