@@ -1131,7 +1131,6 @@ async fn the_inbox_after_welcome_is_handed_out_once_and_auto_acked_one_at_a_time
 async fn manual_ack_and_bad_keys() {
     let mut server = TestServer::start().await;
     let (client, mut peer) = server.connect(options(), "s1").await;
-    assert_eq!(client.inbox(), None);
 
     let (acked, ()) = tokio::join!(client.ack(5), async {
         let ack = peer.recv_json().await;
