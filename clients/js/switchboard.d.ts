@@ -47,7 +47,8 @@ export interface PresenceMember {
  * published, ...) or one of the client's own:
  * - `timeout`: no answer within `requestTimeoutMs` (the request may still have been carried out);
  * - `disconnected`: the client was not connected when the request was made, or the connection
- *   dropped before the answer came (then the outcome is unknown);
+ *   dropped before the answer came (then the outcome is unknown; a request retried with its
+ *   key gets this only when the client stops, or does not reconnect within `retryWindowMs`);
  * - `already_subscribed`: `subscribe` of a room this client is already subscribed to;
  * - `connect_failed` (only on the `error` event): the `token` function threw, or the WebSocket
  *   constructor did.
@@ -108,6 +109,27 @@ export interface ConnectOptions {
   WebSocket?: WebSocketConstructor;
   /** The random source for back-off jitter, in [0, 1) (default `Math.random`). */
   random?: () => number;
+  /**
+   * Acknowledge persisted direct messages automatically once every `direct` listener has
+   * returned (default false). Cumulative: one ack of the highest seq handled, at most one in
+   * flight; what is handled meanwhile goes in the next one. Asynchronous work a listener starts
+   * is not awaited: acknowledge it yourself with `ack(seq)` when it must finish first.
+   */
+  autoAck?: boolean;
+  /**
+   * Retry `publish` and persisted `send` through a reconnect (default false): each carries an
+   * idempotency key (the caller's, or a generated one), and one whose connection dropped before
+   * its answer is sent again with the same key once reconnected, so it is carried out once and
+   * its promise settles once, with the server's answer (`duplicate: true` when the first had
+   * landed). Each call can override it with its own `retry`.
+   */
+  retry?: boolean;
+  /**
+   * How long after it was first sent a request is still retried (default 60000 ms). Keep it
+   * well below the server's `--idempotency-window-secs` (default 300 s): past that window a
+   * repeat of the key is no longer recognised.
+   */
+  retryWindowMs?: number;
 }
 
 export type ClientState = "connecting" | "connected" | "reconnecting" | "closed";
@@ -120,6 +142,21 @@ export interface ConnectedEvent {
   url: string;
   /** False for the first connection, true after every reconnect. */
   reconnected: boolean;
+  /**
+   * The user's inbox as the welcome announced it (absent from servers without inboxes). The
+   * unacknowledged messages (seq > acked) follow as `direct` events with their `seq`.
+   */
+  inbox?: InboxPosition;
+}
+
+/** Where a user's inbox of persisted direct messages stands. */
+export interface InboxPosition {
+  /** The seq of the latest message stored (0: none). */
+  seq: number;
+  /** Everything up to this seq is acknowledged. */
+  acked: number;
+  /** Changes when the inbox's history is lost; seqs of different epochs are unrelated. */
+  epoch: string;
 }
 
 export interface DisconnectedEvent {
@@ -141,6 +178,41 @@ export interface ReconnectingEvent {
 export interface DirectEvent<T = Json> {
   data: T;
   from?: Sender;
+  /**
+   * Persisted messages only: the message's place in the user's inbox. Each seq is delivered
+   * once per client (one redelivered after a reconnect is dropped) until acknowledged with
+   * `ack(seq)` or `autoAck`.
+   */
+  seq?: number;
+}
+
+export interface PublishOptions {
+  /** Idempotency key, 1 to 64 bytes: a repeat within the server's window creates nothing. */
+  key?: string;
+  /** Retry through a reconnect with the (generated if absent) key; default: `ConnectOptions.retry`. */
+  retry?: boolean;
+}
+
+export interface SendOptions extends PublishOptions {
+  /**
+   * Store the message in the recipient's inbox before the answer (default false): it is
+   * delivered to sessions that connect later, until acknowledged. `key` and `retry` need it.
+   */
+  persist?: boolean;
+}
+
+export interface PublishReply extends StreamPosition {
+  /** The key had been used within the window: this is the first publish's answer. */
+  duplicate: boolean;
+}
+
+export interface PersistedSendReply {
+  /** Sessions it reached now. */
+  sessions: number;
+  /** Its seq in the recipient's inbox. */
+  seq: number;
+  /** The key had been used within the window: this is the first send's answer. */
+  duplicate: boolean;
 }
 
 export interface BroadcastEvent<T = Json> {
@@ -172,7 +244,10 @@ export interface ClientEvents {
   presence: PresenceEvent;
   resubscribed: ResubscribedEvent;
   resubscribeFailed: ResubscribeFailedEvent;
-  /** An `error` frame that answers no request, an unreadable frame, or `connect_failed`. */
+  /**
+   * An `error` frame that answers no request, an unreadable frame, `connect_failed`, or a
+   * failed automatic ack (`autoAck`).
+   */
   error: SwitchboardError;
 }
 
@@ -239,6 +314,11 @@ export declare class Client {
   readonly state: ClientState;
   /** The current session's welcome, or null while not connected. */
   readonly session: { session: string; user: string; node: string; heartbeatMs: number } | null;
+  /**
+   * The user's inbox as last heard (welcome, then persisted directs and acks), or null before
+   * a welcome that announced one.
+   */
+  readonly inbox: InboxPosition | null;
   /** Subscribed rooms (including those waiting to be resubscribed). */
   readonly subscriptions: ReadonlyMap<string, Subscription>;
 
@@ -257,8 +337,18 @@ export declare class Client {
   ): Promise<Subscription<T>>;
   /** Stops delivery at once and tells the server; resolves at once when disconnected (nothing to undo). */
   unsubscribe(room: string): Promise<void>;
-  publish(room: string, data: Json): Promise<StreamPosition>;
-  send(user: string, data: Json): Promise<{ sessions: number }>;
+  /** Rejects with a TypeError (nothing sent) for a key that is not 1 to 64 bytes. */
+  publish(room: string, data: Json, options?: PublishOptions): Promise<PublishReply>;
+  /** Fire-and-forget: reaches the sessions connected now. */
+  send(user: string, data: Json, options?: { persist?: false }): Promise<{ sessions: number }>;
+  /** Persisted: stored in the recipient's inbox first. */
+  send(user: string, data: Json, options: SendOptions & { persist: true }): Promise<PersistedSendReply>;
+  send(user: string, data: Json, options?: SendOptions): Promise<{ sessions: number } | PersistedSendReply>;
+  /**
+   * Acknowledges every inbox message up to `seq` (cumulative, per user: no session of the user
+   * gets them again). A seq beyond the inbox's latest is refused with `bad_frame`.
+   */
+  ack(seq: number): Promise<void>;
   presence(room: string): Promise<{ members: PresenceMember[] }>;
   history(room: string, options?: HistoryOptions): Promise<HistoryReply>;
   /** An application-level ping; resolves with the round-trip time in ms. */

@@ -53,6 +53,29 @@ const RECONNECT_DEFAULTS = {
   overloadedDelayMs: 1000,
 };
 
+/** The server's bound on an idempotency `key`, in UTF-8 bytes. */
+const MAX_KEY_BYTES = 64;
+
+/**
+ * Why `key` cannot be sent, or undefined when it can.
+ * @param {unknown} key
+ */
+function keyProblem(key) {
+  if (typeof key !== "string") return `key ${JSON.stringify(key)}: expected a string`;
+  const bytes = new TextEncoder().encode(key).length;
+  if (bytes < 1 || bytes > MAX_KEY_BYTES) {
+    return `key ${JSON.stringify(key)}: must be 1 to ${MAX_KEY_BYTES} bytes of UTF-8, not ${bytes}`;
+  }
+  return undefined;
+}
+
+/** A fresh idempotency key: 128 random bits in hex (getRandomValues works on insecure pages too). */
+function generateKey() {
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
 /** A failed request or an error frame: `code` is stable, `message` is for humans. */
 export class SwitchboardError extends Error {
   /**
@@ -244,10 +267,24 @@ class Subscription extends Emitter {
 }
 
 /**
- * @typedef {object} Pending
+ * @typedef {object} Handlers
  * @property {(frame: any) => void} onReply
  * @property {(error: SwitchboardError) => void} onError
- * @property {ReturnType<typeof setTimeout>} timer
+ */
+
+/**
+ * A request written to the current connection, or held for the next one.
+ * @typedef {object} Pending
+ * @property {{type: string, [field: string]: unknown}} frame without its id
+ * @property {Handlers} handlers
+ * @property {ReturnType<typeof setTimeout> | undefined} timer
+ * @property {number | undefined} retrySince when set, the request carries a key and is re-sent
+ *   after a reconnect until this time plus `retryWindowMs`
+ */
+
+/**
+ * What the client knows of the user's inbox, and the highest seq it delivered in that epoch.
+ * @typedef {{seq: number, acked: number, epoch: string, delivered: number}} InboxState
  */
 
 /** A connection to switchboard that reconnects and resubscribes by itself. */
@@ -292,6 +329,16 @@ export class Client extends Emitter {
   #urls;
   /** Which of `#urls` the current (or next) attempt uses: every attempt after the first moves on. */
   #urlIndex = 0;
+  /**
+   * Keyed requests whose connection dropped before their answer, in the order first sent.
+   * @type {Pending[]}
+   */
+  #retrying = [];
+  /** @type {InboxState | null} */
+  #inbox = null;
+  /** The highest seq handled that automatic acks should acknowledge (0: none). */
+  #ackWanted = 0;
+  #ackInFlight = false;
 
   /**
    * @param {string | readonly string[]} url
@@ -310,7 +357,14 @@ export class Client extends Emitter {
       );
     }
     this.#WebSocket = WebSocketImpl;
-    this.#options = { requestTimeoutMs: 10_000, random: Math.random, ...options };
+    this.#options = {
+      requestTimeoutMs: 10_000,
+      random: Math.random,
+      autoAck: false,
+      retry: false,
+      retryWindowMs: 60_000,
+      ...options,
+    };
     this.#reconnect = { ...RECONNECT_DEFAULTS, ...options.reconnect };
     this.#open();
   }
@@ -331,6 +385,15 @@ export class Client extends Emitter {
 
   get session() {
     return this.#session && { ...this.#session };
+  }
+
+  /**
+   * The user's inbox as last heard: from `welcome`, then raised by persisted directs and acks.
+   * Null before the first welcome, or when the server announced no inbox.
+   */
+  get inbox() {
+    const inbox = this.#inbox;
+    return inbox && { seq: inbox.seq, acked: inbox.acked, epoch: inbox.epoch };
   }
 
   /** @returns {ReadonlyMap<string, Subscription>} */
@@ -409,20 +472,47 @@ export class Client extends Emitter {
   /**
    * @param {string} room
    * @param {unknown} data
+   * @param {{key?: string, retry?: boolean}} [options]
    */
-  publish(room, data) {
-    return this.#ask({ type: "publish", room, data }, (reply) => ({
+  publish(room, data, options = {}) {
+    return this.#keyed({ type: "publish", room, data }, options, (reply) => ({
       offset: reply.offset,
       epoch: reply.epoch,
+      duplicate: reply.duplicate === true,
     }));
   }
 
   /**
    * @param {string} user
    * @param {unknown} data
+   * @param {{persist?: boolean, key?: string, retry?: boolean}} [options]
    */
-  send(user, data) {
-    return this.#ask({ type: "send", to: user, data }, (reply) => ({ sessions: reply.sessions }));
+  send(user, data, options = {}) {
+    if (options.persist !== true) {
+      // Only a stored message can be recognised as a repeat.
+      if (options.key !== undefined || options.retry !== undefined) {
+        return Promise.reject(new TypeError("send: key and retry need persist: true"));
+      }
+      return this.#ask({ type: "send", to: user, data }, (reply) => ({ sessions: reply.sessions }));
+    }
+    return this.#keyed({ type: "send", to: user, data, persist: true }, options, (reply) => ({
+      sessions: reply.sessions,
+      seq: reply.seq,
+      duplicate: reply.duplicate === true,
+    }));
+  }
+
+  /**
+   * Acknowledges every inbox message up to `seq`, for every session of the user.
+   * @param {number} seq
+   * @returns {Promise<void>}
+   */
+  ack(seq) {
+    if (!Number.isSafeInteger(seq) || seq < 0) {
+      return Promise.reject(new TypeError(`ack: seq ${JSON.stringify(seq)} is not a non-negative integer`));
+    }
+    const epoch = this.#inbox?.epoch;
+    return this.#ask({ type: "ack", seq }, () => this.#noteAcked(epoch, seq));
   }
 
   /** @param {string} room */
@@ -478,7 +568,7 @@ export class Client extends Emitter {
     this.#generation++;
     this.#dropSocket();
     this.#clearTimers();
-    this.#failPending();
+    this.#failPending(false);
     this.#session = null;
     this.#endSubscriptions();
     this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
@@ -499,12 +589,39 @@ export class Client extends Emitter {
   }
 
   /**
+   * A publish or persisted send: adds the caller's key, or a generated one when it is to be
+   * retried, and re-sends it with that key after a reconnect when retrying is on.
+   * @template T
+   * @param {{type: string, [field: string]: unknown}} frame
+   * @param {{key?: string, retry?: boolean}} options
+   * @param {(reply: any) => T} map
+   * @returns {Promise<T>}
+   */
+  #keyed(frame, options, map) {
+    const retry = options.retry ?? (this.#options.retry === true);
+    const key = options.key ?? (retry ? generateKey() : undefined);
+    if (key !== undefined) {
+      const problem = keyProblem(key);
+      if (problem) return Promise.reject(new TypeError(`${frame.type}: ${problem}`));
+    }
+    const keyed = key === undefined ? frame : { ...frame, key };
+    return new Promise((resolve, reject) => {
+      this.#request(
+        keyed,
+        { onReply: (reply) => resolve(map(reply)), onError: reject },
+        retry ? Date.now() : undefined,
+      );
+    });
+  }
+
+  /**
    * Writes `frame` with a fresh id and routes its answer (reply, pong or error) to `handlers`.
    * Returns whether it was sent; when not, `onError` has been called.
    * @param {{type: string, [field: string]: unknown}} frame
-   * @param {{onReply: (frame: any) => void, onError: (error: SwitchboardError) => void}} handlers
+   * @param {Handlers} handlers
+   * @param {number} [retrySince] see `Pending`
    */
-  #request(frame, handlers) {
+  #request(frame, handlers, retrySince) {
     if (this.#state !== "connected") {
       const what = this.#state === "closed" ? "the client is closed" : "not connected";
       handlers.onError(new SwitchboardError("disconnected", `${what}: ${frame.type} not sent`));
@@ -518,7 +635,7 @@ export class Client extends Emitter {
         new SwitchboardError("timeout", `no answer to ${frame.type} within ${timeoutMs} ms`),
       );
     }, timeoutMs);
-    this.#pending.set(id, { ...handlers, timer });
+    this.#pending.set(id, { frame, handlers, timer, retrySince });
     this.#socket.send(JSON.stringify({ ...frame, id }));
     return true;
   }
@@ -595,18 +712,61 @@ export class Client extends Emitter {
     this.#pinging = false;
   }
 
-  #failPending() {
+  /**
+   * The connection is gone: every request waiting on it fails with `disconnected`, except keyed
+   * ones to be retried when `keepRetries` (the client will reconnect), which are held instead.
+   * Without `keepRetries`, the held ones fail too.
+   * @param {boolean} keepRetries
+   */
+  #failPending(keepRetries) {
     const pending = [...this.#pending.values()];
     this.#pending.clear();
-    for (const { timer, onError } of pending) {
-      clearTimeout(timer);
-      onError(
+    for (const entry of pending) {
+      clearTimeout(entry.timer);
+      if (keepRetries && entry.retrySince !== undefined) {
+        this.#holdForRetry(entry);
+      } else {
+        entry.handlers.onError(
+          new SwitchboardError(
+            "disconnected",
+            "the connection dropped before the answer: the request may or may not have been carried out",
+          ),
+        );
+      }
+    }
+    if (!keepRetries) {
+      for (const entry of this.#retrying.splice(0)) {
+        clearTimeout(entry.timer);
+        entry.handlers.onError(
+          new SwitchboardError(
+            "disconnected",
+            `the client stopped before ${entry.frame.type} could be retried: it may or may not have been carried out`,
+          ),
+        );
+      }
+    }
+  }
+
+  /**
+   * Keeps a keyed request for the next connection, at most until its retry window ends: past
+   * it the server may have forgotten the key, and a re-send could be carried out twice.
+   * @param {Pending} entry
+   */
+  #holdForRetry(entry) {
+    const windowMs = this.#options.retryWindowMs;
+    const left = /** @type {number} */ (entry.retrySince) + windowMs - Date.now();
+    entry.timer = setTimeout(() => {
+      const index = this.#retrying.indexOf(entry);
+      if (index < 0) return;
+      this.#retrying.splice(index, 1);
+      entry.handlers.onError(
         new SwitchboardError(
           "disconnected",
-          "the connection dropped before the answer: the request may or may not have been carried out",
+          `not reconnected within retryWindowMs (${windowMs} ms) to retry ${entry.frame.type}: it may or may not have been carried out`,
         ),
       );
-    }
+    }, Math.max(0, left));
+    this.#retrying.push(entry);
   }
 
   #endSubscriptions() {
@@ -633,15 +793,15 @@ export class Client extends Emitter {
     this.#generation++;
     this.#socket = null;
     const wasConnected = this.#state === "connected";
+    const policy = this.#reconnect;
+    const retry = policy.enabled && shouldReconnect(code) && this.#attempt < policy.maxAttempts;
     this.#clearTimers();
-    this.#failPending();
+    this.#failPending(retry);
     this.#session = null;
 
     if (wasConnected || this.#outageCode === null) this.#outageCode = code;
     else if (code === 1013) this.#outageCode = 1013;
 
-    const policy = this.#reconnect;
-    const retry = policy.enabled && shouldReconnect(code) && this.#attempt < policy.maxAttempts;
     if (!retry) {
       this.#state = "closed";
       this._emit("disconnected", { code, reason, willReconnect: false });
@@ -694,9 +854,20 @@ export class Client extends Emitter {
         this._emit("presence", event);
         break;
       }
-      case "direct":
-        this._emit("direct", frame.from ? { data: frame.data, from: frame.from } : { data: frame.data });
+      case "direct": {
+        const seq = Number.isSafeInteger(frame.seq) ? frame.seq : undefined;
+        if (seq === undefined) {
+          this._emit("direct", frame.from ? { data: frame.data, from: frame.from } : { data: frame.data });
+          break;
+        }
+        if (!this.#acceptInboxMessage(seq)) break;
+        this._emit("direct", { data: frame.data, ...(frame.from && { from: frame.from }), seq });
+        if (this.#options.autoAck) {
+          this.#ackWanted = Math.max(this.#ackWanted, seq);
+          this.#sendAutoAck();
+        }
         break;
+      }
       case "broadcast":
         this._emit("broadcast", { data: frame.data });
         break;
@@ -727,7 +898,59 @@ export class Client extends Emitter {
     if (!pending) return undefined;
     this.#pending.delete(id);
     clearTimeout(pending.timer);
-    return pending;
+    return pending.handlers;
+  }
+
+  /**
+   * Whether a persisted direct is new to this client: one at or below the highest seq delivered
+   * in the inbox's epoch (redelivered after a reconnect because no ack had landed) is not.
+   * @param {number} seq
+   */
+  #acceptInboxMessage(seq) {
+    const inbox = this.#inbox;
+    if (!inbox) return true;
+    if (seq <= inbox.delivered) return false;
+    inbox.delivered = seq;
+    inbox.seq = Math.max(inbox.seq, seq);
+    return true;
+  }
+
+  /**
+   * Records an ack the server accepted, unless the inbox changed epoch meanwhile.
+   * @param {string | undefined} epoch
+   * @param {number} seq
+   */
+  #noteAcked(epoch, seq) {
+    const inbox = this.#inbox;
+    if (inbox && inbox.epoch === epoch) inbox.acked = Math.max(inbox.acked, seq);
+  }
+
+  /**
+   * Acknowledges the highest seq handled, with at most one automatic ack in flight: the seqs
+   * handled meanwhile are covered by the next one (acks are cumulative). One that failed with
+   * the connection is sent again after the next welcome.
+   */
+  #sendAutoAck() {
+    const inbox = this.#inbox;
+    if (this.#ackInFlight || this.#state !== "connected" || !inbox) return;
+    if (this.#ackWanted <= inbox.acked) return;
+    const seq = this.#ackWanted;
+    const { epoch } = inbox;
+    this.#ackInFlight = true;
+    this.#request(
+      { type: "ack", seq },
+      {
+        onReply: () => {
+          this.#ackInFlight = false;
+          this.#noteAcked(epoch, seq);
+          this.#sendAutoAck();
+        },
+        onError: (error) => {
+          this.#ackInFlight = false;
+          if (error.code !== "disconnected") this._emit("error", error);
+        },
+      },
+    );
   }
 
   /** @param {any} frame */
@@ -746,14 +969,48 @@ export class Client extends Emitter {
     };
     const reconnected = this.#everConnected;
     this.#everConnected = true;
+    this.#welcomeInbox(frame.inbox);
     this.#startPinging(this.#options.pingIntervalMs ?? frame.heartbeat_ms);
-    // Before `connected`, so requests its listeners make come after the resubscriptions.
+    // Before `connected`, so requests its listeners make come after the resubscriptions and
+    // the retries (which keep the order they were first sent in).
     for (const subscription of [...this.#rooms.values()]) this.#resubscribe(subscription);
-    const event = { session: frame.session, user: frame.user, node: frame.node, url: this.url, reconnected };
+    for (const entry of this.#retrying.splice(0)) {
+      clearTimeout(entry.timer);
+      this.#request(entry.frame, entry.handlers, entry.retrySince);
+    }
+    this.#sendAutoAck();
+    const inbox = this.inbox;
+    const event = {
+      session: frame.session,
+      user: frame.user,
+      node: frame.node,
+      url: this.url,
+      reconnected,
+      ...(inbox && { inbox }),
+    };
     this.#lastConnected = event;
     const waiters = this.#readyWaiters.splice(0);
     this._emit("connected", event);
     for (const { resolve } of waiters) resolve(event);
+  }
+
+  /**
+   * Takes the inbox position a welcome announced. In the same epoch, what this client already
+   * delivered stays delivered (the unacknowledged messages that follow are dropped up to it, and
+   * an automatic ack that had not landed is sent again); a new epoch starts over.
+   * @param {any} announced
+   */
+  #welcomeInbox(announced) {
+    if (!announced || !Number.isSafeInteger(announced.seq) || !Number.isSafeInteger(announced.acked)) {
+      this.#inbox = null;
+      return;
+    }
+    const { seq, acked, epoch } = announced;
+    const previous = this.#inbox;
+    const sameEpoch = previous !== null && previous.epoch === epoch;
+    const delivered = sameEpoch ? Math.max(previous.delivered, acked) : acked;
+    if (!sameEpoch) this.#ackWanted = 0;
+    this.#inbox = { seq, acked, epoch, delivered };
   }
 
   /** @param {Subscription} subscription */

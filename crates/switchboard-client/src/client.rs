@@ -10,8 +10,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::driver::{self, Answer, Command, Driver, Outbound, SessionInfo};
+use crate::inbox::{self, Extras, Frame, InboxFrame};
 use crate::options::Config;
-use crate::{ClientError, ConnectOptions, Event};
+use crate::{
+    ClientError, ConnectOptions, Event, InboxPosition, PublishOptions, Published, SendOptions, Sent,
+};
 
 /// What a `subscribe` reply says about the room.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +63,14 @@ pub struct Client {
 
 struct Inner {
     commands: mpsc::UnboundedSender<Command>,
-    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    /// The events, and (with automatic acks) the seq of the persisted direct handed out last.
+    events: tokio::sync::Mutex<(mpsc::UnboundedReceiver<Event>, Option<u64>)>,
+    auto_ack: bool,
     session: Arc<Mutex<SessionInfo>>,
     next_id: Arc<AtomicU64>,
     request_timeout: Duration,
+    retry: bool,
+    retry_window: Duration,
 }
 
 impl fmt::Debug for Client {
@@ -89,6 +96,8 @@ impl Client {
         let session = Arc::new(Mutex::new(connection.info.clone()));
         let next_id = Arc::new(AtomicU64::new(1));
         let request_timeout = config.request_timeout;
+        let (retry, retry_window) = (config.retry, config.retry_window);
+        let auto_ack = config.auto_ack;
         let driver = Driver::new(
             config,
             command_receiver,
@@ -100,10 +109,13 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 commands,
-                events: tokio::sync::Mutex::new(events),
+                events: tokio::sync::Mutex::new((events, None)),
+                auto_ack,
                 session,
                 next_id,
                 request_timeout,
+                retry,
+                retry_window,
             }),
         })
     }
@@ -131,10 +143,31 @@ impl Client {
         self.info().node
     }
 
+    /// The user's inbox as last heard: from the latest `welcome` (updated before
+    /// [`Event::Connected`]), raised by persisted directs and acks. `None` when the server
+    /// announced no inbox.
+    pub fn inbox(&self) -> Option<InboxPosition> {
+        self.info().inbox
+    }
+
     /// The next event, in arrival order; `None` after [`Event::Closed`]. Clones share one
-    /// stream: each event goes to one caller.
+    /// stream: each event goes to one caller. With
+    /// [`auto_ack`](ConnectOptions::auto_ack), a call after an [`Event::PersistedDirect`]
+    /// acknowledges it.
     pub async fn next_event(&self) -> Option<Event> {
-        self.inner.events.lock().await.recv().await
+        let mut events = self.inner.events.lock().await;
+        let (receiver, handed_out) = &mut *events;
+        // Asking for more means the application is done with the persisted direct it took last.
+        if let Some(seq) = handed_out.take() {
+            let _ = self.inner.commands.send(Command::Handled(seq));
+        }
+        let event = receiver.recv().await;
+        if self.inner.auto_ack
+            && let Some(Event::PersistedDirect { seq, .. }) = &event
+        {
+            *handed_out = Some(*seq);
+        }
+        event
     }
 
     /// Subscribes to a room; its messages arrive as [`Event::Message`].
@@ -203,6 +236,75 @@ impl Client {
         reply.sessions.ok_or_else(|| missing("sessions"))
     }
 
+    /// Publishes with an idempotency key and/or retry through a reconnect (see
+    /// [`PublishOptions`]); the answer says whether the key had been used already.
+    pub async fn publish_with(
+        &self,
+        room: impl Into<String>,
+        data: Value,
+        options: PublishOptions,
+    ) -> Result<Published, ClientError> {
+        let retry = options.retry.unwrap_or(self.inner.retry);
+        let key = inbox::key_for(options.key, retry)?;
+        let room = room.into();
+        let (reply, extras) = self
+            .keyed(
+                |id| InboxFrame::Publish {
+                    room,
+                    data,
+                    id,
+                    key,
+                },
+                retry,
+            )
+            .await?;
+        Ok(Published {
+            offset: reply.offset.ok_or_else(|| missing("offset"))?,
+            epoch: reply.epoch.ok_or_else(|| missing("epoch"))?,
+            duplicate: extras.duplicate,
+        })
+    }
+
+    /// Sends to every session of a user after storing the message in the user's inbox, from
+    /// which it is delivered to sessions that connect later, until acknowledged. Same
+    /// permission as [`send`](Client::send). `key` and `retry` work as for
+    /// [`publish_with`](Client::publish_with).
+    pub async fn send_persisted(
+        &self,
+        user: impl Into<String>,
+        data: Value,
+        options: SendOptions,
+    ) -> Result<Sent, ClientError> {
+        let retry = options.retry.unwrap_or(self.inner.retry);
+        let key = inbox::key_for(options.key, retry)?;
+        let to = user.into();
+        let (reply, extras) = self
+            .keyed(
+                |id| InboxFrame::Send {
+                    to,
+                    data,
+                    id,
+                    persist: true,
+                    key,
+                },
+                retry,
+            )
+            .await?;
+        Ok(Sent {
+            sessions: reply.sessions.ok_or_else(|| missing("sessions"))?,
+            seq: extras.seq.ok_or_else(|| missing("seq"))?,
+            duplicate: extras.duplicate,
+        })
+    }
+
+    /// Acknowledges every inbox message of this user up to `seq` (cumulative, for every
+    /// session of the user). A seq beyond the inbox's latest is refused with `bad_frame`.
+    pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
+        self.request(|id| Frame::Inbox(InboxFrame::Ack { seq, id }), false)
+            .await
+            .map(drop)
+    }
+
     /// The sessions subscribed to a room.
     pub async fn presence(&self, room: impl Into<String>) -> Result<Vec<Member>, ClientError> {
         let room = room.into();
@@ -239,11 +341,11 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let started = Instant::now();
         match self
-            .request(|id| ClientFrame::Ping { id: Some(id) })
+            .request(|id| ClientFrame::Ping { id: Some(id) }.into(), false)
             .await?
         {
             Answer::Pong => Ok(started.elapsed()),
-            Answer::Reply(_) => Err(ClientError::Protocol(
+            Answer::Reply(_) | Answer::Keyed(..) => Err(ClientError::Protocol(
                 "a reply instead of a pong to ping".to_owned(),
             )),
         }
@@ -269,8 +371,23 @@ impl Client {
     }
 
     async fn reply(&self, frame: impl FnOnce(u64) -> ClientFrame) -> Result<Reply, ClientError> {
-        match self.request(frame).await? {
-            Answer::Reply(reply) => Ok(reply),
+        match self.request(|id| frame(id).into(), false).await? {
+            Answer::Reply(reply) | Answer::Keyed(reply, _) => Ok(reply),
+            Answer::Pong => Err(ClientError::Protocol(
+                "a pong instead of a reply".to_owned(),
+            )),
+        }
+    }
+
+    /// A keyed publish or persisted send: its reply with the extension's fields.
+    async fn keyed(
+        &self,
+        frame: impl FnOnce(u64) -> InboxFrame,
+        retry: bool,
+    ) -> Result<(Reply, Extras), ClientError> {
+        match self.request(|id| Frame::Inbox(frame(id)), retry).await? {
+            Answer::Keyed(reply, extras) => Ok((reply, extras)),
+            Answer::Reply(reply) => Ok((reply, Extras::default())),
             Answer::Pong => Err(ClientError::Protocol(
                 "a pong instead of a reply".to_owned(),
             )),
@@ -278,8 +395,13 @@ impl Client {
     }
 
     /// Sends a request with a fresh id and waits for its answer, at most `request_timeout`
-    /// (time held back during a reconnect included).
-    async fn request(&self, frame: impl FnOnce(u64) -> ClientFrame) -> Result<Answer, ClientError> {
+    /// (time held back during a reconnect included), or `retry_window` for one retried
+    /// through reconnects.
+    async fn request(
+        &self,
+        frame: impl FnOnce(u64) -> Frame,
+        retry: bool,
+    ) -> Result<Answer, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         self.inner
@@ -288,6 +410,7 @@ impl Client {
                 id,
                 frame: frame(id),
                 reply,
+                retry,
             }))
             .map_err(|_| ClientError::Closed)?;
         let mut guard = CancelOnDrop {
@@ -295,7 +418,12 @@ impl Client {
             commands: &self.inner.commands,
             armed: true,
         };
-        let answer = tokio::time::timeout(self.inner.request_timeout, answer).await;
+        let limit = if retry {
+            self.inner.retry_window
+        } else {
+            self.inner.request_timeout
+        };
+        let answer = tokio::time::timeout(limit, answer).await;
         guard.armed = answer.is_err();
         match answer {
             Ok(Ok(result)) => result,

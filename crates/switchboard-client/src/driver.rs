@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use switchboard_protocol::{
-    ClientFrame, Codec, EncodeError, Encoded, ErrorCode, ErrorFrame, Reply, ServerFrame,
+    ClientFrame, Codec, EncodeError, Encoded, ErrorCode, ErrorFrame, Reply, Sender, ServerFrame,
     StreamPosition, close,
 };
 use tokio::net::TcpStream;
@@ -22,6 +22,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
+use crate::inbox::{Extras, Frame, InboxFrame, InboxPosition, InboxState};
 use crate::options::Config;
 use crate::rooms::Rooms;
 use crate::{ClientError, Event};
@@ -35,6 +36,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) enum Answer {
     Reply(Reply),
+    /// The reply to a keyed publish or persisted send, with the extension's fields.
+    Keyed(Reply, Extras),
     Pong,
 }
 
@@ -45,8 +48,11 @@ pub(crate) type AnswerSender = oneshot::Sender<Result<Answer, ClientError>>;
 pub(crate) enum Outbound {
     Request {
         id: u64,
-        frame: ClientFrame,
+        frame: Frame,
         reply: AnswerSender,
+        /// Sent again, with the same id and key, after a reconnect when the connection dropped
+        /// before the answer.
+        retry: bool,
     },
     Raw(Message),
 }
@@ -57,6 +63,8 @@ pub(crate) enum Command {
     Send(Outbound),
     /// The caller stopped waiting (timeout or dropped future): forget the request.
     Cancel(u64),
+    /// The application is done with the persisted direct `seq` (automatic acks).
+    Handled(u64),
     /// Close normally, stop reconnecting, then acknowledge.
     Close(oneshot::Sender<()>),
 }
@@ -67,6 +75,8 @@ pub(crate) struct SessionInfo {
     pub(crate) session: String,
     pub(crate) user: String,
     pub(crate) node: String,
+    /// The user's inbox as last heard: the welcome's, raised by persisted directs and acks.
+    pub(crate) inbox: Option<InboxPosition>,
 }
 
 /// A welcomed connection, ready to serve.
@@ -99,16 +109,16 @@ async fn read_welcome(
     codec: Codec,
 ) -> Result<(SessionInfo, Option<Duration>), ClientError> {
     while let Some(message) = socket.next().await {
-        let decoded = match message? {
-            Message::Text(text) => codec.decode::<ServerFrame>(text.as_bytes()),
-            Message::Binary(bytes) => codec.decode::<ServerFrame>(&bytes),
+        let payload = match message? {
+            Message::Text(text) => text.as_bytes().to_vec(),
+            Message::Binary(bytes) => bytes.to_vec(),
             Message::Close(frame) => {
                 let (code, reason) = close_details(frame);
                 return Err(ClientError::ClosedBeforeWelcome { code, reason });
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
-        return match decoded {
+        return match codec.decode::<ServerFrame>(&payload) {
             Ok(ServerFrame::Welcome {
                 session,
                 user,
@@ -120,6 +130,11 @@ async fn read_welcome(
                     session,
                     user,
                     node,
+                    // A welcome whose inbox cannot be read is one without an inbox.
+                    inbox: codec
+                        .decode::<Extras>(&payload)
+                        .ok()
+                        .and_then(|extras| extras.inbox),
                 },
                 (heartbeat_ms > 0).then(|| Duration::from_millis(heartbeat_ms)),
             )),
@@ -144,7 +159,7 @@ fn close_details(frame: Option<CloseFrame>) -> (Option<u16>, String) {
     })
 }
 
-fn encode(codec: Codec, frame: &ClientFrame) -> Result<Message, EncodeError> {
+fn encode(codec: Codec, frame: &impl serde::Serialize) -> Result<Message, EncodeError> {
     Ok(match codec.encode(frame)? {
         Encoded::Text(text) => Message::Text(text.into()),
         Encoded::Binary(bytes) => Message::Binary(bytes.into()),
@@ -160,14 +175,14 @@ struct SubscribeIntent {
 }
 
 impl SubscribeIntent {
-    fn of(frame: &ClientFrame) -> Option<Self> {
+    fn of(frame: &Frame) -> Option<Self> {
         match frame {
-            ClientFrame::Subscribe {
+            Frame::Protocol(ClientFrame::Subscribe {
                 room,
                 since,
                 presence_events,
                 ..
-            } => Some(SubscribeIntent {
+            }) => Some(SubscribeIntent {
                 room: room.clone(),
                 since: since.clone(),
                 presence_events: *presence_events,
@@ -184,9 +199,17 @@ enum Pending {
     App {
         reply: AnswerSender,
         subscribe: Option<SubscribeIntent>,
+        /// The answer's extension fields are wanted.
+        extras: bool,
+        /// An `ack`: (seq, the inbox epoch it was sent in).
+        ack: Option<(u64, String)>,
+        /// Kept to be sent again after a reconnect.
+        retry: Option<Frame>,
     },
     /// The task's own resubscribe after a reconnect.
     Resubscribe(SubscribeIntent),
+    /// The task's own automatic ack.
+    AutoAck { seq: u64, epoch: String },
 }
 
 /// Why serving a connection stopped.
@@ -216,6 +239,9 @@ pub(crate) struct Driver {
     pending: HashMap<u64, Pending>,
     /// Frames asked for while reconnecting, written once the next connection is up.
     queued: VecDeque<Outbound>,
+    inbox: InboxState,
+    /// Frames the task itself wants written (automatic acks), flushed by `serve`.
+    outgoing: Vec<Message>,
 }
 
 impl Driver {
@@ -235,6 +261,8 @@ impl Driver {
             rooms: Rooms::default(),
             pending: HashMap::new(),
             queued: VecDeque::new(),
+            inbox: InboxState::default(),
+            outgoing: Vec::new(),
         }
     }
 
@@ -254,6 +282,7 @@ impl Driver {
                 Ended::HandleGone => break None,
             };
             debug!(?code, %reason, "connection dropped");
+            self.hold_retries();
             self.fail_pending(|| ClientError::Disconnected);
             self.emit(Event::Disconnected { code, reason });
             if code == Some(close::POLICY) {
@@ -282,8 +311,39 @@ impl Driver {
 
     fn fail_pending(&mut self, error: impl Fn() -> ClientError) {
         for (_, pending) in self.pending.drain() {
-            if let Pending::App { reply, .. } = pending {
-                let _ = reply.send(Err(error()));
+            match pending {
+                Pending::App { reply, .. } => {
+                    let _ = reply.send(Err(error()));
+                }
+                Pending::AutoAck { .. } => self.inbox.ack_in_flight = false,
+                Pending::Resubscribe(_) => {}
+            }
+        }
+    }
+
+    /// Queues the requests to retry for the next connection, in the order they were sent
+    /// (ids grow), with the same id (so a caller that stops waiting can still cancel) and key.
+    fn hold_retries(&mut self) {
+        let mut ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| matches!(pending, Pending::App { retry: Some(_), .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(Pending::App {
+                reply,
+                retry: Some(frame),
+                ..
+            }) = self.pending.remove(&id)
+            {
+                self.queued.push_back(Outbound::Request {
+                    id,
+                    frame,
+                    reply,
+                    retry: true,
+                });
             }
         }
     }
@@ -300,6 +360,7 @@ impl Driver {
             session: info.session.clone(),
             node: info.node.clone(),
         };
+        self.inbox.welcome(info.inbox.clone());
         *self.session.lock().unwrap_or_else(PoisonError::into_inner) = info;
         self.emit(event);
 
@@ -308,6 +369,8 @@ impl Driver {
         while let Some(outbound) = self.queued.pop_front() {
             outbox.extend(self.prepare(outbound));
         }
+        // An automatic ack lost with the previous connection.
+        outbox.extend(self.auto_ack());
         for message in outbox {
             if let Err(error) = sink.feed(message).await {
                 return dropped(error);
@@ -345,6 +408,11 @@ impl Driver {
                             };
                         }
                     }
+                    for message in std::mem::take(&mut self.outgoing) {
+                        if let Err(error) = sink.send(message).await {
+                            return dropped(error);
+                        }
+                    }
                 }
                 command = self.commands.recv() => match command {
                     Some(Command::Send(outbound)) => {
@@ -357,6 +425,14 @@ impl Driver {
                     }
                     Some(Command::Cancel(id)) => {
                         self.pending.remove(&id);
+                    }
+                    Some(Command::Handled(seq)) => {
+                        self.inbox.handled(seq);
+                        if let Some(ack) = self.auto_ack()
+                            && let Err(error) = sink.send(ack).await
+                        {
+                            return dropped(error);
+                        }
                     }
                     Some(Command::Close(ack)) => {
                         close_normally(&mut sink, &mut stream).await;
@@ -418,7 +494,7 @@ impl Driver {
     fn note_unsubscribe(&mut self, outbound: &Outbound) -> bool {
         match outbound {
             Outbound::Request {
-                frame: ClientFrame::Unsubscribe { room, .. },
+                frame: Frame::Protocol(ClientFrame::Unsubscribe { room, .. }),
                 ..
             } => self.rooms.unsubscribed(room),
             _ => false,
@@ -429,10 +505,27 @@ impl Driver {
     fn prepare(&mut self, outbound: Outbound) -> Option<Message> {
         match outbound {
             Outbound::Raw(message) => Some(message),
-            Outbound::Request { id, frame, reply } => match encode(self.config.codec, &frame) {
+            Outbound::Request {
+                id,
+                frame,
+                reply,
+                retry,
+            } => match encode(self.config.codec, &frame) {
                 Ok(message) => {
-                    let subscribe = SubscribeIntent::of(&frame);
-                    self.pending.insert(id, Pending::App { reply, subscribe });
+                    let ack = match (&frame, &self.inbox.position) {
+                        (Frame::Inbox(InboxFrame::Ack { seq, .. }), Some(position)) => {
+                            Some((*seq, position.epoch.clone()))
+                        }
+                        _ => None,
+                    };
+                    let pending = Pending::App {
+                        reply,
+                        subscribe: SubscribeIntent::of(&frame),
+                        extras: frame.wants_extras(),
+                        ack,
+                        retry: retry.then(|| frame.clone()),
+                    };
+                    self.pending.insert(id, pending);
                     Some(message)
                 }
                 Err(error) => {
@@ -448,23 +541,32 @@ impl Driver {
 
     fn handle_payload(&mut self, payload: &[u8]) {
         match self.config.codec.decode::<ServerFrame>(payload) {
-            Ok(frame) => self.handle_frame(frame),
+            Ok(frame) => self.handle_frame(frame, payload),
             Err(error) => warn!(%error, "undecodable frame from the server"),
         }
     }
 
-    fn handle_frame(&mut self, frame: ServerFrame) {
+    /// The extension's fields of a frame (none when they cannot be read).
+    fn extras(&self, payload: &[u8]) -> Extras {
+        self.config.codec.decode(payload).unwrap_or_default()
+    }
+
+    fn handle_frame(&mut self, frame: ServerFrame, payload: &[u8]) {
         match frame {
             ServerFrame::Message(message) => {
                 if self.rooms.accept(&message) {
                     self.emit(Event::Message(message));
                 }
             }
-            ServerFrame::Direct { data, from, .. } => self.emit(Event::Direct { data, from }),
+            // `..`: the protocol crate is gaining `seq` here; it is read from `extras` until then.
+            ServerFrame::Direct { data, from, .. } => match self.extras(payload).seq {
+                None => self.emit(Event::Direct { data, from }),
+                Some(seq) => self.on_persisted_direct(data, from, seq),
+            },
             ServerFrame::Broadcast { data } => self.emit(Event::Broadcast { data }),
             ServerFrame::Join(notice) => self.emit(Event::Join(notice)),
             ServerFrame::Leave(notice) => self.emit(Event::Leave(notice)),
-            ServerFrame::Reply(reply) => self.on_reply(reply),
+            ServerFrame::Reply(reply) => self.on_reply(reply, payload),
             ServerFrame::Error(error) => self.on_error(error),
             ServerFrame::Pong { id } => match id.and_then(|id| self.pending.remove(&id)) {
                 Some(Pending::App { reply, .. }) => {
@@ -473,6 +575,7 @@ impl Driver {
                 Some(Pending::Resubscribe(intent)) => {
                     self.resubscribe_failed(intent, id, "answered with a pong");
                 }
+                Some(Pending::AutoAck { .. }) => self.inbox.ack_in_flight = false,
                 None => {}
             },
             ServerFrame::Welcome {
@@ -482,25 +585,47 @@ impl Driver {
                 ..
             } => {
                 warn!("a second welcome on one connection");
-                *self.session.lock().unwrap_or_else(PoisonError::into_inner) = SessionInfo {
+                let mut info = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+                *info = SessionInfo {
                     session,
                     user,
                     node,
+                    inbox: info.inbox.take(),
                 };
             }
         }
     }
 
-    fn on_reply(&mut self, reply: Reply) {
+    fn on_reply(&mut self, reply: Reply, payload: &[u8]) {
         match self.pending.remove(&reply.id) {
             Some(Pending::App {
                 reply: waiter,
                 subscribe,
+                extras,
+                ack,
+                ..
             }) => {
                 if let Some(intent) = subscribe {
                     self.track(&intent, &reply);
                 }
-                let _ = waiter.send(Ok(Answer::Reply(reply)));
+                if let Some((seq, epoch)) = ack {
+                    self.inbox.acked(&epoch, seq);
+                    self.share_inbox();
+                }
+                let answer = if extras {
+                    Answer::Keyed(reply, self.extras(payload))
+                } else {
+                    Answer::Reply(reply)
+                };
+                let _ = waiter.send(Ok(answer));
+            }
+            Some(Pending::AutoAck { seq, epoch }) => {
+                self.inbox.ack_in_flight = false;
+                self.inbox.acked(&epoch, seq);
+                self.share_inbox();
+                if let Some(ack) = self.auto_ack() {
+                    self.outgoing.push(ack);
+                }
             }
             Some(Pending::Resubscribe(intent)) => {
                 if self.track(&intent, &reply) {
@@ -540,6 +665,10 @@ impl Driver {
 
     fn on_error(&mut self, error: ErrorFrame) {
         match error.id.and_then(|id| self.pending.remove(&id)) {
+            Some(Pending::AutoAck { .. }) => {
+                self.inbox.ack_in_flight = false;
+                self.emit(Event::Error(error));
+            }
             Some(Pending::App { reply, .. }) => {
                 let _ = reply.send(Err(ClientError::Server {
                     code: error.code,
@@ -555,6 +684,41 @@ impl Driver {
             }
             None => self.emit(Event::Error(error)),
         }
+    }
+
+    /// Hands out a persisted direct new to this client.
+    fn on_persisted_direct(&mut self, data: serde_json::Value, from: Option<Sender>, seq: u64) {
+        if self.inbox.accept(seq) {
+            self.share_inbox();
+            self.emit(Event::PersistedDirect { data, from, seq });
+        }
+    }
+
+    /// An `ack` of the highest seq handed out, unless one is in flight (the next covers what
+    /// is handed out meanwhile: acks are cumulative) or nothing is left to acknowledge.
+    fn auto_ack(&mut self) -> Option<Message> {
+        let (seq, epoch) = self.inbox.ack_due()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        match encode(self.config.codec, &InboxFrame::Ack { seq, id }) {
+            Ok(message) => {
+                self.inbox.ack_in_flight = true;
+                self.pending.insert(id, Pending::AutoAck { seq, epoch });
+                Some(message)
+            }
+            Err(error) => {
+                warn!(seq, %error, "cannot encode an ack");
+                None
+            }
+        }
+    }
+
+    /// Makes the inbox position visible to `Client::inbox`.
+    fn share_inbox(&self) {
+        self.session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .inbox
+            .clone_from(&self.inbox.position);
     }
 
     fn resubscribe_failed(&mut self, intent: SubscribeIntent, id: Option<u64>, message: &str) {
@@ -590,6 +754,8 @@ impl Driver {
                     result = &mut reconnect => break result,
                     command = self.commands.recv() => match command {
                         Some(Command::Send(outbound)) => self.hold(outbound),
+                        // Acknowledged after the welcome.
+                        Some(Command::Handled(seq)) => self.inbox.handled(seq),
                         Some(Command::Cancel(id)) => self.queued.retain(
                             |outbound| !matches!(outbound, Outbound::Request { id: queued, .. } if *queued == id),
                         ),

@@ -7,6 +7,10 @@ pub enum ClientError {
     /// The URL or a header in [`ConnectOptions`](crate::ConnectOptions) cannot be used.
     #[error("invalid connect options: {0}")]
     InvalidOptions(String),
+    /// A request's arguments cannot be sent (an idempotency key that is not 1 to 64 bytes);
+    /// nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// The server answered the WebSocket handshake with an HTTP error (400 bad subprotocol, 401
     /// bad token, 403 disallowed origin, ...). `reason` is the response body.
     #[error("handshake refused with HTTP {status}: {reason}")]

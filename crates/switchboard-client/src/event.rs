@@ -12,6 +12,14 @@ pub enum Event {
     Message(Arc<RoomMessage>),
     /// A message sent to this user; `from` is absent when sent by the server API.
     Direct { data: Value, from: Option<Sender> },
+    /// A persisted message sent to this user, live or from the inbox after a welcome: each
+    /// `seq` once per client (one redelivered after a reconnect is dropped), until
+    /// acknowledged.
+    PersistedDirect {
+        data: Value,
+        from: Option<Sender>,
+        seq: u64,
+    },
     /// A message to every session (`POST /api/broadcast`).
     Broadcast { data: Value },
     /// Another session joined a room subscribed with `presence_events`.

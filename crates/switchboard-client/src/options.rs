@@ -26,6 +26,22 @@ pub struct ConnectOptions {
     pub origin: Option<String>,
     /// Any other handshake headers, as (name, value).
     pub headers: Vec<(String, String)>,
+    /// Acknowledge each persisted direct message once the application is done with it (default
+    /// false): when it asks [`Client::next_event`](crate::Client::next_event) for the event after
+    /// its [`Event::PersistedDirect`](crate::Event::PersistedDirect), as a `while let` loop does
+    /// once the body handling it has run. One cumulative `ack` of the highest seq done with, at
+    /// most one in flight; what is done with meanwhile goes in the next one.
+    pub auto_ack: bool,
+    /// Retry keyed publishes and persisted sends through a reconnect (default false): each
+    /// carries an idempotency key (the caller's or a generated one) and is sent again with it
+    /// after a reconnect when its connection dropped before the answer. Such a request fails
+    /// with [`ClientError::Timeout`] once `retry_window` has passed, or
+    /// [`ClientError::Closed`] when the client stops for good first.
+    pub retry: bool,
+    /// How long a retried request waits for its answer in all, reconnects included, instead of
+    /// `request_timeout` (default 60 s). Keep it well below the server's
+    /// `--idempotency-window-secs` (default 300 s).
+    pub retry_window: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -38,6 +54,9 @@ impl Default for ConnectOptions {
             reconnect: ReconnectPolicy::default(),
             origin: None,
             headers: Vec::new(),
+            auto_ack: false,
+            retry: false,
+            retry_window: Duration::from_secs(60),
         }
     }
 }
@@ -53,6 +72,9 @@ impl fmt::Debug for ConnectOptions {
             .field("reconnect", &self.reconnect)
             .field("origin", &self.origin)
             .field("headers", &self.headers)
+            .field("auto_ack", &self.auto_ack)
+            .field("retry", &self.retry)
+            .field("retry_window", &self.retry_window)
             .finish()
     }
 }
@@ -65,6 +87,9 @@ pub(crate) struct Config {
     pub(crate) codec: Codec,
     pub(crate) request_timeout: Duration,
     pub(crate) reconnect: ReconnectPolicy,
+    pub(crate) auto_ack: bool,
+    pub(crate) retry: bool,
+    pub(crate) retry_window: Duration,
 }
 
 impl Config {
@@ -105,6 +130,9 @@ impl Config {
             codec: options.codec,
             request_timeout: options.request_timeout,
             reconnect: options.reconnect,
+            auto_ack: options.auto_ack,
+            retry: options.retry,
+            retry_window: options.retry_window,
         };
         config.request()?;
         Ok(config)

@@ -830,3 +830,388 @@ async fn refused_handshakes_report_the_status_and_stop_reconnecting() {
     assert_eq!(event(&client).await, Event::Closed);
     assert_eq!(within(client.next_event()).await, None);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Persisted direct messages, acks and retry with a key. The peer speaks these frames as JSON
+// values: switchboard-protocol's frame types do not carry them.
+
+impl Peer {
+    async fn send_json(&mut self, frame: serde_json::Value) {
+        within(self.ws.send(Message::Text(frame.to_string().into())))
+            .await
+            .expect("server send");
+    }
+
+    async fn recv_json(&mut self) -> serde_json::Value {
+        match self.recv_message().await {
+            Message::Text(text) => serde_json::from_str(&text).expect("JSON frame"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+impl TestServer {
+    /// Accepts the next connection and welcomes it as `session` with an inbox position.
+    async fn accept_with_inbox(&mut self, session: &str, inbox: serde_json::Value) -> Peer {
+        let mut peer = self.accept().await;
+        peer.send_json(json!({
+            "type": "welcome", "session": session, "user": "alice", "node": "n1",
+            "protocol": "switchboard.v1.json", "heartbeat_ms": 25_000, "inbox": inbox,
+        }))
+        .await;
+        peer
+    }
+}
+
+fn persisted(seq: u64) -> serde_json::Value {
+    json!({"type": "direct", "data": {"n": seq}, "from": {"user": "bob", "session": "b1"}, "seq": seq})
+}
+
+fn persisted_event(seq: u64) -> Event {
+    Event::PersistedDirect {
+        data: json!({"n": seq}),
+        from: Some(Sender {
+            user: "bob".into(),
+            session: "b1".into(),
+        }),
+        seq,
+    }
+}
+
+/// Drops the connection like a draining node, and waits for the client to notice.
+async fn drop_connection(client: &Client, peer: Peer) {
+    peer.close(close::GOING_AWAY, "draining").await;
+    assert!(matches!(
+        event(client).await,
+        Event::Disconnected {
+            code: Some(close::GOING_AWAY),
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_keyed_publish_and_send_dropped_before_the_answer_are_retried_once_with_their_key() {
+    let mut server = TestServer::start().await;
+    let options = ConnectOptions {
+        retry: true,
+        ..options()
+    };
+    let (client, mut peer) = server.connect(options, "s1").await;
+
+    let publish = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .publish_with("chat", json!("once"), PublishOptions::default())
+                .await
+        }
+    });
+    let first_publish = peer.recv_json().await;
+    let key = first_publish["key"].as_str().expect("a generated key");
+    assert!(
+        key.len() == 32 && key.bytes().all(|byte| byte.is_ascii_hexdigit()),
+        "{key}"
+    );
+    let send = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let options = SendOptions {
+                key: Some("mine-1".into()),
+                retry: None,
+            };
+            client.send_persisted("bob", json!("hi"), options).await
+        }
+    });
+    let first_send = peer.recv_json().await;
+    assert_eq!(
+        first_send,
+        json!({"type": "send", "to": "bob", "data": "hi", "id": first_send["id"], "persist": true, "key": "mine-1"})
+    );
+
+    // The server read both; the connection dropped before it answered.
+    drop_connection(&client, peer).await;
+    assert!(!publish.is_finished() && !send.is_finished());
+    let mut peer = server.accept().await;
+    peer.welcome("s2", 25_000).await;
+    assert!(matches!(
+        event_after_backoff(&client).await,
+        Event::Connected { .. }
+    ));
+    // Each is sent again once, in the order first sent, with its id and key.
+    assert_eq!(peer.recv_json().await, first_publish);
+    assert_eq!(peer.recv_json().await, first_send);
+    // The publish had landed the first time; the send had not.
+    peer.send_json(json!({"type": "reply", "id": first_publish["id"], "offset": 7, "epoch": "e1", "duplicate": true}))
+        .await;
+    peer.send_json(json!({"type": "reply", "id": first_send["id"], "sessions": 2, "seq": 5}))
+        .await;
+    assert_eq!(
+        within(publish).await.expect("task").expect("published"),
+        Published {
+            offset: 7,
+            epoch: "e1".into(),
+            duplicate: true
+        }
+    );
+    assert_eq!(
+        within(send).await.expect("task").expect("sent"),
+        Sent {
+            sessions: 2,
+            seq: 5,
+            duplicate: false
+        }
+    );
+
+    // Without retry (the default), a drop fails the request as before.
+    let (plain, ()) = tokio::join!(
+        client.publish_with(
+            "chat",
+            json!(1),
+            PublishOptions {
+                key: Some("k".into()),
+                retry: Some(false)
+            }
+        ),
+        async {
+            assert_eq!(peer.recv_json().await["key"], "k");
+            drop_connection(&client, peer).await;
+        }
+    );
+    assert!(matches!(plain, Err(ClientError::Disconnected)), "{plain:?}");
+}
+
+#[tokio::test]
+async fn the_inbox_after_welcome_is_handed_out_once_and_auto_acked_one_at_a_time() {
+    let mut server = TestServer::start().await;
+    let options = ConnectOptions {
+        auto_ack: true,
+        ..options()
+    };
+    let url = server.url.clone();
+    let (client, mut peer) = tokio::join!(Client::connect(&url, options), async {
+        server
+            .accept_with_inbox("s1", json!({"seq": 3, "acked": 1, "epoch": "i1"}))
+            .await
+    });
+    let client = client.expect("connected");
+    assert!(matches!(event(&client).await, Event::Connected { .. }));
+    let position = |seq, acked, epoch: &str| InboxPosition {
+        seq,
+        acked,
+        epoch: epoch.into(),
+    };
+    assert_eq!(client.inbox(), Some(position(3, 1, "i1")));
+
+    // The two unacknowledged, a live one, a plain direct, a repeat.
+    for frame in [persisted(2), persisted(3), persisted(4)] {
+        peer.send_json(frame).await;
+    }
+    peer.send_json(json!({"type": "direct", "data": "plain"}))
+        .await;
+    peer.send_json(persisted(3)).await;
+    // Each is acknowledged once the test asks for the event after it: it is done with it.
+    for seq in [2, 3, 4] {
+        assert_eq!(event(&client).await, persisted_event(seq));
+    }
+    assert_eq!(
+        event(&client).await,
+        Event::Direct {
+            data: json!("plain"),
+            from: None
+        }
+    );
+    // One ack in flight: the next frame after it is the ping, not another ack.
+    let ack = peer.recv_json().await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("ack"), Some(2))
+    );
+    let (pinged, ()) = tokio::join!(client.ping(), async {
+        let ping = peer.recv_json().await;
+        assert_eq!(ping["type"], "ping", "{ping}");
+        peer.send_json(json!({"type": "pong", "id": ping["id"]}))
+            .await;
+    });
+    pinged.expect("pong");
+    peer.send_json(json!({"type": "reply", "id": ack["id"]}))
+        .await;
+    // 3 and 4 go as one.
+    let ack = peer.recv_json().await;
+    assert_eq!(ack["seq"], 4, "{ack}");
+    assert_eq!(client.inbox(), Some(position(4, 2, "i1")));
+
+    // Dropped before that ack's answer: the server still holds 3 and 4.
+    drop_connection(&client, peer).await;
+    let mut peer = server
+        .accept_with_inbox("s2", json!({"seq": 4, "acked": 2, "epoch": "i1"}))
+        .await;
+    assert!(matches!(
+        event_after_backoff(&client).await,
+        Event::Connected { .. }
+    ));
+    let ack = peer.recv_json().await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("ack"), Some(4))
+    );
+    peer.send_json(persisted(3)).await;
+    peer.send_json(persisted(4)).await;
+    peer.send_json(json!({"type": "reply", "id": ack["id"]}))
+        .await;
+    peer.send_json(json!({"type": "direct", "data": "marker"}))
+        .await;
+    // The redelivered ones were handed out already.
+    assert_eq!(
+        event(&client).await,
+        Event::Direct {
+            data: json!("marker"),
+            from: None
+        }
+    );
+    assert_eq!(client.inbox(), Some(position(4, 4, "i1")));
+
+    // Not acknowledged while the application has not asked for the next event.
+    peer.send_json(persisted(5)).await;
+    assert_eq!(event(&client).await, persisted_event(5));
+    let (pinged, ()) = tokio::join!(client.ping(), async {
+        let ping = peer.recv_json().await;
+        assert_eq!(ping["type"], "ping", "{ping}");
+        peer.send_json(json!({"type": "pong", "id": ping["id"]}))
+            .await;
+    });
+    pinged.expect("pong");
+    // An ack the server refuses is an error event.
+    let (refused, ()) = tokio::join!(event(&client), async {
+        let ack = peer.recv_json().await;
+        assert_eq!(ack["seq"], 5, "{ack}");
+        peer.send_json(json!({"type": "error", "id": ack["id"], "code": "bad_frame", "message": "ack 5 beyond seq 4"}))
+            .await;
+    });
+    assert!(
+        matches!(
+            refused,
+            Event::Error(ErrorFrame {
+                code: ErrorCode::BadFrame,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+
+    // A new epoch starts over from its own acked.
+    drop_connection(&client, peer).await;
+    let mut peer = server
+        .accept_with_inbox("s3", json!({"seq": 1, "acked": 0, "epoch": "i2"}))
+        .await;
+    assert!(matches!(
+        event_after_backoff(&client).await,
+        Event::Connected { .. }
+    ));
+    peer.send_json(persisted(1)).await;
+    assert_eq!(event(&client).await, persisted_event(1));
+    let (marker, ()) = tokio::join!(event(&client), async {
+        let ack = peer.recv_json().await;
+        assert_eq!(
+            (ack["type"].as_str(), ack["seq"].as_u64()),
+            (Some("ack"), Some(1))
+        );
+        peer.send_json(json!({"type": "direct", "data": "end"}))
+            .await;
+    });
+    assert_eq!(
+        marker,
+        Event::Direct {
+            data: json!("end"),
+            from: None
+        }
+    );
+}
+
+#[tokio::test]
+async fn manual_ack_and_bad_keys() {
+    let mut server = TestServer::start().await;
+    let (client, mut peer) = server.connect(options(), "s1").await;
+
+    let (acked, ()) = tokio::join!(client.ack(5), async {
+        let ack = peer.recv_json().await;
+        assert_eq!(ack, json!({"type": "ack", "seq": 5, "id": ack["id"]}));
+        peer.send_json(json!({"type": "reply", "id": ack["id"]}))
+            .await;
+    });
+    acked.expect("acked");
+    let (refused, ()) = tokio::join!(client.ack(9), async {
+        let ack = peer.recv_json().await;
+        peer.send_json(json!({"type": "error", "id": ack["id"], "code": "bad_frame", "message": "ack 9 beyond seq 5"}))
+            .await;
+    });
+    assert!(
+        matches!(&refused, Err(ClientError::Server { code: ErrorCode::BadFrame, message }) if message.contains("9")),
+        "{refused:?}"
+    );
+
+    for key in [String::new(), "k".repeat(MAX_KEY_BYTES + 1)] {
+        let options = PublishOptions {
+            key: Some(key),
+            retry: None,
+        };
+        let result = client.publish_with("chat", json!(1), options).await;
+        assert!(
+            matches!(result, Err(ClientError::InvalidRequest(_))),
+            "{result:?}"
+        );
+    }
+    // Neither was sent: the next frame is this plain publish, without a key.
+    let (published, ()) = tokio::join!(
+        client.publish_with("chat", json!(2), PublishOptions::default()),
+        async {
+            let publish = peer.recv_json().await;
+            assert_eq!(
+                publish,
+                json!({"type": "publish", "room": "chat", "data": 2, "id": publish["id"]})
+            );
+            peer.send_json(
+                json!({"type": "reply", "id": publish["id"], "offset": 3, "epoch": "e"}),
+            )
+            .await;
+        }
+    );
+    assert_eq!(
+        published.expect("published"),
+        Published {
+            offset: 3,
+            epoch: "e".into(),
+            duplicate: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_retried_request_gives_up_after_the_retry_window_and_is_not_sent_again() {
+    let mut server = TestServer::start().await;
+    let options = ConnectOptions {
+        retry: true,
+        retry_window: Duration::from_millis(300),
+        ..options()
+    };
+    let (client, mut peer) = server.connect(options, "s1").await;
+    let (result, ()) = tokio::join!(
+        client.publish_with("chat", json!(1), PublishOptions::default()),
+        async {
+            assert_eq!(peer.recv_json().await["type"], "publish");
+            drop_connection(&client, peer).await;
+            // The next node takes the connection but stays silent past the window.
+            let mut peer = server.accept().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            peer.welcome("s2", 25_000).await;
+            let (pinged, ()) = tokio::join!(client.ping(), async {
+                let next = peer.recv_json().await;
+                assert_eq!(next["type"], "ping", "given up, so not re-sent: {next}");
+                peer.send_json(json!({"type": "pong", "id": next["id"]}))
+                    .await;
+            });
+            pinged.expect("pong");
+        }
+    );
+    assert!(matches!(result, Err(ClientError::Timeout)), "{result:?}");
+}

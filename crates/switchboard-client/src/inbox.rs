@@ -1,0 +1,212 @@
+//! Durable direct messages and idempotency keys: the options and answers of persisted `send`
+//! and keyed `publish`, and the wire fields of that protocol extension.
+//!
+//! The frames are written here rather than taken from `switchboard-protocol` because its
+//! `ClientFrame`/`ServerFrame` do not carry `key`, `persist`, `ack`, `seq`, `duplicate` and the
+//! welcome's `inbox` yet; the names and shapes are the protocol's.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchboard_protocol::ClientFrame;
+
+use crate::ClientError;
+
+/// The server's bound on an idempotency key, in bytes.
+pub const MAX_KEY_BYTES: usize = 64;
+
+/// Where a user's inbox of persisted direct messages stands.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct InboxPosition {
+    /// The seq of the latest message stored (0: none).
+    pub seq: u64,
+    /// Everything up to this seq is acknowledged.
+    pub acked: u64,
+    /// Changes when the inbox's history is lost; seqs of different epochs are unrelated.
+    pub epoch: String,
+}
+
+/// Options of [`Client::publish_with`](crate::Client::publish_with).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Idempotency key, 1 to 64 bytes: a repeat within the server's
+    /// `--idempotency-window-secs` creates nothing and is answered with `duplicate: true`.
+    pub key: Option<String>,
+    /// Retry through a reconnect with the key (a generated one when `key` is `None`); `None`
+    /// follows [`ConnectOptions::retry`](crate::ConnectOptions::retry).
+    pub retry: Option<bool>,
+}
+
+/// Options of [`Client::send_persisted`](crate::Client::send_persisted): as for publish.
+pub type SendOptions = PublishOptions;
+
+/// The answer to a keyed publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub offset: u64,
+    pub epoch: String,
+    /// The key had been used within the window: this is the first publish's answer.
+    pub duplicate: bool,
+}
+
+/// The answer to a persisted send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// Sessions it reached now.
+    pub sessions: u64,
+    /// Its seq in the recipient's inbox.
+    pub seq: u64,
+    /// The key had been used within the window: this is the first send's answer.
+    pub duplicate: bool,
+}
+
+/// The extension's fields of `welcome`, `direct` and `reply`, read beside the protocol's frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub(crate) struct Extras {
+    #[serde(default)]
+    pub(crate) seq: Option<u64>,
+    #[serde(default)]
+    pub(crate) duplicate: bool,
+    #[serde(default)]
+    pub(crate) inbox: Option<InboxPosition>,
+}
+
+/// Client frames of the extension.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum InboxFrame {
+    Publish {
+        room: String,
+        data: Value,
+        id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+    Send {
+        to: String,
+        data: Value,
+        id: u64,
+        persist: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+    Ack {
+        seq: u64,
+        id: u64,
+    },
+}
+
+/// A request frame: one of the protocol crate's, or of the extension.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub(crate) enum Frame {
+    Protocol(ClientFrame),
+    Inbox(InboxFrame),
+}
+
+impl Frame {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Frame::Protocol(frame) => frame.kind(),
+            Frame::Inbox(InboxFrame::Publish { .. }) => "publish",
+            Frame::Inbox(InboxFrame::Send { .. }) => "send",
+            Frame::Inbox(InboxFrame::Ack { .. }) => "ack",
+        }
+    }
+
+    /// Whether the answer's extension fields are wanted (keyed publish, persisted send).
+    pub(crate) fn wants_extras(&self) -> bool {
+        matches!(
+            self,
+            Frame::Inbox(InboxFrame::Publish { .. } | InboxFrame::Send { .. })
+        )
+    }
+}
+
+impl From<ClientFrame> for Frame {
+    fn from(frame: ClientFrame) -> Self {
+        Frame::Protocol(frame)
+    }
+}
+
+/// The key to send: the caller's, checked, or a generated one when retrying without one.
+pub(crate) fn key_for(key: Option<String>, retry: bool) -> Result<Option<String>, ClientError> {
+    match key {
+        Some(key) if key.is_empty() || key.len() > MAX_KEY_BYTES => {
+            Err(ClientError::InvalidRequest(format!(
+                "key {key:?}: must be 1 to {MAX_KEY_BYTES} bytes, not {}",
+                key.len()
+            )))
+        }
+        Some(key) => Ok(Some(key)),
+        // 128 random bits: no two requests of any client share one within the window.
+        None if retry => Ok(Some(format!("{:032x}", rand::random::<u128>()))),
+        None => Ok(None),
+    }
+}
+
+/// What the client knows of the inbox, and what it delivered and wants acknowledged.
+#[derive(Debug, Default)]
+pub(crate) struct InboxState {
+    pub(crate) position: Option<InboxPosition>,
+    /// The highest seq delivered as an event in the position's epoch.
+    delivered: u64,
+    /// The highest seq automatic acks should acknowledge.
+    ack_wanted: u64,
+    pub(crate) ack_in_flight: bool,
+}
+
+impl InboxState {
+    /// Takes a welcome's position. In the same epoch what was delivered stays delivered (the
+    /// redelivered unacknowledged messages are dropped up to it); a new epoch starts over.
+    pub(crate) fn welcome(&mut self, announced: Option<InboxPosition>) {
+        let Some(announced) = announced else {
+            *self = InboxState::default();
+            return;
+        };
+        let same_epoch = self
+            .position
+            .as_ref()
+            .is_some_and(|known| known.epoch == announced.epoch);
+        if same_epoch {
+            self.delivered = self.delivered.max(announced.acked);
+        } else {
+            self.delivered = announced.acked;
+            self.ack_wanted = 0;
+        }
+        self.ack_in_flight = false;
+        self.position = Some(announced);
+    }
+
+    /// Whether a persisted direct with `seq` is new to this client.
+    pub(crate) fn accept(&mut self, seq: u64) -> bool {
+        let Some(position) = &mut self.position else {
+            return true;
+        };
+        if seq <= self.delivered {
+            return false;
+        }
+        self.delivered = seq;
+        position.seq = position.seq.max(seq);
+        true
+    }
+
+    pub(crate) fn handled(&mut self, seq: u64) {
+        self.ack_wanted = self.ack_wanted.max(seq);
+    }
+
+    /// The seq an automatic ack should acknowledge now, if any (none while one is in flight).
+    pub(crate) fn ack_due(&self) -> Option<(u64, String)> {
+        let position = self.position.as_ref()?;
+        (!self.ack_in_flight && self.ack_wanted > position.acked)
+            .then(|| (self.ack_wanted, position.epoch.clone()))
+    }
+
+    /// Records an ack the server accepted, unless the inbox changed epoch meanwhile.
+    pub(crate) fn acked(&mut self, epoch: &str, seq: u64) {
+        if let Some(position) = &mut self.position
+            && position.epoch == epoch
+        {
+            position.acked = position.acked.max(seq);
+        }
+    }
+}
