@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::driver::{self, Answer, Command, Driver, Outbound, SessionInfo};
-use crate::inbox::{self, Extras, Frame, InboxFrame};
+use crate::inbox::{self, Extras};
 use crate::options::Config;
 use crate::{
     ClientError, ConnectOptions, Event, InboxPosition, PublishOptions, Published, SendOptions, Sent,
@@ -249,10 +249,10 @@ impl Client {
         let room = room.into();
         let (reply, extras) = self
             .keyed(
-                |id| InboxFrame::Publish {
+                |id| ClientFrame::Publish {
                     room,
                     data,
-                    id,
+                    id: Some(id),
                     key,
                 },
                 retry,
@@ -280,10 +280,10 @@ impl Client {
         let to = user.into();
         let (reply, extras) = self
             .keyed(
-                |id| InboxFrame::Send {
+                |id| ClientFrame::Send {
                     to,
                     data,
-                    id,
+                    id: Some(id),
                     persist: true,
                     key,
                 },
@@ -300,7 +300,7 @@ impl Client {
     /// Acknowledges every inbox message of this user up to `seq` (cumulative, for every
     /// session of the user). A seq beyond the inbox's latest is refused with `bad_frame`.
     pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
-        self.request(|id| Frame::Inbox(InboxFrame::Ack { seq, id }), false)
+        self.request(|id| ClientFrame::Ack { seq, id: Some(id) }, false)
             .await
             .map(drop)
     }
@@ -341,7 +341,7 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let started = Instant::now();
         match self
-            .request(|id| ClientFrame::Ping { id: Some(id) }.into(), false)
+            .request(|id| ClientFrame::Ping { id: Some(id) }, false)
             .await?
         {
             Answer::Pong => Ok(started.elapsed()),
@@ -371,7 +371,7 @@ impl Client {
     }
 
     async fn reply(&self, frame: impl FnOnce(u64) -> ClientFrame) -> Result<Reply, ClientError> {
-        match self.request(|id| frame(id).into(), false).await? {
+        match self.request(frame, false).await? {
             Answer::Reply(reply) | Answer::Keyed(reply, _) => Ok(reply),
             Answer::Pong => Err(ClientError::Protocol(
                 "a pong instead of a reply".to_owned(),
@@ -382,10 +382,10 @@ impl Client {
     /// A keyed publish or persisted send: its reply with the extension's fields.
     async fn keyed(
         &self,
-        frame: impl FnOnce(u64) -> InboxFrame,
+        frame: impl FnOnce(u64) -> ClientFrame,
         retry: bool,
     ) -> Result<(Reply, Extras), ClientError> {
-        match self.request(|id| Frame::Inbox(frame(id)), retry).await? {
+        match self.request(frame, retry).await? {
             Answer::Keyed(reply, extras) => Ok((reply, extras)),
             Answer::Reply(reply) => Ok((reply, Extras::default())),
             Answer::Pong => Err(ClientError::Protocol(
@@ -399,7 +399,7 @@ impl Client {
     /// through reconnects.
     async fn request(
         &self,
-        frame: impl FnOnce(u64) -> Frame,
+        frame: impl FnOnce(u64) -> ClientFrame,
         retry: bool,
     ) -> Result<Answer, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);

@@ -22,7 +22,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::inbox::{Extras, Frame, InboxFrame, InboxPosition, InboxState};
+use crate::inbox::{Extras, InboxPosition, InboxState};
 use crate::options::Config;
 use crate::rooms::Rooms;
 use crate::{ClientError, Event};
@@ -48,7 +48,7 @@ pub(crate) type AnswerSender = oneshot::Sender<Result<Answer, ClientError>>;
 pub(crate) enum Outbound {
     Request {
         id: u64,
-        frame: Frame,
+        frame: ClientFrame,
         reply: AnswerSender,
         /// Sent again, with the same id and key, after a reconnect when the connection dropped
         /// before the answer.
@@ -175,14 +175,14 @@ struct SubscribeIntent {
 }
 
 impl SubscribeIntent {
-    fn of(frame: &Frame) -> Option<Self> {
+    fn of(frame: &ClientFrame) -> Option<Self> {
         match frame {
-            Frame::Protocol(ClientFrame::Subscribe {
+            ClientFrame::Subscribe {
                 room,
                 since,
                 presence_events,
                 ..
-            }) => Some(SubscribeIntent {
+            } => Some(SubscribeIntent {
                 room: room.clone(),
                 since: since.clone(),
                 presence_events: *presence_events,
@@ -204,7 +204,7 @@ enum Pending {
         /// An `ack`: (seq, the inbox epoch it was sent in).
         ack: Option<(u64, String)>,
         /// Kept to be sent again after a reconnect.
-        retry: Option<Frame>,
+        retry: Option<ClientFrame>,
     },
     /// The task's own resubscribe after a reconnect.
     Resubscribe(SubscribeIntent),
@@ -494,7 +494,7 @@ impl Driver {
     fn note_unsubscribe(&mut self, outbound: &Outbound) -> bool {
         match outbound {
             Outbound::Request {
-                frame: Frame::Protocol(ClientFrame::Unsubscribe { room, .. }),
+                frame: ClientFrame::Unsubscribe { room, .. },
                 ..
             } => self.rooms.unsubscribed(room),
             _ => false,
@@ -513,7 +513,7 @@ impl Driver {
             } => match encode(self.config.codec, &frame) {
                 Ok(message) => {
                     let ack = match (&frame, &self.inbox.position) {
-                        (Frame::Inbox(InboxFrame::Ack { seq, .. }), Some(position)) => {
+                        (ClientFrame::Ack { seq, .. }, Some(position)) => {
                             Some((*seq, position.epoch.clone()))
                         }
                         _ => None,
@@ -521,7 +521,10 @@ impl Driver {
                     let pending = Pending::App {
                         reply,
                         subscribe: SubscribeIntent::of(&frame),
-                        extras: frame.wants_extras(),
+                        extras: matches!(
+                            frame,
+                            ClientFrame::Publish { .. } | ClientFrame::Send { .. }
+                        ),
                         ack,
                         retry: retry.then(|| frame.clone()),
                     };
@@ -699,7 +702,7 @@ impl Driver {
     fn auto_ack(&mut self) -> Option<Message> {
         let (seq, epoch) = self.inbox.ack_due()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        match encode(self.config.codec, &InboxFrame::Ack { seq, id }) {
+        match encode(self.config.codec, &ClientFrame::Ack { seq, id: Some(id) }) {
             Ok(message) => {
                 self.inbox.ack_in_flight = true;
                 self.pending.insert(id, Pending::AutoAck { seq, epoch });

@@ -1,13 +1,8 @@
 //! Durable direct messages and idempotency keys: the options and answers of persisted `send`
-//! and keyed `publish`, and the wire fields of that protocol extension.
-//!
-//! The frames are written here rather than taken from `switchboard-protocol` because its
-//! `ClientFrame`/`ServerFrame` do not carry `key`, `persist`, `ack`, `seq`, `duplicate` and the
-//! welcome's `inbox` yet; the names and shapes are the protocol's.
+//! and keyed `publish`, and the wire fields of that protocol extension the server's frames
+//! carry (the requests are `switchboard-protocol`'s `ClientFrame`s).
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use switchboard_protocol::ClientFrame;
 
 use crate::ClientError;
 
@@ -68,64 +63,6 @@ pub(crate) struct Extras {
     pub(crate) duplicate: bool,
     #[serde(default)]
     pub(crate) inbox: Option<InboxPosition>,
-}
-
-/// Client frames of the extension.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub(crate) enum InboxFrame {
-    Publish {
-        room: String,
-        data: Value,
-        id: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<String>,
-    },
-    Send {
-        to: String,
-        data: Value,
-        id: u64,
-        persist: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<String>,
-    },
-    Ack {
-        seq: u64,
-        id: u64,
-    },
-}
-
-/// A request frame: one of the protocol crate's, or of the extension.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub(crate) enum Frame {
-    Protocol(ClientFrame),
-    Inbox(InboxFrame),
-}
-
-impl Frame {
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Frame::Protocol(frame) => frame.kind(),
-            Frame::Inbox(InboxFrame::Publish { .. }) => "publish",
-            Frame::Inbox(InboxFrame::Send { .. }) => "send",
-            Frame::Inbox(InboxFrame::Ack { .. }) => "ack",
-        }
-    }
-
-    /// Whether the answer's extension fields are wanted (keyed publish, persisted send).
-    pub(crate) fn wants_extras(&self) -> bool {
-        matches!(
-            self,
-            Frame::Inbox(InboxFrame::Publish { .. } | InboxFrame::Send { .. })
-        )
-    }
-}
-
-impl From<ClientFrame> for Frame {
-    fn from(frame: ClientFrame) -> Self {
-        Frame::Protocol(frame)
-    }
 }
 
 /// The key to send: the caller's, checked, or a generated one when retrying without one.
