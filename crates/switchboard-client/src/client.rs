@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::driver::{self, Answer, Command, Driver, Outbound, SessionInfo};
-use crate::inbox::{self, Extras};
+use crate::inbox;
 use crate::options::Config;
 use crate::{
     ClientError, ConnectOptions, Event, InboxPosition, PublishOptions, Published, SendOptions, Sent,
@@ -247,8 +247,8 @@ impl Client {
         let retry = options.retry.unwrap_or(self.inner.retry);
         let key = inbox::key_for(options.key, retry)?;
         let room = room.into();
-        let (reply, extras) = self
-            .keyed(
+        let reply = self
+            .reply_or_retry(
                 |id| ClientFrame::Publish {
                     room,
                     data,
@@ -261,7 +261,7 @@ impl Client {
         Ok(Published {
             offset: reply.offset.ok_or_else(|| missing("offset"))?,
             epoch: reply.epoch.ok_or_else(|| missing("epoch"))?,
-            duplicate: extras.duplicate,
+            duplicate: reply.duplicate,
         })
     }
 
@@ -278,8 +278,8 @@ impl Client {
         let retry = options.retry.unwrap_or(self.inner.retry);
         let key = inbox::key_for(options.key, retry)?;
         let to = user.into();
-        let (reply, extras) = self
-            .keyed(
+        let reply = self
+            .reply_or_retry(
                 |id| ClientFrame::Send {
                     to,
                     data,
@@ -292,8 +292,8 @@ impl Client {
             .await?;
         Ok(Sent {
             sessions: reply.sessions.ok_or_else(|| missing("sessions"))?,
-            seq: extras.seq.ok_or_else(|| missing("seq"))?,
-            duplicate: extras.duplicate,
+            seq: reply.seq.ok_or_else(|| missing("seq"))?,
+            duplicate: reply.duplicate,
         })
     }
 
@@ -345,7 +345,7 @@ impl Client {
             .await?
         {
             Answer::Pong => Ok(started.elapsed()),
-            Answer::Reply(_) | Answer::Keyed(..) => Err(ClientError::Protocol(
+            Answer::Reply(_) => Err(ClientError::Protocol(
                 "a reply instead of a pong to ping".to_owned(),
             )),
         }
@@ -371,23 +371,18 @@ impl Client {
     }
 
     async fn reply(&self, frame: impl FnOnce(u64) -> ClientFrame) -> Result<Reply, ClientError> {
-        match self.request(frame, false).await? {
-            Answer::Reply(reply) | Answer::Keyed(reply, _) => Ok(reply),
-            Answer::Pong => Err(ClientError::Protocol(
-                "a pong instead of a reply".to_owned(),
-            )),
-        }
+        self.reply_or_retry(frame, false).await
     }
 
-    /// A keyed publish or persisted send: its reply with the extension's fields.
-    async fn keyed(
+    /// A request answered by a `reply`; with `retry`, sent again after a reconnect (a keyed
+    /// publish or persisted send).
+    async fn reply_or_retry(
         &self,
         frame: impl FnOnce(u64) -> ClientFrame,
         retry: bool,
-    ) -> Result<(Reply, Extras), ClientError> {
+    ) -> Result<Reply, ClientError> {
         match self.request(frame, retry).await? {
-            Answer::Keyed(reply, extras) => Ok((reply, extras)),
-            Answer::Reply(reply) => Ok((reply, Extras::default())),
+            Answer::Reply(reply) => Ok(reply),
             Answer::Pong => Err(ClientError::Protocol(
                 "a pong instead of a reply".to_owned(),
             )),

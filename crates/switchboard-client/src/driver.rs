@@ -36,8 +36,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) enum Answer {
     Reply(Reply),
-    /// The reply to a keyed publish or persisted send, with the extension's fields.
-    Keyed(Reply, Extras),
     Pong,
 }
 
@@ -199,8 +197,6 @@ enum Pending {
     App {
         reply: AnswerSender,
         subscribe: Option<SubscribeIntent>,
-        /// The answer's extension fields are wanted.
-        extras: bool,
         /// An `ack`: (seq, the inbox epoch it was sent in).
         ack: Option<(u64, String)>,
         /// Kept to be sent again after a reconnect.
@@ -521,10 +517,6 @@ impl Driver {
                     let pending = Pending::App {
                         reply,
                         subscribe: SubscribeIntent::of(&frame),
-                        extras: matches!(
-                            frame,
-                            ClientFrame::Publish { .. } | ClientFrame::Send { .. }
-                        ),
                         ack,
                         retry: retry.then(|| frame.clone()),
                     };
@@ -544,32 +536,26 @@ impl Driver {
 
     fn handle_payload(&mut self, payload: &[u8]) {
         match self.config.codec.decode::<ServerFrame>(payload) {
-            Ok(frame) => self.handle_frame(frame, payload),
+            Ok(frame) => self.handle_frame(frame),
             Err(error) => warn!(%error, "undecodable frame from the server"),
         }
     }
 
-    /// The extension's fields of a frame (none when they cannot be read).
-    fn extras(&self, payload: &[u8]) -> Extras {
-        self.config.codec.decode(payload).unwrap_or_default()
-    }
-
-    fn handle_frame(&mut self, frame: ServerFrame, payload: &[u8]) {
+    fn handle_frame(&mut self, frame: ServerFrame) {
         match frame {
             ServerFrame::Message(message) => {
                 if self.rooms.accept(&message) {
                     self.emit(Event::Message(message));
                 }
             }
-            // `..`: the protocol crate is gaining `seq` here; it is read from `extras` until then.
-            ServerFrame::Direct { data, from, .. } => match self.extras(payload).seq {
+            ServerFrame::Direct { data, from, seq } => match seq {
                 None => self.emit(Event::Direct { data, from }),
                 Some(seq) => self.on_persisted_direct(data, from, seq),
             },
             ServerFrame::Broadcast { data } => self.emit(Event::Broadcast { data }),
             ServerFrame::Join(notice) => self.emit(Event::Join(notice)),
             ServerFrame::Leave(notice) => self.emit(Event::Leave(notice)),
-            ServerFrame::Reply(reply) => self.on_reply(reply, payload),
+            ServerFrame::Reply(reply) => self.on_reply(reply),
             ServerFrame::Error(error) => self.on_error(error),
             ServerFrame::Pong { id } => match id.and_then(|id| self.pending.remove(&id)) {
                 Some(Pending::App { reply, .. }) => {
@@ -599,12 +585,11 @@ impl Driver {
         }
     }
 
-    fn on_reply(&mut self, reply: Reply, payload: &[u8]) {
+    fn on_reply(&mut self, reply: Reply) {
         match self.pending.remove(&reply.id) {
             Some(Pending::App {
                 reply: waiter,
                 subscribe,
-                extras,
                 ack,
                 ..
             }) => {
@@ -615,12 +600,7 @@ impl Driver {
                     self.inbox.acked(&epoch, seq);
                     self.share_inbox();
                 }
-                let answer = if extras {
-                    Answer::Keyed(reply, self.extras(payload))
-                } else {
-                    Answer::Reply(reply)
-                };
-                let _ = waiter.send(Ok(answer));
+                let _ = waiter.send(Ok(Answer::Reply(reply)));
             }
             Some(Pending::AutoAck { seq, epoch }) => {
                 self.inbox.ack_in_flight = false;

@@ -54,13 +54,9 @@ pub struct Sent {
     pub duplicate: bool,
 }
 
-/// The extension's fields of `welcome`, `direct` and `reply`, read beside the protocol's frame.
+/// The welcome's `inbox`, read beside the protocol's frame.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub(crate) struct Extras {
-    #[serde(default)]
-    pub(crate) seq: Option<u64>,
-    #[serde(default)]
-    pub(crate) duplicate: bool,
     #[serde(default)]
     pub(crate) inbox: Option<InboxPosition>,
 }
