@@ -144,10 +144,11 @@ impl Client {
     }
 
     /// The user's inbox as last heard: from the latest `welcome` (updated before
-    /// [`Event::Connected`]), raised by persisted directs and acks. `None` when the server
-    /// announced no inbox.
+    /// [`Event::Connected`]), raised by persisted directs and acks. Always `Some`: every
+    /// welcome carries one, and a welcome without `inbox` (a server older than the inbox)
+    /// reads as an empty inbox (seq and acked 0, epoch `""`).
     pub fn inbox(&self) -> Option<InboxPosition> {
-        self.info().inbox
+        Some(self.info().inbox)
     }
 
     /// The next event, in arrival order; `None` after [`Event::Closed`]. Clones share one

@@ -22,7 +22,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::inbox::{Extras, InboxPosition, InboxState};
+use crate::inbox::{InboxPosition, InboxState};
 use crate::options::Config;
 use crate::rooms::Rooms;
 use crate::{ClientError, Event};
@@ -74,7 +74,7 @@ pub(crate) struct SessionInfo {
     pub(crate) user: String,
     pub(crate) node: String,
     /// The user's inbox as last heard: the welcome's, raised by persisted directs and acks.
-    pub(crate) inbox: Option<InboxPosition>,
+    pub(crate) inbox: InboxPosition,
 }
 
 /// A welcomed connection, ready to serve.
@@ -122,17 +122,14 @@ async fn read_welcome(
                 user,
                 node,
                 heartbeat_ms,
+                inbox,
                 ..
             }) => Ok((
                 SessionInfo {
                     session,
                     user,
                     node,
-                    // A welcome whose inbox cannot be read is one without an inbox.
-                    inbox: codec
-                        .decode::<Extras>(&payload)
-                        .ok()
-                        .and_then(|extras| extras.inbox),
+                    inbox,
                 },
                 (heartbeat_ms > 0).then(|| Duration::from_millis(heartbeat_ms)),
             )),
@@ -508,9 +505,9 @@ impl Driver {
                 retry,
             } => match encode(self.config.codec, &frame) {
                 Ok(message) => {
-                    let ack = match (&frame, &self.inbox.position) {
-                        (ClientFrame::Ack { seq, .. }, Some(position)) => {
-                            Some((*seq, position.epoch.clone()))
+                    let ack = match &frame {
+                        ClientFrame::Ack { seq, .. } => {
+                            Some((*seq, self.inbox.position.epoch.clone()))
                         }
                         _ => None,
                     };
@@ -575,12 +572,9 @@ impl Driver {
             } => {
                 warn!("a second welcome on one connection");
                 let mut info = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-                *info = SessionInfo {
-                    session,
-                    user,
-                    node,
-                    inbox: info.inbox.take(),
-                };
+                info.session = session;
+                info.user = user;
+                info.node = node;
             }
         }
     }
