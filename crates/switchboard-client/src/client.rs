@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::driver::{self, Answer, Command, Driver, Outbound, SessionInfo};
-use crate::inbox::{self, Extras, Frame, InboxFrame};
+use crate::inbox;
 use crate::options::Config;
 use crate::{
     ClientError, ConnectOptions, Event, InboxPosition, PublishOptions, Published, SendOptions, Sent,
@@ -144,10 +144,11 @@ impl Client {
     }
 
     /// The user's inbox as last heard: from the latest `welcome` (updated before
-    /// [`Event::Connected`]), raised by persisted directs and acks. `None` when the server
-    /// announced no inbox.
+    /// [`Event::Connected`]), raised by persisted directs and acks. Always `Some`: every
+    /// welcome carries one, and a welcome without `inbox` (a server older than the inbox)
+    /// reads as an empty inbox (seq and acked 0, epoch `""`).
     pub fn inbox(&self) -> Option<InboxPosition> {
-        self.info().inbox
+        Some(self.info().inbox)
     }
 
     /// The next event, in arrival order; `None` after [`Event::Closed`]. Clones share one
@@ -247,12 +248,12 @@ impl Client {
         let retry = options.retry.unwrap_or(self.inner.retry);
         let key = inbox::key_for(options.key, retry)?;
         let room = room.into();
-        let (reply, extras) = self
-            .keyed(
-                |id| InboxFrame::Publish {
+        let reply = self
+            .reply_or_retry(
+                |id| ClientFrame::Publish {
                     room,
                     data,
-                    id,
+                    id: Some(id),
                     key,
                 },
                 retry,
@@ -261,7 +262,7 @@ impl Client {
         Ok(Published {
             offset: reply.offset.ok_or_else(|| missing("offset"))?,
             epoch: reply.epoch.ok_or_else(|| missing("epoch"))?,
-            duplicate: extras.duplicate,
+            duplicate: reply.duplicate,
         })
     }
 
@@ -278,12 +279,12 @@ impl Client {
         let retry = options.retry.unwrap_or(self.inner.retry);
         let key = inbox::key_for(options.key, retry)?;
         let to = user.into();
-        let (reply, extras) = self
-            .keyed(
-                |id| InboxFrame::Send {
+        let reply = self
+            .reply_or_retry(
+                |id| ClientFrame::Send {
                     to,
                     data,
-                    id,
+                    id: Some(id),
                     persist: true,
                     key,
                 },
@@ -292,15 +293,15 @@ impl Client {
             .await?;
         Ok(Sent {
             sessions: reply.sessions.ok_or_else(|| missing("sessions"))?,
-            seq: extras.seq.ok_or_else(|| missing("seq"))?,
-            duplicate: extras.duplicate,
+            seq: reply.seq.ok_or_else(|| missing("seq"))?,
+            duplicate: reply.duplicate,
         })
     }
 
     /// Acknowledges every inbox message of this user up to `seq` (cumulative, for every
     /// session of the user). A seq beyond the inbox's latest is refused with `bad_frame`.
     pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
-        self.request(|id| Frame::Inbox(InboxFrame::Ack { seq, id }), false)
+        self.request(|id| ClientFrame::Ack { seq, id: Some(id) }, false)
             .await
             .map(drop)
     }
@@ -341,11 +342,11 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let started = Instant::now();
         match self
-            .request(|id| ClientFrame::Ping { id: Some(id) }.into(), false)
+            .request(|id| ClientFrame::Ping { id: Some(id) }, false)
             .await?
         {
             Answer::Pong => Ok(started.elapsed()),
-            Answer::Reply(_) | Answer::Keyed(..) => Err(ClientError::Protocol(
+            Answer::Reply(_) => Err(ClientError::Protocol(
                 "a reply instead of a pong to ping".to_owned(),
             )),
         }
@@ -371,23 +372,18 @@ impl Client {
     }
 
     async fn reply(&self, frame: impl FnOnce(u64) -> ClientFrame) -> Result<Reply, ClientError> {
-        match self.request(|id| frame(id).into(), false).await? {
-            Answer::Reply(reply) | Answer::Keyed(reply, _) => Ok(reply),
-            Answer::Pong => Err(ClientError::Protocol(
-                "a pong instead of a reply".to_owned(),
-            )),
-        }
+        self.reply_or_retry(frame, false).await
     }
 
-    /// A keyed publish or persisted send: its reply with the extension's fields.
-    async fn keyed(
+    /// A request answered by a `reply`; with `retry`, sent again after a reconnect (a keyed
+    /// publish or persisted send).
+    async fn reply_or_retry(
         &self,
-        frame: impl FnOnce(u64) -> InboxFrame,
+        frame: impl FnOnce(u64) -> ClientFrame,
         retry: bool,
-    ) -> Result<(Reply, Extras), ClientError> {
-        match self.request(|id| Frame::Inbox(frame(id)), retry).await? {
-            Answer::Keyed(reply, extras) => Ok((reply, extras)),
-            Answer::Reply(reply) => Ok((reply, Extras::default())),
+    ) -> Result<Reply, ClientError> {
+        match self.request(frame, retry).await? {
+            Answer::Reply(reply) => Ok(reply),
             Answer::Pong => Err(ClientError::Protocol(
                 "a pong instead of a reply".to_owned(),
             )),
@@ -399,7 +395,7 @@ impl Client {
     /// through reconnects.
     async fn request(
         &self,
-        frame: impl FnOnce(u64) -> Frame,
+        frame: impl FnOnce(u64) -> ClientFrame,
         retry: bool,
     ) -> Result<Answer, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);

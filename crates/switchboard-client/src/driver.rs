@@ -22,7 +22,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::inbox::{Extras, Frame, InboxFrame, InboxPosition, InboxState};
+use crate::inbox::{InboxPosition, InboxState};
 use crate::options::Config;
 use crate::rooms::Rooms;
 use crate::{ClientError, Event};
@@ -36,8 +36,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) enum Answer {
     Reply(Reply),
-    /// The reply to a keyed publish or persisted send, with the extension's fields.
-    Keyed(Reply, Extras),
     Pong,
 }
 
@@ -48,7 +46,7 @@ pub(crate) type AnswerSender = oneshot::Sender<Result<Answer, ClientError>>;
 pub(crate) enum Outbound {
     Request {
         id: u64,
-        frame: Frame,
+        frame: ClientFrame,
         reply: AnswerSender,
         /// Sent again, with the same id and key, after a reconnect when the connection dropped
         /// before the answer.
@@ -76,7 +74,7 @@ pub(crate) struct SessionInfo {
     pub(crate) user: String,
     pub(crate) node: String,
     /// The user's inbox as last heard: the welcome's, raised by persisted directs and acks.
-    pub(crate) inbox: Option<InboxPosition>,
+    pub(crate) inbox: InboxPosition,
 }
 
 /// A welcomed connection, ready to serve.
@@ -124,17 +122,14 @@ async fn read_welcome(
                 user,
                 node,
                 heartbeat_ms,
+                inbox,
                 ..
             }) => Ok((
                 SessionInfo {
                     session,
                     user,
                     node,
-                    // A welcome whose inbox cannot be read is one without an inbox.
-                    inbox: codec
-                        .decode::<Extras>(&payload)
-                        .ok()
-                        .and_then(|extras| extras.inbox),
+                    inbox,
                 },
                 (heartbeat_ms > 0).then(|| Duration::from_millis(heartbeat_ms)),
             )),
@@ -175,14 +170,14 @@ struct SubscribeIntent {
 }
 
 impl SubscribeIntent {
-    fn of(frame: &Frame) -> Option<Self> {
+    fn of(frame: &ClientFrame) -> Option<Self> {
         match frame {
-            Frame::Protocol(ClientFrame::Subscribe {
+            ClientFrame::Subscribe {
                 room,
                 since,
                 presence_events,
                 ..
-            }) => Some(SubscribeIntent {
+            } => Some(SubscribeIntent {
                 room: room.clone(),
                 since: since.clone(),
                 presence_events: *presence_events,
@@ -199,12 +194,10 @@ enum Pending {
     App {
         reply: AnswerSender,
         subscribe: Option<SubscribeIntent>,
-        /// The answer's extension fields are wanted.
-        extras: bool,
         /// An `ack`: (seq, the inbox epoch it was sent in).
         ack: Option<(u64, String)>,
         /// Kept to be sent again after a reconnect.
-        retry: Option<Frame>,
+        retry: Option<ClientFrame>,
     },
     /// The task's own resubscribe after a reconnect.
     Resubscribe(SubscribeIntent),
@@ -494,7 +487,7 @@ impl Driver {
     fn note_unsubscribe(&mut self, outbound: &Outbound) -> bool {
         match outbound {
             Outbound::Request {
-                frame: Frame::Protocol(ClientFrame::Unsubscribe { room, .. }),
+                frame: ClientFrame::Unsubscribe { room, .. },
                 ..
             } => self.rooms.unsubscribed(room),
             _ => false,
@@ -512,16 +505,15 @@ impl Driver {
                 retry,
             } => match encode(self.config.codec, &frame) {
                 Ok(message) => {
-                    let ack = match (&frame, &self.inbox.position) {
-                        (Frame::Inbox(InboxFrame::Ack { seq, .. }), Some(position)) => {
-                            Some((*seq, position.epoch.clone()))
+                    let ack = match &frame {
+                        ClientFrame::Ack { seq, .. } => {
+                            Some((*seq, self.inbox.position.epoch.clone()))
                         }
                         _ => None,
                     };
                     let pending = Pending::App {
                         reply,
                         subscribe: SubscribeIntent::of(&frame),
-                        extras: frame.wants_extras(),
                         ack,
                         retry: retry.then(|| frame.clone()),
                     };
@@ -541,32 +533,26 @@ impl Driver {
 
     fn handle_payload(&mut self, payload: &[u8]) {
         match self.config.codec.decode::<ServerFrame>(payload) {
-            Ok(frame) => self.handle_frame(frame, payload),
+            Ok(frame) => self.handle_frame(frame),
             Err(error) => warn!(%error, "undecodable frame from the server"),
         }
     }
 
-    /// The extension's fields of a frame (none when they cannot be read).
-    fn extras(&self, payload: &[u8]) -> Extras {
-        self.config.codec.decode(payload).unwrap_or_default()
-    }
-
-    fn handle_frame(&mut self, frame: ServerFrame, payload: &[u8]) {
+    fn handle_frame(&mut self, frame: ServerFrame) {
         match frame {
             ServerFrame::Message(message) => {
                 if self.rooms.accept(&message) {
                     self.emit(Event::Message(message));
                 }
             }
-            // `..`: the protocol crate is gaining `seq` here; it is read from `extras` until then.
-            ServerFrame::Direct { data, from, .. } => match self.extras(payload).seq {
+            ServerFrame::Direct { data, from, seq } => match seq {
                 None => self.emit(Event::Direct { data, from }),
                 Some(seq) => self.on_persisted_direct(data, from, seq),
             },
             ServerFrame::Broadcast { data } => self.emit(Event::Broadcast { data }),
             ServerFrame::Join(notice) => self.emit(Event::Join(notice)),
             ServerFrame::Leave(notice) => self.emit(Event::Leave(notice)),
-            ServerFrame::Reply(reply) => self.on_reply(reply, payload),
+            ServerFrame::Reply(reply) => self.on_reply(reply),
             ServerFrame::Error(error) => self.on_error(error),
             ServerFrame::Pong { id } => match id.and_then(|id| self.pending.remove(&id)) {
                 Some(Pending::App { reply, .. }) => {
@@ -586,22 +572,18 @@ impl Driver {
             } => {
                 warn!("a second welcome on one connection");
                 let mut info = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-                *info = SessionInfo {
-                    session,
-                    user,
-                    node,
-                    inbox: info.inbox.take(),
-                };
+                info.session = session;
+                info.user = user;
+                info.node = node;
             }
         }
     }
 
-    fn on_reply(&mut self, reply: Reply, payload: &[u8]) {
+    fn on_reply(&mut self, reply: Reply) {
         match self.pending.remove(&reply.id) {
             Some(Pending::App {
                 reply: waiter,
                 subscribe,
-                extras,
                 ack,
                 ..
             }) => {
@@ -612,12 +594,7 @@ impl Driver {
                     self.inbox.acked(&epoch, seq);
                     self.share_inbox();
                 }
-                let answer = if extras {
-                    Answer::Keyed(reply, self.extras(payload))
-                } else {
-                    Answer::Reply(reply)
-                };
-                let _ = waiter.send(Ok(answer));
+                let _ = waiter.send(Ok(Answer::Reply(reply)));
             }
             Some(Pending::AutoAck { seq, epoch }) => {
                 self.inbox.ack_in_flight = false;
@@ -699,7 +676,7 @@ impl Driver {
     fn auto_ack(&mut self) -> Option<Message> {
         let (seq, epoch) = self.inbox.ack_due()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        match encode(self.config.codec, &InboxFrame::Ack { seq, id }) {
+        match encode(self.config.codec, &ClientFrame::Ack { seq, id: Some(id) }) {
             Ok(message) => {
                 self.inbox.ack_in_flight = true;
                 self.pending.insert(id, Pending::AutoAck { seq, epoch });

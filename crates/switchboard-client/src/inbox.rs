@@ -1,29 +1,16 @@
 //! Durable direct messages and idempotency keys: the options and answers of persisted `send`
-//! and keyed `publish`, and the wire fields of that protocol extension.
-//!
-//! The frames are written here rather than taken from `switchboard-protocol` because its
-//! `ClientFrame`/`ServerFrame` do not carry `key`, `persist`, `ack`, `seq`, `duplicate` and the
-//! welcome's `inbox` yet; the names and shapes are the protocol's.
-
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use switchboard_protocol::ClientFrame;
+//! and keyed `publish`, and what the client tracks of the user's inbox. The wire fields are
+//! `switchboard-protocol`'s.
 
 use crate::ClientError;
 
 /// The server's bound on an idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 64;
 
-/// Where a user's inbox of persisted direct messages stands.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct InboxPosition {
-    /// The seq of the latest message stored (0: none).
-    pub seq: u64,
-    /// Everything up to this seq is acknowledged.
-    pub acked: u64,
-    /// Changes when the inbox's history is lost; seqs of different epochs are unrelated.
-    pub epoch: String,
-}
+/// Where a user's inbox of persisted direct messages stands: `seq` of the latest message stored
+/// (0: none), everything up to `acked` acknowledged, both counted in `epoch`, which changes when
+/// the inbox's history is lost. The protocol crate's `InboxState`, the welcome's `inbox`.
+pub use switchboard_protocol::InboxState as InboxPosition;
 
 /// Options of [`Client::publish_with`](crate::Client::publish_with).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,75 +46,6 @@ pub struct Sent {
     pub duplicate: bool,
 }
 
-/// The extension's fields of `welcome`, `direct` and `reply`, read beside the protocol's frame.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub(crate) struct Extras {
-    #[serde(default)]
-    pub(crate) seq: Option<u64>,
-    #[serde(default)]
-    pub(crate) duplicate: bool,
-    #[serde(default)]
-    pub(crate) inbox: Option<InboxPosition>,
-}
-
-/// Client frames of the extension.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub(crate) enum InboxFrame {
-    Publish {
-        room: String,
-        data: Value,
-        id: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<String>,
-    },
-    Send {
-        to: String,
-        data: Value,
-        id: u64,
-        persist: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<String>,
-    },
-    Ack {
-        seq: u64,
-        id: u64,
-    },
-}
-
-/// A request frame: one of the protocol crate's, or of the extension.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub(crate) enum Frame {
-    Protocol(ClientFrame),
-    Inbox(InboxFrame),
-}
-
-impl Frame {
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Frame::Protocol(frame) => frame.kind(),
-            Frame::Inbox(InboxFrame::Publish { .. }) => "publish",
-            Frame::Inbox(InboxFrame::Send { .. }) => "send",
-            Frame::Inbox(InboxFrame::Ack { .. }) => "ack",
-        }
-    }
-
-    /// Whether the answer's extension fields are wanted (keyed publish, persisted send).
-    pub(crate) fn wants_extras(&self) -> bool {
-        matches!(
-            self,
-            Frame::Inbox(InboxFrame::Publish { .. } | InboxFrame::Send { .. })
-        )
-    }
-}
-
-impl From<ClientFrame> for Frame {
-    fn from(frame: ClientFrame) -> Self {
-        Frame::Protocol(frame)
-    }
-}
-
 /// The key to send: the caller's, checked, or a generated one when retrying without one.
 pub(crate) fn key_for(key: Option<String>, retry: bool) -> Result<Option<String>, ClientError> {
     match key {
@@ -147,7 +65,8 @@ pub(crate) fn key_for(key: Option<String>, retry: bool) -> Result<Option<String>
 /// What the client knows of the inbox, and what it delivered and wants acknowledged.
 #[derive(Debug, Default)]
 pub(crate) struct InboxState {
-    pub(crate) position: Option<InboxPosition>,
+    /// The latest welcome's, raised by persisted directs and acks.
+    pub(crate) position: InboxPosition,
     /// The highest seq delivered as an event in the position's epoch.
     delivered: u64,
     /// The highest seq automatic acks should acknowledge.
@@ -158,35 +77,24 @@ pub(crate) struct InboxState {
 impl InboxState {
     /// Takes a welcome's position. In the same epoch what was delivered stays delivered (the
     /// redelivered unacknowledged messages are dropped up to it); a new epoch starts over.
-    pub(crate) fn welcome(&mut self, announced: Option<InboxPosition>) {
-        let Some(announced) = announced else {
-            *self = InboxState::default();
-            return;
-        };
-        let same_epoch = self
-            .position
-            .as_ref()
-            .is_some_and(|known| known.epoch == announced.epoch);
-        if same_epoch {
+    pub(crate) fn welcome(&mut self, announced: InboxPosition) {
+        if self.position.epoch == announced.epoch {
             self.delivered = self.delivered.max(announced.acked);
         } else {
             self.delivered = announced.acked;
             self.ack_wanted = 0;
         }
         self.ack_in_flight = false;
-        self.position = Some(announced);
+        self.position = announced;
     }
 
     /// Whether a persisted direct with `seq` is new to this client.
     pub(crate) fn accept(&mut self, seq: u64) -> bool {
-        let Some(position) = &mut self.position else {
-            return true;
-        };
         if seq <= self.delivered {
             return false;
         }
         self.delivered = seq;
-        position.seq = position.seq.max(seq);
+        self.position.seq = self.position.seq.max(seq);
         true
     }
 
@@ -196,17 +104,14 @@ impl InboxState {
 
     /// The seq an automatic ack should acknowledge now, if any (none while one is in flight).
     pub(crate) fn ack_due(&self) -> Option<(u64, String)> {
-        let position = self.position.as_ref()?;
-        (!self.ack_in_flight && self.ack_wanted > position.acked)
-            .then(|| (self.ack_wanted, position.epoch.clone()))
+        (!self.ack_in_flight && self.ack_wanted > self.position.acked)
+            .then(|| (self.ack_wanted, self.position.epoch.clone()))
     }
 
     /// Records an ack the server accepted, unless the inbox changed epoch meanwhile.
     pub(crate) fn acked(&mut self, epoch: &str, seq: u64) {
-        if let Some(position) = &mut self.position
-            && position.epoch == epoch
-        {
-            position.acked = position.acked.max(seq);
+        if self.position.epoch == epoch {
+            self.position.acked = self.position.acked.max(seq);
         }
     }
 }

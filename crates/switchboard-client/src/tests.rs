@@ -833,7 +833,7 @@ async fn refused_handshakes_report_the_status_and_stop_reconnecting() {
 
 // ---------------------------------------------------------------------------------------------
 // Persisted direct messages, acks and retry with a key. The peer speaks these frames as JSON
-// values: switchboard-protocol's frame types do not carry them.
+// values, so the tests check the exact wire fields rather than the types both sides share.
 
 impl Peer {
     async fn send_json(&mut self, frame: serde_json::Value) {
