@@ -135,8 +135,8 @@ function renderUsers() {
     const away = !counts.has(conversation.peer);
     conversation.tab.classList.toggle("away", away);
     conversation.tab.title = away
-      ? `${conversation.peer} is not here: messages wait in their inbox`
-      : `${conversation.peer} is online`;
+      ? `${conversation.peer} is not in #${room}: messages wait in their inbox`
+      : `${conversation.peer} is in #${room}`;
   }
 }
 
