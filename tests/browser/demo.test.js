@@ -3,9 +3,11 @@
 // chat through the two nodes, the user list follows joins and leaves, and when one node dies its
 // page reconnects to the other (the SDK tries the `?ws=` URLs in turn) and shows what was sent
 // while it was away. Private messages (persisted direct messages) reach a user whose page was
-// closed when it comes back, once, and the sender's page shows them delivered. With authentication on, the page connects with the token in its URL fragment;
-// a `?ws=` URL that is not ws:// or wss:// is reported on the page. Every process this starts is killed by
-// pid at the end, pass or fail. A screenshot is saved to target/browser-artifacts/demo.png.
+// closed when it comes back, once, and the sender's page shows them delivered. With
+// authentication on, the page connects with the token in its URL fragment, and a token without a
+// `send` claim gets its private message marked "not sent"; a `?ws=` URL that is not ws:// or
+// wss:// is reported on the page. Every process this starts is killed by pid at the end, pass or
+// fail. Screenshots are saved to target/browser-artifacts/ (demo.png, demo-private.png).
 //
 // Run: tests/run.sh (after the cargo build), or `npm test` here once target/debug/switchboard
 // exists. SWITCHBOARD_BIN and CHROMIUM override the binary and browser paths.
@@ -419,6 +421,13 @@ test("with authentication on, the page connects with the token in its fragment",
     await limited.goto(`${node.http}#token=${chatOnly}`);
     await messageIn(limited, "signed in with a token");
     await limited.locator("#cluster-note", { hasText: "No cluster figures: forbidden" }).waitFor({ timeout: DEADLINE_MS });
+
+    // A token without a `send` claim cannot write privately: the message is marked, with why.
+    await user(page, "eve").getByRole("button", { name: "eve" }).click();
+    await say(page, "a private word");
+    await privateMessage(page, "eve", "a private word").and(page.locator('[data-state="failed"]')).waitFor({ timeout: DEADLINE_MS });
+    await page.locator('#chat ol.private[data-peer="eve"] li.notice', { hasText: "Not sent (forbidden)" }).waitFor({ timeout: DEADLINE_MS });
+    assert.equal(await tab(limited, "dora").count(), 0, "nothing reached eve");
 
     // A ?ws= URL that is not ws:// or wss:// is refused by the SDK's connect: the page says so.
     const misconfigured = await context.newPage();

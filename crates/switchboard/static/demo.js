@@ -168,8 +168,9 @@ async function reloadPresence(announceChanges) {
 
 // ----- private conversations ---------------------------------------------------------------
 
-/** Ranks of a private message's states: a merge keeps the furthest one. */
-const RANK = { failed: 0, unconfirmed: 1, sending: 1, sent: 2, delivered: 3, received: 3 };
+/** Ranks of a private message's states: a merge keeps the furthest one. A failed send may still
+ *  have been stored (its answer was lost), so a receipt can raise it to delivered. */
+const RANK = { sending: 0, failed: 1, unconfirmed: 1, sent: 2, delivered: 3, received: 3 };
 const MARKS = {
   sending: ["sending…", "not stored yet"],
   unconfirmed: ["not confirmed", "the page closed before the server answered"],
