@@ -1,7 +1,8 @@
-//! The demo page on the public port: a chat room with presence and a live panel of the cluster,
-//! built on the JavaScript SDK. Its files are compiled into the binary; the SDK is included from
-//! `clients/js` so there is one copy of it. The cluster panel reads the `$sys.stats` room, which
-//! [`stats::publish_stats`] feeds.
+//! The demo page on the public port: a chat room with presence, private conversations (persisted
+//! direct messages with a delivered mark) and a live panel of the cluster, built on the JavaScript
+//! SDK. Its files are compiled into the binary; the SDK is included from `clients/js` so there is
+//! one copy of it. The cluster panel reads the `$sys.stats` room, which [`stats::publish_stats`]
+//! feeds.
 
 pub mod stats;
 
