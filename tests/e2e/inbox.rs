@@ -234,6 +234,35 @@ async fn the_embedded_broker_delivers_the_inbox_on_connect_until_acknowledged() 
     alice.quiet().await
 }
 
+/// `--inbox-ttl-secs`: a message nobody acknowledged within the TTL is gone (from the inbox API
+/// and from what the user gets on connect), and the inbox serves new messages afterwards.
+#[tokio::test]
+async fn an_unacknowledged_message_expires_after_the_inbox_ttl() -> Result<()> {
+    let node = NodeProcess::start(&["--inbox-ttl-secs", "1"]).await?;
+    for n in 1..=2u64 {
+        let body = json!({"user": "dora", "data": {"n": n}, "persist": true});
+        let sent: SendResponse = api_post(&node, "/api/send", &body).await?;
+        ensure!(sent.seq == Some(n), "{sent:?}");
+    }
+    let stored = api_inbox(&node, "dora").await?;
+    ensure!(stored.pending.len() == 2, "stored at first: {stored:?}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !api_inbox(&node, "dora").await?.pending.is_empty() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the inbox still holds messages long after the 1 s TTL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut dora = Peer::connect(&node, "dora").await?;
+    dora.quiet().await?;
+    let body = json!({"user": "dora", "data": {"n": 3}, "persist": true});
+    let sent: SendResponse = api_post(&node, "/api/send", &body).await?;
+    let seq = sent.seq.context("a persisted send answers its seq")?;
+    ensure!(directs(&mut dora, 1).await? == [(seq, json!({"n": 3}))]);
+    dora.quiet().await
+}
+
 /// Persisted sends keep coming, from several senders at once, while the user connects: stored
 /// ones come from the inbox (in many small pages: a small message size limit), later ones live,
 /// and the seam between them has neither a gap nor a repeat.
