@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The cost of a persisted direct message beside a plain one, on loopback: one redis-server and two
 # release nodes sharing it; 200 users (100 on each node), each sending to a partner on the other
-# node. Runs, alternately and ROUNDS times (default 2), `direct` (plain) and `direct --persist`
-# (acknowledged every 10 messages or 100 ms), then `direct --persist --drop-after-secs` (a reconnect
+# node. Runs, alternately and ROUNDS times (default 2), `direct` (plain), `direct --persist` with
+# no ack during the run (the send alone) and `direct --persist` acknowledged every 10 messages or
+# 100 ms (the send and its share of an ack), then `direct --persist --drop-after-secs` (a reconnect
 # storm mid-run). Each run reads Redis INFO commandstats when sending starts and after the drain.
 # Prints each result as JSON (also kept in $OUT, default target/persist-cost/) and a summary, and
 # stops everything it started, by pid. Everything shares this machine's cores.
@@ -41,15 +42,17 @@ run_case() { # name extra-flags...
 
 for round in $(seq 1 "$rounds"); do
   run_case "plain-$round"
+  run_case "unacked-$round" --persist --ack-every 1000000 --ack-interval-ms 60000
   run_case "persisted-$round" --persist
 done
 run_case storm --persist --drop-after-secs $((duration / 2))
 
 summary='[.sent, .delivered, .lost, (.duplicates // 0), (.redelivered // "-"),
+  (if .acks_sent then (.acks_sent / .sent * 1000 | round / 1000) else "-" end),
   .latency_ms_p50, .latency_ms_p99, .redis.commands_per_publish,
   .redis.script_calls_per_publish, (.redis.by_command_per_publish | tostring)] | @tsv'
-echo -e "case\tsent\tdelivered\tlost\tdup\tredelivered\tp50_ms\tp99_ms\tcmds/msg\tscripts/msg\tby_command"
-for file in "$out"/plain-*.json "$out"/persisted-*.json "$out"/storm.json; do
+echo -e "case\tsent\tdelivered\tlost\tdup\tredelivered\tacks/msg\tp50_ms\tp99_ms\tcmds/msg\tscripts/msg\tby_command"
+for file in "$out"/plain-*.json "$out"/unacked-*.json "$out"/persisted-*.json "$out"/storm.json; do
   echo -e "$(basename "$file" .json)\t$(jq -r "$summary" "$file")"
 done
 summarize_logs "$cluster_dir"/logs/node1.log "$cluster_dir"/logs/node2.log
