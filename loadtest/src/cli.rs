@@ -43,7 +43,9 @@ pub enum Scenario {
     Fanout(FanoutArgs),
     /// Users on different targets messaging each other with `send`: each user sends to a partner
     /// on another target at its share of a held rate; reports delivery latency, loss and
-    /// duplicates by per-sender sequence.
+    /// duplicates by per-sender sequence. With --persist the messages go through the receivers'
+    /// inboxes and are acknowledged; with --drop-after-secs too, every connection drops at once
+    /// mid-run and reconnects (a reconnect storm); loss, duplicates and redeliveries by inbox seq.
     Direct(DirectArgs),
     /// Subscribers over rooms and targets while a publisher runs; every subscriber connection is
     /// dropped at once (after --drop-after-secs, or on SIGUSR1), then each reconnects to the next
@@ -309,6 +311,25 @@ pub struct DirectArgs {
     /// Seconds of sending.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
+    /// Send persisted messages (`persist: true`): each lands in the receiver's inbox with a seq,
+    /// the receiver acknowledges, and loss, duplicates and redeliveries are counted by seq.
+    #[arg(long)]
+    pub persist: bool,
+    /// With --persist: acknowledge (cumulatively) once this many new messages are in.
+    #[arg(long, default_value_t = 10)]
+    pub ack_every: u64,
+    /// With --persist: acknowledge at most this many milliseconds after the first
+    /// unacknowledged message came in.
+    #[arg(long, default_value_t = 100)]
+    pub ack_interval_ms: u64,
+    /// With --persist: this many seconds into sending, every user's connection drops at once
+    /// (a reconnect storm) and reconnects to the next target, while the others keep sending.
+    #[arg(long)]
+    pub drop_after_secs: Option<u64>,
+    /// The cluster's Redis (redis://127.0.0.1:PORT, no password): its INFO commandstats is read
+    /// when sending starts and after the drain to report Redis commands per message sent.
+    #[arg(long)]
+    pub redis_url: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }

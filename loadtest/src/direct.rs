@@ -18,7 +18,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::DirectArgs;
 use crate::html::{self, Page};
-use crate::report::{emit, ms, round3};
+use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
+use crate::report::{RedisCost, emit, ms, round3};
 use crate::sequence::advance;
 use crate::ws::{Next, Socket, next_text, open, run_tag, url_addr};
 
@@ -63,29 +64,47 @@ pub struct DirectResult {
     /// start of sending (the drain included, trailing empty seconds left out).
     pub sent_by_second: Vec<u64>,
     pub delivered_by_second: Vec<u64>,
+    /// With --redis-url: Redis commands from the start of sending to the end of the drain, per
+    /// message sent (`*_per_publish` fields).
+    pub redis: Option<RedisCost>,
     /// The latency distribution as (percentile, milliseconds) points, for the HTML report.
     #[serde(skip)]
     pub latency_percentiles: Vec<(f64, f64)>,
 }
 
-/// Shared by every user of one run.
-struct Shared {
+/// Shared by every user of one run (of `direct`, and of `direct --persist`).
+pub struct Shared {
     base: Instant,
-    histogram: Mutex<Histogram<u64>>,
+    pub histogram: Mutex<Histogram<u64>>,
     received: AtomicU64,
     /// When sending starts, µs on the common clock.
-    start_us: AtomicU64,
-    sent_by_second: Vec<AtomicU64>,
-    delivered_by_second: Vec<AtomicU64>,
+    pub start_us: AtomicU64,
+    pub sent_by_second: Vec<AtomicU64>,
+    pub delivered_by_second: Vec<AtomicU64>,
 }
 
 impl Shared {
-    fn now_us(&self) -> u64 {
+    /// Counters for a run of `seconds` seconds (sending and drain).
+    pub fn new(seconds: u64) -> Shared {
+        Shared {
+            base: Instant::now(),
+            histogram: Mutex::new(
+                Histogram::new_with_bounds(1, LATENCY_CEILING_US, 3)
+                    .expect("valid histogram bounds"),
+            ),
+            received: AtomicU64::new(0),
+            start_us: AtomicU64::new(0),
+            sent_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            delivered_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn now_us(&self) -> u64 {
         self.base.elapsed().as_micros() as u64
     }
 
     /// Counts one event at `at_us` (common clock) in its second of `by_second`.
-    fn count(&self, by_second: &[AtomicU64], at_us: u64) {
+    pub fn count(&self, by_second: &[AtomicU64], at_us: u64) {
         let second = at_us.saturating_sub(self.start_us.load(Ordering::Relaxed)) / 1_000_000;
         if let Some(slot) = by_second.get(second as usize) {
             slot.fetch_add(1, Ordering::Relaxed);
@@ -94,7 +113,7 @@ impl Shared {
 }
 
 /// Per-second counts, trailing empty seconds after the first `keep` left out.
-fn trimmed(by_second: &[AtomicU64], keep: usize) -> Vec<u64> {
+pub fn trimmed(by_second: &[AtomicU64], keep: usize) -> Vec<u64> {
     let mut counts: Vec<u64> = by_second
         .iter()
         .map(|count| count.load(Ordering::SeqCst))
@@ -140,7 +159,7 @@ struct Payload {
 
 /// The partner of user `index`: the next user (wrapping) on another target, or the next user when
 /// there is one target.
-fn partner_of(index: u64, users: u64, targets: u64) -> u64 {
+pub fn partner_of(index: u64, users: u64, targets: u64) -> u64 {
     let own = index % targets;
     (1..users)
         .map(|step| (index + step) % users)
@@ -149,13 +168,17 @@ fn partner_of(index: u64, users: u64, targets: u64) -> u64 {
 }
 
 /// `url` with `?user=` (or `&user=`) appended.
-fn with_user(url: &str, user: &str) -> String {
+pub fn with_user(url: &str, user: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
     format!("{url}{separator}user={user}")
 }
 
 pub async fn run(args: DirectArgs) -> Result<()> {
+    if args.persist {
+        return crate::persist::run(args).await;
+    }
     args.check()?;
+    let redis = args.redis_url.as_deref().map(redis_addr).transpose()?;
     let targets = args
         .urls
         .iter()
@@ -179,16 +202,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     }
 
     let seconds = args.duration_secs + args.common.drain_secs + 2;
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        histogram: Mutex::new(
-            Histogram::new_with_bounds(1, LATENCY_CEILING_US, 3).expect("valid histogram bounds"),
-        ),
-        received: AtomicU64::new(0),
-        start_us: AtomicU64::new(0),
-        sent_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
-        delivered_by_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
-    });
+    let shared = Arc::new(Shared::new(seconds));
 
     // Every user connected before anyone sends.
     let setup_deadline =
@@ -224,6 +238,10 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     // Let the session registry settle before the first send.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let before = match redis {
+        Some(addr) => Some(redis_snapshot(addr).await?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let period = Duration::from_secs_f64(users as f64 / args.rate as f64);
     let start_at = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -269,6 +287,10 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     }
     // Replies trail deliveries a little; give them a moment.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = match redis {
+        Some(addr) => Some(redis_snapshot(addr).await?),
+        None => None,
+    };
     let _ = stop_tx.send(true);
     let mut totals = ReaderStats::default();
     let mut closed_early = 0u64;
@@ -317,6 +339,12 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         sent_by_second: trimmed(&shared.sent_by_second, args.duration_secs as usize),
         delivered_by_second: trimmed(&shared.delivered_by_second, args.duration_secs as usize),
         latency_percentiles: html::percentile_curve(&histogram),
+        redis: match (&before, &after) {
+            (Some(before), Some(after)) => {
+                Some(redis_cost(before, after, sent, args.duration_secs, None))
+            }
+            _ => None,
+        },
     };
     emit(&result, args.common.output.json.as_deref())?;
     if let Some(path) = &args.common.output.html {
@@ -424,6 +452,18 @@ impl DirectArgs {
         }
         if self.user_prefix.is_empty() || self.user_prefix.len() > 64 {
             bail!("--user-prefix must be 1 to 64 bytes");
+        }
+        if !self.persist && self.drop_after_secs.is_some() {
+            bail!("--drop-after-secs needs --persist");
+        }
+        if self
+            .drop_after_secs
+            .is_some_and(|secs| secs >= self.duration_secs)
+        {
+            bail!("--drop-after-secs must be below --duration-secs");
+        }
+        if self.ack_every == 0 || self.ack_interval_ms > 60_000 {
+            bail!("--ack-every must be at least 1, --ack-interval-ms at most 60000");
         }
         self.common.check()
     }

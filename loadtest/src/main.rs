@@ -4,7 +4,8 @@
 //! held rate, receives on others and reports end-to-end delivery latency, loss, duplicates and the
 //! Redis commands each published message cost. Scenario `fanout` spreads subscribers and publishers
 //! over every target and reports the same delivery figures. Scenario `direct` has users on
-//! different nodes message each other; `reconnect` drops every subscriber at once and measures how
+//! different nodes message each other (with `--persist`, through their inboxes, acknowledging, and
+//! across a reconnect storm with `--drop-after-secs`); `reconnect` drops every subscriber at once and measures how
 //! fast they are back and whether `since` recovery lost anything. `compare` prints one table of
 //! `fanout` (and `connect`) results against switchboard, Socket.IO and the raw ceiling server.
 
@@ -15,6 +16,7 @@ mod direct;
 mod fanout;
 mod html;
 mod latency;
+mod persist;
 mod procfs;
 mod progress;
 mod protocol;
