@@ -9,6 +9,7 @@
 # stops everything it started, by pid. Everything shares this machine's cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v jq >/dev/null || { echo "persist-cost.sh: jq is needed for the summary (apt-get install jq)" >&2; exit 1; }
 out=${OUT:-target/persist-cost}
 duration=${DURATION_SECS:-10}
 rate=${RATE:-1000}
