@@ -12,24 +12,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-target/cluster-latency}
 duration=${DURATION_SECS:-10}
 warmup=${WARMUP_SECS:-2}
-# Extra flags for both nodes, e.g. NODE_FLAGS="--node-ttl-ms 60000".
-node_flags="--rate-limit 0 --drain-grace-ms 1000 ${NODE_FLAGS:-}"
 mkdir -p "$out"
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
-node_flags+=" ${admission_off[*]}"
-
-cargo build --release --quiet -p switchboard -p switchboard-loadtest
-
-# The cluster is deploy/local/cluster.sh's (one Redis, two nodes, HAProxy unused here), so the
-# benchmarks run what operators run locally; `down` stops exactly what `up` started.
-cluster_dir="$out/cluster"
-deploy/local/cluster.sh down --dir "$cluster_dir" >/dev/null 2>&1 || true
-trap 'deploy/local/cluster.sh down --dir "$cluster_dir" >&2' EXIT
-NODE_FLAGS="$node_flags" deploy/local/cluster.sh up --release --nodes 2 --shards 1 \
-  --dir "$cluster_dir" >&2
-# shellcheck source=/dev/null
-source "$cluster_dir/cluster.env"
+# Extra flags for both nodes go in NODE_FLAGS, e.g. NODE_FLAGS="--node-ttl-ms 60000".
+start_cluster "$out/cluster"
 pid_of() { cut -d' ' -f1 "$cluster_dir/pids/$1.pid"; }
 redis_url=$REDIS
 a_pid=$(pid_of node1) b_pid=$(pid_of node2) redis_pid=$(pid_of redis0)

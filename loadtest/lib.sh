@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shell functions the load-test scripts (bench.sh, scale.sh, cluster-latency.sh, idle-rss.sh)
-# share; sourced, not run. Messages name the script that sourced this file.
+# Shell functions the load-test scripts (bench.sh, scale.sh, cluster-latency.sh, idle-rss.sh,
+# persist-cost.sh) share; sourced, not run. Messages name the script that sourced this file.
 
 # A loopback TCP port nobody listens on right now.
 free_port() {
@@ -86,4 +86,21 @@ for path in sys.argv[1:]:
     for message, count in counts.most_common():
         print(f"{path}: {count} x {message}")
 PY
+}
+
+# Builds the release binaries and starts deploy/local/cluster.sh's cluster (one Redis, two nodes,
+# HAProxy unused) in DIR, so the benchmarks run what operators run locally. The nodes get the
+# script's benchmark flags, NODE_FLAGS and admission_off. `down` stops exactly what `up` started:
+# first what an earlier run left in DIR, then, on exit, this cluster. Sets cluster_dir and sources
+# its cluster.env (NODE1_WS_URL, NODE2_WS_URL, REDIS, ...).
+start_cluster() { # dir
+  cluster_dir=$1
+  local node_flags="--rate-limit 0 --drain-grace-ms 1000 ${NODE_FLAGS:-} ${admission_off[*]}"
+  cargo build --release --quiet -p switchboard -p switchboard-loadtest
+  deploy/local/cluster.sh down --dir "$cluster_dir" >/dev/null 2>&1 || true
+  trap 'deploy/local/cluster.sh down --dir "$cluster_dir" >&2' EXIT
+  NODE_FLAGS="$node_flags" deploy/local/cluster.sh up --release --nodes 2 --shards 1 \
+    --dir "$cluster_dir" >&2
+  # shellcheck source=/dev/null
+  source "$cluster_dir/cluster.env"
 }

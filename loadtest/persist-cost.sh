@@ -15,21 +15,10 @@ duration=${DURATION_SECS:-10}
 rate=${RATE:-1000}
 users=${USERS:-200}
 rounds=${ROUNDS:-2}
-node_flags="--rate-limit 0 --drain-grace-ms 1000 ${NODE_FLAGS:-}"
 mkdir -p "$out"
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
-node_flags+=" ${admission_off[*]}"
-
-cargo build --release --quiet -p switchboard -p switchboard-loadtest
-
-cluster_dir="$out/cluster"
-deploy/local/cluster.sh down --dir "$cluster_dir" >/dev/null 2>&1 || true
-trap 'deploy/local/cluster.sh down --dir "$cluster_dir" >&2' EXIT
-NODE_FLAGS="$node_flags" deploy/local/cluster.sh up --release --nodes 2 --shards 1 \
-  --dir "$cluster_dir" >&2
-# shellcheck source=/dev/null
-source "$cluster_dir/cluster.env"
+start_cluster "$out/cluster"
 
 run_case() { # name extra-flags...
   local name=$1
