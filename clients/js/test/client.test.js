@@ -3,36 +3,18 @@
 
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 
-import { SwitchboardError, connect } from "../switchboard.js";
+import { SwitchboardError } from "../switchboard.js";
 import { Node, jwt, next, now, waitUntil, within } from "./harness.js";
-
-/** @type {import("../switchboard.js").Client[]} */
-const clients = [];
-
-/**
- * A client that is closed after the tests.
- * @param {string} url
- * @param {import("../switchboard.js").ConnectOptions} [options]
- */
-function open(url, options) {
-  const client = connect(url, options);
-  clients.push(client);
-  return client;
-}
-
-after(() => {
-  for (const client of clients) client.close();
-});
+import { nodeForSuite, open } from "./node-suite.js";
 
 describe("a node with authentication off", () => {
   /** @type {Node} */
   let node;
-  before(async () => {
-    node = await Node.start();
+  nodeForSuite((started) => {
+    node = started;
   });
-  after(() => node.kill());
 
   test("connects, then publishes to and receives from a room", async () => {
     const client = open(node.wsUrl, { user: "alice" });
@@ -249,13 +231,15 @@ describe("a node with authentication on", () => {
   const secret = "a-test-secret-of-enough-bytes";
   /** @type {Node} */
   let node;
-  before(async () => {
-    node = await Node.start([
+  nodeForSuite(
+    (started) => {
+      node = started;
+    },
+    [
       "--jwt-secret", secret, "--jwt-leeway-secs", "0",
       "--heartbeat-ms", "200", "--idle-timeout-ms", "1000",
-    ]);
-  });
-  after(() => node.kill());
+    ],
+  );
 
   test("the token goes in ?token=; a room without permission is refused with forbidden", async () => {
     const token = jwt(secret, { sub: "writer", exp: now() + 600, rooms: ["news.*"], publish: ["news.public"] });

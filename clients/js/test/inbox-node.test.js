@@ -5,36 +5,17 @@
 // of writing, where these passed).
 
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 
-import { connect } from "../switchboard.js";
 import { Node, next, waitUntil, within } from "./harness.js";
-
-/** @type {import("../switchboard.js").Client[]} */
-const clients = [];
-
-/**
- * A client that is closed after the tests.
- * @param {string} url
- * @param {import("../switchboard.js").ConnectOptions} [options]
- */
-function open(url, options) {
-  const client = connect(url, options);
-  clients.push(client);
-  return client;
-}
-
-after(() => {
-  for (const client of clients) client.close();
-});
+import { nodeForSuite, open } from "./node-suite.js";
 
 describe("a node with inboxes", () => {
   /** @type {Node} */
   let node;
-  before(async () => {
-    node = await Node.start();
+  nodeForSuite((started) => {
+    node = started;
   });
-  after(() => node.kill());
 
   test("an offline user gets what was sent meanwhile, in order; acked messages are not sent again", async () => {
     const alice = open(node.wsUrl, { user: "alice" });
