@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::DirectArgs;
+use crate::cli::{DirectArgs, OutputArgs};
 use crate::html::{self, Page};
-use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
+use crate::redis_info::{RedisSnapshot, redis_addr, redis_cost, redis_snapshot_of};
 use crate::report::{RedisCost, emit, ms, round3};
 use crate::sequence::advance;
 use crate::ws::{Next, Socket, next_text, open, run_tag, url_addr};
@@ -54,6 +54,14 @@ pub struct DirectResult {
     pub send_unanswered: u64,
     pub unexpected_frames: u64,
     pub users_closed_early: u64,
+    #[serde(flatten)]
+    pub figures: DirectFigures,
+}
+
+/// The figures `direct` and `direct --persist` report alike, flattened into their results (the
+/// JSON keeps its flat keys).
+#[derive(Serialize, Default)]
+pub struct DirectFigures {
     pub latency_ms_p50: f64,
     pub latency_ms_p90: f64,
     pub latency_ms_p99: f64,
@@ -70,6 +78,112 @@ pub struct DirectResult {
     /// The latency distribution as (percentile, milliseconds) points, for the HTML report.
     #[serde(skip)]
     pub latency_percentiles: Vec<(f64, f64)>,
+}
+
+impl DirectFigures {
+    /// The figures of a run of `duration_secs` from what `shared` counted, with the Redis cost of
+    /// `sent` messages when both snapshots were taken.
+    pub fn measure(
+        shared: &Shared,
+        duration_secs: u64,
+        sent: u64,
+        redis: (Option<&RedisSnapshot>, Option<&RedisSnapshot>),
+    ) -> DirectFigures {
+        let histogram = shared.histogram.lock().expect("histogram lock").clone();
+        DirectFigures {
+            latency_ms_p50: ms(histogram.value_at_quantile(0.5)),
+            latency_ms_p90: ms(histogram.value_at_quantile(0.9)),
+            latency_ms_p99: ms(histogram.value_at_quantile(0.99)),
+            latency_ms_p999: ms(histogram.value_at_quantile(0.999)),
+            latency_ms_max: ms(histogram.max()),
+            latency_ms_mean: round3(histogram.mean() / 1000.0),
+            sent_by_second: trimmed(&shared.sent_by_second, duration_secs as usize),
+            delivered_by_second: trimmed(&shared.delivered_by_second, duration_secs as usize),
+            latency_percentiles: html::percentile_curve(&histogram),
+            redis: match redis {
+                (Some(before), Some(after)) => {
+                    Some(redis_cost(before, after, sent, duration_secs, None))
+                }
+                _ => None,
+            },
+        }
+    }
+
+    /// Prints `result` (and with --json writes it); with --html writes its report: the
+    /// `parameters` keys, the summary, the latency distribution (`latency_title`) and the
+    /// throughput per second.
+    pub fn emit(
+        &self,
+        result: &impl Serialize,
+        output: &OutputArgs,
+        scenario: &str,
+        parameters: &[&str],
+        latency_title: &str,
+    ) -> Result<()> {
+        emit(result, output.json.as_deref())?;
+        let Some(path) = &output.html else {
+            return Ok(());
+        };
+        let mut page = Page::new(scenario);
+        page.result_tables(result, |key| parameters.contains(&key))?;
+        page.direct_sections(
+            latency_title,
+            [
+                self.latency_ms_p50,
+                self.latency_ms_p90,
+                self.latency_ms_p99,
+                self.latency_ms_p999,
+                self.latency_ms_max,
+            ],
+            &self.latency_percentiles,
+            &self.sent_by_second,
+            &self.delivered_by_second,
+        );
+        page.write(path)
+    }
+}
+
+/// Who is who in a run: each user's name and partner, and how the users spread over the targets.
+pub struct Pairing {
+    pub names: Vec<String>,
+    pub partners: Vec<u64>,
+    /// Pairs whose partners are on different targets.
+    pub cross_target_pairs: u64,
+    pub users_per_url: Vec<u64>,
+}
+
+impl Pairing {
+    /// `users` users named after `user_prefix` and a run tag, on `target_count` targets
+    /// round-robin.
+    pub fn new(user_prefix: &str, users: u64, target_count: u64) -> Pairing {
+        let run_id = run_tag("");
+        let names: Vec<String> = (0..users)
+            .map(|index| format!("{user_prefix}-{run_id}-{index}"))
+            .collect();
+        let partners: Vec<u64> = (0..users)
+            .map(|index| partner_of(index, users, target_count))
+            .collect();
+        let cross_target_pairs = (0..users)
+            .filter(|&index| index % target_count != partners[index as usize] % target_count)
+            .count() as u64;
+        let mut users_per_url = vec![0u64; target_count as usize];
+        for index in 0..users {
+            users_per_url[(index % target_count) as usize] += 1;
+        }
+        Pairing {
+            names,
+            partners,
+            cross_target_pairs,
+            users_per_url,
+        }
+    }
+}
+
+/// Each of `urls` with its address.
+pub fn targets(urls: &[String]) -> Result<Vec<(String, SocketAddr)>> {
+    urls.iter()
+        .map(|url| Ok((url.clone(), url_addr(url)?)))
+        .collect()
 }
 
 /// Shared by every user of one run (of `direct`, and of `direct --persist`).
@@ -179,27 +293,10 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     }
     args.check()?;
     let redis = args.redis_url.as_deref().map(redis_addr).transpose()?;
-    let targets = args
-        .urls
-        .iter()
-        .map(|url| Ok((url.clone(), url_addr(url)?)))
-        .collect::<Result<Vec<(String, SocketAddr)>>>()?;
+    let targets = targets(&args.urls)?;
     let target_count = targets.len() as u64;
     let users = args.users;
-    let run_id = run_tag("");
-    let names: Vec<String> = (0..users)
-        .map(|index| format!("{}-{run_id}-{index}", args.user_prefix))
-        .collect();
-    let partners: Vec<u64> = (0..users)
-        .map(|index| partner_of(index, users, target_count))
-        .collect();
-    let cross_target_pairs = (0..users)
-        .filter(|&index| index % target_count != partners[index as usize] % target_count)
-        .count() as u64;
-    let mut users_per_url = vec![0u64; targets.len()];
-    for index in 0..users {
-        users_per_url[(index % target_count) as usize] += 1;
-    }
+    let pairing = Pairing::new(&args.user_prefix, users, target_count);
 
     let seconds = args.duration_secs + args.common.drain_secs + 2;
     let shared = Arc::new(Shared::new(seconds));
@@ -215,7 +312,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     for index in 0..users {
         schedule.tick().await;
         let (url, addr) = targets[(index % target_count) as usize].clone();
-        let url = with_user(&url, &names[index as usize]);
+        let url = with_user(&url, &pairing.names[index as usize]);
         opening.push(tokio::spawn(async move {
             tokio::time::timeout(SETUP_STEP_TIMEOUT, open(&url, addr, None))
                 .await
@@ -238,10 +335,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     // Let the session registry settle before the first send.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let before = match redis {
-        Some(addr) => Some(redis_snapshot(addr).await?),
-        None => None,
-    };
+    let before = redis_snapshot_of(redis).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let period = Duration::from_secs_f64(users as f64 / args.rate as f64);
     let start_at = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -256,7 +350,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         let (sink, stream) = socket.split();
         readers.push(tokio::spawn(read(stream, shared.clone(), stop_rx.clone())));
         let first = start_at + period.mul_f64(index as f64 / users as f64);
-        let to = serde_json::to_string(&names[partners[index] as usize])?;
+        let to = serde_json::to_string(&pairing.names[pairing.partners[index] as usize])?;
         writers.push(tokio::spawn(write(
             sink,
             shared.clone(),
@@ -287,10 +381,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     }
     // Replies trail deliveries a little; give them a moment.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let after = match redis {
-        Some(addr) => Some(redis_snapshot(addr).await?),
-        None => None,
-    };
+    let after = redis_snapshot_of(redis).await?;
     let _ = stop_tx.send(true);
     let mut totals = ReaderStats::default();
     let mut closed_early = 0u64;
@@ -309,13 +400,12 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         let _ = sink.close().await;
     }
 
-    let histogram = shared.histogram.lock().expect("histogram lock").clone();
     let window = args.duration_secs as f64;
     let result = DirectResult {
         urls: args.urls.clone(),
         users,
-        users_per_url,
-        cross_target_pairs,
+        users_per_url: pairing.users_per_url,
+        cross_target_pairs: pairing.cross_target_pairs,
         rate_target: args.rate,
         duration_secs: args.duration_secs,
         sent,
@@ -330,27 +420,27 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         send_unanswered: sent.saturating_sub(totals.answered + totals.errors),
         unexpected_frames: totals.unexpected,
         users_closed_early: closed_early,
-        latency_ms_p50: ms(histogram.value_at_quantile(0.5)),
-        latency_ms_p90: ms(histogram.value_at_quantile(0.9)),
-        latency_ms_p99: ms(histogram.value_at_quantile(0.99)),
-        latency_ms_p999: ms(histogram.value_at_quantile(0.999)),
-        latency_ms_max: ms(histogram.max()),
-        latency_ms_mean: round3(histogram.mean() / 1000.0),
-        sent_by_second: trimmed(&shared.sent_by_second, args.duration_secs as usize),
-        delivered_by_second: trimmed(&shared.delivered_by_second, args.duration_secs as usize),
-        latency_percentiles: html::percentile_curve(&histogram),
-        redis: match (&before, &after) {
-            (Some(before), Some(after)) => {
-                Some(redis_cost(before, after, sent, args.duration_secs, None))
-            }
-            _ => None,
-        },
+        figures: DirectFigures::measure(
+            &shared,
+            args.duration_secs,
+            sent,
+            (before.as_ref(), after.as_ref()),
+        ),
     };
-    emit(&result, args.common.output.json.as_deref())?;
-    if let Some(path) = &args.common.output.html {
-        html_report(&result)?.write(path)?;
-    }
-    Ok(())
+    result.figures.emit(
+        &result,
+        &args.common.output,
+        "direct",
+        &[
+            "urls",
+            "users",
+            "users_per_url",
+            "cross_target_pairs",
+            "rate_target",
+            "duration_secs",
+        ],
+        "Send to delivery (ms)",
+    )
 }
 
 /// Writes `send` frames to `to` (JSON-encoded) on a fixed schedule from `first` until `end`;
@@ -467,55 +557,4 @@ impl DirectArgs {
         }
         self.common.check()
     }
-}
-
-/// The HTML report: parameters, summary, the latency distribution and the throughput per second.
-fn html_report(result: &DirectResult) -> Result<Page> {
-    let mut page = Page::new("direct");
-    let parameters = [
-        "urls",
-        "users",
-        "users_per_url",
-        "cross_target_pairs",
-        "rate_target",
-        "duration_secs",
-    ];
-    page.result_tables(result, |key| parameters.contains(&key))?;
-    page.section(
-        "Latency distribution",
-        &[
-            html::latency_bars(
-                "Send to delivery (ms)",
-                [
-                    result.latency_ms_p50,
-                    result.latency_ms_p90,
-                    result.latency_ms_p99,
-                    result.latency_ms_p999,
-                    result.latency_ms_max,
-                ],
-            ),
-            html::percentile_chart("Latency by percentile (ms)", &result.latency_percentiles),
-        ],
-    );
-    page.section(
-        "Throughput",
-        &[html::line_chart(
-            "Messages per second",
-            "second since sending started",
-            &[
-                html::Series {
-                    name: "sent",
-                    color: html::BLUE,
-                    points: html::counts_by_second(&result.sent_by_second),
-                },
-                html::Series {
-                    name: "delivered",
-                    color: html::GREEN,
-                    points: html::counts_by_second(&result.delivered_by_second),
-                },
-            ],
-            None,
-        )],
-    );
-    Ok(page)
 }

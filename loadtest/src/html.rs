@@ -107,6 +107,45 @@ impl Page {
         self.html.push_str("</div>\n");
     }
 
+    /// The two sections of the `direct` reports: the send-to-delivery latency (`bars` are p50,
+    /// p90, p99, p99.9 and max) and the messages sent and delivered in each second.
+    pub fn direct_sections(
+        &mut self,
+        latency_title: &str,
+        bars: [f64; 5],
+        percentiles: &[(f64, f64)],
+        sent_by_second: &[u64],
+        delivered_by_second: &[u64],
+    ) {
+        self.section(
+            "Latency distribution",
+            &[
+                latency_bars(latency_title, bars),
+                percentile_chart("Latency by percentile (ms)", percentiles),
+            ],
+        );
+        self.section(
+            "Throughput",
+            &[line_chart(
+                "Messages per second",
+                "second since sending started",
+                &[
+                    Series {
+                        name: "sent",
+                        color: BLUE,
+                        points: counts_by_second(sent_by_second),
+                    },
+                    Series {
+                        name: "delivered",
+                        color: GREEN,
+                        points: counts_by_second(delivered_by_second),
+                    },
+                ],
+                None,
+            )],
+        );
+    }
+
     pub fn finish(mut self) -> String {
         self.html.push_str("</body>\n</html>\n");
         self.html

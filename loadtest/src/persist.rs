@@ -28,11 +28,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::DirectArgs;
-use crate::direct::{Shared, partner_of, trimmed, with_user};
-use crate::html::{self, Page};
-use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
-use crate::report::{RedisCost, emit, ms, round3};
-use crate::ws::{Socket, run_tag, url_addr};
+use crate::direct::{DirectFigures, Pairing, Shared, targets, with_user};
+use crate::redis_info::{redis_addr, redis_snapshot_of};
+use crate::report::{ms, round3};
+use crate::ws::Socket;
 
 /// Bound on each connection's handshake and welcome.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,19 +77,8 @@ pub struct PersistResult {
     pub send_unanswered: u64,
     pub unexpected_frames: u64,
     pub users_closed_early: u64,
-    pub latency_ms_p50: f64,
-    pub latency_ms_p90: f64,
-    pub latency_ms_p99: f64,
-    pub latency_ms_p999: f64,
-    pub latency_ms_max: f64,
-    pub latency_ms_mean: f64,
-    pub sent_by_second: Vec<u64>,
-    pub delivered_by_second: Vec<u64>,
-    /// With --redis-url: Redis commands from the start of sending to the end of the drain, per
-    /// message sent (`*_per_publish` fields).
-    pub redis: Option<RedisCost>,
-    #[serde(skip)]
-    pub latency_percentiles: Vec<(f64, f64)>,
+    #[serde(flatten)]
+    pub figures: DirectFigures,
 }
 
 /// The `inbox` of a `welcome`.
@@ -191,28 +179,11 @@ struct Plan {
 
 pub async fn run(args: DirectArgs) -> Result<()> {
     args.check()?;
-    let targets = args
-        .urls
-        .iter()
-        .map(|url| Ok((url.clone(), url_addr(url)?)))
-        .collect::<Result<Vec<(String, SocketAddr)>>>()?;
+    let targets = targets(&args.urls)?;
     let redis = args.redis_url.as_deref().map(redis_addr).transpose()?;
     let target_count = targets.len() as u64;
     let users = args.users;
-    let run_id = run_tag("");
-    let names: Vec<String> = (0..users)
-        .map(|index| format!("{}-{run_id}-{index}", args.user_prefix))
-        .collect();
-    let partners: Vec<u64> = (0..users)
-        .map(|index| partner_of(index, users, target_count))
-        .collect();
-    let cross_target_pairs = (0..users)
-        .filter(|&index| index % target_count != partners[index as usize] % target_count)
-        .count() as u64;
-    let mut users_per_url = vec![0u64; targets.len()];
-    for index in 0..users {
-        users_per_url[(index % target_count) as usize] += 1;
-    }
+    let pairing = Pairing::new(&args.user_prefix, users, target_count);
     let seconds = args.duration_secs + args.common.drain_secs + 2;
     let books = Arc::new(Books {
         shared: Shared::new(seconds),
@@ -229,7 +200,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     for index in 0..users {
         schedule.tick().await;
         let (url, addr) = targets[(index % target_count) as usize].clone();
-        let url = with_user(&url, &names[index as usize]);
+        let url = with_user(&url, &pairing.names[index as usize]);
         opening.push(tokio::spawn(async move { connect(&url, addr).await }));
     }
     let mut sessions = Vec::with_capacity(users as usize);
@@ -243,10 +214,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     eprintln!("{users} users on {} target(s)", targets.len());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let before = match redis {
-        Some(addr) => Some(redis_snapshot(addr).await?),
-        None => None,
-    };
+    let before = redis_snapshot_of(redis).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let start_at = Instant::now() + Duration::from_millis(100);
     books
@@ -270,9 +238,9 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         let (url, addr) = targets[(index as u64 + 1) as usize % targets.len()].clone();
         let user = User {
             index: index as u64,
-            partner: partners[index],
-            to: serde_json::to_string(&names[partners[index] as usize])?,
-            reconnect_url: with_user(&url, &names[index]),
+            partner: pairing.partners[index],
+            to: serde_json::to_string(&pairing.names[pairing.partners[index] as usize])?,
+            reconnect_url: with_user(&url, &pairing.names[index]),
             reconnect_addr: addr,
         };
         tasks.push(tokio::spawn(user.run(
@@ -294,18 +262,15 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = match redis {
-        Some(addr) => Some(redis_snapshot(addr).await?),
-        None => None,
-    };
+    let after = redis_snapshot_of(redis).await?;
     let _ = stop_tx.send(true);
 
     let mut result = PersistResult {
         urls: args.urls.clone(),
         persist: true,
         users,
-        users_per_url,
-        cross_target_pairs,
+        users_per_url: pairing.users_per_url,
+        cross_target_pairs: pairing.cross_target_pairs,
         rate_target: args.rate,
         duration_secs: args.duration_secs,
         ack_every: args.ack_every,
@@ -331,19 +296,7 @@ pub async fn run(args: DirectArgs) -> Result<()> {
         send_unanswered: 0,
         unexpected_frames: 0,
         users_closed_early: 0,
-        latency_ms_p50: 0.0,
-        latency_ms_p90: 0.0,
-        latency_ms_p99: 0.0,
-        latency_ms_p999: 0.0,
-        latency_ms_max: 0.0,
-        latency_ms_mean: 0.0,
-        sent_by_second: trimmed(&books.shared.sent_by_second, args.duration_secs as usize),
-        delivered_by_second: trimmed(
-            &books.shared.delivered_by_second,
-            args.duration_secs as usize,
-        ),
-        redis: None,
-        latency_percentiles: Vec::new(),
+        figures: DirectFigures::default(),
     };
     let mut reconnect_us_max = 0;
     for (index, task) in tasks.into_iter().enumerate() {
@@ -376,33 +329,30 @@ pub async fn run(args: DirectArgs) -> Result<()> {
     result.sent_per_sec = round3(result.sent as f64 / window);
     result.delivered_per_sec = round3(result.delivered as f64 / window);
     result.reconnect_ms_max = ms(reconnect_us_max);
-    let histogram = books
-        .shared
-        .histogram
-        .lock()
-        .expect("histogram lock")
-        .clone();
-    result.latency_ms_p50 = ms(histogram.value_at_quantile(0.5));
-    result.latency_ms_p90 = ms(histogram.value_at_quantile(0.9));
-    result.latency_ms_p99 = ms(histogram.value_at_quantile(0.99));
-    result.latency_ms_p999 = ms(histogram.value_at_quantile(0.999));
-    result.latency_ms_max = ms(histogram.max());
-    result.latency_ms_mean = round3(histogram.mean() / 1000.0);
-    result.latency_percentiles = html::percentile_curve(&histogram);
-    if let (Some(before), Some(after)) = (&before, &after) {
-        result.redis = Some(redis_cost(
-            before,
-            after,
-            result.sent,
-            args.duration_secs,
-            None,
-        ));
-    }
-    emit(&result, args.common.output.json.as_deref())?;
-    if let Some(path) = &args.common.output.html {
-        html_report(&result)?.write(path)?;
-    }
-    Ok(())
+    result.figures = DirectFigures::measure(
+        &books.shared,
+        args.duration_secs,
+        result.sent,
+        (before.as_ref(), after.as_ref()),
+    );
+    result.figures.emit(
+        &result,
+        &args.common.output,
+        "direct --persist",
+        &[
+            "urls",
+            "persist",
+            "users",
+            "users_per_url",
+            "cross_target_pairs",
+            "rate_target",
+            "duration_secs",
+            "ack_every",
+            "ack_interval_ms",
+            "drop_after_secs",
+        ],
+        "Send to first delivery (ms)",
+    )
 }
 
 /// One user: who it sends to, and where it reconnects after the storm.
@@ -630,59 +580,4 @@ async fn send_ack(
     )))
     .await?;
     Ok(())
-}
-
-/// The HTML report: parameters, summary, the latency distribution and the throughput per second.
-fn html_report(result: &PersistResult) -> Result<Page> {
-    let mut page = Page::new("direct --persist");
-    let parameters = [
-        "urls",
-        "persist",
-        "users",
-        "users_per_url",
-        "cross_target_pairs",
-        "rate_target",
-        "duration_secs",
-        "ack_every",
-        "ack_interval_ms",
-        "drop_after_secs",
-    ];
-    page.result_tables(result, |key| parameters.contains(&key))?;
-    page.section(
-        "Latency distribution",
-        &[
-            html::latency_bars(
-                "Send to first delivery (ms)",
-                [
-                    result.latency_ms_p50,
-                    result.latency_ms_p90,
-                    result.latency_ms_p99,
-                    result.latency_ms_p999,
-                    result.latency_ms_max,
-                ],
-            ),
-            html::percentile_chart("Latency by percentile (ms)", &result.latency_percentiles),
-        ],
-    );
-    page.section(
-        "Throughput",
-        &[html::line_chart(
-            "Messages per second",
-            "second since sending started",
-            &[
-                html::Series {
-                    name: "sent",
-                    color: html::BLUE,
-                    points: html::counts_by_second(&result.sent_by_second),
-                },
-                html::Series {
-                    name: "delivered",
-                    color: html::GREEN,
-                    points: html::counts_by_second(&result.delivered_by_second),
-                },
-            ],
-            None,
-        )],
-    );
-    Ok(page)
 }

@@ -43,6 +43,14 @@ pub struct RedisSnapshot {
     total_commands_processed: u64,
 }
 
+/// A snapshot of the Redis at `addr`, when there is one to watch.
+pub async fn redis_snapshot_of(addr: Option<SocketAddr>) -> Result<Option<RedisSnapshot>> {
+    match addr {
+        Some(addr) => Ok(Some(redis_snapshot(addr).await?)),
+        None => Ok(None),
+    }
+}
+
 pub async fn redis_snapshot(addr: SocketAddr) -> Result<RedisSnapshot> {
     tokio::time::timeout(Duration::from_secs(5), async {
         let mut stream = BufReader::new(TcpStream::connect(addr).await?);
