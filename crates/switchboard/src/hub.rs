@@ -158,12 +158,27 @@ impl Hub {
         frame: ServerFrame,
         sessions: impl Iterator<Item = &'a Arc<SessionHandle>>,
     ) -> u64 {
+        self.push_each(kind, frame, sessions, |frame| Outbound::Frame {
+            kind,
+            frame,
+        })
+    }
+
+    /// Encodes `frame` once per codec and queues `item(encoded)` to each of `sessions`, counting
+    /// the deliveries under `kind`.
+    fn push_each<'a>(
+        &self,
+        kind: &'static str,
+        frame: ServerFrame,
+        sessions: impl Iterator<Item = &'a Arc<SessionHandle>>,
+        item: impl Fn(Message) -> Outbound,
+    ) -> u64 {
         let mut cache = FrameCache::new(frame);
         let mut delivered = 0;
         let queued_at = Instant::now();
         for session in sessions {
             if let Some(frame) = cache.get(session.codec)
-                && self.push(session, Outbound::Frame { kind, frame }, queued_at)
+                && self.push(session, item(frame), queued_at)
             {
                 delivered += 1;
             }
@@ -240,29 +255,16 @@ impl BrokerHandler for Hub {
             from: message.from.clone(),
             seq: message.seq,
         };
-        let Some(seq) = message.seq else {
-            self.push_frame("direct", frame, sessions.iter());
-            return;
-        };
-        let mut cache = FrameCache::new(frame);
-        let mut delivered = 0;
-        let queued_at = Instant::now();
-        for session in &sessions {
-            if let Some(frame) = cache.get(session.codec) {
-                let item = Outbound::Direct {
+        match message.seq {
+            None => self.push_frame("direct", frame, sessions.iter()),
+            Some(seq) => {
+                self.push_each("direct", frame, sessions.iter(), |frame| Outbound::Direct {
                     seq,
                     stored: false,
                     frame,
-                };
-                if self.push(session, item, queued_at) {
-                    delivered += 1;
-                }
+                })
             }
-        }
-        self.metrics
-            .deliveries
-            .with_label_values(&["direct"])
-            .inc_by(delivered);
+        };
     }
 
     fn broadcast(&self, data: Arc<Value>) {
