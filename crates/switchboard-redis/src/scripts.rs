@@ -16,10 +16,11 @@ pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Reads a room's offset, epoch and a page of its history atomically (lua/read.lua). Prefixed
-/// with lua/generation.lua, like PUBLISH.
+/// with lua/generation.lua, like PUBLISH, and lua/entry.lua (an entry's payload size and stamp).
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/generation.lua"),
+        include_str!("lua/entry.lua"),
         include_str!("lua/read.lua"),
     ))
 });
@@ -45,11 +46,12 @@ pub static SEND: LazyLock<Script> = LazyLock::new(|| {
 
 /// A persisted send: checks its idempotency key, appends to the user's inbox under the next seq
 /// and delivers like SEND, in one round trip (lua/inbox_send.lua). Prefixed with
-/// lua/generation.lua and lua/deliver.lua.
+/// lua/generation.lua, lua/deliver.lua and lua/entry.lua.
 pub static INBOX_SEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/generation.lua"),
         include_str!("lua/deliver.lua"),
+        include_str!("lua/entry.lua"),
         include_str!("lua/inbox_send.lua"),
     ))
 });
@@ -63,10 +65,11 @@ pub static ACK: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Reads a page of a user's pending inbox messages (lua/inbox_read.lua). Prefixed with
-/// lua/generation.lua.
+/// lua/generation.lua and lua/entry.lua.
 pub static INBOX_READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/generation.lua"),
+        include_str!("lua/entry.lua"),
         include_str!("lua/inbox_read.lua"),
     ))
 });

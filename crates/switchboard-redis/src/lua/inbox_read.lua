@@ -7,7 +7,7 @@
 -- another generation of the server made is forgotten (see inbox_send.lua) and answers the same.
 -- Reading refreshes no TTL: only sends and acks keep an inbox. Entries are fetched a few at a
 -- time, sized by what the budget has left, so a log of large payloads is never loaded whole.
--- Runs after generation.lua, which sets `gen`.
+-- Runs after generation.lua, which sets `gen`, and entry.lua (`entry_fields`).
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if epoch and string.sub(epoch, 1, 8) ~= gen then
   redis.call('DEL', KEYS[1], KEYS[2])
@@ -41,16 +41,7 @@ while true do
   want = math.min(want, count - #entries + 1)
   local page = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', want)
   for _, entry in ipairs(page) do
-    local fields = entry[2]
-    local size = 0
-    local stamp = 0
-    for i = 1, #fields, 2 do
-      if fields[i] == 'p' then
-        size = #fields[i + 1]
-      elseif fields[i] == 't' then
-        stamp = tonumber(fields[i + 1]) or 0
-      end
-    end
+    local size, stamp = entry_fields(entry[2])
     cursor = '(' .. entry[1]
     if stamp >= oldest then
       if #entries == count or (#entries > 0 and used + size > budget) then

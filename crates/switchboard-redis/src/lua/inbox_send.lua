@@ -11,7 +11,7 @@
 -- 3. The envelope, its seq written in, is delivered as send.lua does.
 -- 4. The key, if any, remembers `sessions:seq:epoch` for the window.
 -- Returns `{sessions, seq, epoch, 0, dropped}`.
--- Runs after generation.lua (`gen`) and deliver.lua (`deliver`).
+-- Runs after generation.lua (`gen`), deliver.lua (`deliver`) and entry.lua (`entry_fields`).
 if KEYS[4] then
   local first = redis.call('GET', KEYS[4])
   if first then
@@ -35,11 +35,9 @@ local over = redis.call('XLEN', KEYS[2]) - keep
 local dropped = 0
 if over > 0 then
   for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 't' and (tonumber(fields[i + 1]) or 0) >= oldest then
-        dropped = dropped + 1
-      end
+    local _, stamp = entry_fields(entry[2])
+    if stamp >= oldest then
+      dropped = dropped + 1
     end
   end
   redis.call('XTRIM', KEYS[2], 'MAXLEN', keep)
