@@ -138,6 +138,8 @@ impl BrokerHandler for Recorder {
         self.push(Event::Broadcast((*data).clone()));
     }
 
+    fn frames(&self, _session: &str, _frames: Vec<String>) {}
+
     fn disconnect(&self, user: &str, code: u16, reason: &str) {
         self.push(Event::Disconnect {
             user: user.to_owned(),

@@ -169,6 +169,26 @@ impl Broker for FaultyBroker {
         self.inner.heartbeat(node).await
     }
 
+    async fn register_link(&self, link: &crate::LinkRecord) -> BrokerResult<()> {
+        self.check("register_link")?;
+        self.inner.register_link(link).await
+    }
+
+    async fn unregister_link(&self, link: &crate::LinkRecord) -> BrokerResult<()> {
+        self.check("unregister_link")?;
+        self.inner.unregister_link(link).await
+    }
+
+    async fn forward(
+        &self,
+        session: &str,
+        key_hash: &str,
+        frames: Vec<String>,
+    ) -> BrokerResult<crate::Forwarded> {
+        self.check("forward")?;
+        self.inner.forward(session, key_hash, frames).await
+    }
+
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
         self.check("nodes")?;
         self.inner.nodes().await
@@ -209,6 +229,9 @@ mod tests {
             *self.other.lock() += 1;
         }
         fn broadcast(&self, _data: Arc<Value>) {
+            *self.other.lock() += 1;
+        }
+        fn frames(&self, _session: &str, _frames: Vec<String>) {
             *self.other.lock() += 1;
         }
         fn disconnect(&self, _user: &str, _code: u16, _reason: &str) {
@@ -463,6 +486,20 @@ mod tests {
             }
             async fn heartbeat(&self, _node: &NodeInfo) -> BrokerResult<()> {
                 Ok(())
+            }
+            async fn register_link(&self, _link: &crate::LinkRecord) -> BrokerResult<()> {
+                Ok(())
+            }
+            async fn unregister_link(&self, _link: &crate::LinkRecord) -> BrokerResult<()> {
+                Ok(())
+            }
+            async fn forward(
+                &self,
+                _session: &str,
+                _key_hash: &str,
+                _frames: Vec<String>,
+            ) -> BrokerResult<crate::Forwarded> {
+                Ok(crate::Forwarded::UnknownSession)
             }
             async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
                 Ok(Vec::new())

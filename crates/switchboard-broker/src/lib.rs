@@ -49,6 +49,26 @@ pub struct SessionRecord {
     pub connected_at: u64,
 }
 
+/// A session of the SSE or long-poll transport, findable by id from any node: the node that
+/// holds it and the SHA-256 (hex) of its `session_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRecord {
+    pub session: String,
+    pub node: String,
+    pub key_hash: String,
+}
+
+/// What became of client frames forwarded to a fallback session's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Handed to the node that holds the session (with no frames: the session is there).
+    Delivered,
+    /// No such session is registered on a live node.
+    UnknownSession,
+    /// The session exists; the key hash does not match.
+    WrongKey,
+}
+
 /// What `history` and `subscribe … since` ask for.
 ///
 /// The answer is one page read forward in offset order: the messages after `since` (or, without
@@ -224,6 +244,9 @@ pub trait BrokerHandler: Send + Sync + 'static {
     fn broadcast(&self, data: Arc<Value>);
     /// Close every local session of `user`.
     fn disconnect(&self, user: &str, code: u16, reason: &str);
+    /// Client frames (JSON text, one frame each) POSTed on another node for a fallback session
+    /// of this node.
+    fn frames(&self, session: &str, frames: Vec<String>);
 }
 
 /// Everything that crosses nodes. Every method that fails returns an error and has done nothing
@@ -316,6 +339,22 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Records this node as alive, with its current figures.
     async fn heartbeat(&self, node: &NodeInfo) -> BrokerResult<()>;
+
+    /// Makes a fallback session findable by [`Broker::forward`] until it is unregistered or its
+    /// node dies.
+    async fn register_link(&self, link: &LinkRecord) -> BrokerResult<()>;
+
+    /// Removes a fallback session's link.
+    async fn unregister_link(&self, link: &LinkRecord) -> BrokerResult<()>;
+
+    /// Hands client frames to the node holding `session` when `key_hash` matches its link: one
+    /// round trip. With no frames it only checks (the session is there and the key right).
+    async fn forward(
+        &self,
+        session: &str,
+        key_hash: &str,
+        frames: Vec<String>,
+    ) -> BrokerResult<Forwarded>;
 
     /// Every live node.
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>>;

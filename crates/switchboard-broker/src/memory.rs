@@ -807,6 +807,29 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn register_link(&self, _link: &crate::LinkRecord) -> BrokerResult<()> {
+        Err(crate::BrokerError::Internal(
+            "IFACE STUB: links not built yet".into(),
+        ))
+    }
+
+    async fn unregister_link(&self, _link: &crate::LinkRecord) -> BrokerResult<()> {
+        Err(crate::BrokerError::Internal(
+            "IFACE STUB: links not built yet".into(),
+        ))
+    }
+
+    async fn forward(
+        &self,
+        _session: &str,
+        _key_hash: &str,
+        _frames: Vec<String>,
+    ) -> BrokerResult<crate::Forwarded> {
+        Err(crate::BrokerError::Internal(
+            "IFACE STUB: links not built yet".into(),
+        ))
+    }
+
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
         Ok(self
             .state()

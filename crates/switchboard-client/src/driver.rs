@@ -576,6 +576,10 @@ impl Driver {
                 info.user = user;
                 info.node = node;
             }
+            // Only the fallback transports send it; this client speaks WebSocket.
+            ServerFrame::Close { code, reason } => {
+                warn!(code, %reason, "a close frame on a WebSocket connection");
+            }
         }
     }
 

@@ -140,6 +140,8 @@ impl Peer {
             protocol: self.codec.protocol().into(),
             heartbeat_ms,
             inbox: Default::default(),
+            transport: None,
+            session_key: None,
         })
         .await;
     }

@@ -310,6 +310,12 @@ mod tests {
                     acked: 4,
                     epoch: "e2".into(),
                 },
+                transport: Some("sse".into()),
+                session_key: Some("0f1e2d3c4b5a69788796a5b4c3d2e1f0".into()),
+            },
+            ServerFrame::Close {
+                code: 1001,
+                reason: "draining".into(),
             },
             ServerFrame::Message(message.clone()),
             ServerFrame::Message(Arc::new(RoomMessage {

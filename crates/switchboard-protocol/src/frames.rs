@@ -269,6 +269,12 @@ pub enum ServerFrame {
         /// The user's inbox; its unacknowledged messages follow the welcome.
         #[serde(default)]
         inbox: InboxState,
+        /// `sse` or `poll` on the fallback transports; absent on WebSocket.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport: Option<String>,
+        /// The secret that authorizes the fallback transports' POSTs and polls for this session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_key: Option<String>,
     },
     Message(Arc<RoomMessage>),
     Direct {
@@ -289,6 +295,12 @@ pub enum ServerFrame {
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+    },
+    /// The last frame of a fallback transport's session that the server closed: what a
+    /// WebSocket close frame says.
+    Close {
+        code: u16,
+        reason: String,
     },
 }
 
@@ -313,6 +325,7 @@ impl ServerFrame {
             ServerFrame::Reply(_) => "reply",
             ServerFrame::Error(_) => "error",
             ServerFrame::Pong { .. } => "pong",
+            ServerFrame::Close { .. } => "close",
         }
     }
 }

@@ -372,6 +372,29 @@ impl Broker for RedisBroker {
         self.inner.heartbeat(node).await
     }
 
+    async fn register_link(&self, _link: &switchboard_broker::LinkRecord) -> BrokerResult<()> {
+        Err(switchboard_broker::BrokerError::Internal(
+            "IFACE STUB: links not built yet".into(),
+        ))
+    }
+
+    async fn unregister_link(&self, _link: &switchboard_broker::LinkRecord) -> BrokerResult<()> {
+        Err(switchboard_broker::BrokerError::Internal(
+            "IFACE STUB: links not built yet".into(),
+        ))
+    }
+
+    async fn forward(
+        &self,
+        _session: &str,
+        _key_hash: &str,
+        _frames: Vec<String>,
+    ) -> BrokerResult<switchboard_broker::Forwarded> {
+        Err(switchboard_broker::BrokerError::Internal(
+            "IFACE STUB: links not built yet".into(),
+        ))
+    }
+
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
         let inner = &self.inner;
         let shard = inner.up_shard()?;

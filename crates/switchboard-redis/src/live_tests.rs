@@ -147,6 +147,8 @@ impl BrokerHandler for Recorder {
     fn broadcast(&self, data: Arc<Json>) {
         self.broadcasts.lock().push(data);
     }
+    fn frames(&self, _session: &str, _frames: Vec<String>) {}
+
     fn disconnect(&self, _user: &str, _code: u16, _reason: &str) {}
 }
 

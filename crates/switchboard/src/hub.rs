@@ -278,4 +278,8 @@ impl BrokerHandler for Hub {
     fn disconnect(&self, user: &str, code: u16, reason: &str) {
         self.disconnect_user(user, code, reason);
     }
+
+    fn frames(&self, _session: &str, _frames: Vec<String>) {
+        tracing::error!("IFACE STUB: forwarded frames not handled yet");
+    }
 }

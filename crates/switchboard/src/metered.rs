@@ -216,6 +216,26 @@ impl MeteredBroker {
         self.call("heartbeat", self.inner.heartbeat(node)).await
     }
 
+    pub async fn register_link(&self, link: &switchboard_broker::LinkRecord) -> BrokerResult<()> {
+        self.call("register_link", self.inner.register_link(link))
+            .await
+    }
+
+    pub async fn unregister_link(&self, link: &switchboard_broker::LinkRecord) -> BrokerResult<()> {
+        self.call("unregister_link", self.inner.unregister_link(link))
+            .await
+    }
+
+    pub async fn forward(
+        &self,
+        session: &str,
+        key_hash: &str,
+        frames: Vec<String>,
+    ) -> BrokerResult<switchboard_broker::Forwarded> {
+        self.call("forward", self.inner.forward(session, key_hash, frames))
+            .await
+    }
+
     pub async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
         self.call("nodes", self.inner.nodes()).await
     }

@@ -61,6 +61,8 @@ impl BrokerHandler for Recorder {
         self.events.lock().push(Event::Broadcast((*data).clone()));
     }
 
+    fn frames(&self, _session: &str, _frames: Vec<String>) {}
+
     fn disconnect(&self, user: &str, code: u16, reason: &str) {
         self.events.lock().push(Event::Disconnect {
             user: user.to_owned(),

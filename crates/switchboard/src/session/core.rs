@@ -218,6 +218,8 @@ impl Core {
                 acked: position.acked,
                 epoch: position.epoch,
             },
+            transport: None,
+            session_key: None,
         };
         Ok(Opened {
             welcome,
