@@ -3,10 +3,10 @@
 //! A consistent-hash ring (virtual nodes, keyed by shard URL) maps every room, user and fallback
 //! session id to one shard. A room's offset, epoch, history, presence and channel live on its
 //! shard; a user's session index on the user's shard; a fallback session's link on the session
-//! id's shard. Each shard has a command pool and one pub/sub connection,
-//! kept by a task that reconnects with back-off, subscribes again to everything the node needs,
-//! writes this node's registry and presence entries again, and replays from history what the
-//! node's rooms published while the connection was down. docs/architecture.md has the schema.
+//! id's shard. Each shard has a command pool and one pub/sub connection, kept by a task that
+//! reconnects with back-off, subscribes again to everything the node needs, writes this node's
+//! registry, link and presence entries again, and replays from history what the node's rooms
+//! published while the connection was down. docs/architecture.md has the schema.
 //!
 //! One module per job: `ring` (which shard holds a key), `shard` (a shard's client, TLS, command
 //! connection and bounded calls), `subscriber` (the pub/sub task and replay), `history` (the READ

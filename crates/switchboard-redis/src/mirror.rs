@@ -213,10 +213,9 @@ impl Inner {
 
     /// Retries the registry, link and presence writes that failed (Redis unreachable or too
     /// slow): without this, a session that closed during an outage would stay listed in the
-    /// registry and presence (and its link, which has no TTL, would stay for as long as this node
-    /// lives), if Redis kept its data. All are queued at
-    /// once, so they go in as few batches as the writers make, and nothing is tried on a shard
-    /// that is down.
+    /// registry and presence (and its link, which has no TTL) for as long as this node lives, if
+    /// Redis kept its data. All are queued at once, so they go in as few batches as the writers
+    /// make, and nothing is tried on a shard that is down.
     async fn retry_pending(&self) {
         let Pending {
             sessions,
