@@ -100,13 +100,8 @@ async fn an_sse_stream_reads_as_plain_text_events_with_heartbeats_and_replies() 
         key.key
     );
     // A heartbeat comment comes within a few heartbeat periods.
-    loop {
-        match stream.next_item().await? {
-            Some(SseItem::Comment) => break,
-            Some(SseItem::Frame(frame)) => anyhow::bail!("unexpected frame {frame}"),
-            None => anyhow::bail!("the stream ended"),
-        }
-    }
+    let item = stream.next_item().await?;
+    ensure!(item == Some(SseItem::Comment), "a heartbeat, not {item:?}");
     ensure!(stream.raw.contains("\n\n:\n\n"), "{:?}", stream.raw);
     post_accepted(&node, &key, "sse", json!({"type": "ping", "id": 1}), 1).await?;
     ensure!(stream.next_frame().await? == json!({"type": "pong", "id": 1}));
@@ -325,7 +320,9 @@ async fn bad_posts_and_polls_are_refused_with_their_status_and_the_node_keeps_se
     let path = format!("/sse/{}", key.session);
     let authorization = format!("Session {}", key.key);
     let auth: &[(&str, &str)] = &[("authorization", authorization.as_str())];
-    let cases: Vec<(&str, String, &[(&str, &str)], u16, &str)> = vec![
+    // What is sent, body, headers, expected status and code.
+    type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("not JSON", "{\"type\":".to_owned(), auth, 400, "bad_frame"),
         ("an empty array", "[]".to_owned(), auth, 400, "bad_frame"),
         ("a number", "42".to_owned(), auth, 400, "bad_frame"),
