@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::api::api;
+use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{connect_user, expect_ping_pong, publish, request_answer};
 use switchboard_e2e::http::{
     SessionKey, SseItem, SseStream, get, open_poll, open_sse, post_raw, public_url,
@@ -584,5 +585,49 @@ async fn fallback_opens_are_refused_like_handshakes() -> Result<()> {
     let unknown = get(&node, "/ssex", &[], DEADLINE).await?;
     ensure!(unknown.status == 404, "{unknown:?}");
     ensure!(public_url(&node, "/sse").starts_with("http://127.0.0.1:"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_an_sse_session_with_1008() -> Result<()> {
+    const SECRET: &str = "0123456789abcdef-fallback-expiry";
+    let node = NodeProcess::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--jwt-leeway-secs",
+        "0",
+        "--heartbeat-ms",
+        "200",
+        "--idle-timeout-ms",
+        "2000",
+    ])
+    .await?;
+    let claims = |sub: &str, exp: u64| json!({"sub": sub, "exp": exp, "rooms": ["*"]});
+    let short = token_signed_with(SECRET, &claims("brief", unix_now() + 2));
+    let long = token_signed_with(SECRET, &claims("steady", unix_now() + 3600));
+    let started = tokio::time::Instant::now();
+    let (status, stream, body) = open_sse(&node, &format!("/sse?token={short}"), &[]).await?;
+    ensure!(status == 200, "{status} {body}");
+    let mut stream = stream.context("a stream")?;
+    ensure!(stream.next_frame().await?["user"] == "brief");
+    // The Authorization header works as on /ws.
+    let bearer = format!("Bearer {long}");
+    let (status, steady, body) =
+        open_sse(&node, "/sse", &[("authorization", bearer.as_str())]).await?;
+    ensure!(status == 200, "{status} {body}");
+    let mut steady = steady.context("a stream")?;
+    let key = SessionKey::of(&steady.next_frame().await?)?;
+    let frames = stream.until_end().await?;
+    let last = frames.last().context("no close frame")?;
+    ensure!(
+        last["type"] == "close" && last["code"] == 1008 && last["reason"] == "token expired",
+        "{frames:?}"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed before the token expired"
+    );
+    post_accepted(&node, &key, "sse", json!({"type": "ping", "id": 1}), 1).await?;
+    ensure!(steady.frame_of("pong").await?["id"] == 1);
     Ok(())
 }
