@@ -631,3 +631,54 @@ async fn an_expired_token_ends_an_sse_session_with_1008() -> Result<()> {
     ensure!(steady.frame_of("pong").await?["id"] == 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stream_nobody_reads_is_closed_as_a_slow_reader_and_the_node_keeps_serving() -> Result<()>
+{
+    let node = NodeProcess::start(&["--max-message-size", "65536"]).await?;
+    // The SSE client subscribes, then never reads its stream again.
+    let (_stalled, _, key) = sse_session(&node, "stalled").await?;
+    let subscribe = json!({"type": "subscribe", "room": "firehose", "id": 1});
+    post_accepted(&node, &key, "sse", subscribe, 1).await?;
+    let data = json!("x".repeat(60_000));
+    let mut published = 0;
+    while node
+        .metric("switchboard_slow_consumer_closes_total")
+        .await?
+        < 1.0
+    {
+        ensure!(
+            published < 400,
+            "24 MB published and the stalled stream's queue never overflowed"
+        );
+        let body = json!({"room": "firehose", "data": data});
+        let (status, answer) = api(&node, "POST", "/api/publish", Some(body)).await?;
+        ensure!(status == 200, "{answer}");
+        published += 1;
+    }
+    // Its queue overflowed: the session ends (the close frame cannot reach a stream nobody
+    // reads) and leaves no trace.
+    wait_sessions(&node, "sse", 0.0).await?;
+    ensure!(node.metric("switchboard_queue_bytes").await? == 0.0);
+    let gone = key.post(&node, "sse", &json!({"type": "ping"})).await?;
+    ensure!(gone.status == 404, "{gone:?}");
+    let mut reader = connect_user(&node, "reader").await?;
+    request_answer(
+        &mut reader,
+        ClientFrame::Subscribe {
+            room: "firehose".into(),
+            id: Some(1),
+            since: None,
+            presence_events: false,
+        },
+    )
+    .await?;
+    publish(&mut reader, "firehose", data.clone(), 2).await?;
+    loop {
+        if let ServerFrame::Message(message) = reader.next_frame().await? {
+            ensure!(message.data == data);
+            break;
+        }
+    }
+    Ok(())
+}
