@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{BrokerHandler, DirectMessage, PresenceChange, PresenceEvent};
-use switchboard_protocol::{Codec, EncodeError, Encoded, RoomMessage, ServerFrame};
+use switchboard_protocol::{Codec, EncodeError, Encoded, ErrorCode, RoomMessage, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::metrics::Metrics;
@@ -19,7 +21,27 @@ pub struct SessionHandle {
     pub user: Arc<str>,
     pub codec: Codec,
     pub queue: OutboundQueue,
+    /// How client frames reach a session of the SSE or long-poll transport; `None` on
+    /// WebSocket (boxed: an idle WebSocket session pays one null pointer).
+    pub link: Option<Box<Link>>,
 }
+
+/// The inbound side of a fallback session: POSTed frames (local or forwarded by another node)
+/// and, for long polls, the polls waiting for frames.
+pub struct Link {
+    /// SHA-256 (hex) of the session key: what the POST and poll handlers compare.
+    pub key_hash: String,
+    /// `sse` or `poll`.
+    pub transport: &'static str,
+    /// Client frames (JSON text, one frame each) for the session task; bounded, so a flood of
+    /// POSTs waits nowhere but is refused.
+    pub inbound: mpsc::Sender<Vec<String>>,
+    /// Long-poll sessions: each poll hands the session task the sender of its answer.
+    pub polls: Option<mpsc::Sender<oneshot::Sender<Bytes>>>,
+}
+
+/// POSTs (or forwarded batches) waiting for a fallback session's task; one more is refused.
+pub const INBOUND_CAPACITY: usize = 16;
 
 struct Subscriber {
     session: Arc<SessionHandle>,
@@ -99,6 +121,10 @@ impl Hub {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    pub fn session(&self, id: &str) -> Option<Arc<SessionHandle>> {
+        self.sessions.get(id).map(|entry| entry.value().clone())
     }
 
     pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
@@ -279,7 +305,99 @@ impl BrokerHandler for Hub {
         self.disconnect_user(user, code, reason);
     }
 
-    fn frames(&self, _session: &str, _frames: Vec<String>) {
-        tracing::error!("IFACE STUB: forwarded frames not handled yet");
+    fn frames(&self, session: &str, frames: Vec<String>) {
+        let count = frames.len() as u64;
+        let forwarded = &self.metrics.forwarded_frames;
+        let Some(handle) = self.session(session) else {
+            forwarded.with_label_values(&["dropped"]).inc_by(count);
+            return;
+        };
+        let Some(link) = &handle.link else {
+            forwarded.with_label_values(&["dropped"]).inc_by(count);
+            return;
+        };
+        match link.inbound.try_send(frames) {
+            Ok(()) => forwarded.with_label_values(&["received"]).inc_by(count),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                forwarded.with_label_values(&["dropped"]).inc_by(count);
+                // The POST was answered 202 on another node: the client learns of the loss
+                // down its stream, as a /ws client learns of a refused frame.
+                let error =
+                    ServerFrame::error(None, ErrorCode::RateLimited, "too many frames: slow down");
+                if let Some(frame) = FrameCache::new(error).get(handle.codec) {
+                    let item = Outbound::Frame {
+                        kind: "error",
+                        frame,
+                    };
+                    self.push(&handle, item, Instant::now());
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                forwarded.with_label_values(&["dropped"]).inc_by(count);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(metrics: &Metrics, id: &str, link: Option<Box<Link>>) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            id: Arc::from(id),
+            user: Arc::from("u"),
+            codec: Codec::Json,
+            queue: OutboundQueue::new(1 << 16, metrics.queue_bytes.clone()),
+            link,
+        })
+    }
+
+    fn forwarded(metrics: &Metrics, result: &str) -> u64 {
+        metrics.forwarded_frames.with_label_values(&[result]).get()
+    }
+
+    #[test]
+    fn forwarded_frames_reach_the_session_or_are_dropped_and_counted() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let (inbound, mut frames) = mpsc::channel(1);
+        let link = Link {
+            key_hash: String::new(),
+            transport: "sse",
+            inbound,
+            polls: None,
+        };
+        let sse = handle(&metrics, "sse", Some(Box::new(link)));
+        hub.add_session(sse.clone());
+        hub.add_session(handle(&metrics, "ws", None));
+
+        hub.frames("sse", vec!["{}".into(), "{}".into()]);
+        assert_eq!(frames.try_recv().unwrap().len(), 2);
+        assert_eq!(forwarded(&metrics, "received"), 2);
+
+        // Full: dropped, and the session is told down its stream.
+        hub.frames("sse", vec!["{}".into()]);
+        hub.frames("sse", vec!["{}".into(), "{}".into()]);
+        assert_eq!(forwarded(&metrics, "dropped"), 2);
+        let mut batch = Vec::new();
+        sse.queue.take(&mut batch).unwrap();
+        match batch.as_slice() {
+            [
+                Outbound::Frame {
+                    kind: "error",
+                    frame,
+                },
+            ] => {
+                assert!(frame.to_text().unwrap().contains("rate_limited"));
+            }
+            _ => panic!("expected one error frame queued"),
+        }
+
+        // No such session, or a WebSocket session: dropped.
+        hub.frames("gone", vec!["{}".into()]);
+        hub.frames("ws", vec!["{}".into()]);
+        assert_eq!(forwarded(&metrics, "dropped"), 4);
+        assert_eq!(forwarded(&metrics, "received"), 3);
     }
 }
