@@ -99,8 +99,9 @@ export type FetchFunction = (input: string, init?: RequestInit) => Promise<Respo
 export interface ConnectOptions {
   /**
    * A JWT (when the node has authentication on), or a function returning one, called before
-   * every connection attempt so a reconnect can use a fresh token. Sent as `?token=` (browsers
-   * cannot set headers on a WebSocket): use wss:// and short-lived tokens.
+   * every connection attempt (and each transport an attempt falls back to) so a reconnect can
+   * use a fresh token. Sent as `?token=` on a WebSocket (browsers cannot set headers on one):
+   * use wss:// and short-lived tokens; SSE and long polling send it as `Authorization: Bearer`.
    */
   token?: string | (() => string | Promise<string>);
   /** The user id, for nodes with authentication off (`?user=`). */
