@@ -49,7 +49,7 @@ function track(promise) {
 }
 
 for (const transport of TRANSPORTS) {
-  describe(`over ${transport}`, () => {
+  describe(`inboxes and retries, over ${transport}`, () => {
     test("a publish and a persisted send dropped before their answer are re-sent once with the same key", async () => {
       ScriptedSocket.opened = [];
       const client = connect("ws://switchboard.test/ws", {

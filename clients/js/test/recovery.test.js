@@ -10,7 +10,7 @@ import { Node, Redis, next, waitUntil, within } from "./harness.js";
 import { TRANSPORTS } from "./node-suite.js";
 
 for (const transport of TRANSPORTS) {
-  describe(`over ${transport}`, () => {
+  describe(`a drained node restarts, over ${transport}`, () => {
     /** @type {Redis} */
     let redis;
     /** @type {Node} */

@@ -17,7 +17,7 @@ import { ScriptedSocket, TRANSPORTS, over, welcome } from "./scripted.js";
 const message = (offset, epoch) => ({ type: "message", room: "r", data: offset, offset, epoch });
 
 for (const transport of TRANSPORTS) {
-  describe(`over ${transport}`, () => {
+  describe(`session bookkeeping, over ${transport}`, () => {
     test("a resubscribe from offset 0 delivers the replay in the room's own epoch", async () => {
       ScriptedSocket.opened = [];
       const client = connect("ws://switchboard.test/ws", {
