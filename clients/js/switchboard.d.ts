@@ -122,7 +122,8 @@ export interface ConnectOptions {
    * fails before the node's `welcome` (the WebSocket cannot open, or is closed before the
    * welcome, as broken proxies do) falls back to the next one at once. What worked is
    * remembered for the page's lifetime: every client with several transports starts there; a
-   * remembered transport that fails is forgotten and the next attempt starts from the first.
+   * remembered transport that fails is forgotten, ends that attempt, and the next attempt
+   * starts from the first.
    * One element forces that transport. A transport the environment lacks (no `WebSocket`, no
    * `fetch`) is left out.
    */

@@ -1126,17 +1126,22 @@ export class Client extends Emitter {
     this.#urlIndex = (this.#urlIndex + 1) % this.#urls.length;
   }
 
-  /** Starts the transports over: at the remembered one, if this client has it, else the first. */
+  /**
+   * Starts the transports over: at the remembered one, if this client has a choice and has it,
+   * else at the first.
+   */
   #firstTransport() {
-    const remembered = rememberedTransport === null ? -1 : this.#transports.indexOf(rememberedTransport);
+    const remembered =
+      this.#transports.length > 1 && rememberedTransport !== null ? this.#transports.indexOf(rememberedTransport) : -1;
     this.#transportIndex = Math.max(0, remembered);
-    this.#fromMemory = remembered > 0;
+    this.#fromMemory = remembered >= 0;
   }
 
   /**
    * After an attempt that failed before its welcome: whether to try the next transport at once.
-   * A remembered transport that fails is forgotten and the next attempt starts over from the
-   * first; a refusal by the node ends the attempt (every transport would be refused alike).
+   * A remembered transport that fails (most likely its node went away, not the path to it) is
+   * forgotten and ends the attempt: the next one starts over from the first, on the next URL. A
+   * refusal by the node ends the attempt too (every transport would be refused alike).
    * @param {boolean} refused
    */
   #fallBack(refused) {

@@ -311,3 +311,30 @@ test("a client without WebSocket in its environment goes straight to SSE; none o
   }
   assert.equal(ScriptedSocket.opened.length, 1);
 });
+
+test("a remembered WebSocket that fails ends the attempt: its node went away, not the path to it", async () => {
+  ScriptedSocket.opened = [];
+  requests.length = 0;
+  const client = connect("ws://switchboard.test/ws", { ...scripted(), transports: ["websocket", "sse"] });
+  /** @type {any[]} */
+  const retries = [];
+  client.on("reconnecting", (event) => retries.push(event));
+  try {
+    await (await opened(1)).receive(welcome("w1"));
+    assert.equal((await client.ready()).transport, "websocket");
+    await (await opened(1)).drop(1006, "");
+    // The attempt on the remembered WebSocket fails: no SSE on that node, the next attempt.
+    await (await opened(2)).refuse();
+    await waitUntil("the second attempt", () => retries.length === 2);
+    assert.deepEqual(requests, [], "SSE was not tried");
+    assert.deepEqual(retries.map(({ attempt, transport }) => [attempt, transport]), [[1, "websocket"], [2, "websocket"]]);
+    // Forgotten: this attempt falls back.
+    await (await opened(3)).refuse();
+    const sse = await opened(4);
+    assert.equal(sse.transport, "sse");
+    await sse.receive(welcome("s4"));
+    assert.equal((await client.ready()).transport, "sse");
+  } finally {
+    client.close();
+  }
+});
