@@ -1,10 +1,10 @@
-// The demo page over the fallback transports in real headless Chromium against a real node
-// (target/debug/switchboard on a loopback port chosen at run time): a page whose `window.WebSocket`
-// is removed by an init script (as if nothing WebSocket could pass) falls back to SSE by itself,
-// and chats both ways with a page on WebSocket; a page forced to long polling with
-// `?transport=poll` chats with both. Each page's status line names its transport. Every process
-// this starts is killed by pid at the end, pass or fail. Screenshot: target/browser-artifacts/
-// demo-sse.png.
+// The demo page over the fallback transports in real headless Chromium against a real cluster
+// (one redis-server and two switchboard nodes, target/debug/switchboard, on loopback ports chosen
+// at run time): a page whose `window.WebSocket` is removed by an init script (as if nothing
+// WebSocket could pass) falls back to SSE by itself on one node, and chats both ways with a page
+// on WebSocket on the other node; a page forced to long polling with `?transport=poll` chats with
+// both. Each page's status line names its transport. Every process this starts is killed by pid
+// at the end, pass or fail. Screenshot: target/browser-artifacts/demo-sse.png.
 //
 // Run: tests/run.sh (after the cargo build), or `npm test` here once target/debug/switchboard
 // exists. SWITCHBOARD_BIN and CHROMIUM override the binary and browser paths.
@@ -23,6 +23,7 @@ import {
   openChat,
   say,
   startNode,
+  startRedis,
   user,
   waitFor,
 } from "./demo-page.js";
@@ -32,7 +33,9 @@ const status = (page) => page.locator("#status").textContent();
 
 test("without WebSocket the page falls back to SSE; SSE, WebSocket and polling pages chat", { timeout: 180000 }, async () => {
   mkdirSync(ARTIFACTS, { recursive: true });
-  const node = await startNode("node-f", null);
+  const redis = await startRedis();
+  const node = await startNode("node-f", redis.url);
+  const other = await startNode("node-w", redis.url);
   const { context, dispose } = await launchBrowser();
   let sse;
   let ws;
@@ -47,9 +50,9 @@ test("without WebSocket the page falls back to SSE; SSE, WebSocket and polling p
     await sse.locator('#status[data-transport="sse"]').waitFor({ timeout: DEADLINE_MS });
     assert.match(await status(sse), /node-f as sara over sse/);
 
-    ws = await openChat(context, node, [], "walt");
+    ws = await openChat(context, other, [], "walt");
     await ws.locator('#status[data-transport="websocket"]').waitFor({ timeout: DEADLINE_MS });
-    assert.match(await status(ws), /node-f as walt over websocket/);
+    assert.match(await status(ws), /node-w as walt over websocket/);
 
     // Presence crosses the transports, and so does the chat, both ways.
     await user(sse, "walt").waitFor({ timeout: DEADLINE_MS });
@@ -71,11 +74,14 @@ test("without WebSocket the page falls back to SSE; SSE, WebSocket and polling p
     await say(sse, "polly, do you read?");
     await messageIn(poll, "polly, do you read?");
 
-    // The node counts the sessions by transport.
-    await waitFor("one session of each transport", async () => {
-      const metrics = await (await fetch(`${node.internal}/metrics`)).text();
-      return ["websocket", "sse", "poll"].every((name) => metrics.includes(`switchboard_sessions{transport="${name}"} 1`));
-    });
+    // The nodes count their sessions by transport.
+    const sessions = async (where, name) => {
+      const metrics = await (await fetch(`${where.internal}/metrics`)).text();
+      return metrics.includes(`switchboard_sessions{transport="${name}"} 1`);
+    };
+    await waitFor("the sessions of each transport", async () =>
+      (await sessions(node, "sse")) && (await sessions(node, "poll")) && (await sessions(other, "websocket")),
+    );
 
     // A page that leaves is seen leaving by the others (its stream ends its session).
     assert.deepEqual(sse.errors, [], "no script errors on the SSE page");
