@@ -562,16 +562,25 @@ class FallbackTransport {
         this._end(ABNORMAL, `the node answered a POST with ${response.status}`);
         return false;
       }
-      const seconds = Number(response.headers.get("retry-after"));
-      await new Promise((done) => {
-        const timer = setTimeout(done, 1000 * (seconds > 0 && seconds <= 60 ? seconds : 1));
-        this._abort.signal.addEventListener("abort", () => {
-          clearTimeout(timer);
-          done(undefined);
-        });
-      });
+      await this._retryAfter(response);
       if (this._done) return false;
     }
+  }
+
+  /**
+   * Waits as long as a 429 or 503 answer's `Retry-After` says (1 s when it says nothing usable,
+   * at most 60 s), or until the transport is closed.
+   * @param {any} response
+   */
+  _retryAfter(response) {
+    const seconds = Number(response.headers.get("retry-after"));
+    return new Promise((done) => {
+      const timer = setTimeout(done, 1000 * (seconds > 0 && seconds <= 60 ? seconds : 1));
+      this._abort.signal.addEventListener("abort", () => {
+        clearTimeout(timer);
+        done(undefined);
+      });
+    });
   }
 
   /**
@@ -680,6 +689,12 @@ class PollTransport extends FallbackTransport {
         return;
       }
       if (this._done) return;
+      if (response.status === 429 || response.status === 503) {
+        // Too many polls or connections from this address for now: the session waits.
+        response.body?.cancel().catch(() => {});
+        await this._retryAfter(response);
+        continue;
+      }
       if (!response.ok) {
         response.body?.cancel().catch(() => {});
         const why =

@@ -255,7 +255,7 @@ test("the event stream: split chunks, CRLF, comments as heartbeats, several data
   }
 });
 
-test("a poll that the node no longer answers for the session reconnects (404, 421)", async () => {
+test("a poll answered 429 is made again after Retry-After; one answered 404 reconnects", async () => {
   ScriptedSocket.opened = [];
   const client = connect("ws://switchboard.test/ws", {
     ...scripted(),
@@ -266,6 +266,14 @@ test("a poll that the node no longer answers for the session reconnects (404, 42
     const poll = await opened(1);
     await poll.receive(welcome("gone"));
     await waitUntil("a poll", () => poll.polls === 1);
+    // Too many polls from this address: the next one waits Retry-After (1 s), the session stays.
+    poll.pollStatuses.push(429);
+    await poll.timeout();
+    await waitUntil("the refused poll", () => poll.polls === 2);
+    const refusedAt = Date.now();
+    await waitUntil("the poll after Retry-After", () => poll.polls === 3);
+    assert.ok(Date.now() - refusedAt >= 900, "it waited");
+    assert.equal(client.state, "connected");
     // The session is reaped: the pending poll gets nothing, the next one 404.
     poll.ended = "closed";
     const dropped = next(client, "disconnected");

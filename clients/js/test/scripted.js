@@ -95,6 +95,8 @@ class ScriptedFallback {
     this.posts = [];
     /** @type {number[]} statuses the next POSTs get (then 202) */
     this.postStatuses = [];
+    /** @type {number[]} statuses the next polls get (then they wait for frames) */
+    this.pollStatuses = [];
     /** @type {string | null} */
     this.session = null;
     /** "dropped" (the connection is gone: requests fail) or "closed" (the session is: 404). */
@@ -305,6 +307,8 @@ export async function scriptedFetch(input, init = {}) {
   if (init.headers?.authorization !== `Session ${connection.key}`) return json({ code: "forbidden" }, 403);
   if (init.method === "POST") return connection.post(init);
   connection.polls++;
+  const status = connection.pollStatuses.shift();
+  if (status) return json({ code: "scripted", message: "scripted" }, status);
   return connection.wait(init);
 }
 
