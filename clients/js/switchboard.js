@@ -1202,10 +1202,13 @@ export class Client extends Emitter {
       // as a header, which proxies do not log.
       if (value && name === "websocket") url.searchParams.set("token", value);
       if (user !== undefined) url.searchParams.set("user", user);
-      this.#transport =
+      const transport =
         name === "websocket" ? new WebSocketTransport(url.toString(), this.#WebSocket, events)
         : name === "sse" ? new SseTransport(url, value || undefined, this.#fetch, events)
         : new PollTransport(url, value || undefined, this.#fetch, events);
+      // A transport that failed at once (a `fetch` that threw) has already been replaced.
+      if (generation !== this.#generation) return;
+      this.#transport = transport;
     } catch (error) {
       if (generation !== this.#generation) return;
       const message = messageOf(error);

@@ -346,3 +346,27 @@ test("a remembered WebSocket that fails ends the attempt: its node went away, no
     client.close();
   }
 });
+
+test("a fetch that throws at once is a failed transport like any other", async () => {
+  ScriptedSocket.opened = [];
+  const client = connect("ws://switchboard.test/ws", {
+    ...scripted(),
+    transports: ["sse", "poll"],
+    requestTimeoutMs: 300,
+    fetch: (input, init) => {
+      if (new URL(input).pathname === "/sse") throw new TypeError("refused by a content security policy");
+      return scriptedFetch(input, init);
+    },
+  });
+  try {
+    const poll = await opened(1);
+    assert.equal(poll.transport, "poll");
+    await poll.receive(welcome("p9"));
+    assert.equal((await client.ready()).transport, "poll");
+    // No welcome timer of the failed attempt is left to cut the connection that worked.
+    await new Promise((done) => setTimeout(done, 500));
+    assert.equal(client.state, "connected");
+  } finally {
+    client.close();
+  }
+});
