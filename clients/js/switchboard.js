@@ -325,7 +325,6 @@ function messageOf(error) {
 
 /** The WebSocket transport: `/ws` with the JSON subprotocol. */
 class WebSocketTransport {
-  name = "websocket";
   /** @type {any} */
   #socket;
 

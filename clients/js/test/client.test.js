@@ -6,8 +6,8 @@ import { createServer } from "node:net";
 import { describe, test } from "node:test";
 
 import { SwitchboardError } from "../switchboard.js";
-import { Node, jwt, next, now, waitUntil, within } from "./harness.js";
-import { TRANSPORTS, nodeForSuite, opener } from "./node-suite.js";
+import { Node, TRANSPORTS, jwt, next, now, waitUntil, within } from "./harness.js";
+import { nodeForSuite, opener } from "./node-suite.js";
 
 for (const transport of TRANSPORTS) {
   const open = opener(transport);

@@ -6,8 +6,8 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { Node, next, waitUntil, within } from "./harness.js";
-import { TRANSPORTS, nodeForSuite, opener } from "./node-suite.js";
+import { Node, TRANSPORTS, next, waitUntil, within } from "./harness.js";
+import { nodeForSuite, opener } from "./node-suite.js";
 
 for (const transport of TRANSPORTS) {
   const open = opener(transport);

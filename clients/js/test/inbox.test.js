@@ -6,8 +6,8 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { connect } from "../switchboard.js";
-import { waitUntil } from "./harness.js";
-import { ScriptedSocket, TRANSPORTS, over, settle, welcome } from "./scripted.js";
+import { TRANSPORTS, waitUntil } from "./harness.js";
+import { ScriptedSocket, over, settle, welcome } from "./scripted.js";
 
 /**
  * A welcome that announces the user's inbox.

@@ -25,9 +25,6 @@ after(() => {
   for (const client of clients) client.close();
 });
 
-/** Every transport, for the suites that run over each. */
-export const TRANSPORTS = /** @type {const} */ (["websocket", "sse", "poll"]);
-
 /**
  * `open`, over `transport` only.
  * @param {"websocket" | "sse" | "poll"} transport

@@ -6,8 +6,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { connect } from "../switchboard.js";
-import { Node, Redis, next, waitUntil, within } from "./harness.js";
-import { TRANSPORTS } from "./node-suite.js";
+import { Node, Redis, TRANSPORTS, next, waitUntil, within } from "./harness.js";
 
 for (const transport of TRANSPORTS) {
   describe(`a drained node restarts, over ${transport}`, () => {

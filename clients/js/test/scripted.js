@@ -320,9 +320,6 @@ export function over(transport) {
   return { transports: [transport], WebSocket: /** @type {any} */ (ScriptedSocket), fetch: scriptedFetch };
 }
 
-/** Every transport, for the suites that run over each. */
-export const TRANSPORTS = ["websocket", "sse", "poll"];
-
 /** @param {string} session */
 export const welcome = (session) => ({
   type: "welcome", session, user: "u", node: "n1", protocol: "switchboard.v1.json", heartbeat_ms: 0,

@@ -7,8 +7,8 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { connect } from "../switchboard.js";
-import { next, waitUntil } from "./harness.js";
-import { ScriptedSocket, TRANSPORTS, over, welcome } from "./scripted.js";
+import { TRANSPORTS, next, waitUntil } from "./harness.js";
+import { ScriptedSocket, over, welcome } from "./scripted.js";
 
 /**
  * @param {number} offset
