@@ -316,6 +316,12 @@ const REFUSALS = new Set([400, 401, 403, 429, 503]);
 const MAX_FRAMES_PER_POST = 100;
 
 /**
+ * Most characters of one event-stream event held while it is incomplete: far above any frame a
+ * node sends (`--max-message-size`), so only a broken stream or proxy reaches it.
+ */
+const MAX_EVENT_CHARS = 64 * 1024 * 1024;
+
+/**
  * @param {unknown} error
  * @returns {string}
  */
@@ -392,14 +398,16 @@ function fallbackUrl(wsUrl, path) {
 /**
  * A parser of `text/event-stream` chunks: calls `onData` with each event's data (its `data:`
  * lines joined by newlines) and `onComment` for each comment line; other fields are ignored.
+ * Returns how many characters of an incomplete event it holds after each chunk.
  * @param {(data: string) => void} onData
  * @param {() => void} onComment
- * @returns {(chunk: string) => void}
+ * @returns {(chunk: string) => number}
  */
 function eventStreamParser(onData, onComment) {
   let buffer = "";
   /** @type {string[] | null} */
   let data = null;
+  let held = 0;
   return (chunk) => {
     buffer += chunk;
     for (let end = buffer.indexOf("\n"); end >= 0; end = buffer.indexOf("\n")) {
@@ -409,15 +417,20 @@ function eventStreamParser(onData, onComment) {
       if (line === "") {
         if (data) onData(data.join("\n"));
         data = null;
+        held = 0;
       } else if (line.startsWith(":")) {
         onComment();
       } else {
         const colon = line.indexOf(":");
         const field = colon < 0 ? line : line.slice(0, colon);
         const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-        if (field === "data") (data ??= []).push(value);
+        if (field === "data") {
+          (data ??= []).push(value);
+          held += value.length;
+        }
       }
     }
+    return held + buffer.length;
   };
 }
 
@@ -647,7 +660,10 @@ class SseTransport extends FallbackTransport {
       while (!this._done) {
         const { done, value } = await reader.read();
         if (done) break;
-        parse(decoder.decode(value, { stream: true }));
+        if (parse(decoder.decode(value, { stream: true })) > MAX_EVENT_CHARS) {
+          this._end(1009, "an event-stream event over 64 MiB");
+          return;
+        }
       }
       this._end(ABNORMAL, "the event stream ended without a close frame");
     } catch (error) {

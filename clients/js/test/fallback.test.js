@@ -370,3 +370,20 @@ test("a fetch that throws at once is a failed transport like any other", async (
     client.close();
   }
 });
+
+test("an event stream that never ends its event is cut at 64 MiB with 1009", async () => {
+  ScriptedSocket.opened = [];
+  const client = connect("ws://switchboard.test/ws", { ...scripted(), transports: ["sse"] });
+  try {
+    const sse = await opened(1);
+    await sse.receive(welcome("s1"));
+    const dropped = next(client, "disconnected");
+    const chunk = "x".repeat(8 * 1024 * 1024);
+    await sse.write(`data: ${chunk}`);
+    for (let n = 0; n < 8 && client.state === "connected"; n++) await sse.write(chunk);
+    const { code, reason } = await dropped;
+    assert.deepEqual({ code, reason }, { code: 1009, reason: "an event-stream event over 64 MiB" });
+  } finally {
+    client.close();
+  }
+});
