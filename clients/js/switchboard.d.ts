@@ -1,5 +1,6 @@
 // Type declarations for @switchboard/client: the JavaScript client of the switchboard WebSocket
-// gateway (wire protocol v1, JSON codec). Hand-written; switchboard.js is the implementation.
+// gateway (wire protocol v1, JSON codec), with SSE and long-poll fallbacks. Hand-written;
+// switchboard.js is the implementation.
 
 /** Any JSON value: what `data` carries in rooms, direct messages and broadcasts. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
@@ -85,11 +86,22 @@ export interface WebSocketConstructor {
   new (url: string, protocols?: string | string[]): WebSocket;
 }
 
+/**
+ * How a client reaches the node: `websocket` (`/ws`), `sse` (server-sent events: `GET /sse`,
+ * client frames POSTed to `/sse/{session}`) or `poll` (long polling: `GET /poll`, then
+ * `GET /poll/{session}` in a loop, client frames POSTed to `/poll/{session}`).
+ */
+export type Transport = "websocket" | "sse" | "poll";
+
+/** A `fetch` function (the standard API): what the SSE and long-poll transports use. */
+export type FetchFunction = (input: string, init?: RequestInit) => Promise<Response>;
+
 export interface ConnectOptions {
   /**
    * A JWT (when the node has authentication on), or a function returning one, called before
-   * every connection attempt so a reconnect can use a fresh token. Sent as `?token=` (browsers
-   * cannot set headers on a WebSocket): use wss:// and short-lived tokens.
+   * every connection attempt (and each transport an attempt falls back to) so a reconnect can
+   * use a fresh token. Sent as `?token=` on a WebSocket (browsers cannot set headers on one):
+   * use wss:// and short-lived tokens; SSE and long polling send it as `Authorization: Bearer`.
    */
   token?: string | (() => string | Promise<string>);
   /** The user id, for nodes with authentication off (`?user=`). */
@@ -105,8 +117,21 @@ export interface ConnectOptions {
    */
   pingIntervalMs?: number;
   reconnect?: ReconnectOptions;
+  /**
+   * The transports to use, in order (default `["websocket", "sse", "poll"]`). An attempt that
+   * fails before the node's `welcome` (the WebSocket cannot open, or is closed before the
+   * welcome, as broken proxies do) falls back to the next one at once. What worked is
+   * remembered for the page's lifetime: every client with several transports starts there; a
+   * remembered transport that fails is forgotten, ends that attempt, and the next attempt
+   * starts from the first.
+   * One element forces that transport. A transport the environment lacks (no `WebSocket`, no
+   * `fetch`) is left out.
+   */
+  transports?: readonly Transport[];
   /** The WebSocket constructor (default `globalThis.WebSocket`). */
   WebSocket?: WebSocketConstructor;
+  /** The `fetch` of the SSE and long-poll transports (default `globalThis.fetch`). */
+  fetch?: FetchFunction;
   /** The random source for back-off jitter, in [0, 1) (default `Math.random`). */
   random?: () => number;
   /**
@@ -140,6 +165,8 @@ export interface ConnectedEvent {
   node: string;
   /** The URL (as given to `connect`, without the added query) this connection was made to. */
   url: string;
+  /** The transport of this connection. */
+  transport: Transport;
   /** False for the first connection, true after every reconnect. */
   reconnected: boolean;
   /**
@@ -160,7 +187,10 @@ export interface InboxPosition {
 }
 
 export interface DisconnectedEvent {
-  /** The close code (1006 when the connection was lost without one, or was given up locally). */
+  /**
+   * The close code (1006 when the connection was lost without one, or was given up locally).
+   * On SSE and long polling, the node's last `close` frame gives it, as a WebSocket close does.
+   */
   code: number;
   reason: string;
   /** Whether the client will try to reconnect. */
@@ -173,6 +203,8 @@ export interface ReconnectingEvent {
   delayMs: number;
   /** The URL that attempt will use: the one after the previous attempt's, round-robin. */
   url: string;
+  /** The transport that attempt starts with (the remembered one, or the first). */
+  transport: Transport;
 }
 
 export interface DirectEvent<T = Json> {
@@ -311,9 +343,13 @@ export declare class Client {
   readonly url: string;
   /** Every URL given to `connect`, in the order they are tried. */
   readonly urls: readonly string[];
+  /** The transport of the current connection, or of the attempt under way or about to be made. */
+  readonly transport: Transport;
+  /** The transports this client uses, in order (`transports` less those the environment lacks). */
+  readonly transports: readonly Transport[];
   readonly state: ClientState;
   /** The current session's welcome, or null while not connected. */
-  readonly session: { session: string; user: string; node: string; heartbeatMs: number } | null;
+  readonly session: { session: string; user: string; node: string; heartbeatMs: number; transport: Transport } | null;
   /**
    * The user's inbox as last heard (welcome, then persisted directs and acks), or null before
    * a welcome that announced one.
@@ -364,8 +400,10 @@ export declare class Client {
  * Creates a client and starts connecting at once (listen for `connected` or await `ready()`).
  * `url` is one ws:// or wss:// URL, or a non-empty array of them (nodes or load balancers of the
  * same cluster): the first attempt uses the first, every later attempt the next one, round-robin.
- * Throws a TypeError for an empty array, a URL that is not ws:// or wss://, an unsupported
- * `codec` or a missing `WebSocket`.
+ * The SSE and long-poll transports use the same URLs with http(s):// and the path's `/ws`
+ * replaced by `/sse` or `/poll`. Throws a TypeError for an empty array, a URL that is not ws://
+ * or wss://, an unsupported `codec`, a bad `transports`, or no transport left (no `WebSocket`
+ * and only `websocket` wanted).
  */
 export declare function connect(url: string | readonly string[], options?: ConnectOptions): Client;
 

@@ -1,9 +1,21 @@
 // @ts-check
 // The JavaScript client of the switchboard WebSocket gateway (wire protocol v1, JSON codec).
 // One ES module with no dependencies: it runs in browsers and in Node (with a global WebSocket,
-// or one passed as `options.WebSocket`). Types: switchboard.d.ts.
+// or one passed as `options.WebSocket`). Where WebSocket is blocked it falls back to the node's
+// SSE and long-poll transports (`fetch`). Types: switchboard.d.ts.
 
 const SUBPROTOCOL = "switchboard.v1.json";
+
+/** Every transport, in the default order of preference. */
+const TRANSPORTS = Object.freeze(["websocket", "sse", "poll"]);
+
+/**
+ * The transport the last connection of a client with several transports was welcomed on: for
+ * the page's (or process's) lifetime, every client starts there, so a page behind a proxy that
+ * breaks WebSocket does not wait for it to fail again on every connection.
+ * @type {string | null}
+ */
+let rememberedTransport = null;
 
 /** Close codes after which reconnecting with the same request would fail the same way. */
 const FINAL_CLOSE_CODES = new Set([
@@ -38,6 +50,26 @@ function checkUrls(url) {
     }
   }
   return Object.freeze(urls);
+}
+
+/**
+ * The `transports` option, checked: a non-empty array of distinct transport names.
+ * @param {unknown} value
+ * @returns {readonly string[]}
+ */
+function checkTransports(value) {
+  if (value === undefined) return TRANSPORTS;
+  const names = TRANSPORTS.map((name) => JSON.stringify(name)).join(", ");
+  if (!Array.isArray(value) || value.length === 0) {
+    throw new TypeError(`transports: expected a non-empty array of ${names}`);
+  }
+  for (const [index, name] of value.entries()) {
+    if (!TRANSPORTS.includes(name)) {
+      throw new TypeError(`transports: ${JSON.stringify(name)} is not one of ${names}`);
+    }
+    if (value.indexOf(name) !== index) throw new TypeError(`transports: ${JSON.stringify(name)} is listed twice`);
+  }
+  return Object.freeze([...value]);
 }
 
 /** `WebSocket.CONNECTING`, which custom constructors may not define. */
@@ -267,6 +299,454 @@ class Subscription extends Emitter {
 }
 
 /**
+ * What a transport tells the client, each at most until `closed` (or its `close()`).
+ * @typedef {object} TransportEvents
+ * @property {(frame: any) => void} frame a server frame, parsed
+ * @property {(message: string) => void} unreadable a frame that is not JSON
+ * @property {() => void} alive a sign of life that carries no frame (an SSE heartbeat, an empty poll)
+ * @property {(code: number, reason: string, refused: boolean) => void} closed the connection
+ *   ended, as a WebSocket close with `code`; `refused`: the node answered the opening request
+ *   with a refusal (401, 403, 400, 429, 503) that every transport would get
+ */
+
+/** HTTP answers to /sse and /poll that are the node's refusals, not a transport's failure. */
+const REFUSALS = new Set([400, 401, 403, 429, 503]);
+
+/** The server's bound on the client frames of one POST. */
+const MAX_FRAMES_PER_POST = 100;
+
+/**
+ * Most characters of one event-stream event held while it is incomplete: far above any frame a
+ * node sends (`--max-message-size`), so only a broken stream or proxy reaches it.
+ */
+const MAX_EVENT_CHARS = 64 * 1024 * 1024;
+
+/**
+ * @param {unknown} error
+ * @returns {string}
+ */
+function messageOf(error) {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** The WebSocket transport: `/ws` with the JSON subprotocol. */
+class WebSocketTransport {
+  /** @type {any} */
+  #socket;
+
+  /**
+   * @param {string} url
+   * @param {any} WebSocketImpl
+   * @param {TransportEvents} events
+   */
+  constructor(url, WebSocketImpl, events) {
+    const socket = new WebSocketImpl(url, SUBPROTOCOL);
+    this.#socket = socket;
+    socket.onmessage = (/** @type {any} */ event) => {
+      if (typeof event.data !== "string") {
+        events.unreadable("binary frame on the JSON subprotocol");
+        return;
+      }
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch (error) {
+        events.unreadable(messageOf(error));
+        return;
+      }
+      events.frame(frame);
+    };
+    socket.onclose = (/** @type {any} */ event) => {
+      events.closed(event.code || ABNORMAL, event.reason || "", false);
+    };
+    // A failed handshake (refused connection, HTTP 4xx/5xx) is reported as an error and, by
+    // some implementations (Node 20's undici), with no close event after it.
+    socket.onerror = () => {
+      if (socket.readyState === CONNECTING) {
+        this.close();
+        events.closed(ABNORMAL, "could not connect (network error or handshake refused)", false);
+      }
+    };
+  }
+
+  /** @param {object} frame */
+  send(frame) {
+    this.#socket.send(JSON.stringify(frame));
+  }
+
+  /** Gives the socket up without waiting for its close handshake (the peer may be gone). */
+  close() {
+    const socket = this.#socket;
+    socket.onmessage = socket.onclose = socket.onerror = null;
+    socket.close(1000);
+  }
+}
+
+/**
+ * The URL of a fallback endpoint beside a `/ws` URL: http(s) on the same host, and the path's
+ * last `/ws` segment replaced by `path` (appended to a path that does not end with `/ws`).
+ * @param {URL} wsUrl
+ * @param {string} path
+ */
+function fallbackUrl(wsUrl, path) {
+  const url = new URL(wsUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = `${url.pathname.replace(/\/ws\/?$/, "").replace(/\/$/, "")}/${path}`;
+  return url;
+}
+
+/**
+ * A parser of `text/event-stream` chunks: calls `onData` with each event's data (its `data:`
+ * lines joined by newlines) and `onComment` for each comment line; other fields are ignored.
+ * Returns how many characters of an incomplete event it holds after each chunk.
+ * @param {(data: string) => void} onData
+ * @param {() => void} onComment
+ * @returns {(chunk: string) => number}
+ */
+function eventStreamParser(onData, onComment) {
+  let buffer = "";
+  /** @type {string[] | null} */
+  let data = null;
+  let held = 0;
+  return (chunk) => {
+    buffer += chunk;
+    for (let end = buffer.indexOf("\n"); end >= 0; end = buffer.indexOf("\n")) {
+      let line = buffer.slice(0, end);
+      buffer = buffer.slice(end + 1);
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      if (line === "") {
+        if (data) onData(data.join("\n"));
+        data = null;
+        held = 0;
+      } else if (line.startsWith(":")) {
+        onComment();
+      } else {
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "data") {
+          (data ??= []).push(value);
+          held += value.length;
+        }
+      }
+    }
+    return held + buffer.length;
+  };
+}
+
+/**
+ * What both fallback transports share: the session's key, delivering frames (the last `close`
+ * frame ends the transport), and client frames POSTed to `/{sse|poll}/{session}` one request
+ * at a time, the frames queued meanwhile batched into the next one, in order.
+ */
+class FallbackTransport {
+  /** @type {string} */
+  name;
+  /** @type {URL} */
+  _wsUrl;
+  /** @type {(input: string, init?: any) => Promise<any>} */
+  _fetch;
+  /** @type {TransportEvents} */
+  _events;
+  _abort = new AbortController();
+  _done = false;
+  /** @type {{session: string, key: string} | null} */
+  _link = null;
+  /** @type {object[]} */
+  #queue = [];
+  #posting = false;
+
+  /**
+   * @param {string} name
+   * @param {URL} wsUrl the `/ws` URL with the `user` query, if any
+   * @param {(input: string, init?: any) => Promise<any>} fetchImpl
+   * @param {TransportEvents} events
+   */
+  constructor(name, wsUrl, fetchImpl, events) {
+    this.name = name;
+    this._wsUrl = wsUrl;
+    this._fetch = fetchImpl;
+    this._events = events;
+  }
+
+  /**
+   * A request of this transport's, given up with it.
+   * @param {string} url
+   * @param {any} [init]
+   */
+  _request(url, init = {}) {
+    return this._fetch(url, { ...init, signal: this._abort.signal });
+  }
+
+  /**
+   * The URL of `/{name}/{session}` (without the query: the key authorizes it).
+   * @param {string} session
+   */
+  _sessionUrl(session) {
+    const url = fallbackUrl(this._wsUrl, `${this.name}/${encodeURIComponent(session)}`);
+    url.search = "";
+    return url.toString();
+  }
+
+  /** @param {any} frame */
+  _deliver(frame) {
+    if (this._done) return;
+    if (frame?.type === "close") {
+      this._end(Number.isInteger(frame.code) ? frame.code : ABNORMAL, String(frame.reason ?? ""));
+      return;
+    }
+    if (frame?.type === "welcome" && typeof frame.session === "string" && typeof frame.session_key === "string") {
+      this._link = { session: frame.session, key: frame.session_key };
+    }
+    this._events.frame(frame);
+  }
+
+  /**
+   * Ends the transport once: its requests are aborted and the client told.
+   * @param {number} code
+   * @param {string} reason
+   * @param {boolean} [refused]
+   */
+  _end(code, reason, refused = false) {
+    if (this._done) return;
+    this.close();
+    this._events.closed(code, reason, refused);
+  }
+
+  /** @param {object} frame */
+  send(frame) {
+    this.#queue.push(frame);
+    if (!this.#posting) this.#flush();
+  }
+
+  close() {
+    this._done = true;
+    this._abort.abort();
+  }
+
+  async #flush() {
+    this.#posting = true;
+    while (this.#queue.length > 0 && !this._done) {
+      const batch = this.#queue.splice(0, MAX_FRAMES_PER_POST);
+      if (!(await this.#post(batch))) break;
+    }
+    this.#posting = false;
+  }
+
+  /**
+   * POSTs `batch`; returns whether the node took it (when not, the transport has ended). A
+   * batch over the node's size limit is sent again one frame per request; a single frame over
+   * it ends the transport with 1009, as on a WebSocket. 429 and 503 are retried after
+   * `Retry-After` (the frames keep their order: nothing else is sent meanwhile).
+   * @param {object[]} batch
+   * @returns {Promise<boolean>}
+   */
+  async #post(batch) {
+    const link = this._link;
+    if (!link) {
+      this._end(ABNORMAL, "no session key in the welcome");
+      return false;
+    }
+    for (;;) {
+      let response;
+      try {
+        response = await this._request(this._sessionUrl(link.session), {
+          method: "POST",
+          headers: { authorization: `Session ${link.key}`, "content-type": "application/json" },
+          body: JSON.stringify(batch),
+        });
+        await response.text();
+      } catch (error) {
+        this._end(ABNORMAL, `could not send: ${messageOf(error)}`);
+        return false;
+      }
+      if (this._done) return false;
+      if (response.ok) return true;
+      if (response.status === 413 && batch.length > 1) {
+        for (const frame of batch) if (!(await this.#post([frame]))) return false;
+        return true;
+      }
+      if (response.status === 413) {
+        this._end(1009, "a frame is over the node's size limit");
+        return false;
+      }
+      if (response.status !== 429 && response.status !== 503) {
+        this._end(ABNORMAL, `the node answered a POST with ${response.status}`);
+        return false;
+      }
+      await this._retryAfter(response);
+      if (this._done) return false;
+    }
+  }
+
+  /**
+   * Waits as long as a 429 or 503 answer's `Retry-After` says (1 s when it says nothing usable,
+   * at most 60 s), or until the transport is closed.
+   * @param {any} response
+   */
+  _retryAfter(response) {
+    const seconds = Number(response.headers.get("retry-after"));
+    return new Promise((done) => {
+      const timer = setTimeout(done, 1000 * (seconds > 0 && seconds <= 60 ? seconds : 1));
+      this._abort.signal.addEventListener("abort", () => {
+        clearTimeout(timer);
+        done(undefined);
+      });
+    });
+  }
+
+  /**
+   * Opens the session (`GET /sse` or `GET /poll`); resolves with the response when it is the
+   * expected one, else ends the transport and resolves with null.
+   * @param {string | undefined} token
+   * @param {string} accept
+   */
+  async _open(token, accept) {
+    const url = fallbackUrl(this._wsUrl, this.name);
+    /** @type {Record<string, string>} */
+    const headers = { accept };
+    if (token) headers.authorization = `Bearer ${token}`;
+    let response;
+    try {
+      response = await this._request(url.toString(), { headers });
+    } catch (error) {
+      this._end(ABNORMAL, `could not connect: ${messageOf(error)}`);
+      return null;
+    }
+    const type = response.headers.get("content-type") ?? "";
+    if (response.ok && type.startsWith(accept)) return response;
+    response.body?.cancel().catch(() => {});
+    const status = response.ok ? `a ${type || "untyped"} answer` : String(response.status);
+    this._end(ABNORMAL, `GET /${this.name} answered ${status}`, REFUSALS.has(response.status));
+    return null;
+  }
+}
+
+/** Server-sent events: `GET /sse` is the session's stream, read with `fetch`. */
+class SseTransport extends FallbackTransport {
+  /**
+   * @param {URL} wsUrl
+   * @param {string | undefined} token
+   * @param {(input: string, init?: any) => Promise<any>} fetchImpl
+   * @param {TransportEvents} events
+   */
+  constructor(wsUrl, token, fetchImpl, events) {
+    super("sse", wsUrl, fetchImpl, events);
+    this.#read(token);
+  }
+
+  /** @param {string | undefined} token */
+  async #read(token) {
+    const response = await this._open(token, "text/event-stream");
+    if (!response) return;
+    const parse = eventStreamParser(
+      (data) => {
+        let frame;
+        try {
+          frame = JSON.parse(data);
+        } catch (error) {
+          if (!this._done) this._events.unreadable(messageOf(error));
+          return;
+        }
+        this._deliver(frame);
+      },
+      () => {
+        if (!this._done) this._events.alive();
+      },
+    );
+    const decoder = new TextDecoder();
+    try {
+      const reader = response.body.getReader();
+      while (!this._done) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        if (parse(decoder.decode(value, { stream: true })) > MAX_EVENT_CHARS) {
+          this._end(1009, "an event-stream event over 64 MiB");
+          return;
+        }
+      }
+      this._end(ABNORMAL, "the event stream ended without a close frame");
+    } catch (error) {
+      this._end(ABNORMAL, `the event stream failed: ${messageOf(error)}`);
+    }
+  }
+}
+
+/** Long polling: `GET /poll` opens the session, then `GET /poll/{session}` in a loop. */
+class PollTransport extends FallbackTransport {
+  /**
+   * @param {URL} wsUrl
+   * @param {string | undefined} token
+   * @param {(input: string, init?: any) => Promise<any>} fetchImpl
+   * @param {TransportEvents} events
+   */
+  constructor(wsUrl, token, fetchImpl, events) {
+    super("poll", wsUrl, fetchImpl, events);
+    this.#run(token);
+  }
+
+  /** @param {string | undefined} token */
+  async #run(token) {
+    const opened = await this._open(token, "application/json");
+    if (!opened || !(await this.#take(opened))) return;
+    const link = this._link;
+    if (!link) {
+      this._end(ABNORMAL, "GET /poll answered no welcome with a session key");
+      return;
+    }
+    const url = this._sessionUrl(link.session);
+    while (!this._done) {
+      let response;
+      try {
+        response = await this._request(url, { headers: { authorization: `Session ${link.key}`, accept: "application/json" } });
+      } catch (error) {
+        this._end(ABNORMAL, `the poll failed: ${messageOf(error)}`);
+        return;
+      }
+      if (this._done) return;
+      if (response.status === 429 || response.status === 503) {
+        // Too many polls or connections from this address for now: the session waits.
+        response.body?.cancel().catch(() => {});
+        await this._retryAfter(response);
+        continue;
+      }
+      if (!response.ok) {
+        response.body?.cancel().catch(() => {});
+        const why =
+          response.status === 404 ? "the node no longer has the session (404)"
+          : response.status === 421 ? "the poll reached another node (421): polls must reach the session's node"
+          : `the node answered a poll with ${response.status}`;
+        this._end(ABNORMAL, why);
+        return;
+      }
+      if (!(await this.#take(response))) return;
+    }
+  }
+
+  /**
+   * Delivers the frames of a poll's answer (a JSON array); returns whether the transport goes on.
+   * @param {any} response
+   */
+  async #take(response) {
+    let frames;
+    try {
+      frames = JSON.parse(await response.text());
+    } catch (error) {
+      this._end(ABNORMAL, `unreadable poll answer: ${messageOf(error)}`);
+      return false;
+    }
+    if (this._done) return false;
+    if (!Array.isArray(frames)) {
+      this._end(ABNORMAL, "a poll answer that is not an array");
+      return false;
+    }
+    if (frames.length === 0) this._events.alive();
+    for (const frame of frames) this._deliver(frame);
+    return !this._done;
+  }
+}
+
+/**
  * @typedef {object} Handlers
  * @property {(frame: any) => void} onReply
  * @property {(error: SwitchboardError) => void} onError
@@ -295,18 +775,26 @@ export class Client extends Emitter {
   #reconnect;
   /** @type {any} */
   #WebSocket;
+  /** @type {(input: string, init?: any) => Promise<any>} */
+  #fetch;
   /** @type {"connecting" | "connected" | "reconnecting" | "closed"} */
   #state = "connecting";
-  /** @type {any} */
-  #socket = null;
-  /** Bumped for every socket, so callbacks of an abandoned one (or a stale token fetch) do nothing. */
+  /** @type {WebSocketTransport | FallbackTransport | null} */
+  #transport = null;
+  /** @type {readonly string[]} */
+  #transports;
+  /** Which of `#transports` the current (or next) attempt uses. */
+  #transportIndex = 0;
+  /** Whether the current attempt started at the remembered transport. */
+  #fromMemory = false;
+  /** Bumped for every connection, so callbacks of an abandoned one (or a stale token fetch) do nothing. */
   #generation = 0;
   #nextId = 0;
   /** @type {Map<number, Pending>} */
   #pending = new Map();
   /** @type {Map<string, Subscription>} */
   #rooms = new Map();
-  /** @type {{session: string, user: string, node: string, heartbeatMs: number} | null} */
+  /** @type {{session: string, user: string, node: string, heartbeatMs: number, transport: string} | null} */
   #session = null;
   #everConnected = false;
   /** Failed attempts in the current outage, and the close code that began it. */
@@ -351,12 +839,23 @@ export class Client extends Emitter {
       throw new TypeError(`codec ${JSON.stringify(options.codec)}: only "json" is supported`);
     }
     const WebSocketImpl = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
-    if (typeof WebSocketImpl !== "function") {
+    const fetchImpl = options.fetch ?? /** @type {any} */ (globalThis).fetch;
+    const wanted = checkTransports(options.transports);
+    // A transport the environment lacks is left out (a browser without WebSocket goes straight
+    // to SSE); only a list left empty is an error.
+    this.#transports = Object.freeze(
+      wanted.filter((name) => (name === "websocket" ? typeof WebSocketImpl : typeof fetchImpl) === "function"),
+    );
+    if (this.#transports.length === 0) {
       throw new TypeError(
-        "no WebSocket: pass options.WebSocket, or run Node 22+ (Node 20: --experimental-websocket)",
+        wanted.includes("websocket")
+          ? "no WebSocket: pass options.WebSocket, or run Node 22+ (Node 20: --experimental-websocket)"
+          : "no fetch: pass options.fetch",
       );
     }
     this.#WebSocket = WebSocketImpl;
+    // Called as a plain function: browsers refuse `fetch` called as another object's method.
+    this.#fetch = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
     this.#options = {
       requestTimeoutMs: 10_000,
       random: Math.random,
@@ -366,6 +865,7 @@ export class Client extends Emitter {
       ...options,
     };
     this.#reconnect = { ...RECONNECT_DEFAULTS, ...options.reconnect };
+    this.#firstTransport();
     this.#open();
   }
 
@@ -381,6 +881,16 @@ export class Client extends Emitter {
   /** Every URL given to `connect`, in the order they are tried. */
   get urls() {
     return this.#urls;
+  }
+
+  /** The transport of the current connection, or of the attempt under way or about to be made. */
+  get transport() {
+    return this.#transports[this.#transportIndex];
+  }
+
+  /** The transports this client may use, in the order they are tried. */
+  get transports() {
+    return this.#transports;
   }
 
   get session() {
@@ -550,6 +1060,7 @@ export class Client extends Emitter {
       this.#attempt = 0;
       this.#outageCode = null;
       this.#nextUrl();
+      this.#firstTransport();
       this.#open();
     } else if (this.#state === "reconnecting" && this.#reconnectTimer !== undefined) {
       clearTimeout(this.#reconnectTimer);
@@ -566,7 +1077,7 @@ export class Client extends Emitter {
     }
     this.#state = "closed";
     this.#generation++;
-    this.#dropSocket();
+    this.#dropTransport();
     this.#clearTimers();
     this.#failPending(false);
     this.#session = null;
@@ -636,7 +1147,7 @@ export class Client extends Emitter {
       );
     }, timeoutMs);
     this.#pending.set(id, { frame, handlers, timer, retrySince });
-    this.#socket.send(JSON.stringify({ ...frame, id }));
+    /** @type {WebSocketTransport | FallbackTransport} */ (this.#transport).send({ ...frame, id });
     return true;
   }
 
@@ -645,63 +1156,102 @@ export class Client extends Emitter {
     this.#urlIndex = (this.#urlIndex + 1) % this.#urls.length;
   }
 
-  /** Opens a new socket (after fetching the token, when it is a function). */
+  /**
+   * Starts the transports over: at the remembered one, if this client has a choice and has it,
+   * else at the first.
+   */
+  #firstTransport() {
+    const remembered =
+      this.#transports.length > 1 && rememberedTransport !== null ? this.#transports.indexOf(rememberedTransport) : -1;
+    this.#transportIndex = Math.max(0, remembered);
+    this.#fromMemory = remembered >= 0;
+  }
+
+  /**
+   * After an attempt that failed before its welcome: whether to try the next transport at once.
+   * A remembered transport that fails (most likely its node went away, not the path to it) is
+   * forgotten and ends the attempt: the next one starts over from the first, on the next URL. A
+   * refusal by the node ends the attempt too (every transport would be refused alike).
+   * @param {boolean} refused
+   */
+  #fallBack(refused) {
+    const name = this.transport;
+    if (this.#fromMemory) {
+      if (rememberedTransport === name) rememberedTransport = null;
+      this.#fromMemory = false;
+      return false;
+    }
+    if (refused || this.#transportIndex + 1 >= this.#transports.length) return false;
+    this.#transportIndex++;
+    return true;
+  }
+
+  /** Opens a new connection (after fetching the token, when it is a function). */
   async #open() {
     const generation = ++this.#generation;
     this.#state = this.#everConnected || this.#attempt > 0 ? "reconnecting" : "connecting";
     const url = new URL(this.url);
-    let socket;
+    const name = this.transport;
+    /** @type {TransportEvents} */
+    const events = {
+      frame: (frame) => {
+        if (generation !== this.#generation) return;
+        this.#lastHeard = Date.now();
+        this.#onFrame(frame);
+      },
+      unreadable: (message) => {
+        if (generation !== this.#generation) return;
+        this.#lastHeard = Date.now();
+        this._emit("error", new SwitchboardError("bad_frame", `unreadable frame: ${message}`));
+      },
+      alive: () => {
+        if (generation === this.#generation) this.#lastHeard = Date.now();
+      },
+      closed: (code, reason, refused) => this.#closed(generation, code, reason, refused),
+    };
     try {
       const { token, user } = this.#options;
       const value = typeof token === "function" ? await token() : token;
       if (generation !== this.#generation) return;
-      if (value) url.searchParams.set("token", value);
+      // Browsers cannot set headers on a WebSocket: its token goes in the query; fetch sends it
+      // as a header, which proxies do not log.
+      if (value && name === "websocket") url.searchParams.set("token", value);
       if (user !== undefined) url.searchParams.set("user", user);
-      socket = new this.#WebSocket(url.toString(), SUBPROTOCOL);
+      const transport =
+        name === "websocket" ? new WebSocketTransport(url.toString(), this.#WebSocket, events)
+        : name === "sse" ? new SseTransport(url, value || undefined, this.#fetch, events)
+        : new PollTransport(url, value || undefined, this.#fetch, events);
+      // A transport that failed at once (a `fetch` that threw) has already been replaced.
+      if (generation !== this.#generation) return;
+      this.#transport = transport;
     } catch (error) {
       if (generation !== this.#generation) return;
-      const message = error instanceof Error ? error.message : String(error);
+      const message = messageOf(error);
       this._emit("error", new SwitchboardError("connect_failed", message));
       this.#closed(generation, ABNORMAL, `could not connect: ${message}`);
       return;
     }
-    this.#socket = socket;
-    socket.onmessage = (/** @type {any} */ event) => {
-      if (generation === this.#generation) this.#onMessage(event.data);
-    };
-    socket.onclose = (/** @type {any} */ event) => {
-      this.#closed(generation, event.code || ABNORMAL, event.reason || "");
-    };
-    // A failed handshake (refused connection, HTTP 4xx/5xx) is reported as an error and, by
-    // some implementations (Node 20's undici), with no close event after it.
-    socket.onerror = () => {
-      if (socket.readyState === CONNECTING) {
-        this.#abandon(generation, "could not connect (network error or handshake refused)");
-      }
-    };
     this.#welcomeTimer = setTimeout(() => {
       this.#abandon(generation, `no welcome within ${this.#options.requestTimeoutMs} ms`);
     }, this.#options.requestTimeoutMs);
   }
 
   /**
-   * Gives a socket up without waiting for its close handshake (the peer may be gone).
+   * Gives a connection up without waiting for its close handshake (the peer may be gone).
    * @param {number} generation
    * @param {string} reason
    */
   #abandon(generation, reason) {
     if (generation !== this.#generation) return;
-    this.#dropSocket();
+    this.#dropTransport();
     this.#closed(generation, ABNORMAL, reason);
   }
 
-  /** Detaches and closes the current socket; its events are ignored from now on. */
-  #dropSocket() {
-    const socket = this.#socket;
-    this.#socket = null;
-    if (!socket) return;
-    socket.onmessage = socket.onclose = socket.onerror = null;
-    socket.close(1000);
+  /** Closes the current connection; its events are ignored from now on. */
+  #dropTransport() {
+    const transport = this.#transport;
+    this.#transport = null;
+    transport?.close();
   }
 
   #clearTimers() {
@@ -783,16 +1333,23 @@ export class Client extends Emitter {
   }
 
   /**
-   * A socket ended (or an attempt failed): fail what was waiting on it, then retry or stop.
+   * A connection ended (or an attempt failed): fail what was waiting on it, then fall back to
+   * the next transport, retry or stop.
    * @param {number} generation
    * @param {number} code
    * @param {string} reason
+   * @param {boolean} [refused] see `TransportEvents.closed`
    */
-  #closed(generation, code, reason) {
+  #closed(generation, code, reason, refused = false) {
     if (generation !== this.#generation || this.#state === "closed") return;
     this.#generation++;
-    this.#socket = null;
+    this.#transport = null;
     const wasConnected = this.#state === "connected";
+    if (!wasConnected && this.#fallBack(refused)) {
+      this.#clearTimers();
+      this.#open();
+      return;
+    }
     const policy = this.#reconnect;
     const retry = policy.enabled && shouldReconnect(code) && this.#attempt < policy.maxAttempts;
     this.#clearTimers();
@@ -815,7 +1372,8 @@ export class Client extends Emitter {
     // A listener may have closed the client.
     if (this.#state !== "reconnecting") return;
     this.#nextUrl();
-    this._emit("reconnecting", { attempt: this.#attempt, delayMs, url: this.url });
+    this.#firstTransport();
+    this._emit("reconnecting", { attempt: this.#attempt, delayMs, url: this.url, transport: this.transport });
     if (this.#state !== "reconnecting" || this.#reconnectTimer !== undefined) return;
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = undefined;
@@ -823,18 +1381,8 @@ export class Client extends Emitter {
     }, delayMs);
   }
 
-  /** @param {unknown} data */
-  #onMessage(data) {
-    this.#lastHeard = Date.now();
-    let frame;
-    try {
-      if (typeof data !== "string") throw new Error("binary frame on the JSON subprotocol");
-      frame = JSON.parse(data);
-    } catch (error) {
-      const message = error instanceof Error ? error.message : String(error);
-      this._emit("error", new SwitchboardError("bad_frame", `unreadable frame: ${message}`));
-      return;
-    }
+  /** @param {any} frame */
+  #onFrame(frame) {
     switch (frame?.type) {
       case "welcome":
         this.#onWelcome(frame);
@@ -961,11 +1509,16 @@ export class Client extends Emitter {
     this.#state = "connected";
     this.#attempt = 0;
     this.#outageCode = null;
+    const transport = this.transport;
+    // Only a client that had a choice says what works here.
+    if (this.#transports.length > 1) rememberedTransport = transport;
+    this.#fromMemory = false;
     this.#session = {
       session: frame.session,
       user: frame.user,
       node: frame.node,
       heartbeatMs: frame.heartbeat_ms,
+      transport,
     };
     const reconnected = this.#everConnected;
     this.#everConnected = true;
@@ -985,6 +1538,7 @@ export class Client extends Emitter {
       user: frame.user,
       node: frame.node,
       url: this.url,
+      transport,
       reconnected,
       ...(inbox && { inbox }),
     };

@@ -12,6 +12,9 @@ import { fileURLToPath } from "node:url";
 /** How long any single expected event may take before a test fails. */
 export const DEADLINE_MS = 10_000;
 
+/** Every transport, for the suites that run over each. */
+export const TRANSPORTS = /** @type {const} */ (["websocket", "sse", "poll"]);
+
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 const binary = process.env.SWITCHBOARD_BIN ?? resolve(root, "target/debug/switchboard");
 

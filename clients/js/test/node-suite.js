@@ -1,5 +1,6 @@
 // The setup the tests against one real switchboard node share: clients that are closed after the
-// tests, and a node that lives as long as a suite.
+// tests (over one transport, for the suites that run over each), and a node that lives as long as
+// a suite.
 
 import { after, before } from "node:test";
 
@@ -23,6 +24,15 @@ export function open(url, options) {
 after(() => {
   for (const client of clients) client.close();
 });
+
+/**
+ * `open`, over `transport` only.
+ * @param {"websocket" | "sse" | "poll"} transport
+ */
+export function opener(transport) {
+  return (/** @type {string} */ url, /** @type {import("../switchboard.js").ConnectOptions} */ options = {}) =>
+    open(url, { transports: [transport], ...options });
+}
 
 /**
  * Starts a node with `args` before the tests of the enclosing suite, hands it to `use`, and kills

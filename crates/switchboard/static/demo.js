@@ -12,6 +12,8 @@
 //   ws=URL[,URL...]  WebSocket URLs: the first is used first, each reconnect tries the next in turn
 //                    (default: /ws on the node that served the page); may be repeated
 //   room=NAME        the chat room (default "lobby")
+//   transport=NAME   force one transport: websocket, sse or poll (default: WebSocket, falling back
+//                    to SSE, then long polling, when it cannot connect)
 // Fragment: #token=JWT when the node has authentication on (the user id is then the token's `sub`).
 
 import { connect } from "./switchboard.js";
@@ -30,6 +32,7 @@ const params = new URLSearchParams(location.search);
 const fragment = new URLSearchParams(location.hash.slice(1));
 const token = fragment.get("token");
 const room = params.get("room") || "lobby";
+const transport = params.get("transport");
 const defaultUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
 const urls = params
   .getAll("ws")
@@ -507,18 +510,22 @@ async function start(name) {
   $("room-name").textContent = room;
   // The SDK tries the URLs in turn, one per attempt, so a page whose node dies moves to another.
   try {
-    client = connect(urls, token ? { token } : { user: name });
+    client = connect(urls, {
+      ...(token ? { token } : { user: name }),
+      ...(transport && { transports: [transport] }),
+    });
   } catch (error) {
     setStatus("disconnected", `Cannot connect: ${error.message}`);
     return;
   }
-  setStatus("connecting", `Connecting to ${client.url}…`);
+  setStatus("connecting", `Connecting to ${client.url} over ${client.transport}…`);
 
   client.on("connected", (event) => {
     me = { user: event.user, session: event.session, node: event.node };
     if (storeKey === null) loadConversations(event.user);
     flushAcks();
-    setStatus("connected", `Connected to ${event.node} as ${event.user}`);
+    setStatus("connected", `Connected to ${event.node} as ${event.user} over ${event.transport}`);
+    $("status").dataset.transport = event.transport;
     $("text").disabled = false;
     $("send").disabled = false;
     if (event.reconnected) notice(`Reconnected to ${event.node}`);
@@ -538,7 +545,7 @@ async function start(name) {
   });
   client.on("direct", onDirect);
   client.on("reconnecting", (event) => {
-    setStatus("reconnecting", `Reconnecting to ${event.url} (attempt ${event.attempt})…`);
+    setStatus("reconnecting", `Reconnecting to ${event.url} over ${event.transport} (attempt ${event.attempt})…`);
   });
 
   try {
