@@ -402,6 +402,69 @@ async fn history_pages_the_room(transport: Transport) -> Result<()> {
     client.expect_ping_pong(5).await
 }
 
+async fn recovery_and_idempotency_answer_as_on_the_websocket(transport: Transport) -> Result<()> {
+    let node = NodeProcess::start(&[]).await?;
+    let mut client = TransportClient::connect(transport, node.public, Auth::User("keyed")).await?;
+    let keyed = |id: u64| ClientFrame::Publish {
+        room: "ledger".into(),
+        data: json!({"entry": 1}),
+        id: Some(id),
+        key: Some("entry-1".into()),
+    };
+    let first = client.reply(&keyed(1)).await?;
+    ensure!(first.offset == Some(1) && !first.duplicate, "{first:?}");
+    let again = client.reply(&keyed(2)).await?;
+    ensure!(
+        again.offset == Some(1) && again.duplicate,
+        "a retried publish: {again:?}"
+    );
+    // A position of another epoch cannot be recovered: the client learns it from the reply.
+    let since = StreamPosition {
+        offset: 1,
+        epoch: "not-the-epoch".into(),
+    };
+    let reply = client
+        .reply(&subscribe_since("ledger", 3, Some(since)))
+        .await?;
+    ensure!(
+        reply.recovered == Some(false) && reply.offset == Some(1),
+        "{reply:?}"
+    );
+    client.expect_ping_pong(4).await
+}
+
+async fn the_server_api_reaches_every_transport(transport: Transport) -> Result<()> {
+    let node = NodeProcess::start(&[]).await?;
+    let mut dan = TransportClient::connect(transport, node.public, Auth::User("dan")).await?;
+    let mut erin = TransportClient::connect(transport, node.public, Auth::User("erin")).await?;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| http.post(node.http_url(path)).json(&body).send();
+    let answer: Value = post("/api/broadcast", json!({"data": "maintenance"}))
+        .await?
+        .json()
+        .await?;
+    ensure!(answer["nodes"] == 1, "{answer}");
+    for client in [&mut dan, &mut erin] {
+        ensure!(
+            client.next_frame().await?
+                == ServerFrame::Broadcast {
+                    data: json!("maintenance")
+                }
+        );
+    }
+    let answer: Value = post(
+        "/api/disconnect",
+        json!({"user": "dan", "code": 4000, "reason": "bye dan"}),
+    )
+    .await?
+    .json()
+    .await?;
+    ensure!(answer["sessions"] == 1, "{answer}");
+    let code = dan.expect_close().await?;
+    ensure!(code == 4000, "disconnected with {code}");
+    erin.expect_ping_pong(1).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Presence
 // ---------------------------------------------------------------------------------------------
@@ -953,6 +1016,24 @@ async fn polls_with_a_bad_key_or_an_unknown_session_are_refused() -> Result<()> 
     client.expect_ping_pong(1).await
 }
 
+/// A long-poll session with nothing to receive gets `[]` at each `--poll-timeout-ms` and goes
+/// on polling; the frame that finally comes arrives by the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_poll_session_lives_on_through_empty_polls() -> Result<()> {
+    let node = NodeProcess::start(&["--poll-timeout-ms", "300"]).await?;
+    let mut client =
+        TransportClient::connect(Transport::Poll, node.public, Auth::User("idle")).await?;
+    client.subscribe("later", 1, false).await?;
+    let polled = "switchboard_fallback_requests_total{endpoint=\"poll\",result=\"ok\"}";
+    let before = node.metric(polled).await?;
+    // Several timeouts pass with nothing to send.
+    node.wait_metric(polled, before + 5.0).await?;
+    let data = json!("at last");
+    api_publish(&node, "later", data.clone()).await?;
+    client.expect_message("later", &data).await?;
+    client.expect_ping_pong(2).await
+}
+
 /// One `#[tokio::test]` per transport for each scenario: `scenario::websocket`, `scenario::sse`,
 /// `scenario::poll`.
 macro_rules! per_transport {
@@ -1006,6 +1087,8 @@ per_transport!(
     forbidden_with_auth_on,
     one_subscription_past_the_limit_is_refused,
     history_pages_the_room,
+    recovery_and_idempotency_answer_as_on_the_websocket,
+    the_server_api_reaches_every_transport,
     presence_events_cross_transports,
     since_recovers_with_no_gap_or_repeat,
     directs_and_the_inbox,
