@@ -544,6 +544,7 @@ async fn presence_events_cross_transports(transport: Transport) -> Result<()> {
     let mut other =
         TransportClient::connect(transport.other(), node.public, Auth::User("bob")).await?;
     other.subscribe(room, 1, true).await?;
+    ensure!(watcher.next_frame().await? == ServerFrame::Join(notice(room, &other)));
     watcher
         .reply(&ClientFrame::Unsubscribe {
             room: room.into(),

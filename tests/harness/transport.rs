@@ -8,6 +8,7 @@
 //! frames the server then counts as delivered.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use eventsource_stream::Eventsource;
@@ -714,7 +715,8 @@ async fn read_sse(response: reqwest::Response, events: mpsc::UnboundedSender<Res
     }
 }
 
-/// Polls one after the other, as a long-poll client does, until the session closes or is gone.
+/// Polls one after the other, as a long-poll client does, until the session closes or is gone;
+/// a poll refused with 429 is repeated after its Retry-After.
 async fn read_polls(
     http: reqwest::Client,
     url: String,
@@ -734,6 +736,18 @@ async fn read_polls(
                 return;
             }
         };
+        if response.status() == 429 {
+            // The front door's per-address connection rate: every poll is a new connection.
+            // A client waits as told and polls again; its frames wait in the session's queue.
+            let answer = answer_of(response).await;
+            let wait = answer
+                .retry_after
+                .as_deref()
+                .and_then(|seconds| seconds.parse().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
         if response.status() != 200 {
             let answer = answer_of(response).await;
             let _ = events.send(Ok(Event::Ended(format!(
