@@ -13,8 +13,8 @@ use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{Member, PresenceNotice, RoomMessage, Sender, StreamPosition};
 
 use crate::{
-    Acked, Broker, BrokerHandler, DirectMessage, History, HistoryQuery, InboxEntry, PresenceChange,
-    PresenceEvent, Sent, SessionRecord, same_generation,
+    Acked, Broker, BrokerHandler, DirectMessage, Forwarded, History, HistoryQuery, InboxEntry,
+    LinkRecord, PresenceChange, PresenceEvent, Sent, SessionRecord, same_generation,
 };
 
 /// Time a broker gets to deliver an event or come up: long, because the test machine is loaded.
@@ -83,6 +83,11 @@ pub enum Event {
         code: u16,
         reason: String,
     },
+    /// Client frames forwarded to a fallback session of this node.
+    Frames {
+        session: String,
+        frames: Vec<String>,
+    },
 }
 
 /// A [`BrokerHandler`] that records what its broker delivers.
@@ -138,7 +143,12 @@ impl BrokerHandler for Recorder {
         self.push(Event::Broadcast((*data).clone()));
     }
 
-    fn frames(&self, _session: &str, _frames: Vec<String>) {}
+    fn frames(&self, session: &str, frames: Vec<String>) {
+        self.push(Event::Frames {
+            session: session.to_owned(),
+            frames,
+        });
+    }
 
     fn disconnect(&self, user: &str, code: u16, reason: &str) {
         self.push(Event::Disconnect {
@@ -249,6 +259,48 @@ fn session(user: &str, session: &str, node: &str) -> SessionRecord {
         node: node.to_owned(),
         connected_at: 1_700_000_000_000,
     }
+}
+
+fn link(session: &str, node: &str, key_hash: &str) -> LinkRecord {
+    LinkRecord {
+        session: session.to_owned(),
+        node: node.to_owned(),
+        key_hash: key_hash.to_owned(),
+    }
+}
+
+fn texts(frames: &[&str]) -> Vec<String> {
+    frames.iter().map(|frame| (*frame).to_owned()).collect()
+}
+
+fn frames_event(session: &str, frames: &[&str]) -> Event {
+    Event::Frames {
+        session: session.to_owned(),
+        frames: texts(frames),
+    }
+}
+
+/// Forwards `frames` to `session` with the right key and waits until `recorder` (its node's)
+/// has them: every frame forwarded earlier to that node has then arrived too, so a check that
+/// something did not arrive after this is not premature.
+async fn frames_barrier(
+    broker: &dyn Broker,
+    recorder: &Recorder,
+    session: &str,
+    key_hash: &str,
+    frames: &[&str],
+) {
+    assert_eq!(
+        broker
+            .forward(session, key_hash, texts(frames))
+            .await
+            .unwrap(),
+        Forwarded::Delivered
+    );
+    assert_eq!(
+        recorder.take_exactly(1, "frames barrier").await,
+        vec![frames_event(session, frames)]
+    );
 }
 
 fn node_info(id: &str, connections: u64, last_seen: u64) -> NodeInfo {
@@ -1256,6 +1308,135 @@ pub async fn a_key_is_new_again_after_the_window(cluster: &dyn Cluster) {
     );
 }
 
+/// Frames forwarded with a link's key reach the handler of the node holding the session, and
+/// only that node, in the order forwarded, from another node or from the same one. A forward
+/// without frames only checks: `Delivered`, and nothing reaches the handler.
+pub async fn forwarded_frames_reach_the_node_holding_the_session(cluster: &dyn Cluster) {
+    let (n1, rec1) = started(cluster, "n1").await;
+    let (n2, rec2) = started(cluster, "n2").await;
+    n2.register_link(&link("f1", "n2", "k1")).await.unwrap();
+    n1.register_link(&link("f2", "n1", "k2")).await.unwrap();
+
+    assert_eq!(
+        n1.forward("f1", "k1", texts(&[r#"{"type":"ping"}"#, "b"]))
+            .await
+            .unwrap(),
+        Forwarded::Delivered
+    );
+    assert_eq!(
+        n1.forward("f1", "k1", texts(&["c"])).await.unwrap(),
+        Forwarded::Delivered
+    );
+    assert_eq!(
+        n2.forward("f1", "k1", texts(&["d"])).await.unwrap(),
+        Forwarded::Delivered,
+        "a forward from the session's own node"
+    );
+    assert_eq!(
+        rec2.take_exactly(3, "frames in order").await,
+        vec![
+            frames_event("f1", &[r#"{"type":"ping"}"#, "b"]),
+            frames_event("f1", &["c"]),
+            frames_event("f1", &["d"]),
+        ]
+    );
+
+    // Without frames: the session is there, and nothing is handed over.
+    assert_eq!(
+        n1.forward("f1", "k1", Vec::new()).await.unwrap(),
+        Forwarded::Delivered
+    );
+    assert_eq!(
+        n2.forward("f2", "k2", Vec::new()).await.unwrap(),
+        Forwarded::Delivered
+    );
+    frames_barrier(&*n1, &rec2, "f1", "k1", &["e"]).await;
+    // n1's session gets its own frames, and none of n2's.
+    frames_barrier(&*n2, &rec1, "f2", "k2", &["f"]).await;
+    frames_barrier(&*n1, &rec1, "f2", "k2", &["g"]).await;
+    assert!(rec1.take().is_empty());
+    assert!(rec2.take().is_empty());
+}
+
+/// A wrong key answers `WrongKey`, a session without a link `UnknownSession`; neither hands
+/// anything over.
+pub async fn a_wrong_key_or_an_unknown_session_delivers_nothing(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let (n2, rec2) = started(cluster, "n2").await;
+    n2.register_link(&link("f1", "n2", "k1")).await.unwrap();
+
+    for frames in [texts(&["bad"]), Vec::new()] {
+        assert_eq!(
+            n1.forward("f1", "k2", frames.clone()).await.unwrap(),
+            Forwarded::WrongKey
+        );
+        assert_eq!(
+            n1.forward("f1", "", frames.clone()).await.unwrap(),
+            Forwarded::WrongKey
+        );
+        assert_eq!(
+            n1.forward("nobody", "k1", frames.clone()).await.unwrap(),
+            Forwarded::UnknownSession
+        );
+        assert_eq!(
+            n2.forward("nobody", "k1", frames).await.unwrap(),
+            Forwarded::UnknownSession
+        );
+    }
+    frames_barrier(&*n1, &rec2, "f1", "k1", &["good"]).await;
+    assert!(rec2.take().is_empty());
+}
+
+/// After `unregister_link` the session is unknown (the node's other links stay); unregistering
+/// twice is harmless, and registering again makes it reachable again.
+pub async fn an_unregistered_link_is_an_unknown_session(cluster: &dyn Cluster) {
+    let (n1, _) = started(cluster, "n1").await;
+    let (n2, rec2) = started(cluster, "n2").await;
+    n2.register_link(&link("f1", "n2", "k1")).await.unwrap();
+    n2.register_link(&link("f2", "n2", "k2")).await.unwrap();
+    n2.unregister_link(&link("f1", "n2", "k1")).await.unwrap();
+
+    assert_eq!(
+        n1.forward("f1", "k1", texts(&["late"])).await.unwrap(),
+        Forwarded::UnknownSession
+    );
+    assert_eq!(
+        n1.forward("f1", "k1", Vec::new()).await.unwrap(),
+        Forwarded::UnknownSession
+    );
+    frames_barrier(&*n1, &rec2, "f2", "k2", &["other"]).await;
+    assert!(rec2.take().is_empty());
+
+    n2.unregister_link(&link("f1", "n2", "k1")).await.unwrap();
+    n2.unregister_link(&link("never", "n2", "k")).await.unwrap();
+    n2.register_link(&link("f1", "n2", "k3")).await.unwrap();
+    assert_eq!(
+        n1.forward("f1", "k1", Vec::new()).await.unwrap(),
+        Forwarded::WrongKey
+    );
+    frames_barrier(&*n1, &rec2, "f1", "k3", &["again"]).await;
+}
+
+/// A node that deregistered takes its links with it: its sessions are unknown; other nodes'
+/// links stay.
+pub async fn the_links_of_a_deregistered_node_are_unknown_sessions(cluster: &dyn Cluster) {
+    let (n1, rec1) = started(cluster, "n1").await;
+    let (n2, _) = started(cluster, "n2").await;
+    n2.register_link(&link("f1", "n2", "k1")).await.unwrap();
+    n1.register_link(&link("f2", "n1", "k2")).await.unwrap();
+
+    n2.deregister_node("n2").await.unwrap();
+    assert_eq!(
+        n1.forward("f1", "k1", texts(&["gone"])).await.unwrap(),
+        Forwarded::UnknownSession
+    );
+    assert_eq!(
+        n1.forward("f1", "k1", Vec::new()).await.unwrap(),
+        Forwarded::UnknownSession
+    );
+    frames_barrier(&*n1, &rec1, "f2", "k2", &["still"]).await;
+}
+
 /// Defines one `#[tokio::test]` per conformance function, each on a cluster made by `$cluster`,
 /// a function (or closure) taking the test's [`Limits`] to an async expression evaluating to a
 /// value that implements [`Cluster`].
@@ -1282,6 +1463,10 @@ macro_rules! conformance_tests {
             a_keyed_publish_is_done_once_per_room_and_key,
             a_keyed_persisted_send_is_done_once_per_user_and_key,
             a_key_is_new_again_after_the_window(SHORT_WINDOW),
+            forwarded_frames_reach_the_node_holding_the_session,
+            a_wrong_key_or_an_unknown_session_delivers_nothing,
+            an_unregistered_link_is_an_unknown_session,
+            the_links_of_a_deregistered_node_are_unknown_sessions,
         );
     };
     (@each $cluster:expr; $($name:ident $(($limits:ident))?),* $(,)?) => {

@@ -12,9 +12,9 @@ use switchboard_protocol::{Codec, Member, PresenceNotice, RoomMessage, Sender, S
 use tokio::time::Instant;
 
 use crate::{
-    Acked, Broker, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery, Inbox,
-    InboxEntry, InboxPosition, PresenceChange, PresenceEvent, Published, Sent, SessionRecord,
-    recovered, resumable,
+    Acked, Broker, BrokerHandler, BrokerResult, DirectMessage, Forwarded, History, HistoryQuery,
+    Inbox, InboxEntry, InboxPosition, LinkRecord, PresenceChange, PresenceEvent, Published, Sent,
+    SessionRecord, recovered, resumable,
 };
 
 /// Limits of the embedded broker's room history.
@@ -68,6 +68,8 @@ struct BusState {
     nodes: RwLock<Vec<Arc<NodeSlot>>>,
     /// user → session → node id.
     registry: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Fallback session id → its link.
+    links: Mutex<HashMap<String, LinkRecord>>,
     /// room → session → member; a BTreeMap keeps listings stable.
     presence: Mutex<HashMap<String, BTreeMap<String, Member>>>,
     /// user → inbox, each behind its own lock, held through delivery so that delivery order is
@@ -204,6 +206,7 @@ impl MemoryBus {
                 subscriptions: DashMap::new(),
                 nodes: RwLock::new(Vec::new()),
                 registry: Mutex::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 presence: Mutex::new(HashMap::new()),
                 inboxes: DashMap::new(),
                 keys: Mutex::new(HashMap::new()),
@@ -807,27 +810,46 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn register_link(&self, _link: &crate::LinkRecord) -> BrokerResult<()> {
-        Err(crate::BrokerError::Internal(
-            "IFACE STUB: links not built yet".into(),
-        ))
+    async fn register_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.state()
+            .links
+            .lock()
+            .insert(link.session.clone(), link.clone());
+        Ok(())
     }
 
-    async fn unregister_link(&self, _link: &crate::LinkRecord) -> BrokerResult<()> {
-        Err(crate::BrokerError::Internal(
-            "IFACE STUB: links not built yet".into(),
-        ))
+    async fn unregister_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.state().links.lock().remove(&link.session);
+        Ok(())
     }
 
     async fn forward(
         &self,
-        _session: &str,
-        _key_hash: &str,
-        _frames: Vec<String>,
-    ) -> BrokerResult<crate::Forwarded> {
-        Err(crate::BrokerError::Internal(
-            "IFACE STUB: links not built yet".into(),
-        ))
+        session: &str,
+        key_hash: &str,
+        frames: Vec<String>,
+    ) -> BrokerResult<Forwarded> {
+        let state = self.state();
+        let handler = {
+            let mut links = state.links.lock();
+            let Some(link) = links.get(session) else {
+                return Ok(Forwarded::UnknownSession);
+            };
+            // A node that left the bus holds no session any more: its link goes, as the
+            // Redis broker drops the link of a dead node.
+            let Some(handler) = state.handler_of(&link.node) else {
+                links.remove(session);
+                return Ok(Forwarded::UnknownSession);
+            };
+            if link.key_hash != key_hash {
+                return Ok(Forwarded::WrongKey);
+            }
+            handler
+        };
+        if !frames.is_empty() {
+            handler.frames(session, frames);
+        }
+        Ok(Forwarded::Delivered)
     }
 
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {
@@ -861,6 +883,7 @@ impl Broker for MemoryBroker {
             members.retain(|session, _| !sessions.contains(session));
             !members.is_empty()
         });
+        state.links.lock().retain(|_, link| link.node != node);
         state.nodes.write().retain(|slot| slot.id != node);
         for mut nodes in state.subscriptions.iter_mut() {
             nodes.retain(|slot| slot.id != node);

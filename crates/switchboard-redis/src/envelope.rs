@@ -35,6 +35,14 @@ pub struct Disconnect {
     pub reason: String,
 }
 
+/// Client frames POSTed on one node for a fallback session of another (`Broker::forward`).
+#[derive(Serialize, Deserialize)]
+pub struct Frames {
+    pub session: String,
+    /// JSON text, one client frame each.
+    pub frames: Vec<String>,
+}
+
 /// A decoded channel payload.
 pub enum Envelope {
     Room(RoomMessage),
@@ -43,6 +51,7 @@ pub enum Envelope {
     Direct(Direct),
     Disconnect(Disconnect),
     Broadcast(Value),
+    Frames(Frames),
 }
 
 /// Why a payload could not be packed, or a payload from Redis could not be read.
@@ -119,6 +128,10 @@ pub fn broadcast(data: &Value) -> Result<Vec<u8>, EnvelopeError> {
     Ok([b"1b".as_slice(), &pack(data)?].concat())
 }
 
+pub fn frames(message: &Frames) -> Result<Vec<u8>, EnvelopeError> {
+    Ok([b"1f".as_slice(), &pack(message)?].concat())
+}
+
 /// Decodes a payload received on `room`'s channel (`room` is `None` on other channels).
 pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, EnvelopeError> {
     let [b'1', kind, rest @ ..] = payload else {
@@ -161,6 +174,7 @@ pub fn decode(room: Option<&str>, payload: &[u8]) -> Result<Envelope, EnvelopeEr
         (b'd', None) => Ok(Envelope::Direct(unpack(rest)?)),
         (b'x', None) => Ok(Envelope::Disconnect(unpack(rest)?)),
         (b'b', None) => Ok(Envelope::Broadcast(unpack(rest)?)),
+        (b'f', None) => Ok(Envelope::Frames(unpack(rest)?)),
         _ => Err(EnvelopeError::UnexpectedKind(*kind as char)),
     }
 }
@@ -221,6 +235,26 @@ mod tests {
         assert!(
             matches!(decode(None, &payload).unwrap(), Envelope::Broadcast(v) if v == json!("all"))
         );
+    }
+
+    #[test]
+    fn frames_envelopes_round_trip_on_inbox_channels_only() {
+        let sent = [r#"{"type":"ping","id":1}"#, "not json: sent as is"];
+        let payload = frames(&Frames {
+            session: "0123abcd".into(),
+            frames: sent.iter().map(|frame| (*frame).to_owned()).collect(),
+        })
+        .unwrap();
+        assert!(payload.starts_with(b"1f"));
+        let Envelope::Frames(received) = decode(None, &payload).unwrap() else {
+            panic!("frames")
+        };
+        assert_eq!(received.session, "0123abcd");
+        assert_eq!(received.frames, sent);
+        assert!(matches!(
+            decode(Some("room"), &payload),
+            Err(EnvelopeError::UnexpectedKind('f'))
+        ));
     }
 
     #[test]
@@ -298,6 +332,7 @@ mod tests {
             b"1m1",
             b"1z",
             b"1d\xff",
+            b"1f\x92",
             b"1b\xdd\xff\xff\xff\xff",
         ] {
             assert!(decode(Some("r"), payload).is_err() || decode(None, payload).is_err());

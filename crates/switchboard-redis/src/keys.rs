@@ -1,6 +1,6 @@
 //! The Redis key and channel schema (docs/architecture.md lists it). Everything of a room lives on
-//! the room's shard; a user's session index on the user's shard; node liveness, node inboxes and
-//! the broadcast channel on every shard.
+//! the room's shard; a user's session index on the user's shard; a fallback session's link on the
+//! session id's shard; node liveness, node inboxes and the broadcast channel on every shard.
 
 /// Prefix of every key and channel, so a Redis server can be shared with other data.
 pub const PREFIX: &str = "sb:";
@@ -83,6 +83,19 @@ pub const BROADCAST: &str = "sb:broadcast";
 /// removes from the registry. Entries leave with their session, so it holds live sessions only.
 pub fn node_sessions(node: &str) -> String {
     format!("{PREFIX}n:{node}:sessions")
+}
+
+/// Hash `{n: node, k: key hash}` of a fallback (SSE or long-poll) session's link, on the session
+/// id's shard: which node holds the session, and the SHA-256 (hex) of its key. No TTL: it goes
+/// with the session, or when its node is reaped or found dead by a forward.
+pub fn link(session: &str) -> String {
+    format!("{PREFIX}l:{session}")
+}
+
+/// Set of a node's fallback session ids whose link is on this shard: what reaping the node
+/// removes. Entries leave with their link, so it holds live sessions only.
+pub fn node_links(node: &str) -> String {
+    format!("{PREFIX}n:{node}:links")
 }
 
 /// The entry of [`node_sessions`] or [`node_members`] for `session` and its user or room

@@ -1,11 +1,12 @@
 //! `RedisBroker`: N switchboard nodes become one gateway over S independent Redis servers.
 //!
-//! A consistent-hash ring (virtual nodes, keyed by shard URL) maps every room and user to one
-//! shard. A room's offset, epoch, history, presence and channel live on its shard; a user's
-//! session index on the user's shard. Each shard has a command pool and one pub/sub connection,
-//! kept by a task that reconnects with back-off, subscribes again to everything the node needs,
-//! writes this node's registry and presence entries again, and replays from history what the
-//! node's rooms published while the connection was down. docs/architecture.md has the schema.
+//! A consistent-hash ring (virtual nodes, keyed by shard URL) maps every room, user and fallback
+//! session id to one shard. A room's offset, epoch, history, presence and channel live on its
+//! shard; a user's session index on the user's shard; a fallback session's link on the session
+//! id's shard. Each shard has a command pool and one pub/sub connection, kept by a task that
+//! reconnects with back-off, subscribes again to everything the node needs, writes this node's
+//! registry, link and presence entries again, and replays from history what the node's rooms
+//! published while the connection was down. docs/architecture.md has the schema.
 //!
 //! One module per job: `ring` (which shard holds a key), `shard` (a shard's client, TLS, command
 //! connection and bounded calls), `subscriber` (the pub/sub task and replay), `history` (the READ
@@ -40,8 +41,8 @@ use parking_lot::Mutex;
 use prometheus::Registry;
 use serde_json::Value as Json;
 use switchboard_broker::{
-    Acked, Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, History, HistoryQuery,
-    Inbox, Published, Sent, SessionRecord,
+    Acked, Broker, BrokerError, BrokerHandler, BrokerResult, DirectMessage, Forwarded, History,
+    HistoryQuery, Inbox, LinkRecord, Published, Sent, SessionRecord,
 };
 use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{Member, RoomMessage, Sender, StreamPosition};
@@ -98,6 +99,8 @@ struct Inner {
     metrics: Metrics,
     /// This node's registry entries, written again when a shard comes back without them.
     sessions: Mutex<HashMap<String, SessionRecord>>,
+    /// This node's fallback session links by session id, likewise.
+    links: Mutex<HashMap<String, LinkRecord>>,
     /// This node's presence entries by (room, session), likewise.
     /// Ordered, so a room's members are one range.
     members: Mutex<BTreeMap<(String, String), Member>>,
@@ -153,6 +156,7 @@ impl RedisBroker {
                 handler: OnceLock::new(),
                 metrics,
                 sessions: Mutex::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 members: Mutex::new(BTreeMap::new()),
                 liveness: Mutex::new(None),
                 heartbeated: AtomicBool::new(false),
@@ -372,27 +376,52 @@ impl Broker for RedisBroker {
         self.inner.heartbeat(node).await
     }
 
-    async fn register_link(&self, _link: &switchboard_broker::LinkRecord) -> BrokerResult<()> {
-        Err(switchboard_broker::BrokerError::Internal(
-            "IFACE STUB: links not built yet".into(),
-        ))
+    /// The link is stored under this node's incarnation, whatever `link.node` says (as
+    /// `register_session` does).
+    async fn register_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.inner.register_link(link).await
     }
 
-    async fn unregister_link(&self, _link: &switchboard_broker::LinkRecord) -> BrokerResult<()> {
-        Err(switchboard_broker::BrokerError::Internal(
-            "IFACE STUB: links not built yet".into(),
-        ))
+    async fn unregister_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.inner.unregister_link(link).await
     }
 
     async fn forward(
         &self,
-        _session: &str,
-        _key_hash: &str,
-        _frames: Vec<String>,
-    ) -> BrokerResult<switchboard_broker::Forwarded> {
-        Err(switchboard_broker::BrokerError::Internal(
-            "IFACE STUB: links not built yet".into(),
-        ))
+        session: &str,
+        key_hash: &str,
+        frames: Vec<String>,
+    ) -> BrokerResult<Forwarded> {
+        let inner = &self.inner;
+        let payload = if frames.is_empty() {
+            Vec::new()
+        } else {
+            envelope::frames(&envelope::Frames {
+                session: session.to_owned(),
+                frames,
+            })?
+        };
+        let shard = inner.shard(session);
+        let answer: i64 = inner
+            .call_write(shard, "forward", async |connection| {
+                scripts::FORWARD
+                    .key(keys::link(session))
+                    .arg(key_hash)
+                    .arg(&payload)
+                    .arg(keys::NODE_ALIVE_PREFIX)
+                    .arg(keys::INBOX_PREFIX)
+                    .invoke_async(connection)
+                    .await
+            })
+            .await?;
+        match answer {
+            1 => Ok(Forwarded::Delivered),
+            0 => Ok(Forwarded::UnknownSession),
+            -1 => Ok(Forwarded::WrongKey),
+            other => Err(BrokerError::Internal(format!(
+                "the forward script answered {other}"
+            ))),
+        }
     }
 
     async fn nodes(&self) -> BrokerResult<Vec<NodeInfo>> {

@@ -136,6 +136,8 @@ fn limited(
 struct Recorder {
     messages: Mutex<Vec<Arc<RoomMessage>>>,
     broadcasts: Mutex<Vec<Arc<Json>>>,
+    /// Forwarded client frames: (session, frames).
+    frames: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 impl BrokerHandler for Recorder {
@@ -147,8 +149,9 @@ impl BrokerHandler for Recorder {
     fn broadcast(&self, data: Arc<Json>) {
         self.broadcasts.lock().push(data);
     }
-    fn frames(&self, _session: &str, _frames: Vec<String>) {}
-
+    fn frames(&self, session: &str, frames: Vec<String>) {
+        self.frames.lock().push((session.to_owned(), frames));
+    }
     fn disconnect(&self, _user: &str, _code: u16, _reason: &str) {}
 }
 
@@ -1394,6 +1397,237 @@ async fn a_node_started_under_the_id_of_a_node_of_an_earlier_version_reaps_its_o
     assert!(left.is_empty(), "liveness left: {left:?}");
     let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:x:*"])).await;
     assert_eq!(left, ["sb:n:x:reaped"]);
+}
+
+fn link(session: &str, node: &str, key_hash: &str) -> LinkRecord {
+    LinkRecord {
+        session: session.to_owned(),
+        node: node.to_owned(),
+        key_hash: key_hash.to_owned(),
+    }
+}
+
+/// The commands clients sent since the last `SLOWLOG RESET` (the server logging every command)
+/// whose arguments mention `needle`, as their arguments. Redis logs the commands a script runs
+/// too, with the client `?:0`: those are left out, since they cost no round trip.
+async fn sent_commands(server: &Server, needle: &str) -> Vec<Vec<String>> {
+    server
+        .query::<Vec<Value>>(cmd(&["SLOWLOG", "GET", "-1"]))
+        .await
+        .into_iter()
+        .filter_map(|entry| match entry {
+            Value::Array(fields) => {
+                let mut fields = fields.into_iter().skip(3);
+                let args = redis::from_redis_value::<Vec<Vec<u8>>>(fields.next()?).ok()?;
+                let client = redis::from_redis_value::<String>(fields.next()?).ok()?;
+                (client != "?:0").then_some(args)
+            }
+            _ => None,
+        })
+        .map(|args| {
+            args.iter()
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|args| args.iter().any(|arg| arg.contains(needle)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_forward_is_one_round_trip_to_the_holding_nodes_inbox() {
+    let server = Server::start().await;
+    let ttl = Duration::from_secs(30);
+    let (x, _) = broker(&server, "x", ttl);
+    let (y, _) = broker(&server, "y", ttl);
+    let (on_x, on_y) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    start(&x, on_x.clone()).await;
+    start(&y, on_y.clone()).await;
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    y.heartbeat(&info("y")).await.expect("heartbeat");
+    // The node named in the record is ignored: Redis knows the node by its incarnation.
+    y.register_link(&link("f00d", "whatever", "hash-1"))
+        .await
+        .expect("register");
+    let stored: HashMap<String, String> = server.query(cmd(&["HGETALL", "sb:l:f00d"])).await;
+    assert_eq!(
+        stored,
+        HashMap::from([
+            ("n".to_owned(), "y@1".to_owned()),
+            ("k".to_owned(), "hash-1".to_owned())
+        ])
+    );
+    assert!(
+        server
+            .query::<bool>(cmd(&["SISMEMBER", "sb:n:y@1:links", "f00d"]))
+            .await
+    );
+
+    // Once the script is loaded, a forward is one EVALSHA: one round trip, whatever it answers.
+    assert_eq!(
+        x.forward("f00d", "hash-1", Vec::new())
+            .await
+            .expect("check"),
+        Forwarded::Delivered
+    );
+    let _: () = server
+        .query(cmd(&["CONFIG", "SET", "slowlog-log-slower-than", "0"]))
+        .await;
+    let _: () = server.query(cmd(&["SLOWLOG", "RESET"])).await;
+    let frames = vec![r#"{"type":"ping","id":1}"#.to_owned(), "second".to_owned()];
+    assert_eq!(
+        x.forward("f00d", "hash-1", frames.clone())
+            .await
+            .expect("forward"),
+        Forwarded::Delivered
+    );
+    assert_eq!(
+        x.forward("f00d", "hash-2", vec!["bad".into()])
+            .await
+            .expect("forward"),
+        Forwarded::WrongKey
+    );
+    let logged = sent_commands(&server, "sb:l:f00d").await;
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert!(
+        logged
+            .iter()
+            .all(|args| args[0].eq_ignore_ascii_case("evalsha")),
+        "{logged:?}"
+    );
+    eventually("the frames on y", || !on_y.frames.lock().is_empty()).await;
+    assert_eq!(*on_y.frames.lock(), [("f00d".to_owned(), frames)]);
+    assert!(on_x.frames.lock().is_empty());
+
+    // A node leaving on purpose takes its links with it.
+    y.deregister_node("y").await.expect("deregister");
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:l:*"])).await;
+    assert!(left.is_empty(), "links left: {left:?}");
+    assert!(
+        !server
+            .query::<bool>(cmd(&["EXISTS", "sb:n:y@1:links"]))
+            .await
+    );
+    assert_eq!(
+        x.forward("f00d", "hash-1", Vec::new())
+            .await
+            .expect("check"),
+        Forwarded::UnknownSession
+    );
+}
+
+#[tokio::test]
+async fn the_links_of_a_dead_node_are_dropped_by_a_forward_and_by_the_reaper() {
+    let server = Server::start().await;
+    let (y, _) = broker(&server, "y", Duration::from_secs(1));
+    y.heartbeat(&info("y")).await.expect("heartbeat");
+    // More links than one reap call handles.
+    let links = 2 * scripts::REAP_BATCH + 10;
+    futures_util::future::join_all((0..links).map(|index| {
+        let y = &y;
+        async move {
+            y.register_link(&link(&format!("s{index}"), "y", "k"))
+                .await
+                .expect("register")
+        }
+    }))
+    .await;
+    assert_eq!(
+        server
+            .query::<usize>(cmd(&["SCARD", "sb:n:y@1:links"]))
+            .await,
+        links
+    );
+
+    // y stops heartbeating; x's reaper runs every second.
+    let (x, _) = broker(&server, "x", Duration::from_secs(1));
+    start(&x, Arc::new(Recorder::default())).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.query::<bool>(cmd(&["EXISTS", "sb:n:y@1"])).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "y's key never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A forward to a dead node's session finds it unknown and deletes its link, whether the
+    // reaper got there first or not.
+    assert_eq!(
+        x.forward("s0", "k", vec!["late".into()])
+            .await
+            .expect("forward"),
+        Forwarded::UnknownSession
+    );
+    assert!(!server.query::<bool>(cmd(&["EXISTS", "sb:l:s0"])).await);
+
+    // The reaper drains every link, several bounded calls, and forgets y only then.
+    while server
+        .query::<bool>(cmd(&["SISMEMBER", "sb:nodes", "y@1"]))
+        .await
+    {
+        assert!(tokio::time::Instant::now() < deadline, "y never reaped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:l:*"])).await;
+    assert!(left.is_empty(), "{} links left", left.len());
+    let left: Vec<String> = server.query(cmd(&["KEYS", "sb:n:y@1*"])).await;
+    assert_eq!(left, ["sb:n:y@1:reaped"]);
+    assert_eq!(
+        x.forward("s1", "k", Vec::new()).await.expect("check"),
+        Forwarded::UnknownSession
+    );
+}
+
+#[tokio::test]
+async fn links_are_written_back_after_a_loss_and_failed_removals_retried() {
+    let mut server = Server::start().await;
+    let (x, _) = broker(&server, "x", Duration::from_secs(5));
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    x.register_link(&link("kept", "x", "k1"))
+        .await
+        .expect("register");
+    x.register_link(&link("closed", "x", "k2"))
+        .await
+        .expect("register");
+
+    // Redis goes down while a session closes: its link's removal fails and is kept.
+    server.stop();
+    x.unregister_link(&link("closed", "x", "k2"))
+        .await
+        .expect_err("Redis is down");
+    assert_eq!(x.inner.pending.lock().links.len(), 1);
+
+    // Redis comes back having lost everything: the next heartbeat writes the live link back
+    // (and not the closed one), and the removal is done.
+    server.spawn().await;
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    let stored: HashMap<String, String> = server.query(cmd(&["HGETALL", "sb:l:kept"])).await;
+    assert_eq!(stored.get("k").map(String::as_str), Some("k1"));
+    assert_eq!(stored.get("n").map(String::as_str), Some("x@1"));
+    let members: Vec<String> = server.query(cmd(&["SMEMBERS", "sb:n:x@1:links"])).await;
+    assert_eq!(members, ["kept"]);
+    assert!(!server.query::<bool>(cmd(&["EXISTS", "sb:l:closed"])).await);
+    assert!(x.inner.pending.lock().links.is_empty());
+
+    // A removal that failed while Redis kept the link is done by a later heartbeat.
+    server.stop();
+    x.unregister_link(&link("kept", "x", "k1"))
+        .await
+        .expect_err("Redis is down");
+    server.spawn().await;
+    let _: () = server
+        .query(cmd(&["HSET", "sb:l:kept", "n", "x@1", "k", "k1"]))
+        .await;
+    let _: () = server.query(cmd(&["SADD", "sb:n:x@1:links", "kept"])).await;
+    x.inner.shards[0].up.store(true, Ordering::SeqCst);
+    x.heartbeat(&info("x")).await.expect("heartbeat");
+    assert!(!server.query::<bool>(cmd(&["EXISTS", "sb:l:kept"])).await);
+    assert!(
+        !server
+            .query::<bool>(cmd(&["EXISTS", "sb:n:x@1:links"]))
+            .await
+    );
+    assert!(x.inner.pending.lock().links.is_empty());
 }
 
 // ----- the conformance suite --------------------------------------------------------------------

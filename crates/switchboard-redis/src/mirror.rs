@@ -1,10 +1,10 @@
-//! The mirror of this node's sessions and presence: what is written again after Redis lost it,
-//! and the writes that failed, retried.
+//! The mirror of this node's sessions, links and presence: what is written again after Redis lost
+//! it, and the writes that failed, retried.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
-use switchboard_broker::{BrokerResult, SessionRecord};
+use switchboard_broker::{BrokerResult, LinkRecord, SessionRecord};
 use switchboard_protocol::Member;
 use switchboard_protocol::api::NodeInfo;
 
@@ -16,6 +16,8 @@ use crate::{Inner, MIN_BACKOFF, envelope, keys, millis};
 pub(crate) struct Pending {
     /// Closed sessions still in the registry, by session id.
     pub(crate) sessions: HashMap<String, SessionRecord>,
+    /// Closed fallback sessions whose link may still be there, by session id.
+    pub(crate) links: HashMap<String, LinkRecord>,
     /// (room, session) of members that joined but are not in the room's presence.
     pub(crate) joins: HashSet<(String, String)>,
     /// Members that left but may still be in the room's presence.
@@ -42,7 +44,8 @@ impl Inner {
         .concat())
     }
 
-    /// Writes again what this node keeps on `shard`: liveness, registry entries and presence.
+    /// Writes again what this node keeps on `shard`: liveness, registry entries, links and
+    /// presence.
     /// Members missing from presence are announced with a join if the node had been reaped
     /// (its leaves were published); after Redis merely lost them, nobody saw them go. The entries
     /// go through the shard's writer [`RESTORE_BATCH`] at a time, each batch tried up to
@@ -91,6 +94,27 @@ impl Inner {
                         })
                     })
                     .collect()
+            })
+            .await?;
+        }
+        let links: Vec<String> = self
+            .links
+            .lock()
+            .keys()
+            .filter(|session| self.shard_index(session) == index)
+            .cloned()
+            .collect();
+        for chunk in links.chunks(RESTORE_BATCH) {
+            self.restore_batch(index, || {
+                let links = self.links.lock();
+                Ok(chunk
+                    .iter()
+                    .filter_map(|session| links.get(session))
+                    .map(|link| Write::Link {
+                        session: link.session.clone(),
+                        key_hash: link.key_hash.clone(),
+                    })
+                    .collect())
             })
             .await?;
         }
@@ -161,6 +185,13 @@ impl Inner {
         self.write(self.shard_index(&record.user), write).await
     }
 
+    async fn unlink(&self, session: &str) -> BrokerResult<()> {
+        let write = Write::Unlink {
+            session: session.to_owned(),
+        };
+        self.write(self.shard_index(session), write).await
+    }
+
     async fn join(&self, room: &str, member: &Member) -> BrokerResult<()> {
         let write = Write::Join {
             room: room.to_owned(),
@@ -180,14 +211,15 @@ impl Inner {
         self.write(self.shard_index(room), write).await
     }
 
-    /// Retries the registry and presence writes that failed (Redis unreachable or too slow):
-    /// without this, a session that closed during an outage would stay listed in the registry
-    /// and presence for as long as this node lives, if Redis kept its data. All are queued at
-    /// once, so they go in as few batches as the writers make, and nothing is tried on a shard
-    /// that is down.
+    /// Retries the registry, link and presence writes that failed (Redis unreachable or too
+    /// slow): without this, a session that closed during an outage would stay listed in the
+    /// registry and presence (and its link, which has no TTL) for as long as this node lives, if
+    /// Redis kept its data. All are queued at once, so they go in as few batches as the writers
+    /// make, and nothing is tried on a shard that is down.
     async fn retry_pending(&self) {
         let Pending {
             sessions,
+            links,
             joins,
             leaves,
         } = std::mem::take(&mut *self.pending.lock());
@@ -202,6 +234,20 @@ impl Inner {
                 });
             } else {
                 retry.sessions.insert(id, record);
+            }
+        }
+        let mut unlinks = Vec::new();
+        for (id, record) in links {
+            if self.links.lock().contains_key(&id) {
+                continue; // registered again since
+            }
+            if up(&id) {
+                unlinks.push(async move {
+                    let result = self.unlink(&id).await;
+                    (id, record, result)
+                });
+            } else {
+                retry.links.insert(id, record);
             }
         }
         let mut departures = Vec::new();
@@ -232,8 +278,9 @@ impl Inner {
                 retry.joins.insert(key);
             }
         }
-        let (removals, departures, arrivals) = futures_util::future::join3(
+        let (removals, unlinks, departures, arrivals) = futures_util::future::join4(
             futures_util::future::join_all(removals),
+            futures_util::future::join_all(unlinks),
             futures_util::future::join_all(departures),
             futures_util::future::join_all(arrivals),
         )
@@ -241,6 +288,11 @@ impl Inner {
         for (id, record, result) in removals {
             if result.is_err() {
                 retry.sessions.insert(id, record);
+            }
+        }
+        for (id, record, result) in unlinks {
+            if result.is_err() {
+                retry.links.insert(id, record);
             }
         }
         for (key, member, result) in departures {
@@ -256,6 +308,11 @@ impl Inner {
         // Merge back, keeping what was recorded meanwhile.
         let mut pending = self.pending.lock();
         pending.sessions.extend(retry.sessions);
+        for (id, record) in retry.links {
+            if !self.links.lock().contains_key(&id) {
+                pending.links.entry(id).or_insert(record);
+            }
+        }
         for (key, member) in retry.leaves {
             if !pending.joins.contains(&key) && !self.members.lock().contains_key(&key) {
                 pending.leaves.entry(key).or_insert(member);
@@ -296,6 +353,37 @@ impl Inner {
                 .lock()
                 .sessions
                 .insert(record.session.clone(), record.clone());
+        }
+        result
+    }
+
+    pub(crate) async fn register_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.links.lock().insert(link.session.clone(), link.clone());
+        self.pending.lock().links.remove(&link.session);
+        // Awaited: the session's welcome, and so any POST for it, comes after its link.
+        let result = self
+            .write(
+                self.shard_index(&link.session),
+                Write::Link {
+                    session: link.session.clone(),
+                    key_hash: link.key_hash.clone(),
+                },
+            )
+            .await;
+        if result.is_err() {
+            self.links.lock().remove(&link.session);
+        }
+        result
+    }
+
+    pub(crate) async fn unregister_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.links.lock().remove(&link.session);
+        let result = self.unlink(&link.session).await;
+        if result.is_err() {
+            self.pending
+                .lock()
+                .links
+                .insert(link.session.clone(), link.clone());
         }
         result
     }

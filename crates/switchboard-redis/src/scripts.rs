@@ -44,6 +44,11 @@ pub static SEND: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// Hands client frames to the node holding a fallback session, if the key hash is the link's and
+/// the node alive; with no frames only checks (lua/forward.lua).
+pub static FORWARD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/forward.lua")));
+
 /// A persisted send: checks its idempotency key, appends to the user's inbox under the next seq
 /// and delivers like SEND, in one round trip (lua/inbox_send.lua). Prefixed with
 /// lua/generation.lua, lua/deliver.lua and lua/entry.lua.

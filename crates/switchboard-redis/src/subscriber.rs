@@ -80,6 +80,7 @@ impl Inner {
                 handler.disconnect(&disconnect.user, disconnect.code, &disconnect.reason)
             }
             Envelope::Broadcast(data) => handler.broadcast(Arc::new(data)),
+            Envelope::Frames(frames) => handler.frames(&frames.session, frames.frames),
         }
         Ok(())
     }

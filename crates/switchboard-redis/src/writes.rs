@@ -1,5 +1,5 @@
-//! Registry and presence writes, coalesced per shard. A burst of sessions closing at once (or of
-//! clients reconnecting after a node died) would otherwise cost one round trip each on the
+//! Registry, link and presence writes, coalesced per shard. A burst of sessions closing at once
+//! (or of clients reconnecting after a node died) would otherwise cost one round trip each on the
 //! shard's shared connection; under load those pile up past the command timeout. Instead each
 //! shard has one writer task: it takes everything queued (up to [`MAX_BATCH`] writes), sends it
 //! as one pipeline, answers every caller with its own write's outcome, and repeats. An idle
@@ -18,12 +18,16 @@ use crate::{COMMAND_TIMEOUT, Inner, keys, scripts};
 /// Most writes in one pipeline: bounds the request's size and how long one batch takes.
 pub(crate) const MAX_BATCH: usize = 1000;
 
-/// One registry or presence write of this node.
+/// One registry, link or presence write of this node.
 pub(crate) enum Write {
     /// The session into the user's registry hash and the node's session set.
     Register { user: String, session: String },
     /// The session out of the user's registry hash and the node's session set.
     Unregister { user: String, session: String },
+    /// A fallback session's link, and its entry in the node's link set.
+    Link { session: String, key_hash: String },
+    /// The link and its entry out.
+    Unlink { session: String },
     /// The JOIN script: the member into the room's presence, with its event.
     Join {
         room: String,
@@ -178,6 +182,26 @@ impl Inner {
                 pipe.cmd("SREM")
                     .arg(keys::node_sessions(self.node()))
                     .arg(keys::node_entry(session, user));
+                2
+            }
+            Write::Link { session, key_hash } => {
+                // The set entry first, as for sessions: the reaper finds the link through it.
+                pipe.cmd("SADD")
+                    .arg(keys::node_links(self.node()))
+                    .arg(session);
+                pipe.cmd("HSET")
+                    .arg(keys::link(session))
+                    .arg("n")
+                    .arg(self.node())
+                    .arg("k")
+                    .arg(key_hash);
+                2
+            }
+            Write::Unlink { session } => {
+                pipe.cmd("DEL").arg(keys::link(session));
+                pipe.cmd("SREM")
+                    .arg(keys::node_links(self.node()))
+                    .arg(session);
                 2
             }
             Write::Join {

@@ -1,13 +1,13 @@
 -- ARGV: key prefix, node (incarnation), mode, reaped mark TTL ms, batch, legacy batch. Removes
--- one batch of the node's sessions from the registry and members from presence on this shard
--- (publishing a leave for each), popping them from the node's index sets; call it again while it
--- answers 0. When the sets are empty it forgets the node and answers 1. Modes: `forced`, a node
--- leaving on purpose; `dead`, a node whose liveness key expired: answers -1 and does nothing if
--- the key exists (the node heartbeated since the caller looked); `replaced`, an earlier
--- incarnation of a node that started again under the same id, reaped whatever its key says.
--- Unless forced, the node is marked reaped, so that if it was alive after all it announces its
--- members again when it writes them back. Also drains the `:rooms` and `:users` sets that
--- nodes of earlier versions kept.
+-- one batch of the node's sessions from the registry, members from presence (publishing a leave
+-- for each) and fallback session links on this shard, popping them from the node's index sets
+-- (`:sessions`, `:members`, `:links`); call it again while it answers 0. When the sets are empty
+-- it forgets the node and answers 1. Modes: `forced`, a node leaving on purpose; `dead`, a node
+-- whose liveness key expired: answers -1 and does nothing if the key exists (the node heartbeated
+-- since the caller looked); `replaced`, an earlier incarnation of a node that started again under
+-- the same id, reaped whatever its key says. Unless forced, the node is marked reaped, so that if
+-- it was alive after all it announces its members again when it writes them back. Also drains the
+-- `:rooms` and `:users` sets that nodes of earlier versions kept.
 local prefix = ARGV[1]
 local node = ARGV[2]
 local mode = ARGV[3]
@@ -43,6 +43,12 @@ for _, entry in ipairs(redis.call('SPOP', base .. ':sessions', batch)) do
     redis.call('HDEL', key, session)
   end
 end
+for _, session in ipairs(redis.call('SPOP', base .. ':links', batch)) do
+  local key = prefix .. 'l:' .. session
+  if redis.call('HGET', key, 'n') == node then
+    redis.call('DEL', key)
+  end
+end
 for _, room in ipairs(redis.call('SPOP', base .. ':rooms', legacy)) do
   local all = redis.call('HGETALL', prefix .. 'r:' .. room .. ':presence')
   for i = 1, #all, 2 do
@@ -60,7 +66,7 @@ for _, user in ipairs(redis.call('SPOP', base .. ':users', legacy)) do
     end
   end
 end
-for _, set in ipairs({':members', ':sessions', ':rooms', ':users'}) do
+for _, set in ipairs({':members', ':sessions', ':links', ':rooms', ':users'}) do
   if redis.call('EXISTS', base .. set) == 1 then
     return 0
   end
