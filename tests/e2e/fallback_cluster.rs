@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::haproxy::{Backend, HaproxyProcess};
-use switchboard_e2e::transport::{Auth, Event, Options, Transport, TransportClient};
+use switchboard_e2e::transport::{Auth, Event, Options, Transport, TransportClient, post_frames};
 use switchboard_e2e::{NodeProcess, RedisProcess, wait_until};
 use switchboard_protocol::{ClientFrame, PresenceNotice, ServerFrame, StreamPosition};
 
@@ -49,6 +49,9 @@ impl Cluster {
                     "1000",
                     "--history-size",
                     "1000",
+                    // A killed node is dead for the cluster (its links gone) within 3 s.
+                    "--node-ttl-ms",
+                    "3000",
                 ])
                 .await?,
             );
@@ -390,6 +393,27 @@ async fn after_kill_9_of_its_node_an_sse_client_resumes_on_the_other_with_nothin
         }
     }
     let seen_before = last;
+    // The dead node's session is gone for every POST: 404 once the cluster knows it is dead.
+    let old_session = client.session.clone();
+    let old_key = client.session_key.clone();
+    let haproxy_base = format!("http://{}", cluster.haproxy.public);
+    let http = reqwest::Client::new();
+    wait_until(
+        "a POST for the dead node's session to answer 404",
+        || async {
+            post_frames(
+                &http,
+                &haproxy_base,
+                Transport::Sse,
+                &old_session,
+                old_key.as_deref(),
+                r#"{"type":"ping"}"#,
+            )
+            .await
+            .is_ok_and(|answer| answer.status == 404)
+        },
+    )
+    .await?;
 
     // Back through HAProxy: the only node left, from where the old stream stopped.
     let mut client =

@@ -1035,6 +1035,96 @@ async fn an_idle_poll_session_lives_on_through_empty_polls() -> Result<()> {
     client.expect_ping_pong(2).await
 }
 
+/// `curl -N /sse?user=…` shows the stream as it is: the headers a proxy needs, then one
+/// `data:` line per frame (the welcome first) and a comment line at each heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_shows_readable_sse_events() -> Result<()> {
+    let node = NodeProcess::start(&["--heartbeat-ms", "300"]).await?;
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "-N", "--max-time", "2"])
+        .arg(format!("http://{}/sse?user=curly", node.public))
+        .output()
+        .await
+        .context("running curl")?;
+    let text = String::from_utf8(output.stdout)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no headers: {text}"))?;
+    let head = head.to_ascii_lowercase();
+    for header in [
+        "content-type: text/event-stream",
+        "cache-control: no-store",
+        "x-accel-buffering: no",
+    ] {
+        ensure!(head.contains(header), "no {header}: {head}");
+    }
+    let lines: Vec<&str> = body.lines().collect();
+    let first = lines.first().copied().unwrap_or_default();
+    ensure!(
+        first.starts_with(r#"data: {"type":"welcome""#) && first.contains(r#""user":"curly""#),
+        "first line: {first}"
+    );
+    let welcome: ServerFrame = serde_json::from_str(&first["data: ".len()..])?;
+    ensure!(matches!(welcome, ServerFrame::Welcome { .. }));
+    let heartbeats = lines.iter().filter(|line| line.starts_with(':')).count();
+    ensure!(
+        heartbeats >= 3,
+        "{heartbeats} heartbeats in 2 s at 300 ms: {body}"
+    );
+    ensure!(
+        lines
+            .iter()
+            .all(|line| line.is_empty() || line.starts_with(':') || line.starts_with("data: ")),
+        "only data and comment lines: {body}"
+    );
+    Ok(())
+}
+
+/// A client that goes away without a word (an SSE stream dropped, a long-poll client that stops
+/// polling) is reaped: it leaves its rooms, its session is gone, and its POSTs find nothing.
+async fn a_session_whose_client_went_away_is_reaped(transport: Transport) -> Result<()> {
+    let node = NodeProcess::start(&[
+        "--heartbeat-ms",
+        "500",
+        "--idle-timeout-ms",
+        "2000",
+        "--poll-timeout-ms",
+        "1000",
+    ])
+    .await?;
+    let mut watcher =
+        TransportClient::connect(Transport::WebSocket, node.public, Auth::User("watcher")).await?;
+    watcher.subscribe("wake", 1, true).await?;
+    let mut gone = TransportClient::connect(transport, node.public, Auth::User("gone")).await?;
+    gone.subscribe("wake", 1, false).await?;
+    let notice = notice("wake", &gone);
+    ensure!(watcher.next_frame().await? == ServerFrame::Join(notice.clone()));
+    let gauge = format!("switchboard_sessions{{transport=\"{}\"}}", transport.name());
+    node.wait_metric(&gauge, 1.0).await?;
+
+    let (session, key) = (gone.session.clone(), gone.session_key.clone());
+    gone.close().await;
+    ensure!(watcher.next_frame().await? == ServerFrame::Leave(notice));
+    wait_until("the session gauge to drop", || async {
+        node.metric(&gauge)
+            .await
+            .is_ok_and(|sessions| sessions == 0.0)
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    post_frames(
+        &http,
+        &format!("http://{}", node.public),
+        transport,
+        &session,
+        key.as_deref(),
+        r#"{"type":"ping","id":1}"#,
+    )
+    .await?
+    .expect(404, Some("unknown_session"))?;
+    watcher.expect_ping_pong(2).await
+}
+
 /// One `#[tokio::test]` per transport for each scenario: `scenario::websocket`, `scenario::sse`,
 /// `scenario::poll`.
 macro_rules! per_transport {
@@ -1099,4 +1189,7 @@ per_transport!(
     a_drain_closes_every_session_with_1001,
 );
 
-per_fallback!(bad_posts_get_http_errors_and_the_session_stays);
+per_fallback!(
+    bad_posts_get_http_errors_and_the_session_stays,
+    a_session_whose_client_went_away_is_reaped,
+);
