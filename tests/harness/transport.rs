@@ -478,35 +478,10 @@ impl TransportClient {
         }
     }
 
-    /// Reads until the session closes or ends (skipping frames), e.g. when its node was killed.
-    pub async fn expect_end(&mut self) -> Result<Event> {
-        loop {
-            match self.next_event().await? {
-                Event::Frame(_) => {}
-                other => return Ok(other),
-            }
-        }
-    }
-
     /// Sends a request and returns the very next frame, whatever it is.
     pub async fn request(&mut self, frame: &ClientFrame) -> Result<ServerFrame> {
         self.send(frame).await?;
         self.next_frame().await
-    }
-
-    /// Waits for the answer to request `id` (its `reply` or `error`), skipping other frames.
-    pub async fn answer(&mut self, id: u64) -> Result<ServerFrame> {
-        loop {
-            match self.next_frame().await? {
-                ServerFrame::Reply(reply) if reply.id == id => {
-                    return Ok(ServerFrame::Reply(reply));
-                }
-                ServerFrame::Error(error) if error.id == Some(id) => {
-                    return Ok(ServerFrame::Error(error));
-                }
-                _ => {}
-            }
-        }
     }
 
     /// Sends a request (which must carry an id); the next frame must be its `reply`.
