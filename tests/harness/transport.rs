@@ -467,12 +467,22 @@ impl TransportClient {
         }
     }
 
-    /// Reads until the server closes the session (skipping frames); returns the close code.
+    /// Reads until the server closes the session (skipping frames); returns the close code. On
+    /// the fallbacks nothing may follow the close frame: the SSE response ends there, and the
+    /// poll that carried it is the last.
     pub async fn expect_close(&mut self) -> Result<u16> {
         loop {
             match self.next_event().await? {
                 Event::Frame(_) => {}
-                Event::Closed(code) => return Ok(code),
+                Event::Closed(code) => {
+                    if let Link::Fallback { events, .. } = &mut self.link {
+                        let after = tokio::time::timeout(DEADLINE, events.recv())
+                            .await
+                            .context("the stream did not end after the close frame")?;
+                        ensure!(after.is_none(), "after the close frame: {after:?}");
+                    }
+                    return Ok(code);
+                }
                 Event::Ended(why) => bail!("ended without a close: {why}"),
             }
         }
@@ -745,8 +755,28 @@ async fn read_polls(
                 }
                 event => Ok(event),
             });
+            let closed = matches!(event, Ok(Event::Closed(_)));
             let stop = !matches!(event, Ok(Event::Frame(_)));
             if events.send(event).is_err() || stop {
+                if closed {
+                    // After its close frame the session is gone: a poll finds nothing (or no
+                    // node, once a drained node has exited).
+                    let after = http
+                        .get(&url)
+                        .header("Authorization", format!("Session {key}"))
+                        .send()
+                        .await;
+                    if let Ok(response) = after
+                        && response.status() != 404
+                    {
+                        let answer = answer_of(response).await;
+                        let _ = events.send(Err(anyhow!(
+                            "a poll after the close frame answered {} {}",
+                            answer.status,
+                            answer.body
+                        )));
+                    }
+                }
                 return;
             }
         }
