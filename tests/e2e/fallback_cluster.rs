@@ -4,7 +4,7 @@
 //! (the other one forwards its share through Redis); a long-poll session works through HAProxy
 //! because its polls stick to its node (the other node answers a poll with 421); and after
 //! `kill -9` of a stream's node, a new SSE session on the other node resumes with `since` and
-//! misses nothing.
+//! misses nothing. Also: both shipped HAProxy configs outlast the node's heartbeat and long poll.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::haproxy::{Backend, HaproxyProcess};
 use switchboard_e2e::transport::{Auth, Event, Options, Transport, TransportClient, post_frames};
-use switchboard_e2e::{NodeProcess, RedisProcess, wait_until};
+use switchboard_e2e::{NodeProcess, RedisProcess, binary, wait_until, workspace_file};
 use switchboard_protocol::{ClientFrame, PresenceNotice, ServerFrame, StreamPosition};
 
 /// One test at a time: each runs a whole cluster on 2 shared cores.
@@ -454,4 +454,64 @@ async fn after_kill_9_of_its_node_an_sse_client_resumes_on_the_other_with_nothin
     }
     eprintln!("{seen_before} messages before the kill, {total} in all, none lost or repeated");
     client.expect_ping_pong(3).await
+}
+
+/// The default of `flag` in `switchboard --help`, in milliseconds.
+fn help_default_ms(help: &str, flag: &str) -> Result<Duration> {
+    let default = help
+        .split(flag)
+        .nth(1)
+        .and_then(|after| after.split("[default: ").nth(1))
+        .with_context(|| format!("no default for {flag} in --help"))?;
+    let digits: String = default.chars().take_while(char::is_ascii_digit).collect();
+    Ok(Duration::from_millis(digits.parse()?))
+}
+
+fn haproxy_duration(value: &str) -> Result<Duration> {
+    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let number: u64 = digits
+        .parse()
+        .with_context(|| format!("duration {value}"))?;
+    Ok(match &value[digits.len()..] {
+        "ms" | "" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        unit => bail!("unknown unit {unit} in {value}"),
+    })
+}
+
+/// Both shipped HAProxy configs let an SSE stream live between heartbeats and a long poll wait
+/// its full time with the node's defaults, and carry the settings the tests above exercise.
+#[test]
+fn the_haproxy_configs_let_streams_and_polls_wait_as_long_as_the_node_does() -> Result<()> {
+    let help = std::process::Command::new(binary())
+        .arg("--help")
+        .output()?;
+    let help = String::from_utf8(help.stdout)?;
+    let heartbeat = help_default_ms(&help, "--heartbeat-ms")?;
+    let poll = help_default_ms(&help, "--poll-timeout-ms")?;
+    for path in ["deploy/haproxy/haproxy.cfg", "k8s/base/haproxy.cfg"] {
+        let config = std::fs::read_to_string(workspace_file(path))?;
+        let lines: Vec<&str> = config.lines().map(str::trim).collect();
+        for name in ["server", "client"] {
+            let value = lines
+                .iter()
+                .find_map(|line| line.strip_prefix(&format!("timeout {name} ")))
+                .with_context(|| format!("{path}: no timeout {name}"))?;
+            let value = haproxy_duration(value.trim())?;
+            ensure!(
+                value > heartbeat.max(poll),
+                "{path}: timeout {name} {value:?} must exceed the heartbeat ({heartbeat:?}) and \
+                 the long poll ({poll:?})"
+            );
+        }
+        for setting in [
+            "option http-no-delay",
+            "stick store-response res.hdr(X-Switchboard-Session)",
+            "http-request disable-l7-retry if METH_POST",
+        ] {
+            ensure!(lines.contains(&setting), "{path}: no `{setting}`");
+        }
+    }
+    Ok(())
 }
