@@ -24,6 +24,7 @@ pub mod auth;
 pub mod certs;
 pub mod client;
 pub mod haproxy;
+pub mod http;
 pub mod memory;
 pub mod peer;
 pub mod redis_faults;
