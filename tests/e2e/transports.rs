@@ -3,7 +3,8 @@
 //! list at the end makes one test per transport: `welcome_carries_every_field::sse`, …). Where
 //! two sessions meet (presence, directs), the second one uses another transport, so each
 //! transport also talks to the others. What only the fallback transports have (their HTTP
-//! answers) is tested on both of them.
+//! answers, reaping a client that went away) is tested on both of them, and a few things on one
+//! transport alone: SSE as `curl -N` shows it, empty long polls, refused polls.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
