@@ -348,7 +348,8 @@ impl TransportClient {
 
     // ---- sending ------------------------------------------------------------------------------
 
-    /// Sends one frame: a text frame on a WebSocket, a POST (which must be accepted) otherwise.
+    /// Sends one frame: a text frame on a WebSocket, a POST (which must be accepted; one refused
+    /// with 429 is repeated after its Retry-After) otherwise.
     pub async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
         self.send_all(std::slice::from_ref(frame)).await
     }
@@ -384,8 +385,18 @@ impl TransportClient {
         }
     }
 
+    /// POSTs frames, which must be accepted. A 429 (the front door's per-address connection
+    /// rate, or the session's inbound queue full) refused them whole: as a client should, the
+    /// POST is repeated after its Retry-After, until [`DEADLINE`].
     async fn post_accepted(&self, body: String, frames: usize) -> Result<()> {
-        let answer = self.post(body).await?;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let answer = loop {
+            let answer = self.post(body.clone()).await?;
+            if answer.status != 429 || tokio::time::Instant::now() >= deadline {
+                break answer;
+            }
+            tokio::time::sleep(retry_after(&answer)).await;
+        };
         ensure!(
             answer.status == 202,
             "POST of {frames} frame(s) answered {} {}",
@@ -618,6 +629,16 @@ async fn answer_of(response: reqwest::Response) -> HttpAnswer {
     }
 }
 
+/// How long a 429 asks to wait: its Retry-After (seconds), or a second.
+fn retry_after(answer: &HttpAnswer) -> Duration {
+    let seconds = answer
+        .retry_after
+        .as_deref()
+        .and_then(|seconds| seconds.parse().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds)
+}
+
 async fn refusal(response: reqwest::Response) -> Opened {
     let answer = answer_of(response).await;
     Opened::Refused {
@@ -724,13 +745,7 @@ async fn read_polls(
         if response.status() == 429 {
             // The front door's per-address connection rate: every poll is a new connection.
             // A client waits as told and polls again; its frames wait in the session's queue.
-            let answer = answer_of(response).await;
-            let wait = answer
-                .retry_after
-                .as_deref()
-                .and_then(|seconds| seconds.parse().ok())
-                .unwrap_or(1);
-            tokio::time::sleep(Duration::from_secs(wait)).await;
+            tokio::time::sleep(retry_after(&answer_of(response).await)).await;
             continue;
         }
         if response.status() != 200 {
