@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use switchboard_e2e::api::api;
+use switchboard_e2e::auth::{token_signed_with, unix_now};
 use switchboard_e2e::client::{connect_user, expect_ping_pong, publish, request_answer};
 use switchboard_e2e::http::{
     SessionKey, SseItem, SseStream, get, open_poll, open_sse, post_raw, public_url,
@@ -584,5 +585,100 @@ async fn fallback_opens_are_refused_like_handshakes() -> Result<()> {
     let unknown = get(&node, "/ssex", &[], DEADLINE).await?;
     ensure!(unknown.status == 404, "{unknown:?}");
     ensure!(public_url(&node, "/sse").starts_with("http://127.0.0.1:"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_an_sse_session_with_1008() -> Result<()> {
+    const SECRET: &str = "0123456789abcdef-fallback-expiry";
+    let node = NodeProcess::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--jwt-leeway-secs",
+        "0",
+        "--heartbeat-ms",
+        "200",
+        "--idle-timeout-ms",
+        "2000",
+    ])
+    .await?;
+    let claims = |sub: &str, exp: u64| json!({"sub": sub, "exp": exp, "rooms": ["*"]});
+    let short = token_signed_with(SECRET, &claims("brief", unix_now() + 2));
+    let long = token_signed_with(SECRET, &claims("steady", unix_now() + 3600));
+    let started = tokio::time::Instant::now();
+    let (status, stream, body) = open_sse(&node, &format!("/sse?token={short}"), &[]).await?;
+    ensure!(status == 200, "{status} {body}");
+    let mut stream = stream.context("a stream")?;
+    ensure!(stream.next_frame().await?["user"] == "brief");
+    // The Authorization header works as on /ws.
+    let bearer = format!("Bearer {long}");
+    let (status, steady, body) =
+        open_sse(&node, "/sse", &[("authorization", bearer.as_str())]).await?;
+    ensure!(status == 200, "{status} {body}");
+    let mut steady = steady.context("a stream")?;
+    let key = SessionKey::of(&steady.next_frame().await?)?;
+    let frames = stream.until_end().await?;
+    let last = frames.last().context("no close frame")?;
+    ensure!(
+        last["type"] == "close" && last["code"] == 1008 && last["reason"] == "token expired",
+        "{frames:?}"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed before the token expired"
+    );
+    post_accepted(&node, &key, "sse", json!({"type": "ping", "id": 1}), 1).await?;
+    ensure!(steady.frame_of("pong").await?["id"] == 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stream_nobody_reads_is_closed_as_a_slow_reader_and_the_node_keeps_serving() -> Result<()>
+{
+    let node = NodeProcess::start(&["--max-message-size", "65536"]).await?;
+    // The SSE client subscribes, then never reads its stream again.
+    let (_stalled, _, key) = sse_session(&node, "stalled").await?;
+    let subscribe = json!({"type": "subscribe", "room": "firehose", "id": 1});
+    post_accepted(&node, &key, "sse", subscribe, 1).await?;
+    let data = json!("x".repeat(60_000));
+    let mut published = 0;
+    while node
+        .metric("switchboard_slow_consumer_closes_total")
+        .await?
+        < 1.0
+    {
+        ensure!(
+            published < 400,
+            "24 MB published and the stalled stream's queue never overflowed"
+        );
+        let body = json!({"room": "firehose", "data": data});
+        let (status, answer) = api(&node, "POST", "/api/publish", Some(body)).await?;
+        ensure!(status == 200, "{answer}");
+        published += 1;
+    }
+    // Its queue overflowed: the session ends (the close frame cannot reach a stream nobody
+    // reads) and leaves no trace.
+    wait_sessions(&node, "sse", 0.0).await?;
+    ensure!(node.metric("switchboard_queue_bytes").await? == 0.0);
+    let gone = key.post(&node, "sse", &json!({"type": "ping"})).await?;
+    ensure!(gone.status == 404, "{gone:?}");
+    let mut reader = connect_user(&node, "reader").await?;
+    request_answer(
+        &mut reader,
+        ClientFrame::Subscribe {
+            room: "firehose".into(),
+            id: Some(1),
+            since: None,
+            presence_events: false,
+        },
+    )
+    .await?;
+    publish(&mut reader, "firehose", data.clone(), 2).await?;
+    loop {
+        if let ServerFrame::Message(message) = reader.next_frame().await? {
+            ensure!(message.data == data);
+            break;
+        }
+    }
     Ok(())
 }

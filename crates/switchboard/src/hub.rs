@@ -338,3 +338,66 @@ impl BrokerHandler for Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(metrics: &Metrics, id: &str, link: Option<Box<Link>>) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            id: Arc::from(id),
+            user: Arc::from("u"),
+            codec: Codec::Json,
+            queue: OutboundQueue::new(1 << 16, metrics.queue_bytes.clone()),
+            link,
+        })
+    }
+
+    fn forwarded(metrics: &Metrics, result: &str) -> u64 {
+        metrics.forwarded_frames.with_label_values(&[result]).get()
+    }
+
+    #[test]
+    fn forwarded_frames_reach_the_session_or_are_dropped_and_counted() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let (inbound, mut frames) = mpsc::channel(1);
+        let link = Link {
+            key_hash: String::new(),
+            transport: "sse",
+            inbound,
+            polls: None,
+        };
+        let sse = handle(&metrics, "sse", Some(Box::new(link)));
+        hub.add_session(sse.clone());
+        hub.add_session(handle(&metrics, "ws", None));
+
+        hub.frames("sse", vec!["{}".into(), "{}".into()]);
+        assert_eq!(frames.try_recv().unwrap().len(), 2);
+        assert_eq!(forwarded(&metrics, "received"), 2);
+
+        // Full: dropped, and the session is told down its stream.
+        hub.frames("sse", vec!["{}".into()]);
+        hub.frames("sse", vec!["{}".into(), "{}".into()]);
+        assert_eq!(forwarded(&metrics, "dropped"), 2);
+        let mut batch = Vec::new();
+        sse.queue.take(&mut batch).unwrap();
+        match batch.as_slice() {
+            [
+                Outbound::Frame {
+                    kind: "error",
+                    frame,
+                },
+            ] => {
+                assert!(frame.to_text().unwrap().contains("rate_limited"));
+            }
+            _ => panic!("expected one error frame queued"),
+        }
+
+        // No such session, or a WebSocket session: dropped.
+        hub.frames("gone", vec!["{}".into()]);
+        hub.frames("ws", vec!["{}".into()]);
+        assert_eq!(forwarded(&metrics, "dropped"), 4);
+        assert_eq!(forwarded(&metrics, "received"), 3);
+    }
+}

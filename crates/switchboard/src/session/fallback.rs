@@ -39,7 +39,7 @@ const STREAM_CHUNKS: usize = 2;
 const POLLS_WAITING: usize = 4;
 
 /// The answer of a long poll: a JSON array of frames.
-pub type PollAnswer = oneshot::Sender<Bytes>;
+type PollAnswer = oneshot::Sender<Bytes>;
 
 /// Which fallback transport a session uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +255,7 @@ fn sse_events(frames: &[Bytes]) -> Bytes {
 }
 
 /// A long poll's answer: the frames as one JSON array.
-pub fn json_array(frames: &[Bytes]) -> Bytes {
+fn json_array(frames: &[Bytes]) -> Bytes {
     let len = frames.iter().map(|frame| frame.len() + 1).sum::<usize>() + 2;
     let mut body = BytesMut::with_capacity(len);
     body.extend_from_slice(b"[");

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use switchboard_protocol::Codec;
 
-pub use self::fallback::{Kind, PollAnswer, Started, json_array, key_hash, start};
+pub use self::fallback::{Kind, Started, key_hash, start};
 pub use self::websocket::{read_error_close, run};
 use crate::auth::Identity;
 use crate::queue::CloseRequest;
