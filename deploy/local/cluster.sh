@@ -221,6 +221,8 @@ up() {
 
   {
     echo "WS_URL=ws://127.0.0.1:$lb_port/ws"
+    echo "SSE_URL=http://127.0.0.1:$lb_port/sse"
+    echo "POLL_URL=http://127.0.0.1:$lb_port/poll"
     echo "HAPROXY_STATS_URL=$stats/stats"
     echo "HAPROXY_METRICS_URL=$stats/metrics"
     echo "HAPROXY_SOCKET=$dir/haproxy.sock"

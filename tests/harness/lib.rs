@@ -28,6 +28,7 @@ pub mod http;
 pub mod memory;
 pub mod peer;
 pub mod redis_faults;
+pub mod transport;
 
 /// How long any single expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
