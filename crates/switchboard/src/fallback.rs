@@ -1,22 +1,29 @@
 //! The HTTP side of the fallback transports on the public port (the sessions themselves are
 //! `session/fallback.rs`): opening a session (`GET /sse`, `GET /poll`), long polls
-//! (`GET /poll/{session}`) and client frames (`POST /sse|/poll/{session}`), which may reach any
-//! node: a session of another node is found through the registry (`Node::forward`).
+//! (`GET /poll/{session}`), client frames (`POST /sse|/poll/{session}`), which may reach any
+//! node: a session of another node is found through the registry (`Node::forward`), and the
+//! client's end of a session (`DELETE /sse|/poll/{session}`). All of them answer CORS requests
+//! ([`cors`]), so a page on another origin can use them.
 //! Every answer is one request per connection (`Connection: close`), so the front door's
 //! per-address limits bound floods of polls and POSTs as they bound handshakes.
 
 use std::any::Any;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use switchboard_broker::Forwarded;
+use switchboard_protocol::close;
 use tokio::sync::{mpsc, oneshot};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::config::Config;
 use crate::node::Node;
 use crate::session::{self, Admission, Kind, Started, key_hash};
 
@@ -32,12 +39,23 @@ pub const MAX_POST_FRAMES: usize = 100;
 /// Longest session id looked up; ours are 16 hex digits.
 const MAX_SESSION_ID_LEN: usize = 64;
 
+/// The close reason of a session its client ended with `DELETE`.
+pub const CLOSED_BY_CLIENT: &str = "closed by the client";
+
+/// How long `DELETE` waits for the session to be gone everywhere (hub, presence, registry)
+/// before it answers anyway: the session is closing either way.
+const DELETE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a browser may reuse a CORS preflight's answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(3600);
+
 /// What a request of the fallback transports asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     Open(Kind),
     Poll(&'a str),
     Post(&'a str),
+    Delete(&'a str),
     /// A session path with a method it does not take.
     NotAllowed(&'static str),
 }
@@ -59,10 +77,39 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Option<Route<'a>> {
     }
     Some(match (method, kind) {
         (&Method::POST, _) => Route::Post(session),
+        (&Method::DELETE, _) => Route::Delete(session),
         (&Method::GET, Kind::Poll) => Route::Poll(session),
-        (_, Kind::Poll) => Route::NotAllowed("GET, POST"),
-        (_, Kind::Sse) => Route::NotAllowed("POST"),
+        (_, Kind::Poll) => Route::NotAllowed("GET, POST, DELETE, OPTIONS"),
+        (_, Kind::Sse) => Route::NotAllowed("POST, DELETE, OPTIONS"),
     })
+}
+
+/// CORS for the fallback endpoints (WebSocket needs none), so a page on another origin than the
+/// node's can use them: the `--allowed-origins`, echoed with `Vary: Origin`, or any origin (`*`)
+/// without an allow-list. No credentials: the token and the session key travel in headers.
+pub fn cors(config: &Config) -> CorsLayer {
+    let origins = match &config.allowed_origins {
+        // Matched as the handshake matches them (admission.rs), so CORS and the 403 agree.
+        Some(allowed) => {
+            let allowed = allowed.clone();
+            AllowOrigin::predicate(move |origin, _| {
+                origin.to_str().is_ok_and(|origin| {
+                    let origin = origin.trim_end_matches('/');
+                    allowed.iter().any(|allowed| allowed == origin)
+                })
+            })
+        }
+        None => AllowOrigin::any(),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([
+            HeaderName::from_static("x-switchboard-session"),
+            header::RETRY_AFTER,
+        ])
+        .max_age(CORS_MAX_AGE)
 }
 
 /// Why a poll or a POST is refused: its status, `code`, metric result and message.
@@ -240,15 +287,7 @@ pub async fn poll(
     }
     let hash = key_hash(key);
     let Some(handle) = node.session(session) else {
-        // Long polls are sticky: say whether the session lives elsewhere, so a load balancer
-        // misconfiguration shows as 421 rather than as lost sessions.
-        let refused = match node.forward(session, &hash, Vec::new()).await {
-            Ok(Forwarded::Delivered) => Refused::WrongNode,
-            Ok(Forwarded::UnknownSession) => Refused::UnknownSession,
-            Ok(Forwarded::WrongKey) => Refused::Forbidden,
-            Err(_) => Refused::Unavailable,
-        };
-        return refuse(node, ENDPOINT, refused);
+        return refuse(node, ENDPOINT, elsewhere(node, session, &hash).await);
     };
     let Some(link) = &handle.link else {
         return refuse(node, ENDPOINT, Refused::UnknownSession);
@@ -282,12 +321,69 @@ pub async fn poll(
     }
 }
 
-/// `POST /sse|/poll/{session}`: client frames for the session, wherever it is.
-pub async fn post(
+/// Why a poll or a DELETE for a session that is not on this node is refused. Long polls (and so
+/// their DELETE) are sticky: say whether the session lives elsewhere, so a load balancer
+/// misconfiguration shows as 421 rather than as lost sessions (one Redis round trip).
+async fn elsewhere(node: &Node, session: &str, hash: &str) -> Refused {
+    match node.forward(session, hash, Vec::new()).await {
+        Ok(Forwarded::Delivered) => Refused::WrongNode,
+        Ok(Forwarded::UnknownSession) => Refused::UnknownSession,
+        Ok(Forwarded::WrongKey) => Refused::Forbidden,
+        Err(_) => Refused::Unavailable,
+    }
+}
+
+/// `DELETE /sse|/poll/{session}`: the client ends its session, as a WebSocket client closes
+/// its connection: close 1000 "closed by the client" (the waiting poll or the stream gets the
+/// close frame if it can take it at once), presence leave, link and registry entry removed.
+/// Answers 204 once the session is gone (or after [`DELETE_WAIT`]); the connection then
+/// outlives the handshake timeout, as `lasting` says.
+pub async fn delete(
     node: &Arc<Node>,
     session: &str,
-    request: http::Request<hyper::body::Incoming>,
+    headers: &HeaderMap,
+    lasting: impl FnOnce(),
 ) -> Response<Body> {
+    const ENDPOINT: &str = "delete";
+    let Some(key) = session_key(headers) else {
+        return refuse(node, ENDPOINT, Refused::Forbidden);
+    };
+    if session.len() > MAX_SESSION_ID_LEN {
+        return refuse(node, ENDPOINT, Refused::UnknownSession);
+    }
+    let hash = key_hash(key);
+    let Some(handle) = node.session(session) else {
+        return refuse(node, ENDPOINT, elsewhere(node, session, &hash).await);
+    };
+    let Some(link) = &handle.link else {
+        // A WebSocket session is ended by closing its socket.
+        return refuse(node, ENDPOINT, Refused::UnknownSession);
+    };
+    if link.key_hash != hash {
+        return refuse(node, ENDPOINT, Refused::Forbidden);
+    }
+    link.closed_by_client.store(true, Ordering::Relaxed);
+    handle.queue.close(close::NORMAL, CLOSED_BY_CLIENT);
+    lasting();
+    // The session task holds the receiving end of its inbound channel until it has removed
+    // the session everywhere.
+    let _ = tokio::time::timeout(DELETE_WAIT, link.inbound.closed()).await;
+    drop(handle);
+    count(node, ENDPOINT, "ok");
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// `POST /sse|/poll/{session}`: client frames for the session, wherever it is.
+pub async fn post<B>(node: &Arc<Node>, session: &str, request: http::Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     const ENDPOINT: &str = "post";
     let Some(key) = session_key(request.headers()) else {
         return refuse(node, ENDPOINT, Refused::Forbidden);
@@ -396,10 +492,21 @@ mod tests {
         assert_eq!(route(&get, "/poll/abc"), Some(Route::Poll("abc")));
         assert_eq!(route(&post, "/poll/abc"), Some(Route::Post("abc")));
         assert_eq!(route(&post, "/sse/abc"), Some(Route::Post("abc")));
-        assert_eq!(route(&get, "/sse/abc"), Some(Route::NotAllowed("POST")));
+        assert_eq!(
+            route(&Method::DELETE, "/poll/abc"),
+            Some(Route::Delete("abc"))
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/sse/abc"),
+            Some(Route::Delete("abc"))
+        );
+        assert_eq!(
+            route(&get, "/sse/abc"),
+            Some(Route::NotAllowed("POST, DELETE, OPTIONS"))
+        );
         assert_eq!(
             route(&put, "/poll/abc"),
-            Some(Route::NotAllowed("GET, POST"))
+            Some(Route::NotAllowed("GET, POST, DELETE, OPTIONS"))
         );
         for path in [
             "/ws",

@@ -8,6 +8,7 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -122,6 +123,7 @@ pub fn start(
             transport: kind.name(),
             inbound,
             polls,
+            closed_by_client: AtomicBool::new(false),
         })),
     });
     let span = tracing::info_span!("session", session = %session_id, transport = kind.name(),
@@ -511,16 +513,30 @@ impl Session {
                     .with_label_values(&["close"])
                     .inc();
                 let frame = payload(message);
+                // A client that ended the session (DELETE) does not wait for its close frame:
+                // the frame goes out only if it can at once.
+                let by_client = self
+                    .core
+                    .handle
+                    .link
+                    .as_ref()
+                    .is_some_and(|link| link.closed_by_client.load(Ordering::Relaxed));
                 match self.kind {
                     Kind::Sse => {
                         if let Some(stream) = &self.stream {
                             let chunk = sse_events(&[frame]);
-                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.send(chunk)).await;
+                            if by_client {
+                                let _ = stream.try_send(chunk);
+                            } else {
+                                let _ =
+                                    tokio::time::timeout(CLOSE_TIMEOUT, stream.send(chunk)).await;
+                            }
                         }
                     }
                     Kind::Poll => {
                         self.outbox.push(frame);
                         if self.pending.is_none()
+                            && !by_client
                             && let Ok(request) =
                                 tokio::time::timeout(CLOSE_TIMEOUT, next_poll(&mut self.requests))
                                     .await
