@@ -1,7 +1,8 @@
 //! The fallback transports on one node (embedded broker): the SSE stream as `curl -N` reads it,
 //! long polls, POSTed frames, rooms and presence shared with WebSocket clients, `since`
 //! recovery, bad requests (each refused with its status while the node keeps serving),
-//! sessions whose client went away (reaped), and the drain's last `close` frame.
+//! sessions whose client went away (reaped), the drain's last `close` frame, the client's own
+//! end of a session (`DELETE`), and CORS for pages on another origin.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use switchboard_e2e::client::{connect_user, expect_ping_pong, publish, request_a
 use switchboard_e2e::http::{
     SessionKey, SseItem, SseStream, get, open_poll, open_sse, post_raw, public_url,
 };
-use switchboard_e2e::{DEADLINE, NodeProcess, wait_until};
+use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, wait_until};
 use switchboard_protocol::{ClientFrame, ServerFrame};
 
 /// Heartbeats and idle checks fast enough for a test; the poll timeout short so an empty poll
@@ -680,5 +681,187 @@ async fn a_stream_nobody_reads_is_closed_as_a_slow_reader_and_the_node_keeps_ser
             break;
         }
     }
+    Ok(())
+}
+
+/// `DELETE /{transport}/{session}` with `authorization` (none when `None`): status and body.
+async fn delete(
+    node: &NodeProcess,
+    transport: &str,
+    session: &str,
+    authorization: Option<&str>,
+) -> Result<(u16, reqwest::header::HeaderMap, String)> {
+    let mut request = switchboard_e2e::http::http_client()
+        .delete(public_url(node, &format!("/{transport}/{session}")))
+        .timeout(DEADLINE);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    Ok((status, headers, response.text().await?))
+}
+
+async fn delete_key(
+    node: &NodeProcess,
+    transport: &str,
+    key: &SessionKey,
+) -> Result<(u16, reqwest::header::HeaderMap, String)> {
+    let authorization = format!("Session {}", key.key);
+    delete(node, transport, &key.session, Some(&authorization)).await
+}
+
+async fn deletes(node: &NodeProcess, result: &str) -> Result<f64> {
+    node.metric(&format!(
+        "switchboard_fallback_requests_total{{endpoint=\"delete\",result=\"{result}\"}}"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn delete_ends_a_session_at_once_with_a_close_frame_for_the_waiting_poll() -> Result<()> {
+    // Idle timeout and poll timeout long: what ends the sessions here is the DELETE.
+    let node = NodeProcess::start(&[
+        "--idle-timeout-ms",
+        "120000",
+        "--poll-timeout-ms",
+        "60000",
+        "--log",
+        "info,switchboard::session=debug",
+    ])
+    .await?;
+    let mut watcher = connect_user(&node, "watcher").await?;
+    request_answer(
+        &mut watcher,
+        ClientFrame::Subscribe {
+            room: "room".into(),
+            id: Some(1),
+            since: None,
+            presence_events: true,
+        },
+    )
+    .await?;
+    let subscribe = json!({"type": "subscribe", "room": "room", "id": 1});
+    let (_, key) = open_poll(&node, "?user=leaver").await?;
+    post_accepted(&node, &key, "poll", subscribe.clone(), 1).await?;
+    key.poll_until(&node, "reply").await?;
+    let waits = || {
+        node.logs()
+            .iter()
+            .filter(|line| line.contains("poll waiting") && line.contains(&key.session))
+            .count()
+    };
+    let before = waits();
+    let poll = tokio::spawn({
+        let (key, url) = (key.clone(), node.public);
+        async move { poll_at(url, &key).await }
+    });
+    wait_until("the poll to wait", || async { waits() > before }).await?;
+    // A wrong or missing key: 403, the session stays.
+    let (status, _, body) = delete(&node, "poll", &key.session, Some("Session nope")).await?;
+    ensure!(
+        status == 403 && body.contains("forbidden"),
+        "{status} {body}"
+    );
+    let (status, _, body) = delete(&node, "poll", &key.session, None).await?;
+    ensure!(status == 403, "{status} {body}");
+    ensure!(sessions(&node, "poll").await? == 1.0);
+
+    let (status, headers, body) = delete_key(&node, "poll", &key).await?;
+    ensure!(status == 204 && body.is_empty(), "{status} {body}");
+    ensure!(
+        headers
+            .get("cache-control")
+            .is_some_and(|v| v == "no-store")
+    );
+    // Gone everywhere when the 204 comes: the waiting poll got the close frame, the watcher
+    // sees the leave, the session is not in presence.
+    let (status, answer) = tokio::time::timeout(DEADLINE, poll).await???;
+    ensure!(
+        status == 200
+            && answer.as_array().and_then(|frames| frames.last())
+                == Some(&json!({"type": "close", "code": 1000, "reason": "closed by the client"})),
+        "the waiting poll's answer: {status} {answer}"
+    );
+    ensure!(sessions(&node, "poll").await? == 0.0);
+    let (status, members) = api(&node, "GET", "/api/presence/room", None).await?;
+    ensure!(status == 200 && members["members"].as_array().map(Vec::len) == Some(1));
+    loop {
+        match watcher.next_frame().await? {
+            ServerFrame::Leave(notice) => {
+                ensure!(notice.user == "leaver" && notice.session == key.session);
+                break;
+            }
+            ServerFrame::Join(_) => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let (status, _, body) = delete_key(&node, "poll", &key).await?;
+    ensure!(
+        status == 404 && body.contains("unknown_session"),
+        "{status} {body}"
+    );
+    ensure!(key.poll_within(&node, DEADLINE).await?.status == 404);
+
+    // An SSE session, ended by DELETE on its own path while its client still reads: the
+    // stream ends with the close frame; a session nobody knows: 404.
+    let (mut sse, _, sse_key) = sse_session(&node, "streamer").await?;
+    post_accepted(&node, &sse_key, "sse", subscribe, 1).await?;
+    ensure!(sse.frame_of("reply").await?["id"] == 1);
+    let (status, _, body) = delete_key(&node, "sse", &sse_key).await?;
+    ensure!(status == 204, "{status} {body}");
+    let frames = sse.until_end().await?;
+    ensure!(
+        frames.last()
+            == Some(&json!({"type": "close", "code": 1000, "reason": "closed by the client"})),
+        "{frames:?}"
+    );
+    loop {
+        if let ServerFrame::Leave(notice) = watcher.next_frame().await? {
+            ensure!(notice.user == "streamer");
+            break;
+        }
+    }
+    ensure!(sessions(&node, "sse").await? == 0.0);
+    let (status, _, _) = delete(&node, "sse", "0123456789abcdef", Some("Session k")).await?;
+    ensure!(status == 404);
+    ensure!(deletes(&node, "ok").await? == 2.0);
+    ensure!(deletes(&node, "forbidden").await? == 2.0);
+    ensure!(deletes(&node, "not_found").await? == 2.0);
+    expect_ping_pong(&mut watcher, 2).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delete_that_reaches_another_node_is_told_421_and_the_session_lives_on() -> Result<()> {
+    let redis = RedisProcess::start().await?;
+    let url = redis.url();
+    let a = NodeProcess::start(&["--redis", &url, "--node-id", "del-a"]).await?;
+    let b = NodeProcess::start(&["--redis", &url, "--node-id", "del-b"]).await?;
+    a.wait_ready().await?;
+    b.wait_ready().await?;
+    let (_, key) = open_poll(&a, "?user=sticky").await?;
+    let (status, _, body) = delete_key(&b, "poll", &key).await?;
+    ensure!(
+        status == 421 && body.contains("wrong_node"),
+        "{status} {body}"
+    );
+    let authorization = "Session 00000000000000000000000000000000";
+    let (status, _, body) = delete(&b, "poll", &key.session, Some(authorization)).await?;
+    ensure!(
+        status == 403 && body.contains("forbidden"),
+        "{status} {body}"
+    );
+    ensure!(deletes(&b, "wrong_node").await? == 1.0);
+    // Still there: a POST through the other node reaches it, its own node ends it.
+    post_accepted(&b, &key, "poll", json!({"type": "ping", "id": 7}), 1).await?;
+    let polled = key.poll_until(&a, "pong").await?;
+    ensure!(polled.last().is_some_and(|f| f["id"] == 7), "{polled:?}");
+    let (status, _, _) = delete_key(&a, "poll", &key).await?;
+    ensure!(status == 204);
+    // The link went with it: the other node no longer finds it.
+    let (status, _, body) = delete_key(&b, "poll", &key).await?;
+    ensure!(status == 404, "{status} {body}");
     Ok(())
 }
