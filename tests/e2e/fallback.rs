@@ -865,3 +865,206 @@ async fn a_delete_that_reaches_another_node_is_told_421_and_the_session_lives_on
     ensure!(status == 404, "{status} {body}");
     Ok(())
 }
+
+/// `method path` on the public port with `headers`: status and headers.
+async fn request_headers(
+    node: &NodeProcess,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, reqwest::header::HeaderMap)> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let mut request = switchboard_e2e::http::http_client()
+        .request(method, public_url(node, path))
+        .timeout(DEADLINE);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await?;
+    Ok((response.status().as_u16(), response.headers().clone()))
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Every value of a comma-separated header, lowercase.
+fn header_list(headers: &reqwest::header::HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|item| item.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// A browser's preflight of a POST (or DELETE) with the session key from `origin`.
+async fn preflight(
+    node: &NodeProcess,
+    path: &str,
+    origin: &str,
+    method: &str,
+) -> Result<(u16, reqwest::header::HeaderMap)> {
+    request_headers(
+        node,
+        "OPTIONS",
+        path,
+        &[
+            ("origin", origin),
+            ("access-control-request-method", method),
+            (
+                "access-control-request-headers",
+                "authorization,content-type",
+            ),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn without_an_allow_list_the_fallback_endpoints_allow_any_origin() -> Result<()> {
+    let node = NodeProcess::start(FAST).await?;
+    let origin = "https://app.example.com";
+    let (_, key) = open_poll(&node, "?user=far").await?;
+    for (path, method) in [
+        (format!("/poll/{}", key.session), "POST"),
+        (format!("/sse/{}", key.session), "DELETE"),
+        ("/sse".to_owned(), "GET"),
+    ] {
+        let (status, headers) = preflight(&node, &path, origin, method).await?;
+        ensure!(status == 200, "{path}: {status}");
+        ensure!(
+            header(&headers, "access-control-allow-origin") == Some("*"),
+            "{headers:?}"
+        );
+        let methods = header_list(&headers, "access-control-allow-methods");
+        ensure!(
+            ["get", "post", "delete"]
+                .iter()
+                .all(|m| methods.iter().any(|x| x == m)),
+            "{methods:?}"
+        );
+        let allowed = header_list(&headers, "access-control-allow-headers");
+        ensure!(
+            allowed.contains(&"authorization".into()) && allowed.contains(&"content-type".into()),
+            "{allowed:?}"
+        );
+        ensure!(
+            header(&headers, "access-control-max-age") == Some("3600"),
+            "{headers:?}"
+        );
+        ensure!(
+            header(&headers, "connection") == Some("close"),
+            "{headers:?}"
+        );
+        ensure!(header(&headers, "access-control-allow-credentials").is_none());
+    }
+    // Simple requests: the open answer's session header is readable by the page.
+    let (status, headers) =
+        request_headers(&node, "GET", "/poll?user=page", &[("origin", origin)]).await?;
+    ensure!(status == 200 && header(&headers, "access-control-allow-origin") == Some("*"));
+    let exposed = header_list(&headers, "access-control-expose-headers");
+    ensure!(
+        exposed.contains(&"x-switchboard-session".into())
+            && exposed.contains(&"retry-after".into()),
+        "{exposed:?}"
+    );
+    let authorization = format!("Session {}", key.key);
+    let (status, headers) = request_headers(
+        &node,
+        "GET",
+        &format!("/poll/{}", key.session),
+        &[("origin", origin), ("authorization", &authorization)],
+    )
+    .await?;
+    ensure!(status == 200 && header(&headers, "access-control-allow-origin") == Some("*"));
+    // Refusals carry it too, so the page can read their status and Retry-After.
+    let (status, headers) = request_headers(
+        &node,
+        "GET",
+        &format!("/poll/{}", key.session),
+        &[("origin", origin), ("authorization", "Session wrong")],
+    )
+    .await?;
+    ensure!(status == 403 && header(&headers, "access-control-allow-origin") == Some("*"));
+    // WebSocket and the other paths get no CORS.
+    let (status, headers) = preflight(&node, "/ws", origin, "GET").await?;
+    ensure!(
+        status != 200 && header(&headers, "access-control-allow-origin").is_none(),
+        "{status} {headers:?}"
+    );
+    let (_, headers) = request_headers(&node, "GET", "/ws?user=x", &[("origin", origin)]).await?;
+    ensure!(
+        header(&headers, "access-control-allow-origin").is_none(),
+        "{headers:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_an_allow_list_only_its_origins_are_allowed_and_echoed() -> Result<()> {
+    let allowed = "https://app.example.com";
+    let node = NodeProcess::start(&[
+        "--allowed-origins",
+        "https://app.example.com,https://other.example",
+    ])
+    .await?;
+    let (status, stream, body) = open_sse(&node, "/sse?user=pager", &[("origin", allowed)]).await?;
+    ensure!(status == 200, "{status} {body}");
+    let mut stream = stream.context("a stream")?;
+    let headers = stream.response_headers.clone();
+    ensure!(
+        header(&headers, "access-control-allow-origin") == Some(allowed),
+        "{headers:?}"
+    );
+    ensure!(
+        header_list(&headers, "vary").contains(&"origin".into()),
+        "{headers:?}"
+    );
+    let key = SessionKey::of(&stream.next_frame().await?)?;
+    let path = format!("/sse/{}", key.session);
+    for method in ["POST", "DELETE"] {
+        let (status, headers) = preflight(&node, &path, allowed, method).await?;
+        ensure!(
+            status == 200 && header(&headers, "access-control-allow-origin") == Some(allowed),
+            "{headers:?}"
+        );
+        ensure!(
+            header_list(&headers, "vary").contains(&"origin".into()),
+            "{headers:?}"
+        );
+        // Any other origin: no permission, so its browser sends nothing more.
+        for other in [
+            "https://evil.example",
+            "https://app.example.com.evil.example",
+            "null",
+        ] {
+            let (_, headers) = preflight(&node, &path, other, method).await?;
+            ensure!(
+                header(&headers, "access-control-allow-origin").is_none(),
+                "{other}: {headers:?}"
+            );
+        }
+    }
+    let authorization = format!("Session {}", key.key);
+    let answer = post_raw(
+        &node,
+        &path,
+        json!({"type": "ping", "id": 1}).to_string(),
+        &[("origin", allowed), ("authorization", &authorization)],
+    )
+    .await?;
+    ensure!(answer.status == 202 && answer.header("access-control-allow-origin") == Some(allowed));
+    ensure!(stream.frame_of("pong").await?["id"] == 1);
+    // The open is refused for an origin outside the list (403), without CORS permission.
+    let (status, headers) = request_headers(
+        &node,
+        "GET",
+        "/poll?user=x",
+        &[("origin", "https://evil.example")],
+    )
+    .await?;
+    ensure!(status == 403 && header(&headers, "access-control-allow-origin").is_none());
+    Ok(())
+}
