@@ -482,7 +482,130 @@ pub fn parse_frames(body: &[u8]) -> Result<Vec<String>, Refused> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use http_body_util::Full;
+    use switchboard_broker::{FaultyBroker, MemoryBroker, MemoryConfig, SessionRecord};
+    use switchboard_protocol::Codec;
+
     use super::*;
+    use crate::auth::Authenticator;
+    use crate::hub::{INBOUND_CAPACITY, Link, SessionHandle};
+    use crate::metrics::Metrics;
+    use crate::queue::OutboundQueue;
+
+    /// A node of its own on the memory broker behind a `FaultyBroker`.
+    async fn node() -> (Arc<Node>, Arc<FaultyBroker>) {
+        let config = crate::config::Options {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let broker = Arc::new(FaultyBroker::new(Arc::new(MemoryBroker::new(
+            "n",
+            MemoryConfig::default(),
+        ))));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let auth = Authenticator::new(None).unwrap();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let node = Arc::new(Node::new(config, broker.clone(), metrics, auth, addr));
+        node.start().await.unwrap();
+        (node, broker)
+    }
+
+    fn post_request(session: &str, key: &str, body: &'static str) -> http::Request<Full<Bytes>> {
+        http::Request::post(format!("/poll/{session}"))
+            .header(header::AUTHORIZATION, format!("Session {key}"))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    async fn body_json(response: Response<Body>) -> Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn requests(node: &Node, endpoint: &str, result: &str) -> u64 {
+        node.metrics()
+            .fallback_requests
+            .with_label_values(&[endpoint, result])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_local_session_with_its_waiting_posts_full_is_answered_429_with_retry_after() {
+        let (node, _) = node().await;
+        // A session whose task takes nothing: its inbound channel fills.
+        let (inbound, _frames) = mpsc::channel(INBOUND_CAPACITY);
+        let handle = Arc::new(SessionHandle {
+            id: Arc::from("00000000000000aa"),
+            user: Arc::from("u"),
+            codec: Codec::Json,
+            queue: OutboundQueue::new(1 << 20, node.metrics().queue_bytes.clone()),
+            link: Some(Box::new(Link {
+                key_hash: key_hash("k"),
+                transport: "poll",
+                inbound,
+                polls: None,
+                closed_by_client: AtomicBool::new(false),
+            })),
+        });
+        let record = SessionRecord {
+            session: handle.id.to_string(),
+            user: "u".to_owned(),
+            node: node.id().to_owned(),
+            connected_at: 0,
+        };
+        node.register_session(&handle, &record).await.unwrap();
+        let ping = r#"{"type":"ping"}"#;
+        for _ in 0..INBOUND_CAPACITY {
+            let response = post(&node, &handle.id, post_request(&handle.id, "k", ping)).await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+        }
+        let response = post(&node, &handle.id, post_request(&handle.id, "k", ping)).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(body_json(response).await["code"], "rate_limited");
+        assert_eq!(requests(&node, "post", "rate_limited"), 1);
+        assert_eq!(requests(&node, "post", "ok"), INBOUND_CAPACITY as u64);
+        // The key is still checked first.
+        let response = post(&node, &handle.id, post_request(&handle.id, "x", ping)).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn a_broker_failure_answers_503_for_a_session_of_another_node() {
+        let (node, broker) = node().await;
+        broker.set_down(true);
+        let session = "00000000000000bb";
+        let response = post(
+            &node,
+            session,
+            post_request(session, "k", r#"{"type":"ping"}"#),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body_json(response).await["code"], "unavailable");
+        assert_eq!(requests(&node, "post", "unavailable"), 1);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Session k"));
+        let response = poll(&node, session, &headers, || {}).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = delete(&node, session, &headers, || {}).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(requests(&node, "delete", "unavailable"), 1);
+        // Once the registry answers again: no such session.
+        broker.set_down(false);
+        let response = post(
+            &node,
+            session,
+            post_request(session, "k", r#"{"type":"ping"}"#),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
 
     #[test]
     fn routes() {
