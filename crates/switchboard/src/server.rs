@@ -24,7 +24,7 @@ use crate::admission::{self, AdmitContext, Refusal, WS_PATH, client_ip, is_trust
 use crate::config::Config;
 use crate::demo;
 use crate::fallback::{self, Route};
-use crate::frontdoor::{FrontDoor, IpSlot};
+use crate::frontdoor::{self, FrontDoor, IpSlot};
 use crate::node::Node;
 use crate::session::{self, Admission};
 
@@ -149,9 +149,9 @@ async fn handle_connection(
             // A preflight is answered by the CORS layer alone: the client is admitted first,
             // as for any other request.
             if request.method() == Method::OPTIONS
-                && let Err(refused) = admit_client(&node, &door, &request, remote, &held)
+                && let Err(refusal) = admit_client(&node, &door, &request, remote, &held)
             {
-                return Ok(refused);
+                return Ok(refuse(&node, refusal.into()));
             }
             let handler = tower::service_fn(|request| async {
                 Ok::<_, Infallible>(handle_request(&node, &door, request, remote, &held).await)
@@ -243,7 +243,7 @@ fn admit_client<B>(
     request: &Request<B>,
     remote: SocketAddr,
     held: &Mutex<Held>,
-) -> Result<IpAddr, Response<Body>> {
+) -> Result<IpAddr, frontdoor::Refusal> {
     let trusted = &node.config().trusted_proxies;
     let client = client_ip(remote.ip(), request.headers(), trusted);
     let mut held = held.lock();
@@ -251,7 +251,7 @@ fn admit_client<B>(
     if held.slot.is_none() && !is_trusted(&client, trusted) {
         match door.admit(client) {
             Ok(slot) => held.slot = Some(slot),
-            Err(refusal) => return Err(refuse(node, refusal.into())),
+            Err(refusal) => return Err(refusal),
         }
     }
     Ok(client)
@@ -266,7 +266,7 @@ async fn handle_request(
 ) -> Response<Body> {
     let client = match admit_client(node, door, &request, remote, held) {
         Ok(client) => client,
-        Err(refused) => return refused,
+        Err(refusal) => return refuse(node, refusal.into()),
     };
     if node.config().demo
         && request.uri().path() != WS_PATH
