@@ -492,6 +492,8 @@ class FallbackTransport {
   _deliver(frame) {
     if (this._done) return;
     if (frame?.type === "close") {
+      // The node has ended the session: nothing to end on our side.
+      this._link = null;
       this._end(Number.isInteger(frame.code) ? frame.code : ABNORMAL, String(frame.reason ?? ""));
       return;
     }
@@ -712,6 +714,8 @@ class PollTransport extends FallbackTransport {
       }
       if (!response.ok) {
         response.body?.cancel().catch(() => {});
+        // The node has no session to end (404), or this one is not the session's (421).
+        if (response.status === 404 || response.status === 421) this._link = null;
         const why =
           response.status === 404 ? "the node no longer has the session (404)"
           : response.status === 421 ? "the poll reached another node (421): polls must reach the session's node"
@@ -721,6 +725,23 @@ class PollTransport extends FallbackTransport {
       }
       if (!(await this.#take(response))) return;
     }
+  }
+
+  /**
+   * Ends the session at the node too (`DELETE /poll/{session}`), so it leaves presence now
+   * rather than after the node's idle timeout; best effort, and `keepalive` lets it outlive an
+   * unloading page. (An SSE session ends when its aborted stream's connection closes.)
+   */
+  close() {
+    const link = this._done ? null : this._link;
+    super.close();
+    if (!link) return;
+    const init = { method: "DELETE", headers: { authorization: `Session ${link.key}` }, keepalive: true };
+    // In a promise: a fetch that throws at once fails the request, not close().
+    Promise.resolve()
+      .then(() => this._fetch(this._sessionUrl(link.session), init))
+      .then((response) => response.body?.cancel())
+      .catch(() => {});
   }
 
   /**

@@ -3,8 +3,10 @@
 // at run time): a page whose `window.WebSocket` is removed by an init script (as if nothing
 // WebSocket could pass) falls back to SSE by itself on one node, and chats both ways with a page
 // on WebSocket on the other node; a page forced to long polling with `?transport=poll` chats with
-// both. Each page's status line names its transport. Every process this starts is killed by pid
-// at the end, pass or fail. Screenshot: target/browser-artifacts/demo-sse.png.
+// both. Each page's status line names its transport. A page served by one node and pointed at
+// another with `?ws=` chats over SSE (cross-origin: the node's CORS, the page's CSP). Every process
+// this starts is killed by pid at the end, pass or fail. Screenshot:
+// target/browser-artifacts/demo-sse.png.
 //
 // Run: tests/run.sh (after the cargo build), or `npm test` here once target/debug/switchboard
 // exists. SWITCHBOARD_BIN and CHROMIUM override the binary and browser paths.
@@ -117,6 +119,33 @@ test("?transport= forces one transport; an unknown one is reported on the page",
     await page.getByRole("button", { name: "Join" }).click();
     await page.locator('#status[data-state="disconnected"]', { hasText: "Cannot connect" }).waitFor({ timeout: DEADLINE_MS });
     assert.match(await status(page), /"pigeon" is not one of/);
+  } finally {
+    await dispose();
+    killAll();
+  }
+});
+
+test("a page served by one node chats over SSE with another node (cross-origin)", { timeout: 60000 }, async () => {
+  // Two standalone nodes: different ports, so different origins; the page comes from the first
+  // and talks only to the second.
+  const home = await startNode("node-home", null);
+  const far = await startNode("node-far", null);
+  const { context, dispose } = await launchBrowser();
+  try {
+    const crossing = await openChat(context, home, [], "cora", [far], { query: { transport: "sse" } });
+    await crossing.locator('#status[data-transport="sse"]').waitFor({ timeout: DEADLINE_MS });
+    assert.match(await status(crossing), /node-far as cora over sse/);
+    const local = await openChat(context, far, [], "luke");
+    await user(crossing, "luke").waitFor({ timeout: DEADLINE_MS });
+    await user(local, "cora").waitFor({ timeout: DEADLINE_MS });
+    // POSTs from the other origin (preflighted: they carry the session key) and the stream.
+    await say(crossing, "hello from another origin");
+    await messageIn(local, "hello from another origin");
+    await say(local, "heard you");
+    await messageIn(crossing, "heard you");
+    const metrics = await (await fetch(`${home.internal}/metrics`)).text();
+    assert.match(metrics, /^switchboard_connections 0$/m, "the page's own node holds no session");
+    for (const page of [crossing, local]) assert.deepEqual(page.errors, [], "no blocked request, no script error");
   } finally {
     await dispose();
     killAll();

@@ -1,7 +1,8 @@
 //! The fallback transports on one node (embedded broker): the SSE stream as `curl -N` reads it,
 //! long polls, POSTed frames, rooms and presence shared with WebSocket clients, `since`
 //! recovery, bad requests (each refused with its status while the node keeps serving),
-//! sessions whose client went away (reaped), and the drain's last `close` frame.
+//! sessions whose client went away (reaped), the drain's last `close` frame, the client's own
+//! end of a session (`DELETE`), and CORS for pages on another origin.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use switchboard_e2e::client::{connect_user, expect_ping_pong, publish, request_a
 use switchboard_e2e::http::{
     SessionKey, SseItem, SseStream, get, open_poll, open_sse, post_raw, public_url,
 };
-use switchboard_e2e::{DEADLINE, NodeProcess, wait_until};
+use switchboard_e2e::{DEADLINE, NodeProcess, RedisProcess, wait_until};
 use switchboard_protocol::{ClientFrame, ServerFrame};
 
 /// Heartbeats and idle checks fast enough for a test; the poll timeout short so an empty poll
@@ -680,5 +681,390 @@ async fn a_stream_nobody_reads_is_closed_as_a_slow_reader_and_the_node_keeps_ser
             break;
         }
     }
+    Ok(())
+}
+
+/// `DELETE /{transport}/{session}` with `authorization` (none when `None`): status and body.
+async fn delete(
+    node: &NodeProcess,
+    transport: &str,
+    session: &str,
+    authorization: Option<&str>,
+) -> Result<(u16, reqwest::header::HeaderMap, String)> {
+    let mut request = switchboard_e2e::http::http_client()
+        .delete(public_url(node, &format!("/{transport}/{session}")))
+        .timeout(DEADLINE);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    Ok((status, headers, response.text().await?))
+}
+
+async fn delete_key(
+    node: &NodeProcess,
+    transport: &str,
+    key: &SessionKey,
+) -> Result<(u16, reqwest::header::HeaderMap, String)> {
+    let authorization = format!("Session {}", key.key);
+    delete(node, transport, &key.session, Some(&authorization)).await
+}
+
+async fn deletes(node: &NodeProcess, result: &str) -> Result<f64> {
+    node.metric(&format!(
+        "switchboard_fallback_requests_total{{endpoint=\"delete\",result=\"{result}\"}}"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn delete_ends_a_session_at_once_with_a_close_frame_for_the_waiting_poll() -> Result<()> {
+    // Idle timeout and poll timeout long: what ends the sessions here is the DELETE.
+    let node = NodeProcess::start(&[
+        "--idle-timeout-ms",
+        "120000",
+        "--poll-timeout-ms",
+        "60000",
+        "--log",
+        "info,switchboard::session=debug",
+    ])
+    .await?;
+    let mut watcher = connect_user(&node, "watcher").await?;
+    request_answer(
+        &mut watcher,
+        ClientFrame::Subscribe {
+            room: "room".into(),
+            id: Some(1),
+            since: None,
+            presence_events: true,
+        },
+    )
+    .await?;
+    let subscribe = json!({"type": "subscribe", "room": "room", "id": 1});
+    let (_, key) = open_poll(&node, "?user=leaver").await?;
+    post_accepted(&node, &key, "poll", subscribe.clone(), 1).await?;
+    key.poll_until(&node, "reply").await?;
+    let waits = || {
+        node.logs()
+            .iter()
+            .filter(|line| line.contains("poll waiting") && line.contains(&key.session))
+            .count()
+    };
+    let before = waits();
+    let poll = tokio::spawn({
+        let (key, url) = (key.clone(), node.public);
+        async move { poll_at(url, &key).await }
+    });
+    wait_until("the poll to wait", || async { waits() > before }).await?;
+    // A wrong or missing key: 403, the session stays.
+    let (status, _, body) = delete(&node, "poll", &key.session, Some("Session nope")).await?;
+    ensure!(
+        status == 403 && body.contains("forbidden"),
+        "{status} {body}"
+    );
+    let (status, _, body) = delete(&node, "poll", &key.session, None).await?;
+    ensure!(status == 403, "{status} {body}");
+    ensure!(sessions(&node, "poll").await? == 1.0);
+
+    let (status, headers, body) = delete_key(&node, "poll", &key).await?;
+    ensure!(status == 204 && body.is_empty(), "{status} {body}");
+    ensure!(
+        headers
+            .get("cache-control")
+            .is_some_and(|v| v == "no-store")
+    );
+    // Gone everywhere when the 204 comes: the waiting poll got the close frame, the watcher
+    // sees the leave, the session is not in presence.
+    let (status, answer) = tokio::time::timeout(DEADLINE, poll).await???;
+    ensure!(
+        status == 200
+            && answer.as_array().and_then(|frames| frames.last())
+                == Some(&json!({"type": "close", "code": 1000, "reason": "closed by the client"})),
+        "the waiting poll's answer: {status} {answer}"
+    );
+    ensure!(sessions(&node, "poll").await? == 0.0);
+    let (status, members) = api(&node, "GET", "/api/presence/room", None).await?;
+    ensure!(status == 200 && members["members"].as_array().map(Vec::len) == Some(1));
+    loop {
+        match watcher.next_frame().await? {
+            ServerFrame::Leave(notice) => {
+                ensure!(notice.user == "leaver" && notice.session == key.session);
+                break;
+            }
+            ServerFrame::Join(_) => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let (status, _, body) = delete_key(&node, "poll", &key).await?;
+    ensure!(
+        status == 404 && body.contains("unknown_session"),
+        "{status} {body}"
+    );
+    ensure!(key.poll_within(&node, DEADLINE).await?.status == 404);
+
+    // An SSE session, ended by DELETE on its own path while its client still reads: the
+    // stream ends with the close frame; a session nobody knows: 404.
+    let (mut sse, _, sse_key) = sse_session(&node, "streamer").await?;
+    post_accepted(&node, &sse_key, "sse", subscribe, 1).await?;
+    ensure!(sse.frame_of("reply").await?["id"] == 1);
+    let (status, _, body) = delete_key(&node, "sse", &sse_key).await?;
+    ensure!(status == 204, "{status} {body}");
+    let frames = sse.until_end().await?;
+    ensure!(
+        frames.last()
+            == Some(&json!({"type": "close", "code": 1000, "reason": "closed by the client"})),
+        "{frames:?}"
+    );
+    loop {
+        if let ServerFrame::Leave(notice) = watcher.next_frame().await? {
+            ensure!(notice.user == "streamer");
+            break;
+        }
+    }
+    ensure!(sessions(&node, "sse").await? == 0.0);
+    let (status, _, _) = delete(&node, "sse", "0123456789abcdef", Some("Session k")).await?;
+    ensure!(status == 404);
+    ensure!(deletes(&node, "ok").await? == 2.0);
+    ensure!(deletes(&node, "forbidden").await? == 2.0);
+    ensure!(deletes(&node, "not_found").await? == 2.0);
+    expect_ping_pong(&mut watcher, 2).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delete_that_reaches_another_node_is_told_421_and_the_session_lives_on() -> Result<()> {
+    let redis = RedisProcess::start().await?;
+    let url = redis.url();
+    let a = NodeProcess::start(&["--redis", &url, "--node-id", "del-a"]).await?;
+    let b = NodeProcess::start(&["--redis", &url, "--node-id", "del-b"]).await?;
+    a.wait_ready().await?;
+    b.wait_ready().await?;
+    let (_, key) = open_poll(&a, "?user=sticky").await?;
+    let (status, _, body) = delete_key(&b, "poll", &key).await?;
+    ensure!(
+        status == 421 && body.contains("wrong_node"),
+        "{status} {body}"
+    );
+    let authorization = "Session 00000000000000000000000000000000";
+    let (status, _, body) = delete(&b, "poll", &key.session, Some(authorization)).await?;
+    ensure!(
+        status == 403 && body.contains("forbidden"),
+        "{status} {body}"
+    );
+    ensure!(deletes(&b, "wrong_node").await? == 1.0);
+    // Still there: a POST through the other node reaches it, its own node ends it.
+    post_accepted(&b, &key, "poll", json!({"type": "ping", "id": 7}), 1).await?;
+    let polled = key.poll_until(&a, "pong").await?;
+    ensure!(polled.last().is_some_and(|f| f["id"] == 7), "{polled:?}");
+    let (status, _, _) = delete_key(&a, "poll", &key).await?;
+    ensure!(status == 204);
+    // The link went with it: the other node no longer finds it.
+    let (status, _, body) = delete_key(&b, "poll", &key).await?;
+    ensure!(status == 404, "{status} {body}");
+    Ok(())
+}
+
+/// `method path` on the public port with `headers`: status and headers.
+async fn request_headers(
+    node: &NodeProcess,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, reqwest::header::HeaderMap)> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let mut request = switchboard_e2e::http::http_client()
+        .request(method, public_url(node, path))
+        .timeout(DEADLINE);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await?;
+    Ok((response.status().as_u16(), response.headers().clone()))
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Every value of a comma-separated header, lowercase.
+fn header_list(headers: &reqwest::header::HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|item| item.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// A browser's preflight of a POST (or DELETE) with the session key from `origin`.
+async fn preflight(
+    node: &NodeProcess,
+    path: &str,
+    origin: &str,
+    method: &str,
+) -> Result<(u16, reqwest::header::HeaderMap)> {
+    request_headers(
+        node,
+        "OPTIONS",
+        path,
+        &[
+            ("origin", origin),
+            ("access-control-request-method", method),
+            (
+                "access-control-request-headers",
+                "authorization,content-type",
+            ),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn without_an_allow_list_the_fallback_endpoints_allow_any_origin() -> Result<()> {
+    let node = NodeProcess::start(FAST).await?;
+    let origin = "https://app.example.com";
+    let (_, key) = open_poll(&node, "?user=far").await?;
+    for (path, method) in [
+        (format!("/poll/{}", key.session), "POST"),
+        (format!("/sse/{}", key.session), "DELETE"),
+        ("/sse".to_owned(), "GET"),
+    ] {
+        let (status, headers) = preflight(&node, &path, origin, method).await?;
+        ensure!(status == 200, "{path}: {status}");
+        ensure!(
+            header(&headers, "access-control-allow-origin") == Some("*"),
+            "{headers:?}"
+        );
+        let methods = header_list(&headers, "access-control-allow-methods");
+        ensure!(
+            ["get", "post", "delete"]
+                .iter()
+                .all(|m| methods.iter().any(|x| x == m)),
+            "{methods:?}"
+        );
+        let allowed = header_list(&headers, "access-control-allow-headers");
+        ensure!(
+            allowed.contains(&"authorization".into()) && allowed.contains(&"content-type".into()),
+            "{allowed:?}"
+        );
+        ensure!(
+            header(&headers, "access-control-max-age") == Some("3600"),
+            "{headers:?}"
+        );
+        ensure!(
+            header(&headers, "connection") == Some("close"),
+            "{headers:?}"
+        );
+        ensure!(header(&headers, "access-control-allow-credentials").is_none());
+    }
+    // Simple requests: the open answer's session header is readable by the page.
+    let (status, headers) =
+        request_headers(&node, "GET", "/poll?user=page", &[("origin", origin)]).await?;
+    ensure!(status == 200 && header(&headers, "access-control-allow-origin") == Some("*"));
+    let exposed = header_list(&headers, "access-control-expose-headers");
+    ensure!(
+        exposed.contains(&"x-switchboard-session".into())
+            && exposed.contains(&"retry-after".into()),
+        "{exposed:?}"
+    );
+    let authorization = format!("Session {}", key.key);
+    let (status, headers) = request_headers(
+        &node,
+        "GET",
+        &format!("/poll/{}", key.session),
+        &[("origin", origin), ("authorization", &authorization)],
+    )
+    .await?;
+    ensure!(status == 200 && header(&headers, "access-control-allow-origin") == Some("*"));
+    // Refusals carry it too, so the page can read their status and Retry-After.
+    let (status, headers) = request_headers(
+        &node,
+        "GET",
+        &format!("/poll/{}", key.session),
+        &[("origin", origin), ("authorization", "Session wrong")],
+    )
+    .await?;
+    ensure!(status == 403 && header(&headers, "access-control-allow-origin") == Some("*"));
+    // WebSocket and the other paths get no CORS.
+    let (status, headers) = preflight(&node, "/ws", origin, "GET").await?;
+    ensure!(
+        status != 200 && header(&headers, "access-control-allow-origin").is_none(),
+        "{status} {headers:?}"
+    );
+    let (_, headers) = request_headers(&node, "GET", "/ws?user=x", &[("origin", origin)]).await?;
+    ensure!(
+        header(&headers, "access-control-allow-origin").is_none(),
+        "{headers:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_an_allow_list_only_its_origins_are_allowed_and_echoed() -> Result<()> {
+    let allowed = "https://app.example.com";
+    let node = NodeProcess::start(&[
+        "--allowed-origins",
+        "https://app.example.com,https://other.example",
+    ])
+    .await?;
+    let (status, stream, body) = open_sse(&node, "/sse?user=pager", &[("origin", allowed)]).await?;
+    ensure!(status == 200, "{status} {body}");
+    let mut stream = stream.context("a stream")?;
+    let headers = stream.response_headers.clone();
+    ensure!(
+        header(&headers, "access-control-allow-origin") == Some(allowed),
+        "{headers:?}"
+    );
+    ensure!(
+        header_list(&headers, "vary").contains(&"origin".into()),
+        "{headers:?}"
+    );
+    let key = SessionKey::of(&stream.next_frame().await?)?;
+    let path = format!("/sse/{}", key.session);
+    for method in ["POST", "DELETE"] {
+        let (status, headers) = preflight(&node, &path, allowed, method).await?;
+        ensure!(
+            status == 200 && header(&headers, "access-control-allow-origin") == Some(allowed),
+            "{headers:?}"
+        );
+        ensure!(
+            header_list(&headers, "vary").contains(&"origin".into()),
+            "{headers:?}"
+        );
+        // Any other origin: no permission, so its browser sends nothing more.
+        for other in [
+            "https://evil.example",
+            "https://app.example.com.evil.example",
+            "null",
+        ] {
+            let (_, headers) = preflight(&node, &path, other, method).await?;
+            ensure!(
+                header(&headers, "access-control-allow-origin").is_none(),
+                "{other}: {headers:?}"
+            );
+        }
+    }
+    let authorization = format!("Session {}", key.key);
+    let answer = post_raw(
+        &node,
+        &path,
+        json!({"type": "ping", "id": 1}).to_string(),
+        &[("origin", allowed), ("authorization", &authorization)],
+    )
+    .await?;
+    ensure!(answer.status == 202 && answer.header("access-control-allow-origin") == Some(allowed));
+    ensure!(stream.frame_of("pong").await?["id"] == 1);
+    // The open is refused for an origin outside the list (403), without CORS permission.
+    let (status, headers) = request_headers(
+        &node,
+        "GET",
+        "/poll?user=x",
+        &[("origin", "https://evil.example")],
+    )
+    .await?;
+    ensure!(status == 403 && header(&headers, "access-control-allow-origin").is_none());
     Ok(())
 }

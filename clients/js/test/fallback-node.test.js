@@ -103,3 +103,39 @@ test("behind a proxy that refuses WebSocket, then SSE, the client falls back to 
     proxy.close();
   }
 });
+
+// The suite's node keeps its default 60 s idle timeout: a session left to it would stay in
+// presence far longer than the 10 s these tests wait.
+for (const transport of /** @type {const} */ (["poll", "sse"])) {
+  test(`close() ends a ${transport} session at the node at once: the others see it leave`, async () => {
+    const room = `leaving-${transport}`;
+    const watcher = connect(node.wsUrl, { user: `watcher-${transport}`, transports: ["websocket"] });
+    const leaver = connect(node.wsUrl, { user: `leaver-${transport}`, transports: [transport] });
+    try {
+      /** @type {any[]} */
+      const events = [];
+      await within(watcher.ready(), "the watcher connected");
+      await watcher.subscribe(room, () => {}, { onPresence: (event) => events.push(event) });
+      const { session } = await within(leaver.ready(), `connected over ${transport}`);
+      assert.equal(leaver.transport, transport);
+      await leaver.subscribe(room, () => {});
+      await waitUntil("the join", () => events.some((e) => e.type === "join" && e.session === session));
+      const deletes = await node.metric('switchboard_fallback_requests_total{endpoint="delete",result="ok"}');
+      // Sessions of the tests before (behind their proxy, gone) may still be waiting to be reaped.
+      const sessions = await node.metric(`switchboard_sessions{transport="${transport}"}`);
+      leaver.close();
+      await waitUntil("the leave", () => events.some((e) => e.type === "leave" && e.session === session));
+      const { members } = await node.api(`/api/presence/${room}`);
+      assert.deepEqual(members.map((/** @type {any} */ m) => m.user), [`watcher-${transport}`]);
+      await waitUntil(`the ${transport} session gone`, async () =>
+        (await node.metric(`switchboard_sessions{transport="${transport}"}`)) === sessions - 1);
+      // A poll session is ended by DELETE; an SSE one by its aborted stream (no DELETE).
+      const expected = transport === "poll" ? deletes + 1 : deletes;
+      await waitUntil("the DELETE counted", async () =>
+        (await node.metric('switchboard_fallback_requests_total{endpoint="delete",result="ok"}')) === expected);
+    } finally {
+      watcher.close();
+      leaver.close();
+    }
+  });
+}

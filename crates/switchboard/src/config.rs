@@ -126,7 +126,8 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
     pub api_key: String;
 
-    /// Origins allowed to open WebSockets (comma-separated, e.g. https://app.example.com). Unset: any.
+    /// Origins allowed to open sessions, and by CORS on /sse and /poll (comma-separated, e.g.
+    /// https://app.example.com). Unset: any.
     #[arg(
         long,
         env = "SWITCHBOARD_ALLOWED_ORIGINS",

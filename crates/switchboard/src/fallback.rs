@@ -1,22 +1,29 @@
 //! The HTTP side of the fallback transports on the public port (the sessions themselves are
 //! `session/fallback.rs`): opening a session (`GET /sse`, `GET /poll`), long polls
-//! (`GET /poll/{session}`) and client frames (`POST /sse|/poll/{session}`), which may reach any
-//! node: a session of another node is found through the registry (`Node::forward`).
+//! (`GET /poll/{session}`), client frames (`POST /sse|/poll/{session}`), which may reach any
+//! node: a session of another node is found through the registry (`Node::forward`), and the
+//! client's end of a session (`DELETE /sse|/poll/{session}`). All of them answer CORS requests
+//! ([`cors`]), so a page on another origin can use them.
 //! Every answer is one request per connection (`Connection: close`), so the front door's
 //! per-address limits bound floods of polls and POSTs as they bound handshakes.
 
 use std::any::Any;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use switchboard_broker::Forwarded;
+use switchboard_protocol::close;
 use tokio::sync::{mpsc, oneshot};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::config::Config;
 use crate::node::Node;
 use crate::session::{self, Admission, Kind, Started, key_hash};
 
@@ -32,12 +39,23 @@ pub const MAX_POST_FRAMES: usize = 100;
 /// Longest session id looked up; ours are 16 hex digits.
 const MAX_SESSION_ID_LEN: usize = 64;
 
+/// The close reason of a session its client ended with `DELETE`.
+pub const CLOSED_BY_CLIENT: &str = "closed by the client";
+
+/// How long `DELETE` waits for the session to be gone everywhere (hub, presence, registry)
+/// before it answers anyway: the session is closing either way.
+const DELETE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a browser may reuse a CORS preflight's answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(3600);
+
 /// What a request of the fallback transports asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     Open(Kind),
     Poll(&'a str),
     Post(&'a str),
+    Delete(&'a str),
     /// A session path with a method it does not take.
     NotAllowed(&'static str),
 }
@@ -59,10 +77,39 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Option<Route<'a>> {
     }
     Some(match (method, kind) {
         (&Method::POST, _) => Route::Post(session),
+        (&Method::DELETE, _) => Route::Delete(session),
         (&Method::GET, Kind::Poll) => Route::Poll(session),
-        (_, Kind::Poll) => Route::NotAllowed("GET, POST"),
-        (_, Kind::Sse) => Route::NotAllowed("POST"),
+        (_, Kind::Poll) => Route::NotAllowed("GET, POST, DELETE, OPTIONS"),
+        (_, Kind::Sse) => Route::NotAllowed("POST, DELETE, OPTIONS"),
     })
+}
+
+/// CORS for the fallback endpoints (WebSocket needs none), so a page on another origin than the
+/// node's can use them: the `--allowed-origins`, echoed with `Vary: Origin`, or any origin (`*`)
+/// without an allow-list. No credentials: the token and the session key travel in headers.
+pub fn cors(config: &Config) -> CorsLayer {
+    let origins = match &config.allowed_origins {
+        // Matched as the handshake matches them (admission.rs), so CORS and the 403 agree.
+        Some(allowed) => {
+            let allowed = allowed.clone();
+            AllowOrigin::predicate(move |origin, _| {
+                origin.to_str().is_ok_and(|origin| {
+                    let origin = origin.trim_end_matches('/');
+                    allowed.iter().any(|allowed| allowed == origin)
+                })
+            })
+        }
+        None => AllowOrigin::any(),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([
+            HeaderName::from_static("x-switchboard-session"),
+            header::RETRY_AFTER,
+        ])
+        .max_age(CORS_MAX_AGE)
 }
 
 /// Why a poll or a POST is refused: its status, `code`, metric result and message.
@@ -240,15 +287,7 @@ pub async fn poll(
     }
     let hash = key_hash(key);
     let Some(handle) = node.session(session) else {
-        // Long polls are sticky: say whether the session lives elsewhere, so a load balancer
-        // misconfiguration shows as 421 rather than as lost sessions.
-        let refused = match node.forward(session, &hash, Vec::new()).await {
-            Ok(Forwarded::Delivered) => Refused::WrongNode,
-            Ok(Forwarded::UnknownSession) => Refused::UnknownSession,
-            Ok(Forwarded::WrongKey) => Refused::Forbidden,
-            Err(_) => Refused::Unavailable,
-        };
-        return refuse(node, ENDPOINT, refused);
+        return refuse(node, ENDPOINT, elsewhere(node, session, &hash).await);
     };
     let Some(link) = &handle.link else {
         return refuse(node, ENDPOINT, Refused::UnknownSession);
@@ -282,12 +321,69 @@ pub async fn poll(
     }
 }
 
-/// `POST /sse|/poll/{session}`: client frames for the session, wherever it is.
-pub async fn post(
+/// Why a poll or a DELETE for a session that is not on this node is refused. Long polls (and so
+/// their DELETE) are sticky: say whether the session lives elsewhere, so a load balancer
+/// misconfiguration shows as 421 rather than as lost sessions (one Redis round trip).
+async fn elsewhere(node: &Node, session: &str, hash: &str) -> Refused {
+    match node.forward(session, hash, Vec::new()).await {
+        Ok(Forwarded::Delivered) => Refused::WrongNode,
+        Ok(Forwarded::UnknownSession) => Refused::UnknownSession,
+        Ok(Forwarded::WrongKey) => Refused::Forbidden,
+        Err(_) => Refused::Unavailable,
+    }
+}
+
+/// `DELETE /sse|/poll/{session}`: the client ends its session, as a WebSocket client closes
+/// its connection: close 1000 "closed by the client" (the waiting poll or the stream gets the
+/// close frame if it can take it at once), presence leave, link and registry entry removed.
+/// Answers 204 once the session is gone (or after [`DELETE_WAIT`]); the connection then
+/// outlives the handshake timeout, as `lasting` says.
+pub async fn delete(
     node: &Arc<Node>,
     session: &str,
-    request: http::Request<hyper::body::Incoming>,
+    headers: &HeaderMap,
+    lasting: impl FnOnce(),
 ) -> Response<Body> {
+    const ENDPOINT: &str = "delete";
+    let Some(key) = session_key(headers) else {
+        return refuse(node, ENDPOINT, Refused::Forbidden);
+    };
+    if session.len() > MAX_SESSION_ID_LEN {
+        return refuse(node, ENDPOINT, Refused::UnknownSession);
+    }
+    let hash = key_hash(key);
+    let Some(handle) = node.session(session) else {
+        return refuse(node, ENDPOINT, elsewhere(node, session, &hash).await);
+    };
+    let Some(link) = &handle.link else {
+        // A WebSocket session is ended by closing its socket.
+        return refuse(node, ENDPOINT, Refused::UnknownSession);
+    };
+    if link.key_hash != hash {
+        return refuse(node, ENDPOINT, Refused::Forbidden);
+    }
+    link.closed_by_client.store(true, Ordering::Relaxed);
+    handle.queue.close(close::NORMAL, CLOSED_BY_CLIENT);
+    lasting();
+    // The session task holds the receiving end of its inbound channel until it has removed
+    // the session everywhere.
+    let _ = tokio::time::timeout(DELETE_WAIT, link.inbound.closed()).await;
+    drop(handle);
+    count(node, ENDPOINT, "ok");
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// `POST /sse|/poll/{session}`: client frames for the session, wherever it is.
+pub async fn post<B>(node: &Arc<Node>, session: &str, request: http::Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     const ENDPOINT: &str = "post";
     let Some(key) = session_key(request.headers()) else {
         return refuse(node, ENDPOINT, Refused::Forbidden);
@@ -386,7 +482,130 @@ pub fn parse_frames(body: &[u8]) -> Result<Vec<String>, Refused> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use http_body_util::Full;
+    use switchboard_broker::{FaultyBroker, MemoryBroker, MemoryConfig, SessionRecord};
+    use switchboard_protocol::Codec;
+
     use super::*;
+    use crate::auth::Authenticator;
+    use crate::hub::{INBOUND_CAPACITY, Link, SessionHandle};
+    use crate::metrics::Metrics;
+    use crate::queue::OutboundQueue;
+
+    /// A node of its own on the memory broker behind a `FaultyBroker`.
+    async fn node() -> (Arc<Node>, Arc<FaultyBroker>) {
+        let config = crate::config::Options {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let broker = Arc::new(FaultyBroker::new(Arc::new(MemoryBroker::new(
+            "n",
+            MemoryConfig::default(),
+        ))));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let auth = Authenticator::new(None).unwrap();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let node = Arc::new(Node::new(config, broker.clone(), metrics, auth, addr));
+        node.start().await.unwrap();
+        (node, broker)
+    }
+
+    fn post_request(session: &str, key: &str, body: &'static str) -> http::Request<Full<Bytes>> {
+        http::Request::post(format!("/poll/{session}"))
+            .header(header::AUTHORIZATION, format!("Session {key}"))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    async fn body_json(response: Response<Body>) -> Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn requests(node: &Node, endpoint: &str, result: &str) -> u64 {
+        node.metrics()
+            .fallback_requests
+            .with_label_values(&[endpoint, result])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_local_session_with_its_waiting_posts_full_is_answered_429_with_retry_after() {
+        let (node, _) = node().await;
+        // A session whose task takes nothing: its inbound channel fills.
+        let (inbound, _frames) = mpsc::channel(INBOUND_CAPACITY);
+        let handle = Arc::new(SessionHandle {
+            id: Arc::from("00000000000000aa"),
+            user: Arc::from("u"),
+            codec: Codec::Json,
+            queue: OutboundQueue::new(1 << 20, node.metrics().queue_bytes.clone()),
+            link: Some(Box::new(Link {
+                key_hash: key_hash("k"),
+                transport: "poll",
+                inbound,
+                polls: None,
+                closed_by_client: AtomicBool::new(false),
+            })),
+        });
+        let record = SessionRecord {
+            session: handle.id.to_string(),
+            user: "u".to_owned(),
+            node: node.id().to_owned(),
+            connected_at: 0,
+        };
+        node.register_session(&handle, &record).await.unwrap();
+        let ping = r#"{"type":"ping"}"#;
+        for _ in 0..INBOUND_CAPACITY {
+            let response = post(&node, &handle.id, post_request(&handle.id, "k", ping)).await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+        }
+        let response = post(&node, &handle.id, post_request(&handle.id, "k", ping)).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(body_json(response).await["code"], "rate_limited");
+        assert_eq!(requests(&node, "post", "rate_limited"), 1);
+        assert_eq!(requests(&node, "post", "ok"), INBOUND_CAPACITY as u64);
+        // The key is still checked first.
+        let response = post(&node, &handle.id, post_request(&handle.id, "x", ping)).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn a_broker_failure_answers_503_for_a_session_of_another_node() {
+        let (node, broker) = node().await;
+        broker.set_down(true);
+        let session = "00000000000000bb";
+        let response = post(
+            &node,
+            session,
+            post_request(session, "k", r#"{"type":"ping"}"#),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body_json(response).await["code"], "unavailable");
+        assert_eq!(requests(&node, "post", "unavailable"), 1);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Session k"));
+        let response = poll(&node, session, &headers, || {}).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = delete(&node, session, &headers, || {}).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(requests(&node, "delete", "unavailable"), 1);
+        // Once the registry answers again: no such session.
+        broker.set_down(false);
+        let response = post(
+            &node,
+            session,
+            post_request(session, "k", r#"{"type":"ping"}"#),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
 
     #[test]
     fn routes() {
@@ -396,10 +615,21 @@ mod tests {
         assert_eq!(route(&get, "/poll/abc"), Some(Route::Poll("abc")));
         assert_eq!(route(&post, "/poll/abc"), Some(Route::Post("abc")));
         assert_eq!(route(&post, "/sse/abc"), Some(Route::Post("abc")));
-        assert_eq!(route(&get, "/sse/abc"), Some(Route::NotAllowed("POST")));
+        assert_eq!(
+            route(&Method::DELETE, "/poll/abc"),
+            Some(Route::Delete("abc"))
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/sse/abc"),
+            Some(Route::Delete("abc"))
+        );
+        assert_eq!(
+            route(&get, "/sse/abc"),
+            Some(Route::NotAllowed("POST, DELETE, OPTIONS"))
+        );
         assert_eq!(
             route(&put, "/poll/abc"),
-            Some(Route::NotAllowed("GET, POST"))
+            Some(Route::NotAllowed("GET, POST, DELETE, OPTIONS"))
         );
         for path in [
             "/ws",

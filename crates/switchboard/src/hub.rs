@@ -2,6 +2,7 @@
 //! delivery encodes a frame once per codec and pushes the same bytes to every session's queue.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -38,6 +39,9 @@ pub struct Link {
     pub inbound: mpsc::Sender<Vec<String>>,
     /// Long-poll sessions: each poll hands the session task the sender of its answer.
     pub polls: Option<mpsc::Sender<oneshot::Sender<Bytes>>>,
+    /// Set by `DELETE /{sse|poll}/{session}` before it closes the session: the client is gone,
+    /// so the session ends without waiting for a poll to take its close frame.
+    pub closed_by_client: AtomicBool,
 }
 
 /// POSTs (or forwarded batches) waiting for a fallback session's task; one more is refused.
@@ -367,6 +371,7 @@ mod tests {
             transport: "sse",
             inbound,
             polls: None,
+            closed_by_client: AtomicBool::new(false),
         };
         let sse = handle(&metrics, "sse", Some(Box::new(link)));
         hub.add_session(sse.clone());

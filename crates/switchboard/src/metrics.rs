@@ -237,7 +237,7 @@ impl Metrics {
             )?,
             fallback_requests: counter_vec(
                 "switchboard_fallback_requests_total",
-                "Requests of the SSE and long-poll transports, by endpoint (open: GET /sse and /poll; poll: GET /poll/{session}; post: POST /sse|/poll/{session}) and result (ok, not_found, forbidden, wrong_node, too_large, bad_frame, rate_limited, unavailable).",
+                "Requests of the SSE and long-poll transports, by endpoint (open: GET /sse and /poll; poll: GET /poll/{session}; post: POST /sse|/poll/{session}; delete: DELETE /sse|/poll/{session}) and result (ok, not_found, forbidden, wrong_node, too_large, bad_frame, rate_limited, unavailable).",
                 &["endpoint", "result"],
             )?,
             forwarded_frames: counter_vec(

@@ -3,12 +3,12 @@
 //! fallback transports' requests (`fallback.rs`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
@@ -17,12 +17,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
+use tower::{Layer, ServiceExt};
+use tower_http::cors::CorsLayer;
 
 use crate::admission::{self, AdmitContext, Refusal, WS_PATH, client_ip, is_trusted};
 use crate::config::Config;
 use crate::demo;
 use crate::fallback::{self, Route};
-use crate::frontdoor::{FrontDoor, IpSlot};
+use crate::frontdoor::{self, FrontDoor, IpSlot};
 use crate::node::Node;
 use crate::session::{self, Admission};
 
@@ -36,6 +38,7 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(node.config().max_connections));
     let door = FrontDoor::new(node.config(), node.metrics().clone());
+    let cors = Arc::new(fallback::cors(node.config()));
     let mut backoff = Duration::from_millis(1);
     loop {
         let permit = tokio::select! {
@@ -56,6 +59,7 @@ pub async fn serve_public(node: Arc<Node>, listener: TcpListener, shutdown: Canc
                 tokio::spawn(handle_connection(
                     node.clone(),
                     door.clone(),
+                    cors.clone(),
                     stream,
                     remote,
                     permit,
@@ -86,6 +90,7 @@ struct Held {
 async fn handle_connection(
     node: Arc<Node>,
     door: Arc<FrontDoor>,
+    cors: Arc<CorsLayer>,
     stream: TcpStream,
     remote: SocketAddr,
     permit: OwnedSemaphorePermit,
@@ -133,11 +138,30 @@ async fn handle_connection(
     }));
     let service_node = node.clone();
     let service_held = held.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
         let (node, door, held) = (service_node.clone(), door.clone(), service_held.clone());
+        let cors = cors.clone();
         async move {
-            let response = handle_request(&node, &door, request, remote, &held).await;
-            Ok::<_, Infallible>(response)
+            if fallback::route(request.method(), request.uri().path()).is_none() {
+                let response = handle_request(&node, &door, request, remote, &held).await;
+                return Ok::<_, Infallible>(response);
+            }
+            // A preflight is answered by the CORS layer alone: the client is admitted first,
+            // as for any other request.
+            if request.method() == Method::OPTIONS
+                && let Err(refusal) = admit_client(&node, &door, &request, remote, &held)
+            {
+                return Ok(refuse(&node, refusal.into()));
+            }
+            let handler = tower::service_fn(|request| async {
+                Ok::<_, Infallible>(handle_request(&node, &door, request, remote, &held).await)
+            });
+            let Ok(mut response) = cors.layer(handler).oneshot(request).await;
+            // The preflight's answer too: one request per connection.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok(response)
         }
     });
     let connection = hyper::server::conn::http1::Builder::new()
@@ -211,6 +235,28 @@ fn refuse(node: &Node, refusal: Refusal) -> Response<Body> {
     response
 }
 
+/// The client behind the connection (the peer, or what a trusted proxy says), admitted by the
+/// front door once per connection.
+fn admit_client<B>(
+    node: &Node,
+    door: &Arc<FrontDoor>,
+    request: &Request<B>,
+    remote: SocketAddr,
+    held: &Mutex<Held>,
+) -> Result<IpAddr, frontdoor::Refusal> {
+    let trusted = &node.config().trusted_proxies;
+    let client = client_ip(remote.ip(), request.headers(), trusted);
+    let mut held = held.lock();
+    // A trusted proxy itself (no X-Forwarded-For) speaks for many clients: not limited.
+    if held.slot.is_none() && !is_trusted(&client, trusted) {
+        match door.admit(client) {
+            Ok(slot) => held.slot = Some(slot),
+            Err(refusal) => return Err(refusal),
+        }
+    }
+    Ok(client)
+}
+
 async fn handle_request(
     node: &Arc<Node>,
     door: &Arc<FrontDoor>,
@@ -218,18 +264,10 @@ async fn handle_request(
     remote: SocketAddr,
     held: &Arc<Mutex<Held>>,
 ) -> Response<Body> {
-    let trusted = &node.config().trusted_proxies;
-    let client = client_ip(remote.ip(), request.headers(), trusted);
-    {
-        let mut held = held.lock();
-        // A trusted proxy itself (no X-Forwarded-For) speaks for many clients: not limited.
-        if held.slot.is_none() && !is_trusted(&client, trusted) {
-            match door.admit(client) {
-                Ok(slot) => held.slot = Some(slot),
-                Err(refusal) => return refuse(node, refusal.into()),
-            }
-        }
-    }
+    let client = match admit_client(node, door, &request, remote, held) {
+        Ok(client) => client,
+        Err(refusal) => return refuse(node, refusal.into()),
+    };
     if node.config().demo
         && request.uri().path() != WS_PATH
         && let Some(response) =
@@ -272,6 +310,10 @@ async fn handle_request(
             return fallback::poll(node, session, request.headers(), lasting).await;
         }
         Some(Route::Post(session)) => return fallback::post(node, session, request).await,
+        Some(Route::Delete(session)) => {
+            let lasting = || held.lock().lasting = true;
+            return fallback::delete(node, session, request.headers(), lasting).await;
+        }
         Some(Route::NotAllowed(allow)) => return fallback::not_allowed(allow),
     }
     let admitted = match admission::admit(&request, &context) {

@@ -43,9 +43,10 @@ const ASSETS: &[Asset] = &[
     },
 ];
 
-/// The page talks to this node and to the nodes listed in `?ws=`, so WebSocket connections may go
-/// to any host; everything else comes from this origin only.
-const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
+/// The page talks to this node and to the nodes listed in `?ws=`, so its connections (WebSocket,
+/// and the fallbacks' `fetch`, which the nodes allow by CORS) may go to any host; everything else
+/// comes from this origin only.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss: http: https:; \
      img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Entity tags of the assets, in `ASSETS` order. The files change only with the binary, so a

@@ -8,6 +8,7 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -122,6 +123,7 @@ pub fn start(
             transport: kind.name(),
             inbound,
             polls,
+            closed_by_client: AtomicBool::new(false),
         })),
     });
     let span = tracing::info_span!("session", session = %session_id, transport = kind.name(),
@@ -511,16 +513,30 @@ impl Session {
                     .with_label_values(&["close"])
                     .inc();
                 let frame = payload(message);
+                // A client that ended the session (DELETE) does not wait for its close frame:
+                // the frame goes out only if it can at once.
+                let by_client = self
+                    .core
+                    .handle
+                    .link
+                    .as_ref()
+                    .is_some_and(|link| link.closed_by_client.load(Ordering::Relaxed));
                 match self.kind {
                     Kind::Sse => {
                         if let Some(stream) = &self.stream {
                             let chunk = sse_events(&[frame]);
-                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.send(chunk)).await;
+                            if by_client {
+                                let _ = stream.try_send(chunk);
+                            } else {
+                                let _ =
+                                    tokio::time::timeout(CLOSE_TIMEOUT, stream.send(chunk)).await;
+                            }
                         }
                     }
                     Kind::Poll => {
                         self.outbox.push(frame);
                         if self.pending.is_none()
+                            && !by_client
                             && let Ok(request) =
                                 tokio::time::timeout(CLOSE_TIMEOUT, next_poll(&mut self.requests))
                                     .await
@@ -625,7 +641,70 @@ impl Transport for Session {
 
 #[cfg(test)]
 mod tests {
+    use switchboard_broker::{MemoryBroker, MemoryConfig};
+
     use super::*;
+    use crate::auth::Authenticator;
+    use crate::metrics::Metrics;
+
+    #[tokio::test]
+    async fn an_sse_stream_that_takes_nothing_for_the_idle_timeout_is_closed_with_1013() {
+        let config = crate::config::Options {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+            heartbeat_ms: Some(50),
+            idle_timeout_ms: Some(400),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let broker = Arc::new(MemoryBroker::new("n", MemoryConfig::default()));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let auth = Authenticator::new(None).unwrap();
+        let identity = auth.authenticate(None, Some("stalled")).unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let node = Arc::new(Node::new(config, broker, metrics.clone(), auth, addr));
+        node.start().await.unwrap();
+        let admission = Admission {
+            identity,
+            codec: Codec::Json,
+            remote: addr,
+            client: addr.ip(),
+        };
+        let Started::Sse(mut chunks) = start(node.clone(), Kind::Sse, admission, Box::new(()))
+        else {
+            panic!("an SSE session starts a stream");
+        };
+        // The response body takes the welcome, then nothing: a stalled reader (its socket full).
+        let welcome = chunks.recv().await.unwrap();
+        assert!(welcome.starts_with(b"data: {\"type\":\"welcome\""));
+        // Fed below the queue's bound: the queue never overflows, the write times out.
+        node.broadcast(serde_json::json!("fed")).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metrics.slow_closes.get() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the stalled stream was never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.dropped.with_label_values(&["slow"]).get(), 0);
+        // The reader wakes up within the close's own timeout: it gets what the stream held,
+        // then the close frame, then the end.
+        let mut rest = Vec::new();
+        while let Some(chunk) = chunks.recv().await {
+            rest.extend_from_slice(&chunk);
+        }
+        let rest = String::from_utf8(rest).unwrap();
+        assert!(
+            rest.ends_with(
+                "data: {\"type\":\"close\",\"code\":1013,\"reason\":\"too slow to read: write timed out\"}\n\n"
+            ),
+            "{rest:?}"
+        );
+        assert_eq!(metrics.closes.with_label_values(&["1013"]).get(), 1);
+        assert_eq!(node.session_count(), 0);
+    }
 
     #[test]
     fn frames_become_one_sse_event_each() {
