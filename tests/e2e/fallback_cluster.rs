@@ -324,7 +324,24 @@ async fn a_long_poll_session_through_haproxy_sticks_to_its_node() -> Result<()> 
     let answer = carol.poll_at(away.public).await?;
     answer.expect(421, Some("wrong_node"))?;
     away.wait_metric(misrouted, 1.0).await?;
-    ping_each(&mut carol, 200..201).await
+    ping_each(&mut carol, 200..201).await?;
+
+    // The DELETE that ends the session sticks to its node too: 204, and the session is gone.
+    let answer = carol.delete_at(cluster.haproxy.public).await?;
+    answer.expect(204, None)?;
+    wait_until("the poll session gone from its node", || async {
+        home.metric("switchboard_sessions{transport=\"poll\"}")
+            .await
+            .is_ok_and(|sessions| sessions == 0.0)
+    })
+    .await?;
+    let misrouted_delete =
+        "switchboard_fallback_requests_total{endpoint=\"delete\",result=\"wrong_node\"}";
+    ensure!(
+        away.metric(misrouted_delete).await? == 0.0,
+        "HAProxy sent the DELETE to the wrong node"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

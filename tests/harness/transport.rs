@@ -445,6 +445,21 @@ impl TransportClient {
         Ok(answer_of(response).await)
     }
 
+    /// One `DELETE /poll/{session}` (ending the session) with this session's key at `addr`.
+    pub async fn delete_at(&self, addr: SocketAddr) -> Result<HttpAnswer> {
+        let key = self
+            .session_key
+            .as_deref()
+            .context("a WebSocket session has no DELETE")?;
+        let response = self
+            .http
+            .delete(format!("http://{addr}/poll/{}", self.session))
+            .header("Authorization", format!("Session {key}"))
+            .send()
+            .await?;
+        Ok(answer_of(response).await)
+    }
+
     /// Ends the session from the client's side: a close frame on a WebSocket, the end of the
     /// stream on SSE. A long-poll session has nothing to close: it stops polling and the node
     /// reaps it after its idle timeout.
