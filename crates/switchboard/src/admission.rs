@@ -137,6 +137,56 @@ pub fn admit<B>(request: &Request<B>, context: &AdmitContext<'_>) -> Result<Admi
         ));
         return Err(refusal);
     }
+    check_node_and_origin(headers, context)?;
+    let Ok(offered) = choose_codec(headers) else {
+        return Err(Refusal::new(
+            "unsupported_protocol",
+            StatusCode::BAD_REQUEST,
+            "unsupported subprotocol: offer switchboard.v1.json or switchboard.v1.msgpack",
+        ));
+    };
+    let identity = identify(request, context)?;
+
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(codec) = offered {
+        response_headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(codec.protocol()),
+        );
+    }
+    Ok(Admitted {
+        identity,
+        codec: offered.unwrap_or(Codec::Json),
+        headers: response_headers,
+    })
+}
+
+/// Decides the request that opens an SSE or long-poll session (`GET /sse`, `GET /poll`): the
+/// handshake's checks, in its order, less the upgrade's and the subprotocol's (these transports
+/// speak JSON). The path is the router's; the front door's limits come before, as for /ws.
+pub fn admit_fallback<B>(
+    request: &Request<B>,
+    context: &AdmitContext<'_>,
+) -> Result<Identity, Refusal> {
+    if request.method() != Method::GET {
+        return Err(Refusal::new(
+            "bad_request",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a session opens with a GET",
+        ));
+    }
+    check_node_and_origin(request.headers(), context)?;
+    identify(request, context)
+}
+
+/// What every session opening checks first, whatever the transport: the node takes sessions
+/// (503 while draining) and the page's Origin is allowed (403).
+fn check_node_and_origin(headers: &HeaderMap, context: &AdmitContext<'_>) -> Result<(), Refusal> {
     if context.draining {
         return Err(Refusal::new(
             "draining",
@@ -157,54 +207,31 @@ pub fn admit<B>(request: &Request<B>, context: &AdmitContext<'_>) -> Result<Admi
             ));
         }
     }
-    let Ok(offered) = choose_codec(headers) else {
-        return Err(Refusal::new(
-            "unsupported_protocol",
-            StatusCode::BAD_REQUEST,
-            "unsupported subprotocol: offer switchboard.v1.json or switchboard.v1.msgpack",
-        ));
-    };
+    Ok(())
+}
+
+/// Who opens the session: the token's user (401 when it is bad, expired or missing with auth
+/// on), or `?user=` with auth off (400 when it is not a valid user id).
+fn identify<B>(request: &Request<B>, context: &AdmitContext<'_>) -> Result<Identity, Refusal> {
     let query = request.uri().query();
     // An empty `?token=` is no token: it must not hide the Authorization header.
     let token = query_param(query, "token")
         .filter(|token| !token.is_empty())
-        .or_else(|| bearer(headers).map(str::to_owned));
+        .or_else(|| bearer(request.headers()).map(str::to_owned));
     let user = query_param(query, "user");
-    let identity = match context.auth.authenticate(token.as_deref(), user.as_deref()) {
-        Ok(identity) => identity,
-        Err(error @ AuthError::BadUser) => {
-            return Err(Refusal::new(
-                "bad_request",
-                StatusCode::BAD_REQUEST,
-                error.to_string(),
-            ));
-        }
-        Err(error) => {
-            return Err(Refusal::new(
-                "unauthorized",
-                StatusCode::UNAUTHORIZED,
-                error.to_string(),
-            ));
-        }
-    };
-
-    let mut response_headers = HeaderMap::new();
-    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    match context.auth.authenticate(token.as_deref(), user.as_deref()) {
+        Ok(identity) => Ok(identity),
+        Err(error @ AuthError::BadUser) => Err(Refusal::new(
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            error.to_string(),
+        )),
+        Err(error) => Err(Refusal::new(
+            "unauthorized",
+            StatusCode::UNAUTHORIZED,
+            error.to_string(),
+        )),
     }
-    if let Some(codec) = offered {
-        response_headers.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(codec.protocol()),
-        );
-    }
-    Ok(Admitted {
-        identity,
-        codec: offered.unwrap_or(Codec::Json),
-        headers: response_headers,
-    })
 }
 
 #[doc(hidden)]
@@ -819,6 +846,112 @@ mod tests {
         assert_eq!(
             client_ip(ip("10.1.2.3"), &HeaderMap::new(), &trusted),
             ip("10.1.2.3")
+        );
+    }
+
+    impl Node {
+        fn open_fallback(&self, request: &Request<()>) -> Result<Identity, Refusal> {
+            admit_fallback(
+                request,
+                &AdmitContext {
+                    config: &self.config,
+                    auth: &self.auth,
+                    draining: self.draining,
+                },
+            )
+        }
+    }
+
+    /// A plain GET, as EventSource or `curl -N` sends it: no upgrade headers at all.
+    fn plain_get(uri: &str, extra: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::get(uri).header(header::HOST, "node.test");
+        for (name, value) in extra {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_fallback_session_opens_with_a_plain_get_and_the_same_identity_rules() {
+        let node = Node::open();
+        let identity = node
+            .open_fallback(&plain_get("/sse?user=carol", &[]))
+            .unwrap();
+        assert_eq!(identity.user, "carol");
+        // Subprotocol headers mean nothing here: the fallback transports speak JSON.
+        let offered = plain_get("/poll", &[("sec-websocket-protocol", "chat")]);
+        assert!(
+            node.open_fallback(&offered)
+                .unwrap()
+                .user
+                .starts_with("anon-")
+        );
+        let bad_user = plain_get(&format!("/sse?user={}", "u".repeat(MAX_USER_LEN + 1)), &[]);
+        let refusal = node.open_fallback(&bad_user).unwrap_err();
+        assert_eq!(
+            (refusal.status.as_u16(), refusal.result),
+            (400, Some("bad_request"))
+        );
+        let mut post = plain_get("/sse", &[]);
+        *post.method_mut() = Method::POST;
+        assert_refused(
+            &node.open_fallback(&post).unwrap_err(),
+            405,
+            "bad_request",
+            "a session opens with a GET",
+        );
+    }
+
+    #[test]
+    fn a_fallback_session_needs_a_valid_token_when_auth_is_on() {
+        let node = Node::with_auth();
+        for request in [
+            plain_get("/sse", &[]),
+            plain_get("/poll?user=alice", &[]),
+            plain_get("/sse?token=not-a-jwt", &[]),
+            plain_get(
+                &format!("/poll?token={}", token(unix_now_secs() - 3600, "bob")),
+                &[],
+            ),
+        ] {
+            let refusal = node.open_fallback(&request).unwrap_err();
+            assert_eq!(
+                (refusal.status.as_u16(), refusal.result),
+                (401, Some("unauthorized"))
+            );
+        }
+        let valid = token(unix_now_secs() + 3600, "bob");
+        let by_query = plain_get(&format!("/sse?token={valid}"), &[]);
+        assert_eq!(node.open_fallback(&by_query).unwrap().user, "bob");
+        let bearer = format!("Bearer {valid}");
+        let by_header = plain_get("/poll", &[("authorization", bearer.as_str())]);
+        assert_eq!(node.open_fallback(&by_header).unwrap().user, "bob");
+    }
+
+    #[test]
+    fn a_fallback_session_is_refused_while_draining_then_for_its_origin() {
+        let mut node = Node::new(Options {
+            allowed_origins: Some(vec!["https://app.example".into()]),
+            ..Options::default()
+        });
+        let allowed = plain_get("/sse", &[("origin", "https://app.example")]);
+        assert!(node.open_fallback(&allowed).is_ok());
+        for origin in [None, Some("https://evil.example")] {
+            let request = with_header(plain_get("/poll", &[]), header::ORIGIN, origin);
+            assert_refused(
+                &node.open_fallback(&request).unwrap_err(),
+                403,
+                "forbidden_origin",
+                "origin not allowed",
+            );
+        }
+        node.draining = true;
+        let evil = plain_get("/sse", &[("origin", "https://evil.example")]);
+        assert_refused(
+            &node.open_fallback(&evil).unwrap_err(),
+            503,
+            "draining",
+            "this node is draining: connect to another",
         );
     }
 }

@@ -216,6 +216,11 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_MS", value_name = "MS")]
     pub idle_timeout_ms: u64 = 60_000;
 
+    /// A long poll (`GET /poll/{session}`) with nothing to deliver is answered with `[]` after
+    /// this long; shorter than idle-timeout-ms, so a client that keeps polling is never reaped.
+    #[arg(long, env = "SWITCHBOARD_POLL_TIMEOUT_MS", value_name = "MS")]
+    pub poll_timeout_ms: u64, default "25000, at most half idle-timeout-ms";
+
     /// A client of the internal port must send a request's headers within this many
     /// milliseconds, or its connection is closed; also bounds idle keep-alive.
     #[arg(
@@ -352,6 +357,7 @@ pub struct Config {
     pub max_bad_frames: u32,
     pub heartbeat: Duration,
     pub idle_timeout: Duration,
+    pub poll_timeout: Duration,
     pub drain_grace: Duration,
     pub drain_delay: Duration,
     pub history_size: usize,
@@ -612,6 +618,16 @@ impl Options {
                 "must be longer than heartbeat-ms, or live clients are closed between pings",
             ));
         }
+        let poll_timeout_ms = match given.poll_timeout_ms {
+            Some(ms) => positive("poll-timeout-ms", ms)?,
+            None => (idle_timeout_ms / 2).clamp(1, 25_000),
+        };
+        if poll_timeout_ms >= idle_timeout_ms {
+            return Err(invalid(
+                "poll-timeout-ms",
+                "must be shorter than idle-timeout-ms, or waiting long-poll sessions are reaped",
+            ));
+        }
         let max_message_size = given.max_message_size;
         if max_message_size < 256 {
             return Err(invalid("max-message-size", "must be at least 256 bytes"));
@@ -723,6 +739,7 @@ impl Options {
             max_bad_frames,
             heartbeat: Duration::from_millis(heartbeat_ms),
             idle_timeout: Duration::from_millis(idle_timeout_ms),
+            poll_timeout: Duration::from_millis(poll_timeout_ms),
             drain_grace: Duration::from_millis(given.drain_grace_ms),
             drain_delay: Duration::from_millis(given.drain_delay_ms),
             history_size: given.history_size,

@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{BrokerHandler, DirectMessage, PresenceChange, PresenceEvent};
-use switchboard_protocol::{Codec, EncodeError, Encoded, RoomMessage, ServerFrame};
+use switchboard_protocol::{Codec, EncodeError, Encoded, ErrorCode, RoomMessage, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::metrics::Metrics;
@@ -19,7 +21,27 @@ pub struct SessionHandle {
     pub user: Arc<str>,
     pub codec: Codec,
     pub queue: OutboundQueue,
+    /// How client frames reach a session of the SSE or long-poll transport; `None` on
+    /// WebSocket (boxed: an idle WebSocket session pays one null pointer).
+    pub link: Option<Box<Link>>,
 }
+
+/// The inbound side of a fallback session: POSTed frames (local or forwarded by another node)
+/// and, for long polls, the polls waiting for frames.
+pub struct Link {
+    /// SHA-256 (hex) of the session key: what the POST and poll handlers compare.
+    pub key_hash: String,
+    /// `sse` or `poll`.
+    pub transport: &'static str,
+    /// Client frames (JSON text, one frame each) for the session task; bounded, so a flood of
+    /// POSTs waits nowhere but is refused.
+    pub inbound: mpsc::Sender<Vec<String>>,
+    /// Long-poll sessions: each poll hands the session task the sender of its answer.
+    pub polls: Option<mpsc::Sender<oneshot::Sender<Bytes>>>,
+}
+
+/// POSTs (or forwarded batches) waiting for a fallback session's task; one more is refused.
+pub const INBOUND_CAPACITY: usize = 16;
 
 struct Subscriber {
     session: Arc<SessionHandle>,
@@ -99,6 +121,10 @@ impl Hub {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    pub fn session(&self, id: &str) -> Option<Arc<SessionHandle>> {
+        self.sessions.get(id).map(|entry| entry.value().clone())
     }
 
     pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
@@ -279,7 +305,36 @@ impl BrokerHandler for Hub {
         self.disconnect_user(user, code, reason);
     }
 
-    fn frames(&self, _session: &str, _frames: Vec<String>) {
-        tracing::error!("IFACE STUB: forwarded frames not handled yet");
+    fn frames(&self, session: &str, frames: Vec<String>) {
+        let count = frames.len() as u64;
+        let forwarded = &self.metrics.forwarded_frames;
+        let Some(handle) = self.session(session) else {
+            forwarded.with_label_values(&["dropped"]).inc_by(count);
+            return;
+        };
+        let Some(link) = &handle.link else {
+            forwarded.with_label_values(&["dropped"]).inc_by(count);
+            return;
+        };
+        match link.inbound.try_send(frames) {
+            Ok(()) => forwarded.with_label_values(&["received"]).inc_by(count),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                forwarded.with_label_values(&["dropped"]).inc_by(count);
+                // The POST was answered 202 on another node: the client learns of the loss
+                // down its stream, as a /ws client learns of a refused frame.
+                let error =
+                    ServerFrame::error(None, ErrorCode::RateLimited, "too many frames: slow down");
+                if let Some(frame) = FrameCache::new(error).get(handle.codec) {
+                    let item = Outbound::Frame {
+                        kind: "error",
+                        frame,
+                    };
+                    self.push(&handle, item, Instant::now());
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                forwarded.with_label_values(&["dropped"]).inc_by(count);
+            }
+        }
     }
 }

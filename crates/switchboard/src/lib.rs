@@ -10,6 +10,7 @@ mod api;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod fallback;
 mod frontdoor;
 mod hub;
 mod internal;

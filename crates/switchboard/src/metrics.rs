@@ -2,8 +2,8 @@
 //! from small fixed sets (frame types, close codes, results), never from user input.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use switchboard_protocol::close;
 
@@ -43,6 +43,9 @@ pub struct Metrics {
     pub connect_rate_addresses: IntGauge,
     pub internal_connections: IntGauge,
     pub internal_refused: IntCounter,
+    pub sessions: IntGaugeVec,
+    pub fallback_requests: IntCounterVec,
+    pub forwarded_frames: IntCounterVec,
     /// Pre-resolved children for the hot path, so a delivery costs one atomic add.
     pub room_deliveries: IntCounter,
     pub message_frames_out: IntCounter,
@@ -81,6 +84,14 @@ impl Metrics {
             registry.register(Box::new(metric.clone()))?;
             Ok::<_, prometheus::Error>(metric)
         };
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "switchboard_sessions",
+                "Sessions open on this node, by transport (websocket, sse, poll).",
+            ),
+            &["transport"],
+        )?;
+        registry.register(Box::new(sessions.clone()))?;
         let frames_out = counter_vec(
             "switchboard_frames_out_total",
             "Frames written to clients, by frame type.",
@@ -126,11 +137,11 @@ impl Metrics {
         Ok(Metrics {
             connections: gauge(
                 "switchboard_connections",
-                "WebSocket sessions open on this node.",
+                "Sessions open on this node, all transports.",
             )?,
             handshakes: counter_vec(
                 "switchboard_handshakes_total",
-                "WebSocket handshakes on the public port, by result.",
+                "Session opening requests (WebSocket handshakes, GET /sse and GET /poll) on the public port, by result.",
                 &["result"],
             )?,
             frames_in: counter_vec(
@@ -224,6 +235,17 @@ impl Metrics {
                 "switchboard_internal_refused_total",
                 "Connections to the internal port closed at once because --internal-max-connections were open.",
             )?,
+            fallback_requests: counter_vec(
+                "switchboard_fallback_requests_total",
+                "Requests of the SSE and long-poll transports, by endpoint (open: GET /sse and /poll; poll: GET /poll/{session}; post: POST /sse|/poll/{session}) and result (ok, not_found, forbidden, wrong_node, too_large, bad_frame, rate_limited, unavailable).",
+                &["endpoint", "result"],
+            )?,
+            forwarded_frames: counter_vec(
+                "switchboard_forwarded_frames_total",
+                "Client frames of fallback sessions crossing nodes, by result (sent: POSTed here and forwarded to the session's node; received: forwarded here for a local session; dropped: received for a session gone or with its inbound full).",
+                &["result"],
+            )?,
+            sessions,
             room_deliveries: deliveries.with_label_values(&["room"]),
             message_frames_out: frames_out.with_label_values(&["message"]),
             frames_out,

@@ -10,8 +10,8 @@ use std::time::Instant;
 use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{
-    Acked, Broker, BrokerResult, DirectMessage, HistoryQuery, Inbox, InboxEntry, Published, Sent,
-    SessionRecord,
+    Acked, Broker, BrokerResult, DirectMessage, Forwarded, HistoryQuery, Inbox, InboxEntry,
+    LinkRecord, Published, Sent, SessionRecord,
 };
 use switchboard_protocol::api::NodeInfo;
 use switchboard_protocol::{
@@ -131,6 +131,11 @@ impl Node {
         self.hub.sessions()
     }
 
+    /// A session of this node, by id.
+    pub fn session(&self, id: &str) -> Option<Arc<SessionHandle>> {
+        self.hub.session(id)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
@@ -180,6 +185,34 @@ impl Node {
     ) -> BrokerResult<()> {
         self.hub.add_session(session.clone());
         self.broker.register_session(record).await
+    }
+
+    /// Makes a fallback session findable from the other nodes, for POSTs they receive.
+    pub async fn register_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.broker.register_link(link).await
+    }
+
+    pub async fn unregister_link(&self, link: &LinkRecord) -> BrokerResult<()> {
+        self.broker.unregister_link(link).await
+    }
+
+    /// Hands client frames POSTed here to the node holding the fallback session `session` (with
+    /// none: only finds whether it is there and the key right). Counted as sent when delivered.
+    pub async fn forward(
+        &self,
+        session: &str,
+        key_hash: &str,
+        frames: Vec<String>,
+    ) -> BrokerResult<Forwarded> {
+        let count = frames.len() as u64;
+        let forwarded = self.broker.forward(session, key_hash, frames).await?;
+        if forwarded == Forwarded::Delivered {
+            self.metrics
+                .forwarded_frames
+                .with_label_values(&["sent"])
+                .inc_by(count);
+        }
+        Ok(forwarded)
     }
 
     /// Removes an ended session from the hub and the cluster's registry.

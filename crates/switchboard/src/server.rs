@@ -1,5 +1,6 @@
 //! The public port: an accept loop that takes a connection permit before `accept()`, an HTTP/1.1
-//! handshake (hyper) bounded by a timeout, and the upgrade to a WebSocket session.
+//! handshake (hyper) bounded by a timeout, and the upgrade to a WebSocket session, or the
+//! fallback transports' requests (`fallback.rs`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{self, AdmitContext, Refusal, WS_PATH, client_ip, is_trusted};
 use crate::config::Config;
 use crate::demo;
+use crate::fallback::{self, Route};
 use crate::frontdoor::{FrontDoor, IpSlot};
 use crate::node::Node;
 use crate::session::{self, Admission};
@@ -76,6 +78,9 @@ struct Held {
     permit: Option<OwnedSemaphorePermit>,
     /// `None` until the client's address has been admitted.
     slot: Option<IpSlot>,
+    /// Set once the request is read and its answer is an SSE stream or a waiting long poll:
+    /// the connection then outlives the handshake timeout.
+    lasting: bool,
 }
 
 async fn handle_connection(
@@ -124,11 +129,16 @@ async fn handle_connection(
     let held = Arc::new(Mutex::new(Held {
         permit: Some(permit),
         slot,
+        lasting: false,
     }));
     let service_node = node.clone();
+    let service_held = held.clone();
     let service = service_fn(move |request| {
-        let response = handle_request(&service_node, &door, request, remote, &held);
-        async move { Ok::<_, Infallible>(response) }
+        let (node, door, held) = (service_node.clone(), door.clone(), service_held.clone());
+        async move {
+            let response = handle_request(&node, &door, request, remote, &held).await;
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -136,7 +146,12 @@ async fn handle_connection(
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    match tokio::time::timeout_at(deadline, connection).await {
+    let mut connection = std::pin::pin!(connection);
+    let served = match tokio::time::timeout_at(deadline, connection.as_mut()).await {
+        Err(_) if held.lock().lasting => Ok(connection.await),
+        served => served,
+    };
+    match served {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             if error.is_timeout() {
@@ -196,7 +211,7 @@ fn refuse(node: &Node, refusal: Refusal) -> Response<Body> {
     response
 }
 
-fn handle_request(
+async fn handle_request(
     node: &Arc<Node>,
     door: &Arc<FrontDoor>,
     mut request: Request<hyper::body::Incoming>,
@@ -227,6 +242,38 @@ fn handle_request(
         auth: node.auth(),
         draining: node.is_draining(),
     };
+    let path = request.uri().path().to_owned();
+    match fallback::route(request.method(), &path) {
+        None => {}
+        Some(Route::Open(kind)) => {
+            let identity = match admission::admit_fallback(&request, &context) {
+                Ok(identity) => identity,
+                Err(refusal) => return refuse(node, refusal),
+            };
+            let (permit, slot) = {
+                let mut held = held.lock();
+                held.lasting = true;
+                (held.permit.take(), held.slot.take())
+            };
+            let Some(permit) = permit else {
+                return refuse(node, Refusal::second_upgrade());
+            };
+            let admission = Admission {
+                identity,
+                codec: switchboard_protocol::Codec::Json,
+                remote,
+                client,
+            };
+            // The session holds both until it ends, with or without this connection.
+            return fallback::open(node, kind, admission, Box::new((permit, slot))).await;
+        }
+        Some(Route::Poll(session)) => {
+            let lasting = || held.lock().lasting = true;
+            return fallback::poll(node, session, request.headers(), lasting).await;
+        }
+        Some(Route::Post(session)) => return fallback::post(node, session, request).await,
+        Some(Route::NotAllowed(allow)) => return fallback::not_allowed(allow),
+    }
     let admitted = match admission::admit(&request, &context) {
         Ok(admitted) => admitted,
         Err(refusal) => return refuse(node, refusal),

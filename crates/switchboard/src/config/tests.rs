@@ -1326,3 +1326,30 @@ fn tls_needs_both_files_readable_and_matching() {
     let text = expect_invalid(tls(&other.path, &key.path), "tls-key");
     assert!(text.contains("KeyMismatch"), "{text}");
 }
+
+#[test]
+fn the_poll_timeout_is_shorter_than_the_idle_timeout() {
+    let config = resolve(Options::default());
+    assert_eq!(config.poll_timeout, Duration::from_millis(25_000));
+    // Unset, it follows a short idle timeout down, so such a node still starts.
+    let config = resolve(Options {
+        heartbeat_ms: Some(500),
+        idle_timeout_ms: Some(3000),
+        ..Options::default()
+    });
+    assert_eq!(config.poll_timeout, Duration::from_millis(1500));
+    let config = resolve(Options {
+        poll_timeout_ms: Some(59_999),
+        ..Options::default()
+    });
+    assert_eq!(config.poll_timeout, Duration::from_millis(59_999));
+    for ms in [0, 60_000, 90_000] {
+        expect_invalid(
+            Options {
+                poll_timeout_ms: Some(ms),
+                ..Options::default()
+            },
+            "poll-timeout-ms",
+        );
+    }
+}

@@ -16,6 +16,7 @@ use switchboard_protocol::{
     StreamPosition, close,
 };
 
+use super::guards::Guards;
 use super::{Exit, close_with};
 use crate::auth::{INVALID_USER, Identity, unix_now_millis, unix_now_secs, valid_user};
 use crate::hub::SessionHandle;
@@ -31,6 +32,9 @@ const MAX_HISTORY_LIMIT: usize = 1000;
 /// session's [`Core`] (one struct per session, so an idle session is no larger for the split).
 pub(super) trait Transport {
     fn core(&mut self) -> &mut Core;
+
+    /// The session's abuse limits, which count client frames whatever carries them.
+    fn guards(&mut self) -> &mut Guards;
 
     /// Encodes and writes frames answering the client, ahead of anything queued.
     async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit>;
@@ -883,6 +887,7 @@ mod tests {
             user: Arc::from("alice"),
             codec: Codec::Json,
             queue,
+            link: None,
         });
         (Core::new(node, handle, identity), broker)
     }

@@ -6,13 +6,16 @@
 //! anything written already.
 
 mod core;
+mod fallback;
 mod guards;
+mod inbound;
 mod websocket;
 
 use std::net::{IpAddr, SocketAddr};
 
 use switchboard_protocol::Codec;
 
+pub use self::fallback::{Kind, PollAnswer, Started, json_array, key_hash, start};
 pub use self::websocket::{read_error_close, run};
 use crate::auth::Identity;
 use crate::queue::CloseRequest;

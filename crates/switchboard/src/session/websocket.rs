@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::core::{Core, Transport, deliver_inbox};
 use super::guards::Guards;
+use super::inbound;
 use super::{Admission, Exit, close_with, new_session_id};
 use crate::hub::{SessionHandle, encode};
 use crate::node::Node;
@@ -87,6 +88,7 @@ where
                 node.config().max_queue_bytes,
                 node.metrics().queue_bytes.clone(),
             ),
+            link: None,
         });
         let mut session = Session {
             core: Core::new(node.clone(), handle, admission.identity),
@@ -97,6 +99,8 @@ where
             batch: Vec::new(),
         };
         node.metrics().connections.inc();
+        let transport_sessions = node.metrics().sessions.with_label_values(&["websocket"]);
+        transport_sessions.inc();
         tracing::debug!(codec = admission.codec.protocol(), "session open");
         // A panic (a bug) must not leave the session in the hub, the registry or presence: it
         // ends the connection with 1011 and the normal clean-up runs.
@@ -117,12 +121,13 @@ where
             Box::pin(session.core.forget(&rooms)).await;
         }
         node.metrics().connections.dec();
+        transport_sessions.dec();
     }
     .instrument(span)
     .await;
 }
 
-fn session_panicked(node: &Node, during: &str, panic: &(dyn Any + Send)) {
+pub(super) fn session_panicked(node: &Node, during: &str, panic: &(dyn Any + Send)) {
     node.metrics().session_panics.inc();
     let message = panic
         .downcast_ref::<&str>()
@@ -207,15 +212,13 @@ where
                 } else {
                     "text frame on the switchboard.v1.msgpack subprotocol: send binary frames"
                 };
-                return self
-                    .bad_frame(None, ErrorCode::BadFrame, text.to_owned())
-                    .await;
+                return inbound::bad_frame(self, None, ErrorCode::BadFrame, text.to_owned()).await;
             }
             Message::Pong(_) if std::mem::take(&mut self.awaiting_pong) => return Ok(()),
             Message::Ping(_) | Message::Pong(_) => {
                 // Control frames cost a read and a pong each: a flood of them is abuse like any
                 // other. A limited ping gets no pong now (tungstenite keeps the latest pending).
-                if self.over_rate("control")? {
+                if inbound::over_rate(self, "control")? {
                     return Ok(());
                 }
                 // tungstenite queued the pong to a ping; flushing sends it.
@@ -228,52 +231,7 @@ where
             }
             Message::Frame(_) => return Ok(()),
         };
-        metrics.bytes_in.inc_by(payload.len() as u64);
-        let frame = match codec.decode_client(payload) {
-            Ok(frame) => frame,
-            Err(error) => {
-                metrics.frames_in.with_label_values(&["invalid"]).inc();
-                return self.bad_frame(error.id, error.code, error.message).await;
-            }
-        };
-        metrics.frames_in.with_label_values(&[frame.kind()]).inc();
-        if self.over_rate("data")? {
-            let error = ServerFrame::error(
-                frame.id(),
-                ErrorCode::RateLimited,
-                "too many frames: slow down",
-            );
-            return self.write_frames(vec![error]).await;
-        }
-        let frames = Core::handle(self, frame).await?;
-        if frames.is_empty() {
-            Ok(())
-        } else {
-            self.write_frames(frames).await
-        }
-    }
-
-    /// Counts one frame against the rate limit: `Ok(true)` when it is over the limit and must be
-    /// refused, `Err` (close with 1008) once the client keeps going over it.
-    fn over_rate(&mut self, kind: &'static str) -> Result<bool, Exit> {
-        let node = &self.core.node;
-        self.guards
-            .over_rate(node.config(), node.metrics(), kind)
-            .map_err(Exit::Close)
-    }
-
-    /// Answers an undecodable frame, closing with 1008 once a client keeps sending them.
-    async fn bad_frame(
-        &mut self,
-        id: Option<u64>,
-        code: ErrorCode,
-        message: String,
-    ) -> Result<(), Exit> {
-        self.guards
-            .bad_frame(self.core.node.config())
-            .map_err(Exit::Close)?;
-        self.write_frames(vec![ServerFrame::error(id, code, message)])
-            .await
+        inbound::receive(self, payload).await
     }
 
     /// Sends the close frame (if the server is closing) and removes the session everywhere.
@@ -345,6 +303,10 @@ where
 {
     fn core(&mut self) -> &mut Core {
         &mut self.core
+    }
+
+    fn guards(&mut self) -> &mut Guards {
+        &mut self.guards
     }
 
     async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit> {
