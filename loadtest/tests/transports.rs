@@ -62,7 +62,9 @@ async fn connect_over(transport: &str) {
         .wait_for_log("every worker holding", Duration::from_secs(60))
         .await;
     let held = node
-        .metric(&format!("switchboard_sessions{{transport=\"{transport}\"}}"))
+        .metric(&format!(
+            "switchboard_sessions{{transport=\"{transport}\"}}"
+        ))
         .await
         .expect("reading the node's metrics");
     assert_eq!(held, sessions as f64, "{transport} sessions on the node");
@@ -213,4 +215,60 @@ async fn a_fallback_transport_needs_switchboard() {
         log.contains("--transport sse|poll needs --protocol switchboard"),
         "{log}"
     );
+}
+
+/// A fanout over `transport` whose second node is killed mid-run: its subscribers' sessions end
+/// (an SSE stream breaks, a poll fails) and are reported closed early, with what they missed
+/// counted as lost, rather than hanging the run.
+async fn fanout_over_reports_a_node_that_dies(transport: &str) {
+    let redis = RedisProcess::start().await.expect("starting redis-server");
+    let mut nodes = [
+        node(&format!("lt-die-{transport}-a"), Some(&redis)).await,
+        node(&format!("lt-die-{transport}-b"), Some(&redis)).await,
+    ];
+    // One publisher: it goes to the first target (node a), so the run outlives node b.
+    let mut args = vec![
+        "fanout".to_owned(),
+        format!("--transport={transport}"),
+        "--rooms=4".to_owned(),
+        "--subscribers=16".to_owned(),
+        "--publishers=1".to_owned(),
+        "--rate=100".to_owned(),
+        "--duration-secs=3".to_owned(),
+        "--warmup-secs=1".to_owned(),
+        "--drain-secs=2".to_owned(),
+        "--setup-timeout-secs=60".to_owned(),
+    ];
+    for node in &nodes {
+        args.push(format!("--url={}", node.ws_url()));
+    }
+    let mut loadtest = Loadtest::spawn(&format!("fanout-dies-{transport}"), &args);
+    loadtest
+        .wait_for_log("publishing ", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes[1].kill().expect("killing node b");
+    let result = loadtest.finish(Duration::from_secs(120)).await;
+    let lost = field(&result, "lost");
+    assert!(lost > 0, "no loss reported: {result:#}");
+    assert_eq!(
+        field(&result, "subscribers_closed_early"),
+        8,
+        "node b's subscribers: {result:#}"
+    );
+    assert_eq!(
+        field(&result, "received_total") + lost,
+        field(&result, "expected_deliveries_total"),
+        "{result:#}"
+    );
+}
+
+#[tokio::test]
+async fn fanout_over_sse_reports_a_node_that_dies() {
+    fanout_over_reports_a_node_that_dies("sse").await;
+}
+
+#[tokio::test]
+async fn fanout_over_poll_reports_a_node_that_dies() {
+    fanout_over_reports_a_node_that_dies("poll").await;
 }
