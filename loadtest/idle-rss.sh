@@ -13,12 +13,15 @@ case "$transport" in
 esac
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
+# A long-poll session holds a place under --max-connections and its pending poll another.
+places=$((connections + 100))
+if [ "$transport" = poll ]; then places=$((2 * connections + 100)); fi
 port=$(free_port)
 internal=$(free_port)
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 target/release/switchboard --listen "127.0.0.1:$port" --internal-listen "127.0.0.1:$internal" \
-  --max-connections $((connections + 100)) --log warn "${admission_off[@]}" &
+  --max-connections "$places" --log warn "${admission_off[@]}" &
 node=$!
 pids+=("$node")
 trap stop_all EXIT

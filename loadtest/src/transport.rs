@@ -13,11 +13,10 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::fallback;
 use crate::ws::Socket;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// `GET /ws`, the WebSocket.
-    #[default]
     Websocket,
     /// `GET /sse`: one streaming response per session; client frames by POST.
     Sse,
