@@ -12,9 +12,11 @@ Usage: loadtest/bench.sh [OPTIONS]
 Starts each system in turn on 127.0.0.1 (ports chosen at run time), runs the same scenarios against
 it, stops it, and finally prints one table (switchboard-loadtest compare):
 
-  switchboard  a redis-server and N switchboard nodes (target/release/switchboard)
-  socketio     a redis-server and N Socket.IO peers (loadtest/peers/socketio, node)
-  raw          one switchboard-raw-ceiling (no Redis; always a single process)
+  switchboard       a redis-server and N switchboard nodes (target/release/switchboard)
+  switchboard-sse   the same, every session over SSE (`--transport sse`: GET /sse, POSTs)
+  switchboard-poll  the same, every session over long poll (`--transport poll`)
+  socketio          a redis-server and N Socket.IO peers (loadtest/peers/socketio, node)
+  raw               one switchboard-raw-ceiling (no Redis; always a single process)
 
 For every rate: a fresh system, then `fanout` (subscribers and publishers spread over the nodes;
 CPU of every server process and of redis-server). Then a fresh system and `connect` against the
@@ -65,7 +67,7 @@ IFS=, read -r -a rate_list <<<"$rates"
 IFS=, read -r -a system_list <<<"$systems"
 for system in "${system_list[@]}"; do
   case "$system" in
-    switchboard | socketio | raw) ;;
+    switchboard | switchboard-sse | switchboard-poll | socketio | raw) ;;
     *) echo "bench.sh: unknown system $system" >&2; exit 2 ;;
   esac
 done
@@ -89,7 +91,7 @@ start_system() { # system tag
   local i log addr internal pid
   urls=() cpu_args=()
   case "$1" in
-    switchboard)
+    switchboard | switchboard-sse | switchboard-poll)
       start_redis "$out/$2-redis.log"
       for ((i = 1; i <= nodes; i++)); do
         log="$out/$2-node$i.log"
@@ -140,6 +142,21 @@ start_system() { # system tag
   esac
 }
 
+# What a system speaks (--protocol) and over which transport (--transport).
+protocol_of() { # system
+  case "$1" in
+    switchboard*) echo switchboard ;;
+    *) echo "$1" ;;
+  esac
+}
+transport_of() { # system
+  case "$1" in
+    switchboard-sse) echo sse ;;
+    switchboard-poll) echo poll ;;
+    *) echo websocket ;;
+  esac
+}
+
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 command -v redis-server >/dev/null || { echo "bench.sh: redis-server is not installed" >&2; exit 1; }
 if [[ ,$systems, == *,socketio,* ]]; then
@@ -157,7 +174,8 @@ for system in "${system_list[@]}"; do
     start_system "$system" "$system-fanout-$rate"
     url_args=()
     for url in "${urls[@]}"; do url_args+=(--url "$url"); done
-    timeout --foreground --kill-after=10 "$fanout_limit" "$loadtest" fanout --protocol "$system" "${url_args[@]}" \
+    timeout --foreground --kill-after=10 "$fanout_limit" "$loadtest" fanout --protocol "$(protocol_of "$system")" \
+      --transport "$(transport_of "$system")" "${url_args[@]}" \
       --rooms "$rooms" --subscribers "$subscribers" --publishers "$publishers" --rate "$rate" \
       --duration-secs "$duration" --warmup-secs "$warmup" "${cpu_args[@]}" \
       --json "$out/$system-fanout-$rate.json" >/dev/null
@@ -169,7 +187,8 @@ for system in "${system_list[@]}"; do
     start_system "$system" "$system-connect"
     # One worker process per 10,000 connections keeps each within its open-files limit.
     workers=$(((connections + 9999) / 10000))
-    timeout --foreground --kill-after=10 180 "$loadtest" connect --protocol "$system" --url "${urls[0]}" \
+    timeout --foreground --kill-after=10 180 "$loadtest" connect --protocol "$(protocol_of "$system")" \
+      --transport "$(transport_of "$system")" --url "${urls[0]}" \
       --connections "$connections" --workers "$workers" --pid "$first_pid" --json "$out/$system-connect.json" >/dev/null
     connect_files+=(--connect "$out/$system-connect.json")
     stop_all

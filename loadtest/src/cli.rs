@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::protocol::Protocol;
+use crate::transport::Transport;
 
 /// Most subscriber connections one run opens.
 const MAX_SUBSCRIBERS: u64 = 50_000;
@@ -84,6 +85,11 @@ pub struct ConnectArgs {
     /// counts as open, and held Socket.IO connections answer the server's pings.
     #[arg(long, value_enum, default_value = "switchboard")]
     pub protocol: Protocol,
+    /// How each connection reaches a switchboard node: a WebSocket, or a fallback session over
+    /// SSE or long poll, opened at http://HOST:PORT/sse or /poll, derived from the ws:// URL of
+    /// /ws as the JS SDK does. A fallback session counts as open once its `welcome` is read.
+    #[arg(long, value_enum, default_value_t = Transport::Websocket)]
+    pub transport: Transport,
     /// Connections to open, in total over all workers.
     #[arg(long, default_value_t = 10_000)]
     pub connections: u64,
@@ -180,6 +186,12 @@ pub struct FanoutArgs {
     /// each publisher's sequence numbers on the others.
     #[arg(long, value_enum, default_value_t = Protocol::Switchboard)]
     pub protocol: Protocol,
+    /// How every subscriber and publisher reaches a switchboard node: a WebSocket, or a fallback
+    /// session over SSE or long poll (opened at http://HOST:PORT/sse or /poll, derived from the
+    /// ws:// URL of /ws as the JS SDK does; client frames by POST). Latency runs from the
+    /// publisher's write (queueing its POST) to the subscriber's read of the frame.
+    #[arg(long, value_enum, default_value_t = Transport::Websocket)]
+    pub transport: Transport,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -195,6 +207,7 @@ impl FanoutArgs {
         if !self.subscribers.is_multiple_of(self.rooms) {
             bail!("--subscribers must be a multiple of --rooms");
         }
+        check_transport(self.protocol, self.transport)?;
         self.run.check()
     }
 }
@@ -264,6 +277,14 @@ fn check_setup(drain_secs: u64, setup_timeout_secs: u64, connect_rate: u64) -> R
     }
     if connect_rate == 0 {
         bail!("--connect-rate must be at least 1");
+    }
+    Ok(())
+}
+
+/// Refuses a fallback transport with a peer protocol: only switchboard serves SSE and polls.
+pub fn check_transport(protocol: Protocol, transport: Transport) -> Result<()> {
+    if transport != Transport::Websocket && protocol != Protocol::Switchboard {
+        bail!("--transport sse|poll needs --protocol switchboard");
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `compare`: one table of `fanout` results (switchboard, Socket.IO, the raw ceiling server),
 //! with the RSS per connection of `connect` results and ratios against the switchboard run of
-//! the same shape, as aligned text or Markdown.
+//! the same shape, as aligned text or Markdown. switchboard over a fallback transport is a
+//! system of its own (`switchboard/sse`, `switchboard/poll`), compared with switchboard over
+//! WebSocket.
 
 use std::path::Path;
 
@@ -48,6 +50,9 @@ struct Fanout {
     /// Results written before `--protocol` existed are switchboard's.
     #[serde(default = "switchboard")]
     protocol: String,
+    /// Results written before `--transport` existed are WebSocket ones.
+    #[serde(default)]
+    transport: Option<String>,
     subscribers: u64,
     rooms: u64,
     rate_target: u64,
@@ -67,12 +72,31 @@ struct Connect {
     #[serde(default = "switchboard")]
     protocol: String,
     #[serde(default)]
+    transport: Option<String>,
+    #[serde(default)]
     server_rss_per_connection_bytes: Option<f64>,
 }
 
 fn switchboard() -> String {
     "switchboard".to_owned()
 }
+
+/// The row name of a result: its protocol, with the transport unless it is the WebSocket.
+fn system(protocol: &str, transport: Option<&str>) -> String {
+    match transport {
+        None | Some("websocket") => protocol.to_owned(),
+        Some(transport) => format!("{protocol}/{transport}"),
+    }
+}
+
+/// Rows of the same shape in this order; unknown systems last.
+const SYSTEMS: [&str; 5] = [
+    "switchboard",
+    "switchboard/sse",
+    "switchboard/poll",
+    "socketio",
+    "raw",
+];
 
 const HEADER: [&str; 14] = [
     "system",
@@ -114,44 +138,51 @@ pub fn build(fanout: &[(String, Value)], connect: &[(String, Value)]) -> Result<
     let mut results = fanout
         .iter()
         .map(|(path, value)| {
-            Fanout::deserialize(value).with_context(|| format!("{path}: not a fanout result"))
+            let result = Fanout::deserialize(value)
+                .with_context(|| format!("{path}: not a fanout result"))?;
+            Ok((
+                system(&result.protocol, result.transport.as_deref()),
+                result,
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut rss = Vec::<(String, Option<f64>)>::new();
     for (path, value) in connect {
         let result =
             Connect::deserialize(value).with_context(|| format!("{path}: not a connect result"))?;
-        if rss.iter().any(|(protocol, _)| *protocol == result.protocol) {
-            bail!("{path}: a second connect result for {}", result.protocol);
+        let name = system(&result.protocol, result.transport.as_deref());
+        if rss.iter().any(|(system, _)| *system == name) {
+            bail!("{path}: a second connect result for {name}");
         }
-        rss.push((result.protocol, result.server_rss_per_connection_bytes));
+        rss.push((name, result.server_rss_per_connection_bytes));
     }
-    let system_order = |protocol: &str| {
-        ["switchboard", "socketio", "raw"]
+    let system_order = |system: &str| {
+        SYSTEMS
             .iter()
-            .position(|known| *known == protocol)
+            .position(|known| *known == system)
             .unwrap_or(usize::MAX)
     };
-    results.sort_by_key(|result| {
+    results.sort_by_key(|(system, result)| {
         (
             result.subscribers,
             result.rooms,
             result.rate_target,
-            system_order(&result.protocol),
+            system_order(system),
         )
     });
 
     let rows = results
         .iter()
-        .map(|result| {
-            let baseline = results.iter().find(|other| {
+        .map(|(system, result)| {
+            let baseline = results.iter().map(|(_, other)| other).find(|other| {
                 other.protocol == "switchboard"
+                    && matches!(other.transport.as_deref(), None | Some("websocket"))
                     && (other.subscribers, other.rooms, other.rate_target)
                         == (result.subscribers, result.rooms, result.rate_target)
             });
             let rss_kib = rss
                 .iter()
-                .find(|(protocol, _)| *protocol == result.protocol)
+                .find(|(name, _)| name == system)
                 .and_then(|(_, bytes)| *bytes)
                 .map(|bytes| bytes / 1024.0);
             let cpu = result.server_cpu_secs_per_million_deliveries;
@@ -161,7 +192,7 @@ pub fn build(fanout: &[(String, Value)], connect: &[(String, Value)]) -> Result<
                 .zip(cpu)
                 .and_then(|(base, own)| ratio(base, own));
             [
-                result.protocol.clone(),
+                system.clone(),
                 result.subscribers.to_string(),
                 result.rooms.to_string(),
                 result.rate_target.to_string(),
@@ -333,6 +364,34 @@ mod tests {
         // No switchboard run at 200 msgs/s, and no CPU figure.
         assert_eq!(raw_200[8], "-");
         assert_eq!(&raw_200[11..], ["-", "-", "-"]);
+    }
+
+    #[test]
+    fn fallback_transports_are_systems_compared_with_the_websocket() {
+        let mut sse = fanout(Some("switchboard"), 50, 1000.0, 8.0, json!(40.0));
+        sse["transport"] = json!("sse");
+        let mut poll = fanout(Some("switchboard"), 50, 1000.0, 20.0, json!(80.0));
+        poll["transport"] = json!("poll");
+        let mut websocket = fanout(Some("switchboard"), 50, 1000.0, 4.0, json!(20.0));
+        websocket["transport"] = json!("websocket");
+        let table = build(
+            &files(vec![poll, sse, websocket]),
+            &files(vec![
+                json!({"protocol": "switchboard", "transport": "sse", "server_rss_per_connection_bytes": 20480.0}),
+                json!({"protocol": "switchboard", "server_rss_per_connection_bytes": 10240.0}),
+            ]),
+        )
+        .expect("a table");
+        let systems: Vec<&str> = table.rows.iter().map(|row| row[0].as_str()).collect();
+        assert_eq!(
+            systems,
+            ["switchboard", "switchboard/sse", "switchboard/poll"]
+        );
+        assert_eq!(table.rows[0][9], "10.0");
+        assert_eq!(table.rows[1][9], "20.0");
+        assert_eq!(table.rows[2][9], "-");
+        assert_eq!(&table.rows[1][11..13], ["0.50x", "2.00x"]);
+        assert_eq!(&table.rows[2][11..13], ["0.25x", "5.00x"]);
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl ConnectArgs {
                 "--source-addresses must be at least 1, and --workers × --source-addresses at most 254"
             );
         }
+        crate::cli::check_transport(self.protocol, self.transport)?;
         if self.timeout_secs == 0 || self.timeout_secs > 600 || self.hold_secs > 3600 {
             bail!("--timeout-secs must be 1 to 600, --hold-secs at most 3600");
         }
@@ -94,6 +95,7 @@ impl ConnectArgs {
                 .to_possible_value()
                 .map(|value| value.get_name().to_owned())
                 .unwrap_or_default(),
+            transport: self.transport,
             urls: self.urls.clone(),
             first,
             count,
@@ -481,6 +483,7 @@ fn assemble(
         .collect();
     Ok(ConnectResult {
         protocol: args.protocol,
+        transport: args.transport,
         urls: args.urls.clone(),
         connections_requested: args.connections,
         rate_target: args.rate,
@@ -520,6 +523,7 @@ fn html_report(result: &ConnectResult) -> Result<Page> {
     let mut page = Page::new("connect");
     let parameters = [
         "protocol",
+        "transport",
         "urls",
         "connections_requested",
         "rate_target",

@@ -3,7 +3,9 @@
 //! one of the peers it is compared with. The run itself is the `latency` scenario's
 //! ([`crate::latency::measure`]): end-to-end latency from the timestamp in each payload,
 //! delivered messages per second, server CPU per delivery, and loss, duplicates and order (by
-//! offset per room on switchboard, by each publisher's sequence numbers on the peers).
+//! offset per room on switchboard, by each publisher's sequence numbers on the peers). On
+//! switchboard every session may use a fallback transport instead of the WebSocket
+//! (`--transport sse|poll`).
 
 use anyhow::Result;
 
@@ -24,11 +26,12 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         targets.clone(),
         targets,
         (args.rooms, args.subscribers / args.rooms),
-        args.protocol,
+        (args.protocol, args.transport),
     );
     let figures = measure(&plan).await?;
     let result = FanoutResult {
         protocol: args.protocol,
+        transport: args.transport,
         urls: args.urls.clone(),
         rooms: plan.rooms,
         subscribers: plan.subscribers(),

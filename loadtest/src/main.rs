@@ -8,11 +8,14 @@
 //! across a reconnect storm with `--drop-after-secs`); `reconnect` drops every subscriber at once and measures how
 //! fast they are back and whether `since` recovery lost anything. `compare` prints one table of
 //! `fanout` (and `connect`) results against switchboard, Socket.IO and the raw ceiling server.
+//! `connect` and `fanout` run over WebSocket or, with `--transport sse|poll`, over the fallback
+//! transports.
 
 mod cli;
 mod compare;
 mod connect;
 mod direct;
+mod fallback;
 mod fanout;
 mod html;
 mod latency;
@@ -24,6 +27,7 @@ mod reconnect;
 mod redis_info;
 mod report;
 mod sequence;
+mod transport;
 mod worker;
 mod ws;
 

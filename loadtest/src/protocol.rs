@@ -22,6 +22,7 @@ use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::transport::{Conn, Transport};
 use crate::ws::{Incoming, Socket, Stamp};
 
 /// How long a server may take to say hello once the WebSocket is open.
@@ -74,6 +75,29 @@ impl Protocol {
             Protocol::Raw => {}
         }
         Ok(socket)
+    }
+}
+
+impl Protocol {
+    /// Opens one session to `url` at `target` (from `source`, if given) over `transport` and
+    /// completes the greeting, as [`Protocol::open`]; only switchboard has the fallback
+    /// transports, whose open reads the `welcome` itself.
+    pub async fn connect(
+        self,
+        transport: Transport,
+        url: &str,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Result<Conn> {
+        if transport == Transport::Websocket {
+            return Ok(Conn::Ws(Box::new(self.open(url, target, source).await?)));
+        }
+        if self != Protocol::Switchboard {
+            bail!("--transport sse|poll is switchboard's only");
+        }
+        Ok(Conn::Fallback(
+            crate::fallback::open(url, transport, source).await?,
+        ))
     }
 }
 
@@ -181,17 +205,19 @@ impl Protocol {
         }
     }
 
-    /// Opens a connection and subscribes it to `room`; for switchboard, also returns the room's
-    /// offset and epoch from the reply.
+    /// Opens a session over `transport` and subscribes it to `room`; for switchboard, also
+    /// returns the room's offset and epoch from the reply.
     pub async fn subscribe(
         self,
+        transport: Transport,
         url: &str,
         target: SocketAddr,
         room: &str,
-    ) -> Result<(Socket, Option<(u64, String)>)> {
+    ) -> Result<(Conn, Option<(u64, String)>)> {
+        let mut socket = self.connect(transport, url, target, None).await?;
         if self == Protocol::Switchboard {
             let (socket, subscribed) =
-                crate::ws::subscribe_one(url, target, &format!("\"{room}\""), None).await?;
+                crate::ws::subscribe_on(socket, &format!("\"{room}\""), None).await?;
             return Ok((socket, Some((subscribed.offset, subscribed.epoch))));
         }
         // Run room names need no escaping: `[a-z0-9-]`.
@@ -199,7 +225,6 @@ impl Protocol {
             Protocol::Socketio => format!(r#"421["subscribe","{room}"]"#),
             _ => format!("sub {room}"),
         };
-        let mut socket = self.open(url, target, None).await?;
         socket.send(Message::text(frame)).await?;
         loop {
             let text = match socket.next().await {

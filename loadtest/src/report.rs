@@ -7,6 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::protocol::Protocol;
+use crate::transport::Transport;
 
 /// Prints `result` as pretty JSON and, given a path, writes the same text there.
 pub fn emit(result: &impl Serialize, json: Option<&Path>) -> Result<()> {
@@ -33,6 +34,8 @@ pub fn round3(value: f64) -> f64 {
 #[derive(Serialize)]
 pub struct ConnectResult {
     pub protocol: crate::protocol::Protocol,
+    /// `websocket`, `sse` or `poll` (`--transport`).
+    pub transport: Transport,
     pub urls: Vec<String>,
     pub connections_requested: u64,
     pub rate_target: u64,
@@ -126,6 +129,8 @@ pub struct LatencyResult {
 pub struct FanoutResult {
     /// What the targets speak: `switchboard`, `socketio` or `raw` (`--protocol`).
     pub protocol: Protocol,
+    /// `websocket`, `sse` or `poll` (`--transport`).
+    pub transport: Transport,
     pub urls: Vec<String>,
     pub rooms: u64,
     pub subscribers: u64,

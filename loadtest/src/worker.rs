@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::protocol::Protocol;
-use crate::ws::{Socket, url_addr};
+use crate::transport::{Conn, Transport};
+use crate::ws::url_addr;
 
 /// Width of one step of the open/dropped timelines.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -40,6 +41,7 @@ pub const HOLD: &str = "hold";
 #[derive(Serialize, Deserialize)]
 pub struct Share {
     pub protocol: String,
+    pub transport: Transport,
     pub urls: Vec<String>,
     pub first: u64,
     pub count: u64,
@@ -285,7 +287,7 @@ async fn open_all(
         let target = (index % targets.len() as u64) as usize;
         let source = share.sources[(offset % share.sources.len() as u64) as usize];
         tasks.push(tokio::spawn(connection(
-            protocol,
+            (protocol, share.transport),
             target,
             targets[target].clone(),
             IpAddr::V4(source),
@@ -302,7 +304,7 @@ async fn open_all(
 /// to stop.
 #[allow(clippy::too_many_arguments)]
 async fn connection(
-    protocol: Protocol,
+    (protocol, transport): (Protocol, Transport),
     target: usize,
     (url, addr): (String, SocketAddr),
     source: IpAddr,
@@ -312,7 +314,11 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let begun = Instant::now();
-    let opened = tokio::time::timeout_at(deadline, protocol.open(&url, addr, Some(source))).await;
+    let opened = tokio::time::timeout_at(
+        deadline,
+        protocol.connect(transport, &url, addr, Some(source)),
+    )
+    .await;
     let socket = match opened {
         Ok(Ok(socket)) => {
             let _ = result_tx.send((target, Ok(begun.elapsed())));
@@ -335,7 +341,7 @@ async fn connection(
 /// counts a close or error from the server as a drop. Stopping drops the socket (no close
 /// handshake: thousands of them would only slow the end of the run).
 async fn hold(
-    mut socket: Socket,
+    mut socket: Conn,
     protocol: Protocol,
     holding: &Holding,
     mut stop: watch::Receiver<bool>,

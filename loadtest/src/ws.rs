@@ -113,7 +113,22 @@ pub async fn subscribe_one(
     room: &str,
     since: Option<(u64, &str)>,
 ) -> Result<(Socket, Subscribed)> {
-    let mut socket = open(url, target, None).await?;
+    subscribe_on(open(url, target, None).await?, room, since).await
+}
+
+/// Subscribes an open session (a WebSocket, or a fallback session: see
+/// [`crate::transport::Conn`]) to `room` (JSON-encoded), resuming after `since` (offset, epoch)
+/// if given; returns it and the reply. Recovered messages follow.
+pub async fn subscribe_on<S>(
+    mut socket: S,
+    room: &str,
+    since: Option<(u64, &str)>,
+) -> Result<(S, Subscribed)>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+        + Unpin,
+{
     let since = match since {
         Some((offset, epoch)) => format!(
             r#","since":{{"offset":{offset},"epoch":{}}}"#,
@@ -132,6 +147,9 @@ pub async fn subscribe_one(
             None => bail!("closed before the subscribe reply"),
         };
         let Message::Text(text) = &message else {
+            if let Message::Close(frame) = &message {
+                bail!("closed before the subscribe reply: {frame:?}");
+            }
             continue;
         };
         let incoming: Incoming<'_> = serde_json::from_str(text.as_str())?;

@@ -23,6 +23,7 @@ use crate::progress;
 use crate::protocol::Protocol;
 use crate::redis_info::{redis_addr, redis_cost, redis_snapshot};
 use crate::report::{DeliveryFigures, LatencyResult, emit, ms, round3};
+use crate::transport::Transport;
 use crate::ws::{run_tag, url_addr};
 
 pub async fn run(args: LatencyArgs) -> Result<()> {
@@ -38,7 +39,7 @@ pub async fn run(args: LatencyArgs) -> Result<()> {
                 .map(|url| Ok((url.clone(), url_addr(url)?)))
                 .collect::<Result<Vec<_>>>()?,
             (args.rooms, args.subscribers_per_room),
-            Protocol::Switchboard,
+            (Protocol::Switchboard, Transport::Websocket),
         )
     };
     let figures = measure(&plan).await?;
@@ -84,6 +85,8 @@ pub struct Plan {
     pub cpu_pids: Vec<(String, u32)>,
     /// What every connection speaks; `redis` and the offset checks are switchboard's.
     pub protocol: Protocol,
+    /// How every connection reaches its node (switchboard only: the peers are WebSocket ones).
+    pub transport: Transport,
 }
 
 impl Plan {
@@ -94,7 +97,7 @@ impl Plan {
         publish_targets: Vec<(String, SocketAddr)>,
         subscribe_targets: Vec<(String, SocketAddr)>,
         (rooms, subscribers_per_room): (u64, u64),
-        protocol: Protocol,
+        (protocol, transport): (Protocol, Transport),
     ) -> Plan {
         Plan {
             publish_targets,
@@ -112,6 +115,7 @@ impl Plan {
             baseline_secs: 0,
             cpu_pids: run.cpu_pids.clone(),
             protocol,
+            transport,
         }
     }
 
@@ -159,7 +163,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     });
     let subscriber_tasks = subscriber::start(
         &shared,
-        protocol,
+        (protocol, plan.transport),
         publishers,
         subscribe_targets,
         plan.subscribers_per_room,
@@ -182,9 +186,12 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let mut publisher_sockets = Vec::with_capacity(publishers as usize);
     for index in 0..publishers {
         let (url, target) = &plan.publish_targets[index as usize % plan.publish_targets.len()];
-        let socket = tokio::time::timeout(SETUP_STEP_TIMEOUT, protocol.open(url, *target, None))
-            .await
-            .context("publisher connection timed out")??;
+        let socket = tokio::time::timeout(
+            SETUP_STEP_TIMEOUT,
+            protocol.connect(plan.transport, url, *target, None),
+        )
+        .await
+        .context("publisher connection timed out")??;
         publisher_sockets.push(socket);
     }
     // Idle baseline of the nodes' own Redis traffic.

@@ -11,11 +11,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::shared::{PublisherStats, Shared, latency_histogram};
 use crate::protocol::{Frame, Protocol};
-use crate::ws::{Next, Socket, Stamp, next_text};
+use crate::transport::Conn;
+use crate::ws::{Next, Stamp, next_text};
 use futures_util::SinkExt;
 
-type PublishSink = futures_util::stream::SplitSink<Socket, Message>;
-type ReplyStream = futures_util::stream::SplitStream<Socket>;
+type PublishSink = futures_util::stream::SplitSink<Conn, Message>;
+type ReplyStream = futures_util::stream::SplitStream<Conn>;
 
 /// One publisher's place in the run.
 pub struct Schedule {

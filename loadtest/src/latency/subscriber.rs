@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 use super::shared::{HISTOGRAM_SHARDS, Shared, SubscriberStats};
 use crate::protocol::{Frame, Protocol};
 use crate::sequence::advance;
-use crate::ws::{Next, Socket, await_setup, next_text};
+use crate::transport::{Conn, Transport};
+use crate::ws::{Next, await_setup, next_text};
 
 /// Bound on each connection's handshake plus subscribe.
 pub const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,7 +36,7 @@ pub fn target_of(index: u64, rooms: u64, targets: u64) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     shared: &Arc<Shared>,
-    protocol: Protocol,
+    (protocol, transport): (Protocol, Transport),
     publishers: u64,
     targets: &[(String, SocketAddr)],
     subscribers_per_room: u64,
@@ -64,7 +65,7 @@ pub async fn start(
         tasks.push(tokio::spawn(async move {
             let setup = tokio::time::timeout(
                 SETUP_STEP_TIMEOUT,
-                protocol.subscribe(&url, target, &shared.rooms[room]),
+                protocol.subscribe(transport, &url, target, &shared.rooms[room]),
             )
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no subscribe reply in 30s")));
@@ -108,7 +109,7 @@ pub async fn start(
 /// against the last one seen (switchboard: the room offset, in `epoch`; the peers: the sender's
 /// sequence number).
 async fn receive(
-    mut socket: Socket,
+    mut socket: Conn,
     protocol: Protocol,
     mut stats: SubscriberStats,
     mut epoch: Option<String>,
@@ -201,6 +202,6 @@ async fn receive(
             }
         }
     }
-    let _ = socket.close(None).await;
+    socket.end().await;
     stats
 }
