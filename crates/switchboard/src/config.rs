@@ -147,6 +147,7 @@ pub struct Options {
     pub trusted_proxies: Vec<String>;
 
     /// Most connections (handshaking or open) at once; more wait in the kernel's accept backlog.
+    /// A long-poll session holds one place for its life besides each request's connection.
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: usize, default "the open-files limit less 512";
 
