@@ -1,10 +1,22 @@
 // @ts-check
-// The JavaScript client of the switchboard WebSocket gateway (wire protocol v1, JSON codec).
+// The JavaScript client of the switchboard WebSocket gateway (wire protocol v1, JSON codec, on
+// WebSocket optionally compressed: `switchboard.v1.json+deflate`).
 // One ES module with no dependencies: it runs in browsers and in Node (with a global WebSocket,
 // or one passed as `options.WebSocket`). Where WebSocket is blocked it falls back to the node's
 // SSE and long-poll transports (`fetch`). Types: switchboard.d.ts.
 
 const SUBPROTOCOL = "switchboard.v1.json";
+const DEFLATE_SUBPROTOCOL = "switchboard.v1.json+deflate";
+
+/**
+ * What the WebSocket offers for each `codec`: the compressed codec offers plain JSON after it, so
+ * a node that predates it still connects (it picks the first subprotocol it knows).
+ * @type {Readonly<Record<string, string | readonly string[]>>}
+ */
+const OFFERS = Object.freeze({
+  json: SUBPROTOCOL,
+  "json+deflate": Object.freeze([DEFLATE_SUBPROTOCOL, SUBPROTOCOL]),
+});
 
 /** Every transport, in the default order of preference. */
 const TRANSPORTS = Object.freeze(["websocket", "sse", "poll"]);
@@ -322,6 +334,55 @@ const MAX_FRAMES_PER_POST = 100;
 const MAX_EVENT_CHARS = 64 * 1024 * 1024;
 
 /**
+ * Most bytes one compressed WebSocket frame may inflate to, the same bound as an event-stream
+ * event: a few KiB of DEFLATE can expand a thousandfold, so a hostile or broken server could
+ * otherwise make the client allocate without limit. Decompression stops there.
+ */
+const MAX_INFLATED_BYTES = 64 * 1024 * 1024;
+
+/** A compressed frame that inflates past `MAX_INFLATED_BYTES`. */
+class InflatedTooLarge extends Error {}
+
+/**
+ * The text of a raw DEFLATE (RFC 1951) frame, decompressed chunk by chunk so that no more than
+ * `MAX_INFLATED_BYTES` (and one chunk) is ever held.
+ * @param {Uint8Array} compressed
+ * @returns {Promise<string>}
+ */
+async function inflateText(compressed) {
+  const stream = new DecompressionStream("deflate-raw");
+  const writer = stream.writable.getWriter();
+  // Their failures are the reader's: a corrupt frame rejects both.
+  writer.write(compressed).catch(() => {});
+  writer.close().catch(() => {});
+  const reader = stream.readable.getReader();
+  const decoder = new TextDecoder("utf-8", { fatal: true });
+  let size = 0;
+  let text = "";
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return text + decoder.decode();
+    size += value.byteLength;
+    if (size > MAX_INFLATED_BYTES) {
+      reader.cancel().catch(() => {});
+      throw new InflatedTooLarge();
+    }
+    text += decoder.decode(value, { stream: true });
+  }
+}
+
+/**
+ * The bytes of a binary WebSocket message (an ArrayBuffer with `binaryType = "arraybuffer"`, or
+ * a view such as a Node Buffer from a custom WebSocket), or null for anything else.
+ * @param {unknown} data
+ */
+function bytesOf(data) {
+  if (data instanceof ArrayBuffer) return new Uint8Array(data);
+  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  return null;
+}
+
+/**
  * @param {unknown} error
  * @returns {string}
  */
@@ -329,35 +390,39 @@ function messageOf(error) {
   return error instanceof Error ? error.message : String(error);
 }
 
-/** The WebSocket transport: `/ws` with the JSON subprotocol. */
+/**
+ * The WebSocket transport: `/ws` with the JSON subprotocol, or the compressed one. On the compressed
+ * codec each server frame is binary: a flag byte (0: JSON as is, 1: raw DEFLATE) and the bytes.
+ * Inflating is asynchronous, so frames (and the close) are handed on through a queue, in the
+ * order they arrived; while nothing is queued, a frame that needs no inflating is handed on at once.
+ */
 class WebSocketTransport {
   /** @type {any} */
   #socket;
+  /** @type {TransportEvents} */
+  #events;
+  /** Set by `close()` or a local end: nothing more is handed on. */
+  #done = false;
+  /** Messages received and not yet handed on. */
+  #queued = 0;
+  /** @type {Promise<void>} the last queued message's turn */
+  #tail = Promise.resolve();
 
   /**
    * @param {string} url
    * @param {any} WebSocketImpl
+   * @param {string} codec "json" or "json+deflate"
    * @param {TransportEvents} events
    */
-  constructor(url, WebSocketImpl, events) {
-    const socket = new WebSocketImpl(url, SUBPROTOCOL);
+  constructor(url, WebSocketImpl, codec, events) {
+    const socket = new WebSocketImpl(url, OFFERS[codec]);
     this.#socket = socket;
-    socket.onmessage = (/** @type {any} */ event) => {
-      if (typeof event.data !== "string") {
-        events.unreadable("binary frame on the JSON subprotocol");
-        return;
-      }
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch (error) {
-        events.unreadable(messageOf(error));
-        return;
-      }
-      events.frame(frame);
-    };
+    this.#events = events;
+    // Browsers default to Blobs, which can only be read asynchronously.
+    socket.binaryType = "arraybuffer";
+    socket.onmessage = (/** @type {any} */ event) => this.#received(event.data);
     socket.onclose = (/** @type {any} */ event) => {
-      events.closed(event.code || ABNORMAL, event.reason || "", false);
+      this.#inTurn(() => events.closed(event.code || ABNORMAL, event.reason || "", false));
     };
     // A failed handshake (refused connection, HTTP 4xx/5xx) is reported as an error and, by
     // some implementations (Node 20's undici), with no close event after it.
@@ -369,6 +434,89 @@ class WebSocketTransport {
     };
   }
 
+  /** @param {unknown} data */
+  #received(data) {
+    if (typeof data === "string") {
+      this.#inTurn(() => this.#parse(data));
+      return;
+    }
+    const bytes = bytesOf(data);
+    if (this.#socket.protocol !== DEFLATE_SUBPROTOCOL || bytes === null) {
+      this.#inTurn(() => this.#events.unreadable("binary frame on the JSON subprotocol"));
+      return;
+    }
+    const flag = bytes[0];
+    if (flag === 0) {
+      let text;
+      try {
+        text = new TextDecoder("utf-8", { fatal: true }).decode(bytes.subarray(1));
+      } catch (error) {
+        this.#inTurn(() => this.#events.unreadable(`stored frame: ${messageOf(error)}`));
+        return;
+      }
+      this.#inTurn(() => this.#parse(text));
+    } else if (flag === 1) {
+      // Started at once, so frames inflate side by side; each waits for its turn to be handed on.
+      const inflating = inflateText(bytes.subarray(1)).then(
+        (text) => () => this.#parse(text),
+        (error) =>
+          error instanceof InflatedTooLarge
+            ? () => this.#tooLarge()
+            : () => this.#events.unreadable(`compressed frame: ${messageOf(error)}`),
+      );
+      this.#queue(inflating);
+    } else {
+      const problem = flag === undefined ? "an empty binary frame" : `flag byte ${flag}`;
+      this.#inTurn(() => this.#events.unreadable(`${problem} on the compressed subprotocol`));
+    }
+  }
+
+  /**
+   * Hands `deliver` on now if nothing is queued, else after what is.
+   * @param {() => void} deliver
+   */
+  #inTurn(deliver) {
+    if (this.#done) return;
+    if (this.#queued === 0) deliver();
+    else this.#queue(Promise.resolve(deliver));
+  }
+
+  /**
+   * Hands on what `ready` resolves to once every message received before it was.
+   * @param {Promise<() => void>} ready
+   */
+  #queue(ready) {
+    this.#queued++;
+    this.#tail = this.#tail.then(async () => {
+      const deliver = await ready;
+      this.#queued--;
+      if (!this.#done) deliver();
+    });
+  }
+
+  /** The subprotocol the node chose (a custom WebSocket that does not say is taken for JSON). */
+  get protocol() {
+    return this.#socket.protocol || SUBPROTOCOL;
+  }
+
+  /** @param {string} text */
+  #parse(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (error) {
+      this.#events.unreadable(messageOf(error));
+      return;
+    }
+    this.#events.frame(frame);
+  }
+
+  /** A frame past the bound: the connection is given up, as the node closes on an oversized frame. */
+  #tooLarge() {
+    this.close();
+    this.#events.closed(1009, "a compressed frame over 64 MiB once inflated", false);
+  }
+
   /** @param {object} frame */
   send(frame) {
     this.#socket.send(JSON.stringify(frame));
@@ -376,6 +524,7 @@ class WebSocketTransport {
 
   /** Gives the socket up without waiting for its close handshake (the peer may be gone). */
   close() {
+    this.#done = true;
     const socket = this.#socket;
     socket.onmessage = socket.onclose = socket.onerror = null;
     socket.close(1000);
@@ -442,6 +591,8 @@ function eventStreamParser(onData, onComment) {
 class FallbackTransport {
   /** @type {string} */
   name;
+  /** SSE and long polling speak plain JSON. */
+  protocol = SUBPROTOCOL;
   /** @type {URL} */
   _wsUrl;
   /** @type {(input: string, init?: any) => Promise<any>} */
@@ -815,7 +966,7 @@ export class Client extends Emitter {
   #pending = new Map();
   /** @type {Map<string, Subscription>} */
   #rooms = new Map();
-  /** @type {{session: string, user: string, node: string, heartbeatMs: number, transport: string} | null} */
+  /** @type {{session: string, user: string, node: string, heartbeatMs: number, transport: string, protocol: string} | null} */
   #session = null;
   #everConnected = false;
   /** Failed attempts in the current outage, and the close code that began it. */
@@ -856,8 +1007,8 @@ export class Client extends Emitter {
   constructor(url, options = {}) {
     super();
     this.#urls = checkUrls(url);
-    if (options.codec !== undefined && options.codec !== "json") {
-      throw new TypeError(`codec ${JSON.stringify(options.codec)}: only "json" is supported`);
+    if (options.codec !== undefined && !Object.hasOwn(OFFERS, options.codec)) {
+      throw new TypeError(`codec ${JSON.stringify(options.codec)}: expected "json" or "json+deflate"`);
     }
     const WebSocketImpl = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
     const fetchImpl = options.fetch ?? /** @type {any} */ (globalThis).fetch;
@@ -1239,7 +1390,7 @@ export class Client extends Emitter {
       if (value && name === "websocket") url.searchParams.set("token", value);
       if (user !== undefined) url.searchParams.set("user", user);
       const transport =
-        name === "websocket" ? new WebSocketTransport(url.toString(), this.#WebSocket, events)
+        name === "websocket" ? new WebSocketTransport(url.toString(), this.#WebSocket, this.#options.codec ?? "json", events)
         : name === "sse" ? new SseTransport(url, value || undefined, this.#fetch, events)
         : new PollTransport(url, value || undefined, this.#fetch, events);
       // A transport that failed at once (a `fetch` that threw) has already been replaced.
@@ -1531,6 +1682,7 @@ export class Client extends Emitter {
     this.#attempt = 0;
     this.#outageCode = null;
     const transport = this.transport;
+    const protocol = this.#transport?.protocol ?? SUBPROTOCOL;
     // Only a client that had a choice says what works here.
     if (this.#transports.length > 1) rememberedTransport = transport;
     this.#fromMemory = false;
@@ -1540,6 +1692,7 @@ export class Client extends Emitter {
       node: frame.node,
       heartbeatMs: frame.heartbeat_ms,
       transport,
+      protocol,
     };
     const reconnected = this.#everConnected;
     this.#everConnected = true;
@@ -1560,6 +1713,7 @@ export class Client extends Emitter {
       node: frame.node,
       url: this.url,
       transport,
+      protocol,
       reconnected,
       ...(inbox && { inbox }),
     };

@@ -41,7 +41,7 @@ test("a refused WebSocket falls back to SSE at once; the next client starts ther
     const connected = next(client, "connected");
     await sse.receive(welcome("s1"));
     assert.deepEqual(await connected, {
-      session: "s1", user: "u", node: "n1", url: "ws://switchboard.test/ws", transport: "sse", reconnected: false,
+      session: "s1", user: "u", node: "n1", url: "ws://switchboard.test/ws", transport: "sse", protocol: "switchboard.v1.json", reconnected: false,
     });
     assert.equal(client.transport, "sse");
     assert.equal(client.session?.transport, "sse");

@@ -3,7 +3,12 @@
 // made to produce. Every connection the client opens, whatever its transport, is listed in
 // `ScriptedSocket.opened` and has the same API: `url`, `sent` (the client frames it got, in
 // order), `last`, `receive(frame)` and `drop(code, reason)`; awaiting those two lets the client
-// handle what they caused (the fallback transports deliver through promises).
+// handle what they caused (the fallback transports deliver through promises). A scripted
+// WebSocket speaks the subprotocol the client offered first that `ScriptedSocket.supported`
+// lists; on `switchboard.v1.json+deflate`, `receive` sends each frame stored and
+// `receiveDeflated` compresses it.
+
+import { deflateRawSync } from "node:zlib";
 
 /** Lets the promise jobs and streams the client runs on settle. */
 export async function settle() {
@@ -15,14 +20,22 @@ export class ScriptedSocket {
   /** @type {any[]} every scripted connection opened, of any transport */
   static opened = [];
 
+  /** The subprotocols the scripted node knows (an older node knows only JSON). */
+  static supported = ["switchboard.v1.json", "switchboard.v1.json+deflate"];
+
   /**
    * @param {string} url
-   * @param {string} protocol
+   * @param {string | string[]} offered
    */
-  constructor(url, protocol) {
+  constructor(url, offered) {
     this.transport = "websocket";
     this.url = url;
-    this.protocol = protocol;
+    /** What the client offered, as it passed it. */
+    this.offered = offered;
+    /** The subprotocol the scripted node chose, as a real one does: the first it knows. */
+    this.protocol = [offered].flat().find((name) => ScriptedSocket.supported.includes(name)) ?? "";
+    /** @type {string} set by the client */
+    this.binaryType = "blob";
     this.readyState = 0;
     /** @type {any[]} */
     this.sent = [];
@@ -46,8 +59,33 @@ export class ScriptedSocket {
 
   /** @param {object} frame */
   receive(frame) {
+    if (this.protocol === "switchboard.v1.json+deflate") return this.receiveBinary(0, JSON.stringify(frame));
     this.readyState = 1;
     this.onmessage?.({ data: JSON.stringify(frame) });
+    return settle();
+  }
+
+  /**
+   * A frame compressed with raw DEFLATE, as the node sends large ones on the compressed codec.
+   * @param {object} frame
+   */
+  receiveDeflated(frame) {
+    return this.receiveBinary(1, deflateRawSync(JSON.stringify(frame)));
+  }
+
+  /**
+   * A binary message: `flag` (none when undefined) and then `body`, as an ArrayBuffer (the
+   * client's `binaryType`).
+   * @param {number | undefined} flag
+   * @param {string | Uint8Array} body
+   */
+  receiveBinary(flag, body) {
+    const bytes = typeof body === "string" ? new TextEncoder().encode(body) : body;
+    const message = new Uint8Array((flag === undefined ? 0 : 1) + bytes.length);
+    if (flag !== undefined) message[0] = flag;
+    message.set(bytes, flag === undefined ? 0 : 1);
+    this.readyState = 1;
+    this.onmessage?.({ data: this.binaryType === "arraybuffer" ? message.buffer : new Blob([message]) });
     return settle();
   }
 
@@ -318,6 +356,11 @@ export async function scriptedFetch(input, init = {}) {
  */
 export function over(transport) {
   return { transports: [transport], WebSocket: /** @type {any} */ (ScriptedSocket), fetch: scriptedFetch };
+}
+
+/** Connect options for the scripted node over WebSocket with the compressed codec. */
+export function deflated() {
+  return { ...over("websocket"), codec: /** @type {const} */ ("json+deflate") };
 }
 
 /** @param {string} session */

@@ -193,7 +193,7 @@ test("each attempt after the first moves to the next URL, round-robin, with the 
     const first = await socket(1);
     assert.deepEqual(target(first), ["ws://a.test/ws", [["app", "1"], ["token", "t1"], ["user", "u"]]]);
     first.receive(welcome("s1"));
-    assert.deepEqual(connected, [{ session: "s1", user: "u", node: "n1", url: urls[0], transport: "websocket", reconnected: false }]);
+    assert.deepEqual(connected, [{ session: "s1", user: "u", node: "n1", url: urls[0], transport: "websocket", protocol: "switchboard.v1.json", reconnected: false }]);
 
     // The connection drops: the next attempt goes to b, whose attempt fails before a welcome,
     // then to c, whose attempt fails too, then back to a.
@@ -214,7 +214,7 @@ test("each attempt after the first moves to the next URL, round-robin, with the 
     // Back-off is the same as with one URL: the 1013 floor holds from the third attempt on.
     assert.deepEqual(retries.map(({ delayMs }) => delayMs), [0, 0, 30]);
     fourth.receive(welcome("s4"));
-    assert.deepEqual(connected[1], { session: "s4", user: "u", node: "n1", url: urls[0], transport: "websocket", reconnected: true });
+    assert.deepEqual(connected[1], { session: "s4", user: "u", node: "n1", url: urls[0], transport: "websocket", protocol: "switchboard.v1.json", reconnected: true });
     assert.equal(client.url, urls[0]);
 
     // After a final close, reconnect() is the next attempt: it moves on too.
