@@ -1,5 +1,6 @@
 // Type declarations for @switchboard/client: the JavaScript client of the switchboard WebSocket
-// gateway (wire protocol v1, JSON codec), with SSE and long-poll fallbacks. Hand-written;
+// gateway (wire protocol v1, JSON codec, optionally compressed on WebSocket), with SSE and
+// long-poll fallbacks. Hand-written;
 // switchboard.js is the implementation.
 
 /** Any JSON value: what `data` carries in rooms, direct messages and broadcasts. */
@@ -106,8 +107,14 @@ export interface ConnectOptions {
   token?: string | (() => string | Promise<string>);
   /** The user id, for nodes with authentication off (`?user=`). */
   user?: string;
-  /** Wire codec: only "json" (the default) is supported. */
-  codec?: "json";
+  /**
+   * Wire codec on WebSocket (SSE and long polling always speak JSON). "json" (the default):
+   * `switchboard.v1.json`. "json+deflate": offers `switchboard.v1.json+deflate` first (server
+   * frames compressed with raw DEFLATE, decoded with `DecompressionStream("deflate-raw")`), then
+   * `switchboard.v1.json` for nodes without it. A server frame that inflates past 64 MiB ends the
+   * connection with 1009 (and the client reconnects).
+   */
+  codec?: Codec;
   /** How long a request waits for its answer, and a connection for its welcome (default 10000 ms). */
   requestTimeoutMs?: number;
   /**
@@ -157,6 +164,9 @@ export interface ConnectOptions {
   retryWindowMs?: number;
 }
 
+/** The wire codecs the client speaks. */
+export type Codec = "json" | "json+deflate";
+
 export type ClientState = "connecting" | "connected" | "reconnecting" | "closed";
 
 export interface ConnectedEvent {
@@ -167,6 +177,11 @@ export interface ConnectedEvent {
   url: string;
   /** The transport of this connection. */
   transport: Transport;
+  /**
+   * The subprotocol this connection speaks: on WebSocket the one the node chose
+   * (`switchboard.v1.json+deflate` when it took the compressed codec), else `switchboard.v1.json`.
+   */
+  protocol: string;
   /** False for the first connection, true after every reconnect. */
   reconnected: boolean;
   /**
@@ -349,7 +364,7 @@ export declare class Client {
   readonly transports: readonly Transport[];
   readonly state: ClientState;
   /** The current session's welcome, or null while not connected. */
-  readonly session: { session: string; user: string; node: string; heartbeatMs: number; transport: Transport } | null;
+  readonly session: { session: string; user: string; node: string; heartbeatMs: number; transport: Transport; protocol: string } | null;
   /**
    * The user's inbox as last heard (welcome, then persisted directs and acks), or null before
    * a welcome that announced one.
