@@ -14,6 +14,8 @@
 //   room=NAME        the chat room (default "lobby")
 //   transport=NAME   force one transport: websocket, sse or poll (default: WebSocket, falling back
 //                    to SSE, then long polling, when it cannot connect)
+//   codec=NAME       the WebSocket's codec: json+deflate (default: compressed frames from the
+//                    node, plain JSON from a node without it) or json
 // Fragment: #token=JWT when the node has authentication on (the user id is then the token's `sub`).
 
 import { connect } from "./switchboard.js";
@@ -33,6 +35,7 @@ const fragment = new URLSearchParams(location.hash.slice(1));
 const token = fragment.get("token");
 const room = params.get("room") || "lobby";
 const transport = params.get("transport");
+const codec = params.get("codec") || "json+deflate";
 const defaultUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
 const urls = params
   .getAll("ws")
@@ -513,6 +516,7 @@ async function start(name) {
     client = connect(urls, {
       ...(token ? { token } : { user: name }),
       ...(transport && { transports: [transport] }),
+      codec,
     });
   } catch (error) {
     setStatus("disconnected", `Cannot connect: ${error.message}`);
@@ -524,8 +528,10 @@ async function start(name) {
     me = { user: event.user, session: event.session, node: event.node };
     if (storeKey === null) loadConversations(event.user);
     flushAcks();
-    setStatus("connected", `Connected to ${event.node} as ${event.user} over ${event.transport}`);
+    const compressed = event.protocol === "switchboard.v1.json+deflate" ? ", compressed" : "";
+    setStatus("connected", `Connected to ${event.node} as ${event.user} over ${event.transport}${compressed}`);
     $("status").dataset.transport = event.transport;
+    $("status").dataset.protocol = event.protocol;
     $("text").disabled = false;
     $("send").disabled = false;
     if (event.reconnected) notice(`Reconnected to ${event.node}`);
