@@ -353,7 +353,7 @@ async function inflateText(compressed) {
   const stream = new DecompressionStream("deflate-raw");
   const writer = stream.writable.getWriter();
   // Their failures are the reader's: a corrupt frame rejects both.
-  writer.write(compressed).catch(() => {});
+  writer.write(/** @type {BufferSource} */ (compressed)).catch(() => {});
   writer.close().catch(() => {});
   const reader = stream.readable.getReader();
   const decoder = new TextDecoder("utf-8", { fatal: true });
