@@ -395,6 +395,8 @@ function messageOf(error) {
  * codec each server frame is binary: a flag byte (0: JSON as is, 1: raw DEFLATE) and the bytes.
  * Inflating is asynchronous, so frames (and the close) are handed on through a queue, in the
  * order they arrived; while nothing is queued, a frame that needs no inflating is handed on at once.
+ * Frames are inflated one at a time, each when its turn comes: frames inflating side by side
+ * could together hold many times the bound on one.
  */
 class WebSocketTransport {
   /** @type {any} */
@@ -456,15 +458,16 @@ class WebSocketTransport {
       }
       this.#inTurn(() => this.#parse(text));
     } else if (flag === 1) {
-      // Started at once, so frames inflate side by side; each waits for its turn to be handed on.
-      const inflating = inflateText(bytes.subarray(1)).then(
-        (text) => () => this.#parse(text),
-        (error) =>
-          error instanceof InflatedTooLarge
-            ? () => this.#tooLarge()
-            : () => this.#events.unreadable(`compressed frame: ${messageOf(error)}`),
+      const compressed = bytes.subarray(1);
+      this.#queue(() =>
+        inflateText(compressed).then(
+          (text) => () => this.#parse(text),
+          (error) =>
+            error instanceof InflatedTooLarge
+              ? () => this.#tooLarge()
+              : () => this.#events.unreadable(`compressed frame: ${messageOf(error)}`),
+        ),
       );
-      this.#queue(inflating);
     } else {
       const problem = flag === undefined ? "an empty binary frame" : `flag byte ${flag}`;
       this.#inTurn(() => this.#events.unreadable(`${problem} on the compressed subprotocol`));
@@ -478,20 +481,27 @@ class WebSocketTransport {
   #inTurn(deliver) {
     if (this.#done) return;
     if (this.#queued === 0) deliver();
-    else this.#queue(Promise.resolve(deliver));
+    else this.#queue(async () => deliver);
   }
 
   /**
-   * Hands on what `ready` resolves to once every message received before it was.
-   * @param {Promise<() => void>} ready
+   * Once every message received before it was handed on, runs `step` (unless the transport is
+   * done) and hands on what it resolves to.
+   * @param {() => Promise<() => void>} step
    */
-  #queue(ready) {
+  #queue(step) {
     this.#queued++;
-    this.#tail = this.#tail.then(async () => {
-      const deliver = await ready;
-      this.#queued--;
-      if (!this.#done) deliver();
-    });
+    this.#tail = this.#tail
+      .then(async () => {
+        try {
+          const deliver = this.#done ? null : await step();
+          if (!this.#done) deliver?.();
+        } finally {
+          this.#queued--;
+        }
+      })
+      // The queue goes on; what threw is the host's to see, as from a listener.
+      .catch(report);
   }
 
   /** The subprotocol the node chose (a custom WebSocket that does not say is taken for JSON). */

@@ -8,7 +8,7 @@ import { deflateRawSync } from "node:zlib";
 
 import { connect } from "../switchboard.js";
 import { next, waitUntil } from "./harness.js";
-import { ScriptedSocket, deflated, over, welcome } from "./scripted.js";
+import { ScriptedSocket, deflated, over, settle, welcome } from "./scripted.js";
 
 /**
  * @param {number} offset
@@ -97,19 +97,18 @@ describe("the json+deflate codec", () => {
     });
   });
 
-  test("frames are handed on in arrival order when an earlier one inflates slower", async () => {
+  test("frames are inflated one at a time and handed on in arrival order", async () => {
     ScriptedSocket.opened = [];
     const client = connect("ws://switchboard.test/ws", { user: "u", ...deflated() });
     try {
       const { socket, delivered } = await subscribed(client);
-      // The next stream made (message 1's) holds its output until released; the others run.
+      // The next stream made (message 1's) holds its output until released.
       /** @type {() => void} */
       let release = () => {};
       const held = new Promise((done) => {
         release = () => done(undefined);
       });
       let made = 0;
-      let finished = 0;
       globalThis.DecompressionStream = class {
         /** @param {any} format */
         constructor(format) {
@@ -122,9 +121,6 @@ describe("the json+deflate codec", () => {
                 if (slow) await held;
                 controller.enqueue(chunk);
               },
-              flush() {
-                finished++;
-              },
             }),
           );
         }
@@ -132,11 +128,18 @@ describe("the json+deflate codec", () => {
       await socket.receiveDeflated(message(1, "slow"));
       await socket.receiveDeflated(message(2, "fast"));
       await socket.receive(message(3, "stored"));
-      await waitUntil("message 2 to be inflated", () => finished === 1);
+      await socket.receive(message(4, "stored"));
+      await waitUntil("message 1's stream", () => made === 1);
+      await settle();
+      assert.equal(made, 1, "message 2 waits for message 1 before it inflates");
       assert.deepEqual(delivered, [], "nothing overtakes message 1");
       release();
-      await waitUntil("three messages", () => delivered.length === 3);
-      assert.deepEqual(delivered.map((data) => data.offset), [1, 2, 3]);
+      await waitUntil("four messages", () => delivered.length === 4);
+      assert.deepEqual(delivered.map((data) => data.offset), [1, 2, 3, 4]);
+      assert.equal(made, 2);
+      // With the queue empty again, a stored frame is handed on at once.
+      socket.onmessage({ data: new Uint8Array([0, ...new TextEncoder().encode(JSON.stringify(message(5)))]).buffer });
+      assert.equal(delivered.length, 5);
     } finally {
       client.close();
     }
