@@ -443,8 +443,12 @@ class WebSocketTransport {
       return;
     }
     const bytes = bytesOf(data);
-    if (this.#socket.protocol !== DEFLATE_SUBPROTOCOL || bytes === null) {
+    if (this.#socket.protocol !== DEFLATE_SUBPROTOCOL) {
       this.#inTurn(() => this.#events.unreadable("binary frame on the JSON subprotocol"));
+      return;
+    }
+    if (bytes === null) {
+      this.#inTurn(() => this.#events.unreadable("a binary frame the WebSocket gave as neither ArrayBuffer nor view"));
       return;
     }
     const flag = bytes[0];
