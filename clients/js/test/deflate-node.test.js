@@ -32,7 +32,7 @@ class RecordingWebSocket extends /** @type {any} */ (globalThis).WebSocket {
 /** A realistic chat message of about 1 KiB. */
 function chatMessage() {
   const words = ["market", "open", "bid", "ask", "spread", "volume", "€", "naïve", "報告", "ok"];
-  const text = Array.from({ length: 150 }, (_, i) => words[(i * 7) % words.length]).join(" ");
+  const text = Array.from({ length: 160 }, (_, i) => words[(i * 7) % words.length]).join(" ");
   return {
     kind: "chat",
     id: "3f9c2a7e-5b1d-4c0a-9e8f-1a2b3c4d5e6f",
@@ -74,7 +74,8 @@ describe("the json+deflate codec against a node", () => {
     await zipped.subscribe("chat", (message) => zipGot.push(message));
     await plain.subscribe("chat", (message) => plainGot.push(message));
     const data = chatMessage();
-    assert.ok(JSON.stringify(data).length > 1000, "about 1 KiB");
+    const size = new TextEncoder().encode(JSON.stringify(data)).length;
+    assert.ok(size > 900 && size < 1300, `about 1 KiB, not ${size} bytes`);
     const compressedBefore = zipSocket.frames.filter((kind) => kind === "flag 1").length;
     const published = await node.api("/api/publish", { room: "chat", data });
     // A small frame too, published by a client over the compressed codec.
