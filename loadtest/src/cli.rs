@@ -75,6 +75,11 @@ pub struct CompareArgs {
     /// Print a Markdown table instead of aligned text.
     #[arg(long)]
     pub markdown: bool,
+    /// Also write one self-contained HTML page (inline SVG, no scripts) with the table and the
+    /// systems' charts side by side: deliveries/s, server CPU per delivery, p99 latency, memory
+    /// per idle connection and, when measured, WebSocket bytes per delivery.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Parser)]

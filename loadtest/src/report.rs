@@ -152,7 +152,7 @@ pub struct FanoutResult {
 }
 
 /// What a publish/subscribe run measured: the figures `latency` and `fanout` share.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 pub struct DeliveryFigures {
     /// Publishes sent in the measured window.
     pub published: u64,
