@@ -56,7 +56,7 @@ fn headline(page: &str) -> Vec<(String, Value)> {
     let document = tl::parse(page, tl::ParserOptions::default()).expect("HTML");
     let parser = document.parser();
     document
-        .query_selector("section.headline .figure")
+        .query_selector(".figure")
         .expect("a selector")
         .filter_map(|handle| handle.get(parser)?.as_tag())
         .map(|figure| {
