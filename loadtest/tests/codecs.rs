@@ -243,3 +243,23 @@ async fn every_codec_delivers_the_market_payload_and_the_pages_show_its_figures(
     // No connect results: the memory chart is there, empty.
     assert!(bars(&page, "Server memory per idle connection (KiB)").is_empty());
 }
+
+#[test]
+fn a_codec_other_than_json_needs_switchboard_over_websocket() {
+    for extra in [
+        ["--codec", "msgpack", "--transport", "sse"],
+        ["--codec", "json+deflate", "--protocol", "raw"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
+            .args(["fanout", "--url", "ws://127.0.0.1:9/ws"])
+            .args(extra)
+            .output()
+            .expect("running fanout");
+        assert!(!output.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--codec msgpack|json+deflate needs --protocol switchboard"),
+            "{extra:?}: {stderr}"
+        );
+    }
+}
