@@ -712,19 +712,20 @@ pub fn grouped_bar_chart(
             );
         }
     }
-    for (index, (name, color, _)) in series.iter().enumerate() {
-        let legend_y = TOP + 12.0 * index as f64;
+    // The legend in one row under the group labels, where it covers no bar.
+    let legend_y = HEIGHT - 8.0;
+    let mut legend_x = LEFT;
+    for (name, color, _) in series {
         let _ = writeln!(
             svg,
-            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{}</text>",
-            WIDTH - RIGHT - 170.0,
+            "<rect x=\"{legend_x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/>\
+             <text x=\"{:.1}\" y=\"{legend_y:.1}\" font-size=\"10\">{}</text>",
             legend_y - 9.0,
             escape(color),
-            WIDTH - RIGHT - 156.0,
-            legend_y,
+            legend_x + 14.0,
             escape(name)
         );
+        legend_x += 24.0 + 6.0 * name.chars().count() as f64;
     }
     svg.push_str("</svg>\n");
     svg
