@@ -11,7 +11,7 @@ seconds="${1:-30}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(json_frame msgpack_frame envelope handshake)
+  targets=(json_frame msgpack_frame deflate_frame envelope handshake)
 fi
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then

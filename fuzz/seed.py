@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpus (fuzz/corpus/<target>/): the frames, envelopes and handshakes of the
 unit and end-to-end tests. Run again after changing it; the fuzzers add their finds beside these."""
-import base64, hashlib, hmac, json, os, struct
+import base64, hashlib, hmac, json, os, struct, zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,5 +82,14 @@ def write(target, seeds):
 
 write("json_frame", [json.dumps(frame).encode() for frame in frames] + [b"{not json", b'{"id":2}'])
 write("msgpack_frame", [pack(frame) for frame in frames] + [b"\xc1\xff\x00", b"\xdd\xff\xff\xff\xff"])
+def deflate(raw):
+    """A switchboard.v1.json+deflate frame holding `raw` compressed: flag 1, then raw DEFLATE."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return b"\x01" + compressor.compress(raw) + compressor.flush()
+
+write("deflate_frame", [b"\x00" + json.dumps(frame).encode() for frame in frames]
+      + [deflate(json.dumps(frame).encode()) for frame in frames]
+      + [deflate(b'{"type":"publish","room":"r","data":"' + b"0" * 100000 + b'"}'),
+         b"\x01\xff\xff\xff", b"\x07{}", b""])
 write("envelope", envelopes)
 write("handshake", [head.encode() for head in handshakes])

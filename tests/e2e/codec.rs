@@ -130,7 +130,8 @@ async fn both_codecs_accept_the_same_depth_and_forward_it() -> Result<()> {
         ServerFrame::Reply(reply) if reply.id == 4 => {
             let messages = reply.messages.unwrap_or_default();
             ensure!(
-                messages.len() == 2 && messages.iter().all(|message| message.data == deepest),
+                messages.len() == Codec::ALL.len()
+                    && messages.iter().all(|message| message.data == deepest),
                 "history: {} messages",
                 messages.len()
             );

@@ -437,6 +437,9 @@ impl RawClient {
     pub async fn next_frame(&mut self) -> Result<ServerFrame> {
         match self.next_message().await? {
             Message::Text(text) => Codec::Json.decode(text.as_bytes()).map_err(|e| anyhow!(e)),
+            Message::Binary(bytes) if self.codec == Codec::JsonDeflate => {
+                Codec::JsonDeflate.decode(&bytes).map_err(|e| anyhow!(e))
+            }
             Message::Binary(bytes) => Codec::MsgPack.decode(&bytes).map_err(|e| anyhow!(e)),
             Message::Close(frame) => bail!("closed: {frame:?}"),
             other => bail!("unexpected message {other:?}"),

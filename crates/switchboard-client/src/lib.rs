@@ -13,6 +13,10 @@
 //! publish or persisted send whose connection dropped before its answer is sent again after the
 //! reconnect with the same idempotency key, so it is carried out once.
 //!
+//! [`ConnectOptions::codec`] picks the wire codec: JSON (the default), MessagePack, or JSON
+//! compressed with raw DEFLATE (`Codec::JsonDeflate`), which the server compresses once per
+//! fan-out for all of its subscribers.
+//!
 //! ```no_run
 //! # async fn inbox() -> Result<(), switchboard_client::ClientError> {
 //! use switchboard_client::{Client, ConnectOptions, Event, SendOptions};

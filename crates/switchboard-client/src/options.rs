@@ -15,7 +15,12 @@ pub struct ConnectOptions {
     pub token: Option<String>,
     /// The user id for servers with auth off, sent as the `?user=` query parameter.
     pub user: Option<String>,
-    /// Wire codec, requested through `Sec-WebSocket-Protocol` (default JSON).
+    /// Wire codec, requested through `Sec-WebSocket-Protocol` (default JSON). `Codec::JsonDeflate`
+    /// (`switchboard.v1.json+deflate`) receives large frames compressed, for slow or metered
+    /// links; this client's own frames of 256 bytes of JSON or more go compressed too when that
+    /// makes them smaller. A received frame inflates to 64 MiB at most
+    /// (`switchboard_protocol::deflate::DEFAULT_INFLATE_LIMIT`), else it is dropped as
+    /// undecodable.
     pub codec: Codec,
     /// How long a request waits for its answer, and the first connection for its welcome
     /// (default 10 s).

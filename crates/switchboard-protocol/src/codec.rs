@@ -2,8 +2,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::deflate::{self, UnpackError};
 use crate::msgpack::MAX_DATA_DEPTH;
-use crate::{CLIENT_FRAME_TYPES, ClientFrame, ErrorCode, JSON_PROTOCOL, MSGPACK_PROTOCOL};
+use crate::{
+    CLIENT_FRAME_TYPES, ClientFrame, ErrorCode, JSON_DEFLATE_PROTOCOL, JSON_PROTOCOL,
+    MSGPACK_PROTOCOL,
+};
 
 /// How frames are written on one connection, chosen by the subprotocol at the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -12,9 +16,12 @@ pub enum Codec {
     Json,
     /// `switchboard.v1.msgpack`: binary frames, one MessagePack map (string keys) each.
     MsgPack,
+    /// `switchboard.v1.json+deflate`: binary frames, a flag byte then the JSON stored or as raw
+    /// DEFLATE (see [`deflate`](crate::deflate)); clients may also send plain JSON text frames.
+    JsonDeflate,
 }
 
-/// One encoded frame: text for JSON, binary for MessagePack.
+/// One encoded frame: text for JSON, binary for MessagePack and deflate frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Encoded {
     Text(String),
@@ -50,6 +57,8 @@ pub enum ParseError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     MsgPack(#[from] crate::msgpack::MsgPackError),
+    #[error(transparent)]
+    Deflate(#[from] UnpackError),
 }
 
 /// Why a client frame was refused, with the request id when it could still be read, so the
@@ -74,13 +83,14 @@ struct FrameProbe {
 
 impl Codec {
     /// Every codec, in the server's order of preference.
-    pub const ALL: [Codec; 2] = [Codec::Json, Codec::MsgPack];
+    pub const ALL: [Codec; 3] = [Codec::Json, Codec::MsgPack, Codec::JsonDeflate];
 
     /// The codec for a `Sec-WebSocket-Protocol` value, if it is one of ours.
     pub fn from_protocol(name: &str) -> Option<Codec> {
         match name.trim() {
             JSON_PROTOCOL => Some(Codec::Json),
             MSGPACK_PROTOCOL => Some(Codec::MsgPack),
+            JSON_DEFLATE_PROTOCOL => Some(Codec::JsonDeflate),
             _ => None,
         }
     }
@@ -89,6 +99,7 @@ impl Codec {
         match self {
             Codec::Json => JSON_PROTOCOL,
             Codec::MsgPack => MSGPACK_PROTOCOL,
+            Codec::JsonDeflate => JSON_DEFLATE_PROTOCOL,
         }
     }
 
@@ -97,6 +108,15 @@ impl Codec {
         match self {
             Codec::Json => 0,
             Codec::MsgPack => 1,
+            Codec::JsonDeflate => 2,
+        }
+    }
+
+    /// The codec of the bytes a frame carries once unwrapped: JSON inside a deflate frame.
+    pub fn content(self) -> Codec {
+        match self {
+            Codec::JsonDeflate => Codec::Json,
+            codec => codec,
         }
     }
 
@@ -109,10 +129,17 @@ impl Codec {
         Ok(match self {
             Codec::Json => Encoded::Text(serde_json::to_string(frame)?),
             Codec::MsgPack => Encoded::Binary(rmp_serde::to_vec_named(frame)?),
+            Codec::JsonDeflate => {
+                let mut stored = vec![deflate::STORED];
+                serde_json::to_writer(&mut stored, frame)?;
+                Encoded::Binary(deflate::pack(stored))
+            }
         })
     }
 
-    /// Bytes `value` takes encoded with this codec, counted without building the encoding.
+    /// Bytes `value` takes encoded with this codec, counted without building the encoding. For
+    /// the deflate codec: the JSON's length, what a frame inflates to (the size limits apply to
+    /// it); the frame on the wire is at most one byte more.
     pub fn encoded_len<T: Serialize + ?Sized>(self, value: &T) -> usize {
         struct Count(usize);
         impl std::io::Write for Count {
@@ -128,21 +155,51 @@ impl Codec {
         // A writer that never fails: the only errors left are values serde cannot encode, which
         // `encode` reports when the frame is really written.
         let _: Result<(), EncodeError> = match self {
-            Codec::Json => serde_json::to_writer(&mut count, value).map_err(Into::into),
+            Codec::Json | Codec::JsonDeflate => {
+                serde_json::to_writer(&mut count, value).map_err(Into::into)
+            }
             Codec::MsgPack => rmp_serde::encode::write_named(&mut count, value).map_err(Into::into),
         };
         count.0
     }
 
+    /// Decodes one frame; a deflate frame inflates to [`deflate::DEFAULT_INFLATE_LIMIT`] at most.
     pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, ParseError> {
+        self.decode_within(payload, deflate::DEFAULT_INFLATE_LIMIT)
+    }
+
+    /// Decodes one frame; a deflate frame that inflates to more than `limit` bytes is refused
+    /// before more is inflated.
+    pub fn decode_within<T: DeserializeOwned>(
+        self,
+        payload: &[u8],
+        limit: usize,
+    ) -> Result<T, ParseError> {
         Ok(match self {
             Codec::Json => serde_json::from_slice(payload)?,
             Codec::MsgPack => crate::msgpack::from_slice(payload)?,
+            Codec::JsonDeflate => serde_json::from_slice(&deflate::unpack(payload, limit)?)?,
         })
     }
 
-    /// Decodes a client frame, classifying failures as `unknown_type` or `bad_frame`.
+    /// Decodes a client frame, classifying failures as `unknown_type` or `bad_frame` (and, for a
+    /// deflate frame inflating past [`deflate::DEFAULT_INFLATE_LIMIT`], `too_large`). A server
+    /// unpacks deflate frames itself, with its own limit, and decodes the JSON inside.
     pub fn decode_client(self, payload: &[u8]) -> Result<ClientFrame, DecodeError> {
+        if self == Codec::JsonDeflate {
+            let json =
+                deflate::unpack(payload, deflate::DEFAULT_INFLATE_LIMIT).map_err(|error| {
+                    DecodeError {
+                        id: None,
+                        code: match error {
+                            UnpackError::TooLarge { .. } => ErrorCode::TooLarge,
+                            _ => ErrorCode::BadFrame,
+                        },
+                        message: error.to_string(),
+                    }
+                })?;
+            return Codec::Json.decode_client(&json);
+        }
         let message = match self.decode::<ClientFrame>(payload) {
             Ok(frame) => return checked_data_depth(frame),
             Err(error) => error.to_string(),
@@ -395,9 +452,84 @@ mod tests {
         for codec in Codec::ALL {
             assert_eq!(
                 codec.encoded_len(&frame),
-                codec.encode(&frame).unwrap().len()
+                codec.content().encode(&frame).unwrap().len()
             );
         }
+        // A small deflate frame goes stored: the flag byte, then the JSON.
+        assert_eq!(
+            Codec::JsonDeflate.encode(&frame).unwrap().len(),
+            Codec::JsonDeflate.encoded_len(&frame) + 1
+        );
+    }
+
+    fn binary(encoded: Encoded) -> Vec<u8> {
+        match encoded {
+            Encoded::Binary(bytes) => bytes,
+            Encoded::Text(_) => panic!("deflate frames are binary"),
+        }
+    }
+
+    #[test]
+    fn deflate_frames_are_stored_when_small_and_compressed_when_large() {
+        let small = ServerFrame::Pong { id: Some(1) };
+        let bytes = binary(Codec::JsonDeflate.encode(&small).unwrap());
+        assert_eq!(bytes[0], deflate::STORED);
+        assert_eq!(bytes[1..], *serde_json::to_vec(&small).unwrap());
+
+        let large = ServerFrame::Message(Arc::new(RoomMessage {
+            room: "chat".into(),
+            data: json!({"text": "market data: bid 101.25 ask 101.50; ".repeat(30)}),
+            offset: 7,
+            epoch: "e1".into(),
+            from: None,
+        }));
+        let json = serde_json::to_vec(&large).unwrap();
+        let bytes = binary(Codec::JsonDeflate.encode(&large).unwrap());
+        assert_eq!(bytes[0], deflate::DEFLATED);
+        assert!(
+            bytes.len() * 3 < json.len(),
+            "{} of {}",
+            bytes.len(),
+            json.len()
+        );
+        assert_eq!(
+            Codec::JsonDeflate.decode::<ServerFrame>(&bytes).unwrap(),
+            large
+        );
+        // Too large for a smaller limit than the JSON: refused, not inflated.
+        let error = Codec::JsonDeflate
+            .decode_within::<ServerFrame>(&bytes, json.len() - 1)
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            ParseError::Deflate(UnpackError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn deflate_client_frames_decode_or_are_refused_with_a_code() {
+        let publish = ClientFrame::Publish {
+            room: "chat".into(),
+            data: json!({"text": "hello hello hello hello ".repeat(40)}),
+            id: Some(3),
+            key: None,
+        };
+        let bytes = binary(Codec::JsonDeflate.encode(&publish).unwrap());
+        assert_eq!(bytes[0], deflate::DEFLATED);
+        assert_eq!(Codec::JsonDeflate.decode_client(&bytes).unwrap(), publish);
+
+        let error = Codec::JsonDeflate
+            .decode_client(&[deflate::DEFLATED, 0xff, 0xfe])
+            .unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::BadFrame, None));
+        let error = Codec::JsonDeflate.decode_client(b"\x07{}").unwrap_err();
+        assert_eq!(error.code, ErrorCode::BadFrame);
+        assert!(error.message.contains("flag"), "{}", error.message);
+        // Stored JSON that is no frame: the JSON codec's own classification.
+        let error = Codec::JsonDeflate
+            .decode_client(b"\x00{\"type\":\"dance\",\"id\":4}")
+            .unwrap_err();
+        assert_eq!((error.code, error.id), (ErrorCode::UnknownType, Some(4)));
     }
 
     #[test]
@@ -596,6 +728,11 @@ mod tests {
         match codec {
             Codec::Json => serde_json::to_vec(value).unwrap(),
             Codec::MsgPack => rmp_serde::to_vec_named(value).unwrap(),
+            Codec::JsonDeflate => {
+                let mut stored = vec![deflate::STORED];
+                serde_json::to_writer(&mut stored, value).unwrap();
+                deflate::pack(stored)
+            }
         }
     }
 
@@ -740,6 +877,10 @@ mod tests {
         assert_eq!(
             Codec::from_protocol(" switchboard.v1.msgpack"),
             Some(Codec::MsgPack)
+        );
+        assert_eq!(
+            Codec::from_protocol("switchboard.v1.json+deflate"),
+            Some(Codec::JsonDeflate)
         );
         assert_eq!(Codec::from_protocol("mqtt"), None);
         for codec in Codec::ALL {

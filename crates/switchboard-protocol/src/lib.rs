@@ -3,10 +3,12 @@
 //! Frames are plain serde types: one JSON object per text frame with the `switchboard.v1.json`
 //! subprotocol, one MessagePack map (string keys) per binary frame with `switchboard.v1.msgpack`.
 //! Both codecs carry the same field names and values, so a message published by a JSON client
-//! reaches a MessagePack client unchanged. The server and the Rust client share these types.
+//! reaches a MessagePack client unchanged. `switchboard.v1.json+deflate` carries the JSON in
+//! binary frames, compressed when that makes them smaller (see [`deflate`]). The server and the Rust client share these types.
 
 pub mod api;
 mod codec;
+pub mod deflate;
 mod frames;
 pub mod msgpack;
 
@@ -17,6 +19,9 @@ pub use frames::*;
 pub const JSON_PROTOCOL: &str = "switchboard.v1.json";
 /// Subprotocol name of the MessagePack codec.
 pub const MSGPACK_PROTOCOL: &str = "switchboard.v1.msgpack";
+
+/// Subprotocol name of the compressed JSON codec (see [`deflate`]).
+pub const JSON_DEFLATE_PROTOCOL: &str = "switchboard.v1.json+deflate";
 
 /// WebSocket close codes the server sends, and what a client should do about each.
 pub mod close {

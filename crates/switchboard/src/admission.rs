@@ -142,7 +142,7 @@ pub fn admit<B>(request: &Request<B>, context: &AdmitContext<'_>) -> Result<Admi
         return Err(Refusal::new(
             "unsupported_protocol",
             StatusCode::BAD_REQUEST,
-            "unsupported subprotocol: offer switchboard.v1.json or switchboard.v1.msgpack",
+            "unsupported subprotocol: offer switchboard.v1.json, switchboard.v1.msgpack or switchboard.v1.json+deflate",
         ));
     };
     let identity = identify(request, context)?;
@@ -600,7 +600,7 @@ mod tests {
                 &node.refuse(&request),
                 400,
                 "unsupported_protocol",
-                "unsupported subprotocol: offer switchboard.v1.json or switchboard.v1.msgpack",
+                "unsupported subprotocol: offer switchboard.v1.json, switchboard.v1.msgpack or switchboard.v1.json+deflate",
             );
         }
         // The subprotocol is checked before the token.

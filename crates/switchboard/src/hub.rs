@@ -9,7 +9,9 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{BrokerHandler, DirectMessage, PresenceChange, PresenceEvent};
-use switchboard_protocol::{Codec, EncodeError, Encoded, ErrorCode, RoomMessage, ServerFrame};
+use switchboard_protocol::{
+    Codec, EncodeError, Encoded, ErrorCode, RoomMessage, ServerFrame, deflate,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -59,24 +61,25 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// Encodes one frame lazily, at most once per codec.
+/// Encodes one frame lazily, at most once per codec: a deflate frame is compressed once for all
+/// of its subscribers.
 struct FrameCache {
     frame: ServerFrame,
-    encoded: [Option<Message>; 2],
+    encoded: [Option<Message>; Codec::ALL.len()],
 }
 
 impl FrameCache {
     fn new(frame: ServerFrame) -> Self {
         FrameCache {
             frame,
-            encoded: [None, None],
+            encoded: Default::default(),
         }
     }
 
-    fn get(&mut self, codec: Codec) -> Option<Message> {
+    fn get(&mut self, codec: Codec, metrics: &Metrics) -> Option<Message> {
         let slot = &mut self.encoded[codec.index()];
         if slot.is_none() {
-            match encode(codec, &self.frame) {
+            match encode_counted(codec, &self.frame, metrics) {
                 Ok(message) => *slot = Some(message),
                 Err(error) => {
                     tracing::error!(%error, kind = self.frame.kind(), "cannot encode frame");
@@ -94,6 +97,23 @@ pub fn encode(codec: Codec, frame: &ServerFrame) -> Result<Message, EncodeError>
         Encoded::Text(text) => Message::Text(text.into()),
         Encoded::Binary(bytes) => Message::Binary(bytes.into()),
     })
+}
+
+/// [`encode`], counting deflate-codec frames by whether they went compressed or stored.
+pub fn encode_counted(
+    codec: Codec,
+    frame: &ServerFrame,
+    metrics: &Metrics,
+) -> Result<Message, EncodeError> {
+    let message = encode(codec, frame)?;
+    if codec == Codec::JsonDeflate {
+        let result = match &message {
+            Message::Binary(bytes) if bytes.first() == Some(&deflate::DEFLATED) => "compressed",
+            _ => "stored",
+        };
+        metrics.deflate_frames.with_label_values(&[result]).inc();
+    }
+    Ok(message)
 }
 
 impl Hub {
@@ -207,7 +227,7 @@ impl Hub {
         let mut delivered = 0;
         let queued_at = Instant::now();
         for session in sessions {
-            if let Some(frame) = cache.get(session.codec)
+            if let Some(frame) = cache.get(session.codec, &self.metrics)
                 && self.push(session, item(frame), queued_at)
             {
                 delivered += 1;
@@ -242,7 +262,7 @@ impl BrokerHandler for Hub {
         let queued_at = Instant::now();
         for subscriber in subscribers.iter() {
             let session = &subscriber.session;
-            if let Some(frame) = cache.get(session.codec) {
+            if let Some(frame) = cache.get(session.codec, &self.metrics) {
                 let item = Outbound::Room {
                     message: message.clone(),
                     frame,
@@ -328,7 +348,7 @@ impl BrokerHandler for Hub {
                 // down its stream, as a /ws client learns of a refused frame.
                 let error =
                     ServerFrame::error(None, ErrorCode::RateLimited, "too many frames: slow down");
-                if let Some(frame) = FrameCache::new(error).get(handle.codec) {
+                if let Some(frame) = FrameCache::new(error).get(handle.codec, &self.metrics) {
                     let item = Outbound::Frame {
                         kind: "error",
                         frame,
@@ -355,6 +375,80 @@ mod tests {
             queue: OutboundQueue::new(1 << 16, metrics.queue_bytes.clone()),
             link,
         })
+    }
+
+    #[test]
+    fn a_room_fan_out_compresses_once_for_all_its_deflate_subscribers() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(metrics.clone());
+        let subscribers: Vec<_> = (0..5)
+            .map(|n| {
+                let session = Arc::new(SessionHandle {
+                    id: Arc::from(format!("d{n}")),
+                    user: Arc::from("u"),
+                    codec: Codec::JsonDeflate,
+                    queue: OutboundQueue::new(1 << 16, metrics.queue_bytes.clone()),
+                    link: None,
+                });
+                hub.add_session(session.clone());
+                hub.join("chat", &session, false);
+                session
+            })
+            .collect();
+        let json = handle(&metrics, "json", None);
+        hub.add_session(json.clone());
+        hub.join("chat", &json, false);
+        let frames = |metrics: &Metrics, result: &str| {
+            metrics.deflate_frames.with_label_values(&[result]).get()
+        };
+        let message = |text: String| {
+            Arc::new(RoomMessage {
+                room: "chat".into(),
+                data: serde_json::json!({ "text": text }),
+                offset: 1,
+                epoch: "e".into(),
+                from: None,
+            })
+        };
+
+        let large = message("bid 101.25 ask 101.50 volume 3000; ".repeat(30));
+        hub.room_message(large.clone());
+        assert_eq!(frames(&metrics, "compressed"), 1);
+        assert_eq!(frames(&metrics, "stored"), 0);
+        let mut payloads = Vec::new();
+        for session in &subscribers {
+            let mut batch = Vec::new();
+            session.queue.take(&mut batch).unwrap();
+            let [Outbound::Room { frame, .. }] = batch.as_slice() else {
+                panic!("expected one room frame queued");
+            };
+            let Message::Binary(bytes) = frame else {
+                panic!("deflate frames are binary");
+            };
+            payloads.push(bytes.clone());
+        }
+        // The same buffer for every subscriber: encoded and compressed once.
+        assert!(
+            payloads
+                .iter()
+                .all(|bytes| bytes.as_ptr() == payloads[0].as_ptr())
+        );
+        assert_eq!(payloads[0][0], deflate::DEFLATED);
+        let decoded: ServerFrame = Codec::JsonDeflate.decode(&payloads[0]).unwrap();
+        assert_eq!(decoded, ServerFrame::Message(large));
+        let mut batch = Vec::new();
+        json.queue.take(&mut batch).unwrap();
+        assert!(matches!(
+            batch.as_slice(),
+            [Outbound::Room {
+                frame: Message::Text(_),
+                ..
+            }]
+        ));
+
+        hub.room_message(message("hi".into()));
+        assert_eq!(frames(&metrics, "compressed"), 1);
+        assert_eq!(frames(&metrics, "stored"), 1);
     }
 
     fn forwarded(metrics: &Metrics, result: &str) -> u64 {

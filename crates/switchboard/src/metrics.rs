@@ -46,6 +46,7 @@ pub struct Metrics {
     pub sessions: IntGaugeVec,
     pub fallback_requests: IntCounterVec,
     pub forwarded_frames: IntCounterVec,
+    pub deflate_frames: IntCounterVec,
     /// Pre-resolved children for the hot path, so a delivery costs one atomic add.
     pub room_deliveries: IntCounter,
     pub message_frames_out: IntCounter,
@@ -243,6 +244,11 @@ impl Metrics {
             forwarded_frames: counter_vec(
                 "switchboard_forwarded_frames_total",
                 "Client frames of fallback sessions crossing nodes, by result (sent: POSTed here and forwarded to the session's node; received: forwarded here for a local session; dropped: received for a session gone or with its inbound full).",
+                &["result"],
+            )?,
+            deflate_frames: counter_vec(
+                "switchboard_deflate_frames_total",
+                "Frames encoded for switchboard.v1.json+deflate sessions, by result (compressed or stored); a room fan-out counts once however many such subscribers it reaches.",
                 &["result"],
             )?,
             sessions,

@@ -20,7 +20,7 @@ use switchboard_protocol::{
 
 use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
-use crate::hub::{Hub, SessionHandle, encode};
+use crate::hub::{Hub, SessionHandle, encode_counted};
 use crate::metered::MeteredBroker;
 use crate::metrics::Metrics;
 use crate::queue::Outbound;
@@ -318,7 +318,11 @@ impl Node {
         message: Arc<RoomMessage>,
         queued_at: Instant,
     ) -> Result<bool, EncodeError> {
-        let frame = encode(session.codec, &ServerFrame::Message(message.clone()))?;
+        let frame = encode_counted(
+            session.codec,
+            &ServerFrame::Message(message.clone()),
+            &self.metrics,
+        )?;
         Ok(self
             .hub
             .push(session, Outbound::Room { message, frame }, queued_at))
@@ -405,7 +409,7 @@ impl Node {
             from: entry.from,
             seq: Some(seq),
         };
-        let frame = encode(session.codec, &frame)?;
+        let frame = encode_counted(session.codec, &frame, &self.metrics)?;
         let item = Outbound::Direct {
             seq,
             stored: true,

@@ -12,7 +12,14 @@ pub(super) async fn receive<T: Transport>(transport: &mut T, payload: &[u8]) -> 
     let node = transport.core().node.clone();
     let metrics = node.metrics();
     metrics.bytes_in.inc_by(payload.len() as u64);
-    let frame = match transport.core().handle.codec.decode_client(payload) {
+    // A deflate session's frames reach here unpacked: JSON.
+    let frame = match transport
+        .core()
+        .handle
+        .codec
+        .content()
+        .decode_client(payload)
+    {
         Ok(frame) => frame,
         Err(error) => {
             metrics.frames_in.with_label_values(&["invalid"]).inc();

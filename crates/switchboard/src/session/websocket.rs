@@ -7,6 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use switchboard_protocol::deflate::{self, UnpackError};
 use switchboard_protocol::{Codec, ErrorCode, ServerFrame, close};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -20,7 +21,7 @@ use super::core::{Core, Transport, deliver_inbox};
 use super::guards::Guards;
 use super::inbound;
 use super::{Admission, Exit, close_with, new_session_id};
-use crate::hub::{SessionHandle, encode};
+use crate::hub::{SessionHandle, encode_counted};
 use crate::node::Node;
 use crate::queue::{CloseRequest, Outbound, OutboundQueue};
 use std::sync::Arc;
@@ -201,9 +202,31 @@ where
         };
         self.last_inbound = Instant::now();
         let codec = self.core.handle.codec;
+        let unpacked;
         let payload = match &message {
-            Message::Text(text) if codec == Codec::Json => text.as_bytes(),
+            Message::Text(text) if codec.content() == Codec::Json => text.as_bytes(),
             Message::Binary(bytes) if codec == Codec::MsgPack => bytes,
+            Message::Binary(bytes) if codec == Codec::JsonDeflate => {
+                // Inflated only up to the message size limit: a decompression bomb is refused
+                // like an oversize frame, before its output is held.
+                match deflate::unpack(bytes, node.config().max_message_size) {
+                    Ok(json) => {
+                        unpacked = json;
+                        &unpacked
+                    }
+                    Err(UnpackError::TooLarge { limit }) => {
+                        metrics.bytes_in.inc_by(message.len() as u64);
+                        tracing::info!(limit, "closing: frame inflates over the size limit");
+                        return Err(close_with(close::TOO_BIG, "message too large"));
+                    }
+                    Err(error) => {
+                        metrics.bytes_in.inc_by(message.len() as u64);
+                        metrics.frames_in.with_label_values(&["invalid"]).inc();
+                        let text = error.to_string();
+                        return inbound::bad_frame(self, None, ErrorCode::BadFrame, text).await;
+                    }
+                }
+            }
             Message::Text(_) | Message::Binary(_) => {
                 metrics.bytes_in.inc_by(message.len() as u64);
                 metrics.frames_in.with_label_values(&["invalid"]).inc();
@@ -313,7 +336,7 @@ where
         let metrics = self.core.node.metrics();
         let mut messages = Vec::with_capacity(frames.len());
         for frame in &frames {
-            match encode(self.core.handle.codec, frame) {
+            match encode_counted(self.core.handle.codec, frame, metrics) {
                 Ok(message) => {
                     metrics.frames_out.with_label_values(&[frame.kind()]).inc();
                     if let ServerFrame::Error(error) = frame {
