@@ -876,6 +876,7 @@ mod tests {
         let page = table.html();
         let document = tl::parse(&page, tl::ParserOptions::default()).expect("HTML");
         assert!(bars(&document, RSS_CHART).is_empty());
+        assert!(page.contains("no data"), "the empty memory chart says so");
         assert_eq!(bars(&document, DELIVERED_CHART).len(), 1);
         assert!(!page.contains(WIRE_CHART), "no wire figures, no chart");
     }

@@ -712,6 +712,17 @@ pub fn grouped_bar_chart(
             );
         }
     }
+    if series
+        .iter()
+        .all(|(_, _, values)| values.iter().all(Option::is_none))
+    {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#888\">no data</text>",
+            LEFT + plot_width / 2.0,
+            TOP + plot_height / 2.0
+        );
+    }
     // The legend in one row under the group labels, where it covers no bar.
     let legend_y = HEIGHT - 8.0;
     let mut legend_x = LEFT;
