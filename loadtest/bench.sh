@@ -15,12 +15,16 @@ it, stops it, and finally prints one table (switchboard-loadtest compare):
   switchboard       a redis-server and N switchboard nodes (target/release/switchboard)
   switchboard-sse   the same, every session over SSE (`--transport sse`: GET /sse, POSTs)
   switchboard-poll  the same, every session over long poll (`--transport poll`)
+  switchboard-msgpack, switchboard-deflate
+                    the same, every session a WebSocket in the msgpack or json+deflate codec
+                    (`--codec msgpack`, `--codec json+deflate`); fanout only (connect speaks JSON)
   socketio          a redis-server and N Socket.IO peers (loadtest/peers/socketio, node)
   raw               one switchboard-raw-ceiling (no Redis; always a single process)
 
 For every rate: a fresh system, then `fanout` (subscribers and publishers spread over the nodes;
 CPU of every server process and of redis-server). Then a fresh system and `connect` against the
-first node for resident memory per idle connection.
+first node for resident memory per idle connection. Last, the table, also written with its charts
+as one self-contained HTML page (DIR/compare.html).
 
 Options:
   --nodes N             nodes for switchboard and Socket.IO [default: 1]
@@ -31,17 +35,20 @@ Options:
   --duration-secs D     measured window of each fanout run [default: 10]
   --warmup-secs W       warm-up before each measured window [default: 2]
   --connections C       idle connections of the connect run; 0 skips it [default: 10000]
+  --payload P           what each publish carries: stamp (~40 bytes) or market (~1 KiB JSON
+                        order-book update) [default: stamp]
   --systems LIST        which systems, comma-separated [default: switchboard,socketio,raw]
   --out DIR             JSON results and server logs [default: target/bench]
   -h, --help            this text
 
-Results (the harness's JSON; its stdout is not shown): DIR/SYSTEM-fanout-RATE.json, DIR/SYSTEM-connect.json; server logs DIR/*.log.
+Results (the harness's JSON; its stdout is not shown): DIR/SYSTEM-fanout-RATE.json, DIR/SYSTEM-connect.json,
+DIR/compare.html; server logs DIR/*.log.
 Everything (load generator included) shares this machine's cores.
 EOF
 }
 
 nodes=1 rooms=1 subscribers=2000 rates=50,200 publishers=4 duration=10 warmup=2
-connections=10000 systems=switchboard,socketio,raw out=target/bench
+connections=10000 systems=switchboard,socketio,raw out=target/bench payload=stamp
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
@@ -54,6 +61,7 @@ while [ $# -gt 0 ]; do
     --connections) connections=$2; shift 2 ;;
     --systems) systems=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --payload) payload=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -63,11 +71,12 @@ for value in "$nodes" "$rooms" "$subscribers" "$publishers" "$duration" "$warmup
 done
 [[ $rates =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "bench.sh: --rates must look like 50,200" >&2; exit 2; }
 [ "$nodes" -ge 1 ] && [ "$rooms" -ge 1 ] || { echo "bench.sh: --nodes and --rooms must be at least 1" >&2; exit 2; }
+case "$payload" in stamp | market) ;; *) echo "bench.sh: --payload must be stamp or market" >&2; exit 2 ;; esac
 IFS=, read -r -a rate_list <<<"$rates"
 IFS=, read -r -a system_list <<<"$systems"
 for system in "${system_list[@]}"; do
   case "$system" in
-    switchboard | switchboard-sse | switchboard-poll | socketio | raw) ;;
+    switchboard | switchboard-sse | switchboard-poll | switchboard-msgpack | switchboard-deflate | socketio | raw) ;;
     *) echo "bench.sh: unknown system $system" >&2; exit 2 ;;
   esac
 done
@@ -91,7 +100,7 @@ start_system() { # system tag
   local i log addr internal pid
   urls=() cpu_args=()
   case "$1" in
-    switchboard | switchboard-sse | switchboard-poll)
+    switchboard*)
       start_redis "$out/$2-redis.log"
       for ((i = 1; i <= nodes; i++)); do
         log="$out/$2-node$i.log"
@@ -156,6 +165,13 @@ transport_of() { # system
     *) echo websocket ;;
   esac
 }
+codec_of() { # system
+  case "$1" in
+    switchboard-msgpack) echo msgpack ;;
+    switchboard-deflate) echo json+deflate ;;
+    *) echo json ;;
+  esac
+}
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
 command -v redis-server >/dev/null || { echo "bench.sh: redis-server is not installed" >&2; exit 1; }
@@ -175,14 +191,15 @@ for system in "${system_list[@]}"; do
     url_args=()
     for url in "${urls[@]}"; do url_args+=(--url "$url"); done
     timeout --foreground --kill-after=10 "$fanout_limit" "$loadtest" fanout --protocol "$(protocol_of "$system")" \
-      --transport "$(transport_of "$system")" "${url_args[@]}" \
+      --transport "$(transport_of "$system")" --codec "$(codec_of "$system")" --payload "$payload" "${url_args[@]}" \
       --rooms "$rooms" --subscribers "$subscribers" --publishers "$publishers" --rate "$rate" \
       --duration-secs "$duration" --warmup-secs "$warmup" "${cpu_args[@]}" \
       --json "$out/$system-fanout-$rate.json" >/dev/null
     fanout_files+=("$out/$system-fanout-$rate.json")
     stop_all
   done
-  if [ "$connections" -gt 0 ]; then
+  # connect speaks JSON: a codec system's idle connections are switchboard's.
+  if [ "$connections" -gt 0 ] && [ "$(codec_of "$system")" = json ]; then
     echo "== $system: connect, $connections idle connections" >&2
     start_system "$system" "$system-connect"
     # One worker process per 10,000 connections keeps each within its open-files limit.
@@ -195,4 +212,5 @@ for system in "${system_list[@]}"; do
   fi
 done
 
-"$loadtest" compare "${fanout_files[@]}" ${connect_files[@]+"${connect_files[@]}"}
+"$loadtest" compare --html "$out/compare.html" "${fanout_files[@]}" ${connect_files[@]+"${connect_files[@]}"}
+echo "bench.sh: the table and its charts: $out/compare.html" >&2

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::codec::Codec;
+use crate::payload::Payload;
 use crate::protocol::Protocol;
 use crate::transport::Transport;
 
@@ -73,6 +75,11 @@ pub struct CompareArgs {
     /// Print a Markdown table instead of aligned text.
     #[arg(long)]
     pub markdown: bool,
+    /// Also write one self-contained HTML page (inline SVG, no scripts) with the table and the
+    /// systems' charts side by side: deliveries/s, server CPU per delivery, p99 latency, memory
+    /// per idle connection and, when measured, WebSocket bytes per delivery.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -208,6 +215,13 @@ impl FanoutArgs {
             bail!("--subscribers must be a multiple of --rooms");
         }
         check_transport(self.protocol, self.transport)?;
+        if self.run.codec != Codec::Json
+            && (self.protocol != Protocol::Switchboard || self.transport != Transport::Websocket)
+        {
+            bail!(
+                "--codec msgpack|json+deflate needs --protocol switchboard over --transport websocket"
+            );
+        }
         self.run.check()
     }
 }
@@ -249,6 +263,16 @@ pub struct RunArgs {
     /// server CPU seconds per million deliveries. The harness's own is always reported.
     #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
     pub cpu_pids: Vec<(String, u32)>,
+    /// The codec of every WebSocket (switchboard only): JSON text frames, MessagePack
+    /// (`switchboard.v1.msgpack`), or JSON with server frames compressed
+    /// (`switchboard.v1.json+deflate`); subscribers decode each frame and check offsets and loss
+    /// as for JSON. The report gives the WebSocket bytes received per delivery.
+    #[arg(long, value_enum, default_value_t = Codec::Json)]
+    pub codec: Codec,
+    /// What each publish carries: the bare stamp (~40 bytes), or the stamp in a realistic ~1 KiB
+    /// JSON market-data message (an order-book update).
+    #[arg(long, value_enum, default_value_t = Payload::Stamp)]
+    pub payload: Payload,
 }
 
 impl RunArgs {

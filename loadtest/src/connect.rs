@@ -18,7 +18,7 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
 use crate::cli::ConnectArgs;
-use crate::html::{self, Page};
+use crate::html::{self, Figure, Page};
 use crate::procfs::{connection_count, rss_bytes};
 use crate::report::{ConnectResult, ServerFigures, WorkerFigures, emit, ms, round3};
 use crate::worker::{self, HOLD, Report, Share, TICK};
@@ -521,6 +521,35 @@ fn assemble(
 /// distribution and the connections open over the run.
 fn html_report(result: &ConnectResult) -> Result<Page> {
     let mut page = Page::new("connect");
+    let all = serde_json::to_value(result)?;
+    let rss = result
+        .server_rss_per_connection_bytes
+        .map_or_else(String::new, |bytes| {
+            format!("; {:.1} KiB of server RSS per connection", bytes / 1024.0)
+        });
+    page.headline(
+        &format!(
+            "{} of {} connections open in {:.1}s, handshake p99 {} ms; {} failed, {} dropped{rss}.",
+            html::thousands(result.connections_open),
+            html::thousands(result.connections_requested),
+            result.open_secs,
+            result.handshake_ms_p99,
+            html::thousands(result.failures),
+            html::thousands(result.dropped_before_hold + result.dropped_during_hold),
+        ),
+        &[
+            Figure::of(&all, "connections_open", "open"),
+            Figure::of(&all, "open_secs", "seconds to open"),
+            Figure::of(&all, "handshake_ms_p99", "handshake p99 ms"),
+            Figure::bad(&all, "failures", "failed"),
+            Figure::bad(&all, "dropped_during_hold", "dropped in the hold"),
+            Figure::of(
+                &all,
+                "server_rss_per_connection_bytes",
+                "RSS bytes per connection",
+            ),
+        ],
+    );
     let parameters = [
         "protocol",
         "transport",

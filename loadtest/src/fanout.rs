@@ -32,6 +32,8 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let result = FanoutResult {
         protocol: args.protocol,
         transport: args.transport,
+        codec: args.run.codec,
+        payload: args.run.payload,
         urls: args.urls.clone(),
         rooms: plan.rooms,
         subscribers: plan.subscribers(),

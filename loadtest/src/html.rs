@@ -26,7 +26,37 @@ table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;paddi
 text-align:left;vertical-align:top}th{background:#f3f3f3;font-weight:600}\
 td.num{text-align:right;font-variant-numeric:tabular-nums}\
 svg{background:#fff;border:1px solid #ddd;margin:0.5em 0;display:block}\
-.charts{display:flex;flex-wrap:wrap;gap:1em}.wide{overflow-x:auto}";
+.charts{display:flex;flex-wrap:wrap;gap:1em}.wide{overflow-x:auto}.headline{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:0.6em 1em;margin:1em 0}.headline p{font-size:1.1em;margin:0.2em 0 0.6em}.figures{display:flex;flex-wrap:wrap;gap:0.6em 1.6em}.figure .value{display:block;font-size:1.5em;font-weight:600;font-variant-numeric:tabular-nums}.figure .label{color:#555;font-size:0.85em}.bad .value{color:#d62728}";
+
+/// One number of a headline: the result's key it comes from, a short label, its value (as the
+/// JSON has it: a number, or null when not measured), and whether it is bad news (shown red
+/// when it is above 0).
+pub struct Figure<'a> {
+    pub key: &'a str,
+    pub label: &'a str,
+    pub value: Value,
+    pub bad_above_zero: bool,
+}
+
+impl Figure<'_> {
+    /// `key`'s value in `result` (serialised as for the JSON), null if it has none.
+    pub fn of<'a>(result: &Value, key: &'a str, label: &'a str) -> Figure<'a> {
+        Figure {
+            key,
+            label,
+            value: result.get(key).cloned().unwrap_or(Value::Null),
+            bad_above_zero: false,
+        }
+    }
+
+    /// The same, red when above 0 (losses, failures).
+    pub fn bad<'a>(result: &Value, key: &'a str, label: &'a str) -> Figure<'a> {
+        Figure {
+            bad_above_zero: true,
+            ..Figure::of(result, key, label)
+        }
+    }
+}
 
 /// One line of a chart: its name, colour and (x, y) points.
 pub struct Series<'a> {
@@ -92,6 +122,36 @@ impl Page {
             self.html.push_str("</div>\n");
         }
         Ok(())
+    }
+
+    /// The headline a report opens with: one sentence, then its key figures large, each
+    /// marked with the result key it shows (`data-key`) and its exact value (`data-value`).
+    pub fn headline(&mut self, sentence: &str, figures: &[Figure<'_>]) {
+        let _ = writeln!(
+            self.html,
+            "<section class=\"headline\">\n<p>{}</p>\n<div class=\"figures\">",
+            escape(sentence)
+        );
+        for figure in figures {
+            let bad =
+                figure.bad_above_zero && figure.value.as_f64().is_some_and(|value| value > 0.0);
+            let _ = writeln!(
+                self.html,
+                "<div class=\"figure{}\" data-key=\"{}\" data-value=\"{}\">\
+                 <span class=\"value\">{}</span><span class=\"label\">{}</span></div>",
+                if bad { " bad" } else { "" },
+                escape(figure.key),
+                escape(&figure.value.to_string()),
+                escape(&value_text(&figure.value)),
+                escape(figure.label)
+            );
+        }
+        self.html.push_str("</div>\n</section>\n");
+    }
+
+    /// Raw HTML the caller built (escaped already).
+    pub fn push_html(&mut self, html: &str) {
+        self.html.push_str(html);
     }
 
     /// A heading and its charts side by side.
@@ -174,6 +234,25 @@ fn render(scenario: &str, result: &impl Serialize, figures: &DeliveryFigures) ->
     let empty = serde_json::Map::new();
     let figure_keys = figure_values.as_object().unwrap_or(&empty);
     let mut page = Page::new(scenario);
+    let all = serde_json::to_value(result)?;
+    page.headline(
+        &delivery_sentence(&all),
+        &[
+            Figure::of(&all, "delivered_per_sec", "delivered/s"),
+            Figure::of(&all, "published_per_sec", "published/s"),
+            Figure::of(&all, "latency_ms_p50", "p50 ms"),
+            Figure::of(&all, "latency_ms_p99", "p99 ms"),
+            Figure::bad(&all, "lost", "lost"),
+            Figure::bad(&all, "duplicates", "duplicates"),
+            Figure::bad(&all, "subscribers_closed_early", "subscribers closed"),
+            Figure::of(
+                &all,
+                "server_cpu_secs_per_million_deliveries",
+                "server CPU-s per 1M deliveries",
+            ),
+            Figure::of(&all, "wire_bytes_per_delivery", "wire bytes per delivery"),
+        ],
+    );
     page.result_tables(result, |key| !figure_keys.contains_key(key))?;
     page.section(
         "Latency distribution",
@@ -239,6 +318,48 @@ fn render(scenario: &str, result: &impl Serialize, figures: &DeliveryFigures) ->
         ],
     );
     Ok(page.finish())
+}
+
+/// What a publish/subscribe run did, in one sentence: deliveries received against those
+/// expected, to how many subscribers, how fast, and what was lost.
+fn delivery_sentence(result: &Value) -> String {
+    let number = |key: &str| result.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+    let whole = |key: &str| thousands(number(key).round() as u64);
+    let lost = number("lost") as u64;
+    let closed = number("subscribers_closed_early") as u64;
+    let mut sentence = format!(
+        "{} of {} expected deliveries to {} subscribers ({} published/s); {} delivered/s in the \
+         {}s window, p99 {} ms; ",
+        whole("received_total"),
+        whole("expected_deliveries_total"),
+        whole("subscribers"),
+        label(number("published_per_sec")),
+        whole("delivered_per_sec"),
+        whole("duration_secs"),
+        label(number("latency_ms_p99")),
+    );
+    sentence.push_str(&match lost {
+        0 => "nothing lost".to_owned(),
+        lost => format!("{} lost", thousands(lost)),
+    });
+    if closed > 0 {
+        let _ = write!(sentence, ", {} subscribers closed early", thousands(closed));
+    }
+    sentence.push('.');
+    sentence
+}
+
+/// An integer with thousands separators.
+pub fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
 }
 
 pub const BLUE: &str = "#1f77b4";
@@ -531,6 +652,96 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[(&str, f64)]) -> String {
     svg
 }
 
+/// Bars in groups (`groups`, labelled along the x axis), one bar per series in each group, the
+/// series told apart by colour and a legend; a missing value leaves its slot empty. Each bar
+/// carries its series, group and value as `data-series`, `data-group` and `data-value`.
+pub fn grouped_bar_chart(
+    title: &str,
+    unit: &str,
+    groups: &[String],
+    series: &[(&str, &str, Vec<Option<f64>>)],
+) -> String {
+    let mut svg = svg_open(title);
+    let top = nice_ceiling(
+        series
+            .iter()
+            .flat_map(|(_, _, values)| values.iter().flatten())
+            .copied()
+            .fold(0.0, f64::max),
+    );
+    svg.push_str(&y_axis(top));
+    let plot_width = WIDTH - LEFT - RIGHT;
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    let group_width = plot_width / groups.len().max(1) as f64;
+    let bar_width = group_width * 0.8 / series.len().max(1) as f64;
+    for (group_index, group) in groups.iter().enumerate() {
+        let group_x = LEFT + group_width * group_index as f64;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            group_x + group_width / 2.0,
+            HEIGHT - BOTTOM + 16.0,
+            escape(group)
+        );
+        for (series_index, (name, color, values)) in series.iter().enumerate() {
+            let Some(value) = values.get(group_index).copied().flatten() else {
+                continue;
+            };
+            let height = plot_height * (value / top).clamp(0.0, 1.0);
+            let x = group_x + group_width * 0.1 + bar_width * series_index as f64;
+            let y = HEIGHT - BOTTOM - height;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{0:.1}\" height=\"{height:.1}\" \
+                 fill=\"{6}\" data-series=\"{1}\" data-group=\"{2}\" data-value=\"{3}\">\
+                 <title>{1}, {2}: {4} {5}</title></rect>",
+                bar_width * 0.9,
+                escape(name),
+                escape(group),
+                value,
+                escape(&label(value)),
+                escape(unit),
+                escape(color),
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}</text>",
+                x + bar_width * 0.45,
+                y - 3.0,
+                escape(&label(value))
+            );
+        }
+    }
+    if series
+        .iter()
+        .all(|(_, _, values)| values.iter().all(Option::is_none))
+    {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#888\">no data</text>",
+            LEFT + plot_width / 2.0,
+            TOP + plot_height / 2.0
+        );
+    }
+    // The legend in one row under the group labels, where it covers no bar.
+    let legend_y = HEIGHT - 8.0;
+    let mut legend_x = LEFT;
+    for (name, color, _) in series {
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{legend_x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/>\
+             <text x=\"{:.1}\" y=\"{legend_y:.1}\" font-size=\"10\">{}</text>",
+            legend_y - 9.0,
+            escape(color),
+            legend_x + 14.0,
+            escape(name)
+        );
+        legend_x += 24.0 + 6.0 * name.chars().count() as f64;
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Lines over a shared x axis from the smallest to the largest x; `x_ticks` labels it, or
 /// (without) about ten evenly spaced values do.
 pub fn line_chart(
@@ -659,6 +870,98 @@ mod tests {
         assert_eq!(nice_ceiling(3.2), 5.0);
         assert_eq!(nice_ceiling(10.0), 10.0);
         assert_eq!(nice_ceiling(11.0), 20.0);
+    }
+
+    #[test]
+    fn a_delivery_report_opens_with_its_headline_figures() {
+        let figures = DeliveryFigures {
+            published_per_sec: 200.0,
+            delivered_per_sec: 399_330.5,
+            latency_ms_p50: 25.15,
+            latency_ms_p99: 63.39,
+            expected_deliveries_total: 4_800_000,
+            received_total: 4_794_297,
+            lost: 5_703,
+            subscribers_closed_early: 3,
+            server_cpu_secs_per_million_deliveries: Some(2.64),
+            ..DeliveryFigures::default()
+        };
+        #[derive(Serialize)]
+        struct Run<'a> {
+            subscribers: u64,
+            duration_secs: u64,
+            #[serde(flatten)]
+            figures: &'a DeliveryFigures,
+        }
+        let run = Run {
+            subscribers: 2000,
+            duration_secs: 10,
+            figures: &figures,
+        };
+        let page = render("fanout", &run, &figures).expect("a page");
+        let document = tl::parse(&page, tl::ParserOptions::default()).expect("HTML");
+        let parser = document.parser();
+        let headline = document
+            .query_selector("section.headline")
+            .expect("a selector")
+            .next()
+            .and_then(|handle| handle.get(parser))
+            .expect("a headline");
+        let sentence = headline.inner_text(parser);
+        let sentence = sentence.trim_start();
+        assert!(
+            sentence.starts_with(
+                "4,794,297 of 4,800,000 expected deliveries to 2,000 subscribers (200 published/s); \
+                 399,331 delivered/s in the 10s window, p99 63.39 ms; 5,703 lost, 3 subscribers \
+                 closed early."
+            ),
+            "{sentence}"
+        );
+        let shown: Vec<(String, String)> = document
+            .query_selector(".figure")
+            .expect("a selector")
+            .filter_map(|handle| handle.get(parser)?.as_tag())
+            .map(|figure| {
+                let attribute = |name: &str| {
+                    figure
+                        .attributes()
+                        .get(name)
+                        .flatten()
+                        .map(|value| value.as_utf8_str().into_owned())
+                        .unwrap_or_default()
+                };
+                (attribute("data-key"), attribute("data-value"))
+            })
+            .collect();
+        let json = serde_json::to_value(&run).expect("JSON");
+        assert_eq!(shown.len(), 9, "{shown:?}");
+        for (key, value) in &shown {
+            let parsed: Value = serde_json::from_str(value).expect("a JSON value");
+            assert_eq!(&parsed, &json[key.as_str()], "{key}");
+        }
+        assert!(
+            shown
+                .iter()
+                .any(|(key, value)| key == "lost" && value == "5703")
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|(key, value)| key == "wire_bytes_per_delivery" && value == "null")
+        );
+        // Before the parameter tables.
+        let headline_at = page.find("class=\"headline\"").expect("headline");
+        let parameters_at = page.find("<h2>Parameters</h2>").expect("parameters");
+        assert!(headline_at < parameters_at);
+        assert!(page.contains("class=\"figure bad\" data-key=\"lost\""));
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(4_794_297), "4,794,297");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! transports.
 
 mod cli;
+mod codec;
 mod compare;
 mod connect;
 mod direct;
@@ -19,6 +20,7 @@ mod fallback;
 mod fanout;
 mod html;
 mod latency;
+mod payload;
 mod persist;
 mod procfs;
 mod progress;

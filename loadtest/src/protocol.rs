@@ -20,8 +20,11 @@ use anyhow::{Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::codec::{Codec, CodecSocket};
 use crate::transport::{Conn, Transport};
 use crate::ws::{Incoming, Socket, Stamp};
 
@@ -49,6 +52,19 @@ impl Protocol {
         target: SocketAddr,
         source: Option<IpAddr>,
     ) -> Result<Socket> {
+        self.open_with(url, target, source, Codec::Json).await
+    }
+
+    /// [`Protocol::open`], offering `codec`'s subprotocol (switchboard only); a server that does
+    /// not choose it fails the handshake. The greeting is read in JSON, so `codec` must be JSON
+    /// or a codec whose frames the caller decodes ([`Protocol::connect`] does).
+    async fn open_with(
+        self,
+        url: &str,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+        codec: Codec,
+    ) -> Result<Socket> {
         let socket = if target.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -61,10 +77,18 @@ impl Protocol {
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0);
+        let mut request = url.into_client_request()?;
+        if let Some(subprotocol) = codec.subprotocol() {
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(subprotocol),
+            );
+        }
         let (mut socket, _) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
         match self {
             Protocol::Switchboard => {
+                // The welcome in any codec: a text frame, or a binary one.
                 next_greeting(&mut socket, |_| true).await?;
             }
             Protocol::Socketio => {
@@ -81,16 +105,26 @@ impl Protocol {
 impl Protocol {
     /// Opens one session to `url` at `target` (from `source`, if given) over `transport` and
     /// completes the greeting, as [`Protocol::open`]; only switchboard has the fallback
-    /// transports, whose open reads the `welcome` itself.
+    /// transports, whose open reads the `welcome` itself, and the codecs other than JSON
+    /// (WebSocket only).
     pub async fn connect(
         self,
-        transport: Transport,
+        (transport, codec): (Transport, Codec),
         url: &str,
         target: SocketAddr,
         source: Option<IpAddr>,
     ) -> Result<Conn> {
+        if codec != Codec::Json
+            && (self != Protocol::Switchboard || transport != Transport::Websocket)
+        {
+            bail!("--codec msgpack|json+deflate is switchboard's, over WebSocket only");
+        }
         if transport == Transport::Websocket {
-            return Ok(Conn::Ws(Box::new(self.open(url, target, source).await?)));
+            return Ok(Conn::Ws(Box::new(CodecSocket {
+                socket: self.open_with(url, target, source, codec).await?,
+                codec,
+                received_wire_bytes: 0,
+            })));
         }
         if self != Protocol::Switchboard {
             bail!("--transport sse|poll is switchboard's only");
@@ -101,7 +135,8 @@ impl Protocol {
     }
 }
 
-/// Reads frames until a text frame `accept` takes, answering Engine.IO pings on the way.
+/// Reads frames until a text frame `accept` takes (or a binary frame, if it takes any text:
+/// switchboard's `welcome` in a binary codec), answering Engine.IO pings on the way.
 async fn next_greeting(socket: &mut Socket, accept: impl Fn(&str) -> bool) -> Result<()> {
     let read = async {
         loop {
@@ -113,6 +148,7 @@ async fn next_greeting(socket: &mut Socket, accept: impl Fn(&str) -> bool) -> Re
                 Some(Ok(Message::Text(text))) => {
                     bail!("unexpected greeting: {}", text.as_str())
                 }
+                Some(Ok(Message::Binary(_))) if accept("") => return Ok(()),
                 Some(Ok(_)) => {}
                 Some(Err(error)) => return Err(error.into()),
                 None => bail!("closed before the greeting"),
@@ -147,11 +183,10 @@ impl Protocol {
     /// The Engine.IO pong, the answer to [`Frame::Ping`].
     pub const PONG: &'static str = "3";
 
-    /// The frame publishing `stamp` to `room` (run room names need no JSON escaping:
-    /// `[a-z0-9-]`); `id` is switchboard's request id (the peers do not answer publishes).
-    pub fn publish_frame(self, room: &str, stamp: &Stamp, id: u64) -> String {
-        let Stamp { t, p, s } = stamp;
-        let data = format_args!(r#"{{"t":{t},"p":{p},"s":{s}}}"#);
+    /// The frame publishing `data` (a JSON object holding a [`Stamp`]) to `room` (run room
+    /// names need no JSON escaping: `[a-z0-9-]`); `id` is switchboard's request id (the peers do
+    /// not answer publishes).
+    pub fn publish_frame(self, room: &str, data: &str, id: u64) -> String {
         match self {
             Protocol::Switchboard => {
                 format!(r#"{{"type":"publish","room":"{room}","data":{data},"id":{id}}}"#)
@@ -209,12 +244,12 @@ impl Protocol {
     /// returns the room's offset and epoch from the reply.
     pub async fn subscribe(
         self,
-        transport: Transport,
+        connection: (Transport, Codec),
         url: &str,
         target: SocketAddr,
         room: &str,
     ) -> Result<(Conn, Option<(u64, String)>)> {
-        let mut socket = self.connect(transport, url, target, None).await?;
+        let mut socket = self.connect(connection, url, target, None).await?;
         if self == Protocol::Switchboard {
             let (socket, subscribed) =
                 crate::ws::subscribe_on(socket, &format!("\"{room}\""), None).await?;

@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::codec::Codec;
+use crate::payload::Payload;
 use crate::protocol::Protocol;
 use crate::transport::Transport;
 
@@ -131,6 +133,10 @@ pub struct FanoutResult {
     pub protocol: Protocol,
     /// `websocket`, `sse` or `poll` (`--transport`).
     pub transport: Transport,
+    /// `json`, `msgpack` or `json+deflate` (`--codec`).
+    pub codec: Codec,
+    /// `stamp` or `market` (`--payload`).
+    pub payload: Payload,
     pub urls: Vec<String>,
     pub rooms: u64,
     pub subscribers: u64,
@@ -146,7 +152,7 @@ pub struct FanoutResult {
 }
 
 /// What a publish/subscribe run measured: the figures `latency` and `fanout` share.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 pub struct DeliveryFigures {
     /// Publishes sent in the measured window.
     pub published: u64,
@@ -211,6 +217,13 @@ pub struct DeliveryFigures {
     /// CPU used over the measured window, percent of one core, per watched process and for
     /// this harness (`loadtest`).
     pub cpu_percent: BTreeMap<String, f64>,
+    /// WebSocket bytes the subscribers received per delivery in the window: each delivered
+    /// frame's payload plus its frame header (2, 4 or 10 bytes by payload length, computed as
+    /// for one unfragmented frame: tungstenite joins fragments, so a fragmented frame's extra
+    /// headers are not counted), not TCP/IP. Null over a fallback transport.
+    pub wire_bytes_per_delivery: Option<f64>,
+    /// The JSON those deliveries decoded to, bytes per delivery (the codec's input).
+    pub json_bytes_per_delivery: Option<f64>,
     /// The whole machine's busy CPU over the window (/proc/stat, including interrupt and softirq
     /// time no process is charged for), percent of one core: the ceiling is 100 × cores.
     pub machine_cpu_percent: Option<f64>,

@@ -10,6 +10,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::codec::CodecSocket;
 use crate::fallback;
 use crate::ws::Socket;
 
@@ -37,7 +38,8 @@ impl Transport {
 
 /// One open session over any transport.
 pub enum Conn {
-    Ws(Box<Socket>),
+    /// A WebSocket in one of switchboard's codecs (JSON for the peers).
+    Ws(Box<CodecSocket>),
     Fallback(fallback::Session),
 }
 
@@ -46,7 +48,7 @@ impl Conn {
     /// stream or polls.
     pub async fn end(mut self) {
         if let Conn::Ws(socket) = &mut self {
-            let _ = Socket::close(socket, None).await;
+            let _ = Socket::close(&mut socket.socket, None).await;
         }
     }
 }
@@ -58,6 +60,17 @@ impl Stream for Conn {
         match self.get_mut() {
             Conn::Ws(socket) => socket.poll_next_unpin(cx),
             Conn::Fallback(session) => session.poll_next_unpin(cx),
+        }
+    }
+}
+
+impl Conn {
+    /// Wire bytes of the WebSocket data frames read so far ([`crate::codec::wire_bytes`]); a
+    /// fallback session has none.
+    pub fn received_wire_bytes(&self) -> Option<u64> {
+        match self {
+            Conn::Ws(socket) => Some(socket.received_wire_bytes),
+            Conn::Fallback(_) => None,
         }
     }
 }

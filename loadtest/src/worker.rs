@@ -23,6 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::codec::Codec;
 use crate::protocol::Protocol;
 use crate::transport::{Conn, Transport};
 use crate::ws::url_addr;
@@ -316,7 +317,7 @@ async fn connection(
     let begun = Instant::now();
     let opened = tokio::time::timeout_at(
         deadline,
-        protocol.connect(transport, &url, addr, Some(source)),
+        protocol.connect((transport, Codec::Json), &url, addr, Some(source)),
     )
     .await;
     let socket = match opened {

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use self::shared::{Shared, SubscriberStats, latency_histogram};
 use self::subscriber::SETUP_STEP_TIMEOUT;
 use crate::cli::{LatencyArgs, RunArgs};
+use crate::codec::Codec;
+use crate::payload::Payload;
 use crate::procfs::{CpuSample, cpu_use};
 use crate::progress;
 use crate::protocol::Protocol;
@@ -87,6 +89,9 @@ pub struct Plan {
     pub protocol: Protocol,
     /// How every connection reaches its node (switchboard only: the peers are WebSocket ones).
     pub transport: Transport,
+    /// The WebSocket codec of every connection (switchboard only).
+    pub codec: Codec,
+    pub payload: Payload,
 }
 
 impl Plan {
@@ -116,6 +121,8 @@ impl Plan {
             cpu_pids: run.cpu_pids.clone(),
             protocol,
             transport,
+            codec: run.codec,
+            payload: run.payload,
         }
     }
 
@@ -148,7 +155,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let rooms = (0..plan.rooms)
         .map(|room| format!("{run}-{room}"))
         .collect();
-    let shared = Arc::new(Shared::new(rooms, plan.duration_secs));
+    let shared = Arc::new(Shared::new(rooms, plan.payload, plan.duration_secs));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let setup_bar = progress::counter(subscribers, "subscribers");
@@ -163,7 +170,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     });
     let subscriber_tasks = subscriber::start(
         &shared,
-        (protocol, plan.transport),
+        (protocol, plan.transport, plan.codec),
         publishers,
         subscribe_targets,
         plan.subscribers_per_room,
@@ -188,7 +195,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         let (url, target) = &plan.publish_targets[index as usize % plan.publish_targets.len()];
         let socket = tokio::time::timeout(
             SETUP_STEP_TIMEOUT,
-            protocol.connect(plan.transport, url, *target, None),
+            protocol.connect((plan.transport, plan.codec), url, *target, None),
         )
         .await
         .context("publisher connection timed out")??;
@@ -306,6 +313,7 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let mut expected_deliveries = 0u64;
     let mut closed_early = 0u64;
     let mut undelivered_at_end = 0u64;
+    let mut wire_bytes = Some(0u64);
     for task in subscriber_tasks {
         let Some(stats) = task.await.context("subscriber task")? else {
             continue;
@@ -325,6 +333,10 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
         totals.unexpected += stats.unexpected;
         totals.in_window += stats.in_window;
         totals.received_in_window += stats.received_in_window;
+        totals.json_bytes_in_window += stats.json_bytes_in_window;
+        wire_bytes = wire_bytes
+            .zip(stats.wire_bytes_in_window)
+            .map(|(a, b)| a + b);
         closed_early += u64::from(stats.closed_early);
     }
     let mut histogram = latency_histogram();
@@ -362,7 +374,13 @@ pub async fn measure(plan: &Plan) -> Result<DeliveryFigures> {
     let server_cpu_secs_per_million_deliveries = server_cpu_percent
         .filter(|_| totals.received_in_window > 0)
         .map(|percent| round3(percent / 100.0 * window / totals.received_in_window as f64 * 1e6));
+    let per_delivery = |bytes: u64| {
+        (totals.received_in_window > 0)
+            .then(|| round3(bytes as f64 / totals.received_in_window as f64))
+    };
     Ok(DeliveryFigures {
+        wire_bytes_per_delivery: wire_bytes.and_then(per_delivery),
+        json_bytes_per_delivery: per_delivery(totals.json_bytes_in_window),
         published: sent_in_window,
         published_per_sec: round3(sent_in_window as f64 / window),
         published_total: sent,

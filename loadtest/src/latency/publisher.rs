@@ -75,7 +75,8 @@ pub async fn publish(
                     p: plan.index,
                     s: room_seq[room],
                 };
-                let frame = protocol.publish_frame(&shared.rooms[room], &stamp, seq + 1);
+                let data = shared.payload.data(&stamp);
+                let frame = protocol.publish_frame(&shared.rooms[room], &data, seq + 1);
                 (Message::text(frame), Some((room, sent_us)))
             }
         };

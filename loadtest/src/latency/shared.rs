@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
+use crate::payload::Payload;
+
 /// Latencies are recorded in microseconds up to this; longer ones count as this.
 const LATENCY_CEILING_US: u64 = 60_000_000;
 /// Subscribers record into this many histograms, to keep lock contention and memory small.
@@ -17,6 +19,8 @@ pub struct Shared {
     pub base: Instant,
     /// Room names, `[a-z0-9-]` only, so they go into every protocol's frames unescaped.
     pub rooms: Vec<String>,
+    /// What every publish carries besides its stamp.
+    pub payload: Payload,
     /// switchboard: highest offset a publish reply acknowledged, per room.
     pub room_last: Vec<AtomicU64>,
     /// Messages written to each room's publishers' connections: what the peers, which neither
@@ -43,8 +47,9 @@ pub struct Shared {
 impl Shared {
     /// State for `rooms` (names) and a measured window of `window_secs`, which
     /// starts unset (nothing is in it until [`Shared::set_window`]).
-    pub fn new(rooms: Vec<String>, window_secs: u64) -> Shared {
+    pub fn new(rooms: Vec<String>, payload: Payload, window_secs: u64) -> Shared {
         Shared {
+            payload,
             base: Instant::now(),
             room_last: rooms.iter().map(|_| AtomicU64::new(0)).collect(),
             room_published: rooms.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -113,6 +118,12 @@ pub struct SubscriberStats {
     pub unexpected: u64,
     pub in_window: u64,
     pub received_in_window: u64,
+    /// WebSocket wire bytes ([`crate::codec::wire_bytes`]) of the frames read for the
+    /// deliveries counted in `received_in_window` (and of any other frame read with them); None
+    /// over a fallback transport.
+    pub wire_bytes_in_window: Option<u64>,
+    /// The JSON bytes those deliveries decoded to.
+    pub json_bytes_in_window: u64,
     pub gaps: u64,
     pub closed_early: bool,
 }

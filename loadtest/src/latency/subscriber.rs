@@ -15,6 +15,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::shared::{HISTOGRAM_SHARDS, Shared, SubscriberStats};
+use crate::codec::Codec;
 use crate::protocol::{Frame, Protocol};
 use crate::sequence::advance;
 use crate::transport::{Conn, Transport};
@@ -36,7 +37,7 @@ pub fn target_of(index: u64, rooms: u64, targets: u64) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     shared: &Arc<Shared>,
-    (protocol, transport): (Protocol, Transport),
+    (protocol, transport, codec): (Protocol, Transport, Codec),
     publishers: u64,
     targets: &[(String, SocketAddr)],
     subscribers_per_room: u64,
@@ -65,7 +66,7 @@ pub async fn start(
         tasks.push(tokio::spawn(async move {
             let setup = tokio::time::timeout(
                 SETUP_STEP_TIMEOUT,
-                protocol.subscribe(transport, &url, target, &shared.rooms[room]),
+                protocol.subscribe((transport, codec), &url, target, &shared.rooms[room]),
             )
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no subscribe reply in 30s")));
@@ -83,6 +84,7 @@ pub async fn start(
                             Protocol::Switchboard => Vec::new(),
                             _ => vec![0; publishers as usize],
                         },
+                        wire_bytes_in_window: socket.received_wire_bytes().map(|_| 0),
                         ..SubscriberStats::default()
                     };
                     let connected = shared.clone();
@@ -118,6 +120,7 @@ async fn receive(
     mut stop: watch::Receiver<bool>,
 ) -> SubscriberStats {
     loop {
+        let wire_before = socket.received_wire_bytes();
         let text = match next_text(&mut socket, &mut stop).await {
             Next::Text(text) => text,
             Next::Stop => break,
@@ -178,6 +181,11 @@ async fn receive(
         shared.received.fetch_add(1, Ordering::Relaxed);
         if shared.in_window(received_us) {
             stats.received_in_window += 1;
+            stats.json_bytes_in_window += text.len() as u64;
+            stats.wire_bytes_in_window = stats
+                .wire_bytes_in_window
+                .zip(socket.received_wire_bytes().zip(wire_before))
+                .map(|(sum, (after, before))| sum + (after - before));
             let second = (received_us - shared.window_start_us.load(Ordering::Relaxed)) / 1_000_000;
             if let Some(count) = shared.delivered_by_second.get(second as usize) {
                 count.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,265 @@
+//! `fanout --codec` and `--payload market` against a real node and Redis: every codec delivers
+//! everything, the bytes on the wire per delivery are what each codec makes of the same ~1 KiB
+//! payload, the `--html` report opens with the JSON's own headline figures, and `compare --html`
+//! draws each run's figures in its charts. The HTML is parsed (tl), not searched as text.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{assert_delivered_everything, field, run_loadtest};
+use serde_json::Value;
+use switchboard_e2e::{NodeProcess, RedisProcess};
+
+/// A ready node on `redis`, its admission limits off (the generator opens many loopback
+/// connections at once).
+async fn node(redis: &RedisProcess) -> NodeProcess {
+    let url = redis.url();
+    let node = NodeProcess::start(&[
+        "--node-id",
+        "codecs",
+        "--redis",
+        &url,
+        "--rate-limit",
+        "0",
+        "--max-connections-per-ip",
+        "0",
+        "--connect-rate-per-ip",
+        "0",
+        "--accept-rate",
+        "0",
+    ])
+    .await
+    .expect("starting the node");
+    node.wait_ready().await.expect("the node is ready");
+    node
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("codecs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn attribute(tag: &tl::HTMLTag<'_>, name: &str) -> Option<String> {
+    tag.attributes()
+        .get(name)
+        .flatten()
+        .map(|value| value.as_utf8_str().into_owned())
+}
+
+/// The headline figures of a report: (result key, its value as JSON).
+fn headline(page: &str) -> Vec<(String, Value)> {
+    let document = tl::parse(page, tl::ParserOptions::default()).expect("HTML");
+    let parser = document.parser();
+    document
+        .query_selector(".figure")
+        .expect("a selector")
+        .filter_map(|handle| handle.get(parser)?.as_tag())
+        .map(|figure| {
+            let key = attribute(figure, "data-key").expect("data-key");
+            let value = attribute(figure, "data-value").expect("data-value");
+            (key, serde_json::from_str(&value).expect("JSON"))
+        })
+        .collect()
+}
+
+/// The bars of the chart titled `title`: (series, group, value).
+fn bars(page: &str, title: &str) -> Vec<(String, String, f64)> {
+    let document = tl::parse(page, tl::ParserOptions::default()).expect("HTML");
+    let parser = document.parser();
+    let svg = document
+        .query_selector("svg")
+        .expect("a selector")
+        .filter_map(|handle| handle.get(parser)?.as_tag())
+        .find(|svg| attribute(svg, "aria-label").as_deref() == Some(title))
+        .unwrap_or_else(|| panic!("no chart {title}"));
+    svg.query_selector(parser, "rect[data-series]")
+        .expect("a selector")
+        .filter_map(|handle| handle.get(parser)?.as_tag())
+        .map(|rect| {
+            (
+                attribute(rect, "data-series").expect("series"),
+                attribute(rect, "data-group").expect("group"),
+                attribute(rect, "data-value")
+                    .and_then(|value| value.parse().ok())
+                    .expect("a value"),
+            )
+        })
+        .collect()
+}
+
+fn read(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("the --html file");
+    let _ = std::fs::remove_file(path);
+    text
+}
+
+#[tokio::test]
+async fn every_codec_delivers_the_market_payload_and_the_pages_show_its_figures() {
+    let redis = RedisProcess::start().await.expect("starting redis-server");
+    let node = node(&redis).await;
+    let (rooms, subscribers, publishers, rate, duration_secs) = (2, 8, 2, 50, 2);
+    let mut results = Vec::new();
+    for codec in ["json", "msgpack", "json+deflate"] {
+        let html = tmp(&format!("{codec}.html"));
+        let args: Vec<String> = [
+            "fanout",
+            "--url",
+            &node.ws_url(),
+            &format!("--rooms={rooms}"),
+            &format!("--subscribers={subscribers}"),
+            &format!("--publishers={publishers}"),
+            &format!("--rate={rate}"),
+            &format!("--duration-secs={duration_secs}"),
+            "--warmup-secs=1",
+            "--drain-secs=5",
+            "--setup-timeout-secs=30",
+            "--codec",
+            codec,
+            "--payload",
+            "market",
+            &format!("--cpu-pid=node={}", node.pid()),
+            "--html",
+            &html.display().to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let result = run_loadtest(
+            &format!("codecs-{}", codec.replace('+', "-")),
+            &args,
+            Duration::from_secs(90),
+        )
+        .await;
+        assert_eq!(result["codec"], codec, "{result:#}");
+        assert_eq!(result["payload"], "market", "{result:#}");
+        let subscribers_per_room = subscribers / rooms;
+        assert_delivered_everything(
+            &result,
+            &[
+                "lost",
+                "duplicates",
+                "epoch_mismatches",
+                "publish_errors",
+                "publish_unanswered",
+                "subscribers_closed_early",
+                "unexpected_frames",
+            ],
+            rate,
+            duration_secs,
+            subscribers_per_room,
+        );
+        assert_eq!(
+            field(&result, "received_total"),
+            field(&result, "published_total") * subscribers_per_room,
+            "{result:#}"
+        );
+        let json_bytes = result["json_bytes_per_delivery"]
+            .as_f64()
+            .expect("JSON bytes");
+        let wire_bytes = result["wire_bytes_per_delivery"]
+            .as_f64()
+            .expect("wire bytes");
+        // The ~1 KiB payload in its `message` envelope.
+        assert!(
+            (1_000.0..1_500.0).contains(&json_bytes),
+            "{json_bytes}: {result:#}"
+        );
+        match codec {
+            // Text frames of 126 to 65,535 bytes: a 4-byte header each, nothing else.
+            "json" => assert!((wire_bytes - json_bytes - 4.0).abs() < 0.01, "{result:#}"),
+            // Binary maps: shorter than the JSON, not by much.
+            "msgpack" => assert!(
+                wire_bytes < json_bytes && wire_bytes > json_bytes / 2.0,
+                "{result:#}"
+            ),
+            // Compressed frames (the flag byte says so; the harness inflated them to check
+            // their offsets): well under the JSON.
+            _ => assert!(wire_bytes < json_bytes / 2.0, "{result:#}"),
+        }
+
+        let page = read(&html);
+        let figures = headline(&page);
+        assert_eq!(figures.len(), 9, "{figures:?}");
+        for (key, value) in &figures {
+            assert_eq!(value, &result[key.as_str()], "{key} in the headline");
+        }
+        assert!(
+            figures
+                .iter()
+                .any(|(key, value)| key == "wire_bytes_per_delivery" && value.is_f64())
+        );
+        let path = tmp(&format!("{codec}.json"));
+        std::fs::write(&path, result.to_string()).expect("writing a result");
+        results.push((path, result));
+    }
+
+    let page_path = tmp("compare.html");
+    let status = Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
+        .arg("compare")
+        .arg("--html")
+        .arg(&page_path)
+        .args(results.iter().map(|(path, _)| path))
+        .stdout(Stdio::null())
+        .status()
+        .expect("running compare");
+    assert!(status.success());
+    let page = read(&page_path);
+    for (path, _) in &results {
+        let _ = std::fs::remove_file(path);
+    }
+    let group = format!("{rate} msgs/s");
+    let series = |codec: &str| match codec {
+        "json" => "switchboard".to_owned(),
+        codec => format!("switchboard {codec}"),
+    };
+    for (title, key) in [
+        ("Deliveries per second", "delivered_per_sec"),
+        ("p99 latency (ms)", "latency_ms_p99"),
+        ("WebSocket bytes per delivery", "wire_bytes_per_delivery"),
+        (
+            "Server CPU-seconds per million deliveries",
+            "server_cpu_secs_per_million_deliveries",
+        ),
+    ] {
+        let mut drawn = bars(&page, title);
+        drawn.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut expected: Vec<(String, String, f64)> = results
+            .iter()
+            .map(|(_, result)| {
+                (
+                    series(result["codec"].as_str().expect("codec")),
+                    group.clone(),
+                    result[key].as_f64().expect("a figure"),
+                )
+            })
+            .collect();
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(drawn, expected, "{title}");
+    }
+    // No connect results: the memory chart is there, empty.
+    assert!(bars(&page, "Server memory per idle connection (KiB)").is_empty());
+}
+
+#[test]
+fn a_codec_other_than_json_needs_switchboard_over_websocket() {
+    for extra in [
+        ["--codec", "msgpack", "--transport", "sse"],
+        ["--codec", "json+deflate", "--protocol", "raw"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
+            .args(["fanout", "--url", "ws://127.0.0.1:9/ws"])
+            .args(extra)
+            .output()
+            .expect("running fanout");
+        assert!(!output.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--codec msgpack|json+deflate needs --protocol switchboard"),
+            "{extra:?}: {stderr}"
+        );
+    }
+}
