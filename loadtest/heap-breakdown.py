@@ -18,7 +18,7 @@ PARTS = [
     ("session task (tokio task cell holding the connection's future)", r"spawn_inner.*new_task"),
     ("heartbeat interval (its boxed Sleep)", r"interval_at"),
     ("tokio I/O registration (per socket)", r"registration_set\.rs"),
-    ("WebSocket handshake (tungstenite compat)", r"compat\.rs"),
+    ("tokio-tungstenite's stream adapter (its waker proxies)", r"compat\.rs"),
     ("hyper upgrade (boxed I/O)", r"upgrade\.rs"),
     ("in-memory broker: session registry and room state", r"memory\.rs"),
     ("hub: room member lists", r"join \(hub\.rs\)"),
