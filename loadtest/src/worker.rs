@@ -319,7 +319,9 @@ async fn connection(
 ) {
     let begun = Instant::now();
     let opened = tokio::time::timeout_at(deadline, async {
-        let mut socket = protocol.connect(transport, &url, addr, Some(source)).await?;
+        let mut socket = protocol
+            .connect(transport, &url, addr, Some(source))
+            .await?;
         subscribe_rooms(&mut socket, index, rooms).await?;
         Ok::<_, anyhow::Error>(socket)
     })
@@ -353,7 +355,10 @@ async fn subscribe_rooms(socket: &mut Conn, index: u64, rooms: u32) -> Result<()
     socket.flush().await?;
     let mut replies = 0;
     while replies < rooms {
-        let message = socket.next().await.context("closed before the subscribe replies")??;
+        let message = socket
+            .next()
+            .await
+            .context("closed before the subscribe replies")??;
         let Message::Text(text) = &message else {
             continue;
         };
