@@ -106,6 +106,10 @@ pub struct ConnectArgs {
     /// Seconds to hold the connections once every worker has all of its own open.
     #[arg(long, default_value_t = 5)]
     pub hold_secs: u64,
+    /// Rooms each switchboard connection subscribes to (connection I to rooms idle-((I + J) mod
+    /// 1000), J below N) before it counts as open; 0 holds it without any.
+    #[arg(long, default_value_t = 0)]
+    pub subscribe: u32,
     /// A server process whose RSS and open sockets to read from /proc before the connections
     /// and at the end of the hold: NAME=PID, or just PID (named `server`); repeatable.
     #[arg(long = "pid", value_parser = parse_server_pid)]

@@ -27,6 +27,8 @@ use crate::ws::url_addr;
 const MAX_CONNECTIONS: u64 = 200_000;
 const MAX_RATE: u64 = 100_000;
 const MAX_WORKERS: u64 = 32;
+/// Most rooms one connection subscribes to (a node's default --max-subscriptions is 128).
+const MAX_SUBSCRIBE: u32 = 100;
 /// Files a worker keeps for itself beyond its connections (stdio, epoll, the runtime's).
 const WORKER_RESERVED_FILES: u64 = 64;
 /// How long workers may take to close and report once told to, and to start.
@@ -52,6 +54,11 @@ impl ConnectArgs {
             );
         }
         crate::cli::check_transport(self.protocol, self.transport)?;
+        if self.subscribe > MAX_SUBSCRIBE
+            || (self.subscribe > 0 && self.protocol != crate::protocol::Protocol::Switchboard)
+        {
+            bail!("--subscribe must be at most {MAX_SUBSCRIBE}, and needs --protocol switchboard");
+        }
         if self.timeout_secs == 0 || self.timeout_secs > 600 || self.hold_secs > 3600 {
             bail!("--timeout-secs must be 1 to 600, --hold-secs at most 3600");
         }
@@ -102,6 +109,7 @@ impl ConnectArgs {
             rate: self.rate as f64 * count as f64 / self.connections as f64,
             sources,
             timeout_secs: self.timeout_secs,
+            subscribe: self.subscribe,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Share {
     pub sources: Vec<Ipv4Addr>,
     /// Handshakes not done this long after the worker started count as failures.
     pub timeout_secs: u64,
+    /// Rooms each connection subscribes to before it counts as open.
+    pub subscribe: u32,
 }
 
 /// A line a worker writes on stdout.
@@ -289,6 +291,7 @@ async fn open_all(
         let source = share.sources[(offset % share.sources.len() as u64) as usize];
         tasks.push(tokio::spawn(connection(
             (protocol, share.transport),
+            (index, share.subscribe),
             target,
             targets[target].clone(),
             IpAddr::V4(source),
@@ -306,6 +309,7 @@ async fn open_all(
 #[allow(clippy::too_many_arguments)]
 async fn connection(
     (protocol, transport): (Protocol, Transport),
+    (index, rooms): (u64, u32),
     target: usize,
     (url, addr): (String, SocketAddr),
     source: IpAddr,
@@ -315,10 +319,13 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let begun = Instant::now();
-    let opened = tokio::time::timeout_at(
-        deadline,
-        protocol.connect((transport, Codec::Json), &url, addr, Some(source)),
-    )
+    let opened = tokio::time::timeout_at(deadline, async {
+        let mut socket = protocol
+            .connect((transport, Codec::Json), &url, addr, Some(source))
+            .await?;
+        subscribe_rooms(&mut socket, index, rooms).await?;
+        Ok::<_, anyhow::Error>(socket)
+    })
     .await;
     let socket = match opened {
         Ok(Ok(socket)) => {
@@ -336,6 +343,38 @@ async fn connection(
     };
     drop(result_tx);
     hold(socket, protocol, &holding, stop).await;
+}
+
+/// Subscribes connection `index` to `rooms` rooms, idle-((index + j) mod 1000), and reads their
+/// replies: every room is shared by many connections, as rooms are.
+async fn subscribe_rooms(socket: &mut Conn, index: u64, rooms: u32) -> Result<()> {
+    for j in 0..u64::from(rooms) {
+        let room = (index + j) % 1000;
+        let frame = format!(r#"{{"type":"subscribe","room":"idle-{room}","id":{j}}}"#);
+        socket.feed(Message::text(frame)).await?;
+    }
+    socket.flush().await?;
+    let mut replies = 0;
+    while replies < rooms {
+        let message = socket
+            .next()
+            .await
+            .context("closed before the subscribe replies")??;
+        let Message::Text(text) = &message else {
+            continue;
+        };
+        let incoming: crate::ws::Incoming<'_> = serde_json::from_str(text.as_str())?;
+        match incoming.kind {
+            "reply" => replies += 1,
+            "error" => anyhow::bail!(
+                "subscribe refused: {} {}",
+                incoming.code.unwrap_or("?"),
+                incoming.message.unwrap_or_default()
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Reads a held connection until told to stop: answers Engine.IO pings (`2` with `3`) and
