@@ -850,7 +850,11 @@ async fn an_expiring_token_closes_the_session_with_1008(transport: Transport) ->
 }
 
 async fn a_drain_closes_every_session_with_1001(transport: Transport) -> Result<()> {
-    let mut node = NodeProcess::start(&["--drain-grace-ms", "500"]).await?;
+    // The drain delay (the node not ready but still serving) gives every long-poll client the
+    // time to have its poll waiting when the listener closes: a client between two polls at that
+    // moment cannot reach the node for its close frame (docs/protocol.md) and reopens elsewhere.
+    let mut node =
+        NodeProcess::start(&["--drain-grace-ms", "500", "--drain-delay-ms", "1000"]).await?;
     let mut clients = Vec::new();
     for index in 0..4 {
         clients.push(
