@@ -76,8 +76,9 @@ cargo build --workspace --all-targets
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?
 # The demo page in headless Chromium against two nodes and Redis (screenshot in
-# target/browser-artifacts/demo.png); the JS SDK in Chromium over wss:// to a node serving TLS,
-# its CA trusted through an NSS database (certutil).
+# target/browser-artifacts/demo.png), falling back to SSE and long polling, and on the compressed
+# codec; the JS SDK in Chromium over wss:// to a node serving TLS, its CA trusted through an NSS
+# database (certutil).
 (cd tests/browser && npm test) || status=$?
 # The JavaScript client (clients/js, no dependencies) against the binary built above and
 # redis-server.
