@@ -19,11 +19,12 @@ use switchboard_protocol::{
 use super::guards::Guards;
 use super::{Exit, close_with};
 use crate::auth::{INVALID_USER, Identity, unix_now_millis, unix_now_secs, valid_user};
-use crate::hub::SessionHandle;
+use crate::hub::{SessionHandle, encode_counted};
 use crate::node::{
     INVALID_KEY, INVALID_ROOM, Joined, Node, TooLarge, is_system_room, valid_key, valid_room,
 };
-use crate::queue::{CloseRequest, OutboundQueue};
+use crate::queue::{CloseRequest, Outbound, OutboundQueue, Taken};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Most history messages one `history` request returns.
 const MAX_HISTORY_LIMIT: usize = 1000;
@@ -246,6 +247,85 @@ impl Core {
         }
         self.inbox = seq;
         true
+    }
+
+    /// Encodes answer frames in the session's codec, counted by type (and errors by code), each
+    /// as the transport writes it; an unencodable frame closes the session with 1011.
+    pub(super) fn encode_answers<T>(
+        &self,
+        frames: &[ServerFrame],
+        wire: impl Fn(Message) -> T,
+    ) -> Result<Vec<T>, Exit> {
+        let metrics = self.node.metrics();
+        let mut encoded = Vec::with_capacity(frames.len());
+        for frame in frames {
+            match encode_counted(self.handle.codec, frame, metrics) {
+                Ok(message) => {
+                    metrics.frames_out.with_label_values(&[frame.kind()]).inc();
+                    if let ServerFrame::Error(error) = frame {
+                        metrics
+                            .errors_sent
+                            .with_label_values(&[error.code.as_str()])
+                            .inc();
+                    }
+                    encoded.push(wire(message));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode frame");
+                    return Err(close_with(close::INTERNAL, "internal error"));
+                }
+            }
+        }
+        Ok(encoded)
+    }
+
+    /// The frames of a batch taken from the queue that are written, each as the transport
+    /// writes it: room messages through [`Core::admit`], persisted directs through
+    /// [`Core::admit_direct`], counted by type. Drains `batch`, which the caller reuses.
+    pub(super) fn admit_batch<T>(
+        &mut self,
+        batch: &mut Vec<Outbound>,
+        wire: impl Fn(Message) -> T,
+    ) -> Vec<T> {
+        let mut frames = Vec::with_capacity(batch.len());
+        let mut room_frames = 0;
+        for item in batch.drain(..) {
+            match item {
+                Outbound::Room { message, frame } => {
+                    if self.admit(&message) {
+                        room_frames += 1;
+                        frames.push(wire(frame));
+                    }
+                }
+                Outbound::Direct { seq, stored, frame } => {
+                    if self.admit_direct(seq, stored) {
+                        let frames_out = &self.node.metrics().frames_out;
+                        frames_out.with_label_values(&["direct"]).inc();
+                        frames.push(wire(frame));
+                    }
+                }
+                Outbound::Frame { kind, frame } => {
+                    let frames_out = &self.node.metrics().frames_out;
+                    frames_out.with_label_values(&[kind]).inc();
+                    frames.push(wire(frame));
+                }
+            }
+        }
+        // One update per batch: the counter is shared by every session of the node.
+        self.node.metrics().message_frames_out.inc_by(room_frames);
+        frames
+    }
+
+    /// After a batch taken from the queue was written (or failed): gives its bytes back to the
+    /// queue and, when something was written, records how long its oldest frame waited.
+    pub(super) fn written(&self, taken: Taken, wrote: bool) {
+        self.handle.queue.release(taken.bytes);
+        if let (true, Some(oldest)) = (wrote, taken.oldest) {
+            self.node
+                .metrics()
+                .queue_wait_seconds
+                .observe(oldest.elapsed().as_secs_f64());
+        }
     }
 
     /// Whether the token the session was opened with has expired (past the leeway).

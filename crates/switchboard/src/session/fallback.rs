@@ -569,26 +569,7 @@ impl Transport for Session {
     }
 
     async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit> {
-        let metrics = self.core.node.metrics().clone();
-        let mut encoded = Vec::with_capacity(frames.len());
-        for frame in &frames {
-            match encode(Codec::Json, frame) {
-                Ok(message) => {
-                    metrics.frames_out.with_label_values(&[frame.kind()]).inc();
-                    if let ServerFrame::Error(error) = frame {
-                        metrics
-                            .errors_sent
-                            .with_label_values(&[error.code.as_str()])
-                            .inc();
-                    }
-                    encoded.push(payload(message));
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot encode frame");
-                    return Err(close_with(close::INTERNAL, "internal error"));
-                }
-            }
-        }
+        let encoded = self.core.encode_answers(&frames, payload)?;
         self.write_out(encoded).await
     }
 
@@ -602,39 +583,11 @@ impl Transport for Session {
             self.batch = batch;
             return Ok(());
         }
-        let metrics = self.core.node.metrics().clone();
-        let mut frames = Vec::with_capacity(batch.len());
-        let mut room_frames = 0;
-        for item in batch.drain(..) {
-            match item {
-                Outbound::Room { message, frame } => {
-                    if self.core.admit(&message) {
-                        room_frames += 1;
-                        frames.push(payload(frame));
-                    }
-                }
-                Outbound::Direct { seq, stored, frame } => {
-                    if self.core.admit_direct(seq, stored) {
-                        metrics.frames_out.with_label_values(&["direct"]).inc();
-                        frames.push(payload(frame));
-                    }
-                }
-                Outbound::Frame { kind, frame } => {
-                    metrics.frames_out.with_label_values(&[kind]).inc();
-                    frames.push(payload(frame));
-                }
-            }
-        }
-        metrics.message_frames_out.inc_by(room_frames);
+        let frames = self.core.admit_batch(&mut batch, payload);
         self.batch = batch;
         let wrote = !frames.is_empty();
         let result = self.write_out(frames).await;
-        self.core.handle.queue.release(taken.bytes);
-        if let (Ok(()), true, Some(oldest)) = (&result, wrote, taken.oldest) {
-            metrics
-                .queue_wait_seconds
-                .observe(oldest.elapsed().as_secs_f64());
-        }
+        self.core.written(taken, wrote && result.is_ok());
         result
     }
 }

@@ -21,7 +21,7 @@ use super::core::{Core, Transport, deliver_inbox};
 use super::guards::Guards;
 use super::inbound;
 use super::{Admission, Exit, close_with, new_session_id};
-use crate::hub::{SessionHandle, encode_counted};
+use crate::hub::SessionHandle;
 use crate::node::Node;
 use crate::queue::{CloseRequest, Outbound, OutboundQueue};
 use std::sync::Arc;
@@ -340,26 +340,7 @@ where
     }
 
     async fn write_frames(&mut self, frames: Vec<ServerFrame>) -> Result<(), Exit> {
-        let metrics = self.core.node.metrics();
-        let mut messages = Vec::with_capacity(frames.len());
-        for frame in &frames {
-            match encode_counted(self.core.handle.codec, frame, metrics) {
-                Ok(message) => {
-                    metrics.frames_out.with_label_values(&[frame.kind()]).inc();
-                    if let ServerFrame::Error(error) = frame {
-                        metrics
-                            .errors_sent
-                            .with_label_values(&[error.code.as_str()])
-                            .inc();
-                    }
-                    messages.push(message);
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot encode frame");
-                    return Err(close_with(close::INTERNAL, "internal error"));
-                }
-            }
-        }
+        let messages = self.core.encode_answers(&frames, |message| message)?;
         self.write_messages(messages).await
     }
 
@@ -373,44 +354,11 @@ where
             self.batch = batch;
             return Ok(());
         }
-        let mut messages = Vec::with_capacity(batch.len());
-        let mut room_frames = 0;
-        for item in batch.drain(..) {
-            match item {
-                Outbound::Room { message, frame } => {
-                    if self.core.admit(&message) {
-                        room_frames += 1;
-                        messages.push(frame);
-                    }
-                }
-                Outbound::Direct { seq, stored, frame } => {
-                    if self.core.admit_direct(seq, stored) {
-                        let frames_out = &self.core.node.metrics().frames_out;
-                        frames_out.with_label_values(&["direct"]).inc();
-                        messages.push(frame);
-                    }
-                }
-                Outbound::Frame { kind, frame } => {
-                    let frames_out = &self.core.node.metrics().frames_out;
-                    frames_out.with_label_values(&[kind]).inc();
-                    messages.push(frame);
-                }
-            }
-        }
-        // One update per batch: the counter is shared by every session of the node.
-        let message_frames_out = &self.core.node.metrics().message_frames_out;
-        message_frames_out.inc_by(room_frames);
+        let messages = self.core.admit_batch(&mut batch, |message| message);
         self.batch = batch;
         let wrote = !messages.is_empty();
         let result = self.write_messages(messages).await;
-        self.core.handle.queue.release(taken.bytes);
-        if let (Ok(()), true, Some(oldest)) = (&result, wrote, taken.oldest) {
-            self.core
-                .node
-                .metrics()
-                .queue_wait_seconds
-                .observe(oldest.elapsed().as_secs_f64());
-        }
+        self.core.written(taken, wrote && result.is_ok());
         result
     }
 }
