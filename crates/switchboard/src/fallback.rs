@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Config;
+use crate::hub::SessionHandle;
 use crate::node::Node;
 use crate::session::{self, Admission, Kind, Started, key_hash};
 
@@ -279,22 +280,13 @@ pub async fn poll(
     lasting: impl FnOnce(),
 ) -> Response<Body> {
     const ENDPOINT: &str = "poll";
-    let Some(key) = session_key(headers) else {
-        return refuse(node, ENDPOINT, Refused::Forbidden);
-    };
-    if session.len() > MAX_SESSION_ID_LEN {
-        return refuse(node, ENDPOINT, Refused::UnknownSession);
-    }
-    let hash = key_hash(key);
-    let Some(handle) = node.session(session) else {
-        return refuse(node, ENDPOINT, elsewhere(node, session, &hash).await);
+    let handle = match held_here(node, session, headers).await {
+        Ok(handle) => handle,
+        Err(refused) => return refuse(node, ENDPOINT, refused),
     };
     let Some(link) = &handle.link else {
         return refuse(node, ENDPOINT, Refused::UnknownSession);
     };
-    if link.key_hash != hash {
-        return refuse(node, ENDPOINT, Refused::Forbidden);
-    }
     let Some(polls) = &link.polls else {
         // An SSE session is read from its stream.
         return refuse(node, ENDPOINT, Refused::UnknownSession);
@@ -318,6 +310,29 @@ pub async fn poll(
         }
         // The session ended without a last word for this poll.
         Err(_) => refuse(node, ENDPOINT, Refused::UnknownSession),
+    }
+}
+
+/// The fallback session a poll or a DELETE names, held by this node and opened with the key
+/// the request carries; else why the request is refused (a WebSocket session's id: 404, as it
+/// takes neither).
+async fn held_here(
+    node: &Node,
+    session: &str,
+    headers: &HeaderMap,
+) -> Result<Arc<SessionHandle>, Refused> {
+    let key = session_key(headers).ok_or(Refused::Forbidden)?;
+    if session.len() > MAX_SESSION_ID_LEN {
+        return Err(Refused::UnknownSession);
+    }
+    let hash = key_hash(key);
+    let Some(handle) = node.session(session) else {
+        return Err(elsewhere(node, session, &hash).await);
+    };
+    match &handle.link {
+        None => Err(Refused::UnknownSession),
+        Some(link) if link.key_hash != hash => Err(Refused::Forbidden),
+        Some(_) => Ok(handle),
     }
 }
 
@@ -345,23 +360,13 @@ pub async fn delete(
     lasting: impl FnOnce(),
 ) -> Response<Body> {
     const ENDPOINT: &str = "delete";
-    let Some(key) = session_key(headers) else {
-        return refuse(node, ENDPOINT, Refused::Forbidden);
-    };
-    if session.len() > MAX_SESSION_ID_LEN {
-        return refuse(node, ENDPOINT, Refused::UnknownSession);
-    }
-    let hash = key_hash(key);
-    let Some(handle) = node.session(session) else {
-        return refuse(node, ENDPOINT, elsewhere(node, session, &hash).await);
+    let handle = match held_here(node, session, headers).await {
+        Ok(handle) => handle,
+        Err(refused) => return refuse(node, ENDPOINT, refused),
     };
     let Some(link) = &handle.link else {
-        // A WebSocket session is ended by closing its socket.
         return refuse(node, ENDPOINT, Refused::UnknownSession);
     };
-    if link.key_hash != hash {
-        return refuse(node, ENDPOINT, Refused::Forbidden);
-    }
     link.closed_by_client.store(true, Ordering::Relaxed);
     handle.queue.close(close::NORMAL, CLOSED_BY_CLIENT);
     lasting();
