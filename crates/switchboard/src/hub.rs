@@ -1,8 +1,15 @@
 //! The Hub: this node's sessions, the rooms they joined and the users they belong to. No I/O:
-//! delivery encodes a frame once per codec and pushes the same bytes to every session's queue.
+//! delivery encodes a frame once per codec; a room message is appended to the room's feed, which
+//! every subscriber reads, and any other frame is pushed, as the same bytes, to each session's
+//! queue.
+//!
+//! Order across a session's sources: every queued item and feed entry takes a stamp from one
+//! node-wide counter, under the lock of the queue or feed it enters, and the writer merges what
+//! it takes by stamp (see `Core::take`). So frames that reach the hub one after the other (one
+//! broker connection's messages, say) are written in that order whatever their kind.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -10,13 +17,14 @@ use dashmap::DashMap;
 use serde_json::Value;
 use switchboard_broker::{BrokerHandler, DirectMessage, PresenceChange, PresenceEvent};
 use switchboard_protocol::{
-    Codec, EncodeError, Encoded, ErrorCode, RoomMessage, ServerFrame, deflate,
+    Codec, EncodeError, Encoded, ErrorCode, RoomMessage, ServerFrame, close, deflate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::feed::{Feed, FeedReader};
 use crate::metrics::Metrics;
-use crate::queue::{Outbound, OutboundQueue, Push};
+use crate::queue::{Outbound, OutboundQueue, Push, TOO_SLOW};
 
 /// What the rest of the node may touch of a session.
 pub struct SessionHandle {
@@ -54,11 +62,21 @@ struct Subscriber {
     presence_events: bool,
 }
 
+/// A room with local subscribers.
+struct Room {
+    subscribers: Vec<Subscriber>,
+    feed: Arc<Feed>,
+}
+
 pub struct Hub {
     sessions: DashMap<Arc<str>, Arc<SessionHandle>>,
     users: DashMap<Arc<str>, Vec<Arc<SessionHandle>>>,
-    rooms: DashMap<Arc<str>, Vec<Subscriber>>,
+    rooms: DashMap<Arc<str>, Room>,
     metrics: Arc<Metrics>,
+    /// Stamps every queued item and feed entry (see the module's doc).
+    order: AtomicU64,
+    /// The sessions' outbound queue bound, which also bounds how far a feed reader may lag.
+    max_queue_bytes: usize,
 }
 
 /// Encodes one frame lazily, at most once per codec: a deflate frame is compressed once for all
@@ -117,12 +135,14 @@ pub fn encode_counted(
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, max_queue_bytes: usize) -> Self {
         Hub {
             sessions: DashMap::new(),
             users: DashMap::new(),
             rooms: DashMap::new(),
             metrics,
+            order: AtomicU64::new(0),
+            max_queue_bytes,
         }
     }
 
@@ -158,41 +178,76 @@ impl Hub {
             .collect()
     }
 
-    /// Adds `session` to `room`'s local subscribers.
-    pub fn join(&self, room: &str, session: &Arc<SessionHandle>, presence_events: bool) {
-        let mut subscribers = self.rooms.entry(Arc::from(room)).or_default();
-        if subscribers.is_empty() {
+    /// Adds `session` to `room`'s local subscribers; it reads the room's messages from the
+    /// returned reader, from the next one on. (Attached while the room is locked, so a fan-out
+    /// either sees the subscriber and encodes for its codec, or appends before it starts.)
+    pub fn join(
+        &self,
+        room: &str,
+        session: &Arc<SessionHandle>,
+        presence_events: bool,
+    ) -> FeedReader {
+        let mut entry = self.rooms.entry(Arc::from(room)).or_insert_with(|| Room {
+            subscribers: Vec::new(),
+            feed: Arc::new(Feed::new(
+                self.max_queue_bytes,
+                self.metrics.queue_bytes.clone(),
+            )),
+        });
+        if entry.subscribers.is_empty() {
             self.metrics.rooms.inc();
         }
-        subscribers.push(Subscriber {
+        entry.subscribers.push(Subscriber {
             session: session.clone(),
             presence_events,
         });
+        entry.feed.attach(session.clone())
     }
 
-    /// Removes `session` from `room`'s local subscribers.
+    /// Removes `session` from `room`'s local subscribers (its feed reader detaches when the
+    /// session drops it).
     pub fn leave(&self, room: &str, session: &SessionHandle) {
-        if let Some(mut subscribers) = self.rooms.get_mut(room) {
-            subscribers.retain(|subscriber| subscriber.session.id != session.id);
+        if let Some(mut entry) = self.rooms.get_mut(room) {
+            entry
+                .subscribers
+                .retain(|subscriber| subscriber.session.id != session.id);
         }
         if self
             .rooms
-            .remove_if(room, |_, subscribers| subscribers.is_empty())
+            .remove_if(room, |_, entry| entry.subscribers.is_empty())
             .is_some()
         {
             self.metrics.rooms.dec();
         }
     }
 
+    /// The next stamp (see the module's doc): read with the same ordering the stamps are taken
+    /// with, so an item stamped below it is in its queue or feed by the time a reader locks it.
+    pub fn next_stamp(&self) -> u64 {
+        self.order.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Closes a session that fell more than its queue's bound behind, counting it (unless it
+    /// was closing already).
+    pub fn too_slow(&self, session: &SessionHandle) {
+        if session.queue.close(close::TRY_AGAIN_LATER, TOO_SLOW) {
+            self.count_too_slow(session);
+        }
+    }
+
+    fn count_too_slow(&self, session: &SessionHandle) {
+        self.metrics.slow_closes.inc();
+        self.metrics.dropped.with_label_values(&["slow"]).inc();
+        tracing::warn!(session = %session.id, user = %session.user,
+            "closing a session too slow to read its queue (1013)");
+    }
+
     /// Pushes one item, counting what could not be queued.
     pub fn push(&self, session: &SessionHandle, item: Outbound, queued_at: Instant) -> bool {
-        match session.queue.push(item, queued_at) {
+        match session.queue.push(item, queued_at, &self.order) {
             Push::Queued => true,
             Push::Overflow => {
-                self.metrics.slow_closes.inc();
-                self.metrics.dropped.with_label_values(&["slow"]).inc();
-                tracing::warn!(session = %session.id, user = %session.user,
-                    "closing a session too slow to read its queue (1013)");
+                self.count_too_slow(session);
                 false
             }
             Push::Closed => {
@@ -254,32 +309,31 @@ impl Hub {
 
 impl BrokerHandler for Hub {
     fn room_message(&self, message: Arc<RoomMessage>) {
-        let Some(subscribers) = self.rooms.get(message.room.as_str()) else {
+        let Some(room) = self.rooms.get(message.room.as_str()) else {
             return;
         };
         let mut cache = FrameCache::new(ServerFrame::Message(message.clone()));
-        let mut delivered = 0;
-        let queued_at = Instant::now();
-        for subscriber in subscribers.iter() {
-            let session = &subscriber.session;
-            if let Some(frame) = cache.get(session.codec, &self.metrics) {
-                let item = Outbound::Room {
-                    message: message.clone(),
-                    frame,
-                };
-                if self.push(session, item, queued_at) {
-                    delivered += 1;
-                }
-            }
+        let appended = room
+            .feed
+            .append(message, &self.order, Instant::now(), |codec| {
+                cache.get(codec, &self.metrics)
+            });
+        for subscriber in &room.subscribers {
+            subscriber.session.queue.wake();
         }
-        self.metrics.room_deliveries.inc_by(delivered);
+        drop(room);
+        for session in &appended.too_slow {
+            self.too_slow(session);
+        }
+        self.metrics.room_deliveries.inc_by(appended.readers as u64);
     }
 
     fn presence(&self, event: PresenceEvent) {
-        let Some(subscribers) = self.rooms.get(event.notice.room.as_str()) else {
+        let Some(room) = self.rooms.get(event.notice.room.as_str()) else {
             return;
         };
-        let targets: Vec<&Arc<SessionHandle>> = subscribers
+        let targets: Vec<&Arc<SessionHandle>> = room
+            .subscribers
             .iter()
             .filter(|subscriber| {
                 subscriber.presence_events && *subscriber.session.id != *event.notice.session
@@ -380,8 +434,8 @@ mod tests {
     #[test]
     fn a_room_fan_out_compresses_once_for_all_its_deflate_subscribers() {
         let metrics = Arc::new(Metrics::new().unwrap());
-        let hub = Hub::new(metrics.clone());
-        let subscribers: Vec<_> = (0..5)
+        let hub = Hub::new(metrics.clone(), 1 << 16);
+        let mut subscribers: Vec<_> = (0..5)
             .map(|n| {
                 let session = Arc::new(SessionHandle {
                     id: Arc::from(format!("d{n}")),
@@ -391,13 +445,12 @@ mod tests {
                     link: None,
                 });
                 hub.add_session(session.clone());
-                hub.join("chat", &session, false);
-                session
+                hub.join("chat", &session, false)
             })
             .collect();
         let json = handle(&metrics, "json", None);
         hub.add_session(json.clone());
-        hub.join("chat", &json, false);
+        let mut json_reader = hub.join("chat", &json, false);
         let frames = |metrics: &Metrics, result: &str| {
             metrics.deflate_frames.with_label_values(&[result]).get()
         };
@@ -415,12 +468,16 @@ mod tests {
         hub.room_message(large.clone());
         assert_eq!(frames(&metrics, "compressed"), 1);
         assert_eq!(frames(&metrics, "stored"), 0);
-        let mut payloads = Vec::new();
-        for session in &subscribers {
+        let read = |reader: &mut FeedReader| {
             let mut batch = Vec::new();
-            session.queue.take(&mut batch).unwrap();
-            let [Outbound::Room { frame, .. }] = batch.as_slice() else {
-                panic!("expected one room frame queued");
+            reader.read(u64::MAX, &mut batch);
+            batch
+        };
+        let mut payloads = Vec::new();
+        for reader in &mut subscribers {
+            let batch = read(reader);
+            let [(_, Outbound::Room { frame, .. })] = batch.as_slice() else {
+                panic!("expected one room frame");
             };
             let Message::Binary(bytes) = frame else {
                 panic!("deflate frames are binary");
@@ -436,14 +493,15 @@ mod tests {
         assert_eq!(payloads[0][0], deflate::DEFLATED);
         let decoded: ServerFrame = Codec::JsonDeflate.decode(&payloads[0]).unwrap();
         assert_eq!(decoded, ServerFrame::Message(large));
-        let mut batch = Vec::new();
-        json.queue.take(&mut batch).unwrap();
         assert!(matches!(
-            batch.as_slice(),
-            [Outbound::Room {
-                frame: Message::Text(_),
-                ..
-            }]
+            read(&mut json_reader).as_slice(),
+            [(
+                _,
+                Outbound::Room {
+                    frame: Message::Text(_),
+                    ..
+                }
+            )]
         ));
 
         hub.room_message(message("hi".into()));
@@ -458,7 +516,7 @@ mod tests {
     #[test]
     fn forwarded_frames_reach_the_session_or_are_dropped_and_counted() {
         let metrics = Arc::new(Metrics::new().unwrap());
-        let hub = Hub::new(metrics.clone());
+        let hub = Hub::new(metrics.clone(), 1 << 16);
         let (inbound, mut frames) = mpsc::channel(1);
         let link = Link {
             key_hash: String::new(),
@@ -480,13 +538,16 @@ mod tests {
         hub.frames("sse", vec!["{}".into(), "{}".into()]);
         assert_eq!(forwarded(&metrics, "dropped"), 2);
         let mut batch = Vec::new();
-        sse.queue.take(&mut batch).unwrap();
+        sse.queue.take(u64::MAX, &mut batch).unwrap();
         match batch.as_slice() {
             [
-                Outbound::Frame {
-                    kind: "error",
-                    frame,
-                },
+                (
+                    _,
+                    Outbound::Frame {
+                        kind: "error",
+                        frame,
+                    },
+                ),
             ] => {
                 assert!(frame.to_text().unwrap().contains("rate_limited"));
             }

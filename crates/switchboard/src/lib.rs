@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod fallback;
+mod feed;
 mod frontdoor;
 mod hub;
 mod internal;

@@ -20,6 +20,7 @@ use switchboard_protocol::{
 
 use crate::auth::{Authenticator, unix_now_millis};
 use crate::config::Config;
+use crate::feed::FeedReader;
 use crate::hub::{Hub, SessionHandle, encode_counted};
 use crate::metered::MeteredBroker;
 use crate::metrics::Metrics;
@@ -80,7 +81,7 @@ impl Node {
         public_addr: SocketAddr,
     ) -> Self {
         Node {
-            hub: Arc::new(Hub::new(metrics.clone())),
+            hub: Arc::new(Hub::new(metrics.clone(), config.max_queue_bytes)),
             broker: MeteredBroker::new(broker, metrics.clone()),
             config,
             metrics,
@@ -225,8 +226,9 @@ impl Node {
 
     /// Joins `session` to `room`: the broker delivers the room to this node, the hub to the
     /// session, and the room's position (with `since`, the messages after it) is read for the
-    /// reply. `joined` runs once the read succeeded, before the presence join, so the session
-    /// records the room before anything else can fail. On an error, nothing is left joined.
+    /// reply. `joined` runs once the read succeeded, before the presence join, with the reader of
+    /// the room's feed, so the session records the room before anything else can fail. On an
+    /// error, nothing is left joined.
     pub async fn join_room(
         self: &Arc<Self>,
         room: &str,
@@ -234,11 +236,12 @@ impl Node {
         member: &Member,
         presence_events: bool,
         since: Option<&StreamPosition>,
-        joined: impl FnOnce(&Joined),
+        joined: impl FnOnce(&Joined, FeedReader),
     ) -> BrokerResult<Joined> {
         self.acquire_room(room).await?;
-        // Live messages queue from here on; the history read below covers everything before.
-        self.hub.join(room, session, presence_events);
+        // Live messages wait in the feed from here on; the history read below covers everything
+        // before.
+        let reader = self.hub.join(room, session, presence_events);
         let read = match since {
             Some(since) => self
                 .recovery_history(room, since.clone())
@@ -271,7 +274,7 @@ impl Node {
                 return Err(error);
             }
         };
-        joined(&read);
+        joined(&read, reader);
         // A failure is counted and warned about; the session stays subscribed without presence.
         let _ = self.broker.join_presence(room, member).await;
         Ok(read)
@@ -308,6 +311,16 @@ impl Node {
             let _ = self.broker.leave_presence(room, member).await;
         }
         let _ = self.broker.unregister_session(record).await;
+    }
+
+    /// The stamp the hub gives next: everything stamped below it is in its queue or feed.
+    pub(crate) fn next_stamp(&self) -> u64 {
+        self.hub.next_stamp()
+    }
+
+    /// Closes `session` with 1013 for falling more than its queue's bound behind.
+    pub(crate) fn too_slow(&self, session: &SessionHandle) {
+        self.hub.too_slow(session);
     }
 
     /// Queues a recovered room message for `session`, encoded for its codec, as the hub queues

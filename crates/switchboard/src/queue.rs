@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -61,8 +62,8 @@ pub enum Push {
     Closed,
 }
 
-/// Most bytes the writer takes per batch, so one flush writes a bounded amount.
-const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Why a session that fell more than its queue's bound behind is closed (with 1013).
+pub const TOO_SLOW: &str = "too slow to read: outbound queue full";
 
 pub struct OutboundQueue {
     state: Mutex<QueueState>,
@@ -84,8 +85,8 @@ pub struct Taken {
 
 #[derive(Default)]
 struct QueueState {
-    /// Each item with when it was queued.
-    items: VecDeque<(Instant, Outbound)>,
+    /// Each item with when it was queued and its stamp (see [`OutboundQueue::push`]).
+    items: VecDeque<(Instant, u64, Outbound)>,
     /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
     close: Option<CloseRequest>,
@@ -102,8 +103,11 @@ impl OutboundQueue {
         }
     }
 
-    /// Queues `item`; `queued_at` is taken once per fan-out by the caller, not per session.
-    pub fn push(&self, item: Outbound, queued_at: Instant) -> Push {
+    /// Queues `item`; `queued_at` is taken once per fan-out by the caller, not per session. The
+    /// item is stamped from `order` under the queue's lock, so a queue's items are in stamp
+    /// order and an item stamped after another that was already queued here comes after it:
+    /// the writer merges them with room feeds by stamp.
+    pub fn push(&self, item: Outbound, queued_at: Instant, order: &AtomicU64) -> Push {
         let len = item.len();
         let mut state = self.state.lock();
         if state.close.is_some() {
@@ -112,19 +116,20 @@ impl OutboundQueue {
         // The limit is at least twice the largest frame (config validation), so a reader still
         // taking one maximum-size frame has room for the next.
         if state.bytes + len > self.max_bytes {
-            let dropped: usize = state.items.drain(..).map(|(_, item)| item.len()).sum();
+            let dropped: usize = state.items.drain(..).map(|(_, _, item)| item.len()).sum();
             state.bytes -= dropped;
             self.total_bytes.sub(dropped as i64);
             state.close = Some(CloseRequest {
                 code: close::TRY_AGAIN_LATER,
-                reason: "too slow to read: outbound queue full".to_owned(),
+                reason: TOO_SLOW.to_owned(),
             });
             drop(state);
             self.wake_for_close();
             return Push::Overflow;
         }
         state.bytes += len;
-        state.items.push_back((queued_at, item));
+        let stamp = order.fetch_add(1, Ordering::SeqCst);
+        state.items.push_back((queued_at, stamp, item));
         drop(state);
         self.total_bytes.add(len as i64);
         self.ready.notify_one();
@@ -137,7 +142,7 @@ impl OutboundQueue {
         if state.close.is_some() {
             return false;
         }
-        let dropped: usize = state.items.drain(..).map(|(_, item)| item.len()).sum();
+        let dropped: usize = state.items.drain(..).map(|(_, _, item)| item.len()).sum();
         state.bytes -= dropped;
         self.total_bytes.sub(dropped as i64);
         state.close = Some(CloseRequest {
@@ -173,6 +178,11 @@ impl OutboundQueue {
         self.max_bytes
     }
 
+    /// Wakes the writer: a room feed it reads has news.
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
     /// Resolves when there may be something to take.
     pub async fn ready(&self) {
         self.ready.notified().await;
@@ -183,22 +193,31 @@ impl OutboundQueue {
         self.closing.notified().await;
     }
 
-    /// Moves up to one batch into `batch` and returns its bytes, which stay counted until
-    /// [`release`](Self::release); or the close request, if any.
-    pub fn take(&self, batch: &mut Vec<Outbound>) -> Result<Taken, CloseRequest> {
+    /// Moves the items stamped below `below` into `batch`, each with its stamp, and returns
+    /// their bytes, which stay counted until [`release`](Self::release); or the close request,
+    /// if any. (At most the queue's bound: no batch is larger.)
+    pub fn take(
+        &self,
+        below: u64,
+        batch: &mut Vec<(u64, Outbound)>,
+    ) -> Result<Taken, CloseRequest> {
         let mut state = self.state.lock();
         if let Some(close) = &state.close {
             return Err(close.clone());
         }
-        let oldest = state.items.front().map(|(queued_at, _)| *queued_at);
+        let mut oldest = None;
         let mut taken = 0;
-        while let Some((_, item)) = state.items.front() {
-            let len = item.len();
-            if taken > 0 && taken + len > MAX_BATCH_BYTES {
-                break;
-            }
-            taken += len;
-            batch.extend(state.items.pop_front().map(|(_, item)| item));
+        while let Some((queued_at, stamp, item)) = state.items.front()
+            && *stamp < below
+        {
+            oldest.get_or_insert(*queued_at);
+            taken += item.len();
+            batch.extend(
+                state
+                    .items
+                    .pop_front()
+                    .map(|(_, stamp, item)| (stamp, item)),
+            );
         }
         let more = !state.items.is_empty();
         drop(state);
@@ -237,6 +256,8 @@ fn truncate_reason(reason: &str) -> String {
 mod tests {
     use super::*;
 
+    static ORDER: AtomicU64 = AtomicU64::new(0);
+
     fn frame(len: usize) -> Outbound {
         Outbound::Frame {
             kind: "direct",
@@ -252,44 +273,50 @@ mod tests {
     #[test]
     fn overflow_closes_with_1013_and_frees_what_was_queued() {
         let (queue, gauge) = queue(100);
-        assert_eq!(queue.push(frame(60), Instant::now()), Push::Queued);
+        assert_eq!(queue.push(frame(60), Instant::now(), &ORDER), Push::Queued);
         assert_eq!(gauge.get(), 60);
-        assert_eq!(queue.push(frame(60), Instant::now()), Push::Overflow);
+        assert_eq!(
+            queue.push(frame(60), Instant::now(), &ORDER),
+            Push::Overflow
+        );
         assert_eq!(gauge.get(), 0);
-        assert_eq!(queue.push(frame(1), Instant::now()), Push::Closed);
-        let close = queue.take(&mut Vec::new()).unwrap_err();
+        assert_eq!(queue.push(frame(1), Instant::now(), &ORDER), Push::Closed);
+        let close = queue.take(u64::MAX, &mut Vec::new()).unwrap_err();
         assert_eq!(close.code, close::TRY_AGAIN_LATER);
     }
 
     #[test]
     fn a_queue_holds_two_frames_of_half_its_bound_while_the_first_is_written() {
         let (queue, gauge) = queue(100);
-        assert_eq!(queue.push(frame(50), Instant::now()), Push::Queued);
+        assert_eq!(queue.push(frame(50), Instant::now(), &ORDER), Push::Queued);
         let mut batch = Vec::new();
-        let taken = queue.take(&mut batch).unwrap();
-        assert_eq!(queue.push(frame(50), Instant::now()), Push::Queued);
+        let taken = queue.take(u64::MAX, &mut batch).unwrap();
+        assert_eq!(queue.push(frame(50), Instant::now(), &ORDER), Push::Queued);
         assert_eq!(gauge.get(), 100);
         queue.release(taken.bytes);
-        assert_eq!(queue.push(frame(50), Instant::now()), Push::Queued);
-        assert_eq!(queue.push(frame(1), Instant::now()), Push::Overflow);
+        assert_eq!(queue.push(frame(50), Instant::now(), &ORDER), Push::Queued);
+        assert_eq!(queue.push(frame(1), Instant::now(), &ORDER), Push::Overflow);
     }
 
     #[test]
     fn an_item_larger_than_the_bound_overflows_even_an_empty_queue() {
         let (queue, _) = queue(100);
-        assert_eq!(queue.push(frame(101), Instant::now()), Push::Overflow);
+        assert_eq!(
+            queue.push(frame(101), Instant::now(), &ORDER),
+            Push::Overflow
+        );
     }
 
     #[test]
     fn bytes_taken_stay_counted_until_released() {
         let (queue, gauge) = queue(100);
-        queue.push(frame(40), Instant::now());
-        queue.push(frame(40), Instant::now());
+        queue.push(frame(40), Instant::now(), &ORDER);
+        queue.push(frame(40), Instant::now(), &ORDER);
         let mut batch = Vec::new();
-        assert_eq!(queue.take(&mut batch).unwrap().bytes, 80);
+        assert_eq!(queue.take(u64::MAX, &mut batch).unwrap().bytes, 80);
         assert_eq!(batch.len(), 2);
         assert_eq!(
-            queue.push(frame(40), Instant::now()),
+            queue.push(frame(40), Instant::now(), &ORDER),
             Push::Overflow,
             "taken bytes still count"
         );
@@ -302,22 +329,31 @@ mod tests {
         let (queue, _) = queue(1000);
         let first = Instant::now();
         let second = first + std::time::Duration::from_millis(5);
-        queue.push(frame(10), first);
-        queue.push(frame(10), second);
+        queue.push(frame(10), first, &ORDER);
+        queue.push(frame(10), second, &ORDER);
         let mut batch = Vec::new();
-        let taken = queue.take(&mut batch).unwrap();
+        let taken = queue.take(u64::MAX, &mut batch).unwrap();
         assert_eq!((taken.bytes, taken.oldest), (20, Some(first)));
-        assert_eq!(queue.take(&mut batch).unwrap().oldest, None, "nothing left");
+        assert_eq!(
+            queue.take(u64::MAX, &mut batch).unwrap().oldest,
+            None,
+            "nothing left"
+        );
     }
 
     #[test]
-    fn batches_are_bounded_in_bytes() {
-        let (queue, _) = queue(4 * MAX_BATCH_BYTES);
-        for _ in 0..4 {
-            queue.push(frame(MAX_BATCH_BYTES / 2 + 1), Instant::now());
+    fn items_are_taken_in_stamp_order_up_to_a_stamp() {
+        let (queue, _) = queue(1000);
+        let order = AtomicU64::new(5);
+        for _ in 0..3 {
+            queue.push(frame(10), Instant::now(), &order);
         }
         let mut batch = Vec::new();
-        queue.take(&mut batch).unwrap();
+        let taken = queue.take(7, &mut batch).unwrap();
+        let stamps: Vec<u64> = batch.iter().map(|(stamp, _)| *stamp).collect();
+        assert_eq!((stamps, taken.bytes), (vec![5, 6], 20));
+        batch.clear();
+        queue.take(u64::MAX, &mut batch).unwrap();
         assert_eq!(batch.len(), 1);
     }
 

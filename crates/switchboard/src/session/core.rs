@@ -19,11 +19,12 @@ use switchboard_protocol::{
 use super::guards::Guards;
 use super::{Exit, close_with};
 use crate::auth::{INVALID_USER, Identity, unix_now_millis, unix_now_secs, valid_user};
+use crate::feed::{FeedReader, Read};
 use crate::hub::{SessionHandle, encode_counted};
 use crate::node::{
     INVALID_KEY, INVALID_ROOM, Joined, Node, TooLarge, is_system_room, valid_key, valid_room,
 };
-use crate::queue::{CloseRequest, Outbound, OutboundQueue, Taken};
+use crate::queue::{CloseRequest, Outbound, OutboundQueue, TOO_SLOW, Taken};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Most history messages one `history` request returns.
@@ -122,6 +123,8 @@ pub(super) enum Answer {
 
 /// A session's view of one room it subscribed to.
 struct Subscription {
+    /// Where the session reads the room's live messages.
+    feed: FeedReader,
     /// The newest offset written (or covered by the subscribe reply): anything at or below it
     /// is a duplicate.
     offset: u64,
@@ -279,17 +282,64 @@ impl Core {
         Ok(encoded)
     }
 
-    /// The frames of a batch taken from the queue that are written, each as the transport
+    /// Takes what waits for the session into `batch`, in stamp order: every item of its rooms'
+    /// feeds and of its outbound queue stamped below the node's next stamp, read once before
+    /// them. Every item stamped below that bound is visible by then (stamps are taken under the
+    /// lock of the feed or queue an item enters), so the batch is a prefix, in stamp order, of
+    /// everything for this session: frames leave in the order they reached the hub, whichever
+    /// way they came. At most the queue's bound plus the feeds' backlog, which is bounded too:
+    /// a session with more than its queue's bound waiting, queue and feeds together, is closed
+    /// with 1013, as a full queue is.
+    pub(super) fn take(&mut self, batch: &mut Vec<(u64, Outbound)>) -> Result<Taken, CloseRequest> {
+        let below = self.node.next_stamp();
+        let mut backlog = 0;
+        let mut oldest = None;
+        let mut more = false;
+        let mut detached = false;
+        for subscription in self.subscriptions.values_mut() {
+            match subscription.feed.read(below, batch) {
+                Read::Read {
+                    backlog: waiting,
+                    oldest: read_from,
+                    more: left,
+                } => {
+                    backlog += waiting;
+                    oldest = earliest(oldest, read_from);
+                    more |= left;
+                }
+                Read::Detached => detached = true,
+            }
+        }
+        let from_feeds = batch.len();
+        let queue = &self.handle.queue;
+        let mut taken = queue.take(below, batch)?;
+        if detached || queue.bytes() + backlog > queue.max_bytes() {
+            queue.release(taken.bytes);
+            self.node.too_slow(&self.handle);
+            return Err(closing_request(queue));
+        }
+        // Each source is in stamp order already: one source needs no sort.
+        if from_feeds > 0 && (batch.len() > from_feeds || self.subscriptions.len() > 1) {
+            batch.sort_unstable_by_key(|(stamp, _)| *stamp);
+        }
+        taken.oldest = earliest(taken.oldest, oldest);
+        if more {
+            queue.wake();
+        }
+        Ok(taken)
+    }
+
+    /// The frames of a batch taken by [`Core::take`] that are written, each as the transport
     /// writes it: room messages through [`Core::admit`], persisted directs through
     /// [`Core::admit_direct`], counted by type. Drains `batch`, which the caller reuses.
     pub(super) fn admit_batch<T>(
         &mut self,
-        batch: &mut Vec<Outbound>,
+        batch: &mut Vec<(u64, Outbound)>,
         wire: impl Fn(Message) -> T,
     ) -> Vec<T> {
         let mut frames = Vec::with_capacity(batch.len());
         let mut room_frames = 0;
-        for item in batch.drain(..) {
+        for (_, item) in batch.drain(..) {
             match item {
                 Outbound::Room { message, frame } => {
                     if self.admit(&message) {
@@ -474,16 +524,18 @@ impl Core {
                 &member,
                 presence_events,
                 since.as_ref(),
-                |joined| {
+                |joined, feed| {
                     let subscription = match (&since, joined.recovered) {
                         // Everything after `since` comes from history, page by page, before any
                         // live message.
                         (Some(since), Some(true)) => Subscription {
+                            feed,
                             offset: since.offset,
                             epoch: joined.position.epoch.clone(),
                             recovering: Some(0),
                         },
                         _ => Subscription {
+                            feed,
                             offset: joined.position.offset,
                             epoch: joined.position.epoch.clone(),
                             recovering: None,
@@ -835,11 +887,18 @@ pub(super) async fn deliver_inbox<T: Transport>(
     }
 }
 
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The close the outbound queue asked for (it overflowed or was closed meanwhile).
 fn closing_request(queue: &OutboundQueue) -> CloseRequest {
     queue.close_request().unwrap_or(CloseRequest {
         code: close::TRY_AGAIN_LATER,
-        reason: "too slow to read: outbound queue full".to_owned(),
+        reason: TOO_SLOW.to_owned(),
     })
 }
 
@@ -1124,6 +1183,45 @@ mod tests {
         assert!(!core.admit(&at(2)), "written already");
         assert!(core.admit(&at(3)));
         assert!(!core.admit(&message("other", 1)));
+    }
+
+    #[tokio::test]
+    async fn room_messages_and_queued_frames_are_taken_in_the_order_they_reached_the_hub() {
+        // The memory broker's node is "n": the session's record must name it.
+        let (mut core, _) = core_with(crate::config::Options {
+            node_id: Some("n".into()),
+            ..Default::default()
+        });
+        core.node.start().await.unwrap();
+        assert!(core.open().await.is_ok());
+        assert!(core.answer(subscribe("r")).await.is_ok());
+        for n in 0..3 {
+            assert!(core.answer(publish("r", json!(n))).await.is_ok());
+            assert!(core.answer(send("alice", false, None)).await.is_ok());
+        }
+        let mut batch = Vec::new();
+        core.take(&mut batch).unwrap();
+        let kinds: Vec<&str> = batch
+            .iter()
+            .map(|(_, item)| match item {
+                Outbound::Room { .. } => "message",
+                Outbound::Frame { kind, .. } => kind,
+                Outbound::Direct { .. } => "persisted",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "message", "direct", "message", "direct", "message", "direct"
+            ]
+        );
+        let mut written = core.admit_batch(&mut batch, |message| message);
+        assert_eq!(written.len(), 6);
+        written.clear();
+        assert!(
+            core.take(&mut batch).unwrap().oldest.is_none(),
+            "nothing left"
+        );
     }
 
     fn send(to: &str, persist: bool, key: Option<&str>) -> ClientFrame {

@@ -186,7 +186,7 @@ struct Session {
     /// reaped as a dead connection.
     unpolled_since: Instant,
     /// Reused between flushes.
-    batch: Vec<Outbound>,
+    batch: Vec<(u64, Outbound)>,
 }
 
 /// Runs a session until it ends, then removes every trace of it (link, rooms, presence, registry).
@@ -575,7 +575,7 @@ impl Transport for Session {
 
     async fn flush_queue(&mut self) -> Result<(), Exit> {
         let mut batch = std::mem::take(&mut self.batch);
-        let taken = match self.core.handle.queue.take(&mut batch) {
+        let taken = match self.core.take(&mut batch) {
             Ok(taken) => taken,
             Err(close) => return Err(Exit::Close(close)),
         };

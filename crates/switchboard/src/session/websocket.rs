@@ -69,7 +69,7 @@ struct Session<S> {
     awaiting_pong: bool,
     last_inbound: Instant,
     /// Reused between flushes.
-    batch: Vec<Outbound>,
+    batch: Vec<(u64, Outbound)>,
 }
 
 /// Runs a session until it ends, then removes every trace of it (rooms, presence, registry).
@@ -346,7 +346,7 @@ where
 
     async fn flush_queue(&mut self) -> Result<(), Exit> {
         let mut batch = std::mem::take(&mut self.batch);
-        let taken = match self.core.handle.queue.take(&mut batch) {
+        let taken = match self.core.take(&mut batch) {
             Ok(taken) => taken,
             Err(close) => return Err(Exit::Close(close)),
         };
