@@ -35,8 +35,8 @@ Options:
   --duration-secs D     measured window of each fanout run [default: 10]
   --warmup-secs W       warm-up before each measured window [default: 2]
   --connections C       idle connections of the connect run; 0 skips it [default: 10000]
-  --payload P           what each publish carries: stamp (~40 bytes) or market (~1 KiB JSON
-                        order-book update) [default: stamp]
+  --payload P           what each publish carries: stamp (~40 bytes), market (~1 KiB JSON
+                        order-book update) or chat (~1 KiB JSON chat message) [default: stamp]
   --systems LIST        which systems, comma-separated [default: switchboard,socketio,raw]
   --out DIR             JSON results and server logs [default: target/bench]
   -h, --help            this text
@@ -71,7 +71,7 @@ for value in "$nodes" "$rooms" "$subscribers" "$publishers" "$duration" "$warmup
 done
 [[ $rates =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "bench.sh: --rates must look like 50,200" >&2; exit 2; }
 [ "$nodes" -ge 1 ] && [ "$rooms" -ge 1 ] || { echo "bench.sh: --nodes and --rooms must be at least 1" >&2; exit 2; }
-case "$payload" in stamp | market) ;; *) echo "bench.sh: --payload must be stamp or market" >&2; exit 2 ;; esac
+case "$payload" in stamp | market | chat) ;; *) echo "bench.sh: --payload must be stamp, market or chat" >&2; exit 2 ;; esac
 IFS=, read -r -a rate_list <<<"$rates"
 IFS=, read -r -a system_list <<<"$systems"
 for system in "${system_list[@]}"; do

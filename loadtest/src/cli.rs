@@ -274,7 +274,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Codec::Json)]
     pub codec: Codec,
     /// What each publish carries: the bare stamp (~40 bytes), or the stamp in a realistic ~1 KiB
-    /// JSON market-data message (an order-book update).
+    /// JSON message: market data (an order-book update) or chat (author, timestamps, a body of
+    /// English sentences differing per message, mentions, reactions, a link preview).
     #[arg(long, value_enum, default_value_t = Payload::Stamp)]
     pub payload: Payload,
 }

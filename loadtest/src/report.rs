@@ -135,7 +135,7 @@ pub struct FanoutResult {
     pub transport: Transport,
     /// `json`, `msgpack` or `json+deflate` (`--codec`).
     pub codec: Codec,
-    /// `stamp` or `market` (`--payload`).
+    /// `stamp`, `market` or `chat` (`--payload`).
     pub payload: Payload,
     pub urls: Vec<String>,
     pub rooms: u64,
