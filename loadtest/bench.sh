@@ -17,7 +17,7 @@ it, stops it, and finally prints one table (switchboard-loadtest compare):
   switchboard-poll  the same, every session over long poll (`--transport poll`)
   switchboard-msgpack, switchboard-deflate
                     the same, every session a WebSocket in the msgpack or json+deflate codec
-                    (`--codec msgpack`, `--codec json+deflate`); fanout only (connect speaks JSON)
+                    (`--codec msgpack`, `--codec json+deflate`), in fanout and connect
   socketio          a redis-server and N Socket.IO peers (loadtest/peers/socketio, node)
   raw               one switchboard-raw-ceiling (no Redis; always a single process)
 
@@ -198,14 +198,13 @@ for system in "${system_list[@]}"; do
     fanout_files+=("$out/$system-fanout-$rate.json")
     stop_all
   done
-  # connect speaks JSON: a codec system's idle connections are switchboard's.
-  if [ "$connections" -gt 0 ] && [ "$(codec_of "$system")" = json ]; then
+  if [ "$connections" -gt 0 ]; then
     echo "== $system: connect, $connections idle connections" >&2
     start_system "$system" "$system-connect"
     # One worker process per 10,000 connections keeps each within its open-files limit.
     workers=$(((connections + 9999) / 10000))
     timeout --foreground --kill-after=10 180 "$loadtest" connect --protocol "$(protocol_of "$system")" \
-      --transport "$(transport_of "$system")" --url "${urls[0]}" \
+      --transport "$(transport_of "$system")" --codec "$(codec_of "$system")" --url "${urls[0]}" \
       --connections "$connections" --workers "$workers" --pid "$first_pid" --json "$out/$system-connect.json" >/dev/null
     connect_files+=(--connect "$out/$system-connect.json")
     stop_all
