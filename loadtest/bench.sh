@@ -17,7 +17,7 @@ it, stops it, and finally prints one table (switchboard-loadtest compare):
   switchboard-poll  the same, every session over long poll (`--transport poll`)
   switchboard-msgpack, switchboard-deflate
                     the same, every session a WebSocket in the msgpack or json+deflate codec
-                    (`--codec msgpack`, `--codec json+deflate`); fanout only (connect speaks JSON)
+                    (`--codec msgpack`, `--codec json+deflate`), in fanout and connect
   socketio          a redis-server and N Socket.IO peers (loadtest/peers/socketio, node)
   raw               one switchboard-raw-ceiling (no Redis; always a single process)
 
@@ -35,8 +35,8 @@ Options:
   --duration-secs D     measured window of each fanout run [default: 10]
   --warmup-secs W       warm-up before each measured window [default: 2]
   --connections C       idle connections of the connect run; 0 skips it [default: 10000]
-  --payload P           what each publish carries: stamp (~40 bytes) or market (~1 KiB JSON
-                        order-book update) [default: stamp]
+  --payload P           what each publish carries: stamp (~40 bytes), market (~1 KiB JSON
+                        order-book update) or chat (~1 KiB JSON chat message) [default: stamp]
   --systems LIST        which systems, comma-separated [default: switchboard,socketio,raw]
   --out DIR             JSON results and server logs [default: target/bench]
   -h, --help            this text
@@ -71,7 +71,7 @@ for value in "$nodes" "$rooms" "$subscribers" "$publishers" "$duration" "$warmup
 done
 [[ $rates =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "bench.sh: --rates must look like 50,200" >&2; exit 2; }
 [ "$nodes" -ge 1 ] && [ "$rooms" -ge 1 ] || { echo "bench.sh: --nodes and --rooms must be at least 1" >&2; exit 2; }
-case "$payload" in stamp | market) ;; *) echo "bench.sh: --payload must be stamp or market" >&2; exit 2 ;; esac
+case "$payload" in stamp | market | chat) ;; *) echo "bench.sh: --payload must be stamp, market or chat" >&2; exit 2 ;; esac
 IFS=, read -r -a rate_list <<<"$rates"
 IFS=, read -r -a system_list <<<"$systems"
 for system in "${system_list[@]}"; do
@@ -198,14 +198,13 @@ for system in "${system_list[@]}"; do
     fanout_files+=("$out/$system-fanout-$rate.json")
     stop_all
   done
-  # connect speaks JSON: a codec system's idle connections are switchboard's.
-  if [ "$connections" -gt 0 ] && [ "$(codec_of "$system")" = json ]; then
+  if [ "$connections" -gt 0 ]; then
     echo "== $system: connect, $connections idle connections" >&2
     start_system "$system" "$system-connect"
     # One worker process per 10,000 connections keeps each within its open-files limit.
     workers=$(((connections + 9999) / 10000))
     timeout --foreground --kill-after=10 180 "$loadtest" connect --protocol "$(protocol_of "$system")" \
-      --transport "$(transport_of "$system")" --url "${urls[0]}" \
+      --transport "$(transport_of "$system")" --codec "$(codec_of "$system")" --url "${urls[0]}" \
       --connections "$connections" --workers "$workers" --pid "$first_pid" --json "$out/$system-connect.json" >/dev/null
     connect_files+=(--connect "$out/$system-connect.json")
     stop_all

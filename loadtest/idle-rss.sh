@@ -6,14 +6,21 @@
 # connection I takes rooms idle-((I + J) mod 1000), so rooms are shared). Stops the node it
 # started, by pid. With HEAPTRACK_OUT=FILE set, the node runs under heaptrack, which writes
 # its heap profile to FILE.zst (FILE.gz without zstd; read it with heaptrack_print).
+# The fourth argument (or IDLE_RSS_CODEC) is the WebSocket codec: json (the default), msgpack or
+# json+deflate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 connections=${1:-10000}
 transport=${2:-websocket}
 subscribe=${3:-0}
+codec=${4:-${IDLE_RSS_CODEC:-json}}
 case "$transport" in
   websocket | sse | poll) ;;
   *) echo "idle-rss.sh: the transport is websocket, sse or poll, not $transport" >&2; exit 2 ;;
+esac
+case "$codec" in
+  json | msgpack | json+deflate) ;;
+  *) echo "idle-rss.sh: the codec is json, msgpack or json+deflate, not $codec" >&2; exit 2 ;;
 esac
 case "$subscribe" in
   '' | *[!0-9]*) echo "idle-rss.sh: the subscriptions per connection are a number, not $subscribe" >&2; exit 2 ;;
@@ -50,7 +57,7 @@ fi
 pids+=("$node")
 wait_ready "127.0.0.1:$internal" || { echo "idle-rss.sh: the node never became ready" >&2; exit 1; }
 # One worker process per 10,000 connections keeps each well inside its open-files limit.
-target/release/switchboard-loadtest connect --transport "$transport" --url "ws://127.0.0.1:$port/ws" \
+target/release/switchboard-loadtest connect --transport "$transport" --codec "$codec" --url "ws://127.0.0.1:$port/ws" \
   --connections "$connections" --workers $(((connections + 9999) / 10000)) --rate 5000 \
   --hold-secs 5 --subscribe "$subscribe" --pid "node=$node"
 if [ -n "${HEAPTRACK_OUT:-}" ]; then

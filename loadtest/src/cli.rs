@@ -69,7 +69,7 @@ pub struct CompareArgs {
     #[arg(required = true)]
     pub fanout: Vec<PathBuf>,
     /// JSON files `connect --json` wrote; each is matched to the fanout results of its
-    /// `protocol` (switchboard if it has none). Repeatable.
+    /// system: `protocol` (switchboard if it has none), `transport` and `codec`. Repeatable.
     #[arg(long = "connect", num_args = 1..)]
     pub connect: Vec<PathBuf>,
     /// Print a Markdown table instead of aligned text.
@@ -97,6 +97,11 @@ pub struct ConnectArgs {
     /// /ws as the JS SDK does. A fallback session counts as open once its `welcome` is read.
     #[arg(long, value_enum, default_value_t = Transport::Websocket)]
     pub transport: Transport,
+    /// The codec every connection offers (switchboard over WebSocket only): JSON text frames,
+    /// `switchboard.v1.msgpack`, or `switchboard.v1.json+deflate`; a connection the node does
+    /// not answer with that subprotocol fails its handshake. Subscribe replies are decoded in it.
+    #[arg(long, value_enum, default_value_t = Codec::Json)]
+    pub codec: Codec,
     /// Connections to open, in total over all workers.
     #[arg(long, default_value_t = 10_000)]
     pub connections: u64,
@@ -219,13 +224,7 @@ impl FanoutArgs {
             bail!("--subscribers must be a multiple of --rooms");
         }
         check_transport(self.protocol, self.transport)?;
-        if self.run.codec != Codec::Json
-            && (self.protocol != Protocol::Switchboard || self.transport != Transport::Websocket)
-        {
-            bail!(
-                "--codec msgpack|json+deflate needs --protocol switchboard over --transport websocket"
-            );
-        }
+        check_codec(self.protocol, self.transport, self.run.codec)?;
         self.run.check()
     }
 }
@@ -274,7 +273,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Codec::Json)]
     pub codec: Codec,
     /// What each publish carries: the bare stamp (~40 bytes), or the stamp in a realistic ~1 KiB
-    /// JSON market-data message (an order-book update).
+    /// JSON message: market data (an order-book update) or chat (author, timestamps, a body of
+    /// English sentences differing per message, mentions, reactions, a link preview).
     #[arg(long, value_enum, default_value_t = Payload::Stamp)]
     pub payload: Payload,
 }
@@ -313,6 +313,19 @@ fn check_setup(drain_secs: u64, setup_timeout_secs: u64, connect_rate: u64) -> R
 pub fn check_transport(protocol: Protocol, transport: Transport) -> Result<()> {
     if transport != Transport::Websocket && protocol != Protocol::Switchboard {
         bail!("--transport sse|poll needs --protocol switchboard");
+    }
+    Ok(())
+}
+
+/// Refuses a codec other than JSON outside switchboard over WebSocket: only switchboard has the
+/// binary codecs, and only on its WebSocket.
+pub fn check_codec(protocol: Protocol, transport: Transport, codec: Codec) -> Result<()> {
+    if codec != Codec::Json
+        && (protocol != Protocol::Switchboard || transport != Transport::Websocket)
+    {
+        bail!(
+            "--codec msgpack|json+deflate needs --protocol switchboard over --transport websocket"
+        );
     }
     Ok(())
 }

@@ -107,6 +107,9 @@ struct Connect {
     protocol: String,
     #[serde(default)]
     transport: Option<String>,
+    /// Results written before `connect --codec` existed are JSON ones.
+    #[serde(default = "json")]
+    codec: String,
     #[serde(default)]
     server_rss_per_connection_bytes: Option<f64>,
 }
@@ -131,13 +134,13 @@ fn system(protocol: &str, transport: Option<&str>) -> String {
     }
 }
 
-/// The row name of a `fanout` result: [`system`], with the codec unless it is JSON.
-fn fanout_system(result: &Fanout) -> String {
-    let name = system(&result.protocol, result.transport.as_deref());
-    if result.codec == "json" {
+/// The row name of a `fanout` or `connect` result: [`system`], with the codec unless it is JSON.
+fn codec_system(protocol: &str, transport: Option<&str>, codec: &str) -> String {
+    let name = system(protocol, transport);
+    if codec == "json" {
         name
     } else {
-        format!("{name} {}", result.codec)
+        format!("{name} {codec}")
     }
 }
 
@@ -227,21 +230,24 @@ struct Point {
 /// The table of `fanout` results (path, JSON), ordered by subscribers, rooms, rate and then
 /// system (switchboard, socketio, raw); each row's ratios are against the switchboard result of
 /// the same subscribers, rooms and rate, if there is one. `connect` results (path, JSON) give
-/// the RSS per connection of their `protocol`.
+/// the RSS per connection of their system (protocol, transport and codec).
 pub fn build(fanout: &[(String, Value)], connect: &[(String, Value)]) -> Result<Table> {
     let mut results = fanout
         .iter()
         .map(|(path, value)| {
             let result = Fanout::deserialize(value)
                 .with_context(|| format!("{path}: not a fanout result"))?;
-            Ok((fanout_system(&result), result))
+            Ok((
+                codec_system(&result.protocol, result.transport.as_deref(), &result.codec),
+                result,
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut rss = Vec::<(String, Option<f64>)>::new();
     for (path, value) in connect {
         let result =
             Connect::deserialize(value).with_context(|| format!("{path}: not a connect result"))?;
-        let name = system(&result.protocol, result.transport.as_deref());
+        let name = codec_system(&result.protocol, result.transport.as_deref(), &result.codec);
         if rss.iter().any(|(system, _)| *system == name) {
             bail!("{path}: a second connect result for {name}");
         }
@@ -705,6 +711,41 @@ mod tests {
         // 1.2 times the CPU per delivery.
         assert_eq!(cell(deflate, "deliv/CPU-s vs sb"), "0.83x");
         assert_eq!(cell(&table.rows[2], "wire B vs sb"), "-");
+    }
+
+    #[test]
+    fn a_connect_result_in_a_codec_gives_that_codec_its_memory() {
+        let table = build(
+            &files(vec![
+                market("json", 10.0, 1200.0),
+                market("json+deflate", 12.0, 400.0),
+                market("msgpack", 9.0, 1000.0),
+            ]),
+            &files(vec![
+                json!({"protocol": "switchboard", "codec": "json", "server_rss_per_connection_bytes": 10240.0}),
+                json!({"protocol": "switchboard", "codec": "json+deflate", "server_rss_per_connection_bytes": 10752.0}),
+            ]),
+        )
+        .expect("a table");
+        let rss: Vec<(&str, &str)> = table
+            .rows
+            .iter()
+            .map(|row| (cell(row, "system"), cell(row, "RSS/conn KiB")))
+            .collect();
+        assert_eq!(
+            rss,
+            [
+                ("switchboard", "10.0"),
+                ("switchboard msgpack", "-"),
+                ("switchboard json+deflate", "10.5"),
+            ]
+        );
+        // A second result of the same codec is refused; one of another codec is not.
+        let twice = files(vec![
+            json!({"protocol": "switchboard", "codec": "msgpack", "server_rss_per_connection_bytes": 1.0}),
+            json!({"protocol": "switchboard", "codec": "msgpack", "server_rss_per_connection_bytes": 2.0}),
+        ]);
+        assert!(build(&[], &twice).is_err());
     }
 
     #[test]

@@ -54,6 +54,7 @@ impl ConnectArgs {
             );
         }
         crate::cli::check_transport(self.protocol, self.transport)?;
+        crate::cli::check_codec(self.protocol, self.transport, self.codec)?;
         if self.subscribe > MAX_SUBSCRIBE
             || (self.subscribe > 0 && self.protocol != crate::protocol::Protocol::Switchboard)
         {
@@ -103,6 +104,7 @@ impl ConnectArgs {
                 .map(|value| value.get_name().to_owned())
                 .unwrap_or_default(),
             transport: self.transport,
+            codec: self.codec,
             urls: self.urls.clone(),
             first,
             count,
@@ -492,6 +494,7 @@ fn assemble(
     Ok(ConnectResult {
         protocol: args.protocol,
         transport: args.transport,
+        codec: args.codec,
         urls: args.urls.clone(),
         connections_requested: args.connections,
         rate_target: args.rate,
@@ -561,6 +564,7 @@ fn html_report(result: &ConnectResult) -> Result<Page> {
     let parameters = [
         "protocol",
         "transport",
+        "codec",
         "urls",
         "connections_requested",
         "rate_target",

@@ -13,11 +13,12 @@ use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::{DirectArgs, OutputArgs};
-use crate::html::{self, Page};
+use crate::html::{self, Figure, Numbers, Page};
 use crate::redis_info::{RedisSnapshot, redis_addr, redis_cost, redis_snapshot_of};
 use crate::report::{RedisCost, emit, ms, round3};
 use crate::sequence::advance;
@@ -110,8 +111,8 @@ impl DirectFigures {
     }
 
     /// Prints `result` (and with --json writes it); with --html writes its report: the
-    /// `parameters` keys, the summary, the latency distribution (`latency_title`) and the
-    /// throughput per second.
+    /// headline, the `parameters` keys, the summary, the latency distribution (`latency_title`)
+    /// and the throughput per second.
     pub fn emit(
         &self,
         result: &impl Serialize,
@@ -124,7 +125,44 @@ impl DirectFigures {
         let Some(path) = &output.html else {
             return Ok(());
         };
+        self.page(result, scenario, parameters, latency_title)?
+            .write(path)
+    }
+
+    /// The HTML report of `result` ([`DirectFigures::emit`]).
+    fn page(
+        &self,
+        result: &impl Serialize,
+        scenario: &str,
+        parameters: &[&str],
+        latency_title: &str,
+    ) -> Result<Page> {
+        let all = serde_json::to_value(result)?;
+        // `direct --persist` results also count what the storm and the inboxes did.
+        let figures: Vec<Figure<'_>> = [
+            ("delivered_per_sec", "delivered/s", false),
+            ("sent_per_sec", "sent/s", false),
+            ("latency_ms_p50", "p50 ms", false),
+            ("latency_ms_p99", "p99 ms", false),
+            ("lost", "lost", true),
+            ("duplicates", "duplicates", true),
+            ("redelivered_after_ack", "redelivered after ack", true),
+            ("reconnect_failures", "not reconnected", true),
+            ("send_errors", "send errors", true),
+            ("users_closed_early", "users closed", true),
+        ]
+        .into_iter()
+        .filter(|(key, _, _)| all.get(key).is_some())
+        .map(|(key, label, bad)| {
+            if bad {
+                Figure::bad(&all, key, label)
+            } else {
+                Figure::of(&all, key, label)
+            }
+        })
+        .collect();
         let mut page = Page::new(scenario);
+        page.headline(&direct_sentence(&all), &figures);
         page.result_tables(result, |key| parameters.contains(&key))?;
         page.direct_sections(
             latency_title,
@@ -139,8 +177,43 @@ impl DirectFigures {
             &self.sent_by_second,
             &self.delivered_by_second,
         );
-        page.write(path)
+        Ok(page)
     }
+}
+
+/// What a `direct` run did, in one sentence: messages delivered against those sent (stored, with
+/// --persist), between how many users, how fast, and what was lost; with a reconnect storm, how
+/// many users came back.
+fn direct_sentence(result: &Value) -> String {
+    let numbers = Numbers(result);
+    let (of, what) = if result.get("stored").is_some() {
+        ("stored", "stored messages")
+    } else {
+        ("sent", "messages")
+    };
+    let storm = if result
+        .get("drop_after_secs")
+        .is_some_and(|secs| !secs.is_null())
+    {
+        format!(
+            "; {} users back after the reconnect storm",
+            numbers.whole("reconnected")
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} of {} {what} delivered between {} users ({} sent/s); {} delivered/s over the {}s of \
+         sending, p99 {} ms{storm}; {}",
+        numbers.whole("delivered"),
+        numbers.whole(of),
+        numbers.whole("users"),
+        numbers.short("sent_per_sec"),
+        numbers.whole("delivered_per_sec"),
+        numbers.whole("duration_secs"),
+        numbers.short("latency_ms_p99"),
+        numbers.losses("lost", "users_closed_early", "users"),
+    )
 }
 
 /// Who is who in a run: each user's name and partner, and how the users spread over the targets.
@@ -556,5 +629,91 @@ impl DirectArgs {
             bail!("--ack-every must be at least 1, --ack-interval-ms at most 60000");
         }
         self.common.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::html::read_back::headline;
+
+    fn result() -> DirectResult {
+        DirectResult {
+            urls: vec!["ws://a/ws".to_owned(), "ws://b/ws".to_owned()],
+            users: 1200,
+            users_per_url: vec![600, 600],
+            cross_target_pairs: 1200,
+            rate_target: 5000,
+            duration_secs: 10,
+            sent: 49_990,
+            sent_per_sec: 4999.0,
+            delivered: 49_985,
+            delivered_per_sec: 4998.5,
+            lost: 5,
+            lost_in_gaps: 2,
+            duplicates: 0,
+            sent_to_no_session: 0,
+            send_errors: 1,
+            send_unanswered: 0,
+            unexpected_frames: 0,
+            users_closed_early: 2,
+            figures: DirectFigures {
+                latency_ms_p50: 1.25,
+                latency_ms_p99: 7.5,
+                ..DirectFigures::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_direct_report_opens_with_its_figures() {
+        let result = result();
+        let page = result
+            .figures
+            .page(&result, "direct", &["urls"], "Send to delivery (ms)")
+            .expect("a page")
+            .finish();
+        let (sentence, figures) = headline(&page);
+        assert_eq!(
+            sentence,
+            "49,985 of 49,990 messages delivered between 1,200 users (4999 sent/s); 4,999 \
+             delivered/s over the 10s of sending, p99 7.5 ms; 5 lost, 2 users closed early."
+        );
+        let json = serde_json::to_value(&result).expect("JSON");
+        let keys: Vec<&str> = figures.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "delivered_per_sec",
+                "sent_per_sec",
+                "latency_ms_p50",
+                "latency_ms_p99",
+                "lost",
+                "duplicates",
+                "send_errors",
+                "users_closed_early"
+            ]
+        );
+        for (key, value) in &figures {
+            assert_eq!(value, &json[key.as_str()], "{key}");
+        }
+        assert!(page.contains("class=\"figure bad\" data-key=\"lost\""));
+        assert!(page.find("class=\"headline\"") < page.find("<h2>Parameters</h2>"));
+    }
+
+    #[test]
+    fn a_persisted_run_headline_counts_stored_messages_and_the_storm() {
+        let mut json = serde_json::to_value(result()).expect("JSON");
+        json["stored"] = 49_000.into();
+        json["drop_after_secs"] = 3.into();
+        json["reconnected"] = 1198.into();
+        json["lost"] = 0.into();
+        json["users_closed_early"] = 0.into();
+        assert_eq!(
+            direct_sentence(&json),
+            "49,985 of 49,000 stored messages delivered between 1,200 users (4999 sent/s); 4,999 \
+             delivered/s over the 10s of sending, p99 7.5 ms; 1,198 users back after the \
+             reconnect storm; nothing lost."
+        );
     }
 }

@@ -320,33 +320,57 @@ fn render(scenario: &str, result: &impl Serialize, figures: &DeliveryFigures) ->
     Ok(page.finish())
 }
 
+/// A result's numbers (serialised as for the JSON), as a headline sentence shows them; a key
+/// the result lacks (or holds null) reads 0.
+pub struct Numbers<'a>(pub &'a Value);
+
+impl Numbers<'_> {
+    pub fn get(&self, key: &str) -> f64 {
+        self.0.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+    }
+
+    /// Rounded to a whole number, with thousands separators.
+    pub fn whole(&self, key: &str) -> String {
+        thousands(self.get(key).round() as u64)
+    }
+
+    /// As an axis label: up to two decimals.
+    pub fn short(&self, key: &str) -> String {
+        label(self.get(key))
+    }
+
+    /// The end of a headline sentence: what was lost (`lost_key`) and how many of `who` were
+    /// closed early (`closed_key`, left out when none were), then a full stop.
+    pub fn losses(&self, lost_key: &str, closed_key: &str, who: &str) -> String {
+        let mut clause = match self.get(lost_key) as u64 {
+            0 => "nothing lost".to_owned(),
+            lost => format!("{} lost", thousands(lost)),
+        };
+        let closed = self.get(closed_key) as u64;
+        if closed > 0 {
+            let _ = write!(clause, ", {} {who} closed early", thousands(closed));
+        }
+        clause.push('.');
+        clause
+    }
+}
+
 /// What a publish/subscribe run did, in one sentence: deliveries received against those
 /// expected, to how many subscribers, how fast, and what was lost.
 fn delivery_sentence(result: &Value) -> String {
-    let number = |key: &str| result.get(key).and_then(Value::as_f64).unwrap_or(0.0);
-    let whole = |key: &str| thousands(number(key).round() as u64);
-    let lost = number("lost") as u64;
-    let closed = number("subscribers_closed_early") as u64;
-    let mut sentence = format!(
+    let numbers = Numbers(result);
+    format!(
         "{} of {} expected deliveries to {} subscribers ({} published/s); {} delivered/s in the \
-         {}s window, p99 {} ms; ",
-        whole("received_total"),
-        whole("expected_deliveries_total"),
-        whole("subscribers"),
-        label(number("published_per_sec")),
-        whole("delivered_per_sec"),
-        whole("duration_secs"),
-        label(number("latency_ms_p99")),
-    );
-    sentence.push_str(&match lost {
-        0 => "nothing lost".to_owned(),
-        lost => format!("{} lost", thousands(lost)),
-    });
-    if closed > 0 {
-        let _ = write!(sentence, ", {} subscribers closed early", thousands(closed));
-    }
-    sentence.push('.');
-    sentence
+         {}s window, p99 {} ms; {}",
+        numbers.whole("received_total"),
+        numbers.whole("expected_deliveries_total"),
+        numbers.whole("subscribers"),
+        numbers.short("published_per_sec"),
+        numbers.whole("delivered_per_sec"),
+        numbers.whole("duration_secs"),
+        numbers.short("latency_ms_p99"),
+        numbers.losses("lost", "subscribers_closed_early", "subscribers"),
+    )
 }
 
 /// An integer with thousands separators.
@@ -852,6 +876,48 @@ pub fn line_chart(
     svg
 }
 
+/// Reading a report's headline back, for the scenarios' tests.
+#[cfg(test)]
+pub mod read_back {
+    use serde_json::Value;
+
+    /// A page's headline: its sentence, and each figure's result key and value (parsed from
+    /// `data-value`), in order.
+    pub fn headline(page: &str) -> (String, Vec<(String, Value)>) {
+        let document = tl::parse(page, tl::ParserOptions::default()).expect("HTML");
+        let parser = document.parser();
+        let section = document
+            .query_selector("section.headline")
+            .expect("a selector")
+            .next()
+            .and_then(|handle| handle.get(parser))
+            .expect("a headline");
+        let sentence = section
+            .as_tag()
+            .and_then(|tag| tag.query_selector(parser, "p")?.next()?.get(parser))
+            .map(|p| p.inner_text(parser).into_owned())
+            .expect("a sentence");
+        let figures = document
+            .query_selector(".figure")
+            .expect("a selector")
+            .filter_map(|handle| handle.get(parser)?.as_tag())
+            .map(|figure| {
+                let attribute = |name: &str| {
+                    figure
+                        .attributes()
+                        .get(name)
+                        .flatten()
+                        .map(|value| value.as_utf8_str().into_owned())
+                        .unwrap_or_default()
+                };
+                let value = serde_json::from_str(&attribute("data-value")).expect("JSON");
+                (attribute("data-key"), value)
+            })
+            .collect();
+        (sentence, figures)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,55 +965,27 @@ mod tests {
             figures: &figures,
         };
         let page = render("fanout", &run, &figures).expect("a page");
-        let document = tl::parse(&page, tl::ParserOptions::default()).expect("HTML");
-        let parser = document.parser();
-        let headline = document
-            .query_selector("section.headline")
-            .expect("a selector")
-            .next()
-            .and_then(|handle| handle.get(parser))
-            .expect("a headline");
-        let sentence = headline.inner_text(parser);
-        let sentence = sentence.trim_start();
-        assert!(
-            sentence.starts_with(
-                "4,794,297 of 4,800,000 expected deliveries to 2,000 subscribers (200 published/s); \
-                 399,331 delivered/s in the 10s window, p99 63.39 ms; 5,703 lost, 3 subscribers \
-                 closed early."
-            ),
-            "{sentence}"
+        let (sentence, shown) = read_back::headline(&page);
+        assert_eq!(
+            sentence,
+            "4,794,297 of 4,800,000 expected deliveries to 2,000 subscribers (200 published/s); \
+             399,331 delivered/s in the 10s window, p99 63.39 ms; 5,703 lost, 3 subscribers \
+             closed early."
         );
-        let shown: Vec<(String, String)> = document
-            .query_selector(".figure")
-            .expect("a selector")
-            .filter_map(|handle| handle.get(parser)?.as_tag())
-            .map(|figure| {
-                let attribute = |name: &str| {
-                    figure
-                        .attributes()
-                        .get(name)
-                        .flatten()
-                        .map(|value| value.as_utf8_str().into_owned())
-                        .unwrap_or_default()
-                };
-                (attribute("data-key"), attribute("data-value"))
-            })
-            .collect();
         let json = serde_json::to_value(&run).expect("JSON");
         assert_eq!(shown.len(), 9, "{shown:?}");
         for (key, value) in &shown {
-            let parsed: Value = serde_json::from_str(value).expect("a JSON value");
-            assert_eq!(&parsed, &json[key.as_str()], "{key}");
+            assert_eq!(value, &json[key.as_str()], "{key}");
         }
         assert!(
             shown
                 .iter()
-                .any(|(key, value)| key == "lost" && value == "5703")
+                .any(|(key, value)| key == "lost" && *value == 5703)
         );
         assert!(
             shown
                 .iter()
-                .any(|(key, value)| key == "wire_bytes_per_delivery" && value == "null")
+                .any(|(key, value)| key == "wire_bytes_per_delivery" && value.is_null())
         );
         // Before the parameter tables.
         let headline_at = page.find("class=\"headline\"").expect("headline");

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ReconnectArgs;
-use crate::html::{self, Page};
+use crate::html::{self, Figure, Numbers, Page};
 use crate::report::{emit, ms};
 use crate::sequence::advance;
 use crate::ws::{Incoming, Socket, await_setup, open, run_tag, subscribe_one, url_addr};
@@ -371,10 +371,36 @@ pub async fn run(args: ReconnectArgs) -> Result<()> {
     Ok(())
 }
 
-/// The HTML report: parameters, summary, how long the subscribers took to be back and the
-/// connections open around the drop.
+/// The HTML report: the headline, parameters, summary, how long the subscribers took to be back
+/// and the connections open around the drop.
 fn html_report(result: &ReconnectResult) -> Result<Page> {
     let mut page = Page::new("reconnect");
+    let all = serde_json::to_value(result)?;
+    let numbers = Numbers(&all);
+    page.headline(
+        &format!(
+            "{} of {} subscribers back on another target {} ms after the drop (p99 {} ms), {} \
+             recovered with since; {} of {} expected deliveries; {}",
+            numbers.whole("reconnected"),
+            numbers.whole("subscribers"),
+            numbers.short("all_back_ms"),
+            numbers.short("reconnect_ms_p99"),
+            numbers.whole("recovered"),
+            numbers.whole("received_total"),
+            numbers.whole("expected_deliveries_total"),
+            numbers.losses("lost", "subscribers_closed_early", "subscribers"),
+        ),
+        &[
+            Figure::of(&all, "reconnected", "back"),
+            Figure::of(&all, "all_back_ms", "ms until all back"),
+            Figure::of(&all, "reconnect_ms_p99", "p99 ms to be back"),
+            Figure::of(&all, "recovered", "recovered"),
+            Figure::bad(&all, "reconnect_failures", "not back"),
+            Figure::bad(&all, "not_recovered", "not recovered"),
+            Figure::bad(&all, "lost", "lost"),
+            Figure::bad(&all, "duplicates", "duplicates"),
+        ],
+    );
     let parameters = [
         "urls",
         "rooms",
@@ -648,5 +674,67 @@ async fn read_replies(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::html::read_back::headline;
+
+    #[test]
+    fn a_reconnect_report_opens_with_its_figures() {
+        let result = ReconnectResult {
+            urls: vec!["ws://a/ws".to_owned(), "ws://b/ws".to_owned()],
+            rooms: 10,
+            subscribers: 2000,
+            rate_target: 200,
+            dropped_after_secs: 5.0,
+            published: 1400,
+            publish_errors: 0,
+            publish_unanswered: 0,
+            reconnected: 1999,
+            reconnect_failures: 1,
+            reconnect_retries: 3,
+            reconnect_ms_p50: 210.5,
+            reconnect_ms_p99: 812.25,
+            reconnect_ms_max: 990.0,
+            all_back_ms: 990.125,
+            recovered: 1990,
+            not_recovered: 9,
+            epoch_changes: 0,
+            expected_deliveries_total: 280_000,
+            received_total: 279_900,
+            lost: 100,
+            lost_in_gaps: 100,
+            undelivered_at_end: 0,
+            duplicates: 0,
+            epoch_mismatches: 0,
+            unexpected_frames: 0,
+            subscribers_closed_early: 1,
+            reconnect_ms: vec![210.5, 990.0],
+            open_around_drop: vec![(0.0, 2000.0), (990.0, 1999.0)],
+            reconnect_percentiles: Vec::new(),
+        };
+        let page = html_report(&result).expect("a page").finish();
+        let (sentence, figures) = headline(&page);
+        assert_eq!(
+            sentence,
+            "1,999 of 2,000 subscribers back on another target 990 ms after the drop (p99 812 \
+             ms), 1,990 recovered with since; 279,900 of 280,000 expected deliveries; 100 lost, 1 \
+             subscribers closed early."
+        );
+        let json = serde_json::to_value(&result).expect("JSON");
+        assert_eq!(figures.len(), 8, "{figures:?}");
+        for (key, value) in &figures {
+            assert_eq!(value, &json[key.as_str()], "{key}");
+        }
+        for bad in ["reconnect_failures", "not_recovered", "lost"] {
+            assert!(
+                page.contains(&format!("class=\"figure bad\" data-key=\"{bad}\"")),
+                "{bad}"
+            );
+        }
+        assert!(page.find("class=\"headline\"") < page.find("<h2>Parameters</h2>"));
     }
 }

@@ -38,6 +38,8 @@ pub struct ConnectResult {
     pub protocol: crate::protocol::Protocol,
     /// `websocket`, `sse` or `poll` (`--transport`).
     pub transport: Transport,
+    /// `json`, `msgpack` or `json+deflate` (`--codec`).
+    pub codec: Codec,
     pub urls: Vec<String>,
     pub connections_requested: u64,
     pub rate_target: u64,
@@ -135,7 +137,7 @@ pub struct FanoutResult {
     pub transport: Transport,
     /// `json`, `msgpack` or `json+deflate` (`--codec`).
     pub codec: Codec,
-    /// `stamp` or `market` (`--payload`).
+    /// `stamp`, `market` or `chat` (`--payload`).
     pub payload: Payload,
     pub urls: Vec<String>,
     pub rooms: u64,

@@ -43,6 +43,7 @@ pub const HOLD: &str = "hold";
 pub struct Share {
     pub protocol: String,
     pub transport: Transport,
+    pub codec: Codec,
     pub urls: Vec<String>,
     pub first: u64,
     pub count: u64,
@@ -290,7 +291,7 @@ async fn open_all(
         let target = (index % targets.len() as u64) as usize;
         let source = share.sources[(offset % share.sources.len() as u64) as usize];
         tasks.push(tokio::spawn(connection(
-            (protocol, share.transport),
+            (protocol, share.transport, share.codec),
             (index, share.subscribe),
             target,
             targets[target].clone(),
@@ -308,7 +309,7 @@ async fn open_all(
 /// to stop.
 #[allow(clippy::too_many_arguments)]
 async fn connection(
-    (protocol, transport): (Protocol, Transport),
+    (protocol, transport, codec): (Protocol, Transport, Codec),
     (index, rooms): (u64, u32),
     target: usize,
     (url, addr): (String, SocketAddr),
@@ -321,7 +322,7 @@ async fn connection(
     let begun = Instant::now();
     let opened = tokio::time::timeout_at(deadline, async {
         let mut socket = protocol
-            .connect((transport, Codec::Json), &url, addr, Some(source))
+            .connect((transport, codec), &url, addr, Some(source))
             .await?;
         subscribe_rooms(&mut socket, index, rooms).await?;
         Ok::<_, anyhow::Error>(socket)

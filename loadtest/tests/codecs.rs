@@ -1,7 +1,8 @@
-//! `fanout --codec` and `--payload market` against a real node and Redis: every codec delivers
-//! everything, the bytes on the wire per delivery are what each codec makes of the same ~1 KiB
-//! payload, the `--html` report opens with the JSON's own headline figures, and `compare --html`
-//! draws each run's figures in its charts. The HTML is parsed (tl), not searched as text.
+//! `fanout --codec` with `--payload market` and `chat`, and `connect --codec`, against a real node
+//! and Redis: every codec delivers everything, the bytes on the wire per delivery are what each
+//! codec makes of the same ~1 KiB payload, the `--html` report opens with the JSON's own headline
+//! figures, `compare --html` draws each run's figures in its charts, and idle connections open and
+//! hold in every codec. The HTML is parsed (tl), not searched as text.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_delivered_everything, field, run_loadtest};
+use common::{assert_delivered_everything, field, headline, run_loadtest};
 use serde_json::Value;
 use switchboard_e2e::{NodeProcess, RedisProcess};
 
@@ -49,22 +50,6 @@ fn attribute(tag: &tl::HTMLTag<'_>, name: &str) -> Option<String> {
         .get(name)
         .flatten()
         .map(|value| value.as_utf8_str().into_owned())
-}
-
-/// The headline figures of a report: (result key, its value as JSON).
-fn headline(page: &str) -> Vec<(String, Value)> {
-    let document = tl::parse(page, tl::ParserOptions::default()).expect("HTML");
-    let parser = document.parser();
-    document
-        .query_selector(".figure")
-        .expect("a selector")
-        .filter_map(|handle| handle.get(parser)?.as_tag())
-        .map(|figure| {
-            let key = attribute(figure, "data-key").expect("data-key");
-            let value = attribute(figure, "data-value").expect("data-value");
-            (key, serde_json::from_str(&value).expect("JSON"))
-        })
-        .collect()
 }
 
 /// The bars of the chart titled `title`: (series, group, value).
@@ -182,7 +167,7 @@ async fn every_codec_delivers_the_market_payload_and_the_pages_show_its_figures(
         }
 
         let page = read(&html);
-        let figures = headline(&page);
+        let (_, figures) = headline(&page);
         assert_eq!(figures.len(), 9, "{figures:?}");
         for (key, value) in &figures {
             assert_eq!(value, &result[key.as_str()], "{key} in the headline");
@@ -244,14 +229,157 @@ async fn every_codec_delivers_the_market_payload_and_the_pages_show_its_figures(
     assert!(bars(&page, "Server memory per idle connection (KiB)").is_empty());
 }
 
+/// A short `fanout` run on `node` in `codec`, publishing `payload`.
+async fn fanout_run(node: &NodeProcess, codec: &str, payload: &str) -> Value {
+    let args: Vec<String> = [
+        "fanout",
+        "--url",
+        &node.ws_url(),
+        "--rooms=2",
+        "--subscribers=8",
+        "--publishers=2",
+        "--rate=50",
+        "--duration-secs=2",
+        "--warmup-secs=1",
+        "--drain-secs=5",
+        "--setup-timeout-secs=30",
+        "--codec",
+        codec,
+        "--payload",
+        payload,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    run_loadtest(
+        &format!("{payload}-{}", codec.replace('+', "-")),
+        &args,
+        Duration::from_secs(90),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_chat_payload_is_delivered_and_deflate_shrinks_it() {
+    let redis = RedisProcess::start().await.expect("starting redis-server");
+    let node = node(&redis).await;
+    let mut wire = Vec::new();
+    for codec in ["json", "json+deflate"] {
+        let result = fanout_run(&node, codec, "chat").await;
+        assert_eq!(result["payload"], "chat", "{result:#}");
+        assert_delivered_everything(
+            &result,
+            &[
+                "lost",
+                "duplicates",
+                "publish_errors",
+                "subscribers_closed_early",
+                "unexpected_frames",
+            ],
+            50,
+            2,
+            4,
+        );
+        let json_bytes = result["json_bytes_per_delivery"]
+            .as_f64()
+            .expect("JSON bytes");
+        // The ~1 KiB chat message in its `message` envelope.
+        assert!(
+            (1_000.0..1_600.0).contains(&json_bytes),
+            "{json_bytes}: {result:#}"
+        );
+        wire.push(
+            result["wire_bytes_per_delivery"]
+                .as_f64()
+                .expect("wire bytes"),
+        );
+    }
+    // Each message is compressed on its own (no dictionary shared between frames): ~1.3 KiB of
+    // English prose, keys and URLs go in about 0.6 of the bytes.
+    assert!(wire[1] < wire[0] * 0.75, "{wire:?}");
+}
+
+#[tokio::test]
+async fn connect_holds_idle_connections_in_every_codec() {
+    let redis = RedisProcess::start().await.expect("starting redis-server");
+    let node = node(&redis).await;
+    let (connections, subscribe) = (20, 2);
+    for codec in ["json", "msgpack", "json+deflate"] {
+        let stored_before = node
+            .metric(r#"switchboard_deflate_frames_total{result="stored"}"#)
+            .await
+            .expect("metrics");
+        let args: Vec<String> = [
+            "connect",
+            "--url",
+            &node.ws_url(),
+            &format!("--connections={connections}"),
+            "--rate=400",
+            "--hold-secs=1",
+            &format!("--subscribe={subscribe}"),
+            "--codec",
+            codec,
+            &format!("--pid=node={}", node.pid()),
+            "--timeout-secs=30",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let result = run_loadtest(
+            &format!("connect-{}", codec.replace('+', "-")),
+            &args,
+            Duration::from_secs(60),
+        )
+        .await;
+        // A connection counts as open only once the node chose the offered subprotocol (the
+        // handshake fails otherwise) and every subscribe reply decoded in that codec.
+        assert_eq!(result["codec"], codec, "{result:#}");
+        assert_eq!(
+            field(&result, "connections_open"),
+            connections,
+            "{result:#}"
+        );
+        assert_eq!(
+            field(&result, "connections_held"),
+            connections,
+            "{result:#}"
+        );
+        assert_eq!(field(&result, "failures"), 0, "{result:#}");
+        let server = &result["servers"][0];
+        assert_eq!(
+            field(server, "sockets_after") - field(server, "sockets_before"),
+            connections,
+            "{result:#}"
+        );
+        // The node encoded each json+deflate session's subscribe replies in that codec (small
+        // frames go stored), and no other codec's.
+        let stored = node
+            .metric(r#"switchboard_deflate_frames_total{result="stored"}"#)
+            .await
+            .expect("metrics")
+            - stored_before;
+        if codec == "json+deflate" {
+            assert!(
+                stored >= (connections * subscribe) as f64,
+                "{stored} stored deflate frames"
+            );
+        } else {
+            assert_eq!(stored, 0.0, "{codec}");
+        }
+    }
+}
+
 #[test]
 fn a_codec_other_than_json_needs_switchboard_over_websocket() {
-    for extra in [
-        ["--codec", "msgpack", "--transport", "sse"],
-        ["--codec", "json+deflate", "--protocol", "raw"],
+    for (scenario, extra) in [
+        ("fanout", ["--codec", "msgpack", "--transport", "sse"]),
+        ("fanout", ["--codec", "json+deflate", "--protocol", "raw"]),
+        (
+            "connect",
+            ["--codec", "json+deflate", "--transport", "poll"],
+        ),
+        ("connect", ["--codec", "msgpack", "--protocol", "socketio"]),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_switchboard-loadtest"))
-            .args(["fanout", "--url", "ws://127.0.0.1:9/ws"])
+            .args([scenario, "--url", "ws://127.0.0.1:9/ws"])
             .args(extra)
             .output()
             .expect("running fanout");

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Loadtest, Server, assert_delivered_everything, field, run_loadtest, socketio_dir};
+use common::{
+    Loadtest, Server, assert_delivered_everything, assert_headline_figures, field, headline,
+    run_loadtest, socketio_dir, thousands,
+};
 use serde_json::Value;
 use switchboard_e2e::{NodeProcess, RedisProcess};
 
@@ -594,6 +597,22 @@ async fn direct_between_nodes_loses_nothing() {
     let result = run_loadtest("direct", &args, Duration::from_secs(60)).await;
     let report = read_report(&html);
     assert!(report.contains("Messages per second"), "{report}");
+    // The headline is the run's own figures.
+    let (sentence, figures) = headline(&report);
+    assert_headline_figures(
+        &figures,
+        &result,
+        &["delivered_per_sec", "latency_ms_p99", "lost", "duplicates"],
+    );
+    assert!(
+        sentence.starts_with(&format!(
+            "{} of {} messages delivered between 10 users",
+            thousands(field(&result, "delivered")),
+            thousands(field(&result, "sent"))
+        )),
+        "{sentence}: {result:#}"
+    );
+    assert!(sentence.ends_with("; nothing lost."), "{sentence}");
     let delivered_by_second: u64 = result["delivered_by_second"]
         .as_array()
         .unwrap_or_else(|| panic!("no delivered_by_second: {result:#}"))
@@ -656,6 +675,26 @@ async fn reconnect_resumes_every_subscriber_without_loss() {
     let result = run_loadtest("reconnect", &args, Duration::from_secs(90)).await;
     let report = read_report(&html);
     assert!(report.contains("Around the drop"), "{report}");
+    let (sentence, figures) = headline(&report);
+    assert_headline_figures(
+        &figures,
+        &result,
+        &["reconnected", "all_back_ms", "lost", "not_recovered"],
+    );
+    assert!(
+        sentence.starts_with(&format!(
+            "{subscribers} of {subscribers} subscribers back on another target"
+        )),
+        "{sentence}"
+    );
+    assert!(
+        sentence.ends_with(&format!(
+            "recovered with since; {} of {} expected deliveries; nothing lost.",
+            thousands(field(&result, "received_total")),
+            thousands(field(&result, "expected_deliveries_total"))
+        )),
+        "{sentence}: {result:#}"
+    );
     assert_eq!(field(&result, "reconnected"), subscribers, "{result:#}");
     assert_eq!(field(&result, "recovered"), subscribers, "{result:#}");
     for zero in [
@@ -712,6 +751,20 @@ async fn direct_persisted_between_nodes_loses_nothing_and_acks() {
     let result = direct_persisted(&cluster, &["--html", html_arg.as_str()]).await;
     let report = read_report(&html);
     assert!(report.contains("Messages per second"), "{report}");
+    let (sentence, figures) = headline(&report);
+    assert_headline_figures(
+        &figures,
+        &result,
+        &["delivered_per_sec", "lost", "redelivered_after_ack"],
+    );
+    assert!(
+        sentence.starts_with(&format!(
+            "{} of {} stored messages delivered between 10 users",
+            thousands(field(&result, "delivered")),
+            thousands(field(&result, "stored"))
+        )),
+        "{sentence}: {result:#}"
+    );
     let sent = field(&result, "sent");
     assert!(
         (240..=360).contains(&sent),

@@ -249,6 +249,72 @@ pub async fn wait_for_socketio_adapters(redis: &RedisProcess, nodes: usize) {
     .expect("the adapters never subscribed");
 }
 
+/// The headline an `--html` report opens with: its sentence, and each figure's result key and
+/// value (from `data-key` and `data-value`, parsed as JSON), in order.
+pub fn headline(page: &str) -> (String, Vec<(String, Value)>) {
+    let document = tl::parse(page, tl::ParserOptions::default()).expect("HTML");
+    let parser = document.parser();
+    let attribute = |tag: &tl::HTMLTag<'_>, name: &str| {
+        tag.attributes()
+            .get(name)
+            .flatten()
+            .map(|value| value.as_utf8_str().into_owned())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let sentence = document
+        .query_selector("section.headline")
+        .expect("a selector")
+        .next()
+        .and_then(|handle| handle.get(parser)?.as_tag())
+        .and_then(|section| section.query_selector(parser, "p")?.next()?.get(parser))
+        .map(|p| p.inner_text(parser).into_owned())
+        .expect("a headline sentence");
+    let figures = document
+        .query_selector(".figure")
+        .expect("a selector")
+        .filter_map(|handle| handle.get(parser)?.as_tag())
+        .map(|figure| {
+            let value = attribute(figure, "data-value");
+            (
+                attribute(figure, "data-key"),
+                serde_json::from_str(&value).expect("JSON"),
+            )
+        })
+        .collect();
+    (sentence, figures)
+}
+
+/// Asserts that a report's headline figures are the result's own: each key's value as the JSON
+/// has it, and every key of `keys` among them.
+pub fn assert_headline_figures(figures: &[(String, Value)], result: &Value, keys: &[&str]) {
+    for (key, value) in figures {
+        assert_eq!(
+            value,
+            &result[key.as_str()],
+            "{key} in the headline: {result:#}"
+        );
+    }
+    for key in keys {
+        assert!(
+            figures.iter().any(|(shown, _)| shown == key),
+            "no {key} in the headline: {figures:?}"
+        );
+    }
+}
+
+/// An integer with thousands separators, as the headlines print them.
+pub fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 /// Asserts what every lossless delivery run shows: each field in `zeros` is 0, the publishers
 /// held `rate` over the window (within 20 %), and every message published in the window reached
 /// each of its room's `subscribers_per_room`.
