@@ -5,7 +5,9 @@
 # poll). The third is how many rooms each connection subscribes to before it is held (default 0;
 # connection I takes rooms idle-((I + J) mod 1000), so rooms are shared). Stops the node it
 # started, by pid. With HEAPTRACK_OUT=FILE set, the node runs under heaptrack, which writes
-# its heap profile to FILE.zst (FILE.gz without zstd; read it with heaptrack_print).
+# its heap profile to FILE.zst (FILE.gz without zstd; read it with heaptrack_print). With
+# NODE_BIN=PATH the node is that binary instead of this tree's release build (to compare two
+# builds in one session, alternately). Extra node flags go in NODE_ARGS (split on spaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 connections=${1:-10000}
@@ -27,8 +29,9 @@ port=$(free_port)
 internal=$(free_port)
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
-node_command=(target/release/switchboard --listen "127.0.0.1:$port" --internal-listen "127.0.0.1:$internal"
-  --max-connections "$places" --log warn "${admission_off[@]}")
+read -r -a extra_args <<<"${NODE_ARGS:-}"
+node_command=("${NODE_BIN:-target/release/switchboard}" --listen "127.0.0.1:$port" --internal-listen "127.0.0.1:$internal"
+  --max-connections "$places" --log warn "${admission_off[@]}" "${extra_args[@]}")
 trap stop_all EXIT
 if [ -n "${HEAPTRACK_OUT:-}" ]; then
   # Heap profile: the node runs under heaptrack (its RSS then includes heaptrack's own); the
