@@ -41,7 +41,8 @@ if [ -n "${HEAPTRACK_OUT:-}" ]; then
   pids+=("$tracker")
   node=
   for _ in $(seq 100); do
-    node=$(pgrep -P "$tracker" -x switchboard || true)
+    # The node's process name is its file's name, cut to the kernel's 15 characters.
+    node=$(pgrep -P "$tracker" -x "$(basename "${node_command[0]}" | cut -c1-15)" || true)
     [ -n "$node" ] && break
     sleep 0.1
   done
