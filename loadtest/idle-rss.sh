@@ -5,7 +5,9 @@
 # poll). The third is how many rooms each connection subscribes to before it is held (default 0;
 # connection I takes rooms idle-((I + J) mod 1000), so rooms are shared). Stops the node it
 # started, by pid. With HEAPTRACK_OUT=FILE set, the node runs under heaptrack, which writes
-# its heap profile to FILE.zst (FILE.gz without zstd; read it with heaptrack_print).
+# its heap profile to FILE.zst (FILE.gz without zstd; read it with heaptrack_print). With
+# NODE_BIN=PATH the node is that binary instead of this tree's release build (to compare two
+# builds in one session, alternately). Extra node flags go in NODE_ARGS (split on spaces).
 # The fourth argument (or IDLE_RSS_CODEC) is the WebSocket codec: json (the default), msgpack or
 # json+deflate.
 set -euo pipefail
@@ -34,8 +36,9 @@ port=$(free_port)
 internal=$(free_port)
 
 cargo build --release --quiet -p switchboard -p switchboard-loadtest
-node_command=(target/release/switchboard --listen "127.0.0.1:$port" --internal-listen "127.0.0.1:$internal"
-  --max-connections "$places" --log warn "${admission_off[@]}")
+read -r -a extra_args <<<"${NODE_ARGS:-}"
+node_command=("${NODE_BIN:-target/release/switchboard}" --listen "127.0.0.1:$port" --internal-listen "127.0.0.1:$internal"
+  --max-connections "$places" --log warn "${admission_off[@]}" "${extra_args[@]}")
 trap stop_all EXIT
 if [ -n "${HEAPTRACK_OUT:-}" ]; then
   # Heap profile: the node runs under heaptrack (its RSS then includes heaptrack's own); the
@@ -45,7 +48,8 @@ if [ -n "${HEAPTRACK_OUT:-}" ]; then
   pids+=("$tracker")
   node=
   for _ in $(seq 100); do
-    node=$(pgrep -P "$tracker" -x switchboard || true)
+    # The node's process name is its file's name, cut to the kernel's 15 characters.
+    node=$(pgrep -P "$tracker" -x "$(basename "${node_command[0]}" | cut -c1-15)" || true)
     [ -n "$node" ] && break
     sleep 0.1
   done

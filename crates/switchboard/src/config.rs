@@ -278,9 +278,10 @@ pub struct Options {
     #[arg(long, env = "SWITCHBOARD_ROOM_LINGER_MS", value_name = "MS")]
     pub room_linger_ms: u64 = 2_000;
 
-    /// Bytes of the per-connection read buffer; small keeps idle connections cheap.
+    /// Bytes of the per-connection read buffer, and of each socket read; small keeps idle
+    /// connections cheap (a larger frame is read in more reads).
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_SIZE", value_name = "BYTES")]
-    pub read_buffer_size: usize = 4096;
+    pub read_buffer_size: usize = 1024;
 
     /// Bytes of outgoing frames coalesced into one socket write when a connection has several
     /// queued; 0 writes every frame on its own. Once used, a connection keeps a buffer this large.

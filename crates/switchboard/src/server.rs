@@ -8,8 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use futures_util::FutureExt;
+use futures_util::future::OptionFuture;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
@@ -337,28 +340,52 @@ async fn handle_request(
         remote,
         client,
     };
-    let node = node.clone();
     let on_upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        let _permit = permit;
-        let _slot = slot;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
+    tokio::spawn(session_task(
+        node.clone(),
+        on_upgrade,
+        admission,
+        (permit, slot),
+    ));
+    response
+}
+
+/// A WebSocket connection's task: the upgrade, then the session, holding the connection's place
+/// under `--max-connections` and its address's until the session ends. Two stages of one future
+/// (`then`), not one `async` block: an `async` block keeps room for everything it captured (the
+/// admission, the address, the upgrade) for as long as it runs, so every idle session's task was
+/// about 350 bytes larger than the session needs.
+fn session_task(
+    node: Arc<Node>,
+    on_upgrade: OnUpgrade,
+    admission: Admission,
+    held: (OwnedSemaphorePermit, Option<IpSlot>),
+) -> impl Future<Output = ()> + Send {
+    let remote = admission.remote;
+    let config = websocket_config(node.config());
+    let upgrade = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => Some(
+                WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await,
+            ),
             Err(error) => {
                 tracing::debug!(%error, %remote, "upgrade failed");
-                return;
+                None
             }
-        };
-        node.metrics().handshakes.with_label_values(&["ok"]).inc();
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(websocket_config(node.config())),
-        )
-        .await;
-        session::run(node, ws, admission).await;
-    });
-    response
+        }
+    };
+    upgrade.then(move |ws| {
+        let session = ws.map(|ws| {
+            node.metrics().handshakes.with_label_values(&["ok"]).inc();
+            session::run(node, ws, admission)
+        });
+        OptionFuture::from(session).map(move |_| drop(held))
+    })
 }
 
 /// Buffers set deliberately: a small read buffer keeps idle connections small; the write buffer
@@ -372,4 +399,39 @@ pub fn websocket_config(config: &Config) -> WebSocketConfig {
         .write_buffer_size(config.write_buffer_size)
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::upgrade::Upgraded;
+
+    use super::*;
+
+    /// The size of the future `f` returns, read from its type without calling it.
+    fn future_size<A, B, C, D, F: Future>(_: &impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn session_size<A, B, C, F: Future>(_: &impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection holds one such future in its task (a cell rounded up to 128
+    /// bytes): growing it grows every connection. The bounds sit just above today's sizes; a
+    /// change that crosses them should find where the bytes went (docs/benchmarks.md, "Where
+    /// an idle connection's bytes go") and move rarely used state behind a `Box`.
+    #[test]
+    fn a_sessions_task_stays_small() {
+        let task = future_size(&session_task);
+        let session = session_size(&session::run::<TokioIo<Upgraded>>);
+        println!("session task future: {task} bytes; session::run's future: {session} bytes");
+        assert!(
+            session <= 1_700,
+            "session::run's future grew to {session} bytes"
+        );
+        assert!(
+            task <= session + 64,
+            "the task holds {task} bytes around a session of {session}"
+        );
+    }
 }

@@ -141,7 +141,7 @@ fn defaults_of_the_numeric_options() {
     assert_eq!(config.history_ttl, Duration::from_secs(300));
     assert_eq!(config.stream_ttl, Duration::from_secs(86_400));
     assert_eq!(config.room_linger, Duration::from_millis(2_000));
-    assert_eq!(config.read_buffer_size, 4096);
+    assert_eq!(config.read_buffer_size, 1024);
     assert_eq!(config.write_buffer_size, 4096);
     assert_eq!(config.log_format, LogFormat::Text);
     assert_eq!(config.log, "info");

@@ -274,6 +274,17 @@ where
                 reason: request.reason.as_str().into(),
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+            // What the client sent behind the frame that closed it (a flood) is read and
+            // dropped: a socket closed with unread bytes is reset, and the reset can destroy
+            // the close frame before the client reads it. Only what has arrived, at most the
+            // message size limit: the session does not wait for the client.
+            let mut budget = self.core.node.config().max_message_size;
+            while let Some(Some(Ok(message))) = self.ws.next().now_or_never() {
+                budget = budget.saturating_sub(message.len().max(1));
+                if budget == 0 {
+                    break;
+                }
+            }
         }
         self.core.close().await;
         tracing::debug!("session closed");
