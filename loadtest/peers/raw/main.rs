@@ -110,8 +110,8 @@ async fn connection(
     lag_limit: usize,
     joined: &mut Vec<String>,
 ) -> Result<()> {
-    // A small read buffer keeps idle connections small, as switchboard's default does.
-    let config = WebSocketConfig::default().read_buffer_size(4096);
+    // The same read buffer as switchboard's default (1 KiB), so idle connections compare alike.
+    let config = WebSocketConfig::default().read_buffer_size(1024);
     let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await?;
     let mut subscriptions = Subscriptions::new();
     loop {
