@@ -149,6 +149,9 @@ pub(super) struct Core {
     inbox_skipped: u64,
 }
 
+/// Items a session's reused batch keeps room for between flushes.
+const KEPT_BATCH_CAPACITY: usize = 64;
+
 /// `Core::inbox_skipped` once the inbox delivery is over.
 const INBOX_DELIVERED: u64 = u64::MAX;
 
@@ -363,6 +366,11 @@ impl Core {
         }
         // One update per batch: the counter is shared by every session of the node.
         self.node.metrics().message_frames_out.inc_by(room_frames);
+        // A batch holds whatever was waiting: after a backlog, let its room go rather than keep
+        // it for the session's life.
+        if batch.capacity() > KEPT_BATCH_CAPACITY {
+            *batch = Vec::new();
+        }
         frames
     }
 
@@ -1222,6 +1230,22 @@ mod tests {
             core.take(&mut batch).unwrap().oldest.is_none(),
             "nothing left"
         );
+    }
+
+    #[test]
+    fn a_batch_lets_go_of_a_backlogs_room_once_written() {
+        let mut core = core();
+        let frame = || Outbound::Frame {
+            kind: "direct",
+            frame: Message::text("{}"),
+        };
+        let mut batch: Vec<_> = (0..1000).map(|stamp| (stamp, frame())).collect();
+        assert_eq!(core.admit_batch(&mut batch, |message| message).len(), 1000);
+        assert!(batch.capacity() <= KEPT_BATCH_CAPACITY);
+        let mut batch = Vec::with_capacity(KEPT_BATCH_CAPACITY);
+        batch.push((0, frame()));
+        core.admit_batch(&mut batch, |message| message);
+        assert_eq!(batch.capacity(), KEPT_BATCH_CAPACITY, "a small one is kept");
     }
 
     fn send(to: &str, persist: bool, key: Option<&str>) -> ClientFrame {
