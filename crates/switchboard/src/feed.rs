@@ -59,7 +59,7 @@ struct Entry {
     start: [u64; CODECS],
     /// Readers that have yet to read it.
     unread: usize,
-    /// Node-wide delivery order (see [`crate::hub::Hub`]).
+    /// Node-wide delivery order (see the `hub` module).
     stamp: u64,
     queued_at: Instant,
 }
