@@ -10,33 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_delivered_everything, field, headline, run_loadtest};
+use common::{assert_delivered_everything, field, headline, node, run_loadtest};
 use serde_json::Value;
 use switchboard_e2e::{NodeProcess, RedisProcess};
-
-/// A ready node on `redis`, its admission limits off (the generator opens many loopback
-/// connections at once).
-async fn node(redis: &RedisProcess) -> NodeProcess {
-    let url = redis.url();
-    let node = NodeProcess::start(&[
-        "--node-id",
-        "codecs",
-        "--redis",
-        &url,
-        "--rate-limit",
-        "0",
-        "--max-connections-per-ip",
-        "0",
-        "--connect-rate-per-ip",
-        "0",
-        "--accept-rate",
-        "0",
-    ])
-    .await
-    .expect("starting the node");
-    node.wait_ready().await.expect("the node is ready");
-    node
-}
 
 fn tmp(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -86,7 +62,7 @@ fn read(path: &Path) -> String {
 #[tokio::test]
 async fn every_codec_delivers_the_market_payload_and_the_pages_show_its_figures() {
     let redis = RedisProcess::start().await.expect("starting redis-server");
-    let node = node(&redis).await;
+    let node = node("codecs", Some(&redis), &[]).await;
     let (rooms, subscribers, publishers, rate, duration_secs) = (2, 8, 2, 50, 2);
     let mut results = Vec::new();
     for codec in ["json", "msgpack", "json+deflate"] {
@@ -261,7 +237,7 @@ async fn fanout_run(node: &NodeProcess, codec: &str, payload: &str) -> Value {
 #[tokio::test]
 async fn the_chat_payload_is_delivered_and_deflate_shrinks_it() {
     let redis = RedisProcess::start().await.expect("starting redis-server");
-    let node = node(&redis).await;
+    let node = node("codecs", Some(&redis), &[]).await;
     let mut wire = Vec::new();
     for codec in ["json", "json+deflate"] {
         let result = fanout_run(&node, codec, "chat").await;
@@ -301,7 +277,7 @@ async fn the_chat_payload_is_delivered_and_deflate_shrinks_it() {
 #[tokio::test]
 async fn connect_holds_idle_connections_in_every_codec() {
     let redis = RedisProcess::start().await.expect("starting redis-server");
-    let node = node(&redis).await;
+    let node = node("codecs", Some(&redis), &[]).await;
     let (connections, subscribe) = (20, 2);
     for codec in ["json", "msgpack", "json+deflate"] {
         let stored_before = node

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Loadtest, Server, assert_delivered_everything, assert_headline_figures, field, headline,
+    Loadtest, Server, assert_delivered_everything, assert_headline_figures, field, headline, node,
     run_loadtest, socketio_dir, thousands,
 };
 use serde_json::Value;
@@ -42,35 +42,6 @@ async fn wait_gone(pids: &[u32], within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A node named `name` on `redis` (or with the embedded broker), plus `extra` flags, ready.
-async fn node(name: &str, redis: Option<&RedisProcess>, extra: &[&str]) -> NodeProcess {
-    // The admission limits would refuse or pace the generator's many loopback connections.
-    let mut args = vec![
-        "--node-id",
-        name,
-        "--rate-limit",
-        "0",
-        "--max-connections-per-ip",
-        "0",
-        "--connect-rate-per-ip",
-        "0",
-        "--accept-rate",
-        "0",
-    ];
-    let url = redis.map(RedisProcess::url);
-    if let Some(url) = &url {
-        args.extend(["--redis", url.as_str()]);
-    }
-    args.extend(extra);
-    let node = NodeProcess::start(&args)
-        .await
-        .unwrap_or_else(|error| panic!("starting {name}: {error:#}"));
-    node.wait_ready()
-        .await
-        .unwrap_or_else(|error| panic!("{name} not ready: {error:#}"));
-    node
 }
 
 /// One Redis and two nodes sharing it. Fields drop in order: the nodes before their Redis.

@@ -9,42 +9,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Loadtest, assert_delivered_everything, field};
+use common::{Loadtest, assert_delivered_everything, field, node};
 use serde_json::Value;
-use switchboard_e2e::{NodeProcess, RedisProcess};
-
-/// A node (on `redis`, or with the embedded broker) with the admission limits off: the generator
-/// opens many sessions and POSTs from one loopback address, which they would refuse or pace.
-async fn node(name: &str, redis: Option<&RedisProcess>) -> NodeProcess {
-    let mut args = vec![
-        "--node-id",
-        name,
-        "--rate-limit",
-        "0",
-        "--max-connections-per-ip",
-        "0",
-        "--connect-rate-per-ip",
-        "0",
-        "--accept-rate",
-        "0",
-    ];
-    let url = redis.map(RedisProcess::url);
-    if let Some(url) = &url {
-        args.extend(["--redis", url.as_str()]);
-    }
-    let node = NodeProcess::start(&args)
-        .await
-        .unwrap_or_else(|error| panic!("starting {name}: {error:#}"));
-    node.wait_ready()
-        .await
-        .unwrap_or_else(|error| panic!("{name} not ready: {error:#}"));
-    node
-}
+use switchboard_e2e::RedisProcess;
 
 /// Runs `connect --transport TRANSPORT` with 40 sessions against one node and checks the report
 /// and, during the hold, that the node holds 40 sessions of that transport.
 async fn connect_over(transport: &str) {
-    let node = node(&format!("lt-connect-{transport}"), None).await;
+    let node = node(&format!("lt-connect-{transport}"), None, &[]).await;
     let sessions = 40;
     let args = [
         "connect".to_owned(),
@@ -114,8 +86,8 @@ async fn connect_over_poll_holds_every_session() {
 async fn fanout_over(transport: &str) -> Value {
     let redis = RedisProcess::start().await.expect("starting redis-server");
     let nodes = [
-        node(&format!("lt-fan-{transport}-a"), Some(&redis)).await,
-        node(&format!("lt-fan-{transport}-b"), Some(&redis)).await,
+        node(&format!("lt-fan-{transport}-a"), Some(&redis), &[]).await,
+        node(&format!("lt-fan-{transport}-b"), Some(&redis), &[]).await,
     ];
     let (rooms, subscribers, publishers, rate, duration_secs) = (4, 16, 2, 100, 2);
     let mut args = vec![
@@ -223,8 +195,8 @@ async fn a_fallback_transport_needs_switchboard() {
 async fn fanout_over_reports_a_node_that_dies(transport: &str) {
     let redis = RedisProcess::start().await.expect("starting redis-server");
     let mut nodes = [
-        node(&format!("lt-die-{transport}-a"), Some(&redis)).await,
-        node(&format!("lt-die-{transport}-b"), Some(&redis)).await,
+        node(&format!("lt-die-{transport}-a"), Some(&redis), &[]).await,
+        node(&format!("lt-die-{transport}-b"), Some(&redis), &[]).await,
     ];
     // One publisher: it goes to the first target (node a), so the run outlives node b.
     let mut args = vec![

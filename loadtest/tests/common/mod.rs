@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use switchboard_e2e::{RedisProcess, wait_until};
+use switchboard_e2e::{NodeProcess, RedisProcess, wait_until};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// How long a peer server may take to start.
@@ -339,4 +339,33 @@ pub fn assert_delivered_everything(
         published * subscribers_per_room,
         "{result:#}"
     );
+}
+
+/// A ready node named `name` on `redis` (or with the embedded broker), plus `extra` flags, its
+/// admission limits off: they would refuse or pace the generator's many loopback connections.
+pub async fn node(name: &str, redis: Option<&RedisProcess>, extra: &[&str]) -> NodeProcess {
+    let mut args = vec![
+        "--node-id",
+        name,
+        "--rate-limit",
+        "0",
+        "--max-connections-per-ip",
+        "0",
+        "--connect-rate-per-ip",
+        "0",
+        "--accept-rate",
+        "0",
+    ];
+    let url = redis.map(RedisProcess::url);
+    if let Some(url) = &url {
+        args.extend(["--redis", url.as_str()]);
+    }
+    args.extend(extra);
+    let node = NodeProcess::start(&args)
+        .await
+        .unwrap_or_else(|error| panic!("starting {name}: {error:#}"));
+    node.wait_ready()
+        .await
+        .unwrap_or_else(|error| panic!("{name} not ready: {error:#}"));
+    node
 }
