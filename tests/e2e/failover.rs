@@ -55,13 +55,7 @@ impl Cluster {
         for node in &nodes {
             node.wait_ready().await?;
         }
-        let backends: Vec<Backend> = nodes
-            .iter()
-            .map(|node| Backend {
-                public: node.public,
-                internal: node.internal,
-            })
-            .collect();
+        let backends: Vec<Backend> = nodes.iter().map(Backend::from).collect();
         let haproxy = HaproxyProcess::start(&backends, CHECK_INTERVAL).await?;
         Ok(Cluster {
             redis,

@@ -534,14 +534,8 @@ async fn the_node_never_logs_tokens_nor_the_api_key() -> Result<()> {
 async fn the_haproxy_access_log_never_holds_a_token() -> Result<()> {
     let node = NodeProcess::start(&["--jwt-secret", SECRET]).await?;
     node.wait_ready().await?;
-    let haproxy = HaproxyProcess::start(
-        &[Backend {
-            public: node.public,
-            internal: node.internal,
-        }],
-        Duration::from_millis(100),
-    )
-    .await?;
+    let haproxy =
+        HaproxyProcess::start(&[Backend::from(&node)], Duration::from_millis(100)).await?;
     let valid = user_token("through-haproxy", json!({}));
     let forged = format!("{}x", user_token("forged", json!({})));
     let url = haproxy.ws_url();

@@ -338,10 +338,7 @@ fn help_lists_the_tls_options() -> Result<()> {
 async fn wss_through_haproxy_with_the_tls_frontend() -> Result<()> {
     let certs = TestCerts::new()?;
     let node = NodeProcess::start(&[]).await?;
-    let backend = Backend {
-        public: node.public,
-        internal: node.internal,
-    };
+    let backend = Backend::from(&node);
     let tls_port = free_port()?;
     let tls_env = vec![
         ("SB_TLS_PEM".to_owned(), certs.path("server-bundle.pem")?),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::{DEADLINE, collect_lines, free_port, wait_until, workspace_file};
+use crate::{DEADLINE, NodeProcess, collect_lines, free_port, wait_until, workspace_file};
 
 /// `deploy/haproxy/haproxy.cfg` in this workspace.
 pub fn config_path() -> PathBuf {
@@ -23,6 +23,15 @@ pub fn config_path() -> PathBuf {
 pub struct Backend {
     pub public: SocketAddr,
     pub internal: SocketAddr,
+}
+
+impl From<&NodeProcess> for Backend {
+    fn from(node: &NodeProcess) -> Self {
+        Backend {
+            public: node.public,
+            internal: node.internal,
+        }
+    }
 }
 
 /// The `SB_*` variables that point haproxy.cfg at `backends` (servers `node1`, `node2`, … in
