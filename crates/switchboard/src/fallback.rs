@@ -490,32 +490,16 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use http_body_util::Full;
-    use switchboard_broker::{FaultyBroker, MemoryBroker, MemoryConfig, SessionRecord};
+    use switchboard_broker::{FaultyBroker, SessionRecord};
     use switchboard_protocol::Codec;
 
     use super::*;
-    use crate::auth::Authenticator;
     use crate::hub::{INBOUND_CAPACITY, Link, SessionHandle};
-    use crate::metrics::Metrics;
     use crate::queue::OutboundQueue;
 
-    /// A node of its own on the memory broker behind a `FaultyBroker`.
+    /// A started node of its own on the memory broker behind a `FaultyBroker`.
     async fn node() -> (Arc<Node>, Arc<FaultyBroker>) {
-        let config = crate::config::Options {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
-        let broker = Arc::new(FaultyBroker::new(Arc::new(MemoryBroker::new(
-            "n",
-            MemoryConfig::default(),
-        ))));
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let auth = Authenticator::new(None).unwrap();
-        let addr = "127.0.0.1:1".parse().unwrap();
-        let node = Arc::new(Node::new(config, broker.clone(), metrics, auth, addr));
+        let (node, broker) = crate::node::test_node(Default::default());
         node.start().await.unwrap();
         (node, broker)
     }

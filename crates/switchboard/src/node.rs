@@ -676,3 +676,29 @@ pub const INVALID_ROOM: &str = "room names are 1 to 256 bytes without control ch
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty() && room.len() <= MAX_ROOM_LEN && !room.chars().any(char::is_control)
 }
+
+/// For the node's unit tests: a node (not started) with `options` on loopback ports, its broker the
+/// embedded one (node id "n") behind a [`FaultyBroker`](switchboard_broker::FaultyBroker), and
+/// authentication off.
+#[cfg(test)]
+pub(crate) fn test_node(
+    options: crate::config::Options,
+) -> (Arc<Node>, Arc<switchboard_broker::FaultyBroker>) {
+    use switchboard_broker::{FaultyBroker, MemoryBroker, MemoryConfig};
+    let config = crate::config::Options {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..options
+    }
+    .resolve()
+    .unwrap();
+    let broker = Arc::new(FaultyBroker::new(Arc::new(MemoryBroker::new(
+        "n",
+        MemoryConfig::default(),
+    ))));
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let auth = Authenticator::new(None).unwrap();
+    let addr = "127.0.0.1:1".parse().unwrap();
+    let node = Arc::new(Node::new(config, broker.clone(), metrics, auth, addr));
+    (node, broker)
+}

@@ -983,11 +983,9 @@ fn fit_history_reply(codec: Codec, limit: usize, mut reply: Reply) -> Result<Rep
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use switchboard_broker::{FaultyBroker, MemoryBroker, MemoryConfig};
+    use switchboard_broker::FaultyBroker;
 
     use super::*;
-    use crate::auth::Authenticator;
-    use crate::metrics::Metrics;
 
     fn reply_with(count: u64, size: usize) -> Reply {
         let messages = (1..=count)
@@ -1012,23 +1010,12 @@ mod tests {
 
     /// A session's core on a node of its own, on the memory broker behind a `FaultyBroker`.
     fn core_with(options: crate::config::Options) -> (Core, Arc<FaultyBroker>) {
-        let config = crate::config::Options {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
-            ..options
-        }
-        .resolve()
-        .unwrap();
-        let broker = Arc::new(FaultyBroker::new(Arc::new(MemoryBroker::new(
-            "n",
-            MemoryConfig::default(),
-        ))));
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let auth = Authenticator::new(None).unwrap();
-        let identity = auth.authenticate(None, Some("alice")).unwrap();
-        let queue = OutboundQueue::new(config.max_queue_bytes, metrics.queue_bytes.clone());
-        let addr = "127.0.0.1:1".parse().unwrap();
-        let node = Arc::new(Node::new(config, broker.clone(), metrics, auth, addr));
+        let (node, broker) = crate::node::test_node(options);
+        let identity = node.auth().authenticate(None, Some("alice")).unwrap();
+        let queue = OutboundQueue::new(
+            node.config().max_queue_bytes,
+            node.metrics().queue_bytes.clone(),
+        );
         let handle = Arc::new(SessionHandle {
             id: Arc::from("0123456789abcdef"),
             user: Arc::from("alice"),

@@ -594,30 +594,20 @@ impl Transport for Session {
 
 #[cfg(test)]
 mod tests {
-    use switchboard_broker::{MemoryBroker, MemoryConfig};
 
     use super::*;
-    use crate::auth::Authenticator;
-    use crate::metrics::Metrics;
 
     #[tokio::test]
     async fn an_sse_stream_that_takes_nothing_for_the_idle_timeout_is_closed_with_1013() {
-        let config = crate::config::Options {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            internal_listen: Some("127.0.0.1:0".parse().unwrap()),
+        let (node, _) = crate::node::test_node(crate::config::Options {
             heartbeat_ms: Some(50),
             idle_timeout_ms: Some(400),
             ..Default::default()
-        }
-        .resolve()
-        .unwrap();
-        let broker = Arc::new(MemoryBroker::new("n", MemoryConfig::default()));
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let auth = Authenticator::new(None).unwrap();
-        let identity = auth.authenticate(None, Some("stalled")).unwrap();
-        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let node = Arc::new(Node::new(config, broker, metrics.clone(), auth, addr));
+        });
         node.start().await.unwrap();
+        let metrics = node.metrics().clone();
+        let identity = node.auth().authenticate(None, Some("stalled")).unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let admission = Admission {
             identity,
             codec: Codec::Json,
